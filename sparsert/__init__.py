@@ -19,7 +19,6 @@ _LAZY = {
     "BSR": "sparsert.formats",
     "NM": "sparsert.formats",
     "Pruner": "sparsert.prune",
-    "prune": "sparsert.prune",
     "finetune": "sparsert.prune",
     "report": "sparsert.prune",
     "SparseLinear": "sparsert.nn",
@@ -31,6 +30,8 @@ _LAZY = {
     "export": "sparsert.io",
 }
 
+# ``sparsert.prune`` is both the pruning package and, being a callable module,
+# the one-call shorthand ``sparsert.prune(model, ...)``.
 _SUBMODULES = {"formats", "ops", "prune", "nn", "convert", "bench", "io", "models", "kernels"}
 
 

@@ -1,0 +1,101 @@
+// The one thin file between Python and the kernels. Arrays arrive as raw
+// addresses (tensor.data_ptr()) that the Python ops layer has validated; no
+// torch headers are involved, so the extension works with any torch.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "sparsert/spmm.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+const sparsert::KernelInfo& find_kernel(const std::string& name) {
+  for (const auto& k : sparsert::kernel_registry())
+    if (k.name == name) return k;
+  throw std::invalid_argument("unknown sparsert kernel '" + name + "'");
+}
+
+// y = act(x @ W^T + bias) for a block-sparse W. `kernel` names a registry
+// entry, or is empty to let sparsert choose for this CPU and token count.
+std::string spmm(int64_t rows, int64_t cols, int block_rows, int block_cols,
+                 uintptr_t row_ptr, uintptr_t col_idx, int index_bits, uintptr_t values,
+                 uintptr_t x, int64_t tokens, int64_t x_row_stride, uintptr_t y,
+                 int64_t y_row_stride, uintptr_t bias, int activation, int num_threads,
+                 const std::string& kernel) {
+  if (index_bits != 16 && index_bits != 32) throw std::invalid_argument("index_bits must be 16 or 32");
+  if (activation != 0 && activation != 1) throw std::invalid_argument("activation must be 0 or 1");
+  sparsert::BlockSparseMatrix w;
+  w.rows = rows;
+  w.cols = cols;
+  w.block_rows = block_rows;
+  w.block_cols = block_cols;
+  w.row_ptr = ptr<const int32_t>(row_ptr);
+  w.col_idx = ptr<const void>(col_idx);
+  w.index_bits = index_bits;
+  w.values = ptr<const float>(values);
+  sparsert::SpmmArgs a;
+  a.x = ptr<const float>(x);
+  a.tokens = tokens;
+  a.x_row_stride = x_row_stride;
+  a.y = ptr<float>(y);
+  a.y_row_stride = y_row_stride;
+  a.bias = bias ? ptr<const float>(bias) : nullptr;
+  a.activation = static_cast<sparsert::Activation>(activation);
+  a.num_threads = num_threads < 1 ? 1 : num_threads;
+
+  const sparsert::KernelInfo* k;
+  if (kernel.empty()) {
+    k = sparsert::select_kernel(block_rows, block_cols, tokens, sparsert::best_isa());
+  } else {
+    k = &find_kernel(kernel);
+    if (!sparsert::isa_supported(k->isa))
+      throw std::invalid_argument("kernel '" + kernel + "' needs " + k->isa + ", which this CPU lacks");
+    if (k->block_rows != 0 && (k->block_rows != block_rows || k->block_cols != block_cols))
+      throw std::invalid_argument("kernel '" + kernel + "' does not handle " +
+                                  std::to_string(block_rows) + "x" + std::to_string(block_cols) + " blocks");
+  }
+  if (tokens > 0 && rows > 0) {
+    py::gil_scoped_release release;
+    k->fn(w, a);
+  }
+  return k->name;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparsert native kernels (torch-free)";
+  m.def("kernels", [] {
+    py::list out;
+    for (const auto& k : sparsert::kernel_registry()) {
+      py::dict d;
+      d["name"] = k.name;
+      d["isa"] = k.isa;
+      d["kind"] = k.kind;
+      d["block"] = py::make_tuple(k.block_rows, k.block_cols);
+      d["supported"] = sparsert::isa_supported(k.isa);
+      out.append(d);
+    }
+    return out;
+  }, "Every kernel in this build: name, isa, kind, block tile, and whether this CPU runs it.");
+  m.def("best_isa", &sparsert::best_isa, "The ISA sparsert uses on this CPU (SPARSERT_ISA overrides).");
+  m.def("isa_supported", &sparsert::isa_supported, py::arg("isa"));
+  m.def("select_kernel", [](int r, int c, int64_t tokens, const std::string& isa) {
+    const auto* k = sparsert::select_kernel(r, c, tokens, isa.empty() ? sparsert::best_isa() : isa);
+    return k ? k->name : std::string();
+  }, py::arg("block_rows"), py::arg("block_cols"), py::arg("tokens"), py::arg("isa") = "");
+  m.def("spmm", &spmm, py::arg("rows"), py::arg("cols"), py::arg("block_rows"),
+        py::arg("block_cols"), py::arg("row_ptr"), py::arg("col_idx"), py::arg("index_bits"),
+        py::arg("values"), py::arg("x"), py::arg("tokens"), py::arg("x_row_stride"),
+        py::arg("y"), py::arg("y_row_stride"), py::arg("bias"), py::arg("activation"),
+        py::arg("num_threads"), py::arg("kernel") = "",
+        "y = act(x @ W^T + bias) for block-sparse W given as raw addresses; returns the kernel used.");
+}

@@ -1,0 +1,118 @@
+"""Validation and index helpers shared by the sparse formats."""
+
+from __future__ import annotations
+
+import torch
+
+#: Column indices are stored in 16 bits (as int16 holding uint16 bit patterns)
+#: when every index fits: half the bytes of int32, and the kernels widen them
+#: for free. Wider matrices use int32.
+U16_LIMIT = 1 << 16
+INT32_MAX = (1 << 31) - 1
+
+
+def index_dtype_for(count: int) -> torch.dtype:
+    """The smallest index dtype that can address ``count`` columns."""
+    return torch.int16 if count <= U16_LIMIT else torch.int32
+
+
+def encode_indices(indices: torch.Tensor, count: int) -> torch.Tensor:
+    """Stores non-negative indices < count in the compact dtype."""
+    dtype = index_dtype_for(count)
+    indices = indices.to(torch.int32)
+    if dtype == torch.int16:
+        # uint16 bit patterns in an int16 tensor (torch's uint16 lacks most ops).
+        return torch.where(indices >= 1 << 15, indices - U16_LIMIT, indices).to(torch.int16).contiguous()
+    return indices.contiguous()
+
+
+def decode_indices(indices: torch.Tensor) -> torch.Tensor:
+    """Indices as int64, undoing the uint16-in-int16 encoding."""
+    wide = indices.to(torch.int64)
+    if indices.dtype == torch.int16:
+        wide = wide & 0xFFFF
+    return wide
+
+
+def index_bits(indices: torch.Tensor) -> int:
+    return 16 if indices.dtype == torch.int16 else 32
+
+
+def check_shape(shape) -> tuple[int, int]:
+    try:
+        rows, cols = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be two integers (rows, cols), got {shape!r}") from None
+    if rows < 0 or cols < 0:
+        raise ValueError(f"shape must be non-negative, got {(rows, cols)}")
+    return rows, cols
+
+
+def check_tensor(name: str, t, *, ndim: int, kinds: str) -> torch.Tensor:
+    """Checks that ``t`` is a tensor of ``ndim`` dims; kinds: 'int' or 'float'."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if t.is_sparse or t.layout != torch.strided:
+        raise ValueError(f"{name} must be a strided (dense) tensor, got layout {t.layout}")
+    if kinds == "int" and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise ValueError(f"{name} must have an integer dtype, got {t.dtype}")
+    if kinds == "float" and not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must have a floating dtype, got {t.dtype}")
+    return t
+
+
+def check_row_ptr(row_ptr: torch.Tensor, segments: int, nnz: int, what: str = "row_ptr") -> torch.Tensor:
+    """Validates a compressed row pointer and returns it as contiguous int32."""
+    check_tensor(what, row_ptr, ndim=1, kinds="int")
+    if row_ptr.numel() != segments + 1:
+        raise ValueError(f"{what} must have {segments + 1} entries (one per row plus one), got {row_ptr.numel()}")
+    if nnz > INT32_MAX:
+        raise ValueError(f"too many stored entries ({nnz}); at most {INT32_MAX} are supported")
+    rp = row_ptr.to(torch.int64)
+    if rp[0].item() != 0:
+        raise ValueError(f"{what}[0] must be 0, got {rp[0].item()}")
+    if rp[-1].item() != nnz:
+        raise ValueError(f"{what}[-1] must equal the number of stored entries ({nnz}), got {rp[-1].item()}")
+    if segments > 0 and bool((rp[1:] < rp[:-1]).any()):
+        bad = int(torch.nonzero(rp[1:] < rp[:-1])[0, 0])
+        raise ValueError(f"{what} must be non-decreasing; {what}[{bad + 1}] < {what}[{bad}]")
+    return rp.to(torch.int32).contiguous()
+
+
+def check_indices(name: str, indices: torch.Tensor, count: int) -> torch.Tensor:
+    """Validates indices in [0, count) and returns them in the compact dtype."""
+    check_tensor(name, indices, ndim=1, kinds="int")
+    if indices.numel():
+        wide = indices.to(torch.int64)
+        lo, hi = int(wide.min()), int(wide.max())
+        if lo < 0 or hi >= count:
+            raise ValueError(f"{name} must lie in [0, {count}); found values in [{lo}, {hi}]")
+    return encode_indices(indices, count)
+
+
+def check_values(name: str, values: torch.Tensor, *, ndim: int, check_finite: bool) -> torch.Tensor:
+    check_tensor(name, values, ndim=ndim, kinds="float")
+    if check_finite and values.numel() and not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name} contains NaN or infinity")
+    return values
+
+
+def check_dense(w, what: str = "weight") -> torch.Tensor:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"{what} must be 2-D (rows, cols), got shape {tuple(w.shape)}")
+    if not w.dtype.is_floating_point:
+        raise ValueError(f"{what} must be floating point, got {w.dtype}")
+    return w
+
+
+def as_kernel_values(values: torch.Tensor) -> torch.Tensor:
+    """Stored values are float32 (what the CPU kernels compute in), contiguous."""
+    return values.detach().to(torch.float32).contiguous()
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

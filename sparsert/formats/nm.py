@@ -1,0 +1,79 @@
+"""N:M semi-structured sparsity: at most N nonzeros in every M consecutive inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _common as c
+from .base import SparseFormat
+
+
+class NM(SparseFormat):
+    """Every row keeps exactly ``n`` slots per group of ``m`` columns.
+
+    Arrays: ``values`` (float32, ``(rows, groups * n)``) and ``col_indices``
+    (absolute column of each slot, same shape, int16-as-uint16 or int32).
+    Groups with fewer than ``n`` nonzeros hold explicit zeros. Because every
+    row has the same length, the kernels see it as CSR with a regular row
+    pointer (perfect load balance across threads).
+    """
+
+    def __init__(self, values, col_indices, shape, n, m):
+        super().__init__(c.check_shape(shape))
+        self.n, self.m = int(n), int(m)
+        self.values, self.col_indices = values, col_indices
+        rows, width = values.shape
+        self._row_ptr = (torch.arange(rows + 1, dtype=torch.int64) * width).to(torch.int32)
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return f"nm{self.n}:{self.m}"
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, n: int = 2, m: int = 4) -> "NM":
+        """Packs ``w``, which must already satisfy the N:M pattern (ValueError if not)."""
+        w = c.check_dense(w).detach()
+        n, m = int(n), int(m)
+        if not 0 < n <= m:
+            raise ValueError(f"need 0 < n <= m, got n={n}, m={m}")
+        rows, cols = w.shape
+        groups = -(-cols // m)
+        padded = torch.nn.functional.pad(w, (0, groups * m - cols)).reshape(rows, groups, m)
+        nonzero = padded != 0
+        per_group = nonzero.sum(-1)
+        if rows and groups and int(per_group.max()) > n:
+            r, g = (int(v) for v in torch.nonzero(per_group > n)[0])
+            raise ValueError(
+                f"weight is not {n}:{m} sparse: row {r}, columns {g * m}..{g * m + m - 1} hold "
+                f"{int(per_group[r, g])} nonzeros (prune it to the {n}:{m} pattern first)")
+        # Keep nonzeros first, in column order: sort key = (is zero, position).
+        key = (~nonzero).to(torch.int64) * m + torch.arange(m)
+        slot = torch.sort(key, dim=-1).indices[..., :n]                       # (rows, groups, n)
+        values = torch.gather(padded, -1, slot)
+        col = slot + (torch.arange(groups) * m)[None, :, None]
+        # Padding slots past the last column hold zero; point them at a real
+        # column so kernels never read outside x.
+        col = torch.clamp(col, max=max(cols - 1, 0))
+        return cls(c.as_kernel_values(values.reshape(rows, groups * n)),
+                   c.encode_indices(col.reshape(rows, groups * n), cols).reshape(rows, groups * n),
+                   (rows, cols), n, m)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def tensors(self):
+        return {"values": self.values, "col_indices": self.col_indices}
+
+    def kernel_arrays(self):
+        return self._row_ptr, self.col_indices.reshape(-1), self.values.reshape(-1), 1, 1
+
+    def to_dense(self) -> torch.Tensor:
+        rows, cols = self.shape
+        out = torch.zeros(rows, cols, dtype=self.values.dtype, device=self.values.device)
+        if self.values.numel():
+            out.scatter_add_(1, c.decode_indices(self.col_indices), self.values)
+        return out
+
+    def to(self, device) -> "NM":
+        return NM(self.values.to(device), self.col_indices.to(device), self.shape, self.n, self.m)

@@ -1,0 +1,43 @@
+"""Sparse ops as torch.library custom ops (``torch.ops.sparsert.*``)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..formats import SparseFormat
+from ._threads import get_num_threads, num_threads, set_num_threads
+from .linear import ACTIVATIONS, activation_code, linear_bsr, linear_bsr_cpu
+
+__all__ = ["linear", "get_num_threads", "set_num_threads", "num_threads"]
+
+
+def linear(x: Tensor, w, bias: Optional[Tensor] = None, activation: Optional[str] = None,
+           *, num_threads: Optional[int] = None) -> Tensor:
+    """``act(F.linear(x, w, bias))`` for ``w`` a sparse format (CSR, BSR, N:M) or a dense tensor.
+
+    ``x`` has shape ``(..., in_features)``; ``activation`` is None, "relu" or
+    "gelu"; ``num_threads`` defaults to :func:`get_num_threads`.
+    """
+    code = activation_code(activation)
+    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+    if isinstance(w, Tensor):
+        y = F.linear(x, w, bias)
+        return torch.relu(y) if code == 1 else F.gelu(y) if code == 2 else y
+    if not isinstance(w, SparseFormat):
+        raise TypeError(f"w must be a torch.Tensor or a sparsert format (CSR, BSR, NM), got {type(w).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    rows, cols = w.shape
+    if x.dim() < 1 or x.shape[-1] != cols:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={cols}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (rows,):
+        raise ValueError(f"bias must have shape ({rows},), got {tuple(bias.shape)}")
+    row_ptr, col_indices, values, r, c = w.kernel_arrays()
+    return linear_bsr(x, row_ptr, col_indices, values, rows, r, c, bias, code, num_threads or 0)

@@ -1,0 +1,70 @@
+"""Pruning: score importance, remove the least important share, fine-tune the rest.
+
+```python
+from sparsert.prune import Pruner, prune, finetune, report
+pruner = Pruner(model, importance="taylor", pattern="4x1", sparsity=0.9,
+                scope="global", exclude=["classifier"])
+pruner.calibrate(batches, loss_fn=None)   # when the criterion needs data
+pruner.step()                             # one-shot masks or the next scheduled step
+finetune(model, train_batches, loss_fn, epochs=3, teacher=dense_model)
+print(report(model))
+```
+
+This layer knows nothing about kernels: it leaves exact zeros in the weights
+(plus a mask that keeps them zero through fine-tuning) and later stages read
+the zeros.
+"""
+
+from .criteria import (
+    CRITERIA,
+    Activation,
+    Criterion,
+    Fisher,
+    Gradient,
+    Hessian,
+    Magnitude,
+    Taylor,
+    Wanda,
+    get_criterion,
+)
+from .finetune import finetune, kd_loss
+from .masks import apply_mask, apply_masks, get_mask, masked_modules, masks_from_zeros, remove_masks
+from .patterns import Pattern, parse_pattern, weight_2d_shape
+from .pruner import DEFAULT_LAYER_TYPES, Pruner, prune
+from .report import LayerReport, PruneReport, report
+from .schedules import Gradual, Iterative, OneShot, Schedule, get_schedule
+
+__all__ = [
+    "CRITERIA",
+    "DEFAULT_LAYER_TYPES",
+    "Activation",
+    "Criterion",
+    "Fisher",
+    "Gradient",
+    "Gradual",
+    "Hessian",
+    "Iterative",
+    "LayerReport",
+    "Magnitude",
+    "OneShot",
+    "Pattern",
+    "PruneReport",
+    "Pruner",
+    "Schedule",
+    "Taylor",
+    "Wanda",
+    "apply_mask",
+    "apply_masks",
+    "finetune",
+    "get_criterion",
+    "get_mask",
+    "get_schedule",
+    "kd_loss",
+    "masked_modules",
+    "masks_from_zeros",
+    "parse_pattern",
+    "prune",
+    "remove_masks",
+    "report",
+    "weight_2d_shape",
+]
