@@ -111,11 +111,16 @@ inline void balanced_ranges(const int32_t* row_ptr, int64_t block_rows, int part
 // block has R rows, C columns) over the panel `xp` of P = NV * VW tokens, and
 // stores act(acc + bias) to out[r][P]. S independent accumulator sets hide
 // FMA latency when the tile is small; they are summed at the end.
+//
+// x rows (one per input column k) are `x_stride` floats apart and hold at
+// least NV * VW readable tokens; output row r goes to out + r * out_stride.
+// (Token panels use x_stride = P; a 1x1 convolution over an NCHW image uses
+// the image itself, x_stride = H * W.)
 template <int R, int C, int RT, int NV, int S, typename Idx>
 static inline void spmm_tile(const int32_t* row_ptr, const Idx* col_idx, const float* values,
-                             const float* xp, int64_t br, int r0, const float* bias_rows,
-                             bool relu_out, float* out) {
-  constexpr int P = NV * VW;
+                             const float* xp, int64_t x_stride, int64_t br, int r0,
+                             const float* bias_rows, bool relu_out, float* out,
+                             int64_t out_stride) {
   vf acc[S][RT][NV];
   for (int s = 0; s < S; ++s)
     for (int r = 0; r < RT; ++r)
@@ -125,11 +130,11 @@ static inline void spmm_tile(const int32_t* row_ptr, const Idx* col_idx, const f
   int32_t b = begin;
   for (; b + S <= end; b += S) {
     for (int s = 0; s < S; ++s) {
-      const float* xb = xp + static_cast<int64_t>(col_idx[b + s]) * (C * P);
+      const float* xb = xp + static_cast<int64_t>(col_idx[b + s]) * C * x_stride;
       const float* wb = values + static_cast<int64_t>(b + s) * (R * C) + r0 * C;
       for (int c = 0; c < C; ++c) {
         vf xv[NV];
-        for (int v = 0; v < NV; ++v) xv[v] = load(xb + c * P + v * VW);
+        for (int v = 0; v < NV; ++v) xv[v] = load(xb + c * x_stride + v * VW);
         for (int r = 0; r < RT; ++r) {
           const vf w = splat(wb[r * C + c]);
           for (int v = 0; v < NV; ++v) acc[s][r][v] += w * xv[v];
@@ -138,11 +143,11 @@ static inline void spmm_tile(const int32_t* row_ptr, const Idx* col_idx, const f
     }
   }
   for (; b < end; ++b) {  // the remainder goes to set 0
-    const float* xb = xp + static_cast<int64_t>(col_idx[b]) * (C * P);
+    const float* xb = xp + static_cast<int64_t>(col_idx[b]) * C * x_stride;
     const float* wb = values + static_cast<int64_t>(b) * (R * C) + r0 * C;
     for (int c = 0; c < C; ++c) {
       vf xv[NV];
-      for (int v = 0; v < NV; ++v) xv[v] = load(xb + c * P + v * VW);
+      for (int v = 0; v < NV; ++v) xv[v] = load(xb + c * x_stride + v * VW);
       for (int r = 0; r < RT; ++r) {
         const vf w = splat(wb[r * C + c]);
         for (int v = 0; v < NV; ++v) acc[0][r][v] += w * xv[v];
@@ -156,7 +161,7 @@ static inline void spmm_tile(const int32_t* row_ptr, const Idx* col_idx, const f
       for (int s = 1; s < S; ++s) sum += acc[s][r][v];
       sum += bias;
       if (relu_out) sum = relu(sum);
-      store(out + r * P + v * VW, sum);
+      store(out + r * out_stride + v * VW, sum);
     }
   }
 }
@@ -238,9 +243,9 @@ static void spmm_run(const BlockSparseMatrix& w, const SpmmArgs& a) {
               for (int r = 0; r < RT; ++r) bias_tile[r] = row + r < w.rows ? a.bias[row + r] : 0.0f;
               bias_rows = bias_tile;
             }
-            spmm_tile<R, C, RT, NV, S, Idx>(w.row_ptr, col_idx, w.values, panel, br, r0,
+            spmm_tile<R, C, RT, NV, S, Idx>(w.row_ptr, col_idx, w.values, panel, P, br, r0,
                                             bias_rows, relu_out,
-                                            tile + ((br - br0) * R + r0) * P);
+                                            tile + ((br - br0) * R + r0) * P, P);
           }
         }
         // Transpose the chunk (rows x P) into y (tokens x rows).
