@@ -58,6 +58,44 @@ class NM(SparseFormat):
                    c.encode_indices(col.reshape(rows, groups * n), cols).reshape(rows, groups * n),
                    (rows, cols), n, m)
 
+    @classmethod
+    def from_arrays(cls, values, col_indices, shape, n, m, *, check_finite=True) -> "NM":
+        """Builds from raw arrays, validating every invariant (ValueError if broken).
+
+        ``values`` and ``col_indices`` are ``(rows, groups * n)`` with
+        ``groups = ceil(cols / m)``; slot ``k`` of a row belongs to group
+        ``k // n`` and its column must lie in that group's columns
+        ``[g*m, min(g*m + m, cols))``.
+        """
+        rows, cols = c.check_shape(shape)
+        try:
+            n, m = int(n), int(m)
+        except (TypeError, ValueError):
+            raise ValueError(f"n and m must be integers, got n={n!r}, m={m!r}") from None
+        if not 0 < n <= m:
+            raise ValueError(f"need 0 < n <= m, got n={n}, m={m}")
+        c.check_values("values", values, ndim=2, check_finite=check_finite)
+        c.check_tensor("col_indices", col_indices, ndim=2, kinds="int")
+        groups = -(-cols // m)
+        if tuple(values.shape) != (rows, groups * n):
+            raise ValueError(f"values must have shape ({rows}, {groups * n}) for a {rows}x{cols} "
+                             f"{n}:{m} matrix, got {tuple(values.shape)}")
+        if tuple(col_indices.shape) != tuple(values.shape):
+            raise ValueError(f"col_indices must have the shape of values {tuple(values.shape)}, "
+                             f"got {tuple(col_indices.shape)}")
+        if col_indices.numel():
+            col = c.decode_indices(col_indices)                              # int16 holds uint16
+            lo = (torch.arange(groups * n) // n) * m                         # first column of each slot's group
+            hi = torch.clamp(lo + m, max=cols)
+            bad = (col < lo) | (col >= hi)
+            if bool(bad.any()):
+                r, k = (int(v) for v in torch.nonzero(bad)[0])
+                raise ValueError(f"col_indices[{r}, {k}] = {int(col[r, k])} lies outside its group's "
+                                 f"columns [{int(lo[k])}, {int(hi[k])})")
+        return cls(c.as_kernel_values(values),
+                   c.encode_indices(c.decode_indices(col_indices).reshape(-1), cols).reshape(rows, groups * n),
+                   (rows, cols), n, m)
+
     @property
     def nnz(self) -> int:
         return self.values.numel()
