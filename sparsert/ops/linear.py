@@ -48,14 +48,21 @@ def _dense_weight(row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_feat
     return grid.permute(0, 2, 1, 3).reshape(nbr * r, nbc * c)[:out_features, :in_features]
 
 
+def linear_bsr_torch(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
+                     block_rows: int, block_cols: int, bias: Optional[Tensor], activation: int) -> Tensor:
+    """Pure-torch act(x @ W.T + bias): the op's default on devices without a native kernel."""
+    w = _dense_weight(row_ptr, col_indices, values, out_features, x.shape[-1], block_rows, block_cols)
+    y = F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return _apply_activation(y, activation)
+
+
 @torch.library.custom_op("sparsert::linear_bsr", mutates_args=())
 def linear_bsr(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
                block_rows: int, block_cols: int, bias: Optional[Tensor], activation: int,
                num_threads: int) -> Tensor:
-    """act(x @ W.T + bias) for W given as BSR arrays (pure-torch default for any device)."""
-    w = _dense_weight(row_ptr, col_indices, values, out_features, x.shape[-1], block_rows, block_cols)
-    y = F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    return _apply_activation(y, activation)
+    """act(x @ W.T + bias) for W given as BSR arrays (CSR and N:M are 1x1 blocks)."""
+    return linear_bsr_torch(x, row_ptr, col_indices, values, out_features, block_rows, block_cols,
+                            bias, activation)
 
 
 @linear_bsr.register_fake
