@@ -1,0 +1,394 @@
+// Sparse convolution kernels, written once over SIMD vectors and compiled per
+// ISA by conv_scalar.cc / conv_avx2.cc / conv_avx512.cc, which include
+// spmm_impl.h first (for spmm_tile, the register-tile micro-kernel shared with
+// the Linear kernels) and then this file.
+//
+// Layout (XNNPACK's NCHW sparse inference design): an output tile is P = NV *
+// VW consecutive output pixels of one channel row of W, so the sparse weight
+// row is the outer loop and each nonzero multiplies NV contiguous vectors of
+// pixels. No transpose and no im2col buffer:
+//
+//   pointwise  (1x1, stride 1, no padding)  Y_n (Cout x HW) = W (Cout x Cin) X_n (Cin x HW),
+//              read in place: x row k is channel k of the image (x_stride = H*W).
+//              The last tile (HW not a multiple of P) reads a zero-padded
+//              copy of its few pixels, so nothing past the image is read.
+//   conv       (any KxK, stride, padding, dilation, groups): the image is
+//              copied once per call into a zero-padded input split into
+//              stride phases, xq[phase (py,px)][c][Hq][Wq] with
+//              xq[.][c][i][j] = xpad[c][i*sh+py][j*sw+px]. Then every tap
+//              (ci, ky, kx) of output pixel q = oy*Wq + ox reads
+//              xq + off(ci,ky,kx) + q: a stride-1 1x1 convolution over the flat
+//              index q, whose per-nonzero offsets are computed once per call
+//              (implicit im2col). Columns ox in [OW, Wq) are computed and
+//              dropped (Wq - OW is at most about pad/stride + 1 per row).
+//
+// R x C blocks with C > 1 are expanded once per call to C blocks of R x 1
+// (same FMAs, same register reuse of the pixel vectors).
+// Threads split (group, pixel tile, block-row range) work items evenly; the
+// block-row ranges are cut at equal nonzero counts when there are few tiles.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "sparsert/conv.h"
+
+// spmm_impl.h popped its target pragma at its end; switch it on again.
+#if defined(SPARSERT_TARGET)
+#if defined(__clang__)
+SPARSERT_PRAGMA_EXPANDED(clang attribute push(__attribute__((target(SPARSERT_TARGET))), apply_to = function))
+#else
+#pragma GCC push_options
+SPARSERT_PRAGMA_EXPANDED(GCC target(SPARSERT_TARGET))
+#endif
+#endif
+
+namespace sparsert {
+namespace SPARSERT_ISA {
+
+// Cuts block rows [0, nbr) of a row_ptr segment (absolute offsets) into
+// `parts` contiguous ranges of about equal nonzeros + per-row overhead.
+inline void split_block_rows(const int32_t* row_ptr, int64_t nbr, int parts,
+                             std::vector<int64_t>& bounds) {
+  bounds.assign(parts + 1, nbr);
+  bounds[0] = 0;
+  const double row_cost = 2.0;
+  const double base = row_ptr[0];
+  const double total = (row_ptr[nbr] - base) + row_cost * nbr;
+  int64_t row = 0;
+  for (int p = 1; p < parts; ++p) {
+    const double target = total * p / parts;
+    int64_t lo = row, hi = nbr;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if ((row_ptr[mid] - base) + row_cost * mid < target) lo = mid + 1; else hi = mid;
+    }
+    row = lo;
+    bounds[p] = row;
+  }
+}
+
+// spmm_tile over only `nv` (<= NV) vectors of pixels, for the last tile.
+template <int R, int RT, int NV, int S, typename Idx>
+static inline void conv_tile_nv(int nv, const int32_t* row_ptr, const Idx* idx, const float* values,
+                                const float* x, int64_t x_stride, int64_t br, int r0,
+                                const float* bias_rows, bool relu_out, float* out,
+                                int64_t out_stride) {
+  if constexpr (NV > 1) {
+    if (nv < NV) {
+      conv_tile_nv<R, RT, NV - 1, S, Idx>(nv, row_ptr, idx, values, x, x_stride, br, r0, bias_rows,
+                                          relu_out, out, out_stride);
+      return;
+    }
+  }
+  (void)nv;
+  spmm_tile<R, 1, RT, NV, S, Idx>(row_ptr, idx, values, x, x_stride, br, r0, bias_rows, relu_out,
+                                  out, out_stride);
+}
+
+// The weight as R x 1 blocks (C == 1: the caller's arrays; else expanded).
+template <typename Idx>
+struct RowBlocks {
+  const int32_t* row_ptr;
+  const Idx* idx;        // k (pointwise) or xq offset of k (conv), per block
+  const float* values;   // R floats per block
+};
+
+// Expands R x C blocks into R x 1 blocks, dropping columns past `cols`.
+// Writes k (the flattened weight column) for each new block.
+template <int R, int C, typename Idx>
+static void expand_blocks(const BlockSparseMatrix& w, std::vector<int32_t>& row_ptr,
+                          std::vector<int32_t>& ks, std::vector<float>& values) {
+  const int64_t nbr = w.block_row_count();
+  const auto* col_idx = static_cast<const Idx*>(w.col_idx);
+  const int64_t nblocks = w.row_ptr[nbr];
+  row_ptr.resize(nbr + 1);
+  ks.resize(nblocks * C);
+  values.resize(nblocks * C * R);
+  int64_t e = 0;
+  row_ptr[0] = 0;
+  for (int64_t br = 0; br < nbr; ++br) {
+    for (int32_t b = w.row_ptr[br]; b < w.row_ptr[br + 1]; ++b) {
+      const float* blk = w.values + static_cast<int64_t>(b) * R * C;
+      for (int c = 0; c < C; ++c) {
+        const int64_t k = static_cast<int64_t>(col_idx[b]) * C + c;
+        if (k >= w.cols) break;
+        ks[e] = static_cast<int32_t>(k);
+        for (int r = 0; r < R; ++r) values[e * R + r] = blk[r * C + c];
+        ++e;
+      }
+    }
+    row_ptr[br + 1] = static_cast<int32_t>(e);
+  }
+}
+
+// The work of one call, on R x 1 blocks whose idx are input-row selectors:
+// x row of block b, for group g and tile q0, is xg + idx[b] * x_stride + q0.
+// image(n) returns image n's dense operand (the image itself, or its xq).
+template <int R, int RT, int NV, int S, typename Idx, typename Image>
+static void conv_compute(const RowBlocks<Idx>& w, const ConvShape& sh, const ConvArgs& a,
+                         const Image& image, int64_t x_group_stride, int64_t x_stride,
+                         int64_t flat, int64_t wq, bool pointwise) {
+  constexpr int P = NV * VW;
+  const int64_t G = sh.groups, cout_g = sh.out_channels_per_group();
+  const int64_t cin_g = sh.in_channels_per_group();
+  const int64_t oh = sh.out_h(), ow = sh.out_w(), ohw = oh * ow;
+  // Block rows per group (groups > 1 needs cout_g % R == 0; groups == 1 may
+  // have a last block row sticking out of the matrix).
+  const int64_t nbr_g = (cout_g + R - 1) / R;
+  const int64_t ntiles = (flat + P - 1) / P;
+  const int threads = std::max(1, a.num_threads);
+  const bool relu_out = a.activation == Activation::kRelu;
+  const bool out_in_place = wq == ow;  // no dropped columns: tiles map to y directly
+
+  // Row parts per (group, tile): enough items to keep every thread busy.
+  const int64_t base_items = G * ntiles;
+  int rparts = 1;
+  if (base_items < 8 * threads)
+    rparts = static_cast<int>(std::min<int64_t>(nbr_g, (8 * threads + base_items - 1) / base_items));
+  rparts = std::max(rparts, 1);
+  std::vector<std::vector<int64_t>> bounds(G);
+  for (int64_t g = 0; g < G; ++g) split_block_rows(w.row_ptr + g * nbr_g, nbr_g, rparts, bounds[g]);
+  const int64_t items = base_items * rparts;
+
+  for (int64_t n = 0; n < sh.batch; ++n) {
+    const float* ximg = image(n);
+    float* yimg = a.y + n * sh.out_channels * ohw;
+    parallel_run(threads, [&](int tid, int nt) {
+      static thread_local Scratch out_scratch, panel_scratch;
+      float* tile_out = out_scratch.get(static_cast<size_t>(R) * P);
+      const int64_t begin = items * tid / nt, end = items * (tid + 1) / nt;
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t rp = it % rparts;
+        const int64_t tile = (it / rparts) % ntiles;
+        const int64_t g = it / (rparts * ntiles);
+        const int64_t q0 = tile * P;
+        const int64_t valid = std::min<int64_t>(P, flat - q0);
+        const int nv = static_cast<int>((valid + VW - 1) / VW);
+        const float* xg = ximg + g * x_group_stride;
+        const float* x = xg + q0;
+        int64_t xs = x_stride;
+        if (pointwise && valid < P) {
+          // Last tile of an in-place image: copy its pixels, zero padded.
+          const int64_t width = static_cast<int64_t>(nv) * VW;
+          float* panel = panel_scratch.get(static_cast<size_t>(cin_g) * width);
+          for (int64_t k = 0; k < cin_g; ++k) {
+            std::memcpy(panel + k * width, xg + k * x_stride + q0, sizeof(float) * valid);
+            std::memset(panel + k * width + valid, 0, sizeof(float) * (width - valid));
+          }
+          x = panel;
+          xs = width;
+        }
+        float* yg = yimg + g * cout_g * ohw;
+        const float* bias_g = a.bias ? a.bias + g * cout_g : nullptr;
+        const int32_t* row_ptr = w.row_ptr + g * nbr_g;
+        const int64_t br_begin = bounds[g][rp], br_end = bounds[g][rp + 1];
+        for (int64_t br = br_begin; br < br_end; ++br) {
+          const int64_t row0 = br * R;
+          const int rows_here = static_cast<int>(std::min<int64_t>(R, cout_g - row0));
+          const bool direct = out_in_place && valid == P && rows_here == R;
+          float* out = direct ? yg + row0 * ohw + q0 : tile_out;
+          const int64_t out_stride = direct ? ohw : P;
+          for (int r0 = 0; r0 < R; r0 += RT) {
+            float bias_tile[RT];
+            const float* bias_rows = nullptr;
+            if (bias_g) {
+              for (int r = 0; r < RT; ++r)
+                bias_tile[r] = row0 + r0 + r < cout_g ? bias_g[row0 + r0 + r] : 0.0f;
+              bias_rows = bias_tile;
+            }
+            float* o = out + r0 * out_stride;
+            if (valid == P)
+              spmm_tile<R, 1, RT, NV, S, Idx>(row_ptr, w.idx, w.values, x, xs, br, r0, bias_rows,
+                                              relu_out, o, out_stride);
+            else
+              conv_tile_nv<R, RT, NV, S, Idx>(nv, row_ptr, w.idx, w.values, x, xs, br, r0,
+                                              bias_rows, relu_out, o, out_stride);
+          }
+          if (direct) continue;
+          // Copy the tile's valid pixels and rows into y.
+          for (int r = 0; r < rows_here; ++r) {
+            const float* src = tile_out + r * P;
+            float* dst = yg + (row0 + r) * ohw;
+            if (out_in_place) {
+              std::memcpy(dst + q0, src, sizeof(float) * valid);
+              continue;
+            }
+            int64_t q = q0;
+            while (q < q0 + valid) {
+              const int64_t oy = q / wq, ox = q % wq;
+              const int64_t run = std::min<int64_t>(wq - ox, q0 + valid - q);
+              if (ox < ow && oy < oh)
+                std::memcpy(dst + oy * ow + ox, src + (q - q0),
+                            sizeof(float) * std::min<int64_t>(run, ow - ox));
+              q += run;
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+// Pointwise: the image is the dense operand.
+template <int R, int C, int RT, int NV, int S, typename Idx>
+static void pointwise_run(const BlockSparseMatrix& w, const ConvShape& sh, const ConvArgs& a) {
+  const int64_t hw = sh.height * sh.width;
+  const auto image = [&](int64_t n) { return a.x + n * sh.in_channels * hw; };
+  if constexpr (C == 1) {
+    RowBlocks<Idx> rb{w.row_ptr, static_cast<const Idx*>(w.col_idx), w.values};
+    conv_compute<R, RT, NV, S, Idx>(rb, sh, a, image, sh.in_channels_per_group() * hw, hw, hw,
+                                    sh.width, true);
+  } else {
+    static thread_local std::vector<int32_t> row_ptr, ks;
+    static thread_local std::vector<float> values;
+    expand_blocks<R, C, Idx>(w, row_ptr, ks, values);
+    RowBlocks<int32_t> rb{row_ptr.data(), ks.data(), values.data()};
+    conv_compute<R, RT, NV, S, int32_t>(rb, sh, a, image, sh.in_channels_per_group() * hw, hw,
+                                        hw, sh.width, true);
+  }
+}
+
+// Geometry of the zero-padded, phase-split input copy.
+struct PhaseLayout {
+  int64_t hq, wq, plane;  // rows, columns, floats of one channel of one phase
+  int64_t phases;         // stride_h * stride_w
+  int64_t offset(const ConvShape& sh, int64_t cin, int64_t k) const {
+    const int64_t taps = static_cast<int64_t>(sh.kernel_h) * sh.kernel_w;
+    const int64_t ci = k / taps, t = k % taps;
+    const int64_t ry = (t / sh.kernel_w) * sh.dilation_h, rx = (t % sh.kernel_w) * sh.dilation_w;
+    const int64_t phase = (ry % sh.stride_h) * sh.stride_w + rx % sh.stride_w;
+    return (phase * cin + ci) * plane + (ry / sh.stride_h) * wq + rx / sh.stride_w;
+  }
+};
+
+inline PhaseLayout phase_layout(const ConvShape& sh) {
+  PhaseLayout l;
+  const int64_t hp = sh.height + 2 * sh.pad_h, wp = sh.width + 2 * sh.pad_w;
+  l.hq = (hp + sh.stride_h - 1) / sh.stride_h;
+  l.wq = (wp + sh.stride_w - 1) / sh.stride_w;
+  l.plane = l.hq * l.wq;
+  l.phases = static_cast<int64_t>(sh.stride_h) * sh.stride_w;
+  return l;
+}
+
+// Fills xq (one image) from x, in parallel over (phase, channel).
+inline void build_phases(const ConvShape& sh, const PhaseLayout& l, const float* x, float* xq,
+                         int threads) {
+  const int64_t C = sh.in_channels, H = sh.height, W = sh.width;
+  const int64_t jobs = l.phases * C;
+  parallel_run(threads, [&](int tid, int nt) {
+    for (int64_t job = jobs * tid / nt; job < jobs * (tid + 1) / nt; ++job) {
+      const int64_t phase = job / C, c = job % C;
+      const int64_t py = phase / sh.stride_w, px = phase % sh.stride_w;
+      const float* src = x + c * H * W;
+      float* dst = xq + job * l.plane;
+      // Columns j with a source pixel: j*sw + px - pad_w in [0, W).
+      int64_t j0 = 0;
+      while (j0 < l.wq && j0 * sh.stride_w + px - sh.pad_w < 0) ++j0;
+      int64_t j1 = j0;
+      while (j1 < l.wq && j1 * sh.stride_w + px - sh.pad_w < W) ++j1;
+      for (int64_t i = 0; i < l.hq; ++i) {
+        float* row = dst + i * l.wq;
+        const int64_t y = i * sh.stride_h + py - sh.pad_h;
+        if (y < 0 || y >= H || j0 >= j1) {
+          std::memset(row, 0, sizeof(float) * l.wq);
+          continue;
+        }
+        std::memset(row, 0, sizeof(float) * j0);
+        const float* s = src + y * W + (j0 * sh.stride_w + px - sh.pad_w);
+        if (sh.stride_w == 1) {
+          std::memcpy(row + j0, s, sizeof(float) * (j1 - j0));
+        } else {
+          for (int64_t j = j0; j < j1; ++j) row[j] = s[(j - j0) * sh.stride_w];
+        }
+        std::memset(row + j1, 0, sizeof(float) * (l.wq - j1));
+      }
+    }
+  });
+}
+
+// Any convolution: phase-split padded copy + per-nonzero offsets.
+template <int R, int C, int RT, int NV, int S, typename Idx>
+static void conv_run(const BlockSparseMatrix& w, const ConvShape& sh, const ConvArgs& a) {
+  constexpr int P = NV * VW;
+  const PhaseLayout l = phase_layout(sh);
+  const int64_t cin_g = sh.in_channels_per_group();
+  const int threads = std::max(1, a.num_threads);
+
+  // Per-block offsets into xq (relative to the group's channels).
+  static thread_local std::vector<int32_t> row_ptr_x, ks, offs;
+  static thread_local std::vector<float> values_x;
+  const int32_t* row_ptr = w.row_ptr;
+  const float* values = w.values;
+  const int64_t nblocks = w.row_ptr[w.block_row_count()];
+  if constexpr (C == 1) {
+    const auto* col_idx = static_cast<const Idx*>(w.col_idx);
+    offs.resize(nblocks);
+    for (int64_t b = 0; b < nblocks; ++b)
+      offs[b] = static_cast<int32_t>(l.offset(sh, sh.in_channels, col_idx[b]));
+  } else {
+    expand_blocks<R, C, Idx>(w, row_ptr_x, ks, values_x);
+    offs.resize(ks.size());
+    for (size_t e = 0; e < ks.size(); ++e)
+      offs[e] = static_cast<int32_t>(l.offset(sh, sh.in_channels, ks[e]));
+    row_ptr = row_ptr_x.data();
+    values = values_x.data();
+  }
+
+  // xq for one image, with slack so the last tile of the last group reads
+  // inside the buffer (those lanes land in dropped columns).
+  const int64_t flat = sh.out_h() * l.wq;
+  const int64_t ntiles = (flat + P - 1) / P;
+  const int64_t planes = l.phases * sh.in_channels * l.plane;
+  // An upper bound of every tap offset: last phase, last channel, last tap row/column.
+  const int64_t max_off = (l.phases - 1) * sh.in_channels * l.plane + (cin_g - 1) * l.plane +
+                                 ((sh.kernel_h - 1) * sh.dilation_h / sh.stride_h) * l.wq +
+                                 (sh.kernel_w - 1) * sh.dilation_w / sh.stride_w;
+  const int64_t reach = (sh.groups - 1) * cin_g * l.plane + max_off + ntiles * P;
+  const int64_t size = std::max(planes, reach);
+  static thread_local Scratch xq_scratch;
+  float* xq = xq_scratch.get(static_cast<size_t>(size));
+  std::memset(xq + planes, 0, sizeof(float) * (size - planes));
+  RowBlocks<int32_t> rb{row_ptr, offs.data(), values};
+  const auto image = [&](int64_t n) -> const float* {  // one image at a time
+    build_phases(sh, l, a.x + n * sh.in_channels * sh.height * sh.width, xq, threads);
+    return xq;
+  };
+  conv_compute<R, RT, NV, S, int32_t>(rb, sh, a, image, cin_g * l.plane, 1, flat, l.wq, false);
+}
+
+template <int R, int C, int RT, int NV, int S>
+static void pointwise_kernel(const BlockSparseMatrix& w, const ConvShape& sh, const ConvArgs& a) {
+  if (w.index_bits == 16) pointwise_run<R, C, RT, NV, S, uint16_t>(w, sh, a);
+  else pointwise_run<R, C, RT, NV, S, int32_t>(w, sh, a);
+}
+
+template <int R, int C, int RT, int NV, int S>
+static void conv_kernel(const BlockSparseMatrix& w, const ConvShape& sh, const ConvArgs& a) {
+  if (w.index_bits == 16) conv_run<R, C, RT, NV, S, uint16_t>(w, sh, a);
+  else conv_run<R, C, RT, NV, S, int32_t>(w, sh, a);
+}
+
+// Registers the pointwise and the general kernel for R x C blocks.
+template <int R, int C, int RT, int NV, int S>
+void add_conv_tile(std::vector<ConvKernelInfo>& out) {
+  const std::string isa = SPARSERT_STR(SPARSERT_ISA);
+  out.push_back({"f32_conv1x1_" + tile_name(R, C) + "_" + isa, isa, "pointwise", R, C,
+                 &pointwise_kernel<R, C, RT, NV, S>});
+  out.push_back({"f32_conv_" + tile_name(R, C) + "_" + isa, isa, "conv", R, C,
+                 &conv_kernel<R, C, RT, NV, S>});
+}
+
+}  // namespace SPARSERT_ISA
+}  // namespace sparsert
+
+#if defined(SPARSERT_TARGET)
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
