@@ -12,6 +12,8 @@
 
 namespace py = pybind11;
 
+void bind_conv(py::module_& m);  // bindings_conv.cc
+
 namespace {
 
 template <typename T>
@@ -98,4 +100,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("y"), py::arg("y_row_stride"), py::arg("bias"), py::arg("activation"),
         py::arg("num_threads"), py::arg("kernel") = "",
         "y = act(x @ W^T + bias) for block-sparse W given as raw addresses; returns the kernel used.");
+  bind_conv(m);
 }

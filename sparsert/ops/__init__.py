@@ -11,8 +11,9 @@ from torch import Tensor
 from ..formats import SparseFormat
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .linear import ACTIVATIONS, activation_code, linear_bsr, linear_bsr_cpu
+from .conv import ConvWeight, conv2d
 
-__all__ = ["linear", "get_num_threads", "set_num_threads", "num_threads"]
+__all__ = ["linear", "conv2d", "ConvWeight", "get_num_threads", "set_num_threads", "num_threads"]
 
 
 def linear(x: Tensor, w, bias: Optional[Tensor] = None, activation: Optional[str] = None,
