@@ -668,6 +668,8 @@ def load(path: "str | os.PathLike", model: nn.Module | None = None) -> nn.Module
     for k, v in f.dense.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise _fail(path, f"entry {k!r} has shape {list(v.shape)} in the file but {list(state[k].shape)} in the model")
+        if v.dtype != state[k].dtype and not (v.dtype.is_floating_point and state[k].dtype.is_floating_point):
+            raise _fail(path, f"entry {k!r} is {v.dtype} in the file but {state[k].dtype} in the model")
     model.load_state_dict(f.dense, strict=False)
     model.eval()
     return model
