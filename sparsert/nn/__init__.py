@@ -1,0 +1,11 @@
+"""Inference modules that hold a packed sparse weight and call :mod:`sparsert.ops`.
+
+``SparseLinear`` and ``SparseConv2d`` are drop-in replacements for
+``nn.Linear`` / ``nn.Conv2d`` whose weight is a sparsert format (CSR, BSR,
+N:M) or a dense tensor. Build them with ``from_dense`` and go back with
+``to_dense``; :func:`sparsert.sparsify` swaps them into whole models.
+"""
+
+from .modules import SparseConv2d, SparseLinear
+
+__all__ = ["SparseLinear", "SparseConv2d"]

@@ -1,0 +1,370 @@
+"""``SparseLinear`` and ``SparseConv2d``: inference layers over a packed weight.
+
+Storage
+-------
+The packed weight's arrays are registered as (persistent) buffers of the
+module, so ``.to(device)``, ``state_dict`` and ``load_state_dict`` work. The
+buffer names are ``"packed_" + name`` for every ``name`` in
+``module.packed.tensors()``:
+
+============  =================================================================
+format        buffers
+============  =================================================================
+CSR           ``packed_row_ptr``, ``packed_col_indices``, ``packed_values``
+BSR           ``packed_row_ptr``, ``packed_col_indices``, ``packed_blocks``
+N:M           ``packed_values``, ``packed_col_indices`` (plus the non-persistent
+              ``packed_kernel_row_ptr``, derived from the shape)
+dense         ``packed_weight``
+============  =================================================================
+
+``module.packed`` is the format object (``CSR``/``BSR``/``NM`` or a dense
+``Tensor``), always in sync with the buffers; ``module.packed.kind`` and
+``module.packed.shape`` describe it. Stored sparse values stay float32 (what
+the kernels compute in) even after ``module.half()``/``.double()``; inputs of
+other dtypes are computed in float32 and cast back.
+
+These layers are for inference: gradients flow to the input of a dense-packed
+layer only, and ``backward`` through a sparse one raises torch's error naming
+``sparsert.linear_bsr`` (no autograd formula is registered for the op).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops as _ops
+from ..formats import NM, SparseFormat, pack
+from ..ops.linear import activation_code
+
+__all__ = ["SparseLinear", "SparseConv2d"]
+
+_ACT_NAMES = {0: None, 1: "relu", 2: "gelu"}
+_linear_op = torch.ops.sparsert.linear_bsr.default
+
+
+def _has_conv_op() -> bool:
+    """Whether the sparse conv op (``sparsert.ops.conv2d``) exists in this build."""
+    return hasattr(_ops, "conv2d")
+
+
+def _conv_op():
+    """``torch.ops.sparsert.conv2d_bsr.default`` (what ``sparsert.ops.conv2d`` calls)."""
+    global _CONV_OP
+    if _CONV_OP is None:
+        _CONV_OP = torch.ops.sparsert.conv2d_bsr.default
+    return _CONV_OP
+
+
+_CONV_OP = None
+
+
+def _apply_activation(y: Tensor, code: int) -> Tensor:
+    if code == 1:
+        return torch.relu(y)
+    if code == 2:
+        return F.gelu(y)
+    return y
+
+
+class _PackedWeight(nn.Module):
+    """Shared storage logic: packed arrays as buffers, the format object in sync."""
+
+    _fmt: Union[SparseFormat, None]
+
+    def _init_packed(self, packed) -> None:
+        if isinstance(packed, Tensor):
+            if packed.dim() != 2 or not packed.dtype.is_floating_point:
+                raise ValueError(f"a dense packed weight must be a 2-D floating tensor, got shape "
+                                 f"{tuple(packed.shape)} and dtype {packed.dtype}")
+            self._fmt = None
+            self.register_buffer("packed_weight", packed.detach().contiguous())
+            self._kernel_names = None
+            self._block = (1, 1)
+            return
+        if not isinstance(packed, SparseFormat):
+            raise TypeError(f"packed must be a sparsert format (CSR, BSR, NM) or a dense 2-D tensor, "
+                            f"got {type(packed).__name__}")
+        self._fmt = packed
+        for name, tensor in packed.tensors().items():
+            self.register_buffer("packed_" + name, tensor)
+        row_ptr, _, _, r, c = packed.kernel_arrays()
+        names = packed.tensors()
+        if isinstance(packed, NM):
+            # N:M has a regular row pointer the kernels need but files do not.
+            self.register_buffer("packed_kernel_row_ptr", row_ptr, persistent=False)
+            self._kernel_names = ("packed_kernel_row_ptr", "packed_col_indices", "packed_values")
+        else:
+            value_name = "blocks" if "blocks" in names else "values"
+            self._kernel_names = ("packed_row_ptr", "packed_col_indices", "packed_" + value_name)
+        self._flatten = isinstance(packed, NM)
+        self._block = (int(r), int(c))
+
+    @property
+    def packed(self):
+        """The packed weight: a sparsert format object, or a dense ``Tensor``."""
+        fmt = self._fmt
+        if fmt is None:
+            return self.packed_weight
+        for name in fmt.tensors():
+            setattr(fmt, name, self._buffers["packed_" + name])
+        if isinstance(fmt, NM):
+            fmt._row_ptr = self._buffers["packed_kernel_row_ptr"]
+        return fmt
+
+    @property
+    def format(self) -> str:
+        """The packed weight's kind: "dense", "csr", "bsr4x1", "nm2:4", ..."""
+        return "dense" if self._fmt is None else self._fmt.kind
+
+    @property
+    def density(self) -> float:
+        if self._fmt is None:
+            w = self.packed_weight
+            return float((w != 0).sum()) / w.numel() if w.numel() else 0.0
+        return self._fmt.density
+
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes of the stored weight arrays (what a file holds for the weight)."""
+        if self._fmt is None:
+            return self.packed_weight.numel() * self.packed_weight.element_size()
+        return self.packed.nbytes
+
+    def _weight_2d(self) -> Tensor:
+        """The weight as a dense 2-D tensor (float32 for sparse formats)."""
+        return self.packed_weight if self._fmt is None else self.packed.to_dense()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self._fmt is not None:
+            # Sparse values stay float32 whatever dtype the model is cast to.
+            for name in self._fmt.tensors():
+                t = self._buffers["packed_" + name]
+                if t.is_floating_point() and t.dtype != torch.float32:
+                    self._buffers["packed_" + name] = t.to(torch.float32)
+        return self
+
+    def _kernel_arrays(self):
+        rp, ci, val = (getattr(self, n) for n in self._kernel_names)
+        if self._flatten:
+            ci, val = ci.reshape(-1), val.reshape(-1)
+        return rp, ci, val
+
+
+def _check_bias(bias, rows: int) -> Optional[Tensor]:
+    if bias is None:
+        return None
+    if not isinstance(bias, Tensor) or tuple(bias.shape) != (rows,):
+        shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+        raise ValueError(f"bias must be a tensor of shape ({rows},), got {shape}")
+    return bias
+
+
+class SparseLinear(_PackedWeight):
+    """``act(x @ W.T + bias)`` with ``W`` packed (CSR, BSR, N:M) or dense.
+
+    Args:
+        packed: a sparsert format (``out_features x in_features``) or a dense 2-D tensor.
+        bias: optional ``(out_features,)`` tensor (stored as a frozen parameter).
+        activation: ``None``, ``"relu"`` (fused in the kernel) or ``"gelu"``.
+
+    ``forward`` calls the ``sparsert::linear_bsr`` op (what
+    :func:`sparsert.ops.linear` calls) with the kernel arrays prepared once.
+    """
+
+    def __init__(self, packed, bias: Optional[Tensor] = None, activation: Optional[str] = None):
+        super().__init__()
+        self._init_packed(packed)
+        self.out_features, self.in_features = (int(s) for s in (packed.shape))
+        self._act = activation_code(activation)
+        self.activation = _ACT_NAMES[self._act]
+        bias = _check_bias(bias, self.out_features)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, format: str = "csr", activation: Optional[str] = None) -> "SparseLinear":
+        """Packs ``linear.weight`` (zeros are the pruned entries) in the format named ``format``.
+
+        ``format`` is a kind string: ``"dense"``, ``"csr"``, ``"bsrRxC"`` or ``"nmN:M"``.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        return cls(pack(linear.weight.detach(), format), linear.bias, activation)
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with exactly the stored weight and bias (the activation is not included)."""
+        w = self._weight_2d()
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._fmt is None:
+            return _apply_activation(F.linear(x, self.packed_weight, self.bias), self._act)
+        rp, ci, val = self._kernel_arrays()
+        return _linear_op(x, rp, ci, val, self.out_features, self._block[0], self._block[1], self.bias,
+                          self._act, 0)
+
+    def extra_repr(self) -> str:
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+             f"density={self.density:.3f}, bytes={self.packed_nbytes}, bias={self.bias is not None}")
+        return s + (f", activation={self.activation}" if self.activation else "")
+
+
+def _pair(v, name: str) -> tuple:
+    if isinstance(v, int):
+        return (v, v)
+    try:
+        a, b = (int(x) for x in v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+    return (a, b)
+
+
+class SparseConv2d(_PackedWeight):
+    """``nn.Conv2d`` over a packed weight.
+
+    The packed weight is the conv weight flattened to
+    ``(out_channels, in_channels // groups * kh * kw)`` (``weight.reshape(out_channels, -1)``).
+    ``forward`` calls ``sparsert.ops.conv2d`` when this build has it; until
+    then it runs ``F.conv2d`` on the dense weight, rebuilt once and kept as
+    the non-persistent buffer ``dense_weight_cache``.
+    """
+
+    def __init__(self, packed, bias: Optional[Tensor] = None, *, in_channels: int, kernel_size,
+                 stride=1, padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros",
+                 activation: Optional[str] = None):
+        super().__init__()
+        self._init_packed(packed)
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        if isinstance(padding, str) and padding not in ("same", "valid"):
+            raise ValueError(f"padding must be an int, a pair, 'same' or 'valid'; got {padding!r}")
+        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
+        self.groups = int(groups)
+        self.in_channels = int(in_channels)
+        self.out_channels = int(packed.shape[0])
+        if self.groups < 1 or self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
+                             f"out_channels={self.out_channels}")
+        if self.groups > 1 and (self.out_channels // self.groups) % self._block[0]:
+            raise ValueError(f"with groups={self.groups}, out_channels/groups={self.out_channels // self.groups} "
+                             f"must be a multiple of the format's block rows ({self._block[0]})")
+        kh, kw = self.kernel_size
+        cols = self.in_channels // self.groups * kh * kw
+        if int(packed.shape[1]) != cols:
+            raise ValueError(f"packed weight has {packed.shape[1]} columns; in_channels/groups*kh*kw = {cols}")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        self._resolve_padding()
+        self._act = activation_code(activation)
+        self.activation = _ACT_NAMES[self._act]
+        bias = _check_bias(bias, self.out_channels)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.register_buffer("dense_weight_cache", None, persistent=False)
+        if self._fmt is not None and not _has_conv_op():
+            self._build_dense_cache()
+
+    def _resolve_padding(self) -> None:
+        """Padding as the op takes it: symmetric (top/bottom, left/right) ints, plus an
+        explicit ``F.pad`` first for other padding modes and asymmetric 'same'."""
+        self._pre_pad, self._pre_pad_mode = None, "constant"
+        if self.padding == "valid":
+            pad = (0, 0)
+        elif self.padding == "same":
+            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            pad = (totals[0] // 2, totals[1] // 2)
+            if any(t % 2 for t in totals):  # torch puts the odd pixel at the bottom/right
+                self._pre_pad = [totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2]
+                pad = (0, 0)
+        else:
+            pad = self.padding
+        if self.padding_mode != "zeros":
+            self._pre_pad = self._pre_pad or [pad[1], pad[1], pad[0], pad[0]]
+            self._pre_pad_mode = self.padding_mode
+            pad = (0, 0)
+        self._op_padding = [int(pad[0]), int(pad[1])]
+        self._op_stride = list(self.stride)
+        self._op_dilation = list(self.dilation)
+        self._op_kernel = list(self.kernel_size)
+
+    def _build_dense_cache(self) -> Tensor:
+        w = self.packed.to_dense().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        self.dense_weight_cache = w
+        return w
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        cache = self.dense_weight_cache
+        if cache is not None and cache.dtype != torch.float32:
+            self.dense_weight_cache = cache.to(torch.float32)
+        return self
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, format: str = "csr", activation: Optional[str] = None) -> "SparseConv2d":
+        """Packs ``conv.weight.reshape(out_channels, -1)`` in the format named ``format``."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
+        w = conv.weight.detach()
+        return cls(pack(w.reshape(w.shape[0], -1), format), conv.bias, in_channels=conv.in_channels,
+                   kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                   dilation=conv.dilation, groups=conv.groups, padding_mode=conv.padding_mode,
+                   activation=activation)
+
+    def weight_4d(self) -> Tensor:
+        """The weight as ``(out_channels, in_channels // groups, kh, kw)``."""
+        return self._weight_2d().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with exactly the stored weight and bias (the activation is not included)."""
+        w = self.weight_4d()
+        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                        self.dilation, self.groups, self.bias is not None, self.padding_mode,
+                        device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._pre_pad is not None:
+            x = F.pad(x, self._pre_pad, mode=self._pre_pad_mode)
+        if self._fmt is not None and _has_conv_op():
+            unbatched = x.dim() == 3
+            if unbatched:
+                x = x.unsqueeze(0)
+            rp, ci, val = self._kernel_arrays()
+            y = _conv_op()(x, rp, ci, val, self.out_channels, self._op_kernel, self._block[0], self._block[1],
+                           self.bias, self._op_stride, self._op_padding, self._op_dilation, self.groups,
+                           self._act, 0)
+            return y.squeeze(0) if unbatched else y
+        if self._fmt is None:
+            w = self.packed_weight.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        else:
+            w = self.dense_weight_cache
+            if w is None:
+                w = self._build_dense_cache()
+        y = F.conv2d(x, w if x.dtype == w.dtype else w.to(x.dtype),
+                     None if self.bias is None else self.bias.to(x.dtype), self.stride, self._op_padding,
+                     self.dilation, self.groups)
+        return _apply_activation(y, self._act)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, format={self.format}, "
+             f"density={self.density:.3f}, bytes={self.packed_nbytes}, bias={self.bias is not None}")
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + (f", activation={self.activation}" if self.activation else "")
+
