@@ -281,7 +281,11 @@ def save(sparse_model: nn.Module, path: "str | os.PathLike") -> dict:
     if not isinstance(sparse_model, nn.Module):
         raise TypeError(f"sparse_model must be an nn.Module, got {type(sparse_model).__name__}")
     tensors, layers, dense, aliases = _collect(sparse_model)
-    body = {"layers": layers, "dense": dense, "aliases": aliases, "model": _model_ref(sparse_model)}
+    # BatchNorms folded into the conv before them by sparsify() became nn.Identity: a
+    # fresh skeleton still has them, so the file says which to drop.
+    identities = sorted(p for p, m in sparse_model.named_modules() if p and type(m) is nn.Identity)
+    body = {"layers": layers, "dense": dense, "aliases": aliases, "identities": identities,
+            "model": _model_ref(sparse_model)}
     meta_json = json.dumps(body, sort_keys=True, separators=(",", ":"))
     metadata = {
         "format": FORMAT,
@@ -516,6 +520,9 @@ def read(path: "str | os.PathLike") -> SparseFile:
         raise m.err("", "'dense' must be a list of names")
     if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
         raise m.err("", "'aliases' must map names to names")
+    identities = body.get("identities", [])
+    if not isinstance(identities, list) or not all(isinstance(p, str) and _PATH_RE.match(p) for p in identities):
+        raise m.err("", "'identities' must be a list of module paths")
     model = body.get("model")
     if model is not None and not isinstance(model, dict):
         raise m.err("", "'model' must be an object or null")
@@ -553,7 +560,8 @@ def read(path: "str | os.PathLike") -> SparseFile:
         fv = int(meta["format_version"])
     except ValueError:  # pragma: no cover - checked in _read_header
         fv = -1
-    return SparseFile(path, layers, dense, model, str(meta.get("sparsert_version")), fv, len(data))
+    return SparseFile(path, layers, dense, model, str(meta.get("sparsert_version")), fv, len(data),
+                      extra={"identities": identities})
 
 
 # ---------------------------------------------------------------------------
@@ -654,6 +662,15 @@ def load(path: "str | os.PathLike", model: nn.Module | None = None) -> nn.Module
         except AttributeError:
             raise _fail(path, f"layer {lpath!r} of the file does not exist in the given model") from None
         _check_target(path, rec, target)
+    for ipath in f.extra["identities"]:
+        try:
+            target = model.get_submodule(ipath)
+        except AttributeError:
+            raise _fail(path, f"module {ipath!r} (folded away in the file) does not exist in the given model") from None
+        if not isinstance(target, (nn.Identity, nn.modules.batchnorm._BatchNorm)):
+            raise _fail(path, f"module {ipath!r} is folded away in the file but is a {type(target).__name__} "
+                              "(not a BatchNorm) in the model")
+        _swap(model, ipath, nn.Identity())
     for lpath, rec in f.layers.items():
         new = _build_module(rec)
         old = _swap(model, lpath, new)

@@ -368,3 +368,28 @@ def test_export_rejects_bad_inputs(tmp_path):
 
 def test_top_level_names():
     assert sparsert.save is io.save and sparsert.load is io.load and sparsert.export is io.export
+
+
+def test_batchnorm_folded_by_sparsify_loads_into_a_fresh_skeleton(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        with torch.no_grad():
+            m[1].running_mean.uniform_(-1, 1)
+            m[1].running_var.uniform_(0.5, 2)
+        return m.eval()
+
+    model = make()
+    prune_(model, 0.7)
+    x = torch.randn(2, 3, 6, 6)
+    sparse = sparsert.sparsify(model, format="csr", example_inputs=(x,))
+    assert isinstance(sparse[1], nn.Identity)
+    io.save(sparse, tmp_path / "bn.sparsert")
+    loaded = io.load(tmp_path / "bn.sparsert", make())
+    assert isinstance(loaded[1], nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+    wrong = make()
+    wrong[1] = nn.LayerNorm(8)
+    with pytest.raises(io.SparsertFileError, match="not a BatchNorm"):
+        io.load(tmp_path / "bn.sparsert", wrong)
