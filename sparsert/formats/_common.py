@@ -114,5 +114,12 @@ def as_kernel_values(values: torch.Tensor) -> torch.Tensor:
     return values.detach().to(torch.float32).contiguous()
 
 
+def check_value_dtype(dtype):
+    """``None`` (keep) or a floating dtype for stored values (``format.to(device, dtype)``)."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
+    return dtype
+
+
 def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)

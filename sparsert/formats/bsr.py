@@ -131,8 +131,11 @@ class BSR(SparseFormat):
         grid.index_put_((block_row, c.decode_indices(self.col_indices)), self.blocks, accumulate=True)
         return grid.permute(0, 2, 1, 3).reshape(nbr * r, nbc * col)[:rows, :cols].contiguous()
 
-    def to(self, device) -> "BSR":
-        return BSR(*(t.to(device) for t in (self.row_ptr, self.col_indices, self.blocks)),
+    def to(self, device, dtype=None) -> "BSR":
+        """Moves the arrays to ``device``; ``dtype`` (e.g. torch.bfloat16 for the GPU
+        kernels) converts the blocks, indices are kept."""
+        dtype = c.check_value_dtype(dtype)
+        return BSR(self.row_ptr.to(device), self.col_indices.to(device), self.blocks.to(device, dtype=dtype),
                    self.shape, self.block, _validated=True)
 
 
@@ -192,6 +195,9 @@ class CSR(SparseFormat):
         out.index_put_((row, c.decode_indices(self.col_indices)), self.values, accumulate=True)
         return out
 
-    def to(self, device) -> "CSR":
-        return CSR(*(t.to(device) for t in (self.row_ptr, self.col_indices, self.values)),
+    def to(self, device, dtype=None) -> "CSR":
+        """Moves the arrays to ``device``; ``dtype`` (e.g. torch.bfloat16 for the GPU
+        kernels) converts the values, indices are kept."""
+        dtype = c.check_value_dtype(dtype)
+        return CSR(self.row_ptr.to(device), self.col_indices.to(device), self.values.to(device, dtype=dtype),
                    self.shape, _validated=True)

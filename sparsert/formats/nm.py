@@ -113,5 +113,8 @@ class NM(SparseFormat):
             out.scatter_add_(1, c.decode_indices(self.col_indices), self.values)
         return out
 
-    def to(self, device) -> "NM":
-        return NM(self.values.to(device), self.col_indices.to(device), self.shape, self.n, self.m)
+    def to(self, device, dtype=None) -> "NM":
+        """Moves the arrays to ``device``; ``dtype`` (e.g. torch.bfloat16 for the GPU
+        kernels) converts the values, indices are kept."""
+        dtype = c.check_value_dtype(dtype)
+        return NM(self.values.to(device, dtype=dtype), self.col_indices.to(device), self.shape, self.n, self.m)

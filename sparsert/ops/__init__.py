@@ -11,6 +11,8 @@ from torch import Tensor
 from ..formats import SparseFormat
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .linear import ACTIVATIONS, activation_code, linear_bsr, linear_bsr_cpu
+if torch.cuda.is_available():  # CUDA kernels for the same ops; sparsert._C_cuda loads at the first call
+    from . import cuda as _cuda  # noqa: F401
 from .conv import ConvWeight, conv2d
 
 __all__ = ["linear", "conv2d", "ConvWeight", "get_num_threads", "set_num_threads", "num_threads"]

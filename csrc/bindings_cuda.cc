@@ -1,0 +1,128 @@
+// pybind11 bindings of the CUDA kernels: the separate module sparsert._C_cuda,
+// so the CPU module (and CPU-only users) never load the CUDA runtime. Arrays
+// arrive as raw device addresses (tensor.data_ptr()) validated by the Python
+// ops layer; the stream is torch's current stream as an integer handle. No
+// torch headers are involved. The CUDA runtime is linked statically, so
+// importing this module works on a machine without a GPU or driver (calls
+// then raise RuntimeError).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/spmm_cuda.h"
+
+namespace py = pybind11;
+namespace sc = sparsert::cuda;
+
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+sc::DType to_dtype(int code) {
+  if (code < 0 || code > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
+  return static_cast<sc::DType>(code);
+}
+
+const sc::CudaKernelInfo& find_kernel(const std::string& name) {
+  for (const auto& k : sc::kernel_registry())
+    if (k.name == name) return k;
+  throw std::invalid_argument("unknown sparsert CUDA kernel '" + name + "'");
+}
+
+sc::SpmmProblem problem(int64_t rows, int64_t cols, int block_rows, int block_cols, uintptr_t row_ptr,
+                        uintptr_t col_idx, int index_bits, uintptr_t values, uintptr_t row_order, uintptr_t x,
+                        int64_t tokens, int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t bias,
+                        int activation, int dtype) {
+  if (index_bits != 16 && index_bits != 32) throw std::invalid_argument("index_bits must be 16 or 32");
+  if (activation != 0 && activation != 1) throw std::invalid_argument("activation must be 0 or 1");
+  if (rows < 0 || cols < 0 || tokens < 0) throw std::invalid_argument("sizes must be non-negative");
+  if (block_rows < 1 || block_cols < 1) throw std::invalid_argument("block dimensions must be positive");
+  sc::SpmmProblem p;
+  p.rows = rows;
+  p.cols = cols;
+  p.block_rows = block_rows;
+  p.block_cols = block_cols;
+  p.row_ptr = reinterpret_cast<const int32_t*>(row_ptr);
+  p.col_idx = reinterpret_cast<const void*>(col_idx);
+  p.index_bits = index_bits;
+  p.values = reinterpret_cast<const void*>(values);
+  p.row_order = row_order ? reinterpret_cast<const int32_t*>(row_order) : nullptr;
+  p.x = reinterpret_cast<const void*>(x);
+  p.tokens = tokens;
+  p.x_row_stride = x_row_stride;
+  p.y = reinterpret_cast<void*>(y);
+  p.y_row_stride = y_row_stride;
+  p.bias = bias ? reinterpret_cast<const float*>(bias) : nullptr;
+  p.activation = activation;
+  p.dtype = to_dtype(dtype);
+  return p;
+}
+
+// y = act(x @ W^T + bias) on `stream` of `device`; `kernel` names a registry
+// entry or is empty to let sparsert choose. Returns the kernel's name.
+std::string spmm(int64_t rows, int64_t cols, int block_rows, int block_cols, uintptr_t row_ptr, uintptr_t col_idx,
+                 int index_bits, uintptr_t values, uintptr_t row_order, uintptr_t x, int64_t tokens,
+                 int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t bias, int activation, int dtype,
+                 int device, uintptr_t stream, const std::string& kernel) {
+  const sc::SpmmProblem p = problem(rows, cols, block_rows, block_cols, row_ptr, col_idx, index_bits, values,
+                                    row_order, x, tokens, x_row_stride, y, y_row_stride, bias, activation, dtype);
+  check(cudaSetDevice(device), "cudaSetDevice");
+  const sc::CudaKernelInfo* k = nullptr;
+  if (kernel.empty()) {
+    k = sc::select_kernel(p, device);
+  } else {
+    k = &find_kernel(kernel);
+    const std::string why = sc::check_kernel(*k, p, device);
+    if (!why.empty()) throw std::invalid_argument("kernel '" + kernel + "' cannot run this problem: " + why);
+  }
+  if (k == nullptr) throw std::invalid_argument("no CUDA kernel for this problem");
+  {
+    py::gil_scoped_release release;
+    check(sc::launch(*k, p, reinterpret_cast<cudaStream_t>(stream)), k->name.c_str());
+  }
+  return k->name;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "sparsert CUDA kernels (torch-free)";
+  m.def("kernels", [] {
+    py::list out;
+    for (const auto& k : sc::kernel_registry()) {
+      py::dict d;
+      d["name"] = k.name;
+      d["kind"] = k.kind;
+      d["dtype"] = sc::dtype_name(k.dtype);
+      d["block"] = py::make_tuple(k.block_rows, k.block_cols);
+      d["token_tile"] = k.token_tile;
+      out.append(d);
+    }
+    return out;
+  }, "Every CUDA kernel in this build: name, kind, dtype, block (0, 0 = any) and token tile.");
+  m.def("device_count", [] {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+  }, "CUDA devices this module's runtime sees (0 without a GPU or driver).");
+  m.def("select_kernel", [](int64_t rows, int64_t cols, int block_rows, int block_cols, int index_bits, int64_t tokens,
+                            int dtype, uintptr_t values, uintptr_t x, int64_t x_row_stride, int device) {
+    sc::SpmmProblem p = problem(rows, cols, block_rows, block_cols, 0, 0, index_bits, values, 0, x, tokens,
+                                x_row_stride, 0, 0, 0, 0, dtype);
+    const auto* k = sc::select_kernel(p, device);
+    return k ? k->name : std::string();
+  }, py::arg("rows"), py::arg("cols"), py::arg("block_rows"), py::arg("block_cols"), py::arg("index_bits"),
+     py::arg("tokens"), py::arg("dtype"), py::arg("values") = 0, py::arg("x") = 0, py::arg("x_row_stride") = 0,
+     py::arg("device") = 0, "The kernel spmm() would pick for this problem.");
+  m.def("spmm", &spmm, py::arg("rows"), py::arg("cols"), py::arg("block_rows"), py::arg("block_cols"),
+        py::arg("row_ptr"), py::arg("col_idx"), py::arg("index_bits"), py::arg("values"), py::arg("row_order"),
+        py::arg("x"), py::arg("tokens"), py::arg("x_row_stride"), py::arg("y"), py::arg("y_row_stride"),
+        py::arg("bias"), py::arg("activation"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        py::arg("kernel") = "",
+        "y = act(x @ W^T + bias) for block-sparse W given as raw device addresses, launched on `stream`; "
+        "returns the kernel used.");
+}

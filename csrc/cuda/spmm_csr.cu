@@ -1,0 +1,152 @@
+// CSR SpMM (1x1 blocks), fp32 / fp16 / bf16 with fp32 accumulation.
+//
+// The techniques of Sputnik (Gale et al., SC'20), adapted to y = x W^T with
+// few tokens (the decode case this kernel is for):
+//  - x is staged transposed in shared memory, TT tokens per stage, so the
+//    TT values one nonzero multiplies are contiguous: one vector load
+//    (LDS.32/64/128) per nonzero instead of TT scattered gathers;
+//  - index pre-scaling: a column index is multiplied by TT once, as it is
+//    loaded, into the shared-memory offset the inner loop uses directly;
+//  - row swizzle load balancing: warps visit rows in the order `row_order`
+//    (longest first, computed once per weight by the caller), so the rows a
+//    block's warps run concurrently have similar lengths and the grid-stride
+//    loop hands out the long rows first;
+//  - one warp per row: lanes stride the row's nonzeros (coalesced value and
+//    index loads), then a butterfly reduction per token.
+// The grid is (token stages) x (row groups); blocks loop over both, so any
+// token count works. Shared memory holds cols * TT elements.
+#include "common.cuh"
+#include "spmm_internal.cuh"
+
+#include <algorithm>
+
+namespace sparsert {
+namespace cuda {
+namespace {
+
+constexpr int kCsrThreads = 256;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N >= 16 ? 16 : sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T, int TT, typename Idx>
+__global__ void __launch_bounds__(kCsrThreads) spmm_csr_kernel(SpmmProblem p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* xs = reinterpret_cast<T*>(smem_raw);  // [cols][TT]
+  const int cols = static_cast<int>(p.cols);
+  const int rows = static_cast<int>(p.rows);
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ values = static_cast<const T*>(p.values);
+  const Idx* __restrict__ col_idx = static_cast<const Idx*>(p.col_idx);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
+  const int64_t stages = (p.tokens + TT - 1) / TT;
+
+  for (int64_t stage = blockIdx.x; stage < stages; stage += gridDim.x) {
+    const int64_t t0 = stage * TT;
+    const int nt = static_cast<int>(p.tokens - t0 < TT ? p.tokens - t0 : TT);
+    __syncthreads();  // every warp is done reading the previous stage
+    // Coalesced reads along x's rows, transposed writes: xs[k * TT + j] = x[t0 + j, k].
+    for (int i = threadIdx.x; i < cols * TT; i += blockDim.x) {
+      const int j = i / cols;
+      const int k = i - j * cols;
+      xs[k * TT + j] = j < nt ? x[(t0 + j) * p.x_row_stride + k] : from_f32<T>(0.0f);
+    }
+    __syncthreads();
+
+    const int first = static_cast<int>(blockIdx.y) * warps + warp;
+    const int step = static_cast<int>(gridDim.y) * warps;
+    for (int w = first; w < rows; w += step) {  // warp-uniform
+      const int r = p.row_order != nullptr ? p.row_order[w] : w;
+      const int begin = p.row_ptr[r], end = p.row_ptr[r + 1];
+      float acc[TT];
+#pragma unroll
+      for (int j = 0; j < TT; ++j) acc[j] = 0.0f;
+      for (int q = begin + lane; q < end; q += 32) {
+        const int offset = IndexLoad<Idx>::load(col_idx + q) * TT;  // pre-scaled index
+        const float v = to_f32(values[q]);
+        const Vec<T, TT> xv = *reinterpret_cast<const Vec<T, TT>*>(xs + offset);
+#pragma unroll
+        for (int j = 0; j < TT; ++j) acc[j] = fmaf(v, to_f32(xv.v[j]), acc[j]);
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+        for (int j = 0; j < TT; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+      }
+      float out = acc[0];
+#pragma unroll
+      for (int j = 1; j < TT; ++j) out = lane == j ? acc[j] : out;
+      if (lane < nt) y[(t0 + lane) * p.y_row_stride + r] = from_f32<T>(epilogue(out, p.bias, r, p.activation));
+    }
+  }
+}
+
+int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess) return 0;
+  return value;
+}
+
+template <typename T, int TT, typename Idx>
+cudaError_t launch_t(const SpmmProblem& p, cudaStream_t stream) {
+  const auto kernel = spmm_csr_kernel<T, TT, Idx>;
+  const int64_t smem = csr_smem_bytes(p, TT);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kCsrThreads, static_cast<size_t>(smem));
+  if (err != cudaSuccess) return err;
+  const int sms = std::max(1, device_attribute(cudaDevAttrMultiProcessorCount));
+  const int64_t target = static_cast<int64_t>(sms) * std::max(1, std::min(per_sm, 2));
+  const int64_t stages = ceil_div(p.tokens, TT);
+  const int64_t row_groups = ceil_div(p.rows, kCsrThreads / 32);
+  const int64_t gx = std::min<int64_t>(stages, target);
+  const int64_t gy = std::min<int64_t>({row_groups, std::max<int64_t>(1, target / gx), 65535});
+  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kCsrThreads, static_cast<size_t>(smem),
+           stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, typename Idx>
+cudaError_t launch_tile(const SpmmProblem& p, int token_tile, cudaStream_t stream) {
+  switch (token_tile) {
+    case 1: return launch_t<T, 1, Idx>(p, stream);
+    case 2: return launch_t<T, 2, Idx>(p, stream);
+    case 4: return launch_t<T, 4, Idx>(p, stream);
+    case 8: return launch_t<T, 8, Idx>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t launch_index(const SpmmProblem& p, int token_tile, cudaStream_t stream) {
+  return p.index_bits == 16 ? launch_tile<T, uint16_t>(p, token_tile, stream)
+                            : launch_tile<T, int32_t>(p, token_tile, stream);
+}
+
+}  // namespace
+
+int64_t csr_smem_bytes(const SpmmProblem& p, int token_tile) {
+  return p.cols * token_tile * dtype_size(p.dtype);
+}
+
+cudaError_t launch_csr(const SpmmProblem& p, int token_tile, cudaStream_t stream) {
+  if (p.block_rows != 1 || p.block_cols != 1 || p.rows > 0x7fffffff || p.cols > 0x7fffffff)
+    return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::f32: return launch_index<float>(p, token_tile, stream);
+    case DType::f16: return launch_index<__half>(p, token_tile, stream);
+    case DType::bf16: return launch_index<__nv_bfloat16>(p, token_tile, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace sparsert
