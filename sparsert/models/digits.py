@@ -168,7 +168,7 @@ def _trained(kind: str, seed: int, epochs: int) -> nn.Module:
     return train(model, load_data(), epochs, seed=seed)
 
 
-def train_mlp(seed: int = 0, epochs: int = 40) -> DigitsMLP:
+def train_mlp(seed: int = 0, epochs: int = 60) -> DigitsMLP:
     """A trained :class:`DigitsMLP` (fresh copy of an in-process cached model)."""
     return copy.deepcopy(_trained("mlp", int(seed), int(epochs)))
 
