@@ -251,16 +251,20 @@ static void pointwise_run(const BlockSparseMatrix& w, const ConvShape& sh, const
   }
 }
 
-// Geometry of the zero-padded, phase-split input copy.
+// Geometry of the zero-padded, phase-split input copy. Only the stride
+// phases some tap reads are stored (a 1x1 stride-2 convolution keeps one
+// quarter of the input), in slots [0, slots).
 struct PhaseLayout {
   int64_t hq, wq, plane;  // rows, columns, floats of one channel of one phase
-  int64_t phases;         // stride_h * stride_w
+  int64_t slots;          // stored phases
+  std::vector<int> slot;  // phase (py * stride_w + px) -> slot, or -1
+  // xq offset of flattened weight column k, for a group's first channel.
   int64_t offset(const ConvShape& sh, int64_t cin, int64_t k) const {
     const int64_t taps = static_cast<int64_t>(sh.kernel_h) * sh.kernel_w;
     const int64_t ci = k / taps, t = k % taps;
     const int64_t ry = (t / sh.kernel_w) * sh.dilation_h, rx = (t % sh.kernel_w) * sh.dilation_w;
     const int64_t phase = (ry % sh.stride_h) * sh.stride_w + rx % sh.stride_w;
-    return (phase * cin + ci) * plane + (ry / sh.stride_h) * wq + rx / sh.stride_w;
+    return (slot[phase] * cin + ci) * plane + (ry / sh.stride_h) * wq + rx / sh.stride_w;
   }
 };
 
@@ -270,7 +274,13 @@ inline PhaseLayout phase_layout(const ConvShape& sh) {
   l.hq = (hp + sh.stride_h - 1) / sh.stride_h;
   l.wq = (wp + sh.stride_w - 1) / sh.stride_w;
   l.plane = l.hq * l.wq;
-  l.phases = static_cast<int64_t>(sh.stride_h) * sh.stride_w;
+  l.slot.assign(static_cast<size_t>(sh.stride_h) * sh.stride_w, -1);
+  for (int ky = 0; ky < sh.kernel_h; ++ky)
+    for (int kx = 0; kx < sh.kernel_w; ++kx)
+      l.slot[((ky * sh.dilation_h) % sh.stride_h) * sh.stride_w + (kx * sh.dilation_w) % sh.stride_w] = 0;
+  l.slots = 0;
+  for (int& sl : l.slot)
+    if (sl == 0) sl = static_cast<int>(l.slots++);
   return l;
 }
 
@@ -278,10 +288,13 @@ inline PhaseLayout phase_layout(const ConvShape& sh) {
 inline void build_phases(const ConvShape& sh, const PhaseLayout& l, const float* x, float* xq,
                          int threads) {
   const int64_t C = sh.in_channels, H = sh.height, W = sh.width;
-  const int64_t jobs = l.phases * C;
+  std::vector<int64_t> phase_of(l.slots);
+  for (size_t ph = 0; ph < l.slot.size(); ++ph)
+    if (l.slot[ph] >= 0) phase_of[l.slot[ph]] = static_cast<int64_t>(ph);
+  const int64_t jobs = l.slots * C;
   parallel_run(threads, [&](int tid, int nt) {
     for (int64_t job = jobs * tid / nt; job < jobs * (tid + 1) / nt; ++job) {
-      const int64_t phase = job / C, c = job % C;
+      const int64_t phase = phase_of[job / C], c = job % C;
       const int64_t py = phase / sh.stride_w, px = phase % sh.stride_w;
       const float* src = x + c * H * W;
       float* dst = xq + job * l.plane;
@@ -324,16 +337,17 @@ static void conv_run(const BlockSparseMatrix& w, const ConvShape& sh, const Conv
   const int32_t* row_ptr = w.row_ptr;
   const float* values = w.values;
   const int64_t nblocks = w.row_ptr[w.block_row_count()];
+  static thread_local std::vector<int32_t> table;  // column k -> offset
+  table.resize(sh.patch());
+  for (int64_t k = 0; k < sh.patch(); ++k) table[k] = static_cast<int32_t>(l.offset(sh, sh.in_channels, k));
   if constexpr (C == 1) {
     const auto* col_idx = static_cast<const Idx*>(w.col_idx);
     offs.resize(nblocks);
-    for (int64_t b = 0; b < nblocks; ++b)
-      offs[b] = static_cast<int32_t>(l.offset(sh, sh.in_channels, col_idx[b]));
+    for (int64_t b = 0; b < nblocks; ++b) offs[b] = table[col_idx[b]];
   } else {
     expand_blocks<R, C, Idx>(w, row_ptr_x, ks, values_x);
     offs.resize(ks.size());
-    for (size_t e = 0; e < ks.size(); ++e)
-      offs[e] = static_cast<int32_t>(l.offset(sh, sh.in_channels, ks[e]));
+    for (size_t e = 0; e < ks.size(); ++e) offs[e] = table[ks[e]];
     row_ptr = row_ptr_x.data();
     values = values_x.data();
   }
@@ -342,9 +356,9 @@ static void conv_run(const BlockSparseMatrix& w, const ConvShape& sh, const Conv
   // inside the buffer (those lanes land in dropped columns).
   const int64_t flat = sh.out_h() * l.wq;
   const int64_t ntiles = (flat + P - 1) / P;
-  const int64_t planes = l.phases * sh.in_channels * l.plane;
-  // An upper bound of every tap offset: last phase, last channel, last tap row/column.
-  const int64_t max_off = (l.phases - 1) * sh.in_channels * l.plane + (cin_g - 1) * l.plane +
+  const int64_t planes = l.slots * sh.in_channels * l.plane;
+  // An upper bound of every tap offset: last slot, last channel, last tap row/column.
+  const int64_t max_off = (l.slots - 1) * sh.in_channels * l.plane + (cin_g - 1) * l.plane +
                                  ((sh.kernel_h - 1) * sh.dilation_h / sh.stride_h) * l.wq +
                                  (sh.kernel_w - 1) * sh.dilation_w / sh.stride_w;
   const int64_t reach = (sh.groups - 1) * cin_g * l.plane + max_off + ntiles * P;
