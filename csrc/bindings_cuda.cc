@@ -71,12 +71,11 @@ std::string spmm(int64_t rows, int64_t cols, int block_rows, int block_cols, uin
                  int device, uintptr_t stream, const std::string& kernel) {
   const sc::SpmmProblem p = problem(rows, cols, block_rows, block_cols, row_ptr, col_idx, index_bits, values,
                                     row_order, x, tokens, x_row_stride, y, y_row_stride, bias, activation, dtype);
+  const sc::CudaKernelInfo* k = kernel.empty() ? nullptr : &find_kernel(kernel);
   check(cudaSetDevice(device), "cudaSetDevice");
-  const sc::CudaKernelInfo* k = nullptr;
-  if (kernel.empty()) {
+  if (k == nullptr) {
     k = sc::select_kernel(p, device);
   } else {
-    k = &find_kernel(kernel);
     const std::string why = sc::check_kernel(*k, p, device);
     if (!why.empty()) throw std::invalid_argument("kernel '" + kernel + "' cannot run this problem: " + why);
   }

@@ -3,19 +3,20 @@
 #define SPARSERT_ISA avx2
 #define SPARSERT_VEC_FLOATS 8
 #define SPARSERT_TARGET "avx2,fma"
+#define SPARSERT_TRANSPOSE_AVX2 1
 #include "spmm_impl.h"
 
 namespace sparsert {
 namespace avx2 {
 
 void register_kernels(std::vector<KernelInfo>& out) {
-  //        R  C  RT NV S      panel = NV * 8 tokens
-  add_tile<1, 1, 1, 8, 1>(out);   // csr: 8 accumulators over 64 tokens
-  add_tile<1, 4, 1, 4, 2>(out);   // 1x4
-  add_tile<4, 1, 4, 2, 1>(out);   // 4x1: 4 rows x 16 tokens
-  add_tile<8, 1, 4, 2, 1>(out);   // 8x1 as two 4-row passes
-  add_tile<16, 1, 4, 2, 1>(out);  // 16x1 as four 4-row passes
-  add_tile<4, 4, 4, 2, 1>(out);   // 4x4
+  //        R   C  RT NVMAX     panel = NV * 8 tokens, NV <= NVMAX chosen per call
+  add_tile<1, 1, 1, 8>(out);    // csr: up to 8 accumulators over 64 tokens
+  add_tile<1, 4, 1, 4>(out);    // 1x4
+  add_tile<4, 1, 4, 2>(out);    // 4x1: 4 rows x 16 tokens
+  add_tile<8, 1, 4, 2>(out);    // 8x1 as two 4-row passes
+  add_tile<16, 1, 4, 2>(out);   // 16x1 as four 4-row passes
+  add_tile<4, 4, 4, 2>(out);    // 4x4
 }
 
 }  // namespace avx2

@@ -28,6 +28,10 @@
 #include "sparsert/spmm.h"
 #include "../runtime/thread_pool.h"
 
+#if defined(SPARSERT_TRANSPOSE_AVX2)
+#include <immintrin.h>
+#endif
+
 // The ISA is switched on with a pragma *after* every header, instead of with
 // -mavx2 on the command line: otherwise std:: templates instantiated here
 // (vector, function, ...) would be compiled for AVX2/AVX-512 and the linker
@@ -80,6 +84,50 @@ struct Scratch {
   }
   ~Scratch() { std::free(data); }
 };
+
+// Copies an 8 x 8 block: dst[j * dst_stride + i] = src[i * src_stride + j].
+static inline void transpose8x8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+#if defined(SPARSERT_TRANSPOSE_AVX2)
+  __m256 r0 = _mm256_loadu_ps(src + 0 * src_stride), r1 = _mm256_loadu_ps(src + 1 * src_stride);
+  __m256 r2 = _mm256_loadu_ps(src + 2 * src_stride), r3 = _mm256_loadu_ps(src + 3 * src_stride);
+  __m256 r4 = _mm256_loadu_ps(src + 4 * src_stride), r5 = _mm256_loadu_ps(src + 5 * src_stride);
+  __m256 r6 = _mm256_loadu_ps(src + 6 * src_stride), r7 = _mm256_loadu_ps(src + 7 * src_stride);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst + 0 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + 1 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x31));
+#else
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+#endif
+}
+
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols,
+// in 8 x 8 blocks with scalar edges.
+static inline void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols,
+                             float* dst, int64_t dst_stride) {
+  const int64_t rows8 = rows / 8 * 8, cols8 = cols / 8 * 8;
+  for (int64_t i = 0; i < rows8; i += 8) {
+    for (int64_t j = 0; j < cols8; j += 8)
+      transpose8x8(src + i * src_stride + j, src_stride, dst + j * dst_stride + i, dst_stride);
+    for (int64_t j = cols8; j < cols; ++j)
+      for (int64_t ii = i; ii < i + 8; ++ii) dst[j * dst_stride + ii] = src[ii * src_stride + j];
+  }
+  for (int64_t i = rows8; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+}
 
 // Splits block rows [0, block_rows) into `parts` contiguous ranges with about
 // equal cost, where a block row costs its block count plus a fixed overhead.
@@ -170,27 +218,20 @@ static inline void spmm_tile(const int32_t* row_ptr, const Idx* col_idx, const f
 // filling tokens past `tokens` and columns past `cols`.
 template <int P>
 static void pack_panel(const float* x, int64_t tokens, int64_t x_row_stride, int64_t cols,
-                       int64_t cols_padded, int64_t t0, int64_t k_begin, int64_t k_end,
-                       float* xp) {
+                       int64_t t0, int64_t k_begin, int64_t k_end, float* xp) {
   const int64_t valid = std::min<int64_t>(P, tokens - t0);
-  // Walk k in chunks so the strided reads of `valid` token rows stay in cache
-  // and every write is a whole vector.
-  constexpr int64_t kChunk = 64;
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kChunk) {
-    const int64_t k1 = std::min(k_end, k0 + kChunk);
-    for (int64_t k = k0; k < k1; ++k) {
-      float* dst = xp + k * P;
-      if (k >= cols) {
-        std::memset(dst, 0, sizeof(float) * P);
-        continue;
-      }
-      const float* src = x + t0 * x_row_stride + k;
-      int64_t t = 0;
-      for (; t < valid; ++t) dst[t] = src[t * x_row_stride];
-      for (; t < P; ++t) dst[t] = 0.0f;
-    }
+  const int64_t k_real_end = std::min(k_end, cols);
+  if (k_begin < k_real_end) {
+    // xp[k][t] = x[t0 + t][k]: a transpose of the valid tokens ...
+    transpose(x + t0 * x_row_stride + k_begin, x_row_stride, valid, k_real_end - k_begin,
+              xp + k_begin * P, P);
+    // ... with the tokens past the end zeroed.
+    if (valid < P)
+      for (int64_t k = k_begin; k < k_real_end; ++k)
+        std::memset(xp + k * P + valid, 0, sizeof(float) * (P - valid));
   }
-  (void)cols_padded;
+  // Columns past the matrix edge (padding of edge blocks) are zero.
+  for (int64_t k = std::max(k_begin, cols); k < k_end; ++k) std::memset(xp + k * P, 0, sizeof(float) * P);
 }
 
 template <int R, int C, int RT, int NV, int S, typename Idx>
@@ -213,8 +254,7 @@ static void spmm_run(const BlockSparseMatrix& w, const SpmmArgs& a) {
     for (int64_t p = begin / cols_padded; p < panels && p * cols_padded < end; ++p) {
       const int64_t kb = std::max<int64_t>(begin - p * cols_padded, 0);
       const int64_t ke = std::min<int64_t>(end - p * cols_padded, cols_padded);
-      pack_panel<P>(a.x, a.tokens, a.x_row_stride, w.cols, cols_padded, p * P, kb, ke,
-                    xp + p * cols_padded * P);
+      pack_panel<P>(a.x, a.tokens, a.x_row_stride, w.cols, p * P, kb, ke, xp + p * cols_padded * P);
     }
   });
 
@@ -251,11 +291,7 @@ static void spmm_run(const BlockSparseMatrix& w, const SpmmArgs& a) {
         // Transpose the chunk (rows x P) into y (tokens x rows).
         const int64_t row0 = br0 * R;
         const int64_t nrows = std::min<int64_t>(br1 * R, w.rows) - row0;
-        for (int64_t t = 0; t < valid_tokens; ++t) {
-          float* dst = a.y + (t0 + t) * a.y_row_stride + row0;
-          const float* src = tile + t;
-          for (int64_t r = 0; r < nrows; ++r) dst[r] = src[r * P];
-        }
+        transpose(tile, P, nrows, valid_tokens, a.y + t0 * a.y_row_stride + row0, a.y_row_stride);
       }
     }
   });
@@ -338,9 +374,44 @@ static void by_index(const BlockSparseMatrix& w, const SpmmArgs& a) {
   if (w.index_bits == 16) F16(w, a); else F32(w, a);
 }
 
-template <int R, int C, int RT, int NV, int S>
+#ifndef SPARSERT_MIN_CHAINS
+// Independent accumulators needed to hide FMA latency (2 pipes x 4 cycles).
+#define SPARSERT_MIN_CHAINS 8
+#endif
+
+// Accumulator sets for an RT x NV tile: enough chains, at most 4 sets.
+constexpr int sets_for(int rt, int nv) {
+  return rt * nv >= SPARSERT_MIN_CHAINS ? 1 : (SPARSERT_MIN_CHAINS / (rt * nv) > 4 ? 4 : SPARSERT_MIN_CHAINS / (rt * nv));
+}
+
+// The panel width (NV vectors, a power of two up to nv_max) for this many
+// tokens: padded tokens cost work, narrow panels cost a weight broadcast and
+// an index load per NV vectors; pick the cheapest, the wider on ties.
+inline int choose_nv(int64_t tokens, int nv_max) {
+  int best = 1;
+  double best_cost = 0;
+  for (int nv = 1; nv <= nv_max; nv *= 2) {
+    const int64_t p = static_cast<int64_t>(nv) * VW;
+    const double padded = static_cast<double>((tokens + p - 1) / p * p);
+    const double cost = padded * (1.0 + 1.0 / nv);
+    if (nv == 1 || cost <= best_cost) best = nv, best_cost = cost;
+  }
+  return best;
+}
+
+template <int R, int C, int RT, int NVMAX, typename Idx>
+static void spmm_any_width(const BlockSparseMatrix& w, const SpmmArgs& a) {
+  switch (choose_nv(a.tokens, NVMAX)) {
+    case 1: return spmm_run<R, C, RT, 1, sets_for(RT, 1), Idx>(w, a);
+    case 2: if constexpr (NVMAX >= 2) return spmm_run<R, C, RT, 2, sets_for(RT, 2), Idx>(w, a); break;
+    case 4: if constexpr (NVMAX >= 4) return spmm_run<R, C, RT, 4, sets_for(RT, 4), Idx>(w, a); break;
+    case 8: if constexpr (NVMAX >= 8) return spmm_run<R, C, RT, 8, sets_for(RT, 8), Idx>(w, a); break;
+  }
+}
+
+template <int R, int C, int RT, int NVMAX>
 static void spmm_kernel(const BlockSparseMatrix& w, const SpmmArgs& a) {
-  by_index<spmm_run<R, C, RT, NV, S, uint16_t>, spmm_run<R, C, RT, NV, S, int32_t>>(w, a);
+  by_index<spmm_any_width<R, C, RT, NVMAX, uint16_t>, spmm_any_width<R, C, RT, NVMAX, int32_t>>(w, a);
 }
 
 template <int R, int C>
@@ -365,13 +436,13 @@ inline std::string tile_name(int r, int c) {
                           : "bsr" + std::to_string(r) + "x" + std::to_string(c);
 }
 
-// Registers the spmm kernel (register tile RT x NV vectors, S accumulator
-// sets) and the spmv kernel for R x C blocks.
-template <int R, int C, int RT, int NV, int S>
+// Registers the spmm kernel (register tiles of RT rows x up to NVMAX
+// vectors of tokens) and the spmv kernel for R x C blocks.
+template <int R, int C, int RT, int NVMAX>
 void add_tile(std::vector<KernelInfo>& out) {
   const std::string isa = SPARSERT_STR(SPARSERT_ISA);
   out.push_back({"f32_spmm_" + tile_name(R, C) + "_" + isa, isa, "spmm", R, C,
-                 &spmm_kernel<R, C, RT, NV, S>});
+                 &spmm_kernel<R, C, RT, NVMAX>});
   out.push_back({"f32_spmv_" + tile_name(R, C) + "_" + isa, isa, "spmv", R, C,
                  &spmv_kernel<R, C>});
 }

@@ -8,13 +8,13 @@ namespace sparsert {
 namespace scalar {
 
 void register_kernels(std::vector<KernelInfo>& out) {
-  //        R  C  RT NV S      panel = NV * 4 tokens
-  add_tile<1, 1, 1, 4, 2>(out);
-  add_tile<1, 4, 1, 4, 2>(out);
-  add_tile<4, 1, 4, 2, 1>(out);
-  add_tile<8, 1, 4, 2, 1>(out);
-  add_tile<16, 1, 4, 2, 1>(out);
-  add_tile<4, 4, 4, 2, 1>(out);
+  //        R   C  RT NVMAX     panel = NV * 4 tokens, NV <= NVMAX chosen per call
+  add_tile<1, 1, 1, 4>(out);
+  add_tile<1, 4, 1, 4>(out);
+  add_tile<4, 1, 4, 2>(out);
+  add_tile<8, 1, 4, 2>(out);
+  add_tile<16, 1, 4, 2>(out);
+  add_tile<4, 4, 4, 2>(out);
 }
 
 }  // namespace scalar

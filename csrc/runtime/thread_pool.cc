@@ -1,6 +1,7 @@
 #include "thread_pool.h"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -23,8 +24,9 @@
 namespace sparsert {
 namespace {
 
-// How long an idle worker spins before it sleeps (pause instructions).
-constexpr int kSpinIterations = 1 << 15;
+// How long an idle worker spins before it sleeps. Long enough to bridge the
+// gap between two layers, short enough not to starve torch's own threads.
+constexpr auto kSpinTime = std::chrono::microseconds(200);
 
 thread_local bool tls_inside_job = false;
 
@@ -56,7 +58,11 @@ class ThreadPool {
     tls_inside_job = true;
     fn(0, num_threads);
     tls_inside_job = false;
-    while (remaining_.load(std::memory_order_acquire) != 0) SPARSERT_PAUSE();
+    // Wait for the others; yield when they take long, so an oversubscribed
+    // machine can schedule them instead of this spinning thread.
+    for (int i = 0; remaining_.load(std::memory_order_acquire) != 0; ++i) {
+      if (i < 2048) SPARSERT_PAUSE(); else std::this_thread::yield();
+    }
   }
 
  private:
@@ -75,10 +81,12 @@ class ThreadPool {
     for (;;) {
       // Spin, then sleep, until the generation moves on.
       uint64_t now = seen;
-      for (int i = 0; i < kSpinIterations; ++i) {
+      const auto spin_until = std::chrono::steady_clock::now() + kSpinTime;
+      for (int i = 0;; ++i) {
         now = generation_.load(std::memory_order_acquire);
         if (now != seen) break;
         SPARSERT_PAUSE();
+        if ((i & 63) == 63 && std::chrono::steady_clock::now() > spin_until) break;
       }
       const std::function<void(int, int)>* job;
       int job_threads;

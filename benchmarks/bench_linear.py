@@ -1,0 +1,128 @@
+"""Sparse Linear vs torch dense, torch.sparse and scipy.sparse: one table.
+
+    python benchmarks/bench_linear.py            # full table (a few minutes)
+    python benchmarks/bench_linear.py --quick    # fewer rounds
+
+fp32, 2 threads (torch and sparsert alike; scipy is single-threaded), every
+method timed round-robin in this process; speedup = torch dense time /
+method time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import sparsert  # noqa: E402
+from sparsert import ops  # noqa: E402
+from sparsert._ext import native  # noqa: E402
+from sparsert.formats import pack  # noqa: E402
+
+from harness import cpu_name, git_commit, time_methods  # noqa: E402
+
+SHAPES = [(768, 3072), (3072, 768), (4096, 4096)]  # (in_features, out_features)
+TOKENS = [1, 16, 128]
+CASES = [  # (label, sparsity, block)
+    ("0%", 0.0, None), ("50%", 0.5, None), ("70%", 0.7, None), ("80%", 0.8, None),
+    ("90%", 0.9, None), ("95%", 0.95, None), ("90% 4x1", 0.9, (4, 1)), ("90% 8x1", 0.9, (8, 1)),
+]
+
+
+def pruned_weight(out_f, in_f, sparsity, block, gen):
+    """Random weight with `sparsity` of its entries (or R x C blocks) zeroed at random."""
+    r, c = block or (1, 1)
+    nbr, nbc = -(-out_f // r), -(-in_f // c)
+    keep = torch.rand(nbr, nbc, generator=gen) >= sparsity
+    mask = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:out_f, :in_f]
+    return torch.randn(out_f, in_f, generator=gen) * mask
+
+
+def sparsert_kinds(block):
+    return ["csr"] if block is None else [f"bsr{block[0]}x{block[1]}", "csr"]
+
+
+def run(quick: bool, threads: int, shapes, tokens_list, cases):
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for in_f, out_f in shapes:
+        for label, sparsity, block in cases:
+            w = pruned_weight(out_f, in_f, sparsity, block, gen)
+            w_torch_csr = w.to_sparse_csr()
+            w_scipy = scipy.sparse.csr_matrix(w.numpy())
+            formats = {kind: pack(w, kind) for kind in sparsert_kinds(block)}
+            for tokens in tokens_list:
+                x = torch.randn(tokens, in_f, generator=gen)
+                xt = x.t().contiguous()
+                x_np = x.numpy()
+                methods = {
+                    "torch dense": lambda: F.linear(x, w),
+                    "torch.sparse csr": lambda: torch.sparse.mm(w_torch_csr, xt),
+                    "scipy csr": lambda: w_scipy @ x_np.T,
+                }
+                for kind, fmt in formats.items():
+                    methods[f"sparsert {kind}"] = (lambda f=fmt: ops.linear(x, f))
+                times = time_methods(methods, rounds=8 if quick else 25)
+                dense = times["torch dense"]
+                for name, t in times.items():
+                    rows.append(dict(shape=f"{in_f}->{out_f}", tokens=tokens, case=label, method=name,
+                                     ms=t * 1e3, speedup=dense / t))
+                best = max((r for r in rows[-len(times):] if r["method"].startswith("sparsert")),
+                           key=lambda r: r["speedup"])
+                tsp = times["torch.sparse csr"]
+                print(f"{in_f:>4}->{out_f:<4} T={tokens:<3} {label:<8} dense {dense*1e3:8.3f} ms | "
+                      + " | ".join(f"{n.replace('sparsert ', '')} {dense / t:5.2f}x" for n, t in times.items()
+                                   if n != "torch dense")
+                      + f" | best/torch.sparse {tsp / (best['ms'] / 1e3):5.2f}x", flush=True)
+    return rows
+
+
+def markdown(rows, threads):
+    methods = []
+    for r in rows:
+        if r["method"] not in methods and r["method"] != "torch dense":
+            methods.append(r["method"])
+    lines = [f"| shape | tokens | sparsity | torch dense (ms) | " + " | ".join(methods) + " |",
+             "|---|---|---|---|" + "---|" * len(methods)]
+    key = lambda r: (r["shape"], r["tokens"], r["case"])  # noqa: E731
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(key(r), {})[r["method"]] = r
+    for (shape, tokens, case), g in groups.items():
+        cells = [f"{g[m]['speedup']:.2f}x" if m in g else "" for m in methods]
+        lines.append(f"| {shape} | {tokens} | {case} | {g['torch dense']['ms']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer timing rounds")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--markdown", type=Path, help="also write the table as markdown here")
+    args = parser.parse_args(argv)
+    print(f"sparsert {sparsert.__version__} | {cpu_name()} | ISA {native().best_isa()} | "
+          f"torch {torch.__version__} | {args.threads} threads | commit {git_commit()}")
+    rows = run(args.quick, args.threads, SHAPES, TOKENS, CASES)
+    table = markdown(rows, args.threads)
+    print()
+    print(table)
+    if args.markdown:
+        header = (f"Date {datetime.date.today()}, CPU {cpu_name()}, ISA {native().best_isa()}, "
+                  f"torch {torch.__version__}, {args.threads} threads, commit {git_commit()}.\n"
+                  f"Command: `python benchmarks/bench_linear.py{' --quick' if args.quick else ''}`. "
+                  "Cells are speedups over torch dense F.linear in the same run (higher is better).\n\n")
+        args.markdown.write_text(header + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
