@@ -30,7 +30,7 @@ from ..formats import SparseFormat
 from ._threads import get_num_threads
 from .linear import _check_arrays, _dense_weight
 
-__all__ = ["ConvWeight", "conv2d", "conv2d_bsr", "conv2d_bsr_cpu", "CONV_ACTIVATIONS"]
+__all__ = ["ConvWeight", "conv2d", "conv2d_bsr", "conv2d_bsr_cpu", "conv2d_bsr_torch", "CONV_ACTIVATIONS"]
 
 #: activation name -> op code. The kernels fuse ReLU; ReLU6 is the kernel's
 #: ReLU then a clamp, GELU runs after the kernel.
@@ -104,13 +104,11 @@ def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-@torch.library.custom_op("sparsert::conv2d_bsr", mutates_args=())
-def conv2d_bsr(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_channels: int,
-               kernel_size: List[int], block_rows: int, block_cols: int, bias: Optional[Tensor],
-               stride: List[int], padding: List[int], dilation: List[int], groups: int,
-               activation: int, num_threads: int) -> Tensor:
-    """act(conv2d(x, W) + bias) for NCHW ``x`` and W given as BSR arrays over the
-    flattened weight (pure-torch default for any device)."""
+def conv2d_bsr_torch(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_channels: int,
+                     kernel_size: Sequence[int], block_rows: int, block_cols: int, bias: Optional[Tensor],
+                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                     activation: int) -> Tensor:
+    """The pure-torch path (any device): densify W and call F.conv2d."""
     kh, kw = kernel_size
     cols = x.shape[1] // groups * kh * kw
     w = _dense_weight(row_ptr, col_indices, values, out_channels, cols, block_rows, block_cols)
@@ -119,6 +117,18 @@ def conv2d_bsr(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, 
     if activation in (1, 3):
         y = torch.relu(y)
     return _apply_after(y, activation)
+
+
+@torch.library.custom_op("sparsert::conv2d_bsr", mutates_args=())
+def conv2d_bsr(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_channels: int,
+               kernel_size: List[int], block_rows: int, block_cols: int, bias: Optional[Tensor],
+               stride: List[int], padding: List[int], dilation: List[int], groups: int,
+               activation: int, num_threads: int) -> Tensor:
+    """act(conv2d(x, W) + bias) for NCHW ``x`` and W given as BSR arrays over the
+    flattened weight (pure-torch default for any device; native on CPU).
+    activation: 0 none, 1 relu, 2 gelu, 3 relu6. num_threads: 0 = sparsert's default."""
+    return conv2d_bsr_torch(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows,
+                            block_cols, bias, stride, padding, dilation, groups, activation)
 
 
 @conv2d_bsr.register_fake
