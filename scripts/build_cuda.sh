@@ -20,7 +20,9 @@ LOG="$BUILD/build_cuda.log"
 archs=()
 [ -n "${CMAKE_CUDA_ARCHITECTURES:-}" ] && archs=("-DCMAKE_CUDA_ARCHITECTURES=$CMAKE_CUDA_ARCHITECTURES")
 echo "[build_cuda] building sparsert._C_cuda in $BUILD"
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPARSERT_CUDA=ON "${archs[@]}" \
+gen=()
+command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+cmake -S . -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DSPARSERT_CUDA=ON "${archs[@]}" \
   -DPython_EXECUTABLE="$(command -v "$PY")" \
   -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" > "$LOG" 2>&1 || { cat "$LOG"; exit 1; }
 cmake --build "$BUILD" --target _C_cuda -j "$JOBS" >> "$LOG" 2>&1 || { cat "$LOG"; exit 1; }
