@@ -86,11 +86,18 @@ def _resolve(spec: str, *, allow_pt2: bool = False):
 
         import sparsert.ops  # noqa: F401  (registers the ops the program calls)
 
+        import logging
+
+        logger = logging.getLogger("torch.export")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)  # torch logs the deserialisation traceback; we say it in one line
         try:
             program = torch.export.load(str(p))
         except Exception as e:
             raise CliError(f"{spec}: cannot load the exported program ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        finally:
+            logger.setLevel(level)
         module = program.module()
         wl = examples.Workload(p.name, module, "generic")
         ex = getattr(program, "example_inputs", None)

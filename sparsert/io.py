@@ -242,8 +242,6 @@ def _collect(sparse_model: nn.Module) -> tuple[dict, dict, dict, dict]:
         if module.bias is not None:
             tensors[f"{path}{SEP}bias"] = module.bias.detach().to("cpu", torch.float32).contiguous()
         sparse_paths.append(path)
-    if not layers:
-        raise ValueError("the model has no sparse layers (SparseLinear/SparseConv2d): run sparsert.sparsify first")
     dense: list[str] = []
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -526,8 +524,6 @@ def read(path: "str | os.PathLike") -> SparseFile:
     model = body.get("model")
     if model is not None and not isinstance(model, dict):
         raise m.err("", "'model' must be an object or null")
-    if not layers_meta:
-        raise m.err("", "the file has no sparse layers")
     paths = sorted(layers_meta)
     for a, b in zip(paths, paths[1:]):
         if b.startswith(a + "."):
@@ -735,6 +731,25 @@ def summary(path: "str | os.PathLike") -> dict:
 # torch.export
 
 
+def _plain(out):
+    """Model outputs as built-in containers: a fresh process without the model's code
+    (e.g. transformers' ``ModelOutput`` classes) can still rebuild them."""
+    if isinstance(out, Mapping):
+        return {str(k): _plain(v) for k, v in out.items() if v is not None}
+    if isinstance(out, (tuple, list)):
+        return tuple(_plain(v) for v in out)
+    return out
+
+
+class _PlainOutputs(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return _plain(self.model(*args, **kwargs))
+
+
 def export(sparse_model: nn.Module, example_inputs, path: "str | os.PathLike"):
     """Exports ``sparse_model`` with ``torch.export`` to a ``.pt2`` file.
 
@@ -742,7 +757,9 @@ def export(sparse_model: nn.Module, example_inputs, path: "str | os.PathLike"):
     packed arrays as constants of the program. In a fresh process,
     ``import sparsert.ops`` (registers the ops) then ``torch.export.load(path)``
     runs it without any model code. ``example_inputs`` is a tensor, a tuple of
-    positional inputs, or a dict of keyword inputs. Returns the ExportedProgram.
+    positional inputs, or a dict of keyword inputs. Outputs become built-in
+    containers (a ``ModelOutput`` becomes a dict of its tensors), so loading
+    needs no model classes. Returns the ExportedProgram.
     """
     if not isinstance(sparse_model, nn.Module):
         raise TypeError(f"sparse_model must be an nn.Module, got {type(sparse_model).__name__}")
@@ -760,7 +777,7 @@ def export(sparse_model: nn.Module, example_inputs, path: "str | os.PathLike"):
     sparse_model.eval()
     try:
         with torch.no_grad():
-            program = torch.export.export(sparse_model, args, kwargs)
+            program = torch.export.export(_PlainOutputs(sparse_model), args, kwargs)
     finally:
         sparse_model.train(was)
     torch.export.save(program, str(path))

@@ -223,9 +223,15 @@ def test_no_skeleton_and_no_recorded_architecture_is_a_clear_error(tmp_path, mix
         io.load(tmp_path / "m.sparsert")
 
 
-def test_save_rejects_models_without_sparse_layers(tmp_path):
-    with pytest.raises(ValueError, match="no sparse layers"):
-        io.save(nn.Linear(3, 4), tmp_path / "x")
+def test_a_model_that_stayed_dense_round_trips(tmp_path):
+    # sparsify(format="auto") may keep every layer dense (tiny layers): still a valid file
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    io.save(model, tmp_path / "d.sparsert")
+    assert io.read(tmp_path / "d.sparsert").layers == {}
+    loaded = io.load(tmp_path / "d.sparsert", nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
     with pytest.raises(TypeError):
         io.save("model", tmp_path / "x")
 

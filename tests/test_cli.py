@@ -1,0 +1,166 @@
+"""The command line, driven as users drive it: ``python -m sparsert`` in a subprocess."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sparsert import io
+from sparsert.nn import SparseLinear
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("SPARSERT_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "sparsert", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=timeout)
+
+
+def one_line_error(r: subprocess.CompletedProcess, code: int, prefix: str, match: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(prefix) and match in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.weight.mul_(torch.rand_like(m.weight) < 0.2)
+    model[0] = SparseLinear.from_dense(model[0], "csr")
+    model[2] = SparseLinear.from_dense(model[2], "bsr4x1")
+    path = tmp_path_factory.mktemp("cli") / "small.sparsert"
+    io.save(model, path)
+    return path
+
+
+def test_help_and_version():
+    r = cli("--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in ("prune", "sparsify", "bench", "inspect"))
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("sparsert ")
+
+
+@pytest.mark.parametrize("args, match", [
+    ((), "the following arguments are required: COMMAND"),
+    (("frobnicate",), "invalid choice: 'frobnicate'"),
+    (("prune", "digits-mlp", "--sparsity", "1.5", "-o", "x"), "--sparsity: must be in [0, 1), got 1.5"),
+    (("prune", "digits-mlp"), "the following arguments are required: -o/--output"),
+    (("bench", "x", "--threads", "0"), "--threads: must be a positive integer, got 0"),
+    (("inspect",), "the following arguments are required: FILE"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, match):
+    one_line_error(cli(*args), 2, "sparsert", match)
+
+
+def test_inspect_text_and_json(small_file):
+    r = cli("inspect", small_file)
+    assert r.returncode == 0, r.stderr
+    assert "csr" in r.stdout and "bsr4x1" in r.stdout and "smaller" in r.stdout
+    r = cli("inspect", small_file, "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    want = io.summary(small_file)
+    assert data["file_bytes"] == want["file_bytes"] == small_file.stat().st_size
+    assert [(l["layer"], l["kind"], l["bytes"]) for l in data["layers"]] == \
+        [(l["layer"], l["kind"], l["bytes"]) for l in want["layers"]]
+
+
+def test_bad_files_exit_1_with_one_line(tmp_path, small_file):
+    raw = small_file.read_bytes()
+    (tmp_path / "trunc.sparsert").write_bytes(raw[: len(raw) // 2])
+    one_line_error(cli("inspect", tmp_path / "trunc.sparsert"), 1, "sparsert inspect: error:", "truncated")
+    flipped = bytearray(raw)
+    flipped[-5] ^= 0xFF
+    (tmp_path / "flip.sparsert").write_bytes(bytes(flipped))
+    one_line_error(cli("inspect", tmp_path / "flip.sparsert"), 1, "sparsert inspect: error:", "checksum mismatch")
+    one_line_error(cli("inspect", tmp_path / "missing.sparsert"), 1, "sparsert inspect: error:", "no such file")
+    one_line_error(cli("sparsify", "no-such-model", "-o", tmp_path / "o.sparsert"), 1,
+                   "sparsert sparsify: error:", "is not a built-in example")
+    one_line_error(cli("bench", small_file), 1, "sparsert bench: error:", "does not say how to build the model")
+    one_line_error(cli("prune", "digits-mlp", "--pattern", "3:2", "-o", tmp_path / "x.sparsert"), 1,
+                   "sparsert prune: error:", "--pattern '3:2'")
+    one_line_error(cli("prune", "digits-mlp", "-o", tmp_path / "nodir" / "x.sparsert"), 1,
+                   "sparsert prune: error:", "does not exist")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hf") / "tiny-bert"
+    transformers.BertModel(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_prune_sparsify_bench_export_on_a_hugging_face_directory(tmp_path, hf_dir):
+    pruned, fast, program = tmp_path / "p.sparsert", tmp_path / "f.sparsert", tmp_path / "f.pt2"
+    r = cli("prune", hf_dir, "--sparsity", "0.8", "--pattern", "4x1", "--exclude", "pooler", "-o", pruned, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(r.stdout)
+    assert data["format"] == "bsr4x1" and 0.75 < data["sparsity"] < 0.85
+    assert 0.0 < data["quality_after"]["cosine"] <= 1.0 + 1e-6
+    assert data["file_bytes"] == pruned.stat().st_size
+    loaded = io.load(pruned)  # the architecture comes from the stored config
+    assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == 6  # Q, K, V, attention output, FFN in, FFN out
+
+    # --min-speedup 0.01: take the fastest sparse format even where tiny layers gain nothing
+    r = cli("sparsify", pruned, "--example-shape", "2x16", "--threads", "1", "--min-speedup", "0.01", "-o", fast,
+            "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads(r.stdout)["plan"]
+    assert len(plan) == 6 and all(d["chosen"] != "dense" for d in plan)
+    assert len(io.read(fast).layers) == 6
+
+    r = cli("bench", pruned, "--example-shape", "2x16", "--threads", "1", "--repeats", "3", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    bench = json.loads(r.stdout)
+    assert bench["threads"] == 1 and bench["dense"]["calls"] >= 3 and bench["speedup"] > 0
+    assert any(l["format"] == "bsr4x1" for l in bench["layers"])
+
+    r = cli("sparsify", pruned, "--example-shape", "2x16", "--format", "csr", "-o", program, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["output"]["sparsert_ops"] == 6
+    r = cli("bench", program, "--dense", hf_dir, "--threads", "1", "--repeats", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "speedup" in r.stdout
+    one_line_error(cli("prune", program, "-o", tmp_path / "x.sparsert"), 1, "sparsert prune: error:",
+                   "can only be benchmarked")
+
+
+def test_prune_a_built_in_example_with_fine_tuning_and_calibration_file(tmp_path):
+    from sparsert.models import digits
+
+    d = digits.load_data()
+    import numpy as np
+
+    np.savez(tmp_path / "calib.npz", x=d.x_train[:128].numpy(), y=d.y_train[:128].numpy())
+    out = tmp_path / "mlp.sparsert"
+    r = cli("prune", "digits-mlp", "--sparsity", "0.9", "--importance", "taylor", "--calib", tmp_path / "calib.npz",
+            "--exclude", "classifier", "--finetune-epochs", "2", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(r.stdout)
+    assert data["quality_before"]["accuracy"] > 0.9
+    assert data["quality_after"]["accuracy"] > 0.8  # 2 epochs of mask-preserving fine-tuning recover most of it
+    assert data["file_bytes"] <= 0.2 * data["dense_equivalent_bytes"] + 10_000
+    layers = {l["layer"]: l["sparsity"] for l in data["layers"]}
+    assert layers["classifier"] == 0.0 and layers["fc1"] == pytest.approx(0.9, abs=0.01)
+    r = cli("inspect", out)
+    assert r.returncode == 0 and "fc1" in r.stdout and "digits-mlp" in r.stdout
