@@ -27,13 +27,32 @@ const sparsert::KernelInfo& find_kernel(const std::string& name) {
 
 // y = act(x @ W^T + bias) for a block-sparse W. `kernel` names a registry
 // entry, or is empty to let sparsert choose for this CPU and token count.
+//
+// The *_len arguments are the element counts of the buffers. They and the
+// row pointer are checked here (O(rows)), so a malformed call raises
+// ValueError instead of reading out of bounds. Column indices are trusted:
+// checking them is O(nnz) per call, so the formats check them once, when a
+// weight is built (sparsert.formats).
 std::string spmm(int64_t rows, int64_t cols, int block_rows, int block_cols,
-                 uintptr_t row_ptr, uintptr_t col_idx, int index_bits, uintptr_t values,
+                 uintptr_t row_ptr, int64_t row_ptr_len, uintptr_t col_idx, int64_t col_len,
+                 int index_bits, uintptr_t values, int64_t values_len,
                  uintptr_t x, int64_t tokens, int64_t x_row_stride, uintptr_t y,
                  int64_t y_row_stride, uintptr_t bias, int activation, int num_threads,
                  const std::string& kernel) {
-  if (index_bits != 16 && index_bits != 32) throw std::invalid_argument("index_bits must be 16 or 32");
-  if (activation != 0 && activation != 1) throw std::invalid_argument("activation must be 0 or 1");
+  auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
+  if (index_bits != 16 && index_bits != 32) fail("index_bits must be 16 or 32");
+  if (activation != 0 && activation != 1) fail("activation must be 0 or 1");
+  if (rows < 0 || cols < 0 || tokens < 0) fail("sizes must be non-negative");
+  if (block_rows < 1 || block_cols < 1) fail("block sides must be positive");
+  const int64_t block_row_count = (rows + block_rows - 1) / block_rows;
+  if (row_ptr_len != block_row_count + 1)
+    fail("row_ptr has " + std::to_string(row_ptr_len) + " entries, expected " + std::to_string(block_row_count + 1));
+  const auto* rp = ptr<const int32_t>(row_ptr);
+  if (rp[0] != 0 || rp[block_row_count] != col_len) fail("row_ptr must start at 0 and end at the number of blocks");
+  for (int64_t i = 0; i < block_row_count; ++i)
+    if (rp[i + 1] < rp[i]) fail("row_ptr must be non-decreasing");
+  if (values_len != col_len * block_rows * block_cols) fail("values size does not match the number of blocks");
+  if (tokens > 0 && (x_row_stride < 0 || y_row_stride < rows)) fail("bad row strides");
   sparsert::BlockSparseMatrix w;
   w.rows = rows;
   w.cols = cols;
@@ -95,8 +114,8 @@ PYBIND11_MODULE(_C, m) {
     return k ? k->name : std::string();
   }, py::arg("block_rows"), py::arg("block_cols"), py::arg("tokens"), py::arg("isa") = "");
   m.def("spmm", &spmm, py::arg("rows"), py::arg("cols"), py::arg("block_rows"),
-        py::arg("block_cols"), py::arg("row_ptr"), py::arg("col_idx"), py::arg("index_bits"),
-        py::arg("values"), py::arg("x"), py::arg("tokens"), py::arg("x_row_stride"),
+        py::arg("block_cols"), py::arg("row_ptr"), py::arg("row_ptr_len"), py::arg("col_idx"),
+        py::arg("col_len"), py::arg("index_bits"), py::arg("values"), py::arg("values_len"), py::arg("x"), py::arg("tokens"), py::arg("x_row_stride"),
         py::arg("y"), py::arg("y_row_stride"), py::arg("bias"), py::arg("activation"),
         py::arg("num_threads"), py::arg("kernel") = "",
         "y = act(x @ W^T + bias) for block-sparse W given as raw addresses; returns the kernel used.");

@@ -251,3 +251,20 @@ def test_select_kernel_picks_spmv_for_one_token_and_spmm_for_many(isa):
     assert native().select_kernel(4, 1, 128, isa) == f"f32_spmm_bsr4x1_{isa}"
     # an unusual tile falls back to the reference kernel rather than failing
     assert native().select_kernel(3, 5, 128, isa) == "f32_spmm_bsr_reference"
+
+
+def test_raw_op_rejects_inconsistent_arrays_without_crashing():
+    """The op can be called with raw tensors; sizes and row pointers are checked in C++."""
+    fmt = CSR.from_dense(random_sparse(10, 12, 0.5))
+    rp, ci, v, r, c = fmt.kernel_arrays()
+    x = torch.randn(3, 12)
+    op = torch.ops.sparsert.linear_bsr
+    bad_rp = rp.clone()
+    bad_rp[3] = 10_000
+    cases = [
+        (rp[:-1], ci, v), (rp, ci[:-1], v), (rp, ci, v[:-1]), (bad_rp, ci, v),
+        (rp.flip(0).contiguous(), ci, v), (rp.long(), ci, v), (rp, ci, v.double()),
+    ]
+    for row_ptr, col, values in cases:
+        with pytest.raises((ValueError, RuntimeError)):
+            op(x, row_ptr, col, values, 10, 1, 1, None, 0, 0)

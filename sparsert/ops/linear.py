@@ -8,6 +8,7 @@ pure-torch default for every other device.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -71,12 +72,15 @@ def _linear_bsr_fake(x, row_ptr, col_indices, values, out_features, block_rows, 
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+_INDEX_BITS = {torch.int16: 16, torch.int32: 32}
+
+
 def _check_arrays(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias):
-    """O(1) checks that keep the kernel inside its buffers. Index *contents* were
-    validated when the format was built (sparsert.formats); this op trusts them."""
+    """O(1) checks that keep a kernel inside its buffers. Index *contents* were
+    validated when the format was built (sparsert.formats); ops trust them."""
     if row_ptr.dtype != torch.int32 or not row_ptr.is_contiguous():
         raise ValueError("row_ptr must be a contiguous int32 tensor (build weights with sparsert.formats)")
-    if col_indices.dtype not in (torch.int16, torch.int32) or not col_indices.is_contiguous():
+    if col_indices.dtype not in _INDEX_BITS or not col_indices.is_contiguous():
         raise ValueError("col_indices must be a contiguous int16 or int32 tensor")
     if values.dtype != torch.float32 or not values.is_contiguous():
         raise ValueError("values must be a contiguous float32 tensor")
@@ -93,27 +97,40 @@ def _check_arrays(x, row_ptr, col_indices, values, out_features, block_rows, blo
 def linear_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
                    block_rows: int, block_cols: int, bias: Optional[Tensor], activation: int,
                    num_threads: int, kernel: str = "") -> Tensor:
-    """The native CPU path; ``kernel`` forces a registry kernel (tests, benchmarks)."""
-    _check_arrays(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias)
+    """The native CPU path; ``kernel`` forces a registry kernel (tests, benchmarks).
+
+    Kept lean: it runs once per layer per call. Dtypes and layouts are
+    checked here, sizes and row pointers in C++; index contents were
+    validated when the format was built.
+    """
+    if row_ptr.dtype != torch.int32 or values.dtype != torch.float32 or col_indices.dtype not in _INDEX_BITS:
+        raise ValueError("row_ptr must be int32, col_indices int16/int32 and values float32 "
+                         "(build weights with sparsert.formats)")
+    if not (row_ptr.is_contiguous() and col_indices.is_contiguous() and values.is_contiguous()):
+        raise ValueError("row_ptr, col_indices and values must be contiguous")
     in_features = x.shape[-1]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
+    x2 = x.reshape(math.prod(x.shape[:-1]), in_features)
     if x2.dtype != torch.float32:
         x2 = x2.float()
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     tokens = x2.shape[0]
     y = torch.empty(tokens, out_features, dtype=torch.float32)
+    bias_address = 0
     if bias is not None:
-        bias = bias.detach().to(torch.float32).contiguous()
-    native().spmm(out_features, in_features, block_rows, block_cols, row_ptr.data_ptr(),
-                  col_indices.data_ptr(), 16 if col_indices.dtype == torch.int16 else 32,
-                  values.data_ptr(), x2.data_ptr(), tokens, x2.stride(0), y.data_ptr(),
-                  out_features, 0 if bias is None else bias.data_ptr(), _KERNEL_ACTIVATION[activation],
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        if bias.dtype != torch.float32 or not bias.is_contiguous():
+            bias = bias.detach().to(torch.float32).contiguous()
+        bias_address = bias.data_ptr()
+    native().spmm(out_features, in_features, block_rows, block_cols, row_ptr.data_ptr(), row_ptr.numel(),
+                  col_indices.data_ptr(), col_indices.numel(), _INDEX_BITS[col_indices.dtype],
+                  values.data_ptr(), values.numel(), x2.data_ptr(), tokens, x2.stride(0), y.data_ptr(),
+                  out_features, bias_address, _KERNEL_ACTIVATION[activation],
                   num_threads if num_threads > 0 else get_num_threads(), kernel)
     if activation == 2:
         y = F.gelu(y)
-    y = y.reshape(*lead, out_features)
+    y = y.view(*x.shape[:-1], out_features)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
