@@ -13,9 +13,13 @@ Two parts:
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import inspect
+import re
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -289,6 +293,93 @@ def test_native_without_gpu_raises_runtime_error():
     assert mod.device_count() == 0
     with pytest.raises(RuntimeError, match="cudaSetDevice"):
         mod.spmm(4, 4, 1, 1, 0, 0, 16, 0, 0, 0, 1, 4, 0, 4, 0, 0, 2, 0, 0)
+
+
+class _PointerStub:
+    """Stands in for sparsert._C_cuda on the CPU: reads the arrays through the
+    raw addresses the Python layer passes (so argument order, strides, dtype
+    codes and buffer sizes are checked) and computes the product in numpy."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _array(address, count, np_dtype):
+        if count == 0:
+            return np.zeros(0, np_dtype)
+        nbytes = count * np.dtype(np_dtype).itemsize
+        return np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(ctypes.c_uint8)), (nbytes,)).view(np_dtype)
+
+    def spmm(self, rows, cols, block_rows, block_cols, row_ptr, col_idx, index_bits, values, row_order, x, tokens,
+             x_row_stride, y, y_row_stride, bias, activation, dtype, device, stream, kernel):
+        self.calls.append(dict(kernel=kernel, row_order=row_order, dtype=dtype, x_row_stride=x_row_stride))
+        r, c = block_rows, block_cols
+        nbr, nbc = -(-rows // r), -(-cols // c)
+        rp = self._array(row_ptr, nbr + 1, np.int32).astype(np.int64)
+        nnz = int(rp[-1])
+        idx = self._array(col_idx, nnz, np.uint16 if index_bits == 16 else np.int32).astype(np.int64)
+        raw = self._array(values, nnz * r * c, [np.float32, np.float16, np.uint16][dtype])
+        vals = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == 2 else raw.astype(np.float32)
+        if row_order:
+            assert sorted(self._array(row_order, rows, np.int32).tolist()) == list(range(rows))
+        grid = np.zeros((nbr, nbc, r, c), np.float64)
+        for br in range(nbr):
+            for b in range(rp[br], rp[br + 1]):
+                grid[br, idx[b]] += vals[b * r * c:(b + 1) * r * c].reshape(r, c)
+        w = grid.transpose(0, 2, 1, 3).reshape(nbr * r, nbc * c)[:rows, :cols]
+        x_dtype = [np.float32, np.float16, np.uint16][dtype]
+        x_raw = self._array(x, (tokens - 1) * x_row_stride + cols, x_dtype)
+        xs = np.stack([x_raw[t * x_row_stride:t * x_row_stride + cols] for t in range(tokens)])
+        xs = (xs.astype(np.uint32) << 16).view(np.float32) if dtype == 2 else xs.astype(np.float32)
+        out = xs.astype(np.float64) @ w.T
+        if bias:
+            out += self._array(bias, rows, np.float32)
+        if activation == 1:
+            out = np.maximum(out, 0)
+        y_view = self._array(y, (tokens - 1) * y_row_stride + rows, x_dtype)
+        for t in range(tokens):
+            row = out[t].astype(np.float32)
+            y_view[t * y_row_stride:t * y_row_stride + rows] = \
+                (row.view(np.uint32) + 0x8000 >> 16).astype(np.uint16) if dtype == 2 else row.astype(x_dtype)
+        return kernel or "stub"
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    s = _PointerStub()
+    monkeypatch.setattr(cu, "native_cuda", lambda: s)
+    monkeypatch.setattr(cu, "_launch_context", lambda x: (0, 0))
+    return s
+
+
+def test_stub_signature_matches_the_native_binding():
+    mod = _native_or_skip()
+    names = re.findall(r"(\w+): ", mod.spmm.__doc__.split("->")[0])
+    assert names == list(inspect.signature(_PointerStub.spmm).parameters)[1:]
+
+
+@pytest.mark.parametrize("kind, x_dtype, w_dtype", [
+    ("csr", torch.float32, None), ("csr", torch.bfloat16, torch.bfloat16), ("bsr4x2", torch.float16, None),
+    ("nm2:4", torch.bfloat16, torch.bfloat16), ("bsr16x16", torch.float64, None)])
+@pytest.mark.parametrize("act", [None, "relu", "gelu"])
+@pytest.mark.parametrize("tokens, cols", [(1, 13), (5, 13), (4, 16)])
+def test_python_layer_passes_consistent_arrays(stub, kind, x_dtype, w_dtype, act, tokens, cols):
+    rows = 12
+    w = _two_four(rows, 16)[:, :cols] if kind == "nm2:4" else _sparse(rows, cols, 0.4, empty_rows=(2,))
+    fmt = pack(w, kind).to("cpu", dtype=w_dtype)
+    x = torch.randn(2, tokens, cols).to(x_dtype)
+    b = torch.randn(rows)
+    rp, col, vals, r, c = fmt.kernel_arrays()
+    code = sparsert.ops.linear.__globals__["activation_code"](act)
+    y = cu.linear_bsr_cuda(x, rp, col, vals, rows, r, c, b, code)
+    assert y.shape == (2, tokens, rows) and y.dtype == x_dtype
+    compute = cu.compute_dtype(x_dtype)
+    w64 = fmt.to_dense().to(compute).double()
+    _assert_matches(y, w64, x.to(compute).double(), b.double(), compute, act)
+    call = stub.calls[-1]
+    assert call["dtype"] == cu.DTYPE_CODES[compute]
+    assert (call["row_order"] != 0) == (kind == "csr")  # rows of unequal length are reordered
+    assert tokens <= 1 or call["x_row_stride"] % 8 == 0
 
 
 # --------------------------------------------------------------------------

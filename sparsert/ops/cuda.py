@@ -221,6 +221,12 @@ def _kernel_input(x2: Tensor) -> Tensor:
     return padded[:, :cols]
 
 
+def _launch_context(x: Tensor) -> tuple:
+    """(device index, torch's current stream handle) for a kernel on x's device."""
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(x.device).cuda_stream
+
+
 def linear_bsr_cuda(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
                     block_rows: int, block_cols: int, bias: Optional[Tensor], activation: int,
                     num_threads: int = 0, kernel: str = "") -> Tensor:
@@ -251,15 +257,14 @@ def linear_bsr_cuda(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Ten
     vals = prep.values if prep.values is not None else values
     b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
     if tokens > 0 and out_features > 0:
-        stream = torch.cuda.current_stream(x.device).cuda_stream
+        device_index, stream = _launch_context(x)
         native_cuda().spmm(
             out_features, in_features, block_rows, block_cols, rp.data_ptr(), col_indices.data_ptr(),
             16 if col_indices.dtype == torch.int16 else 32, vals.data_ptr(),
             0 if prep.row_order is None else prep.row_order.data_ptr(), xk.data_ptr(), tokens,
             xk.stride(0) if tokens > 1 else -(-max(in_features, 1) // 8) * 8,  # one row: stride unused
             y.data_ptr(), out_features, 0 if b32 is None else b32.data_ptr(), _KERNEL_ACTIVATION[activation],
-            DTYPE_CODES[dtype], x.device.index if x.device.index is not None else torch.cuda.current_device(),
-            stream, kernel)
+            DTYPE_CODES[dtype], device_index, stream, kernel)
     if activation == 2:
         y = F.gelu(y)
     return y.reshape(*lead, out_features).to(x.dtype)
