@@ -264,3 +264,26 @@ def test_conv_relu_activation_and_errors(conv_path):
 def test_top_level_names():
     assert sparsert.SparseLinear is SparseLinear
     assert sparsert.SparseConv2d is SparseConv2d
+
+
+def test_dispatch_modes_see_the_op():
+    """The eager fast path skips the dispatcher only when nothing is watching it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    w = pruned_weight(8, 12, "csr")
+    sl = SparseLinear(pack(w, "csr"))
+    x = torch.randn(2, 12)
+    fast = sl(x)
+    with Record() as rec:
+        watched = sl(x)
+    assert "sparsert.linear_bsr.default" in rec.ops
+    assert torch.equal(fast, watched)
