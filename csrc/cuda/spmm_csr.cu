@@ -11,8 +11,10 @@
 //    (longest first, computed once per weight by the caller), so the rows a
 //    block's warps run concurrently have similar lengths and the grid-stride
 //    loop hands out the long rows first;
-//  - one warp per row: lanes stride the row's nonzeros (coalesced value and
-//    index loads), then a butterfly reduction per token.
+//  - vector loads: one warp per row, each lane loads 4 consecutive values
+//    and 4 indices at a time (8-16 byte loads; 256+ bytes per warp load),
+//    with a scalar head and tail for rows that do not start or end on a
+//    multiple of 4; then a butterfly reduction per token.
 // The grid is (token stages) x (row groups); blocks loop over both, so any
 // token count works. Shared memory holds cols * TT elements.
 #include "common.cuh"
@@ -25,6 +27,7 @@ namespace cuda {
 namespace {
 
 constexpr int kCsrThreads = 256;
+constexpr int kV = 4;  // entries per vector load of values and indices (needs 16-byte aligned arrays)
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N >= 16 ? 16 : sizeof(T) * N) Vec {
@@ -66,12 +69,30 @@ __global__ void __launch_bounds__(kCsrThreads) spmm_csr_kernel(SpmmProblem p) {
       float acc[TT];
 #pragma unroll
       for (int j = 0; j < TT; ++j) acc[j] = 0.0f;
-      for (int q = begin + lane; q < end; q += 32) {
-        const int offset = IndexLoad<Idx>::load(col_idx + q) * TT;  // pre-scaled index
-        const float v = to_f32(values[q]);
+      auto accumulate = [&](int column, float v) {
+        const int offset = column * TT;  // index pre-scaling: the stage offset of column
         const Vec<T, TT> xv = *reinterpret_cast<const Vec<T, TT>*>(xs + offset);
 #pragma unroll
         for (int j = 0; j < TT; ++j) acc[j] = fmaf(v, to_f32(xv.v[j]), acc[j]);
+      };
+      // Vector loads: the row splits into a head (< kV entries up to a
+      // multiple of kV), aligned kV-wide vectors of values and indices (one
+      // per lane per step), and a tail (< kV entries). Head and tail take
+      // one entry per lane, on lanes [0, kV) and [kV, 2 kV).
+      const int aligned = min(end, (begin + kV - 1) & ~(kV - 1));
+      const int vectors = (end - aligned) / kV;
+      const int body_end = aligned + vectors * kV;
+      if (lane < aligned - begin) {
+        accumulate(IndexLoad<Idx>::load(col_idx + begin + lane), to_f32(values[begin + lane]));
+      } else if (lane >= kV && lane - kV < end - body_end) {
+        accumulate(IndexLoad<Idx>::load(col_idx + body_end + lane - kV), to_f32(values[body_end + lane - kV]));
+      }
+      for (int v = lane; v < vectors; v += 32) {
+        const int q = aligned + v * kV;
+        const Vec<T, kV> vals = *reinterpret_cast<const Vec<T, kV>*>(values + q);
+        const Vec<Idx, kV> cols_q = *reinterpret_cast<const Vec<Idx, kV>*>(col_idx + q);
+#pragma unroll
+        for (int u = 0; u < kV; ++u) accumulate(static_cast<int>(cols_q.v[u]), to_f32(vals.v[u]));
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) {
@@ -104,7 +125,9 @@ cudaError_t launch_t(const SpmmProblem& p, cudaStream_t stream) {
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kCsrThreads, static_cast<size_t>(smem));
   if (err != cudaSuccess) return err;
   const int sms = std::max(1, device_attribute(cudaDevAttrMultiProcessorCount));
-  const int64_t target = static_cast<int64_t>(sms) * std::max(1, std::min(per_sm, 2));
+  // Every block stages its own copy of x: more blocks per SM (more loads in
+  // flight) only where the stage is small.
+  const int64_t target = static_cast<int64_t>(sms) * std::max(1, std::min(per_sm, TT <= 2 ? 4 : 2));
   const int64_t stages = ceil_div(p.tokens, TT);
   const int64_t row_groups = ceil_div(p.rows, kCsrThreads / 32);
   const int64_t gx = std::min<int64_t>(stages, target);

@@ -114,12 +114,13 @@ class _Prepared:
     """What one weight needs besides its arrays. Holds no reference to the
     arrays themselves (only converted copies), so the weak cache can drop it."""
 
-    __slots__ = ("key", "nnz", "row_ptr", "values", "row_order", "semi", "two_four")
+    __slots__ = ("key", "nnz", "row_ptr", "col_indices", "values", "row_order", "semi", "two_four")
 
     def __init__(self, key):
         self.key = key
         self.nnz = 0
         self.row_ptr: Optional[Tensor] = None     # device copy when the format keeps it on the CPU
+        self.col_indices: Optional[Tensor] = None  # 16-byte aligned copy, when the array is not
         self.values: Optional[Tensor] = None      # converted to the compute dtype, when needed
         self.row_order: Optional[Tensor] = None   # int32 row permutation, longest rows first
         self.semi = None                          # torch SparseSemiStructuredTensor
@@ -160,6 +161,8 @@ def _prepare(row_ptr, col_indices, values, rows, cols, r, c, dtype, device) -> _
     if entry.nnz != col_indices.numel() or values.numel() != entry.nnz * r * c:
         raise ValueError(f"row_ptr[-1] = {entry.nnz} does not match col_indices ({col_indices.numel()}) "
                          f"and values ({values.numel()} = nnz * {r} * {c} expected)")
+    if col_indices.data_ptr() % 16:
+        entry.col_indices = col_indices.clone()
     if values.dtype != dtype:
         entry.values = _aligned16(values.to(dtype).contiguous())
     elif values.data_ptr() % 16:
@@ -255,12 +258,13 @@ def linear_bsr_cuda(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Ten
     y = torch.empty(tokens, out_features, dtype=dtype, device=x.device)
     rp = prep.row_ptr if prep.row_ptr is not None else row_ptr
     vals = prep.values if prep.values is not None else values
+    col = prep.col_indices if prep.col_indices is not None else col_indices
     b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
     if tokens > 0 and out_features > 0:
         device_index, stream = _launch_context(x)
         native_cuda().spmm(
-            out_features, in_features, block_rows, block_cols, rp.data_ptr(), col_indices.data_ptr(),
-            16 if col_indices.dtype == torch.int16 else 32, vals.data_ptr(),
+            out_features, in_features, block_rows, block_cols, rp.data_ptr(), col.data_ptr(),
+            16 if col.dtype == torch.int16 else 32, vals.data_ptr(),
             0 if prep.row_order is None else prep.row_order.data_ptr(), xk.data_ptr(), tokens,
             xk.stride(0) if tokens > 1 else -(-max(in_features, 1) // 8) * 8,  # one row: stride unused
             y.data_ptr(), out_features, 0 if b32 is None else b32.data_ptr(), _KERNEL_ACTIVATION[activation],
