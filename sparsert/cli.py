@@ -151,10 +151,10 @@ def _table(head: list, rows: list) -> str:
 
 
 def _inspect_text(s: dict) -> str:
-    rows = [[r["layer"], r["type"], r["kind"], "x".join(map(str, r["shape"])), f"{r['density']:.3f}",
+    rows = [[r["layer"], r["type"], r["kind"], r["runtime"], "x".join(map(str, r["shape"])), f"{r['density']:.3f}",
              _fmt_bytes(r["bytes"]), _fmt_bytes(r["dense_bytes"]), f"{r['dense_bytes'] / max(r['bytes'], 1):.2f}x"]
             for r in s["layers"]]
-    out = [_table(["layer", "type", "format", "shape", "density", "bytes", "dense bytes", "smaller"], rows)]
+    out = [_table(["layer", "type", "stored as", "runs", "shape", "density", "bytes", "dense bytes", "smaller"], rows)]
     out.append(f"sparse layers: {_fmt_bytes(s['sparse_layer_dense_bytes'])} dense -> "
                f"{_fmt_bytes(s['sparse_layer_bytes'])} ({s['layer_compression']:.2f}x); "
                f"other weights {_fmt_bytes(s['other_bytes'])}")

@@ -178,7 +178,8 @@ def _layer_meta(module, packed) -> dict:
                             "bias": module.bias is not None}
     activation = getattr(module, "activation", None)
     meta["activation"] = activation if isinstance(activation, str) else None
-    if isinstance(module, SparseConv2d):
+    meta["runtime"] = "sparse" if isinstance(module, (SparseLinear, SparseConv2d)) else "dense"
+    if isinstance(module, (SparseConv2d, nn.Conv2d)):
         meta["type"] = "conv2d"
         meta["conv"] = {
             "in_channels": int(module.in_channels),
@@ -190,7 +191,7 @@ def _layer_meta(module, packed) -> dict:
             "groups": int(module.groups),
             "padding_mode": str(getattr(module, "padding_mode", "zeros")),
         }
-    elif isinstance(module, SparseLinear):
+    elif isinstance(module, (SparseLinear, nn.Linear)):
         meta["type"] = "linear"
         meta["in_features"], meta["out_features"] = int(module.in_features), int(module.out_features)
     else:  # pragma: no cover - guarded by the caller
@@ -220,14 +221,54 @@ def _digest(meta_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _ident(t: torch.Tensor):
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
+        if t.numel() else None
+
+
+def _compressed_storage(module: nn.Module, shared: set):
+    """CSR of a pruned plain nn.Linear/nn.Conv2d that runs dense (sparsify found dense faster),
+    when that is much smaller on disk; ``None`` otherwise. Loading unpacks it back to the dense weight."""
+    from .formats import CSR
+
+    if type(module) not in (nn.Linear, nn.Conv2d):
+        return None
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or w.is_meta or _ident(w) in shared:
+        return None
+    if isinstance(module, nn.Conv2d) and not isinstance(module.padding, (tuple, list, int, str)):
+        return None  # pragma: no cover
+    w2 = w.detach().to("cpu").reshape(w.shape[0], -1)
+    zeros = int((w2 == 0).sum())
+    if zeros * 4 < w2.numel():  # under 25% zeros: CSR cannot win enough to be worth it
+        return None
+    csr = CSR.from_dense(w2)
+    return csr if csr.nbytes < 0.75 * w2.numel() * 4 else None
+
+
 def _collect(sparse_model: nn.Module) -> tuple[dict, dict, dict, dict]:
     """(tensors, layer metadata, dense entry names, aliases) of a model."""
     SparseLinear, SparseConv2d = _sparse_types()
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     sparse_paths = []
+    state = sparse_model.state_dict()
+    counts: dict = {}
+    for t in state.values():
+        if isinstance(t, torch.Tensor):
+            counts[_ident(t)] = counts.get(_ident(t), 0) + 1
+    shared = {k for k, n in counts.items() if n > 1}
     for path, module in sparse_model.named_modules():
         if not isinstance(module, (SparseLinear, SparseConv2d)):
+            packed = _compressed_storage(module, shared) if path and _PATH_RE.match(path) else None
+            if packed is None or any(path.startswith(p + ".") for p in sparse_paths):
+                continue
+            layers[path] = _layer_meta(module, packed)
+            for name, t in _packed_arrays(packed).items():
+                tensors[f"{path}{SEP}{name}"] = t
+            if module.bias is not None:
+                tensors[f"{path}{SEP}bias"] = module.bias.detach().to("cpu", torch.float32).contiguous()
+            sparse_paths.append(path)
             continue
         if any(path.startswith(p + ".") for p in sparse_paths):
             continue  # pragma: no cover - sparse layers do not nest
@@ -245,7 +286,7 @@ def _collect(sparse_model: nn.Module) -> tuple[dict, dict, dict, dict]:
     dense: list[str] = []
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for key, t in sparse_model.state_dict().items():
+    for key, t in state.items():
         if any(key.startswith(p + ".") for p in sparse_paths):
             continue
         if SEP in key:
@@ -253,8 +294,7 @@ def _collect(sparse_model: nn.Module) -> tuple[dict, dict, dict, dict]:
         if not isinstance(t, torch.Tensor):  # pragma: no cover - extra state
             raise ValueError(f"state_dict entry {key!r} is not a tensor; cannot save it")
         t = t.detach()
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
-            if t.numel() else None
+        ident = _ident(t)
         if ident is not None and ident in seen:
             aliases[key] = seen[ident]
             continue
@@ -411,6 +451,11 @@ def _read_layer(path, m: _Meta, lpath: str, d: dict, tensors: dict) -> tuple[Lay
     activation = d.get("activation")
     if activation not in (None, "relu", "gelu"):
         raise m.err(where, f"'activation' must be null, 'relu' or 'gelu', got {activation!r}")
+    runtime = d.get("runtime")
+    if runtime not in ("sparse", "dense"):
+        raise m.err(where, f"'runtime' must be 'sparse' or 'dense', got {runtime!r}")
+    if runtime == "dense" and (activation is not None or parsed[0] == "dense"):
+        raise m.err(where, "a layer that runs dense is stored in a sparse format and has no activation")
     if ltype == "linear":
         fin, fout = m.int(d, "in_features", where), m.int(d, "out_features", where)
         if (rows, cols) != (fout, fin):
@@ -583,6 +628,9 @@ def _build_module(rec: LayerRecord) -> nn.Module:
 def _check_target(path, rec: LayerRecord, target: nn.Module) -> None:
     SparseLinear, SparseConv2d = _sparse_types()
     where = f"layer {rec.path!r}"
+    if rec.meta["runtime"] == "dense" and type(target) not in (nn.Linear, nn.Conv2d):
+        raise _fail(path, f"{where} runs dense and needs an nn.Linear/nn.Conv2d in the model, "
+                          f"got {type(target).__name__}")
     if rec.type == "linear":
         if not isinstance(target, (nn.Linear, SparseLinear)):
             raise _fail(path, f"{where} is a linear layer in the file but the model has a {type(target).__name__} there")
@@ -668,6 +716,15 @@ def load(path: "str | os.PathLike", model: nn.Module | None = None) -> nn.Module
                               "(not a BatchNorm) in the model")
         _swap(model, ipath, nn.Identity())
     for lpath, rec in f.layers.items():
+        if rec.meta["runtime"] == "dense":
+            target = model.get_submodule(lpath)
+            if (target.bias is None) != (rec.bias is None):
+                raise _fail(path, f"layer {lpath!r}: bias in the file and in the model do not match")
+            with torch.no_grad():
+                target.weight.copy_(rec.packed.to_dense().reshape(target.weight.shape))
+                if rec.bias is not None:
+                    target.bias.copy_(rec.bias)
+            continue
         new = _build_module(rec)
         old = _swap(model, lpath, new)
         ref = next(iter(old.parameters()), None)
@@ -695,13 +752,18 @@ def load(path: "str | os.PathLike", model: nn.Module | None = None) -> nn.Module
 def summary(path: "str | os.PathLike") -> dict:
     """Per-layer format, density and bytes, and the file's total compression.
 
+    ``runtime`` is ``"sparse"`` for layers that run sparse kernels and
+    ``"dense"`` for pruned layers that run dense (sparsify found dense
+    faster) but are stored compressed.
+
     ``dense_equivalent_bytes`` is what the same model takes as a float32
     safetensors ``state_dict`` (dense weights and everything else).
     """
     f = read(path)
     layers = []
     for p, rec in f.layers.items():
-        layers.append({"layer": p, "type": rec.type, "kind": rec.kind, "shape": list(rec.shape),
+        layers.append({"layer": p, "type": rec.type, "kind": rec.kind, "runtime": rec.meta["runtime"],
+                       "shape": list(rec.shape),
                        "density": rec.density, "nnz": rec.meta["nnz"], "bytes": rec.nbytes,
                        "dense_bytes": rec.dense_nbytes, "activation": rec.meta.get("activation")})
     stored = {id(t): t for t in f.dense.values()}

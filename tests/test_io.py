@@ -399,3 +399,30 @@ def test_batchnorm_folded_by_sparsify_loads_into_a_fresh_skeleton(tmp_path):
     wrong[1] = nn.LayerNorm(8)
     with pytest.raises(io.SparsertFileError, match="not a BatchNorm"):
         io.load(tmp_path / "bn.sparsert", wrong)
+
+
+def test_pruned_layers_that_run_dense_are_still_stored_compressed(tmp_path):
+    # sparsify keeps a layer dense when dense is faster; the file still stores its zeros for free
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+                          nn.Linear(10, 10))
+    prune_(model[0], 0.9)
+    prune_(model[3], 0.9)
+    model[3] = SparseLinear.from_dense(model[3], "csr")
+    io.save(model, tmp_path / "m.sparsert")
+    f = io.read(tmp_path / "m.sparsert")
+    assert f.layers["0"].meta["runtime"] == "dense" and f.layers["0"].kind == "csr"
+    assert f.layers["3"].meta["runtime"] == "sparse"
+    assert "4" not in f.layers and "4.weight" in f.dense  # no zeros: kept as a plain entry
+    skeleton = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+                             nn.Linear(10, 10))
+    loaded = io.load(tmp_path / "m.sparsert", skeleton)
+    assert type(loaded[0]) is nn.Conv2d and torch.equal(loaded[0].weight, model[0].weight)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert f.layers["0"].packed.nbytes < 0.2 * model[0].weight.numel() * 4
+    wrong = copy.deepcopy(skeleton)
+    wrong[0] = SparseConv2d.from_dense(wrong[0], "dense")
+    with pytest.raises(io.SparsertFileError, match="runs dense and needs an nn.Linear/nn.Conv2d"):
+        io.load(tmp_path / "m.sparsert", wrong)

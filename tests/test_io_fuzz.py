@@ -41,12 +41,14 @@ class M(nn.Module):
         self.nm = nn.Linear(10, 6)  # 10 columns: a partial 4-group
         self.dense = nn.Linear(6, 3)
         self.norm = nn.LayerNorm(3)
+        self.plain = nn.Linear(8, 8)  # pruned but left dense: stored as CSR, runs dense
 
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
     m = M()
     with torch.no_grad():
+        m.plain.weight.mul_(torch.rand_like(m.plain.weight) < 0.2)
         for lin in (m.conv, m.csr, m.bsr):
             w = lin.weight
             w.mul_(torch.rand_like(w) < 0.4)
@@ -66,7 +68,9 @@ def _model() -> nn.Module:
 def valid(tmp_path_factory) -> tuple[bytes, io.SparseFile]:
     path = tmp_path_factory.mktemp("fuzz") / "valid.sparsert"
     io.save(_model(), path)
-    return path.read_bytes(), io.read(path)
+    f = io.read(path)
+    assert f.layers["plain"].meta["runtime"] == "dense" and f.layers["csr"].meta["runtime"] == "sparse"
+    return path.read_bytes(), f
 
 
 def _same(a: io.SparseFile, b: io.SparseFile) -> bool:
@@ -168,8 +172,8 @@ def test_the_crafting_helpers_round_trip(tmp_path, valid):
     assert _same(io.read(path), original)
 
 
-INDEX_TENSORS = ["conv::col_indices", "csr::col_indices", "bsr::col_indices", "nm::col_indices"]
-POINTER_TENSORS = ["conv::row_ptr", "csr::row_ptr", "bsr::row_ptr"]
+INDEX_TENSORS = ["conv::col_indices", "csr::col_indices", "bsr::col_indices", "nm::col_indices", "plain::col_indices"]
+POINTER_TENSORS = ["conv::row_ptr", "csr::row_ptr", "bsr::row_ptr", "plain::row_ptr"]
 
 
 @FUZZ
