@@ -8,10 +8,11 @@ Weights (out x in): 4096x4096 and 4096x11008 (and their transpose with
 ``x @ W.T`` for the same pruned bf16 weight in the same process:
 
 - dense:      torch ``F.linear`` on the pruned weight stored dense (the baseline);
-- bsrRxC:     sparsert BSR at 90% block sparsity (tensor cores, ``sparsert.ops.linear``);
+- bsrRxC:     sparsert BSR at 90% block sparsity, 32x32 and 64x64 blocks (tensor cores);
 - csr:        sparsert CSR at 90% unstructured sparsity;
 - 2:4:        sparsert N:M 2:4 (torch's ``to_sparse_semi_structured`` under our op);
-- t.csr/t.bsr: ``torch.sparse`` CSR / BSR tensors (same weights as csr / bsr) with ``torch.mm``.
+- t.csr, t.bsrRxC: ``torch.sparse`` CSR / BSR tensors (the weights of csr and of
+  the first BSR block) with ``torch.mm``.
 
 Times are medians of CUDA-event timings of batches of back-to-back calls
 after warm-up, divided by the batch size; with ``--graphs`` (default) each
@@ -41,17 +42,19 @@ TOKENS = [1, 4, 16, 64, 256, 1024, 2048, 4096]
 SHAPES = [(4096, 4096), (4096, 11008)]
 
 
-def make_weights(rows, cols, block, sparsity, gen):
-    """Dense bf16 weights pruned three ways (on the CPU, where sparsert packs)."""
+def make_weights(rows, cols, blocks, sparsity, gen):
+    """Dense bf16-valued weights pruned per pattern (on the CPU, where sparsert
+    packs): "bsrRxC" for each block, "csr", "24"."""
     w = torch.randn(rows, cols, generator=gen) * 0.02
-    r, c = block
-    keep_blocks = torch.rand(-(-rows // r), -(-cols // c), generator=gen) >= sparsity
-    w_bsr = w * keep_blocks.repeat_interleave(r, 0).repeat_interleave(c, 1)[:rows, :cols]
-    w_csr = w * (torch.rand(rows, cols, generator=gen) >= sparsity)
+    out = {}
+    for r, c in blocks:
+        keep_blocks = torch.rand(-(-rows // r), -(-cols // c), generator=gen) >= sparsity
+        out[f"bsr{r}x{c}"] = w * keep_blocks.repeat_interleave(r, 0).repeat_interleave(c, 1)[:rows, :cols]
+    out["csr"] = w * (torch.rand(rows, cols, generator=gen) >= sparsity)
     pairs = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]],
                          dtype=w.dtype)  # the six ways to keep 2 of 4
-    w_24 = w * pairs[torch.randint(0, 6, (rows, cols // 4), generator=gen)].reshape(rows, cols)
-    return {k: v.to(torch.bfloat16).float() for k, v in (("bsr", w_bsr), ("csr", w_csr), ("24", w_24))}
+    out["24"] = w * pairs[torch.randint(0, 6, (rows, cols // 4), generator=gen)].reshape(rows, cols)
+    return {k: v.to(torch.bfloat16).float() for k, v in out.items()}
 
 
 def timed(fn, graphs, budget_s):
@@ -100,35 +103,47 @@ def timed(fn, graphs, budget_s):
     return statistics.median(times), used_graph
 
 
-def methods_for(weights, block, device):
+def _sparsert(fmt):
+    return lambda x: sparsert.ops.linear(x, fmt)
+
+
+def methods_for(weights, blocks, device):
+    """name -> (fn(x), key of the weight it computes with); dense weights by key."""
     bf16 = torch.bfloat16
     dense = {k: v.to(device, bf16) for k, v in weights.items()}
-    bsr = BSR.from_dense(weights["bsr"], block).to(device, dtype=bf16)
-    csr = CSR.from_dense(weights["csr"]).to(device, dtype=bf16)
-    nm = NM.from_dense(weights["24"], 2, 4).to(device, dtype=bf16)
-    out = {
-        "dense": (lambda x: F.linear(x, dense["bsr"]), "bsr"),
-        f"bsr{block[0]}x{block[1]}": (lambda x: sparsert.ops.linear(x, bsr), "bsr"),
-        "csr": (lambda x: sparsert.ops.linear(x, csr), "csr"),
-        "2:4": (lambda x: sparsert.ops.linear(x, nm), "24"),
-    }
+    out = {"dense": (lambda x: F.linear(x, dense["csr"]), "csr")}
+    for r, c in blocks:
+        key = f"bsr{r}x{c}"
+        out[key] = (_sparsert(BSR.from_dense(weights[key], (r, c)).to(device, dtype=bf16)), key)
+    out["csr"] = (_sparsert(CSR.from_dense(weights["csr"]).to(device, dtype=bf16)), "csr")
+    out["2:4"] = (_sparsert(NM.from_dense(weights["24"], 2, 4).to(device, dtype=bf16)), "24")
     try:
         t_csr = dense["csr"].to_sparse_csr()
         out["t.csr"] = (lambda x: torch.mm(t_csr, x.t()).t(), "csr")
     except (RuntimeError, NotImplementedError) as err:
         print(f"  torch.sparse CSR unavailable: {err}", file=sys.stderr)
+    key = f"bsr{blocks[0][0]}x{blocks[0][1]}"
+    probe = torch.randn(16, dense[key].shape[1], device=device, dtype=bf16)
     try:
-        t_bsr = dense["bsr"].to_sparse_bsr(block)
-        out["t.bsr"] = (lambda x: torch.mm(t_bsr, x.t()).t(), "bsr")
-    except (RuntimeError, NotImplementedError) as err:
-        print(f"  torch.sparse BSR unavailable: {err}", file=sys.stderr)
+        t_bsr = dense[key].to_sparse_bsr(blocks[0])
+        fn = lambda x: torch.mm(t_bsr, x.t()).t()  # noqa: E731
+        try:
+            fn(probe)
+        except (RuntimeError, NotImplementedError):
+            # cuSPARSE's BSR product has no bf16; torch's own bf16 BSR kernel is Triton's.
+            from torch.sparse._triton_ops import bsr_dense_mm
+            fn = lambda x: bsr_dense_mm(t_bsr, x.t()).t()  # noqa: E731
+            fn(probe)
+        out[f"t.{key}"] = (fn, key)
+    except (RuntimeError, NotImplementedError, ImportError, ValueError, TypeError) as err:
+        print(f"  torch.sparse BSR unavailable: {type(err).__name__}: {err}", file=sys.stderr)
     return out, dense
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
-    ap.add_argument("--block", default="32x32", help="BSR block, RxC (default 32x32)")
+    ap.add_argument("--blocks", nargs="+", default=["32x32", "64x64"], help="BSR blocks, RxC (default 32x32 64x64)")
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--both-orientations", action="store_true", help="also 11008x4096")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false")
@@ -138,17 +153,17 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_cuda.py needs a CUDA GPU")
     device = torch.device("cuda")
-    block = tuple(int(v) for v in args.block.lower().split("x"))
+    blocks = [tuple(int(v) for v in b.lower().split("x")) for b in args.blocks]
     tokens_list = [16, 2048] if args.quick else args.tokens
     shapes = SHAPES + ([(11008, 4096)] if args.both_orientations else [])
     gen = torch.Generator().manual_seed(0)
     props = torch.cuda.get_device_properties(device)
-    print(f"# {props.name}, torch {torch.__version__}, bf16, sparsity {args.sparsity:.0%} (BSR {args.block}, CSR), "
+    print(f"# {props.name}, torch {torch.__version__}, bf16, sparsity {args.sparsity:.0%} (BSR {' '.join(args.blocks)}, CSR), "
           f"2:4; graphs={'on' if args.graphs else 'off'}; us per call and speedup vs dense F.linear")
     header = None
     for rows, cols in shapes:
-        weights = make_weights(rows, cols, block, args.sparsity, gen)
-        methods, dense = methods_for(weights, block, device)
+        weights = make_weights(rows, cols, blocks, args.sparsity, gen)
+        methods, dense = methods_for(weights, blocks, device)
         names = list(methods)
         if header is None:
             header = f"| {'shape':>11} | {'tokens':>6} | " + " | ".join(f"{n:>15}" for n in names) + " |"
