@@ -31,6 +31,7 @@ weight in place under ``torch.inference_mode`` is not detected.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -182,12 +183,18 @@ def _prepare(row_ptr, col_indices, values, rows, cols, r, c, dtype, device) -> _
 def _semi_structured(row_ptr, col_indices, values, rows, cols, dtype):
     """The weight compressed by torch for its 2:4 kernels, or None where torch
     cannot (no cuSPARSELt/CUTLASS support on this GPU or build)."""
-    from torch.sparse import to_sparse_semi_structured
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS, to_sparse_semi_structured
     dense = _dense_weight(row_ptr, col_indices, values, rows, cols, 1, 1).to(dtype).contiguous()
-    try:
-        return to_sparse_semi_structured(dense)
-    except (RuntimeError, NotImplementedError, AssertionError, ValueError):
-        return None
+    # cuSPARSELt first (torch's default), then CUTLASS; torch warns that the
+    # subclass API is a prototype: known, and not the user's concern here.
+    for build in (to_sparse_semi_structured, SparseSemiStructuredTensorCUTLASS.from_dense):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return build(dense)
+        except (RuntimeError, NotImplementedError, AssertionError, ValueError):
+            continue
+    return None
 
 
 def _check(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias):
