@@ -382,6 +382,35 @@ def test_python_layer_passes_consistent_arrays(stub, kind, x_dtype, w_dtype, act
     assert tokens <= 1 or call["x_row_stride"] % 8 == 0
 
 
+@pytest.mark.parametrize("ks, stride, padding, dilation, act", [
+    ((1, 1), (1, 1), (0, 0), (1, 1), 0), ((3, 3), (1, 1), (1, 1), (1, 1), 1), ((3, 2), (2, 1), (0, 1), (1, 2), 3),
+    ((5, 5), (2, 2), (2, 2), (1, 1), 2)])
+@pytest.mark.parametrize("kind", ["csr", "bsr4x3"])
+def test_conv2d_cuda_path_matches_f_conv2d(stub, ks, stride, padding, dilation, act, kind):
+    from sparsert.ops.conv import ConvWeight
+    w4 = _sparse(6, 4 * ks[0] * ks[1], 0.4).reshape(6, 4, *ks)
+    cw = ConvWeight.from_dense(w4, kind)
+    x = torch.randn(2, 4, 9, 8)
+    b = torch.randn(6)
+    rp, col, vals, r, c = cw.format.kernel_arrays()
+    y = cu.conv2d_bsr_cuda(x, rp, col, vals, 6, ks, r, c, b, stride, padding, dilation, 1, act)
+    ref = F.conv2d(x.double(), cw.to_dense().double(), b.double(), stride, padding, dilation)
+    ref = {0: ref, 1: torch.relu(ref), 2: F.gelu(ref), 3: ref.clamp(0, 6)}[act]
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    assert stub.calls[-1]["kernel"] == ""
+
+
+def test_conv2d_cuda_path_grouped_takes_pure_torch(stub):
+    w4 = _sparse(6, 2 * 9, 0.5).reshape(6, 2, 3, 3)
+    fmt = CSR.from_dense(w4.reshape(6, -1))
+    x = torch.randn(1, 4, 7, 7)
+    y = cu.conv2d_bsr_cuda(x, fmt.row_ptr, fmt.col_indices, fmt.values, 6, (3, 3), 1, 1, None, (1, 1), (1, 1),
+                           (1, 1), 2, 0)
+    torch.testing.assert_close(y, F.conv2d(x, w4, None, 1, 1, 1, 2), rtol=1e-5, atol=1e-5)
+    assert not stub.calls
+
+
 # --------------------------------------------------------------------------
 # The op, parametrized by device (CPU always; CUDA when present)
 # --------------------------------------------------------------------------
@@ -552,3 +581,18 @@ def test_forced_semi_structured_rejects_other_weights():
     x = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="2:4"):
         _run_kernel(cu.SEMI_STRUCTURED, fmt, x)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["csr", "bsr16x16"])
+def test_conv2d_bf16_on_gpu(kind):
+    from sparsert.ops.conv import ConvWeight
+    w4 = _block_sparse(32, 16 * 9, (16, 16), 0.5).reshape(32, 16, 3, 3)
+    cw = ConvWeight.from_dense(w4, kind)
+    cw = ConvWeight(cw.format.to("cuda", dtype=torch.bfloat16), cw.kernel_size)
+    x = torch.randn(2, 16, 10, 9, device="cuda", dtype=torch.bfloat16)
+    y = sparsert.ops.conv2d(x, cw, None, 1, 1, activation="relu")
+    ref = torch.relu(F.conv2d(x.double().cpu(), cw.to_dense().double().cpu(), None, 1, 1))
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    bound = F.conv2d(x.double().cpu().abs(), cw.to_dense().double().cpu().abs(), None, 1, 1)
+    assert ((y.double().cpu() - ref).abs() <= 2.0 ** -7 * (ref.abs() + bound)).all()

@@ -1,4 +1,5 @@
-"""CUDA implementations of ``torch.ops.sparsert.linear_bsr`` (kernels in ``sparsert._C_cuda``).
+"""CUDA implementations of ``torch.ops.sparsert.linear_bsr`` and ``conv2d_bsr`` (kernels in
+``sparsert._C_cuda``; convolutions are im2col + the same SpMM).
 
 Imported by :mod:`sparsert.ops` only when ``torch.cuda.is_available()``;
 importing it never loads the CUDA module (that happens at the first call,
@@ -40,10 +41,12 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..formats._common import decode_indices
+from .conv import _KERNEL_ACTIVATION as _CONV_KERNEL_ACTIVATION
+from .conv import _apply_after, _out_size, conv2d_bsr, conv2d_bsr_torch
 from .linear import _KERNEL_ACTIVATION, _apply_activation, _dense_weight, linear_bsr
 
 __all__ = ["native_cuda", "available", "kernels", "compute_dtype", "is_2_4", "select_path",
-           "linear_bsr_cuda", "SEMI_STRUCTURED"]
+           "linear_bsr_cuda", "conv2d_bsr_cuda", "SEMI_STRUCTURED"]
 
 #: dtype codes of the native module
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -286,3 +289,34 @@ def _linear_bsr_cuda(x, row_ptr, col_indices, values, out_features, block_rows, 
                      activation, num_threads):
     return linear_bsr_cuda(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias,
                            activation, num_threads)
+
+
+def conv2d_bsr_cuda(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_channels: int,
+                    kernel_size, block_rows: int, block_cols: int, bias: Optional[Tensor], stride, padding,
+                    dilation, groups: int, activation: int, num_threads: int = 0, kernel: str = "") -> Tensor:
+    """The CUDA path of ``sparsert::conv2d_bsr``: im2col (``F.unfold``) then the
+    SpMM of :func:`linear_bsr_cuda`, one token per output pixel. Grouped
+    convolutions and empty outputs take the pure-torch path."""
+    del num_threads
+    kh, kw = kernel_size
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    n, cin, h, w = x.shape
+    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    if groups != 1 or oh <= 0 or ow <= 0 or n == 0:
+        return conv2d_bsr_torch(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows,
+                                block_cols, bias, stride, padding, dilation, groups, activation)
+    patches = F.unfold(x, (kh, kw), dilation=tuple(dilation), padding=tuple(padding), stride=tuple(stride))
+    tokens = patches.transpose(1, 2).reshape(n * oh * ow, cin * kh * kw)  # columns ordered (c, i, j) like W
+    y = linear_bsr_cuda(tokens, row_ptr, col_indices, values, out_channels, block_rows, block_cols, bias,
+                        _CONV_KERNEL_ACTIVATION[activation], 0, kernel)
+    y = y.reshape(n, oh * ow, out_channels).transpose(1, 2).reshape(n, out_channels, oh, ow)
+    return _apply_after(y, activation)
+
+
+@conv2d_bsr.register_kernel("cuda")
+def _conv2d_bsr_cuda(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows, block_cols,
+                     bias, stride, padding, dilation, groups, activation, num_threads):
+    return conv2d_bsr_cuda(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows,
+                           block_cols, bias, stride, padding, dilation, groups, activation, num_threads)
