@@ -6,6 +6,7 @@
 #   SPARSERT_CUDA_BUILD_DIR  build directory (default build-cuda)
 #   SPARSERT_CUDA_JOBS       parallel compile jobs (default 2)
 #   CMAKE_CUDA_ARCHITECTURES e.g. "90-real" to build for one GPU only (faster)
+#   SPARSERT_ALLOW_WARNINGS=1 list warnings without failing (another nvcc/gcc)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -28,5 +29,5 @@ cmake -S . -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DSPARSERT_CUDA=ON
 cmake --build "$BUILD" --target _C_cuda -j "$JOBS" >> "$LOG" 2>&1 || { cat "$LOG"; exit 1; }
 if grep -E "csrc/.*(warning|Warning)" "$LOG"; then
   echo "[build_cuda] compiler warnings in our sources (listed above)" >&2
-  exit 1
+  [ "${SPARSERT_ALLOW_WARNINGS:-0}" = 1 ] || exit 1
 fi

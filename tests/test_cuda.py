@@ -190,6 +190,20 @@ def test_prepare_nm_regular_rows_no_order_and_2_4_detected():
     assert prep.semi is None
 
 
+def test_converted_bias_is_cached_per_weight_and_follows_changes():
+    fmt = CSR.from_dense(_sparse(6, 6, 0.5))
+    prep = cu._prepare(fmt.row_ptr, fmt.col_indices, fmt.values, 6, 6, 1, 1, torch.float32, torch.device("cpu"))
+    b16 = torch.randn(6).bfloat16()
+    first = cu._converted_bias(prep, b16, torch.float32)
+    assert first.dtype == torch.float32 and torch.equal(first, b16.float())
+    assert cu._converted_bias(prep, b16, torch.float32) is first
+    b16.mul_(2)
+    assert torch.equal(cu._converted_bias(prep, b16, torch.float32), b16.float())
+    b32 = torch.randn(6)
+    assert cu._converted_bias(prep, b32, torch.float32).data_ptr() == b32.data_ptr()  # nothing to convert
+    assert cu._converted_bias(prep, None, torch.float32) is None
+
+
 def test_prepare_rejects_inconsistent_arrays():
     fmt = CSR.from_dense(_sparse(6, 6, 0.5))
     with pytest.raises(ValueError, match="does not match"):

@@ -118,7 +118,7 @@ class _Prepared:
     """What one weight needs besides its arrays. Holds no reference to the
     arrays themselves (only converted copies), so the weak cache can drop it."""
 
-    __slots__ = ("key", "nnz", "row_ptr", "col_indices", "values", "row_order", "semi", "two_four")
+    __slots__ = ("key", "nnz", "row_ptr", "col_indices", "values", "row_order", "semi", "two_four", "bias")
 
     def __init__(self, key):
         self.key = key
@@ -129,6 +129,7 @@ class _Prepared:
         self.row_order: Optional[Tensor] = None   # int32 row permutation, longest rows first
         self.semi = None                          # torch SparseSemiStructuredTensor
         self.two_four = False
+        self.bias: tuple = (None, None)           # (key of the bias it came from, converted bias)
 
 
 _CACHE = WeakIdKeyDictionary()
@@ -234,6 +235,19 @@ def _kernel_input(x2: Tensor) -> Tensor:
     return padded[:, :cols]
 
 
+def _converted_bias(prep: _Prepared, bias: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``bias`` as a contiguous ``dtype`` tensor; conversions are kept with the
+    weight's preparation (one per weight and bias, not one per call)."""
+    if bias is None:
+        return None
+    if bias.dtype == dtype and bias.is_contiguous():
+        return bias.detach()
+    key = (bias.data_ptr(), _version(bias), bias.dtype, tuple(bias.stride()), dtype)
+    if prep.bias[0] != key:
+        prep.bias = (key, bias.detach().to(dtype).contiguous())
+    return prep.bias[1]
+
+
 def _launch_context(x: Tensor) -> tuple:
     """(device index, torch's current stream handle) for a kernel on x's device."""
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -260,16 +274,17 @@ def linear_bsr_cuda(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Ten
         raise ValueError("this weight cannot take torch's 2:4 path (needs 1x1 blocks in the 2:4 pattern, "
                          "fp16/bf16, sides multiples of 64, and a GPU with sparse tensor cores)")
     if prep.semi is not None and kernel in ("", SEMI_STRUCTURED) and tokens > 0:
-        b = None if bias is None else bias.to(dtype)
+        b = _converted_bias(prep, bias, dtype)
         y = _apply_activation(F.linear(x2.contiguous(), prep.semi, b), activation)
-        return y.reshape(*lead, out_features).to(x.dtype)
+        # torch's 2:4 product may return a transposed view; the fake impl promises contiguous.
+        return y.reshape(*lead, out_features).to(x.dtype).contiguous()
 
     xk = _kernel_input(x2)
     y = torch.empty(tokens, out_features, dtype=dtype, device=x.device)
     rp = prep.row_ptr if prep.row_ptr is not None else row_ptr
     vals = prep.values if prep.values is not None else values
     col = prep.col_indices if prep.col_indices is not None else col_indices
-    b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    b32 = _converted_bias(prep, bias, torch.float32)
     if tokens > 0 and out_features > 0:
         device_index, stream = _launch_context(x)
         native_cuda().spmm(
