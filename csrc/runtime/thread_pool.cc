@@ -3,10 +3,11 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -19,16 +20,39 @@
   } while (0)
 #endif
 
-#include <unistd.h>
-
 namespace sparsert {
 namespace {
 
-// How long an idle worker spins before it sleeps. Long enough to bridge the
+// How long an idle worker spins before it sleeps: long enough to bridge the
 // gap between two layers, short enough not to starve torch's own threads.
 constexpr auto kSpinTime = std::chrono::microseconds(200);
 
 thread_local bool tls_inside_job = false;
+
+// One parallel_run call. Tasks are claimed from a counter by whichever
+// threads show up, so a worker the OS has not scheduled yet (a busy or
+// oversubscribed machine) delays nothing: the caller runs its tasks.
+struct Job {
+  const std::function<void(int, int)>* fn = nullptr;
+  int tasks = 0;
+  std::atomic<int> next{0};
+  std::atomic<int> done{0};
+
+  void participate() {
+    for (int t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
+      (*fn)(t, tasks);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+template <typename Done>
+void wait_until(Done is_done) {
+  for (int i = 0; !is_done(); ++i) {
+    if (i < 2048) SPARSERT_PAUSE(); else std::this_thread::yield();
+  }
+}
 
 class ThreadPool {
  public:
@@ -42,44 +66,44 @@ class ThreadPool {
     for (auto& t : workers_) t.join();
   }
 
-  void run(int num_threads, const std::function<void(int, int)>& fn) {
+  void run(int num_tasks, const std::function<void(int, int)>& fn) {
     std::lock_guard<std::mutex> serialize(run_mutex_);
-    ensure_workers(num_threads - 1);
-    remaining_.store(num_threads - 1, std::memory_order_relaxed);
+    ensure_workers(num_tasks - 1);
+    Job job;
+    job.fn = &fn;
+    job.tasks = num_tasks;
     {
-      // The job and its generation change together, under the lock, so a
-      // worker never pairs one generation with another's job.
       std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &fn;
-      job_threads_ = num_threads;
+      job_ = &job;
       generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     tls_inside_job = true;
-    fn(0, num_threads);
+    job.participate();
     tls_inside_job = false;
-    // Wait for the others; yield when they take long, so an oversubscribed
-    // machine can schedule them instead of this spinning thread.
-    for (int i = 0; remaining_.load(std::memory_order_acquire) != 0; ++i) {
-      if (i < 2048) SPARSERT_PAUSE(); else std::this_thread::yield();
+    wait_until([&] { return job.done.load(std::memory_order_acquire) == num_tasks; });
+    {
+      // Close the job; workers that already joined it finish (they find no
+      // task left) before `job` leaves this stack frame.
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = nullptr;
     }
+    wait_until([&] { return active_.load(std::memory_order_acquire) == 0; });
   }
 
  private:
   void ensure_workers(int count) {
     while (static_cast<int>(workers_.size()) < count) {
-      const int index = static_cast<int>(workers_.size());
       // The worker starts from the current generation, read here and not in
       // the new thread, so a job published before it first runs is not missed.
       const uint64_t start = generation_.load(std::memory_order_acquire);
-      workers_.emplace_back([this, index, start] { worker_loop(index + 1, start); });
+      workers_.emplace_back([this, start] { worker_loop(start); });
     }
   }
 
-  void worker_loop(int thread_id, uint64_t seen) {
+  void worker_loop(uint64_t seen) {
     tls_inside_job = true;
     for (;;) {
-      // Spin, then sleep, until the generation moves on.
       uint64_t now = seen;
       const auto spin_until = std::chrono::steady_clock::now() + kSpinTime;
       for (int i = 0;; ++i) {
@@ -88,8 +112,7 @@ class ThreadPool {
         SPARSERT_PAUSE();
         if ((i & 63) == 63 && std::chrono::steady_clock::now() > spin_until) break;
       }
-      const std::function<void(int, int)>* job;
-      int job_threads;
+      Job* job = nullptr;
       {
         std::unique_lock<std::mutex> lock(mutex_);
         if (now == seen) {
@@ -98,11 +121,11 @@ class ThreadPool {
         seen = generation_.load(std::memory_order_acquire);
         if (stopping_) return;
         job = job_;
-        job_threads = job_threads_;
+        if (job != nullptr) active_.fetch_add(1, std::memory_order_acq_rel);
       }
-      if (job != nullptr && thread_id < job_threads) {
-        (*job)(thread_id, job_threads);
-        remaining_.fetch_sub(1, std::memory_order_acq_rel);
+      if (job != nullptr) {
+        job->participate();
+        active_.fetch_sub(1, std::memory_order_acq_rel);
       }
     }
   }
@@ -112,9 +135,8 @@ class ThreadPool {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> remaining_{0};
-  const std::function<void(int, int)>* job_ = nullptr;
-  int job_threads_ = 0;
+  std::atomic<int> active_{0};
+  Job* job_ = nullptr;
   bool stopping_ = false;
 };
 
@@ -136,11 +158,12 @@ ThreadPool* global_pool() {
 }  // namespace
 
 void parallel_run(int num_threads, const std::function<void(int, int)>& fn) {
-  if (num_threads <= 1 || tls_inside_job) {
-    for (int t = 0; t < (num_threads < 1 ? 1 : num_threads); ++t) fn(t, num_threads < 1 ? 1 : num_threads);
+  const int n = num_threads < 1 ? 1 : num_threads;
+  if (n == 1 || tls_inside_job) {
+    for (int t = 0; t < n; ++t) fn(t, n);
     return;
   }
-  global_pool()->run(num_threads, fn);
+  global_pool()->run(n, fn);
 }
 
 }  // namespace sparsert

@@ -10,8 +10,10 @@
 
 namespace sparsert {
 
-// Runs fn(thread_id, num_threads) for thread_id in [0, num_threads) and
-// returns when all have finished. The calling thread runs thread_id 0.
+// Runs fn(task, num_threads) for every task in [0, num_threads) and returns
+// when all have finished. Up to num_threads threads (the caller among them)
+// claim tasks dynamically, so a worker the OS is slow to schedule does not
+// hold the call up. Per-thread scratch must be thread_local, not per task.
 // Calls from inside a running job, or with num_threads <= 1, run inline.
 void parallel_run(int num_threads, const std::function<void(int, int)>& fn);
 
