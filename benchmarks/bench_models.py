@@ -27,8 +27,12 @@ import os
 import sys
 import time
 
-import torch
-from torch import nn
+# libgomp reads its wait policy when torch loads: set it before the import.
+if "--omp-passive" in sys.argv:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,8 +131,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--layer-repeats", type=int, default=10)
-    ap.add_argument("--layer-time", type=float, default=0.05, help="sparsify timing budget per candidate (s)")
+    ap.add_argument("--layer-time", type=float, default=0.03, help="sparsify timing budget per candidate (s)")
     ap.add_argument("--markdown", default="", help="write the results section to this file")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE for torch's OpenMP threads (dense and sparse alike)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cases = {"bert4x1": lambda: case_bert(args, "4x1"), "bert1x1": lambda: case_bert(args, "unstructured"),
@@ -142,7 +148,9 @@ def main():
         f"- date: {datetime.date.today().isoformat()}; CPU: {cpu_name()} ({os.cpu_count()} cores visible); "
         f"torch {torch.__version__}; threads {args.threads}; fp32",
         f"- commit: {git_commit()}; load average at the end: {load}",
-        f"- command: `python benchmarks/bench_models.py --threads {args.threads} --models {args.models}`", ""]
+        f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: libgomp spins)')}",
+        f"- command: `python benchmarks/bench_models.py --threads {args.threads} --models {args.models}"
+        f"{' --omp-passive' if args.omp_passive else ''}`", ""]
     text = "\n".join(header + sections)
     if args.markdown:
         with open(args.markdown, "w") as f:

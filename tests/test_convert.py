@@ -409,3 +409,13 @@ def test_layer_not_run_by_example_inputs_stays_dense():
     assert sparse.sparsity_plan["unused"].chosen == "dense"
     assert sparse.sparsity_plan["unused"].reason == "not run by example_inputs"
     assert sparse.sparsity_plan["used"].chosen != "dense"
+
+
+def test_threads_are_restored_and_verbose_prints(capsys):
+    model = magnitude_prune(mlp(), 0.9)
+    before = torch.get_num_threads()
+    sparse = sparsert.sparsify(model, example_inputs=torch.randn(4, 64), threads=1, verbose=True, **FAST)
+    assert torch.get_num_threads() == before
+    assert sparse.sparsity_plan.threads == 1
+    out = capsys.readouterr().out
+    assert all(f"[sparsify] {d.name}: {d.chosen}" in out for d in sparse.sparsity_plan)
