@@ -286,6 +286,9 @@ def test_native_select_kernel_falls_back_for_misaligned_x():
     mod = _native_or_skip()
     assert mod.select_kernel(512, 1024, 32, 32, 16, 64, 2, x=2, x_row_stride=1024) == "bf16_spmm_ref_cuda"
     assert mod.select_kernel(512, 1020, 32, 32, 16, 64, 2, x_row_stride=1020) == "bf16_spmm_ref_cuda"
+    assert mod.select_kernel(512, 1020, 1, 1, 16, 64, 2, x_row_stride=1020) == "bf16_spmm_ref_cuda"
+    assert mod.select_kernel(512, 1020, 1, 1, 16, 64, 2, x=8, x_row_stride=1024) == "bf16_spmm_ref_cuda"
+    assert mod.select_kernel(512, 1020, 1, 1, 16, 1, 2, x_row_stride=1020) == "bf16_spmm_csr_t1_cuda"
 
 
 def test_native_rejects_bad_arguments_before_touching_memory():

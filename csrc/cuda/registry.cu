@@ -68,7 +68,10 @@ std::string check_kernel(const CudaKernelInfo& k, const SpmmProblem& p, int devi
   if (k.kind == "reference") return "";
   if (p.rows > INT32_MAX || p.cols > INT32_MAX) return "rows and cols must fit in int32";
   if (k.kind == "csr") {
-    if (!aligned16(p.values) || !aligned16(p.col_idx)) return "values and col_idx must be 16-byte aligned";
+    if (!aligned16(p.values) || !aligned16(p.col_idx) || !aligned16(p.x))
+      return "values, col_idx and x must be 16-byte aligned";
+    if (p.tokens > 1 && (p.x_row_stride * dtype_size(p.dtype)) % 16 != 0)
+      return "x rows must start 16-byte aligned (row stride a multiple of 16 bytes)";
     const int64_t smem = csr_smem_bytes(p, k.token_tile);
     if (smem > smem_optin(device))
       return "x stage needs " + std::to_string(smem) + " bytes of shared memory, the device has " +

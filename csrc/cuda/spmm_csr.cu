@@ -4,7 +4,8 @@
 // few tokens (the decode case this kernel is for):
 //  - x is staged transposed in shared memory, TT tokens per stage, so the
 //    TT values one nonzero multiplies are contiguous: one vector load
-//    (LDS.32/64/128) per nonzero instead of TT scattered gathers;
+//    (LDS.32/64/128) per nonzero instead of TT scattered gathers; the stage
+//    is read with 16-byte loads (x rows 16-byte aligned);
 //  - index pre-scaling: a column index is multiplied by TT once, as it is
 //    loaded, into the shared-memory offset the inner loop uses directly;
 //  - row swizzle load balancing: warps visit rows in the order `row_order`
@@ -48,15 +49,32 @@ __global__ void __launch_bounds__(kCsrThreads) spmm_csr_kernel(SpmmProblem p) {
   const int warp = threadIdx.x >> 5;
   const int warps = blockDim.x >> 5;
   const int64_t stages = (p.tokens + TT - 1) / TT;
+  constexpr int kE = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte vector of x
 
   for (int64_t stage = blockIdx.x; stage < stages; stage += gridDim.x) {
     const int64_t t0 = stage * TT;
     const int nt = static_cast<int>(p.tokens - t0 < TT ? p.tokens - t0 : TT);
     __syncthreads();  // every warp is done reading the previous stage
-    // Coalesced reads along x's rows, transposed writes: xs[k * TT + j] = x[t0 + j, k].
-    for (int i = threadIdx.x; i < cols * TT; i += blockDim.x) {
-      const int j = i / cols;
-      const int k = i - j * cols;
+    // Stage xs[k * TT + j] = x[t0 + j, k]. Thread i takes token j = i % TT
+    // and the 16-byte vector kv = i / TT of that token's row (kE columns), so
+    // a warp reads whole sectors of TT rows; the writes transpose it. The
+    // last cols % kE columns go one element per thread.
+    const int vectors = cols / kE;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < vectors * TT; i += blockDim.x) {
+      const int j = i % TT, kv = i / TT;
+      Vec<T, kE> v;
+      if (j < nt) {
+        v = *reinterpret_cast<const Vec<T, kE>*>(x + (t0 + j) * p.x_row_stride + kv * kE);
+      } else {
+#pragma unroll
+        for (int u = 0; u < kE; ++u) v.v[u] = from_f32<T>(0.0f);
+      }
+#pragma unroll
+      for (int u = 0; u < kE; ++u) xs[(kv * kE + u) * TT + j] = v.v[u];
+    }
+    for (int i = threadIdx.x; i < (cols - vectors * kE) * TT; i += blockDim.x) {
+      const int j = i % TT, k = vectors * kE + i / TT;
       xs[k * TT + j] = j < nt ? x[(t0 + j) * p.x_row_stride + k] : from_f32<T>(0.0f);
     }
     __syncthreads();
