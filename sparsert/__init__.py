@@ -2,13 +2,16 @@
 
 Prune a PyTorch model (``sparsert.prune``), pack its pruned layers into sparse
 formats (``sparsert.formats``) and run them with native kernels
-(``sparsert.ops``). Importing the package is cheap: the native extension and
-the heavier sub-packages load on first use.
+(``sparsert.ops``). ``import sparsert`` registers the ``torch.ops.sparsert``
+ops (so an exported program that calls them loads after it); the native
+extension and the other sub-packages load on first use.
 """
 
 from __future__ import annotations
 
 import importlib
+
+from . import ops  # noqa: F401  (registers torch.ops.sparsert.*)
 
 __version__ = "0.1.0"
 
