@@ -194,3 +194,47 @@ def test_data_criteria_need_data(name):
     lin = _tiny()
     with pytest.raises(ValueError, match="calibration data"):
         get_criterion(name).scores(lin, {"l": lin}, None)
+
+
+class _TokenModel(nn.Module):
+    """Takes HF-style keyword inputs: (B, T, 3) features and an attention mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = _tiny()
+
+    def forward(self, inputs_embeds, attention_mask):
+        return self.lin(inputs_embeds)
+
+
+@pytest.mark.parametrize("name", ["wanda", "activation"])
+def test_padding_tokens_are_ignored_for_dict_batches(name):
+    model = _TokenModel()
+    x = torch.tensor([[[1.0, 2.0, -1.0], [0.5, -1.0, 3.0]], [[2.0, 0.0, 1.0], [100.0, 100.0, 100.0]]])
+    mask = torch.tensor([[1, 1], [1, 0]])  # the huge last token is padding
+    got = get_criterion(name).scores(model, {"l": model.lin}, [{"inputs_embeds": x, "attention_mask": mask}])["l"]
+    real = x[mask.bool()].unsqueeze(0)
+    ref_model = _TokenModel()
+    want = get_criterion(name).scores(
+        ref_model, {"l": ref_model.lin}, [{"inputs_embeds": real, "attention_mask": torch.ones(1, 3)}]
+    )["l"]
+    torch.testing.assert_close(got, want)
+
+
+def test_progress_bars_can_be_switched_on(capsys):
+    lin = _tiny()
+    x, y = _xy()
+    get_criterion("taylor").scores(lin, {"l": lin}, [(x, y)], progress=True)
+    assert "taylor scores" in capsys.readouterr().err
+
+
+def test_pruner_passes_hessian_estimator():
+    from sparsert.prune import Pruner
+
+    m = nn.Sequential(_tiny())
+    p = Pruner(m, "hessian", estimator="sqgrad", sparsity=0.5)
+    assert p.criterion.estimator == "sqgrad"
+    with pytest.raises(ValueError, match="estimator"):
+        Pruner(m, "hessian", estimator="bogus")
+    with pytest.raises(TypeError):
+        Pruner(m, "magnitude", estimator="sqgrad")

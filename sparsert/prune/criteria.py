@@ -13,6 +13,7 @@ statistic updates) and restore the train/eval mode the model had.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Callable, Iterable
 
@@ -58,6 +59,22 @@ def _requires_grad(weights: list[torch.Tensor]):
     finally:
         for w, r in zip(weights, old):
             w.requires_grad_(r)
+
+
+def _token_mask(batch) -> torch.Tensor | None:
+    """The ``attention_mask`` of a dict batch (Hugging Face style), else ``None``."""
+    if isinstance(batch, Mapping):
+        m = batch.get("attention_mask")
+        if isinstance(m, torch.Tensor) and m.dim() == 2:
+            return m
+    return None
+
+
+def _real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Rows of a ``(B, T, F)`` activation that are real tokens (padding dropped)."""
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(x.device).bool()]
+    return x.reshape(-1, x.shape[-1])
 
 
 def _bar(data: Iterable, desc: str, progress: bool | None):
@@ -248,6 +265,8 @@ class Activation(Criterion):
       non-zero after a following ReLU (1 − APoZ, Hu et al. 2016);
     * ``mode="mean"``: the mean ``|activation|``.
 
+    For dict batches with an ``attention_mask``, padding tokens are left out.
+
     The unit score ``a_i`` is broadcast to the unit's weights. With
     ``weighted=True`` (default) the weight score is ``a_i · |w_ij|`` so that
     element/block patterns still rank weights inside a unit; with
@@ -272,6 +291,7 @@ class Activation(Criterion):
         sums = {n: torch.zeros(m.weight.shape[0], dtype=torch.float64) for n, m in layers.items()}
         counts = {n: 0 for n in layers}
         handles = []
+        current: list = [None]  # attention mask of the batch being run
 
         def make_hook(name, module):
             conv = isinstance(module, nn.modules.conv._ConvNd)
@@ -281,7 +301,7 @@ class Activation(Criterion):
                 if conv:
                     o = o.transpose(0, 1).reshape(o.shape[1], -1)
                 else:
-                    o = o.reshape(-1, o.shape[-1]).t()
+                    o = _real_tokens(o, current[0]).t()
                 v = (o > 0).double() if self.mode == "apoz" else o.abs().double()
                 sums[name] += v.sum(1).cpu()
                 counts[name] += o.shape[1]
@@ -293,6 +313,7 @@ class Activation(Criterion):
         try:
             with _eval_mode(model), torch.no_grad():
                 for batch in _bar(data, "activation scores", progress):
+                    current[0] = _token_mask(batch)
                     run(model, batch)
         finally:
             for h in handles:
@@ -312,7 +333,8 @@ class Wanda(Criterion):
     """Wanda (Sun et al. 2023): ``|w_ij| · ‖x_j‖₂``, compared within each output row.
 
     ``‖x_j‖₂`` is the L2 norm of input feature ``j`` over every token/position
-    of the calibration data (for a Conv, over the unfolded input patches). No
+    of the calibration data (for a Conv, over the unfolded input patches;
+    for dict batches with an ``attention_mask``, padding tokens are left out). No
     gradients, no retraining; with ``scope=None`` the Pruner ranks weights per
     output row, as in the paper.
     """
@@ -326,6 +348,7 @@ class Wanda(Criterion):
             raise ValueError("criterion 'wanda' needs calibration data")
         sq: dict[str, torch.Tensor | None] = {n: None for n in layers}
         handles = []
+        current: list = [None]  # attention mask of the batch being run
 
         def make_hook(name, module):
             def hook(mod, args):
@@ -337,7 +360,7 @@ class Wanda(Criterion):
                     g = mod.groups
                     v = cols.pow(2).sum(dim=(0, 2)).reshape(g, -1)  # (groups, cin/g*kh*kw)
                 elif isinstance(mod, nn.Linear):
-                    v = x.reshape(-1, x.shape[-1]).pow(2).sum(0).reshape(1, -1)
+                    v = _real_tokens(x, current[0]).pow(2).sum(0).reshape(1, -1)
                 else:
                     raise TypeError(f"wanda supports Linear and Conv2d, not {type(mod).__name__}")
                 sq[name] = v if sq[name] is None else sq[name] + v
@@ -349,6 +372,7 @@ class Wanda(Criterion):
         try:
             with _eval_mode(model), torch.no_grad():
                 for batch in _bar(data, "wanda scores", progress):
+                    current[0] = _token_mask(batch)
                     run(model, batch)
         finally:
             for h in handles:
