@@ -212,3 +212,14 @@ def test_bad_schedules():
         Gradual(begin_step=5, end_step=5)
     with pytest.raises(ValueError):
         Iterative(rounds=0)
+
+
+def test_top_level_shorthand_is_callable():
+    import sparsert
+    import sparsert.prune as sp
+
+    m = _mlp()
+    assert sparsert.prune(m, sparsity=0.5) is m  # works whether the name resolves to the module or function
+    assert sp(m, sparsity=0.75) is m
+    assert _sparsity(m[2]) == pytest.approx(0.75)
+    assert sparsert.Pruner is Pruner

@@ -68,3 +68,19 @@ __all__ = [
     "report",
     "weight_2d_shape",
 ]
+
+
+# ``sparsert.prune`` is both this sub-package and the one-call shorthand
+# ``sparsert.prune(model, ...)``. Importing the sub-package rebinds the
+# attribute ``sparsert.prune`` to the module, so make the module callable.
+import sys as _sys
+import types as _types
+
+
+class _CallableModule(_types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        """``sparsert.prune(model, ...)`` is :func:`sparsert.prune.prune`."""
+        return prune(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule
