@@ -346,3 +346,21 @@ def test_pure_torch_default_matches(activation):
     x, bias = torch.randn(2, 8, 9, 9), torch.randn(16)
     y = conv2d_bsr_torch(x, rp, col, values, 16, [3, 3], r, c, bias, [2, 2], [1, 1], [1, 1], 2, activation)
     assert_close(y, reference(x, w4, bias, (2, 2), (1, 1), (1, 1), 2, activation), k=36)
+
+
+def test_eager_fast_path_equals_the_op():
+    """conv2d skips the custom-op dispatch in plain eager CPU calls; same numbers either way."""
+    from sparsert.ops.conv import _eager_cpu
+    w4 = pruned_weight(16, 8, 3, 3, 0.4, (4, 1))
+    fmt = pack4(w4, (4, 1))
+    rp, col, values, r, c = fmt.kernel_arrays()
+    x, bias = torch.randn(2, 8, 9, 9), torch.randn(16)
+    assert _eager_cpu(x, bias)
+    assert not _eager_cpu(x.requires_grad_(), bias)
+    with torch.no_grad():
+        assert _eager_cpu(x, bias)
+        fast = ops.conv2d(x, ConvWeight(fmt, (3, 3)), bias, stride=2, padding=1, activation="relu6")
+    via_op = torch.ops.sparsert.conv2d_bsr.default(x.detach(), rp, col, values, 16, [3, 3], r, c, bias, [2, 2],
+                                                   [1, 1], [1, 1], 1, 3, 0)
+    torch.testing.assert_close(fast, via_op, rtol=0, atol=0)
+    assert_close(fast, reference(x.detach(), w4, bias, (2, 2), (1, 1), (1, 1), 1, 3), k=72)
