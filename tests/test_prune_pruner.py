@@ -223,3 +223,21 @@ def test_top_level_shorthand_is_callable():
     assert sp(m, sparsity=0.75) is m
     assert _sparsity(m[2]) == pytest.approx(0.75)
     assert sparsert.Pruner is Pruner
+
+
+def test_calibrate_and_finetune_accept_a_dataloader():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sparsert.prune import finetune
+
+    m = _mlp()
+    ds = TensorDataset(torch.randn(40, 16), torch.randint(0, 4, (40,)))
+    loader = DataLoader(ds, batch_size=8)
+    p = Pruner(m, importance="fisher", sparsity=0.5, schedule=Iterative(2))
+    p.calibrate(loader)
+    p.step()
+    p.step()
+    assert _sparsity(m[0]) == pytest.approx(0.5)
+    zeros = m[0].weight.detach() == 0
+    finetune(m, loader, epochs=1)
+    assert bool((m[0].weight.detach()[zeros] == 0).all())
