@@ -339,12 +339,7 @@ print("sparsert-ops", n)
 """
 
 
-@pytest.mark.parametrize("import_line", [
-    "import sparsert.ops",
-    pytest.param("import sparsert", marks=pytest.mark.xfail(
-        strict=True, reason="plain `import sparsert` is lazy and does not register torch.ops.sparsert yet "
-                            "(sparsert/__init__.py must import sparsert.ops; owned by the lead)")),
-])
+@pytest.mark.parametrize("import_line", ["import sparsert.ops", "import sparsert"])
 def test_exported_program_runs_in_a_fresh_process_without_model_code(tmp_path, import_line):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 8))

@@ -268,3 +268,21 @@ def test_raw_op_rejects_inconsistent_arrays_without_crashing():
     for row_ptr, col, values in cases:
         with pytest.raises((ValueError, RuntimeError)):
             op(x, row_ptr, col, values, 10, 1, 1, None, 0, 0)
+
+
+def test_eager_fast_path_and_dispatcher_path_agree():
+    """ops.linear skips the dispatcher in plain eager CPU calls; traced/fake calls use the op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w = random_sparse(20, 24, 0.3)
+    fmt = CSR.from_dense(w)
+    x, bias = torch.randn(5, 24), torch.randn(20)
+    row_ptr, col, values, r, c = fmt.kernel_arrays()
+    through_op = torch.ops.sparsert.linear_bsr(x, row_ptr, col, values, 20, r, c, bias, 1, 0)
+    assert torch.equal(ops.linear(x, fmt, bias, "relu"), through_op)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = ops.linear(mode.from_tensor(x), fmt, bias)
+        assert fake.shape == (5, 20) and type(fake).__name__ == "FakeTensor"
+    x.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="autograd"):
+        ops.linear(x, fmt).sum().backward()

@@ -23,7 +23,7 @@ class NM(SparseFormat):
         self.n, self.m = int(n), int(m)
         self.values, self.col_indices = values, col_indices
         rows, width = values.shape
-        self._row_ptr = (torch.arange(rows + 1, dtype=torch.int64) * width).to(torch.int32)
+        self._row_ptr = (torch.arange(rows + 1, dtype=torch.int64, device=values.device) * width).to(torch.int32)
 
     @property
     def kind(self) -> str:  # type: ignore[override]
