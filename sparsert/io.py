@@ -848,7 +848,7 @@ def export(sparse_model: nn.Module, example_inputs, path: "str | os.PathLike"):
 
     The graph calls ``torch.ops.sparsert.*`` for every sparse layer, with the
     packed arrays as constants of the program. In a fresh process,
-    ``import sparsert.ops`` (registers the ops) then ``torch.export.load(path)``
+    ``import sparsert`` (registers the ops) then ``torch.export.load(path)``
     runs it without any model code. ``example_inputs`` is a tensor, a tuple of
     positional inputs, or a dict of keyword inputs. Outputs become built-in
     containers (a ``ModelOutput`` becomes a dict of its tensors), so loading
