@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 PRESETS = {
-    "digits-cnn": dict(sparsity=0.9, pattern="4x1", importance="taylor", epochs=4, exclude=["classifier", "conv1"],
+    "digits-cnn": dict(sparsity=0.9, pattern="4x1", importance="taylor", epochs=12, exclude=["classifier", "conv1"],
                        shape="256x1x8x8"),
-    "digits-mlp": dict(sparsity=0.9, pattern="4x1", importance="taylor", epochs=4, exclude=["classifier"],
+    "digits-mlp": dict(sparsity=0.9, pattern="4x1", importance="taylor", epochs=12, exclude=["classifier"],
                        shape="256x1x8x8"),
     "minilm": dict(sparsity=0.5, pattern="4x1", importance="wanda", epochs=1, exclude=["pooler"], shape="8x128"),
 }

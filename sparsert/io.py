@@ -238,8 +238,6 @@ def _compressed_storage(module: nn.Module, shared: set):
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or w.is_meta or _ident(w) in shared:
         return None
-    if isinstance(module, nn.Conv2d) and not isinstance(module.padding, (tuple, list, int, str)):
-        return None  # pragma: no cover
     w2 = w.detach().to("cpu").reshape(w.shape[0], -1)
     zeros = int((w2 == 0).sum())
     if zeros * 4 < w2.numel():  # under 25% zeros: CSR cannot win enough to be worth it

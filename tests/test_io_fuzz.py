@@ -28,7 +28,7 @@ from torch import nn
 from sparsert import io
 from sparsert.nn import SparseConv2d, SparseLinear
 
-FUZZ = settings(max_examples=150, deadline=None, database=None,
+FUZZ = settings(max_examples=100, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
