@@ -232,22 +232,47 @@ static void conv_compute(const RowBlocks<Idx>& w, const ConvShape& sh, const Con
   }
 }
 
-// Pointwise: the image is the dense operand.
+// Pointwise: the image is the dense operand. When H*W is not a multiple of the
+// vector width, channel rows start misaligned and most loads split cache
+// lines: then each image is first copied with its rows padded to whole
+// vectors (zeros), which also makes the last tile read inside the buffer.
+template <int R, int RT, int NV, int S, typename Idx>
+static void pointwise_blocks(const RowBlocks<Idx>& rb, const ConvShape& sh, const ConvArgs& a) {
+  const int64_t hw = sh.height * sh.width;
+  const int64_t cin_g = sh.in_channels_per_group();
+  if (hw % VW == 0) {
+    const auto image = [&](int64_t n) { return a.x + n * sh.in_channels * hw; };
+    conv_compute<R, RT, NV, S, Idx>(rb, sh, a, image, cin_g * hw, hw, hw, sh.width, true);
+    return;
+  }
+  const int64_t stride = (hw + VW - 1) / VW * VW;
+  static thread_local Scratch padded;
+  float* xp = padded.get(static_cast<size_t>(sh.in_channels) * stride);
+  const int threads = std::max(1, a.num_threads);
+  const auto image = [&](int64_t n) -> const float* {
+    const float* x = a.x + n * sh.in_channels * hw;
+    parallel_run(threads, [&](int tid, int nt) {
+      for (int64_t c = sh.in_channels * tid / nt; c < sh.in_channels * (tid + 1) / nt; ++c) {
+        std::memcpy(xp + c * stride, x + c * hw, sizeof(float) * hw);
+        std::memset(xp + c * stride + hw, 0, sizeof(float) * (stride - hw));
+      }
+    });
+    return xp;
+  };
+  conv_compute<R, RT, NV, S, Idx>(rb, sh, a, image, cin_g * stride, stride, hw, sh.width, false);
+}
+
 template <int R, int C, int RT, int NV, int S, typename Idx>
 static void pointwise_run(const BlockSparseMatrix& w, const ConvShape& sh, const ConvArgs& a) {
-  const int64_t hw = sh.height * sh.width;
-  const auto image = [&](int64_t n) { return a.x + n * sh.in_channels * hw; };
   if constexpr (C == 1) {
     RowBlocks<Idx> rb{w.row_ptr, static_cast<const Idx*>(w.col_idx), w.values};
-    conv_compute<R, RT, NV, S, Idx>(rb, sh, a, image, sh.in_channels_per_group() * hw, hw, hw,
-                                    sh.width, true);
+    pointwise_blocks<R, RT, NV, S, Idx>(rb, sh, a);
   } else {
     static thread_local std::vector<int32_t> row_ptr, ks;
     static thread_local std::vector<float> values;
     expand_blocks<R, C, Idx>(w, row_ptr, ks, values);
     RowBlocks<int32_t> rb{row_ptr.data(), ks.data(), values.data()};
-    conv_compute<R, RT, NV, S, int32_t>(rb, sh, a, image, sh.in_channels_per_group() * hw, hw,
-                                        hw, sh.width, true);
+    pointwise_blocks<R, RT, NV, S, int32_t>(rb, sh, a);
   }
 }
 
