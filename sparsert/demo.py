@@ -32,7 +32,7 @@ PRESETS = {
                        shape="256x1x8x8"),
     "digits-mlp": dict(sparsity=0.9, pattern="4x1", importance="taylor", epochs=12, exclude=["classifier"],
                        shape="256x1x8x8"),
-    "minilm": dict(sparsity=0.5, pattern="4x1", importance="wanda", epochs=1, exclude=["pooler"], shape="8x128"),
+    "minilm": dict(sparsity=0.5, pattern="4x1", importance="wanda", epochs=2, exclude=["pooler"], shape="8x128"),
 }
 
 
