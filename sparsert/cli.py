@@ -266,7 +266,7 @@ def cmd_sparsify(args) -> int:
         wl.model = densify(wl.model)
     inputs = _inputs(wl, args.example_shape)
     sparse = sparsify(wl.model, format=args.format, example_inputs=inputs, min_speedup=args.min_speedup,
-                      threads=args.threads)
+                      threads=args.threads, verbose=not args.json and sys.stdout.isatty())  # a line per layer
     plan = sparse.sparsity_plan
     if out.suffix == ".pt2":
         program = io.export(sparse, inputs, out)

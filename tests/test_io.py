@@ -421,3 +421,22 @@ def test_pruned_layers_that_run_dense_are_still_stored_compressed(tmp_path):
     wrong[0] = SparseConv2d.from_dense(wrong[0], "dense")
     with pytest.raises(io.SparsertFileError, match="runs dense and needs an nn.Linear/nn.Conv2d"):
         io.load(tmp_path / "m.sparsert", wrong)
+
+
+@pytest.mark.parametrize("kind", ["csr", "bsr1x4", "nm1:8"])
+def test_wide_layers_with_indices_above_32767_round_trip(tmp_path, kind):
+    # 16-bit indices hold uint16 bit patterns: columns >= 32768 are negative int16 values on disk
+    lin = nn.Linear(40000, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[0, 39999] = 1.5
+        lin.weight[1, 32768] = -2.0
+        lin.weight[2, 5] = 0.25
+    model = nn.Sequential(SparseLinear.from_dense(lin, kind))
+    assert model[0].packed.col_indices.dtype == torch.int16
+    io.save(model, tmp_path / "wide.sparsert")
+    loaded = io.load(tmp_path / "wide.sparsert", nn.Sequential(nn.Linear(40000, 3, bias=False)))
+    assert torch.equal(loaded[0].packed.to_dense(), lin.weight)
+    x = torch.randn(2, 40000)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), lin(x))
