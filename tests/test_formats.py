@@ -49,6 +49,8 @@ def test_sixteen_bit_indices_cover_the_full_uint16_range():
     assert torch.equal(fmt.to_dense(), w)
     x = torch.randn(3, 65536)
     torch.testing.assert_close(ops.linear(x, fmt), x @ w.t())
+    again = CSR.from_arrays(fmt.row_ptr, fmt.col_indices, fmt.values, fmt.shape)  # own compact layout
+    assert torch.equal(again.to_dense(), w)
     wide = torch.zeros(1, 65537)
     wide[0, 65536] = 1.0
     assert CSR.from_dense(wide).col_indices.dtype == torch.int32

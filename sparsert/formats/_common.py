@@ -85,11 +85,12 @@ def check_indices(name: str, indices: torch.Tensor, count: int) -> torch.Tensor:
     """Validates indices in [0, count) and returns them in the compact dtype."""
     check_tensor(name, indices, ndim=1, kinds="int")
     if indices.numel():
-        wide = indices.to(torch.int64)
+        # int16 arrays hold uint16 bit patterns (sparsert's own compact layout).
+        wide = decode_indices(indices)
         lo, hi = int(wide.min()), int(wide.max())
         if lo < 0 or hi >= count:
             raise ValueError(f"{name} must lie in [0, {count}); found values in [{lo}, {hi}]")
-    return encode_indices(indices, count)
+    return encode_indices(decode_indices(indices), count)
 
 
 def check_values(name: str, values: torch.Tensor, *, ndim: int, check_finite: bool) -> torch.Tensor:
