@@ -3,6 +3,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -23,9 +24,17 @@
 namespace sparsert {
 namespace {
 
-// How long an idle worker spins before it sleeps: long enough to bridge the
-// gap between two layers, short enough not to starve torch's own threads.
-constexpr auto kSpinTime = std::chrono::microseconds(200);
+// How long an idle worker spins before it sleeps. Spinning bridges the gap
+// between two sparse layers, but a spinning worker also steals a core from
+// torch's OpenMP threads when a dense op runs next, so it is kept short.
+// SPARSERT_SPIN_US overrides it (0 = always sleep).
+std::chrono::microseconds spin_time() {
+  static const std::chrono::microseconds value = [] {
+    const char* env = std::getenv("SPARSERT_SPIN_US");
+    return std::chrono::microseconds(env ? std::atol(env) : 50);
+  }();
+  return value;
+}
 
 thread_local bool tls_inside_job = false;
 
@@ -105,7 +114,7 @@ class ThreadPool {
     tls_inside_job = true;
     for (;;) {
       uint64_t now = seen;
-      const auto spin_until = std::chrono::steady_clock::now() + kSpinTime;
+      const auto spin_until = std::chrono::steady_clock::now() + spin_time();
       for (int i = 0;; ++i) {
         now = generation_.load(std::memory_order_acquire);
         if (now != seen) break;
