@@ -15,7 +15,7 @@ Each model is converted with ``sparsert.sparsify(format="auto")`` (per-layer
 timing on the layer's real input) and timed with ``sparsert.benchmark``
 against the pruned dense model in the same process with the same threads.
 
-    python benchmarks/bench_models.py --threads 2 --markdown benchmarks/RESULTS_models.md
+    python benchmarks/bench_models.py --threads 2 --markdown /tmp/models.md   # then merge into benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
