@@ -399,16 +399,39 @@ static void conv_run(const BlockSparseMatrix& w, const ConvShape& sh, const Conv
   conv_compute<R, RT, NV, S, int32_t>(rb, sh, a, image, cin_g * l.plane, 1, flat, l.wq, false);
 }
 
+// With at least as many images as threads, each thread convolves whole
+// images on its own: one fork-join per call instead of one or two per image
+// (which dominate for small images, e.g. a batch of 8x8 digits). Otherwise
+// the threads share each image.
+template <void (*Run)(const BlockSparseMatrix&, const ConvShape&, const ConvArgs&)>
+static void by_image(const BlockSparseMatrix& w, const ConvShape& sh, const ConvArgs& a) {
+  const int threads = std::max(1, a.num_threads);
+  if (threads == 1 || sh.batch < threads) return Run(w, sh, a);
+  const int64_t x_image = sh.in_channels * sh.height * sh.width;
+  const int64_t y_image = sh.out_channels * sh.out_h() * sh.out_w();
+  parallel_run(threads, [&](int tid, int nt) {
+    const int64_t begin = sh.batch * tid / nt, end = sh.batch * (tid + 1) / nt;
+    if (begin == end) return;
+    ConvShape part = sh;
+    part.batch = end - begin;
+    ConvArgs one = a;
+    one.x = a.x + begin * x_image;
+    one.y = a.y + begin * y_image;
+    one.num_threads = 1;
+    Run(w, part, one);
+  });
+}
+
 template <int R, int C, int RT, int NV, int S>
 static void pointwise_kernel(const BlockSparseMatrix& w, const ConvShape& sh, const ConvArgs& a) {
-  if (w.index_bits == 16) pointwise_run<R, C, RT, NV, S, uint16_t>(w, sh, a);
-  else pointwise_run<R, C, RT, NV, S, int32_t>(w, sh, a);
+  if (w.index_bits == 16) by_image<pointwise_run<R, C, RT, NV, S, uint16_t>>(w, sh, a);
+  else by_image<pointwise_run<R, C, RT, NV, S, int32_t>>(w, sh, a);
 }
 
 template <int R, int C, int RT, int NV, int S>
 static void conv_kernel(const BlockSparseMatrix& w, const ConvShape& sh, const ConvArgs& a) {
-  if (w.index_bits == 16) conv_run<R, C, RT, NV, S, uint16_t>(w, sh, a);
-  else conv_run<R, C, RT, NV, S, int32_t>(w, sh, a);
+  if (w.index_bits == 16) by_image<conv_run<R, C, RT, NV, S, uint16_t>>(w, sh, a);
+  else by_image<conv_run<R, C, RT, NV, S, int32_t>>(w, sh, a);
 }
 
 // Registers the pointwise and the general kernel for R x C blocks.
