@@ -81,6 +81,21 @@ def _bar(data: Iterable, desc: str, progress: bool | None):
     return tqdm(data, desc=desc, disable=not progress_enabled(progress), leave=False)
 
 
+def _run_hooked(model: nn.Module, data: Iterable, run, handles: list, current: list, desc: str,
+                progress: bool | None) -> None:
+    """Runs every calibration batch (eval mode, no grad) while the forward hooks in
+    ``handles`` collect statistics, then removes the hooks. ``current[0]`` holds the
+    batch's token mask for the hooks to read."""
+    try:
+        with _eval_mode(model), torch.no_grad():
+            for batch in _bar(data, desc, progress):
+                current[0] = _token_mask(batch)
+                run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class Criterion:
     """Base class. Subclasses set ``name`` and implement :meth:`scores`."""
 
@@ -310,14 +325,7 @@ class Activation(Criterion):
 
         for n, m in layers.items():
             handles.append(m.register_forward_hook(make_hook(n, m)))
-        try:
-            with _eval_mode(model), torch.no_grad():
-                for batch in _bar(data, "activation scores", progress):
-                    current[0] = _token_mask(batch)
-                    run(model, batch)
-        finally:
-            for h in handles:
-                h.remove()
+        _run_hooked(model, data, run, handles, current, "activation scores", progress)
         out = {}
         for n, m in layers.items():
             if counts[n] == 0:
@@ -369,14 +377,7 @@ class Wanda(Criterion):
 
         for n, m in layers.items():
             handles.append(m.register_forward_pre_hook(make_hook(n, m)))
-        try:
-            with _eval_mode(model), torch.no_grad():
-                for batch in _bar(data, "wanda scores", progress):
-                    current[0] = _token_mask(batch)
-                    run(model, batch)
-        finally:
-            for h in handles:
-                h.remove()
+        _run_hooked(model, data, run, handles, current, "wanda scores", progress)
         out = {}
         for n, m in layers.items():
             if sq[n] is None:
