@@ -350,7 +350,7 @@ def test_pure_torch_default_matches(activation):
 
 def test_eager_fast_path_equals_the_op():
     """conv2d skips the custom-op dispatch in plain eager CPU calls; same numbers either way."""
-    from sparsert.ops.conv import _eager_cpu
+    from sparsert.ops._eager import eager_cpu_call as _eager_cpu
     w4 = pruned_weight(16, 8, 3, 3, 0.4, (4, 1))
     fmt = pack4(w4, (4, 1))
     rp, col, values, r, c = fmt.kernel_arrays()

@@ -286,3 +286,20 @@ def test_eager_fast_path_and_dispatcher_path_agree():
     x.requires_grad_(True)
     with pytest.raises(RuntimeError, match="autograd"):
         ops.linear(x, fmt).sum().backward()
+
+
+def test_eager_cpu_call_predicate():
+    """The one rule every op and module uses to decide whether to skip the dispatcher."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparsert.ops._eager import eager_cpu_call
+
+    x, bias = torch.randn(3, 4), torch.nn.Parameter(torch.randn(4), requires_grad=False)
+    assert eager_cpu_call(x, bias, None)
+    assert not eager_cpu_call(x.requires_grad_())
+    with torch.no_grad():
+        assert eager_cpu_call(x)
+    assert not eager_cpu_call(torch.randn(2, 2), torch.nn.Parameter(torch.randn(2)))  # bias needs grad
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        assert not eager_cpu_call(mode.from_tensor(torch.randn(2)))
+    assert not eager_cpu_call(torch.randn(2, device="meta"))

@@ -38,27 +38,14 @@ from torch import Tensor, nn
 
 from .. import ops as _ops
 from ..formats import NM, SparseFormat, pack
+from ..ops._eager import eager_cpu_call
 from ..ops.linear import activation_code, linear_bsr_cpu
-
-try:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode
-except ImportError:  # pragma: no cover - older torch: always use the registered op
-    def _current_mode():
-        return True
 
 __all__ = ["SparseLinear", "SparseConv2d"]
 
 _ACT_NAMES = {0: None, 1: "relu", 2: "gelu"}
 _linear_op = torch.ops.sparsert.linear_bsr.default
 
-
-def _direct_ok(x: Tensor) -> bool:
-    """Eager CPU inference on a plain tensor: call the op's CPU implementation
-    directly and skip the dispatcher (~7 us per call). Anything else — tracing,
-    compiling, exporting, dispatch modes, autograd, other devices — goes through
-    the registered op."""
-    return (not torch.compiler.is_compiling() and type(x) is Tensor and x.is_cpu
-            and not (x.requires_grad and torch.is_grad_enabled()) and _current_mode() is None)
 
 
 def _has_conv_op() -> bool:
@@ -226,7 +213,7 @@ class SparseLinear(_PackedWeight):
         if self._fmt is None:
             return _apply_activation(F.linear(x, self.packed_weight, self.bias), self._act)
         rp, ci, val = self._kernel_arrays()
-        if _direct_ok(x):
+        if eager_cpu_call(x, self.bias):
             return linear_bsr_cpu(x, rp, ci, val, self.out_features, self._block[0], self._block[1], self.bias,
                                   self._act, 0)
         return _linear_op(x, rp, ci, val, self.out_features, self._block[0], self._block[1], self.bias,

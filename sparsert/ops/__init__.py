@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from ..formats import SparseFormat
+from ._eager import eager_cpu_call
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .linear import ACTIVATIONS, activation_code, linear_bsr, linear_bsr_cpu
 if torch.cuda.is_available():  # CUDA kernels for the same ops; sparsert._C_cuda loads at the first call
@@ -44,22 +44,9 @@ def linear(x: Tensor, w, bias: Optional[Tensor] = None, activation: Optional[str
     if bias is not None and tuple(bias.shape) != (rows,):
         raise ValueError(f"bias must have shape ({rows},), got {tuple(bias.shape)}")
     row_ptr, col_indices, values, r, c = w.kernel_arrays()
-    if _eager_cpu(x, bias, values):
+    if eager_cpu_call(x, bias, values):
         # Plain eager call on CPU: skip the torch.library dispatcher, whose
         # Python layers cost several times the kernel for small layers.
         return linear_bsr_cpu(x, row_ptr, col_indices, values, rows, r, c, bias, code, num_threads or 0)
     return linear_bsr(x, row_ptr, col_indices, values, rows, r, c, bias, code, num_threads or 0)
 
-
-def _eager_cpu(x: Tensor, bias: Optional[Tensor], values: Tensor) -> bool:
-    """True when calling the CPU kernel directly is indistinguishable from calling the op:
-    real CPU tensors, no autograd to record, no tracing, compiling or dispatch modes."""
-    if type(x) is not Tensor or x.device.type != "cpu" or values.device.type != "cpu":
-        return False
-    if bias is not None and (type(bias) is not Tensor or bias.requires_grad):
-        return False
-    if x.requires_grad and torch.is_grad_enabled():
-        return False
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        return False
-    return _current_dispatch_mode() is None

@@ -28,6 +28,7 @@ from torch import Tensor
 from .._ext import native
 from ..formats import SparseFormat
 from ._threads import get_num_threads
+from ._eager import eager_cpu_call
 from .linear import _check_arrays, _dense_weight
 
 __all__ = ["ConvWeight", "conv2d", "conv2d_bsr", "conv2d_bsr_cpu", "conv2d_bsr_torch", "CONV_ACTIVATIONS"]
@@ -263,17 +264,6 @@ def conv2d(x: Tensor, w: Union[ConvWeight, SparseFormat, Tensor], bias: Optional
                          f"format's block rows ({r}); use CSR or a smaller block")
     args = (x, row_ptr, col_indices, values, rows, list(ks), r, c, bias, list(stride_), list(pad),
             list(dilation_), groups, code, num_threads or 0)
-    y = conv2d_bsr_cpu(*args) if _eager_cpu(x, bias) else conv2d_bsr(*args)
+    y = conv2d_bsr_cpu(*args) if eager_cpu_call(x, bias, values) else conv2d_bsr(*args)
     return y.squeeze(0) if unbatched else y
 
-
-def _eager_cpu(x: Tensor, bias: Optional[Tensor]) -> bool:
-    """True for a plain eager CPU call with nothing to trace or differentiate: then
-    :func:`conv2d` calls the CPU implementation directly, skipping the ~20 us of
-    custom-op dispatch (a third of a small layer's time). Anything else
-    (torch.compile/export, fake or subclass tensors, modes, autograd) goes
-    through ``torch.ops.sparsert.conv2d_bsr``."""
-    return (type(x) is Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
-            and (bias is None or type(bias) is Tensor)
-            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled())
