@@ -35,15 +35,8 @@
 
 #include "sparsert/conv.h"
 
-// spmm_impl.h popped its target pragma at its end; switch it on again.
-#if defined(SPARSERT_TARGET)
-#if defined(__clang__)
-SPARSERT_PRAGMA_EXPANDED(clang attribute push(__attribute__((target(SPARSERT_TARGET))), apply_to = function))
-#else
-#pragma GCC push_options
-SPARSERT_PRAGMA_EXPANDED(GCC target(SPARSERT_TARGET))
-#endif
-#endif
+// spmm_impl.h switched its target off at its end; switch it on again.
+#include "isa_target_begin.inc"
 
 namespace sparsert {
 namespace SPARSERT_ISA {
@@ -447,10 +440,4 @@ void add_conv_tile(std::vector<ConvKernelInfo>& out) {
 }  // namespace SPARSERT_ISA
 }  // namespace sparsert
 
-#if defined(SPARSERT_TARGET)
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#endif
+#include "isa_target_end.inc"

@@ -32,20 +32,7 @@
 #include <immintrin.h>
 #endif
 
-// The ISA is switched on with a pragma *after* every header, instead of with
-// -mavx2 on the command line: otherwise std:: templates instantiated here
-// (vector, function, ...) would be compiled for AVX2/AVX-512 and the linker
-// could pick those copies for the portable path, crashing older CPUs.
-#define SPARSERT_PRAGMA(x) _Pragma(#x)
-#define SPARSERT_PRAGMA_EXPANDED(x) SPARSERT_PRAGMA(x)
-#if defined(SPARSERT_TARGET)
-#if defined(__clang__)
-SPARSERT_PRAGMA_EXPANDED(clang attribute push(__attribute__((target(SPARSERT_TARGET))), apply_to = function))
-#else
-#pragma GCC push_options
-SPARSERT_PRAGMA_EXPANDED(GCC target(SPARSERT_TARGET))
-#endif
-#endif
+#include "isa_target_begin.inc"
 
 #ifndef SPARSERT_ISA
 #error "define SPARSERT_ISA before including spmm_impl.h"
@@ -450,10 +437,4 @@ void add_tile(std::vector<KernelInfo>& out) {
 }  // namespace SPARSERT_ISA
 }  // namespace sparsert
 
-#if defined(SPARSERT_TARGET)
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#endif
+#include "isa_target_end.inc"
