@@ -48,6 +48,15 @@ _linear_op = torch.ops.sparsert.linear_bsr.default
 
 
 
+def _with_params(module: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """Copies weight (and bias) into a freshly built dense module; returns it."""
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
 def _has_conv_op() -> bool:
     """Whether the sparse conv op (``sparsert.ops.conv2d``) exists in this build."""
     return hasattr(_ops, "conv2d")
@@ -203,11 +212,7 @@ class SparseLinear(_PackedWeight):
         w = self._weight_2d()
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            out.weight.copy_(w)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return _with_params(out, w, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._fmt is None:
@@ -337,11 +342,7 @@ class SparseConv2d(_PackedWeight):
         out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                         self.dilation, self.groups, self.bias is not None, self.padding_mode,
                         device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            out.weight.copy_(w)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return _with_params(out, w, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._pre_pad is not None:
