@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "runtime/thread_pool.h"
 #include "sparsert/spmm.h"
 
 namespace py = pybind11;
@@ -109,6 +110,11 @@ PYBIND11_MODULE(_C, m) {
   }, "Every kernel in this build: name, isa, kind, block tile, and whether this CPU runs it.");
   m.def("best_isa", &sparsert::best_isa, "The ISA sparsert uses on this CPU (SPARSERT_ISA overrides).");
   m.def("isa_supported", &sparsert::isa_supported, py::arg("isa"));
+  m.def("threading_backend", &sparsert::threading_backend,
+        "'openmp' (torch's OpenMP threads) or 'pool' (sparsert's own threads).");
+  m.def("set_threading_backend", [](const std::string& name) { sparsert::set_threading_backend(name.c_str()); },
+        py::arg("name"));
+  m.def("openmp_available", &sparsert::openmp_available);
   m.def("select_kernel", [](int r, int c, int64_t tokens, const std::string& isa) {
     const auto* k = sparsert::select_kernel(r, c, tokens, isa.empty() ? sparsert::best_isa() : isa);
     return k ? k->name : std::string();

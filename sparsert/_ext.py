@@ -8,6 +8,10 @@ import functools
 @functools.cache
 def native():
     """The compiled ``sparsert._C`` module."""
+    # torch first: its libgomp.so.1 must be the one in the process when _C
+    # asks for that soname, so both share one OpenMP runtime and thread team.
+    import torch  # noqa: F401
+
     try:
         from sparsert import _C
     except ImportError as err:

@@ -4,11 +4,19 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include <pthread.h>
 #include <unistd.h>
+
+#ifdef SPARSERT_HAVE_OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -164,14 +172,90 @@ ThreadPool* global_pool() {
   return pool;
 }
 
+// GNU OpenMP is not fork-safe: a child forked after the parent ran a
+// parallel region hangs in its first one (torch's own ops included). Our
+// kernels then run on the pool instead, which a child can start afresh, so
+// sparse layers keep working in prefork servers and DataLoader workers.
+std::atomic<bool> openmp_started{false};
+std::atomic<bool> openmp_unusable_after_fork{false};
+
+#ifdef SPARSERT_HAVE_OPENMP
+// One OpenMP parallel region; tasks are claimed from a counter as in the
+// pool, so a thread that joins late (or a team smaller than asked for)
+// costs nothing but its share. Only OpenMP 3.0 entry points are used, so
+// any libgomp torch ships resolves them.
+void openmp_run(int num_tasks, const std::function<void(int, int)>& fn) {
+  openmp_started.store(true, std::memory_order_relaxed);
+  std::atomic<int> next{0};
+#pragma omp parallel num_threads(num_tasks)
+  {
+    tls_inside_job = true;
+    for (int t = next.fetch_add(1, std::memory_order_relaxed); t < num_tasks;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(t, num_tasks);
+    }
+    tls_inside_job = false;
+  }
+}
+constexpr bool kHaveOpenMP = true;
+#else
+constexpr bool kHaveOpenMP = false;
+#endif
+
+enum class Backend { kOpenMP, kPool };
+
+Backend parse_backend(const char* name) {
+  if (std::strcmp(name, "pool") == 0) return Backend::kPool;
+  if (std::strcmp(name, "openmp") == 0) {
+    if (!kHaveOpenMP) {
+      throw std::invalid_argument("this build of sparsert has no OpenMP: use the 'pool' backend");
+    }
+    return Backend::kOpenMP;
+  }
+  throw std::invalid_argument(std::string("unknown threading backend '") + name +
+                              "': expected 'openmp' or 'pool'");
+}
+
+std::atomic<Backend>& backend_state() {
+  static std::atomic<Backend> state{[] {
+    const char* env = std::getenv("SPARSERT_THREADING");
+    pthread_atfork(nullptr, nullptr, [] {
+      if (openmp_started.load()) openmp_unusable_after_fork.store(true);
+    });
+    if (env != nullptr && *env != '\0') return parse_backend(env);
+    return kHaveOpenMP ? Backend::kOpenMP : Backend::kPool;
+  }()};
+  return state;
+}
+
 }  // namespace
+
+bool openmp_available() { return kHaveOpenMP; }
+
+const char* threading_backend() {
+  return backend_state().load() == Backend::kOpenMP ? "openmp" : "pool";
+}
+
+void set_threading_backend(const char* name) { backend_state().store(parse_backend(name)); }
 
 void parallel_run(int num_threads, const std::function<void(int, int)>& fn) {
   const int n = num_threads < 1 ? 1 : num_threads;
-  if (n == 1 || tls_inside_job) {
+#ifdef SPARSERT_HAVE_OPENMP
+  const bool nested = tls_inside_job || omp_in_parallel();
+#else
+  const bool nested = tls_inside_job;
+#endif
+  if (n == 1 || nested) {
     for (int t = 0; t < n; ++t) fn(t, n);
     return;
   }
+#ifdef SPARSERT_HAVE_OPENMP
+  if (backend_state().load(std::memory_order_relaxed) == Backend::kOpenMP &&
+      !openmp_unusable_after_fork.load(std::memory_order_relaxed)) {
+    openmp_run(n, fn);
+    return;
+  }
+#endif
   global_pool()->run(n, fn);
 }
 

@@ -1,14 +1,29 @@
-// A small fork-join thread pool for the kernels.
+// Fork-join parallelism for the kernels, with two interchangeable backends.
 //
-// sparsert owns its threads instead of using OpenMP so that the extension
-// never loads a second OpenMP runtime beside torch's. Workers spin briefly
-// after a job (a Linear layer is followed by another within microseconds)
-// and then sleep on a condition variable so an idle process burns no CPU.
+// "openmp" (the default where the build found OpenMP): each call is one
+// OpenMP parallel region. The extension links libgomp by its soname
+// (libgomp.so.1), the soname torch's wheel ships, so in a process that
+// imported torch first the loader hands us torch's very runtime: our
+// kernels and torch's dense ops run on the same threads. Two pools on two
+// cores fight: after each op the other pool's workers keep spinning on the
+// core the next op needs (measured: BERT-base 3.7x end to end against
+// 4.1x with OMP_WAIT_POLICY=PASSIVE, see benchmarks/RESULTS.md).
+//
+// "pool": sparsert's own threads. Workers spin briefly after a job and then
+// sleep on a condition variable. The fallback where there is no OpenMP, and
+// the better choice when the host process does not use OpenMP.
 #pragma once
 
 #include <functional>
 
 namespace sparsert {
+
+// Backend names: "openmp" or "pool". set_threading_backend throws
+// std::invalid_argument for an unknown or unavailable name. The
+// SPARSERT_THREADING environment variable picks the initial backend.
+const char* threading_backend();
+void set_threading_backend(const char* name);
+bool openmp_available();
 
 // Runs fn(task, num_threads) for every task in [0, num_threads) and returns
 // when all have finished. Up to num_threads threads (the caller among them)

@@ -10,13 +10,16 @@ from torch import Tensor
 
 from ..formats import SparseFormat
 from ._eager import eager_cpu_call
-from ._threads import get_num_threads, num_threads, set_num_threads
+from ._threads import get_num_threads, num_threads, set_num_threads, set_threading_backend, threading_backend
 from .linear import ACTIVATIONS, activation_code, linear_bsr, linear_bsr_cpu
 if torch.cuda.is_available():  # CUDA kernels for the same ops; sparsert._C_cuda loads at the first call
     from . import cuda as _cuda  # noqa: F401
 from .conv import ConvWeight, conv2d
 
-__all__ = ["linear", "conv2d", "ConvWeight", "get_num_threads", "set_num_threads", "num_threads"]
+__all__ = [
+    "linear", "conv2d", "ConvWeight", "get_num_threads", "set_num_threads", "num_threads",
+    "threading_backend", "set_threading_backend",
+]
 
 
 def linear(x: Tensor, w, bias: Optional[Tensor] = None, activation: Optional[str] = None,

@@ -1,4 +1,5 @@
-"""How many threads the native kernels use: torch's setting unless overridden."""
+"""How many threads the native kernels use (torch's setting unless
+overridden) and which threads run them (torch's OpenMP team by default)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,23 @@ def num_threads(n: int | None):
         yield
     finally:
         _override.value = previous
+
+
+def threading_backend() -> str:
+    """``"openmp"``: kernels run on the OpenMP threads torch's dense ops use
+    (the default where the build has OpenMP); ``"pool"``: sparsert's own threads."""
+    from .._ext import native
+
+    return native().threading_backend()
+
+
+def set_threading_backend(name: str) -> None:
+    """Picks ``"openmp"`` or ``"pool"`` for every later kernel call in the
+    process (the ``SPARSERT_THREADING`` environment variable sets the initial
+    one). Two thread pools on a small machine steal each other's cores, so
+    keep ``"openmp"`` unless the process runs no OpenMP code of its own."""
+    from .._ext import native
+
+    if name not in ("openmp", "pool"):
+        raise ValueError(f"threading backend must be 'openmp' or 'pool', got {name!r}")
+    native().set_threading_backend(name)
