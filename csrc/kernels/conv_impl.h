@@ -29,6 +29,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -119,7 +120,13 @@ static void expand_blocks(const BlockSparseMatrix& w, std::vector<int32_t>& row_
 
 // The work of one call, on R x 1 blocks whose idx are input-row selectors:
 // x row of block b, for group g and tile q0, is xg + idx[b] * x_stride + q0.
-// image(n) returns image n's dense operand (the image itself, or its xq).
+// image(n, threads) returns image n's dense operand (the image itself, or a
+// copy it builds with `threads` threads into thread_local storage).
+// When the threads split block rows (few pixel tiles), every thread reads
+// every channel: a shared copy would send the half another core wrote
+// across the caches on every call, which costs more than building a private
+// copy in each thread (7x7 pointwise: 2 threads were slower than 1). So each
+// thread then calls image(n, 1) itself.
 template <int R, int RT, int NV, int S, typename Idx, typename Image>
 static void conv_compute(const RowBlocks<Idx>& w, const ConvShape& sh, const ConvArgs& a,
                          const Image& image, int64_t x_group_stride, int64_t x_stride,
@@ -146,14 +153,19 @@ static void conv_compute(const RowBlocks<Idx>& w, const ConvShape& sh, const Con
   for (int64_t g = 0; g < G; ++g) split_block_rows(w.row_ptr + g * nbr_g, nbr_g, rparts, bounds[g]);
   const int64_t items = base_items * rparts;
 
+  const bool private_images = rparts > 1 && threads > 1;
   for (int64_t n = 0; n < sh.batch; ++n) {
-    const float* ximg = image(n);
+    const float* shared_image = private_images ? nullptr : image(n, threads);
     float* yimg = a.y + n * sh.out_channels * ohw;
-    parallel_run(threads, [&](int tid, int nt) {
+    // Items are claimed dynamically: they differ in cost (a short last
+    // tile), and a statically split thread would finish early and idle.
+    std::atomic<int64_t> next_item{0};
+    parallel_run(threads, [&](int, int) {
+      const float* ximg = private_images ? image(n, 1) : shared_image;
       static thread_local Scratch out_scratch, panel_scratch;
       float* tile_out = out_scratch.get(static_cast<size_t>(R) * P);
-      const int64_t begin = items * tid / nt, end = items * (tid + 1) / nt;
-      for (int64_t it = begin; it < end; ++it) {
+      for (int64_t it = next_item.fetch_add(1, std::memory_order_relaxed); it < items;
+           it = next_item.fetch_add(1, std::memory_order_relaxed)) {
         const int64_t rp = it % rparts;
         const int64_t tile = (it / rparts) % ntiles;
         const int64_t g = it / (rparts * ntiles);
@@ -234,15 +246,14 @@ static void pointwise_blocks(const RowBlocks<Idx>& rb, const ConvShape& sh, cons
   const int64_t hw = sh.height * sh.width;
   const int64_t cin_g = sh.in_channels_per_group();
   if (hw % VW == 0) {
-    const auto image = [&](int64_t n) { return a.x + n * sh.in_channels * hw; };
+    const auto image = [&](int64_t n, int) { return a.x + n * sh.in_channels * hw; };
     conv_compute<R, RT, NV, S, Idx>(rb, sh, a, image, cin_g * hw, hw, hw, sh.width, true);
     return;
   }
   const int64_t stride = (hw + VW - 1) / VW * VW;
-  static thread_local Scratch padded;
-  float* xp = padded.get(static_cast<size_t>(sh.in_channels) * stride);
-  const int threads = std::max(1, a.num_threads);
-  const auto image = [&](int64_t n) -> const float* {
+  const auto image = [&](int64_t n, int threads) -> const float* {
+    static thread_local Scratch padded;
+    float* xp = padded.get(static_cast<size_t>(sh.in_channels) * stride);
     const float* x = a.x + n * sh.in_channels * hw;
     parallel_run(threads, [&](int tid, int nt) {
       for (int64_t c = sh.in_channels * tid / nt; c < sh.in_channels * (tid + 1) / nt; ++c) {
@@ -347,7 +358,6 @@ static void conv_run(const BlockSparseMatrix& w, const ConvShape& sh, const Conv
   constexpr int P = NV * VW;
   const PhaseLayout l = phase_layout(sh);
   const int64_t cin_g = sh.in_channels_per_group();
-  const int threads = std::max(1, a.num_threads);
 
   // Per-block offsets into xq (relative to the group's channels).
   static thread_local std::vector<int32_t> row_ptr_x, ks, offs;
@@ -381,11 +391,11 @@ static void conv_run(const BlockSparseMatrix& w, const ConvShape& sh, const Conv
                                  (sh.kernel_w - 1) * sh.dilation_w / sh.stride_w;
   const int64_t reach = (sh.groups - 1) * cin_g * l.plane + max_off + ntiles * P;
   const int64_t size = std::max(planes, reach);
-  static thread_local Scratch xq_scratch;
-  float* xq = xq_scratch.get(static_cast<size_t>(size));
-  std::memset(xq + planes, 0, sizeof(float) * (size - planes));
   RowBlocks<int32_t> rb{row_ptr, offs.data(), values};
-  const auto image = [&](int64_t n) -> const float* {  // one image at a time
+  const auto image = [&](int64_t n, int threads) -> const float* {  // one image at a time
+    static thread_local Scratch xq_scratch;
+    float* xq = xq_scratch.get(static_cast<size_t>(size));
+    std::memset(xq + planes, 0, sizeof(float) * (size - planes));
     build_phases(sh, l, a.x + n * sh.in_channels * sh.height * sh.width, xq, threads);
     return xq;
   };
