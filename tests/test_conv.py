@@ -283,6 +283,26 @@ def test_conv2d_bad_arguments(bad, match):
         ops.conv2d(x, "csr", kernel_size=3)
 
 
+def test_malformed_arrays_never_reach_the_conv_kernel():
+    """torch.ops.sparsert.conv2d_bsr is public: a row pointer that is not
+    monotone (or a column index past the patch) raises instead of reading
+    out of bounds, also after an earlier valid call with the same tensors."""
+    fmt = pack4(pruned_weight(16, 8, 3, 3, 0.5), (1, 1))
+    row_ptr, col, values, _, _ = fmt.kernel_arrays()
+    row_ptr, col, values = row_ptr.clone(), col.clone(), values.clone()
+    x = torch.randn(1, 8, 6, 6)
+    args = (16, [3, 3], 1, 1, None, [1, 1], [1, 1], [1, 1], 1, 0, 0)
+    torch.ops.sparsert.conv2d_bsr(x, row_ptr, col, values, *args)
+    row_ptr[1] = row_ptr[-1]  # rows 1.. now start past their end
+    with pytest.raises(ValueError, match="non-decreasing"):
+        torch.ops.sparsert.conv2d_bsr(x, row_ptr, col, values, *args)
+    row_ptr[1] = 0
+    torch.ops.sparsert.conv2d_bsr(x, row_ptr, col, values, *args)  # valid again (row 0 empty)
+    col[0] = 8 * 9
+    with pytest.raises(ValueError, match="column indices"):
+        torch.ops.sparsert.conv2d_bsr(x, row_ptr, col, values, *args)
+
+
 def test_block_rows_must_not_straddle_groups():
     w4 = pruned_weight(12, 4, 3, 3, 0.5, (4, 1))  # 12 / 2 groups = 6 rows per group: not a multiple of 4
     with pytest.raises(ValueError, match="multiple of the format's block rows"):

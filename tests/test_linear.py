@@ -204,6 +204,46 @@ def test_linear_bad_arguments(bad, match):
         ops.linear(torch.randn(3, 10), "csr")
 
 
+def _raw_csr_arrays():
+    fmt = CSR.from_dense(random_sparse(6, 10, 0.5))
+    row_ptr, col, values, _, _ = fmt.kernel_arrays()
+    return row_ptr.clone(), col.clone(), values.clone()
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda rp, ci, v: rp.copy_(torch.tensor([0, 9, 1, 2, 3, 4, int(rp[-1])], dtype=torch.int32)),
+     "non-decreasing"),
+    (lambda rp, ci, v: ci.__setitem__(0, 10), r"column indices must lie in \[0, 10\)"),
+    (lambda rp, ci, v: ci.__setitem__(0, -1), "column indices"),
+])
+def test_malformed_arrays_never_reach_the_kernel(corrupt, match):
+    """The op is public (torch.ops.sparsert.linear_bsr): arrays that would make
+    the kernel read out of bounds raise, also when they were valid on an
+    earlier call and were then changed in place."""
+    row_ptr, col, values = _raw_csr_arrays()
+    x = torch.randn(3, 10)
+    torch.ops.sparsert.linear_bsr(x, row_ptr, col, values, 6, 1, 1, None, 0, 0)  # valid: passes, cached
+    corrupt(row_ptr, col, values)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.sparsert.linear_bsr(x, row_ptr, col, values, 6, 1, 1, None, 0, 0)
+    with pytest.raises(ValueError, match=match):
+        linear_bsr_cpu(x, row_ptr, col, values, 6, 1, 1, None, 0, 0)
+
+
+def test_validation_is_remembered_per_tensor_and_forgotten_with_it():
+    from sparsert.ops import _checks
+    row_ptr, col, values = _raw_csr_arrays()
+    x = torch.randn(3, 10)
+    linear_bsr_cpu(x, row_ptr, col, values, 6, 1, 1, None, 0, 0)
+    assert id(values) in _checks._validated
+    # The same arrays under another shape are checked again (and rejected).
+    with pytest.raises(ValueError, match="row_ptr has"):
+        linear_bsr_cpu(x, row_ptr, col, values, 7, 1, 1, None, 0, 0)
+    key = id(values)
+    del values
+    assert key not in _checks._validated
+
+
 @pytest.mark.parametrize("kind", ["csr", "bsr4x1", "nm2:4"])
 def test_opcheck(kind):
     w = _pruned_for(kind, 12, 16)

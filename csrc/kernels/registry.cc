@@ -39,13 +39,17 @@ bool isa_supported(const std::string& isa) {
 }
 
 std::string best_isa() {
-  if (const char* forced = std::getenv("SPARSERT_ISA")) {
-    const std::string isa(forced);
-    if (!isa.empty() && isa_supported(isa)) return isa;
-  }
-  for (const char* isa : {"avx512", "avx2"})
-    if (isa_supported(isa)) return isa;
-  return "scalar";
+  // Decided once: it is asked on every call, and the CPU does not change.
+  static const std::string best = [] {
+    if (const char* forced = std::getenv("SPARSERT_ISA")) {
+      const std::string isa(forced);
+      if (!isa.empty() && isa_supported(isa)) return isa;
+    }
+    for (const char* isa : {"avx512", "avx2"})
+      if (isa_supported(isa)) return std::string(isa);
+    return std::string("scalar");
+  }();
+  return best;
 }
 
 // Up to this many tokens the per-token spmv kernels beat packing panels.

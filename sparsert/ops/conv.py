@@ -29,7 +29,8 @@ from .._ext import native
 from ..formats import SparseFormat
 from ._threads import get_num_threads
 from ._eager import eager_cpu_call
-from .linear import _check_arrays, _dense_weight
+from ._checks import check_weight_arrays
+from .linear import _dense_weight, float32_bias
 
 __all__ = ["ConvWeight", "conv2d", "conv2d_bsr", "conv2d_bsr_cpu", "conv2d_bsr_torch", "CONV_ACTIVATIONS"]
 
@@ -147,20 +148,23 @@ def conv2d_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
     """The native CPU path; ``kernel`` forces a registry kernel (tests, benchmarks)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    _check_arrays(x, row_ptr, col_indices, values, out_channels, block_rows, block_cols, bias)
     n, cin, h, w = x.shape
     kh, kw = kernel_size
+    if groups < 1 or cin % groups:
+        raise ValueError(f"groups={groups} must be positive and divide the {cin} input channels")
+    check_weight_arrays(row_ptr, col_indices, values, out_channels, cin // groups * kh * kw, block_rows,
+                        block_cols)
     oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
     ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
     x32 = x if x.dtype == torch.float32 else x.float()
     x32 = x32.contiguous()  # NCHW; a channels_last input is converted here
     y = torch.empty(n, out_channels, max(oh, 0), max(ow, 0), dtype=torch.float32)
-    if bias is not None:
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
     native().conv2d(out_channels, block_rows, block_cols, row_ptr.data_ptr(), col_indices.data_ptr(),
                     16 if col_indices.dtype == torch.int16 else 32, values.data_ptr(), x32.data_ptr(),
                     n, cin, h, w, kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0],
-                    dilation[1], groups, y.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                    dilation[1], groups, y.data_ptr(), float32_bias(bias, out_channels),
                     _KERNEL_ACTIVATION[activation], num_threads if num_threads > 0 else get_num_threads(),
                     kernel)
     y = _apply_after(y, activation)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._ext import native
+from ._checks import check_weight_arrays
 from ._threads import get_num_threads
 
 ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "gelu": 2}
@@ -75,23 +76,13 @@ def _linear_bsr_fake(x, row_ptr, col_indices, values, out_features, block_rows, 
 _INDEX_BITS = {torch.int16: 16, torch.int32: 32}
 
 
-def _check_arrays(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias):
-    """O(1) checks that keep a kernel inside its buffers. Index *contents* were
-    validated when the format was built (sparsert.formats); ops trust them."""
-    if row_ptr.dtype != torch.int32 or not row_ptr.is_contiguous():
-        raise ValueError("row_ptr must be a contiguous int32 tensor (build weights with sparsert.formats)")
-    if col_indices.dtype not in _INDEX_BITS or not col_indices.is_contiguous():
-        raise ValueError("col_indices must be a contiguous int16 or int32 tensor")
-    if values.dtype != torch.float32 or not values.is_contiguous():
-        raise ValueError("values must be a contiguous float32 tensor")
-    nbr = -(-out_features // block_rows)
-    if row_ptr.numel() != nbr + 1:
-        raise ValueError(f"row_ptr has {row_ptr.numel()} entries, expected {nbr + 1}")
-    nnz = int(row_ptr[-1])
-    if col_indices.numel() != nnz or values.numel() != nnz * block_rows * block_cols:
-        raise ValueError("col_indices/values sizes do not match row_ptr[-1]")
-    if bias is not None and (bias.shape != (out_features,)):
+def float32_bias(bias: Optional[Tensor], out_features: int) -> int:
+    """The address of a float32, contiguous ``bias`` (0 for none), after checking its shape."""
+    if bias is None:
+        return 0
+    if bias.shape != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    return bias.data_ptr()
 
 
 def linear_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
@@ -99,38 +90,37 @@ def linear_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
                    num_threads: int, kernel: str = "") -> Tensor:
     """The native CPU path; ``kernel`` forces a registry kernel (tests, benchmarks).
 
-    Kept lean: it runs once per layer per call. Dtypes and layouts are
-    checked here, sizes and row pointers in C++; index contents were
-    validated when the format was built.
+    Kept lean: it runs once per layer per call (a small layer's kernel takes
+    a few microseconds). The weight arrays are validated in full once per
+    tensor version (see ``_checks``); per call only x and bias are checked.
     """
-    if row_ptr.dtype != torch.int32 or values.dtype != torch.float32 or col_indices.dtype not in _INDEX_BITS:
-        raise ValueError("row_ptr must be int32, col_indices int16/int32 and values float32 "
-                         "(build weights with sparsert.formats)")
-    if not (row_ptr.is_contiguous() and col_indices.is_contiguous() and values.is_contiguous()):
-        raise ValueError("row_ptr, col_indices and values must be contiguous")
     in_features = x.shape[-1]
-    x2 = x.reshape(math.prod(x.shape[:-1]), in_features)
-    if x2.dtype != torch.float32:
-        x2 = x2.float()
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    tokens = x2.shape[0]
-    y = torch.empty(tokens, out_features, dtype=torch.float32)
-    bias_address = 0
-    if bias is not None:
-        if bias.shape != (out_features,):
-            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-        if bias.dtype != torch.float32 or not bias.is_contiguous():
-            bias = bias.detach().to(torch.float32).contiguous()
-        bias_address = bias.data_ptr()
+    check_weight_arrays(row_ptr, col_indices, values, out_features, in_features, block_rows, block_cols)
+    x32 = x if x.dtype == torch.float32 else x.float()
+    if x32.dim() == 2 and x32.stride(-1) == 1:
+        x2 = x32  # rows may be strided (a slice): the kernel takes a row stride
+    elif x32.is_contiguous():
+        x2 = None  # read in place as tokens x in_features
+    else:
+        x2 = x32.reshape(-1, in_features)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+    if x2 is None:
+        tokens = x32.numel() // in_features if in_features else math.prod(x32.shape[:-1])
+        x_address, x_stride = x32.data_ptr(), in_features
+    else:
+        tokens = x2.shape[0]
+        x_address, x_stride = x2.data_ptr(), x2.stride(0)
+    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().to(torch.float32).contiguous()
     native().spmm(out_features, in_features, block_rows, block_cols, row_ptr.data_ptr(), row_ptr.numel(),
                   col_indices.data_ptr(), col_indices.numel(), _INDEX_BITS[col_indices.dtype],
-                  values.data_ptr(), values.numel(), x2.data_ptr(), tokens, x2.stride(0), y.data_ptr(),
-                  out_features, bias_address, _KERNEL_ACTIVATION[activation],
+                  values.data_ptr(), values.numel(), x_address, tokens, x_stride, y.data_ptr(),
+                  out_features, float32_bias(bias, out_features), _KERNEL_ACTIVATION[activation],
                   num_threads if num_threads > 0 else get_num_threads(), kernel)
     if activation == 2:
         y = F.gelu(y)
-    y = y.view(*x.shape[:-1], out_features)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
