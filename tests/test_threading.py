@@ -80,11 +80,13 @@ def test_one_openmp_runtime_in_the_process():
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
 def test_backends_agree_with_reference(backend, threads):
     w = sparse_weight(203, 77, 0.2, seed=threads)
-    x = torch.randn(130, 77, dtype=torch.float64)
-    expected = x @ w.T
-    for fmt in (CSR.from_dense(w.float()), BSR.from_dense(w.float(), block=(4, 1))):
-        y = ops.linear(x.float(), fmt, num_threads=threads)
-        torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+    # Token counts that split work by rows (few panels) and by whole panels.
+    for tokens in (1, 37, 64, 128, 130, 700):
+        x = torch.randn(tokens, 77, dtype=torch.float64)
+        expected = x @ w.T
+        for fmt in (CSR.from_dense(w.float()), BSR.from_dense(w.float(), block=(4, 1))):
+            y = ops.linear(x.float(), fmt, num_threads=threads)
+            torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
     conv_w = sparse_weight(24, 8 * 9, 0.3, seed=7).float()
     conv = ops.ConvWeight(BSR.from_dense(conv_w, block=(4, 1)), (3, 3))
     x4 = torch.randn(1, 8, 13, 11)
