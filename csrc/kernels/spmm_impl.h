@@ -344,18 +344,26 @@ static void spmv_run(const BlockSparseMatrix& w, const SpmmArgs& a) {
         const int32_t begin = w.row_ptr[br], end = w.row_ptr[br + 1];
         float out[R];
         if constexpr (R == 1 && C == 1) {
-          // Unstructured: four interleaved partial sums over the nonzeros.
-          float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-          int32_t b = begin;
+          // Unstructured: the x entries of 4 nonzeros are loaded into one
+          // 4-lane vector and multiplied by 4 values read with one load, so
+          // a nonzero costs 1.5 loads instead of 3 (loads are the limit:
+          // the FMA work is tiny). Two vectors of partial sums hide latency.
+          typedef float v4 __attribute__((vector_size(16)));
+          typedef float v4_unaligned __attribute__((vector_size(16), aligned(4)));
           const float* v = w.values;
-          for (; b + 4 <= end; b += 4) {
-            s0 += v[b] * x[col_idx[b]];
-            s1 += v[b + 1] * x[col_idx[b + 1]];
-            s2 += v[b + 2] * x[col_idx[b + 2]];
-            s3 += v[b + 3] * x[col_idx[b + 3]];
+          const Idx* ci = col_idx;
+          v4 acc0{}, acc1{};
+          int32_t b = begin;
+          for (; b + 8 <= end; b += 8) {
+            const v4 x0 = {x[ci[b]], x[ci[b + 1]], x[ci[b + 2]], x[ci[b + 3]]};
+            const v4 x1 = {x[ci[b + 4]], x[ci[b + 5]], x[ci[b + 6]], x[ci[b + 7]]};
+            acc0 += *reinterpret_cast<const v4_unaligned*>(v + b) * x0;
+            acc1 += *reinterpret_cast<const v4_unaligned*>(v + b + 4) * x1;
           }
-          for (; b < end; ++b) s0 += v[b] * x[col_idx[b]];
-          out[0] = (s0 + s1) + (s2 + s3);
+          const v4 acc = acc0 + acc1;
+          float s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+          for (; b < end; ++b) s += v[b] * x[ci[b]];
+          out[0] = s;
         } else {
           float acc[R][C];
           for (int r = 0; r < R; ++r)
