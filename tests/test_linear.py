@@ -245,6 +245,24 @@ def test_validation_is_remembered_per_tensor_and_forgotten_with_it():
 
 
 @pytest.mark.parametrize("kind", ["csr", "bsr4x1", "nm2:4"])
+def test_every_format_hands_the_kernel_the_same_arrays_each_call(kind):
+    """Validation is remembered by tensor identity; a format that built new
+    views per call would be validated in full (O(nnz)) on every call."""
+    from sparsert.nn import SparseLinear
+    fmt = pack(_pruned_for(kind, 12, 16), kind)
+    first, again = fmt.kernel_arrays(), fmt.kernel_arrays()
+    assert all(a is b for a, b in zip(first[:3], again[:3]))
+    layer = torch.nn.Linear(16, 12)
+    layer.weight.data = fmt.to_dense()
+    module = SparseLinear.from_dense(layer, kind)
+    assert all(a is b for a, b in zip(module._kernel_arrays(), module._kernel_arrays()))
+    with torch.inference_mode():  # inference tensors have no version counter
+        copy = __import__("copy").deepcopy(module)
+        x = torch.randn(3, 16)
+        assert_close(copy(x), reference(x, fmt.to_dense().double(), layer.bias.detach().double()), k=16)
+
+
+@pytest.mark.parametrize("kind", ["csr", "bsr4x1", "nm2:4"])
 def test_opcheck(kind):
     w = _pruned_for(kind, 12, 16)
     fmt = pack(w, kind)

@@ -124,3 +124,31 @@ def check_value_dtype(dtype):
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class FlatViews:
+    """Flat views of an index and a value array, made once and handed out on
+    every call: the ops remember validated arrays by tensor identity
+    (sparsert/ops/_checks.py), and a fresh ``reshape`` per call would be a
+    new tensor each time. Never copied or pickled (rebuilt on first use)."""
+
+    __slots__ = ("_sources", "_views")
+
+    def __init__(self):
+        self._sources = self._views = None
+
+    def get(self, indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self._sources
+        if s is None or s[0] is not indices or s[1] is not values:
+            self._sources = (indices, values)
+            self._views = (indices.reshape(-1), values.reshape(-1))
+        return self._views
+
+    def __copy__(self):
+        return FlatViews()
+
+    def __deepcopy__(self, memo):
+        return FlatViews()
+
+    def __reduce__(self):
+        return (FlatViews, ())

@@ -104,7 +104,11 @@ class NM(SparseFormat):
         return {"values": self.values, "col_indices": self.col_indices}
 
     def kernel_arrays(self):
-        return self._row_ptr, self.col_indices.reshape(-1), self.values.reshape(-1), 1, 1
+        views = self.__dict__.get("_flat_views")
+        if views is None:
+            views = self.__dict__["_flat_views"] = c.FlatViews()
+        col_indices, values = views.get(self.col_indices, self.values)
+        return self._row_ptr, col_indices, values, 1, 1
 
     def to_dense(self) -> torch.Tensor:
         rows, cols = self.shape

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .. import ops as _ops
 from ..formats import NM, SparseFormat, pack
+from ..formats._common import FlatViews
 from ..ops._eager import eager_cpu_call
 from ..ops.linear import activation_code, linear_bsr_cpu
 
@@ -163,7 +164,10 @@ class _PackedWeight(nn.Module):
         buffers, names = self._buffers, self._kernel_names
         rp, ci, val = buffers[names[0]], buffers[names[1]], buffers[names[2]]
         if self._flatten:
-            ci, val = ci.reshape(-1), val.reshape(-1)
+            views = self.__dict__.get("_flat_views")
+            if views is None:
+                views = self.__dict__["_flat_views"] = FlatViews()
+            ci, val = views.get(ci, val)
         return rp, ci, val
 
 

@@ -5,8 +5,9 @@ The kernels index x with the column indices and walk the row pointer, so a
 malformed array would read out of bounds. Checking them is O(nnz), more
 than a small layer's kernel, but a layer calls with the same tensors every
 time: the result is remembered per (row_ptr, col_indices, values) objects
-and their version counters, which every in-place change bumps. A call with
-the same, unchanged tensors costs a dict lookup and a few compares.
+and their version counters, which every in-place change bumps (inference
+tensors have none: in-place changes to those go unnoticed). A call with the
+same, unchanged tensors costs a dict lookup and a few compares.
 """
 
 from __future__ import annotations
@@ -36,17 +37,26 @@ def check_weight_arrays(row_ptr: Tensor, col_indices: Tensor, values: Tensor, ou
     in_features`` block-sparse matrix of ``block_rows x block_cols`` blocks in
     the layout the native kernels read (CPU, contiguous, int32 row pointer,
     int16/int32 column indices, float32 values)."""
+    try:
+        key = (out_features, in_features, block_rows, block_cols, row_ptr._version, col_indices._version,
+               values._version)
+    except RuntimeError:
+        # Inference tensors (made under torch.inference_mode) keep no version
+        # counter: an in-place change to them is not noticed.
+        key = (out_features, in_features, block_rows, block_cols,
+               *(_version(t) for t in (row_ptr, col_indices, values)))
     entry = _validated.get(id(values))
     if (entry is not None and entry[0]() is values and entry[1]() is row_ptr and entry[2]() is col_indices
-            and entry[3] == (out_features, in_features, block_rows, block_cols, row_ptr._version,
-                             col_indices._version, values._version)):
+            and entry[3] == key):
         return
     _check_in_full(row_ptr, col_indices, values, out_features, in_features, block_rows, block_cols)
     vid = id(values)
     ref = weakref.ref(values, lambda r, vid=vid: _forget(vid, r))
-    _validated[vid] = (ref, weakref.ref(row_ptr), weakref.ref(col_indices),
-                       (out_features, in_features, block_rows, block_cols, row_ptr._version,
-                        col_indices._version, values._version))
+    _validated[vid] = (ref, weakref.ref(row_ptr), weakref.ref(col_indices), key)
+
+
+def _version(t) -> int:
+    return -1 if isinstance(t, Tensor) and t.is_inference() else t._version
 
 
 def _check_in_full(row_ptr, col_indices, values, out_features, in_features, block_rows, block_cols):
