@@ -256,6 +256,11 @@ static void spmm_panel_rows(const BlockSparseMatrix& w, const SpmmArgs& a, const
   }
 }
 
+#ifndef SPARSERT_PRIVATE_PACK_BYTES
+#define SPARSERT_PRIVATE_PACK_BYTES (256 * 1024)
+#endif
+constexpr int64_t kPrivatePackBytes = SPARSERT_PRIVATE_PACK_BYTES;
+
 template <int R, int C, int RT, int NV, int S, typename Idx>
 static void spmm_run(const BlockSparseMatrix& w, const SpmmArgs& a) {
   static_assert(R % RT == 0, "register tile rows must divide the block rows");
@@ -287,9 +292,28 @@ static void spmm_run(const BlockSparseMatrix& w, const SpmmArgs& a) {
     return;
   }
 
+  // Few tokens, small panels: every thread packs all of them for itself,
+  // which costs less than reading the half the other core packed.
+  const int64_t packed_floats = panels * cols_padded * P;
+  if (threads > 1 && packed_floats * 4 <= kPrivatePackBytes) {
+    std::vector<int64_t> bounds;
+    balanced_ranges(w.row_ptr, block_rows, threads, bounds);
+    parallel_run(threads, [&](int tid, int) {
+      static thread_local Scratch own_panels;
+      float* xp = own_panels.get(static_cast<size_t>(packed_floats));
+      for (int64_t p = 0; p < panels; ++p)
+        pack_panel<P>(a.x, a.tokens, a.x_row_stride, w.cols, p * P, 0, cols_padded, xp + p * cols_padded * P);
+      for (int64_t p = 0; p < panels; ++p)
+        spmm_panel_rows<R, C, RT, NV, S, Idx>(w, a, xp + p * cols_padded * P, p * P,
+                                              std::min<int64_t>(P, a.tokens - p * P), bounds[tid],
+                                              bounds[tid + 1]);
+    });
+    return;
+  }
+
   // 1. Pack x into token panels (shared by all threads).
   static thread_local Scratch packed;
-  float* xp = packed.get(static_cast<size_t>(panels) * cols_padded * P);
+  float* xp = packed.get(static_cast<size_t>(packed_floats));
   parallel_run(threads, [&](int tid, int nt) {
     // Split the (panel, k) space evenly.
     const int64_t total = panels * cols_padded;
