@@ -40,6 +40,7 @@ from .. import ops as _ops
 from ..formats import NM, SparseFormat, pack
 from ..formats._common import FlatViews
 from ..ops._eager import eager_cpu_call
+from ..ops.conv import conv2d_bsr_cpu
 from ..ops.linear import activation_code, linear_bsr_cpu
 
 __all__ = ["SparseLinear", "SparseConv2d"]
@@ -356,9 +357,11 @@ class SparseConv2d(_PackedWeight):
             if unbatched:
                 x = x.unsqueeze(0)
             rp, ci, val = self._kernel_arrays()
-            y = _conv_op()(x, rp, ci, val, self.out_channels, self._op_kernel, self._block[0], self._block[1],
-                           self.bias, self._op_stride, self._op_padding, self._op_dilation, self.groups,
-                           self._act, 0)
+            # Plain eager CPU calls skip the dispatcher (as SparseLinear does):
+            # its Python layers cost more than a small layer's kernel.
+            op = conv2d_bsr_cpu if eager_cpu_call(x, self.bias) else _conv_op()
+            y = op(x, rp, ci, val, self.out_channels, self._op_kernel, self._block[0], self._block[1],
+                   self.bias, self._op_stride, self._op_padding, self._op_dilation, self.groups, self._act, 0)
             return y.squeeze(0) if unbatched else y
         if self._fmt is None:
             w = self.packed_weight.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
