@@ -113,6 +113,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_threading_backend", [](const std::string& name) { sparsert::set_threading_backend(name.c_str()); },
         py::arg("name"));
   m.def("openmp_available", &sparsert::openmp_available);
+  m.def("openmp_library", &sparsert::openmp_library,
+        "Path of the OpenMP runtime the kernels run on ('' without OpenMP).");
   m.def("select_kernel", [](int r, int c, int64_t tokens, const std::string& isa) {
     const auto* k = sparsert::select_kernel(r, c, tokens, isa.empty() ? sparsert::best_isa() : isa);
     return k ? k->name : std::string();

@@ -21,7 +21,51 @@ def native():
             "development checkout `cmake -S . -B build -G Ninja && cmake --build build` "
             "(needs a C++17 compiler, cmake and pybind11)."
         ) from err
+    _settle_threading_backend(_C, _torch_openmp_libraries())
     return _C
+
+
+def _torch_openmp_libraries():
+    """Real paths of the OpenMP runtimes loaded from torch's own folders, or
+    None where the process's mappings cannot be read (not Linux)."""
+    import os
+
+    import torch
+
+    package = os.path.dirname(os.path.realpath(torch.__file__))
+    roots = (package + os.sep, os.path.join(os.path.dirname(package), "torch.libs") + os.sep)
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return None
+    found = set()
+    for line in lines:
+        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+        name = os.path.basename(path)
+        if name.startswith(("libgomp", "libiomp", "libomp")) and os.path.realpath(path).startswith(roots):
+            found.add(os.path.realpath(path))
+    return found
+
+
+def _settle_threading_backend(module, torch_openmp) -> None:
+    """Keeps the "openmp" backend only where it shares torch's OpenMP runtime.
+
+    The extension asks for libgomp.so.1 by soname, which resolves to torch's
+    copy when torch ships it under that name (the CPU wheels). Wheels that
+    ship a renamed copy (libgomp-<hash>.so.1) leave the extension with a
+    second runtime, and two OpenMP teams on a few cores steal each other's
+    cores; sparsert's own pool is then the better choice. An explicit
+    SPARSERT_THREADING setting is always kept."""
+    import os
+
+    if os.environ.get("SPARSERT_THREADING") or not module.openmp_available():
+        return
+    if module.threading_backend() != "openmp" or not torch_openmp:
+        return  # unknown, or torch loaded no OpenMP runtime of its own
+    ours = os.path.realpath(module.openmp_library())
+    if ours not in torch_openmp:
+        module.set_threading_backend("pool")
 
 
 def available() -> bool:

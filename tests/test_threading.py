@@ -34,12 +34,21 @@ def sparse_weight(rows, cols, density, seed):
     return w * (torch.rand(rows, cols, generator=gen) < density)
 
 
-def test_default_backend_is_openmp_where_built():
-    script = "import sparsert.ops as o; print(o.threading_backend())"
+def test_default_backend_is_openmp_where_it_shares_torchs_runtime():
+    script = textwrap.dedent("""
+        import os, sparsert.ops as o
+        from sparsert import _ext
+        torch_omp = _ext._torch_openmp_libraries()
+        shared = not torch_omp or os.path.realpath(_ext.native().openmp_library()) in torch_omp
+        print(o.threading_backend(), _ext.native().openmp_available(), shared)
+    """)
     env = {k: v for k, v in os.environ.items() if k != "SPARSERT_THREADING"}
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout.strip()
-    assert out == ("openmp" if native().openmp_available() else "pool")
+                         text=True, check=True).stdout.split()
+    backend, available, shared = out[0], out[1] == "True", out[2] == "True"
+    assert backend == ("openmp" if available and shared else "pool")
+    if sys.platform.startswith("linux") and "+cpu" in torch.__version__:
+        assert backend == "openmp"  # torch's CPU wheel ships libgomp.so.1: shared
 
 
 def test_environment_variable_picks_backend():
@@ -138,3 +147,27 @@ def test_kernels_run_in_a_forked_child(name):
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, check=True).stdout.strip()
     assert out == "0"
+
+
+def test_a_second_openmp_runtime_falls_back_to_the_pool(monkeypatch):
+    """Where torch ships a renamed libgomp, the extension would run its own
+    OpenMP team beside torch's: then sparsert's pool is used instead."""
+    from sparsert import _ext
+
+    if not native().openmp_available():
+        pytest.skip("built without OpenMP")
+    monkeypatch.delenv("SPARSERT_THREADING", raising=False)
+    previous = ops.threading_backend()
+    try:
+        ops.set_threading_backend("openmp")
+        ours = os.path.realpath(native().openmp_library())
+        _ext._settle_threading_backend(native(), {ours})
+        assert ops.threading_backend() == "openmp"  # e.g. torch's CPU wheel: one shared runtime
+        _ext._settle_threading_backend(native(), {"/elsewhere/torch.libs/libgomp-0123abcd.so.1"})
+        assert ops.threading_backend() == "pool"
+        ops.set_threading_backend("openmp")
+        monkeypatch.setenv("SPARSERT_THREADING", "openmp")  # an explicit choice is kept
+        _ext._settle_threading_backend(native(), {"/elsewhere/torch.libs/libgomp-0123abcd.so.1"})
+        assert ops.threading_backend() == "openmp"
+    finally:
+        ops.set_threading_backend(previous)

@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include <dlfcn.h>
 #include <pthread.h>
 #include <unistd.h>
 
@@ -231,6 +232,15 @@ std::atomic<Backend>& backend_state() {
 }  // namespace
 
 bool openmp_available() { return kHaveOpenMP; }
+
+std::string openmp_library() {
+#ifdef SPARSERT_HAVE_OPENMP
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&omp_in_parallel), &info) != 0 && info.dli_fname != nullptr)
+    return info.dli_fname;
+#endif
+  return std::string();
+}
 
 const char* threading_backend() {
   return backend_state().load() == Backend::kOpenMP ? "openmp" : "pool";

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <functional>
+#include <string>
 
 namespace sparsert {
 
@@ -24,6 +25,9 @@ namespace sparsert {
 const char* threading_backend();
 void set_threading_backend(const char* name);
 bool openmp_available();
+// The file of the OpenMP runtime the kernels use ("" without OpenMP), so the
+// Python side can check it is the one torch uses.
+std::string openmp_library();
 
 // Runs fn(task, num_threads) for every task in [0, num_threads) and returns
 // when all have finished. Up to num_threads threads (the caller among them)
