@@ -104,7 +104,8 @@ class BenchmarkResult:
                 ["sparse", f"{self.sparse.median * 1e3:.3f}", f"{self.sparse.p90 * 1e3:.3f}",
                  f"{self.sparse.throughput:.1f}", f"{self.sparse_bytes / 1e6:.2f}"]]
         lines = _format_table(head, rows)
-        lines.append(f"speedup {self.speedup:.2f}x, size {self.size_ratio:.2f}x smaller; threads={self.threads}, "
+        backend = f" ({self.machine['threading']})" if "threading" in self.machine else ""
+        lines.append(f"speedup {self.speedup:.2f}x, size {self.size_ratio:.2f}x smaller; threads={self.threads}{backend}, "
                      f"batch={self.dense.batch}, {self.dense.calls} calls each; {self.machine.get('cpu', '?')}, "
                      f"load {self.machine.get('loadavg', '?')}")
         return "\n".join(lines)
@@ -168,7 +169,13 @@ def machine_info() -> dict:
         load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         load = "?"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "loadavg": load}
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "loadavg": load}
+    from ._ext import available, native
+    if available():  # which kernels and which threads ran them: both change the numbers
+        from .ops import threading_backend
+        info["isa"] = native().best_isa()
+        info["threading"] = threading_backend()
+    return info
 
 
 @contextlib.contextmanager

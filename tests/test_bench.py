@@ -45,6 +45,8 @@ def test_benchmark_result_and_tables(capsys):
     d = result.as_dict()
     assert d["layers"][0]["name"] == "0" and d["speedup"] == result.speedup
     assert "cpu" in result.machine
+    assert result.machine["threading"] == sparsert.ops.threading_backend()
+    assert f"threads=1 ({result.machine['threading']})" in result.table()
 
 
 def test_benchmark_kwargs_inputs_dense_layers_and_no_print(capsys):
