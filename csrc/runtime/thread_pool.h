@@ -6,8 +6,8 @@
 // imported torch first the loader hands us torch's very runtime: our
 // kernels and torch's dense ops run on the same threads. Two pools on two
 // cores fight: after each op the other pool's workers keep spinning on the
-// core the next op needs (measured: BERT-base 3.7x end to end against
-// 4.1x with OMP_WAIT_POLICY=PASSIVE, see benchmarks/RESULTS.md).
+// core the next op needs (measured, BERT-base 90% 4x1 end to end: 3.86x
+// on the pool, 5.04x on torch's team; see benchmarks/RESULTS.md).
 //
 // "pool": sparsert's own threads. Workers spin briefly after a job and then
 // sleep on a condition variable. The fallback where there is no OpenMP, and
