@@ -32,27 +32,36 @@ def _forget(vid: int, ref) -> None:
 
 
 def check_weight_arrays(row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
-                        in_features: int, block_rows: int, block_cols: int) -> None:
+                        in_features: int, block_rows: int, block_cols: int) -> tuple:
     """Raises ValueError unless the arrays describe a valid ``out_features x
     in_features`` block-sparse matrix of ``block_rows x block_cols`` blocks in
     the layout the native kernels read (CPU, contiguous, int32 row pointer,
-    int16/int32 column indices, float32 values)."""
+    int16/int32 column indices, float32 values).
+
+    Returns the arrays as the native kernels take them: (row_ptr address,
+    entries, col_indices address, entries, index bits, values address,
+    entries). The addresses are part of the remembered key because
+    ``t.data = other`` swaps a tensor's storage without bumping its version."""
+    pointers = (row_ptr.data_ptr(), col_indices.data_ptr(), values.data_ptr())
     try:
-        key = (out_features, in_features, block_rows, block_cols, row_ptr._version, col_indices._version,
-               values._version)
+        key = (out_features, in_features, block_rows, block_cols, pointers, row_ptr._version,
+               col_indices._version, values._version)
     except RuntimeError:
         # Inference tensors (made under torch.inference_mode) keep no version
         # counter: an in-place change to them is not noticed.
-        key = (out_features, in_features, block_rows, block_cols,
+        key = (out_features, in_features, block_rows, block_cols, pointers,
                *(_version(t) for t in (row_ptr, col_indices, values)))
     entry = _validated.get(id(values))
     if (entry is not None and entry[0]() is values and entry[1]() is row_ptr and entry[2]() is col_indices
             and entry[3] == key):
-        return
+        return entry[4]
     _check_in_full(row_ptr, col_indices, values, out_features, in_features, block_rows, block_cols)
+    native_arrays = (pointers[0], row_ptr.numel(), pointers[1], col_indices.numel(),
+                     16 if col_indices.dtype == torch.int16 else 32, pointers[2], values.numel())
     vid = id(values)
     ref = weakref.ref(values, lambda r, vid=vid: _forget(vid, r))
-    _validated[vid] = (ref, weakref.ref(row_ptr), weakref.ref(col_indices), key)
+    _validated[vid] = (ref, weakref.ref(row_ptr), weakref.ref(col_indices), key, native_arrays)
+    return native_arrays
 
 
 def _version(t) -> int:

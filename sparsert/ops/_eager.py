@@ -23,7 +23,7 @@ def eager_cpu_call(*tensors: Optional[Tensor]) -> bool:
         if t is None:
             continue
         plain = type(t) is Tensor or type(t) is torch.nn.Parameter  # no subclass (fake, functional...)
-        if not plain or t.device.type != "cpu":
+        if not plain or not t.is_cpu:  # (is_cpu: t.device.type costs 4x as much, per call)
             return False
         if grad and t.requires_grad:
             return False

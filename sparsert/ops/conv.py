@@ -152,8 +152,8 @@ def conv2d_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
     kh, kw = kernel_size
     if groups < 1 or cin % groups:
         raise ValueError(f"groups={groups} must be positive and divide the {cin} input channels")
-    check_weight_arrays(row_ptr, col_indices, values, out_channels, cin // groups * kh * kw, block_rows,
-                        block_cols)
+    rp_address, _, ci_address, _, index_bits, values_address, _ = check_weight_arrays(
+        row_ptr, col_indices, values, out_channels, cin // groups * kh * kw, block_rows, block_cols)
     oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
     ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
     x32 = x if x.dtype == torch.float32 else x.float()
@@ -161,8 +161,8 @@ def conv2d_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
     y = torch.empty(n, out_channels, max(oh, 0), max(ow, 0), dtype=torch.float32)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
-    native().conv2d(out_channels, block_rows, block_cols, row_ptr.data_ptr(), col_indices.data_ptr(),
-                    16 if col_indices.dtype == torch.int16 else 32, values.data_ptr(), x32.data_ptr(),
+    native().conv2d(out_channels, block_rows, block_cols, rp_address, ci_address, index_bits, values_address,
+                    x32.data_ptr(),
                     n, cin, h, w, kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0],
                     dilation[1], groups, y.data_ptr(), float32_bias(bias, out_channels),
                     _KERNEL_ACTIVATION[activation], num_threads if num_threads > 0 else get_num_threads(),

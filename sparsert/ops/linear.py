@@ -73,9 +73,6 @@ def _linear_bsr_fake(x, row_ptr, col_indices, values, out_features, block_rows, 
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-_INDEX_BITS = {torch.int16: 16, torch.int32: 32}
-
-
 def float32_bias(bias: Optional[Tensor], out_features: int) -> int:
     """The address of a float32, contiguous ``bias`` (0 for none), after checking its shape."""
     if bias is None:
@@ -95,7 +92,7 @@ def linear_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
     tensor version (see ``_checks``); per call only x and bias are checked.
     """
     in_features = x.shape[-1]
-    check_weight_arrays(row_ptr, col_indices, values, out_features, in_features, block_rows, block_cols)
+    arrays = check_weight_arrays(row_ptr, col_indices, values, out_features, in_features, block_rows, block_cols)
     x32 = x if x.dtype == torch.float32 else x.float()
     if x32.dim() == 2 and x32.stride(-1) == 1:
         x2 = x32  # rows may be strided (a slice): the kernel takes a row stride
@@ -114,10 +111,8 @@ def linear_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
     y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
-    native().spmm(out_features, in_features, block_rows, block_cols, row_ptr.data_ptr(), row_ptr.numel(),
-                  col_indices.data_ptr(), col_indices.numel(), _INDEX_BITS[col_indices.dtype],
-                  values.data_ptr(), values.numel(), x_address, tokens, x_stride, y.data_ptr(),
-                  out_features, float32_bias(bias, out_features), _KERNEL_ACTIVATION[activation],
+    native().spmm(out_features, in_features, block_rows, block_cols, *arrays, x_address, tokens, x_stride,
+                  y.data_ptr(), out_features, float32_bias(bias, out_features), _KERNEL_ACTIVATION[activation],
                   num_threads if num_threads > 0 else get_num_threads(), kernel)
     if activation == 2:
         y = F.gelu(y)
