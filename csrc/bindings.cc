@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bindings_registry.h"
 #include "runtime/thread_pool.h"
 #include "sparsert/spmm.h"
 
@@ -19,12 +20,6 @@ namespace {
 
 template <typename T>
 T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
-
-const sparsert::KernelInfo& find_kernel(const std::string& name) {
-  for (const auto& k : sparsert::kernel_registry())
-    if (k.name == name) return k;
-  throw std::invalid_argument("unknown sparsert kernel '" + name + "'");
-}
 
 // y = act(x @ W^T + bias) for a block-sparse W. `kernel` names a registry
 // entry, or is empty to let sparsert choose for this CPU and token count.
@@ -75,9 +70,7 @@ std::string spmm(int64_t rows, int64_t cols, int block_rows, int block_cols,
   if (kernel.empty()) {
     k = sparsert::select_kernel(block_rows, block_cols, tokens, sparsert::best_isa());
   } else {
-    k = &find_kernel(kernel);
-    if (!sparsert::isa_supported(k->isa))
-      throw std::invalid_argument("kernel '" + kernel + "' needs " + k->isa + ", which this CPU lacks");
+    k = &sparsert_bindings::forced_kernel(sparsert::kernel_registry(), kernel, "kernel");
     if (k->block_rows != 0 && (k->block_rows != block_rows || k->block_cols != block_cols))
       throw std::invalid_argument("kernel '" + kernel + "' does not handle " +
                                   std::to_string(block_rows) + "x" + std::to_string(block_cols) + " blocks");
@@ -93,19 +86,8 @@ std::string spmm(int64_t rows, int64_t cols, int block_rows, int block_cols,
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sparsert native kernels (torch-free)";
-  m.def("kernels", [] {
-    py::list out;
-    for (const auto& k : sparsert::kernel_registry()) {
-      py::dict d;
-      d["name"] = k.name;
-      d["isa"] = k.isa;
-      d["kind"] = k.kind;
-      d["block"] = py::make_tuple(k.block_rows, k.block_cols);
-      d["supported"] = sparsert::isa_supported(k.isa);
-      out.append(d);
-    }
-    return out;
-  }, "Every kernel in this build: name, isa, kind, block tile, and whether this CPU runs it.");
+  m.def("kernels", [] { return sparsert_bindings::describe_registry(sparsert::kernel_registry()); },
+        "Every kernel in this build: name, isa, kind, block tile, and whether this CPU runs it.");
   m.def("best_isa", &sparsert::best_isa, "The ISA sparsert uses on this CPU (SPARSERT_ISA overrides).");
   m.def("isa_supported", &sparsert::isa_supported, py::arg("isa"));
   m.def("threading_backend", &sparsert::threading_backend,

@@ -7,17 +7,12 @@
 #include <stdexcept>
 #include <string>
 
+#include "bindings_registry.h"
 #include "sparsert/conv.h"
 
 namespace py = pybind11;
 
 namespace {
-
-const sparsert::ConvKernelInfo& find_conv_kernel(const std::string& name) {
-  for (const auto& k : sparsert::conv_kernel_registry())
-    if (k.name == name) return k;
-  throw std::invalid_argument("unknown sparsert conv kernel '" + name + "'");
-}
 
 // y = act(conv2d(x, W) + bias) for a block-sparse flattened W. `kernel` names
 // a registry entry, or is empty to let sparsert choose. Returns the kernel used.
@@ -64,9 +59,7 @@ std::string conv2d(int64_t out_channels, int block_rows, int block_cols, uintptr
   if (kernel.empty()) {
     k = sparsert::select_conv_kernel(block_rows, block_cols, sh, sparsert::best_isa());
   } else {
-    k = &find_conv_kernel(kernel);
-    if (!sparsert::isa_supported(k->isa))
-      throw std::invalid_argument("kernel '" + kernel + "' needs " + k->isa + ", which this CPU lacks");
+    k = &sparsert_bindings::forced_kernel(sparsert::conv_kernel_registry(), kernel, "conv kernel");
   }
   const std::string problem = sparsert::conv_check(*k, w, sh);
   if (!problem.empty()) throw std::invalid_argument(problem);
@@ -80,20 +73,9 @@ std::string conv2d(int64_t out_channels, int block_rows, int block_cols, uintptr
 }  // namespace
 
 void bind_conv(py::module_& m) {
-  m.def("conv_kernels", [] {
-    py::list out;
-    for (const auto& k : sparsert::conv_kernel_registry()) {
-      py::dict d;
-      d["name"] = k.name;
-      d["isa"] = k.isa;
-      d["kind"] = k.kind;
-      d["block"] = py::make_tuple(k.block_rows, k.block_cols);
-      d["supported"] = sparsert::isa_supported(k.isa);
-      out.append(d);
-    }
-    return out;
-  }, "Every convolution kernel in this build: name, isa, kind (pointwise | conv | reference), "
-     "block tile, and whether this CPU runs it.");
+  m.def("conv_kernels", [] { return sparsert_bindings::describe_registry(sparsert::conv_kernel_registry()); },
+        "Every convolution kernel in this build: name, isa, kind (pointwise | conv | reference), "
+        "block tile, and whether this CPU runs it.");
   m.def("conv2d", &conv2d, py::arg("out_channels"), py::arg("block_rows"), py::arg("block_cols"),
         py::arg("row_ptr"), py::arg("col_idx"), py::arg("index_bits"), py::arg("values"),
         py::arg("x"), py::arg("batch"), py::arg("in_channels"), py::arg("height"),
