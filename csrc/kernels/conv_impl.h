@@ -42,28 +42,6 @@
 namespace sparsert {
 namespace SPARSERT_ISA {
 
-// Cuts block rows [0, nbr) of a row_ptr segment (absolute offsets) into
-// `parts` contiguous ranges of about equal nonzeros + per-row overhead.
-inline void split_block_rows(const int32_t* row_ptr, int64_t nbr, int parts,
-                             std::vector<int64_t>& bounds) {
-  bounds.assign(parts + 1, nbr);
-  bounds[0] = 0;
-  const double row_cost = 2.0;
-  const double base = row_ptr[0];
-  const double total = (row_ptr[nbr] - base) + row_cost * nbr;
-  int64_t row = 0;
-  for (int p = 1; p < parts; ++p) {
-    const double target = total * p / parts;
-    int64_t lo = row, hi = nbr;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if ((row_ptr[mid] - base) + row_cost * mid < target) lo = mid + 1; else hi = mid;
-    }
-    row = lo;
-    bounds[p] = row;
-  }
-}
-
 // spmm_tile over only `nv` (<= NV) vectors of pixels, for the last tile.
 template <int R, int RT, int NV, int S, typename Idx>
 static inline void conv_tile_nv(int nv, const int32_t* row_ptr, const Idx* idx, const float* values,
@@ -150,7 +128,7 @@ static void conv_compute(const RowBlocks<Idx>& w, const ConvShape& sh, const Con
     rparts = static_cast<int>(std::min<int64_t>(nbr_g, (8 * threads + base_items - 1) / base_items));
   rparts = std::max(rparts, 1);
   std::vector<std::vector<int64_t>> bounds(G);
-  for (int64_t g = 0; g < G; ++g) split_block_rows(w.row_ptr + g * nbr_g, nbr_g, rparts, bounds[g]);
+  for (int64_t g = 0; g < G; ++g) balanced_ranges(w.row_ptr + g * nbr_g, nbr_g, rparts, bounds[g]);
   const int64_t items = base_items * rparts;
 
   const bool private_images = rparts > 1 && threads > 1;

@@ -119,12 +119,15 @@ static inline void transpose(const float* src, int64_t src_stride, int64_t rows,
 
 // Splits block rows [0, block_rows) into `parts` contiguous ranges with about
 // equal cost, where a block row costs its block count plus a fixed overhead.
+// row_ptr may point into a larger matrix's row pointer (one group of a
+// grouped convolution): offsets are taken relative to row_ptr[0].
 inline void balanced_ranges(const int32_t* row_ptr, int64_t block_rows, int parts,
                             std::vector<int64_t>& bounds) {
   bounds.assign(parts + 1, block_rows);
   bounds[0] = 0;
   const double row_cost = 2.0;  // loop + store overhead of a row, in blocks
-  const double total = row_ptr[block_rows] + row_cost * block_rows;
+  const double base = row_ptr[0];
+  const double total = (row_ptr[block_rows] - base) + row_cost * block_rows;
   int64_t row = 0;
   for (int p = 1; p < parts; ++p) {
     const double target = total * p / parts;
@@ -132,7 +135,7 @@ inline void balanced_ranges(const int32_t* row_ptr, int64_t block_rows, int part
     int64_t lo = row, hi = block_rows;
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
-      if (row_ptr[mid] + row_cost * mid < target) lo = mid + 1; else hi = mid;
+      if ((row_ptr[mid] - base) + row_cost * mid < target) lo = mid + 1; else hi = mid;
     }
     row = lo;
     bounds[p] = row;
