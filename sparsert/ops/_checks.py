@@ -17,7 +17,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from ..formats._common import decode_indices
+from ..formats._common import decode_indices, index_bits
 
 _INDEX_DTYPES = (torch.int16, torch.int32)
 
@@ -57,7 +57,7 @@ def check_weight_arrays(row_ptr: Tensor, col_indices: Tensor, values: Tensor, ou
         return entry[4]
     _check_in_full(row_ptr, col_indices, values, out_features, in_features, block_rows, block_cols)
     native_arrays = (pointers[0], row_ptr.numel(), pointers[1], col_indices.numel(),
-                     16 if col_indices.dtype == torch.int16 else 32, pointers[2], values.numel())
+                     index_bits(col_indices), pointers[2], values.numel())
     vid = id(values)
     ref = weakref.ref(values, lambda r, vid=vid: _forget(vid, r))
     _validated[vid] = (ref, weakref.ref(row_ptr), weakref.ref(col_indices), key, native_arrays)
