@@ -41,7 +41,7 @@ from ..formats import NM, SparseFormat, pack
 from ..formats._common import FlatViews
 from ..ops._eager import eager_cpu_call
 from ..ops.conv import conv2d_bsr_cpu
-from ..ops.linear import activation_code, linear_bsr_cpu
+from ..ops.linear import _apply_activation, activation_code, linear_bsr_cpu
 
 __all__ = ["SparseLinear", "SparseConv2d"]
 
@@ -73,14 +73,6 @@ def _conv_op():
 
 
 _CONV_OP = None
-
-
-def _apply_activation(y: Tensor, code: int) -> Tensor:
-    if code == 1:
-        return torch.relu(y)
-    if code == 2:
-        return F.gelu(y)
-    return y
 
 
 class _PackedWeight(nn.Module):

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..formats import SparseFormat
 from ._eager import eager_cpu_call
 from ._threads import get_num_threads, num_threads, set_num_threads, set_threading_backend, threading_backend
-from .linear import ACTIVATIONS, activation_code, linear_bsr, linear_bsr_cpu
+from .linear import ACTIVATIONS, _apply_activation, activation_code, linear_bsr, linear_bsr_cpu
 if torch.cuda.is_available():  # CUDA kernels for the same ops; sparsert._C_cuda loads at the first call
     from . import cuda as _cuda  # noqa: F401
 from .conv import ConvWeight, conv2d
@@ -33,8 +33,7 @@ def linear(x: Tensor, w, bias: Optional[Tensor] = None, activation: Optional[str
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
         raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
     if isinstance(w, Tensor):
-        y = F.linear(x, w, bias)
-        return torch.relu(y) if code == 1 else F.gelu(y) if code == 2 else y
+        return _apply_activation(F.linear(x, w, bias), code)
     if not isinstance(w, SparseFormat):
         raise TypeError(f"w must be a torch.Tensor or a sparsert format (CSR, BSR, NM), got {type(w).__name__}")
     if not isinstance(x, Tensor):
