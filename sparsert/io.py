@@ -28,7 +28,6 @@ stored, nothing is re-packed or re-tuned.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -42,6 +41,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from torch import nn
+
+from .ops._threads import torch_single_thread
 
 __all__ = [
     "FORMAT",
@@ -533,21 +534,11 @@ def _read_layer(path, m: _Meta, lpath: str, d: dict, tensors: dict) -> tuple[Lay
     return LayerRecord(lpath, ltype, packed, bias, meta), set(names.values())
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Validation is a few memory-bound passes: torch's thread pool only adds start-up and, on a busy
-    machine, spin-wait contention (measured 1000x slower with 2 threads under load 10 on 2 cores)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def read(path: "str | os.PathLike") -> SparseFile:
     """Reads and fully validates a sparsert file (no model needed)."""
-    with _one_thread():
+    # Validation is a few memory-bound passes: on a busy 2-core machine, 2 torch
+    # threads were measured 1000x slower than 1 (spin-wait contention).
+    with torch_single_thread():
         return _read(path)
 
 
@@ -720,7 +711,7 @@ def load(path: "str | os.PathLike", model: nn.Module | None = None) -> nn.Module
     """
     f = read(path)
     path = f.path
-    with _one_thread():
+    with torch_single_thread():  # see read()
         return _load_into(f, path, model)
 
 

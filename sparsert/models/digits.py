@@ -15,7 +15,6 @@ digits.accuracy(mlp, data.x_test, data.y_test)   # ~0.98
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..ops._threads import torch_single_thread as single_thread
 
 __all__ = [
     "DigitsData",
@@ -134,17 +135,6 @@ def train(
     """
     with single_thread():
         return _train(model, data, epochs, lr, batch_size, seed)
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Run the block with ``torch.set_num_threads(1)``; restores the old count."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _train(model, data, epochs, lr, batch_size, seed):

@@ -25,6 +25,20 @@ def set_num_threads(n: int | None) -> None:
 
 
 @contextlib.contextmanager
+def torch_single_thread():
+    """Runs the block with ``torch.set_num_threads(1)`` and restores the old
+    count: for short, memory-bound torch work (validation passes, small
+    trainings), where a second thread only adds start-up and spin-wait
+    contention on a busy machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@contextlib.contextmanager
 def num_threads(n: int | None):
     """Context manager form of :func:`set_num_threads`."""
     previous = getattr(_override, "value", None)
