@@ -141,16 +141,11 @@ static void conv_compute(const RowBlocks<Idx>& w, const ConvShape& sh, const Con
     // 1.8x at 112x112. Few tiles split into row parts: items are claimed
     // dynamically, since a short last tile made a static split uneven.
     std::atomic<int64_t> next_item{0};
-    const auto claim = [&](int64_t it, int64_t end) {
-      if (!private_images) return it + 1 < end ? it + 1 : items;
-      return next_item.fetch_add(1, std::memory_order_relaxed);
-    };
     parallel_run(threads, [&](int tid, int nt) {
       const float* ximg = private_images ? image(n, 1) : shared_image;
       static thread_local Scratch out_scratch, panel_scratch;
       float* tile_out = out_scratch.get(static_cast<size_t>(R) * P);
-      const int64_t end = private_images ? items : items * (tid + 1) / nt;
-      for (int64_t it = private_images ? claim(0, 0) : items * tid / nt; it < end; it = claim(it, end)) {
+      const auto run_item = [&](int64_t it) {
         const int64_t rp = it % rparts;
         const int64_t tile = (it / rparts) % ntiles;
         const int64_t g = it / (rparts * ntiles);
@@ -217,6 +212,13 @@ static void conv_compute(const RowBlocks<Idx>& w, const ConvShape& sh, const Con
             }
           }
         }
+      };
+      if (private_images) {
+        for (int64_t it = next_item.fetch_add(1, std::memory_order_relaxed); it < items;
+             it = next_item.fetch_add(1, std::memory_order_relaxed))
+          run_item(it);
+      } else {
+        for (int64_t it = items * tid / nt; it < items * (tid + 1) / nt; ++it) run_item(it);
       }
     });
   }
