@@ -41,10 +41,12 @@ def _torch_openmp_libraries():
         return None
     found = set()
     for line in lines:
-        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
-        name = os.path.basename(path)
-        if name.startswith(("libgomp", "libiomp", "libomp")) and os.path.realpath(path).startswith(roots):
-            found.add(os.path.realpath(path))
+        fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+        if len(fields) < 6 or not os.path.basename(fields[5]).startswith(("libgomp", "libiomp", "libomp")):
+            continue
+        path = os.path.realpath(fields[5])
+        if path.startswith(roots):
+            found.add(path)
     return found
 
 
