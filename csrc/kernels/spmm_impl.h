@@ -295,43 +295,37 @@ static void spmm_run(const BlockSparseMatrix& w, const SpmmArgs& a) {
     return;
   }
 
-  // Few tokens, small panels: every thread packs all of them for itself,
-  // which costs less than reading the half the other core packed.
+  // Otherwise each thread owns a contiguous range of block rows, for every
+  // panel. Few tokens (small panels): every thread packs all panels for
+  // itself, which costs less than reading the half the other core packed.
+  // Else the threads pack the shared panels together first.
   const int64_t packed_floats = panels * cols_padded * P;
-  if (threads > 1 && packed_floats * 4 <= kPrivatePackBytes) {
-    std::vector<int64_t> bounds;
-    balanced_ranges(w.row_ptr, block_rows, threads, bounds);
-    parallel_run(threads, [&](int tid, int) {
-      static thread_local Scratch own_panels;
-      float* xp = own_panels.get(static_cast<size_t>(packed_floats));
-      for (int64_t p = 0; p < panels; ++p)
-        pack_panel<P>(a.x, a.tokens, a.x_row_stride, w.cols, p * P, 0, cols_padded, xp + p * cols_padded * P);
-      for (int64_t p = 0; p < panels; ++p)
-        spmm_panel_rows<R, C, RT, NV, S, Idx>(w, a, xp + p * cols_padded * P, p * P,
-                                              std::min<int64_t>(P, a.tokens - p * P), bounds[tid],
-                                              bounds[tid + 1]);
+  const bool private_pack = threads > 1 && packed_floats * 4 <= kPrivatePackBytes;
+  float* shared = nullptr;
+  if (!private_pack) {
+    static thread_local Scratch packed;
+    shared = packed.get(static_cast<size_t>(packed_floats));
+    parallel_run(threads, [&](int tid, int nt) {
+      // Split the (panel, k) space evenly.
+      const int64_t total = panels * cols_padded;
+      const int64_t begin = total * tid / nt, end = total * (tid + 1) / nt;
+      for (int64_t p = begin / cols_padded; p < panels && p * cols_padded < end; ++p) {
+        const int64_t kb = std::max<int64_t>(begin - p * cols_padded, 0);
+        const int64_t ke = std::min<int64_t>(end - p * cols_padded, cols_padded);
+        pack_panel<P>(a.x, a.tokens, a.x_row_stride, w.cols, p * P, kb, ke, shared + p * cols_padded * P);
+      }
     });
-    return;
   }
-
-  // 1. Pack x into token panels (shared by all threads).
-  static thread_local Scratch packed;
-  float* xp = packed.get(static_cast<size_t>(packed_floats));
-  parallel_run(threads, [&](int tid, int nt) {
-    // Split the (panel, k) space evenly.
-    const int64_t total = panels * cols_padded;
-    const int64_t begin = total * tid / nt, end = total * (tid + 1) / nt;
-    for (int64_t p = begin / cols_padded; p < panels && p * cols_padded < end; ++p) {
-      const int64_t kb = std::max<int64_t>(begin - p * cols_padded, 0);
-      const int64_t ke = std::min<int64_t>(end - p * cols_padded, cols_padded);
-      pack_panel<P>(a.x, a.tokens, a.x_row_stride, w.cols, p * P, kb, ke, xp + p * cols_padded * P);
-    }
-  });
-
-  // 2. Each thread owns a contiguous range of block rows, for every panel.
   std::vector<int64_t> bounds;
   balanced_ranges(w.row_ptr, block_rows, threads, bounds);
   parallel_run(threads, [&](int tid, int) {
+    float* xp = shared;
+    if (private_pack) {
+      static thread_local Scratch own_panels;
+      xp = own_panels.get(static_cast<size_t>(packed_floats));
+      for (int64_t p = 0; p < panels; ++p)
+        pack_panel<P>(a.x, a.tokens, a.x_row_stride, w.cols, p * P, 0, cols_padded, xp + p * cols_padded * P);
+    }
     for (int64_t p = 0; p < panels; ++p) {
       spmm_panel_rows<R, C, RT, NV, S, Idx>(w, a, xp + p * cols_padded * P, p * P,
                                             std::min<int64_t>(P, a.tokens - p * P), bounds[tid],
