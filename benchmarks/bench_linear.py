@@ -109,17 +109,33 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer timing rounds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", type=Path, help="also write the table as markdown here")
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help=f"token counts (default {TOKENS})")
+    parser.add_argument("--cases", nargs="+", default=[c[0] for c in CASES], metavar="CASE",
+                        help="sparsity cases by label, e.g. 90%% '90%% 4x1' (default: all)")
+    parser.add_argument("--shapes", nargs="+", default=[f"{i}x{o}" for i, o in SHAPES], metavar="INxOUT",
+                        help="in x out features, e.g. 768x3072 (default: the three benchmark shapes)")
     args = parser.parse_args(argv)
+    by_label = {c[0]: c for c in CASES}
+    unknown = [c for c in args.cases if c not in by_label]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {list(by_label)}")
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    except ValueError:
+        parser.error(f"--shapes takes INxOUT pairs such as 768x3072, got {args.shapes}")
+    if any(len(s) != 2 or min(s) < 1 for s in shapes):
+        parser.error(f"--shapes takes INxOUT pairs of positive sizes, got {args.shapes}")
+    cases = [by_label[c] for c in args.cases]
     print(f"sparsert {sparsert.__version__} | {cpu_name()} | ISA {native().best_isa()} | "
           f"torch {torch.__version__} | {args.threads} threads | commit {git_commit()}")
-    rows = run(args.quick, args.threads, SHAPES, TOKENS, CASES)
+    rows = run(args.quick, args.threads, shapes, args.tokens, cases)
     table = markdown(rows, args.threads)
     print()
     print(table)
     if args.markdown:
         header = (f"Date {datetime.date.today()}, CPU {cpu_name()}, ISA {native().best_isa()}, "
                   f"torch {torch.__version__}, {args.threads} threads, commit {git_commit()}.\n"
-                  f"Command: `python benchmarks/bench_linear.py{' --quick' if args.quick else ''}`. "
+                  f"Command: `python benchmarks/bench_linear.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
                   "Cells are speedups over torch dense F.linear in the same run (higher is better).\n\n")
         args.markdown.write_text(header + table + "\n")
 

@@ -106,6 +106,22 @@ def test_kernel_many_tokens(kernel):
     assert_close(run_kernel(kernel["name"], fmt, x), reference(x, w), k=70)
 
 
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k["kind"] == "spmm" and k["block"] == (1, 1)],
+                         ids=lambda k: k["name"])
+@pytest.mark.parametrize("cols", [700, 1500, 3001])
+@pytest.mark.parametrize("density", [0.1, 0.5])
+def test_csr_panel_width_cap_for_wide_inputs(kernel, cols, density):
+    # Sparse CSR over wide inputs packs narrower token panels (to stay in
+    # L2): 1, 2 or 4 vectors by width; denser keeps the widest. All must agree.
+    w = random_sparse(67, cols, density, empty_rows=(3,))
+    fmt = CSR.from_dense(w)
+    x = torch.randn(130, cols)
+    bias = torch.randn(67)
+    for threads in (1, 2, 3):
+        y = run_kernel(kernel["name"], fmt, x, bias, 1, threads=threads)
+        assert_close(y, reference(x, w, bias, "relu"), k=cols)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
 def test_thread_counts_partition_rows_correctly(threads):
     w = random_sparse(101, 64, 0.2, empty_rows=range(0, 40))  # skewed rows
