@@ -126,6 +126,22 @@ def test_conv_kernel_matches_torch_and_reference(kernel, case):
     assert_close(y, y_ref.double(), k=w4[0].numel())
 
 
+@pytest.mark.parametrize("kernel", [k for k in FAST if k["kind"] == "conv" and k["block"][0] == 1], ids=kid)
+@pytest.mark.parametrize("case", GENERAL, ids=general_case_id)
+def test_single_row_blocks_in_place_and_through_the_im2col_slab(kernel, case):
+    # Single-row blocks read the input in place when each element would feed
+    # few FMAs (density 0.1: at most 6.4 per element here), else through a
+    # per-tile im2col slab (density 0.9: at least 14.4). Both must agree.
+    b, cin, cout, h, w, k, s, p, d, g = case
+    x, bias = torch.randn(b, cin, h, w), torch.randn(cout)
+    for density in (0.1, 0.9):
+        w4 = pruned_weight(cout, cin // g, *k, density, kernel["block"], empty_rows=(2,))
+        fmt = pack4(w4, kernel["block"])
+        for threads in (1, 3):
+            y = run(kernel["name"], fmt, x, k, s, p, d, g, bias, activation=1, threads=threads)
+            assert_close(y, reference(x, w4, bias, s, p, d, g, 1), k=w4[0].numel())
+
+
 @pytest.mark.parametrize("kernel", [k for k in FAST if k["kind"] == "pointwise"], ids=kid)
 @pytest.mark.parametrize("case", POINTWISE, ids=lambda c: f"n{c[0]}c{c[1]}o{c[2]}_{c[3]}x{c[4]}_g{c[5]}")
 def test_pointwise_kernel_matches_torch_and_reference(kernel, case):
