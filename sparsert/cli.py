@@ -219,6 +219,10 @@ def cmd_prune(args) -> int:
         pruner.step()
         if pruner.done:
             break
+    refit = {}
+    if args.reconstruct:
+        from .prune import reconstruct
+        refit = reconstruct(wl.model, dense, list(wl.calibration(args.calib, limit=args.calib_batches)))
     tuned = []
     if args.finetune_epochs:
         data = wl.train_batches()
@@ -237,6 +241,8 @@ def cmd_prune(args) -> int:
     summ = io.summary(out)
     data = {"model": wl.name, "output": str(out), "sparsity": rep.sparsity, "format": kind,
             "quality_before": before, "quality_after": after, "finetune_loss": tuned,
+            "reconstruct": {name: None if e is None else {"error_before": e[0], "error_after": e[1]}
+                            for name, e in refit.items()},
             "file_bytes": info["file_bytes"], "dense_equivalent_bytes": summ["dense_equivalent_bytes"],
             "compression": summ["compression"], "seconds": time.perf_counter() - t0,
             "layers": [{"layer": l.name, "sparsity": l.sparsity, "params": l.params} for l in rep.layers]}
@@ -244,12 +250,23 @@ def cmd_prune(args) -> int:
         str(rep),
         "",
         f"quality before: {_q(before)}   after: {_q(after)}",
+        *([_refit_line(refit)] if refit else []),
         f"wrote {out} ({kind}): {_fmt_bytes(info['file_bytes'])}, {summ['compression']:.2f}x smaller than the "
         f"dense state_dict ({_fmt_bytes(summ['dense_equivalent_bytes'])}); "
         f"next: sparsert sparsify {out} -o {out.with_suffix('')}-fast.sparsert",
     ])
     _emit(args, data, text)
     return 0
+
+
+def _refit_line(refit: dict) -> str:
+    done = [e for e in refit.values() if e is not None]
+    line = f"reconstructed {len(done)} layer(s)"
+    if done:
+        line += (f": relative output error on the calibration data {sum(e[0] for e in done) / len(done):.3f} -> "
+                 f"{sum(e[1] for e in done) / len(done):.3f} (mean over layers)")
+    skipped = [n for n, e in refit.items() if e is None]
+    return line + (f"; left as pruned (unsupported kind): {', '.join(skipped)}" if skipped else "")
 
 
 def _q(q: dict) -> str:
@@ -380,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib", metavar="DATA", help="calibration data: .txt sentences or .npz with x (and y); "
                                                    "default: the example's own data")
     s.add_argument("--calib-batches", type=_positive_int, default=8, help="calibration batches (default 8)")
+    s.add_argument("--reconstruct", action="store_true",
+                   help="after pruning, refit the kept weights of every pruned layer to the dense model's outputs "
+                        "on the calibration data (least squares, no training; zeros stay zero)")
     s.add_argument("--finetune-epochs", type=_nonneg_int, default=0, help="mask-preserving fine-tuning epochs")
     s.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     s.add_argument("-o", "--output", required=True, metavar="OUT", help="sparsert file to write")

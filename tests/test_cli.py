@@ -148,6 +148,24 @@ def test_prune_sparsify_bench_export_on_a_hugging_face_directory(tmp_path, hf_di
                    "can only be benchmarked")
 
 
+def test_prune_with_reconstruct_keeps_more_of_the_dense_model(tmp_path, hf_dir):
+    cosines = {}
+    for extra in ([], ["--reconstruct"]):
+        r = cli("prune", hf_dir, "--sparsity", "0.7", "--importance", "wanda", "--exclude", "pooler",
+                "-o", tmp_path / f"p{len(extra)}.sparsert", "--json", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        data = json.loads(r.stdout)
+        cosines[bool(extra)] = data["quality_after"]["cosine"]
+        layers = {l["layer"]: l["sparsity"] for l in data["layers"]}
+        # wanda ranks per row: 22 of 32 (or 45 of 64) weights per row
+        assert all(0.68 <= v <= 0.71 for k, v in layers.items() if k.startswith("encoder.")), layers
+    refit = data["reconstruct"]
+    assert len(refit) == 6 and all(e["error_after"] < e["error_before"] for e in refit.values())
+    assert cosines[True] > cosines[False], cosines
+    r = cli("prune", hf_dir, "--sparsity", "0.7", "--exclude", "pooler", "--reconstruct", "-o", tmp_path / "t.sparsert")
+    assert r.returncode == 0 and "reconstructed 6 layer(s)" in r.stdout, r.stderr[-3000:]
+
+
 def test_prune_a_built_in_example_with_fine_tuning_and_calibration_file(tmp_path):
     from sparsert.models import digits
 

@@ -31,6 +31,7 @@ from .finetune import finetune, kd_loss
 from .masks import apply_mask, apply_masks, get_mask, masked_modules, masks_from_zeros, remove_masks
 from .patterns import Pattern, parse_pattern, weight_2d_shape
 from .pruner import DEFAULT_LAYER_TYPES, Pruner, prune
+from .reconstruct import reconstruct
 from .report import LayerReport, PruneReport, report
 from .schedules import Gradual, Iterative, OneShot, Schedule, get_schedule
 
@@ -64,6 +65,7 @@ __all__ = [
     "masks_from_zeros",
     "parse_pattern",
     "prune",
+    "reconstruct",
     "remove_masks",
     "report",
     "weight_2d_shape",
