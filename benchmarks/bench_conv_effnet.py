@@ -12,17 +12,31 @@ runs through sparsert.ops.conv2d; the stem and depthwise convs stay dense.
 
 Reports: latency at batch 1 (minimum over interleaved runs, at 1 thread and at
 --threads; "conservative" credits dense with perfect scaling of its 1-thread
-time, as in bench_conv.py), and
-how often the sparse model's top-1 ImageNet class agrees with the unpruned
-dense model's on real photos (scikit-learn's two sample images, in crops,
-scales and flips). Also checks the sparse kernels against the same pruned
-weights run densely (agreement must be 100%).
+time, as in bench_conv.py), and how often the sparse model's top-1 ImageNet
+class agrees with the unpruned dense model's on real photos: scikit-learn's
+two sample images, plus five from scikit-image when it is installed
+(`pip install scikit-image`: astronaut, cat, coffee, rocket, motorcycle), each
+in 22 crops, scales and flips. Three ways to prune, none with training:
+
+* magnitude: per layer, no data;
+* wanda: |w| x input-feature norm, per output row, calibrated on random crops;
+* wanda + reconstruct: then `sparsert.prune.reconstruct` refits the kept
+  weights so each layer matches the unpruned one (least squares, zeros kept).
+
+The calibrated methods are scored on held-out photos: the photos are split in
+two halves, each half is scored with a model calibrated only on random crops
+of the other half's photos. wanda + reconstruct is also scored calibrated on
+random crops of the same photos (not the test crops), which shows how much
+of its gain depends on calibration data like the test data. Also checks
+the sparse kernels against the same pruned weights run densely (agreement must
+be 100%).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import os
 import statistics
@@ -100,44 +114,112 @@ def pointwise_convs(model):
     yield model, "_conv_head"
 
 
-def pruned_copy(raw, sparsity, kind, sparse):
-    """Prunes the raw (unfolded) pointwise weights by magnitude, folds BN, and
-    optionally swaps the pointwise convs for sparsert ones."""
-    import copy
+def pruned_copy(raw, sparsity, kind):
+    """Prunes the raw (unfolded) pointwise weights by magnitude, then folds BN."""
     m = copy.deepcopy(raw)
     with torch.no_grad():
         for parent, attr in pointwise_convs(m):
             conv = getattr(parent, attr)
             assert conv.kernel_size == (1, 1) and tuple(conv.stride) == (1, 1) and conv.groups == 1
             conv.weight.data = prune(conv.weight.detach(), sparsity, kind)
-    fold_bn(m)  # scales whole rows: the zeros stay zeros
-    if sparse:
-        for parent, attr in pointwise_convs(m):
-            conv = getattr(parent, attr)
-            setattr(parent, attr, SparsePointwise(conv.weight.detach(), conv.bias, kind))
+    return fold_bn(m)  # scales whole rows: the zeros stay zeros
+
+
+def photos() -> list[tuple[str, torch.Tensor]]:
+    """Real photos from PyPI packages, as (name, 3 x H x W in [0, 1])."""
+    from sklearn.datasets import load_sample_images
+    data = load_sample_images()
+    out = [(os.path.splitext(os.path.basename(f))[0], torch.from_numpy(img.copy()))
+           for f, img in zip(data.filenames, data.images)]
+    try:
+        import skimage.data as sk
+        out += [(n, torch.from_numpy(getattr(sk, n)().copy())) for n in ("astronaut", "chelsea", "coffee", "rocket")]
+        out.append(("motorcycle", torch.from_numpy(sk.stereo_motorcycle()[0].copy())))
+    except ImportError:
+        pass
+    return [(n, t.permute(2, 0, 1).float() / 255.0) for n, t in out]
+
+
+def _crop(t, y0, x0, side, flip):
+    c = F.interpolate(t[None, :, y0:y0 + side, x0:x0 + side], size=(224, 224), mode="bilinear",
+                      antialias=True, align_corners=False)[0]
+    return ((c.flip(-1) if flip else c) - MEAN) / STD
+
+
+def test_crops(t):
+    """22 fixed views of one photo: centre crops at 3 scales, corners at 2, each flipped."""
+    _, h, w = t.shape
+    out = []
+    for scale in (1.0, 0.8, 0.6):
+        side = int(min(h, w) * scale)
+        spots = [((h - side) // 2, (w - side) // 2)]
+        if scale < 1.0:
+            spots += [(0, 0), (0, w - side), (h - side, 0), (h - side, w - side)]
+        out += [_crop(t, y0, x0, side, flip) for y0, x0 in spots for flip in (False, True)]
+    return out
+
+
+def calibration_crops(t, n, gen):
+    """n random crops (35-95% of the short side, random position and flip)."""
+    _, h, w = t.shape
+    out = []
+    for _ in range(n):
+        side = int(min(h, w) * float(torch.empty(1).uniform_(0.35, 0.95, generator=gen)))
+        y0 = int(torch.randint(0, h - side + 1, (1,), generator=gen))
+        x0 = int(torch.randint(0, w - side + 1, (1,), generator=gen))
+        out.append(_crop(t, y0, x0, side, bool(torch.rand(1, generator=gen) < 0.5)))
+    return out
+
+
+def pointwise_names(model):
+    ids = {id(getattr(parent, attr)) for parent, attr in pointwise_convs(model)}
+    return [n for n, m in model.named_modules() if id(m) in ids]
+
+
+def calibrated_copy(dense, sparsity, kind, calib, refit):
+    """Wanda-pruned copy of the (BN-folded) dense model's pointwise convs, optionally
+    refit by sparsert.prune.reconstruct; 4x1 blocks for bsr4x1."""
+    import re
+    from sparsert.prune import Pruner, reconstruct, remove_masks
+    m = copy.deepcopy(dense)
+    names = pointwise_names(m)
+    batches = [calib[i:i + 16] for i in range(0, len(calib), 16)]
+    Pruner(m, importance="wanda", pattern="unstructured" if kind == "csr" else kind[3:],
+           sparsity=sparsity, include=[re.escape(n) + "$" for n in names],
+           progress=False).calibrate(batches).step()
+    remove_masks(m)
+    if refit:
+        reconstruct(m, dense, batches, include=names, progress=False)
     return m
 
 
-def photo_batch():
-    """Crops, scales and flips of scikit-learn's two sample photos, 224x224, normalized."""
-    from sklearn.datasets import load_sample_images
-    out = []
-    for img in load_sample_images().images:
-        t = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255.0
-        _, h, w = t.shape
-        for scale in (1.0, 0.8, 0.6, 0.45):
-            side = int(min(h, w) * scale)
-            spots = [((h - side) // 2, (w - side) // 2)]
-            if scale < 1.0:
-                spots += [(0, 0), (0, w - side), (h - side, 0), (h - side, w - side)]
-            for y0, x0 in spots:
-                crop = t[:, y0:y0 + side, x0:x0 + side]
-                crop = F.interpolate(crop[None], size=(224, 224), mode="bilinear", antialias=True,
-                                     align_corners=False)[0]
-                for flip in (False, True):
-                    c = crop.flip(-1) if flip else crop
-                    out.append((c - MEAN) / STD)
-    return torch.stack(out)
+def sparsify_pointwise(model, kind):
+    for parent, attr in pointwise_convs(model):
+        conv = getattr(parent, attr)
+        setattr(parent, attr, SparsePointwise(conv.weight.detach(), conv.bias, kind))
+    return model
+
+
+def calibrated_agreement(dense, sparsity, kind, shots, top1_dense, refit, held_out=True, per_photo=10):
+    """Top-1 agreement on every test crop of a wanda-pruned (and optionally
+    reconstructed) model. held_out: the photos are split in two halves and each
+    half is scored by a model calibrated on random crops of the other half only;
+    else one model is calibrated on random crops of every photo (other crops
+    than the test crops, but the same photos). Returns (agreement, a model)."""
+    names = list(shots)
+    gen = torch.Generator().manual_seed(1)
+    splits = ([(names[0::2], names[1::2]), (names[1::2], names[0::2])] if held_out else [(names, names)])
+    hits, total, first = 0, 0, None
+    for test_photos, calib_photos in splits:
+        calib = torch.stack([c for n in calib_photos for c in calibration_crops(shots[n][0], per_photo, gen)])
+        m = calibrated_copy(dense, sparsity, kind, calib, refit)
+        first = first or m
+        with torch.no_grad():
+            for n in test_photos:
+                pred = m(torch.stack(shots[n][2])).argmax(1)
+                hits += int((pred == top1_dense[shots[n][1]]).sum())
+                total += len(shots[n][1])
+    return hits / total, first
 
 
 def time_pair(a, b, x, reps=40):
@@ -164,6 +246,8 @@ def main():
     ap.add_argument("--formats", default="csr,bsr4x1")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--sweep", type=float, nargs="*", default=[0.3, 0.5],
+                    help="other sparsities for the quality table (csr)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -172,26 +256,37 @@ def main():
     print(f"# command: python benchmarks/bench_conv_effnet.py {' '.join(sys.argv[1:])}")
     raw = load_model()
     dense = fold_bn(load_model())
-    images = photo_batch()
+    shots, tests, start = {}, [], 0
+    for name, t in photos():
+        crops = test_crops(t)
+        shots[name] = (t, list(range(start, start + len(crops))), crops)
+        tests += crops
+        start += len(crops)
+    images = torch.stack(tests)
     with torch.no_grad():
-        logits_dense = dense(images)
-    top1_dense = logits_dense.argmax(1)
+        top1_dense = dense(images).argmax(1)
     n_pw = sum(1 for _ in pointwise_convs(dense))
-    print(f"# {len(images)} images (2 photos x crops/scales/flips); {n_pw} pointwise convs pruned to "
-          f"{args.sparsity:.0%} by magnitude, no fine-tuning; pruned before folding BN; BN folded in both models")
+    print(f"# {len(images)} test images ({len(shots)} photos: {', '.join(shots)}; 22 crops/scales/flips each); "
+          f"{n_pw} pointwise convs pruned to {args.sparsity:.0%}; BN folded into the convs of every model")
     n = args.threads
     print(f"\n| model | format | dense ms 1t | sparse ms 1t | speedup 1t | dense ms {n}t | sparse ms {n}t | "
-          f"speedup {n}t | speedup {n}t (conservative) | top-1 agreement with unpruned dense | "
-          "top-1 agreement with the same pruned weights run densely | max abs logit diff vs pruned-dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"speedup {n}t | speedup {n}t (conservative) | top-1 agreement with unpruned dense: magnitude | "
+          "wanda (held-out photos) | wanda + reconstruct (held-out photos) | wanda + reconstruct (same photos, "
+          "other crops) | sparse vs the same weights run densely (top-1 / max abs logit diff) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     x1 = images[:1]
-    for kind in args.formats.split(","):
-        sparse = pruned_copy(raw, args.sparsity, kind, sparse=True)
-        pruned_dense = pruned_copy(raw, args.sparsity, kind, sparse=False)
+    kinds = args.formats.split(",")
+    for kind in kinds:
+        mag = pruned_copy(raw, args.sparsity, kind)
         with torch.no_grad():
-            logits_sparse = sparse(images)
-            logits_pd = pruned_dense(images)
-        agree = (logits_sparse.argmax(1) == top1_dense).float().mean().item()
+            agree_mag = (mag(images).argmax(1) == top1_dense).float().mean().item()
+        agree_wanda, _ = calibrated_agreement(dense, args.sparsity, kind, shots, top1_dense, refit=False)
+        agree_rec, refit = calibrated_agreement(dense, args.sparsity, kind, shots, top1_dense, refit=True)
+        agree_same, _ = calibrated_agreement(dense, args.sparsity, kind, shots, top1_dense, refit=True,
+                                             held_out=False)
+        sparse = sparsify_pointwise(copy.deepcopy(refit), kind)
+        with torch.no_grad():
+            logits_sparse, logits_pd = sparse(images), refit(images)
         agree_pd = (logits_sparse.argmax(1) == logits_pd.argmax(1)).float().mean().item()
         diff = (logits_sparse - logits_pd).abs().max().item()
         torch.set_num_threads(1)
@@ -200,21 +295,20 @@ def main():
         dn, sn, _ = time_pair(dense, sparse, x1, args.reps)
         cons = min(dn, d1 / n) / sn
         print(f"| EfficientNet-Lite0 | {kind} {args.sparsity:.0%} pointwise | {d1*1e3:.2f} | {s1*1e3:.2f} | "
-              f"{d1/s1:.2f}x | {dn*1e3:.2f} | {sn*1e3:.2f} | {dn/sn:.2f}x | {cons:.2f}x | "
-              f"{agree:.1%} ({len(images)} images) | {agree_pd:.1%} | {diff:.2e} |", flush=True)
+              f"{d1/s1:.2f}x | {dn*1e3:.2f} | {sn*1e3:.2f} | {dn/sn:.2f}x | {cons:.2f}x | {agree_mag:.1%} | "
+              f"{agree_wanda:.1%} | {agree_rec:.1%} | {agree_same:.1%} | {agree_pd:.1%} / {diff:.1e} |", flush=True)
 
-    # Quality context: the same magnitude pruning (no fine-tuning) at lower sparsities.
-    kinds = args.formats.split(",")
-    print("\n| pointwise sparsity (magnitude, no fine-tuning) | " + " | ".join(f"top-1 agreement, {k}" for k in kinds) + " |")
-    print("|---|" + "---|" * len(kinds))
-    for sp in (0.1, 0.3, 0.5, args.sparsity):
-        row = []
-        for kind in kinds:
-            with torch.no_grad():
-                top1 = pruned_copy(raw, sp, kind, sparse=False)(images).argmax(1)
-            row.append(f"{(top1 == top1_dense).float().mean().item():.1%}")
-        print(f"| {sp:.0%} | " + " | ".join(row) + " |", flush=True)
-
+    # Quality at other sparsities (csr pattern; the calibrated methods cross-fitted as above).
+    print("\n| pointwise sparsity (unstructured) | magnitude | wanda (held-out) | wanda + reconstruct (held-out) | "
+          "wanda + reconstruct (same photos) |")
+    print("|---|---|---|---|---|")
+    for sp in args.sweep:
+        with torch.no_grad():
+            mag = (pruned_copy(raw, sp, "csr")(images).argmax(1) == top1_dense).float().mean().item()
+        wanda, _ = calibrated_agreement(dense, sp, "csr", shots, top1_dense, refit=False)
+        rec, _ = calibrated_agreement(dense, sp, "csr", shots, top1_dense, refit=True)
+        same, _ = calibrated_agreement(dense, sp, "csr", shots, top1_dense, refit=True, held_out=False)
+        print(f"| {sp:.0%} | {mag:.1%} | {wanda:.1%} | {rec:.1%} | {same:.1%} |", flush=True)
 
 if __name__ == "__main__":
     main()

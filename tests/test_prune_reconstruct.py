@@ -125,3 +125,17 @@ def test_bad_arguments():
         reconstruct(nn.Sequential(a), nn.Sequential(b), _batches((2, 4)))
     with pytest.raises(ValueError, match="not in both models"):
         reconstruct(nn.Sequential(a), nn.Sequential(copy.deepcopy(a)), _batches((2, 4)), include=["nope"])
+
+
+def test_damping_pulls_toward_the_pruned_weights_not_toward_zero():
+    torch.manual_seed(5)
+    reference = nn.Linear(16, 6)
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        model.weight[torch.rand(6, 16) < 0.5] = 0
+    pruned = model.weight.detach().clone()
+    reconstruct(model, reference, _correlated(30, 16, n=2), damp=1e6, progress=False)
+    torch.testing.assert_close(model.weight, pruned, rtol=1e-3, atol=1e-4)
+    loose = copy.deepcopy(model)
+    reconstruct(loose, reference, _correlated(30, 16, n=2), damp=0.0, progress=False)
+    assert (loose.weight - pruned).abs().max() > 1e-2  # an undamped fit does move them

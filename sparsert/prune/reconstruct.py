@@ -101,7 +101,7 @@ def _execution_order(model: nn.Module, names: list[str], batch) -> list[str]:
 
 @torch.no_grad()
 def reconstruct(model: nn.Module, reference: nn.Module, batches: Iterable, *,
-                include: Iterable[str] | None = None, rows_per_batch: int = 2048, damp: float = 0.01,
+                include: Iterable[str] | None = None, rows_per_batch: int = 2048, damp: float = 0.1,
                 seed: int = 0, progress: bool | None = None) -> dict[str, tuple[float, float] | None]:
     """Refits the kept weights of ``model``'s pruned layers to match ``reference``.
 
@@ -114,7 +114,8 @@ def reconstruct(model: nn.Module, reference: nn.Module, batches: Iterable, *,
             of ``model`` that has zeros in its weight).
         rows_per_batch: output positions (tokens, pixels) sampled per batch and
             layer for the fit; the same positions are taken in both models.
-        damp: ridge term, as a fraction of the mean diagonal of the Gram matrix.
+        damp: strength of the pull toward the pruned weights, as a fraction of the
+            mean diagonal of the Gram matrix (0: plain least squares).
         seed: seeds the position sampling.
         progress: a progress bar over layers (default: when stderr is a terminal).
 
@@ -179,14 +180,18 @@ def _refit(module, ref_module, model, reference, batches, rows_per_batch, damp, 
         return float(target_sq - 2 * (theta * cross.T).sum() + ((theta @ gram) * theta).sum())
 
     before = error(theta_now)
-    ridge = gram + damp * float(gram.diagonal().mean()) * torch.eye(cols, dtype=torch.float64)
+    # Ridge toward the pruned weights (not toward zero): with little or narrow
+    # calibration data the fit cannot wander far from what pruning left.
+    lam = damp * float(gram.diagonal().mean())
+    ridge = gram + lam * torch.eye(cols, dtype=torch.float64)
+    pull = cross + lam * theta_now.T
     kept = w_now != 0
     theta = torch.zeros_like(theta_now)
     bias_col = torch.tensor([cols - 1]) if has_bias else torch.zeros(0, dtype=torch.long)
     for r in range(rows):
         s = torch.cat([kept[r].nonzero().flatten(), bias_col])
         if s.numel():
-            theta[r, s] = torch.linalg.solve(ridge[s][:, s], cross[s, r])
+            theta[r, s] = torch.linalg.solve(ridge[s][:, s], pull[s, r])
     after = error(theta)
     if after > before:  # never make a layer worse than it was
         theta, after = theta_now, before
