@@ -32,6 +32,16 @@ def _output_error(model, reference, batches):
     return (num / den) ** 0.5
 
 
+def _half_pruned_linear(in_features, out_features, seed):
+    """(reference Linear, copy with about half of its weights zeroed at random)."""
+    torch.manual_seed(seed)
+    reference = nn.Linear(in_features, out_features)
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        model.weight[torch.rand(out_features, in_features) < 0.5] = 0
+    return reference, model
+
+
 def _zeros(model):
     return {n: (m.weight == 0).clone() for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
@@ -55,11 +65,7 @@ def test_refit_recovers_most_of_the_output_and_keeps_every_zero():
 
 
 def test_one_layer_matches_the_per_row_least_squares_solution():
-    torch.manual_seed(1)
-    reference = nn.Linear(12, 5)
-    model = copy.deepcopy(reference)
-    with torch.no_grad():
-        model.weight[torch.rand(5, 12) < 0.5] = 0
+    reference, model = _half_pruned_linear(12, 5, seed=1)
     kept = model.weight != 0
     batches = _batches((40, 12), n=3)
     reconstruct(model, reference, batches, damp=0.0, progress=False)
@@ -128,11 +134,7 @@ def test_bad_arguments():
 
 
 def test_damping_pulls_toward_the_pruned_weights_not_toward_zero():
-    torch.manual_seed(5)
-    reference = nn.Linear(16, 6)
-    model = copy.deepcopy(reference)
-    with torch.no_grad():
-        model.weight[torch.rand(6, 16) < 0.5] = 0
+    reference, model = _half_pruned_linear(16, 6, seed=5)
     pruned = model.weight.detach().clone()
     reconstruct(model, reference, _correlated(30, 16, n=2), damp=1e6, progress=False)
     torch.testing.assert_close(model.weight, pruned, rtol=1e-3, atol=1e-4)
