@@ -29,10 +29,13 @@ import torch
 
 PRESETS = {
     "digits-cnn": dict(sparsity=0.9, pattern="4x1", importance="taylor", epochs=12, exclude=["classifier", "conv1"],
-                       shape="256x1x8x8"),
+                       shape="256x1x8x8", reconstruct=False),
     "digits-mlp": dict(sparsity=0.9, pattern="4x1", importance="taylor", epochs=12, exclude=["classifier"],
-                       shape="256x1x8x8"),
-    "minilm": dict(sparsity=0.5, pattern="4x1", importance="wanda", epochs=2, exclude=["pooler"], shape="8x128"),
+                       shape="256x1x8x8", reconstruct=False),
+    # One-shot wanda, then a least-squares refit of the kept weights on the
+    # calibration sentences (MiniLM 50% unstructured: cosine 0.875 -> 0.961).
+    "minilm": dict(sparsity=0.5, pattern="4x1", importance="wanda", epochs=2, exclude=["pooler"], shape="8x128",
+                   reconstruct=True),
 }
 
 
@@ -50,15 +53,18 @@ def _q(q: dict) -> str:
 
 
 def run(model_name: str = "digits-cnn", *, sparsity=None, pattern=None, importance=None, epochs=None,
-        threads: int = 2, out_dir: str | None = None, shape: str | None = None) -> dict:
+        threads: int = 2, out_dir: str | None = None, shape: str | None = None,
+        reconstruct: bool | None = None) -> dict:
     """Runs the demo; returns the numbers it printed."""
     import sparsert
     from sparsert import examples
     from sparsert.examples import parse_shape
     from sparsert.prune import Pruner, finetune, report
+    from sparsert.prune import reconstruct as refit
 
     cfg = dict(PRESETS[model_name])
-    for k, v in dict(sparsity=sparsity, pattern=pattern, importance=importance, epochs=epochs, shape=shape).items():
+    for k, v in dict(sparsity=sparsity, pattern=pattern, importance=importance, epochs=epochs, shape=shape,
+                     reconstruct=reconstruct).items():
         if v is not None:
             cfg[k] = v
     out = Path(out_dir or tempfile.mkdtemp(prefix="sparsert-demo-"))
@@ -82,6 +88,12 @@ def run(model_name: str = "digits-cnn", *, sparsity=None, pattern=None, importan
     pruner.step()
     q_pruned = wl.quality(model, dense)
     print(f"   pruned weights: {report(model).sparsity:.1%}; quality right after pruning: {_q(q_pruned)}")
+    if cfg["reconstruct"]:
+        errors = [e for e in refit(model, dense, wl.calibration(limit=8)).values() if e is not None]
+        q_pruned = wl.quality(model, dense)
+        print(f"   refit the kept weights of {len(errors)} layers to the dense outputs (sparsert.prune.reconstruct; "
+              f"mean output error {sum(e[0] for e in errors) / max(len(errors), 1):.3f} -> "
+              f"{sum(e[1] for e in errors) / max(len(errors), 1):.3f}); quality now: {_q(q_pruned)}")
     _done(t)
 
     t = _step(f"3. fine-tune {cfg['epochs']} epoch(s), masks kept")
@@ -158,10 +170,13 @@ def main(argv=None) -> int:
     p.add_argument("--shape", help="benchmark input shape (default: 256x1x8x8 digits, 8x128 MiniLM)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="directory for the files (default: a temporary directory)")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit the kept weights after pruning (sparsert.prune.reconstruct; default: on for minilm)")
     args = p.parse_args(argv)
     try:
         run(args.model, sparsity=args.sparsity, pattern=args.pattern, importance=args.importance,
-            epochs=args.epochs, threads=args.threads, out_dir=args.out, shape=args.shape)
+            epochs=args.epochs, threads=args.threads, out_dir=args.out, shape=args.shape,
+            reconstruct=args.reconstruct)
     except (ValueError, OSError, ImportError) as e:
         if os.environ.get("SPARSERT_DEBUG"):
             raise

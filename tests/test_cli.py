@@ -190,9 +190,10 @@ def test_prune_a_built_in_example_with_fine_tuning_and_calibration_file(tmp_path
 def test_the_readme_demo_runs_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-m", "sparsert.demo", "--model", "digits-mlp", "--epochs", "1",
-                        "--shape", "64x1x8x8", "--threads", "1", "--out", str(tmp_path)],
+                        "--shape", "64x1x8x8", "--threads", "1", "--out", str(tmp_path), "--reconstruct"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "refit the kept weights of 2 layers" in r.stdout  # fc1, fc2 (the classifier is not pruned)
     for step in ("1. dense", "2. prune", "3. fine-tune", "4. sparsify", "5. save", "6. latency", "summary"):
         assert f"== {step}" in r.stdout, step
     saved = tmp_path / "digits-mlp.sparsert"
