@@ -3,11 +3,12 @@
 Prunes every nn.Linear of the encoder (Q, K, V, attention output, FFN in and
 out; 36 layers) one-shot, at 50% unstructured and at 2:4, calibrating wanda
 on real sentences (then, in the "wanda+reconstruct" rows, refitting the kept
-weights with sparsert.prune.reconstruct on the same sentences), and reports the cosine similarity between the pruned and
-the dense model's sentence embeddings on held-out sentences (disjoint from
-the calibration ones). Optionally (``--distill-epochs N``) the pruned model is
-then fine-tuned by distilling the dense model's last hidden states on the
-calibration sentences, to show how much a short recovery adds.
+weights with sparsert.prune.reconstruct on the same sentences), and reports
+the cosine similarity between the pruned and the dense model's sentence
+embeddings on held-out sentences (disjoint from the calibration ones).
+Optionally (``--distill-epochs N``) the pruned model is then fine-tuned by
+distilling the dense model's last hidden states on the calibration sentences,
+to show how much a short recovery adds.
 
     python benchmarks/prune_minilm.py [--calib 256] [--heldout 400] [--distill-epochs 0]
 """

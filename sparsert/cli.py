@@ -260,11 +260,12 @@ def cmd_prune(args) -> int:
 
 
 def _refit_line(refit: dict) -> str:
-    done = [e for e in refit.values() if e is not None]
-    line = f"reconstructed {len(done)} layer(s)"
-    if done:
-        line += (f": relative output error on the calibration data {sum(e[0] for e in done) / len(done):.3f} -> "
-                 f"{sum(e[1] for e in done) / len(done):.3f} (mean over layers)")
+    from .prune.reconstruct import mean_errors
+
+    layers, before, after = mean_errors(refit)
+    line = f"reconstructed {layers} layer(s)"
+    if layers:
+        line += f": relative output error on the calibration data {before:.3f} -> {after:.3f} (mean over layers)"
     skipped = [n for n, e in refit.items() if e is None]
     return line + (f"; left as pruned (unsupported kind): {', '.join(skipped)}" if skipped else "")
 

@@ -61,6 +61,7 @@ def run(model_name: str = "digits-cnn", *, sparsity=None, pattern=None, importan
     from sparsert.examples import parse_shape
     from sparsert.prune import Pruner, finetune, report
     from sparsert.prune import reconstruct as refit
+    from sparsert.prune.reconstruct import mean_errors
 
     cfg = dict(PRESETS[model_name])
     for k, v in dict(sparsity=sparsity, pattern=pattern, importance=importance, epochs=epochs, shape=shape,
@@ -89,11 +90,10 @@ def run(model_name: str = "digits-cnn", *, sparsity=None, pattern=None, importan
     q_pruned = wl.quality(model, dense)
     print(f"   pruned weights: {report(model).sparsity:.1%}; quality right after pruning: {_q(q_pruned)}")
     if cfg["reconstruct"]:
-        errors = [e for e in refit(model, dense, wl.calibration(limit=8)).values() if e is not None]
+        layers, before, after = mean_errors(refit(model, dense, wl.calibration(limit=8)))
         q_pruned = wl.quality(model, dense)
-        print(f"   refit the kept weights of {len(errors)} layers to the dense outputs (sparsert.prune.reconstruct; "
-              f"mean output error {sum(e[0] for e in errors) / max(len(errors), 1):.3f} -> "
-              f"{sum(e[1] for e in errors) / max(len(errors), 1):.3f}); quality now: {_q(q_pruned)}")
+        print(f"   refit the kept weights of {layers} layers to the dense outputs (sparsert.prune.reconstruct; "
+              f"mean output error {before:.3f} -> {after:.3f}); quality now: {_q(q_pruned)}")
     _done(t)
 
     t = _step(f"3. fine-tune {cfg['epochs']} epoch(s), masks kept")

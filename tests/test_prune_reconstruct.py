@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from sparsert.prune import Pruner, reconstruct
+from sparsert.prune.reconstruct import mean_errors
 
 
 def _batches(shape, n=6, seed=0):
@@ -119,6 +120,8 @@ def test_unsupported_layers_are_reported_and_left_alone():
     assert errors["0"] is None
     assert torch.equal(model[0].weight, grouped)
     assert errors["2"] is not None
+    assert mean_errors(errors) == (1, *errors["2"])  # the unsupported layer is not averaged in
+    assert mean_errors({"0": None}) == (0, 0.0, 0.0)
 
 
 def test_bad_arguments():

@@ -464,9 +464,9 @@ inline int64_t csr_panel_bytes() {
 // in L2 while the weights stream through it. Measured on a Zen 4 (1 MB L2),
 // 128 tokens, 2 threads: panels of 196 KB-1 MB lost up to a quarter of the
 // speed (4096x4096 at 95%: 16-token panels 2.2 ms, 64-token panels 2.4-2.8
-// ms; 768 -> 3072 at 90%: 32-token panels 5-8% faster than 64). Blocks reuse every loaded row
-// R times and denser matrices re-read more weight bytes per panel, so both
-// keep wide panels.
+// ms; 768 -> 3072 at 90%: 32-token panels 5-8% faster than 64). Blocks reuse
+// every loaded row R times and denser matrices re-read more weight bytes per
+// panel, so both keep wide panels.
 inline int csr_nv_cap(const BlockSparseMatrix& w, int nv_max) {
   if (w.block_rows != 1 || w.block_cols != 1) return nv_max;
   const int64_t nnz = w.row_ptr[w.block_row_count()];

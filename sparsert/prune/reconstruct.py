@@ -148,6 +148,14 @@ def reconstruct(model: nn.Module, reference: nn.Module, batches: Iterable, *,
     return results
 
 
+def mean_errors(results: dict[str, tuple[float, float] | None]) -> tuple[int, float, float]:
+    """(refit layers, mean relative error before, after) of :func:`reconstruct`'s result."""
+    done = [e for e in results.values() if e is not None]
+    if not done:
+        return 0, 0.0, 0.0
+    return len(done), sum(e[0] for e in done) / len(done), sum(e[1] for e in done) / len(done)
+
+
 def _refit(module, ref_module, model, reference, batches, rows_per_batch, damp, seed):
     weight = module.weight
     rows = weight.shape[0]
