@@ -176,21 +176,22 @@ def pointwise_names(model):
     return [n for n, m in model.named_modules() if id(m) in ids]
 
 
-def calibrated_copy(dense, sparsity, kind, calib, refit):
-    """Wanda-pruned copy of the (BN-folded) dense model's pointwise convs, optionally
-    refit by sparsert.prune.reconstruct; 4x1 blocks for bsr4x1."""
+def calibrated_pair(dense, sparsity, kind, calib):
+    """Wanda-pruned copy of the (BN-folded) dense model's pointwise convs (4x1
+    blocks for bsr4x1), and a copy of that refit by sparsert.prune.reconstruct,
+    both calibrated on `calib`."""
     import re
     from sparsert.prune import Pruner, reconstruct, remove_masks
-    m = copy.deepcopy(dense)
-    names = pointwise_names(m)
+    wanda = copy.deepcopy(dense)
+    names = pointwise_names(wanda)
     batches = [calib[i:i + 16] for i in range(0, len(calib), 16)]
-    Pruner(m, importance="wanda", pattern="unstructured" if kind == "csr" else kind[3:],
+    Pruner(wanda, importance="wanda", pattern="unstructured" if kind == "csr" else kind[3:],
            sparsity=sparsity, include=[re.escape(n) + "$" for n in names],
            progress=False).calibrate(batches).step()
-    remove_masks(m)
-    if refit:
-        reconstruct(m, dense, batches, include=names, progress=False)
-    return m
+    remove_masks(wanda)
+    refit = copy.deepcopy(wanda)
+    reconstruct(refit, dense, batches, include=names, progress=False)
+    return wanda, refit
 
 
 def sparsify_pointwise(model, kind):
@@ -200,26 +201,39 @@ def sparsify_pointwise(model, kind):
     return model
 
 
-def calibrated_agreement(dense, sparsity, kind, shots, top1_dense, refit, held_out=True, per_photo=10):
-    """Top-1 agreement on every test crop of a wanda-pruned (and optionally
-    reconstructed) model. held_out: the photos are split in two halves and each
-    half is scored by a model calibrated on random crops of the other half only;
-    else one model is calibrated on random crops of every photo (other crops
-    than the test crops, but the same photos). Returns (agreement, a model)."""
+def calibrated_agreement(dense, sparsity, kind, shots, top1_dense, held_out=True, per_photo=10):
+    """Top-1 agreement on every test crop of the wanda-pruned model and of its
+    reconstructed copy. held_out: the photos are split in two halves and each
+    half is scored by models calibrated on random crops of the other half only;
+    else by models calibrated on random crops of every photo (other crops than
+    the test crops, but the same photos). Returns (wanda agreement,
+    wanda + reconstruct agreement, the first reconstructed model)."""
     names = list(shots)
     gen = torch.Generator().manual_seed(1)
     splits = ([(names[0::2], names[1::2]), (names[1::2], names[0::2])] if held_out else [(names, names)])
-    hits, total, first = 0, 0, None
+    hits, total, first = [0, 0], 0, None
     for test_photos, calib_photos in splits:
         calib = torch.stack([c for n in calib_photos for c in calibration_crops(shots[n][0], per_photo, gen)])
-        m = calibrated_copy(dense, sparsity, kind, calib, refit)
-        first = first or m
+        models = calibrated_pair(dense, sparsity, kind, calib)
+        first = first or models[1]
         with torch.no_grad():
             for n in test_photos:
-                pred = m(torch.stack(shots[n][2])).argmax(1)
-                hits += int((pred == top1_dense[shots[n][1]]).sum())
+                x, want = torch.stack(shots[n][2]), top1_dense[shots[n][1]]
+                for i, m in enumerate(models):
+                    hits[i] += int((m(x).argmax(1) == want).sum())
                 total += len(shots[n][1])
-    return hits / total, first
+    return hits[0] / total, hits[1] / total, first
+
+
+def quality_row(raw, dense, sparsity, kind, shots, images, top1_dense):
+    """Top-1 agreements: magnitude; wanda and wanda + reconstruct on held-out
+    photos; wanda + reconstruct on the same photos. Also returns a
+    reconstructed model (for timing: only its sparsity pattern matters)."""
+    with torch.no_grad():
+        magnitude = (pruned_copy(raw, sparsity, kind)(images).argmax(1) == top1_dense).float().mean().item()
+    wanda, refit, model = calibrated_agreement(dense, sparsity, kind, shots, top1_dense)
+    _, same, _ = calibrated_agreement(dense, sparsity, kind, shots, top1_dense, held_out=False)
+    return (magnitude, wanda, refit, same), model
 
 
 def time_pair(a, b, x, reps=40):
@@ -277,13 +291,7 @@ def main():
     x1 = images[:1]
     kinds = args.formats.split(",")
     for kind in kinds:
-        mag = pruned_copy(raw, args.sparsity, kind)
-        with torch.no_grad():
-            agree_mag = (mag(images).argmax(1) == top1_dense).float().mean().item()
-        agree_wanda, _ = calibrated_agreement(dense, args.sparsity, kind, shots, top1_dense, refit=False)
-        agree_rec, refit = calibrated_agreement(dense, args.sparsity, kind, shots, top1_dense, refit=True)
-        agree_same, _ = calibrated_agreement(dense, args.sparsity, kind, shots, top1_dense, refit=True,
-                                             held_out=False)
+        agreements, refit = quality_row(raw, dense, args.sparsity, kind, shots, images, top1_dense)
         sparse = sparsify_pointwise(copy.deepcopy(refit), kind)
         with torch.no_grad():
             logits_sparse, logits_pd = sparse(images), refit(images)
@@ -295,20 +303,16 @@ def main():
         dn, sn, _ = time_pair(dense, sparse, x1, args.reps)
         cons = min(dn, d1 / n) / sn
         print(f"| EfficientNet-Lite0 | {kind} {args.sparsity:.0%} pointwise | {d1*1e3:.2f} | {s1*1e3:.2f} | "
-              f"{d1/s1:.2f}x | {dn*1e3:.2f} | {sn*1e3:.2f} | {dn/sn:.2f}x | {cons:.2f}x | {agree_mag:.1%} | "
-              f"{agree_wanda:.1%} | {agree_rec:.1%} | {agree_same:.1%} | {agree_pd:.1%} / {diff:.1e} |", flush=True)
+              f"{d1/s1:.2f}x | {dn*1e3:.2f} | {sn*1e3:.2f} | {dn/sn:.2f}x | {cons:.2f}x | "
+              + " | ".join(f"{a:.1%}" for a in agreements) + f" | {agree_pd:.1%} / {diff:.1e} |", flush=True)
 
     # Quality at other sparsities (csr pattern; the calibrated methods cross-fitted as above).
     print("\n| pointwise sparsity (unstructured) | magnitude | wanda (held-out) | wanda + reconstruct (held-out) | "
           "wanda + reconstruct (same photos) |")
     print("|---|---|---|---|---|")
     for sp in args.sweep:
-        with torch.no_grad():
-            mag = (pruned_copy(raw, sp, "csr")(images).argmax(1) == top1_dense).float().mean().item()
-        wanda, _ = calibrated_agreement(dense, sp, "csr", shots, top1_dense, refit=False)
-        rec, _ = calibrated_agreement(dense, sp, "csr", shots, top1_dense, refit=True)
-        same, _ = calibrated_agreement(dense, sp, "csr", shots, top1_dense, refit=True, held_out=False)
-        print(f"| {sp:.0%} | {mag:.1%} | {wanda:.1%} | {rec:.1%} | {same:.1%} |", flush=True)
+        agreements, _ = quality_row(raw, dense, sp, "csr", shots, images, top1_dense)
+        print(f"| {sp:.0%} | " + " | ".join(f"{a:.1%}" for a in agreements) + " |", flush=True)
 
 if __name__ == "__main__":
     main()
