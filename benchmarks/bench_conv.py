@@ -32,7 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sparsert.ops import conv2d  # noqa: E402
-from sparsert.ops.conv import ConvWeight, conv2d_bsr_cpu  # noqa: E402
+from sparsert.ops.backends.cpu import conv2d_bsr_cpu  # noqa: E402
+from sparsert.ops.conv import ConvWeight  # noqa: E402
 
 # (name, cin, cout, k, stride, pad, input H=W)
 RESNET50 = [

@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparsert
-from sparsert import examples, io
+from sparsert import io
+from sparsert import models
 from sparsert.prune import Pruner
 
 
@@ -42,7 +43,7 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def measure(name: str, sparsity: float, pattern: str, kind: str, repeats: int, tmp: Path) -> dict:
-    wl = examples.build(name)
+    wl = models.build(name)
     dense = wl.model.eval()
     exclude = ["classifier"] if name.startswith("digits") else ["pooler"]
     model = copy.deepcopy(dense)
@@ -54,7 +55,7 @@ def measure(name: str, sparsity: float, pattern: str, kind: str, repeats: int, t
     torch.save(state, f_pt)
     save_file(state, str(f_st))
     summary = io.summary(f_sparse)
-    skeleton = examples.skeleton(name)
+    skeleton = models.skeleton(name)
     t_load = _median_time(lambda: io.load(f_sparse, skeleton), repeats)
     t_read = _median_time(lambda: io.read(f_sparse), repeats)
     t_pt = _median_time(lambda: torch.load(f_pt, weights_only=True), repeats)

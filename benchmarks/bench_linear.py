@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sparsert  # noqa: E402
 from sparsert import ops  # noqa: E402
-from sparsert._ext import native  # noqa: E402
+from sparsert.bench import random_pruned_weight  # noqa: E402
 from sparsert.formats import pack  # noqa: E402
 
 from harness import cpu_name, git_commit, time_methods  # noqa: E402
@@ -38,13 +38,7 @@ CASES = [  # (label, sparsity, block)
 ]
 
 
-def pruned_weight(out_f, in_f, sparsity, block, gen):
-    """Random weight with `sparsity` of its entries (or R x C blocks) zeroed at random."""
-    r, c = block or (1, 1)
-    nbr, nbc = -(-out_f // r), -(-in_f // c)
-    keep = torch.rand(nbr, nbc, generator=gen) >= sparsity
-    mask = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:out_f, :in_f]
-    return torch.randn(out_f, in_f, generator=gen) * mask
+pruned_weight = random_pruned_weight
 
 
 def sparsert_kinds(block):
@@ -126,14 +120,14 @@ def main(argv=None):
     if any(len(s) != 2 or min(s) < 1 for s in shapes):
         parser.error(f"--shapes takes INxOUT pairs of positive sizes, got {args.shapes}")
     cases = [by_label[c] for c in args.cases]
-    print(f"sparsert {sparsert.__version__} | {cpu_name()} | ISA {native().best_isa()} | "
+    print(f"sparsert {sparsert.__version__} | {cpu_name()} | ISA {ops.cpu_isa()} | "
           f"torch {torch.__version__} | {args.threads} threads | commit {git_commit()}")
     rows = run(args.quick, args.threads, shapes, args.tokens, cases)
     table = markdown(rows, args.threads)
     print()
     print(table)
     if args.markdown:
-        header = (f"Date {datetime.date.today()}, CPU {cpu_name()}, ISA {native().best_isa()}, "
+        header = (f"Date {datetime.date.today()}, CPU {cpu_name()}, ISA {ops.cpu_isa()}, "
                   f"torch {torch.__version__}, {args.threads} threads, commit {git_commit()}.\n"
                   f"Command: `python benchmarks/bench_linear.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
                   "Cells are speedups over torch dense F.linear in the same run (higher is better).\n\n")

@@ -35,7 +35,7 @@ _LAZY = {
 
 # ``sparsert.prune`` is both the pruning package and, being a callable module,
 # the one-call shorthand ``sparsert.prune(model, ...)``.
-_SUBMODULES = {"formats", "ops", "prune", "nn", "convert", "bench", "io", "models", "kernels"}
+_SUBMODULES = {"formats", "ops", "prune", "nn", "convert", "bench", "io", "models"}
 
 
 def __getattr__(name: str):

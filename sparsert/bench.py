@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops as _ops
-from .convert import _format_table, call_model, sparsify
+from .convert import call_model, sparsify
+from .convert.plan import _format_table
 from .nn import SparseConv2d, SparseLinear
 
 __all__ = ["benchmark", "BenchmarkResult", "LatencyStats", "LayerTiming", "sweep", "SweepResult",
@@ -140,6 +141,17 @@ class BenchmarkResult:
                 "layers": [dict(dataclasses.asdict(t), speedup=t.speedup) for t in self.layers]}
 
 
+def random_pruned_weight(out_features: int, in_features: int, sparsity: float, block=None,
+                         generator: Optional[torch.Generator] = None) -> Tensor:
+    """A random weight with ``sparsity`` of its entries (or of its ``block = (R, C)``
+    blocks) zeroed at random: the synthetic layer of the kernel benchmarks."""
+    r, c = block or (1, 1)
+    nbr, nbc = -(-out_features // r), -(-in_features // c)
+    keep = torch.rand(nbr, nbc, generator=generator) >= sparsity
+    mask = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:out_features, :in_features]
+    return torch.randn(out_features, in_features, generator=generator) * mask
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes of the model's state (parameters and persistent buffers; shared tensors once)."""
     seen = set()
@@ -170,11 +182,10 @@ def machine_info() -> dict:
     except OSError:
         load = "?"
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "loadavg": load}
-    from ._ext import available, native
-    if available():  # which kernels and which threads ran them: both change the numbers
-        from .ops import threading_backend
-        info["isa"] = native().best_isa()
-        info["threading"] = threading_backend()
+    from . import ops
+    if ops.cpu_available():  # which kernels and which threads ran them: both change the numbers
+        info["isa"] = ops.cpu_isa()
+        info["threading"] = ops.threading_backend()
     return info
 
 

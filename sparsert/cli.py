@@ -55,30 +55,30 @@ def densify(model):
     from torch import nn
 
     from .nn import SparseConv2d, SparseLinear
+    from .nn.surgery import swap
+    from .ops import epilogue
 
     model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, (SparseLinear, SparseConv2d)):
             dense = m.to_dense()
-            if m.activation is not None:
-                dense = nn.Sequential(dense, nn.ReLU() if m.activation == "relu" else nn.GELU())
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, dense)
+            after = epilogue.as_module(epilogue.code_of(m.activation))
+            swap(model, name, dense if after is None else nn.Sequential(dense, after))
     return model
 
 
 def _resolve(spec: str, *, allow_pt2: bool = False):
     """MODEL argument -> Workload."""
-    from . import examples
+    from . import models
 
-    if spec in examples.EXAMPLES:
-        return examples.build(spec)
+    if spec in models.EXAMPLES:
+        return models.build(spec)
     p = Path(spec)
     if not p.exists():
-        raise CliError(f"MODEL {spec!r} is not a built-in example ({', '.join(examples.EXAMPLES)}), "
+        raise CliError(f"MODEL {spec!r} is not a built-in example ({', '.join(models.EXAMPLES)}), "
                        "a Hugging Face model directory, a sparsert file or a .pt2 (no such file)")
     if p.is_dir():
-        return examples.from_hf_dir(str(p))
+        return models.from_hf_dir(str(p))
     if p.suffix == ".pt2":
         if not allow_pt2:
             raise CliError(f"{spec}: a .pt2 program can only be benchmarked; give the model it came from")
@@ -99,7 +99,7 @@ def _resolve(spec: str, *, allow_pt2: bool = False):
         finally:
             logger.setLevel(level)
         module = program.module()
-        wl = examples.Workload(p.name, module, "generic")
+        wl = models.Workload(p.name, module, "generic")
         ex = getattr(program, "example_inputs", None)
         if ex is not None:
             args, kwargs = ex
@@ -108,11 +108,11 @@ def _resolve(spec: str, *, allow_pt2: bool = False):
     from . import io
 
     model = io.load(p)
-    return examples.workload_for_model(p.name, model)
+    return models.workload_for_model(p.name, model)
 
 
 def _inputs(wl, shape: str | None):
-    from .examples import parse_shape
+    from .models import parse_shape
 
     if shape is None and "example_inputs" in wl.extra:
         return wl.extra["example_inputs"]
@@ -122,14 +122,15 @@ def _inputs(wl, shape: str | None):
 
 
 def _kind_for_pattern(pattern: str) -> str:
+    from .formats import kind_name
     from .prune import parse_pattern
 
     pat = parse_pattern(pattern)
     if pat.kind == "nm":
-        return f"nm{pat.a}:{pat.b}"
+        return kind_name("nm", pat.a, pat.b)
     if pat.kind == "block" and (pat.a, pat.b) != (1, 1):
-        return f"bsr{pat.a}x{pat.b}"
-    return "csr"  # unstructured, and channel pruning (whole zero rows cost nothing in CSR)
+        return kind_name("bsr", pat.a, pat.b)
+    return kind_name("csr")  # unstructured, and channel pruning (whole zero rows cost nothing in CSR)
 
 
 # ---------------------------------------------------------------------------

@@ -57,8 +57,8 @@ def run(model_name: str = "digits-cnn", *, sparsity=None, pattern=None, importan
         reconstruct: bool | None = None) -> dict:
     """Runs the demo; returns the numbers it printed."""
     import sparsert
-    from sparsert import examples
-    from sparsert.examples import parse_shape
+    from sparsert import models
+    from sparsert.models import parse_shape
     from sparsert.prune import Pruner, finetune, report
     from sparsert.prune import reconstruct as refit
     from sparsert.prune.reconstruct import mean_errors
@@ -73,7 +73,7 @@ def run(model_name: str = "digits-cnn", *, sparsity=None, pattern=None, importan
     start = time.perf_counter()
 
     t = _step(f"1. dense {model_name}")
-    wl = examples.build(model_name)
+    wl = models.build(model_name)
     dense = wl.model.eval()
     q_dense = wl.quality(dense, dense)
     print(f"   quality: {_q(q_dense)}")

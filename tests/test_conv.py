@@ -10,7 +10,9 @@ from sparsert import ops
 from sparsert._ext import native
 from sparsert.formats import BSR, CSR, pack
 from sparsert.formats._common import decode_indices
-from sparsert.ops.conv import ConvWeight, conv2d_bsr_cpu, conv2d_bsr_torch
+from sparsert.ops.backends.cpu import conv2d_bsr_cpu
+from sparsert.ops.conv import ConvWeight
+from sparsert.ops.schema import conv2d_bsr_torch
 
 CONV_KERNELS = [k for k in native().conv_kernels() if k["supported"]]
 FAST = [k for k in CONV_KERNELS if k["kind"] != "reference"]
@@ -386,7 +388,7 @@ def test_pure_torch_default_matches(activation):
 
 def test_eager_fast_path_equals_the_op():
     """conv2d skips the custom-op dispatch in plain eager CPU calls; same numbers either way."""
-    from sparsert.ops._eager import eager_cpu_call as _eager_cpu
+    from sparsert.ops.backends.cpu import eager_cpu_call as _eager_cpu
     w4 = pruned_weight(16, 8, 3, 3, 0.4, (4, 1))
     fmt = pack4(w4, (4, 1))
     rp, col, values, r, c = fmt.kernel_arrays()

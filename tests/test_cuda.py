@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsert.ops
-import sparsert.ops.cuda as cu
+import sparsert.ops.backends.cuda as cu
 from sparsert.formats import BSR, CSR, NM, pack
 
 HAS_CUDA = torch.cuda.is_available()
@@ -387,7 +387,7 @@ def test_python_layer_passes_consistent_arrays(stub, kind, x_dtype, w_dtype, act
     x = torch.randn(2, tokens, cols).to(x_dtype)
     b = torch.randn(rows)
     rp, col, vals, r, c = fmt.kernel_arrays()
-    code = sparsert.ops.linear.__globals__["activation_code"](act)
+    code = sparsert.ops.epilogue.code_of(act)
     y = cu.linear_bsr_cuda(x, rp, col, vals, rows, r, c, b, code)
     assert y.shape == (2, tokens, rows) and y.dtype == x_dtype
     compute = cu.compute_dtype(x_dtype)

@@ -163,3 +163,50 @@ def test_fuzz_from_arrays_never_crashes_and_never_accepts_invalid(data):
     assert fmt.row_ptr.numel() == rows + 1 and int(fmt.row_ptr[-1]) == nnz
     x = torch.randn(3, cols)
     torch.testing.assert_close(ops.linear(x, fmt), x @ fmt.to_dense().t(), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the registry
+def test_every_registered_format_describes_itself_consistently():
+    """A format registers its kind grammar, arrays and file layout; the generic code
+    (pack, parse_kind, files) relies on them agreeing with what the format holds."""
+    from sparsert.formats import format_class, formats, kind_name, parse_kind
+
+    kinds = {"csr": ["csr"], "bsr": ["bsr4x1", "bsr2x3"], "nm": ["nm2:4", "nm1:8"]}
+    assert set(formats()) >= set(kinds)
+    g = torch.Generator().manual_seed(3)
+    for family, cls in formats().items():
+        for kind in kinds.get(family, []):
+            parsed = parse_kind(kind.upper())
+            assert parsed[0] == family and kind_name(*parsed) == kind
+            assert format_class(kind) == (cls, tuple(parsed[1:]))
+            w = torch.randn(9, 16, generator=g)
+            if family == "nm":
+                n, m = parsed[1:]
+                w = w.reshape(9, -1, m)
+                w = (w * (torch.rand(w.shape, generator=g).argsort(-1).argsort(-1) < n)).reshape(9, 16)
+            else:
+                w = w * (torch.rand(9, 16, generator=g) < 0.4)
+            fmt = pack(w, kind)
+            assert type(fmt) is cls and fmt.kind == kind
+            assert torch.equal(fmt.to_dense(), w)
+            assert list(fmt.tensors()) == list(cls.ARRAYS)
+            assert all(t.dtype in cls.ARRAYS[name] for name, t in fmt.tensors().items())
+            back = cls.from_saved(dict(fmt.tensors()), fmt.shape, tuple(parsed[1:]))
+            assert torch.equal(back.to_dense(), w) and back.kind == kind
+    with pytest.raises(ValueError, match="not a sparse format"):
+        format_class("dense")
+    with pytest.raises(ValueError, match="unknown format family"):
+        kind_name("coo")
+
+
+def test_modules_keep_derived_arrays_in_sync_without_touching_format_internals():
+    """N:M's kernel row pointer is a derived array: a module stores it as a non-persistent
+    buffer and hands it back through the format's public set_tensors."""
+    from sparsert.nn import SparseLinear
+
+    w = torch.tensor([[1.0, 0, 2, 0, 0, 3, 0, 4]] * 3)
+    layer = SparseLinear(pack(w, "nm2:4"))
+    assert "packed_kernel_row_ptr" not in layer.state_dict()
+    moved = layer.double()
+    assert torch.equal(moved.packed.kernel_arrays()[0], layer.packed_kernel_row_ptr)
+    assert torch.equal(moved.packed.to_dense(), w)

@@ -150,7 +150,7 @@ def _repack(tensors: dict, body: dict, meta: dict, *, resign: bool = True) -> by
     meta = dict(meta)
     meta["sparsert"] = json.dumps(body, sort_keys=True)
     if resign:
-        meta["sha256"] = io._digest(meta["sparsert"], tensors)
+        meta["sha256"] = io.schema.digest(meta["sparsert"], tensors)
     return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
 
 

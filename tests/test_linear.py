@@ -12,7 +12,7 @@ import sparsert
 from sparsert import ops
 from sparsert._ext import native
 from sparsert.formats import BSR, CSR, NM, pack
-from sparsert.ops.linear import linear_bsr_cpu
+from sparsert.ops.backends.cpu import linear_bsr_cpu
 
 KERNELS = [k for k in native().kernels() if k["supported"]]
 TILES = sorted({k["block"] for k in KERNELS if k["block"] != (0, 0)})
@@ -249,7 +249,7 @@ def test_malformed_arrays_never_reach_the_kernel(corrupt, match):
 
 
 def test_validation_is_remembered_per_tensor_and_forgotten_with_it():
-    from sparsert.ops import _checks
+    from sparsert.ops.backends import cpu as _checks
     row_ptr, col, values = _raw_csr_arrays()
     x = torch.randn(3, 10)
     linear_bsr_cpu(x, row_ptr, col, values, 6, 1, 1, None, 0, 0)
@@ -312,7 +312,7 @@ def test_torch_compile_fullgraph_and_export():
 @pytest.mark.parametrize("activation", [0, 1, 2])
 def test_pure_torch_default_matches(activation):
     """The device-agnostic default (used off-CPU until a native kernel exists)."""
-    from sparsert.ops.linear import linear_bsr_torch
+    from sparsert.ops.schema import linear_bsr_torch
     w = random_sparse(20, 30, 0.3, (4, 1))
     fmt = BSR.from_dense(w, (4, 1))
     row_ptr, col, values, r, c = fmt.kernel_arrays()
@@ -368,7 +368,7 @@ def test_eager_cpu_call_predicate():
     """The one rule every op and module uses to decide whether to skip the dispatcher."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from sparsert.ops._eager import eager_cpu_call
+    from sparsert.ops.backends.cpu import eager_cpu_call
 
     x, bias = torch.randn(3, 4), torch.nn.Parameter(torch.randn(4), requires_grad=False)
     assert eager_cpu_call(x, bias, None)

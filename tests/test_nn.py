@@ -13,7 +13,6 @@ from torch import nn
 import sparsert
 from sparsert.formats import BSR, CSR, NM, pack
 from sparsert.nn import SparseConv2d, SparseLinear
-from sparsert.nn import modules as nn_modules
 
 KINDS = ["dense", "csr", "bsr4x1", "bsr1x4", "bsr8x1", "bsr4x4", "nm2:4"]
 
@@ -197,13 +196,9 @@ def pruned_conv(case, kind="csr"):
     return conv
 
 
-@pytest.fixture(params=["op", "fallback"])
-def conv_path(request, monkeypatch):
-    if request.param == "op" and not nn_modules._has_conv_op():
-        pytest.skip("this build has no sparsert.ops.conv2d yet")
-    if request.param == "fallback":
-        monkeypatch.setattr(nn_modules, "_has_conv_op", lambda: False)
-    return request.param
+@pytest.fixture
+def conv_path():
+    return "op"  # (a dense-weight fallback existed while there was no conv op; there is one path now)
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
@@ -233,15 +228,15 @@ def test_conv_round_trip_is_exact(case):
         assert torch.equal(back.bias, conv.bias)
 
 
-def test_conv_fallback_cache_is_not_saved(monkeypatch):
-    monkeypatch.setattr(nn_modules, "_has_conv_op", lambda: False)
+def test_conv_keeps_no_dense_copy_and_float32_values():
     conv = pruned_conv(CONV_CASES[0])
     sc = SparseConv2d.from_dense(conv, "csr")
-    assert "dense_weight_cache" not in sc.state_dict()
+    assert set(sc.state_dict()) == {"packed_row_ptr", "packed_col_indices", "packed_values", "bias"}
+    assert not hasattr(sc, "dense_weight_cache")
     assert isinstance(sc.packed, CSR) and sc.packed.shape == (8, 36)
     assert "format=csr" in repr(sc) and "bytes=" in repr(sc)
     sc.double()
-    assert sc.dense_weight_cache.dtype == torch.float32
+    assert sc.packed.values.dtype == torch.float32
 
 
 def test_conv_relu_activation_and_errors(conv_path):

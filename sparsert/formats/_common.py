@@ -126,29 +126,32 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class FlatViews:
-    """Flat views of an index and a value array, made once and handed out on
-    every call: the ops remember validated arrays by tensor identity
-    (sparsert/ops/_checks.py), and a fresh ``reshape`` per call would be a
-    new tensor each time. Never copied or pickled (rebuilt on first use)."""
+class IdentityCache:
+    """A value derived from some tensors (flat views, kernel arrays), made once
+    and handed out on every call until one of the tensors is a different
+    object: the ops remember validated arrays by tensor identity
+    (sparsert/ops/backends/cpu.py), and a fresh ``reshape`` per call would be
+    a new tensor each time. Never copied or pickled (rebuilt on first use),
+    so a copy never hands out views of the original's storage."""
 
-    __slots__ = ("_sources", "_views")
+    __slots__ = ("_sources", "_value")
 
     def __init__(self):
-        self._sources = self._views = None
+        self._sources = self._value = None
 
-    def get(self, indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, sources: tuple, build):
+        """``build()``'s result, remembered until ``sources`` differ (by identity) from the last call's."""
         s = self._sources
-        if s is None or s[0] is not indices or s[1] is not values:
-            self._sources = (indices, values)
-            self._views = (indices.reshape(-1), values.reshape(-1))
-        return self._views
+        if s is None or len(s) != len(sources) or any(a is not b for a, b in zip(s, sources)):
+            self._value = build()
+            self._sources = sources
+        return self._value
 
     def __copy__(self):
-        return FlatViews()
+        return IdentityCache()
 
     def __deepcopy__(self, memo):
-        return FlatViews()
+        return IdentityCache()
 
     def __reduce__(self):
-        return (FlatViews, ())
+        return (IdentityCache, ())

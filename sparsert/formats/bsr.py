@@ -1,11 +1,11 @@
-"""Block sparse row (BSR): R x C dense blocks on a grid, and CSR as 1x1."""
+"""Block sparse row (BSR): R x C dense blocks on a grid (kinds ``"bsrRxC"``)."""
 
 from __future__ import annotations
 
 import torch
 
 from . import _common as c
-from .base import SparseFormat
+from .base import INDEX, ROW_PTR, VALUES, SparseFormat
 
 
 def _parse_block(block) -> tuple[int, int]:
@@ -42,6 +42,11 @@ class BSR(SparseFormat):
     multiples of the block are padded with zeros inside the edge blocks.
     """
 
+    family = "bsr"
+    KIND_PATTERN = r"bsr(\d+)x(\d+)"
+    KIND_HELP = "'bsrRxC' (e.g. 'bsr4x1')"
+    ARRAYS = {"row_ptr": ROW_PTR, "col_indices": INDEX, "blocks": VALUES}
+
     def __init__(self, row_ptr, col_indices, blocks, shape, block, *, check_finite=True, _validated=False):
         super().__init__(c.check_shape(shape))
         self.block = _parse_block(block)
@@ -51,7 +56,24 @@ class BSR(SparseFormat):
 
     @property
     def kind(self) -> str:  # type: ignore[override]
-        return f"bsr{self.block[0]}x{self.block[1]}"
+        return self.kind_name(*self.block)
+
+    @classmethod
+    def kind_name(cls, r, col) -> str:
+        return f"bsr{int(r)}x{int(col)}"
+
+    @classmethod
+    def pack(cls, w, params) -> "BSR":
+        return cls.from_dense(w, params)
+
+    @classmethod
+    def from_saved(cls, arrays, shape, params) -> "BSR":
+        return cls.from_arrays(arrays["row_ptr"], arrays["col_indices"], arrays["blocks"], shape, params,
+                               check_finite=False)
+
+    @classmethod
+    def saved_params(cls, params) -> dict:
+        return {"block": [int(params[0]), int(params[1])]}
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -121,83 +143,9 @@ class BSR(SparseFormat):
     def kernel_arrays(self):
         return self.row_ptr, self.col_indices, self.blocks, self.block[0], self.block[1]
 
-    def to_dense(self) -> torch.Tensor:
-        rows, cols = self.shape
-        r, col = self.block
-        nbr, nbc = -(-rows // r), -(-cols // col)
-        grid = torch.zeros(nbr, nbc, r, col, dtype=self.blocks.dtype, device=self.blocks.device)
-        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
-        block_row = torch.repeat_interleave(torch.arange(nbr, device=counts.device), counts)
-        grid.index_put_((block_row, c.decode_indices(self.col_indices)), self.blocks, accumulate=True)
-        return grid.permute(0, 2, 1, 3).reshape(nbr * r, nbc * col)[:rows, :cols].contiguous()
-
     def to(self, device, dtype=None) -> "BSR":
         """Moves the arrays to ``device``; ``dtype`` (e.g. torch.bfloat16 for the GPU
         kernels) converts the blocks, indices are kept."""
         dtype = c.check_value_dtype(dtype)
         return BSR(self.row_ptr.to(device), self.col_indices.to(device), self.blocks.to(device, dtype=dtype),
                    self.shape, self.block, _validated=True)
-
-
-class CSR(SparseFormat):
-    """Compressed sparse rows: ``row_ptr`` (int32, rows + 1), ``col_indices``
-    (int16 holding uint16 when cols <= 65536, else int32) and ``values``
-    (float32), the layout of ``torch.Tensor.to_sparse_csr``."""
-
-    kind = "csr"
-
-    def __init__(self, row_ptr, col_indices, values, shape, *, check_finite=True, _validated=False):
-        super().__init__(c.check_shape(shape))
-        if not _validated:
-            rows, cols = self.shape
-            c.check_values("values", values, ndim=1, check_finite=check_finite)
-            c.check_tensor("col_indices", col_indices, ndim=1, kinds="int")
-            if col_indices.numel() != values.numel():
-                raise ValueError(f"col_indices has {col_indices.numel()} entries but values has {values.numel()}")
-            row_ptr = c.check_row_ptr(row_ptr, rows, values.numel())
-            col_indices = c.check_indices("col_indices", col_indices, cols)
-            values = c.as_kernel_values(values)
-        self.row_ptr, self.col_indices, self.values = row_ptr, col_indices, values
-
-    @classmethod
-    def from_dense(cls, w: torch.Tensor) -> "CSR":
-        """Packs the nonzeros of ``w``."""
-        w = c.check_dense(w).detach()
-        rows, cols = w.shape
-        keep = w != 0
-        row_ptr = torch.zeros(rows + 1, dtype=torch.int32)
-        if rows:
-            torch.cumsum(keep.sum(1, dtype=torch.int64), 0, out=row_ptr[1:])
-        _, col = torch.nonzero(keep, as_tuple=True)
-        return cls(row_ptr, c.encode_indices(col, cols), c.as_kernel_values(w[keep]), (rows, cols),
-                   _validated=True)
-
-    @classmethod
-    def from_arrays(cls, row_ptr, col_indices, values, shape, *, check_finite=True) -> "CSR":
-        """Builds from raw arrays, validating every invariant (ValueError if broken)."""
-        return cls(row_ptr, col_indices, values, shape, check_finite=check_finite)
-
-    @property
-    def nnz(self) -> int:
-        return self.values.numel()
-
-    def tensors(self):
-        return {"row_ptr": self.row_ptr, "col_indices": self.col_indices, "values": self.values}
-
-    def kernel_arrays(self):
-        return self.row_ptr, self.col_indices, self.values, 1, 1
-
-    def to_dense(self) -> torch.Tensor:
-        rows, cols = self.shape
-        out = torch.zeros(rows, cols, dtype=self.values.dtype, device=self.values.device)
-        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
-        row = torch.repeat_interleave(torch.arange(rows, device=counts.device), counts)
-        out.index_put_((row, c.decode_indices(self.col_indices)), self.values, accumulate=True)
-        return out
-
-    def to(self, device, dtype=None) -> "CSR":
-        """Moves the arrays to ``device``; ``dtype`` (e.g. torch.bfloat16 for the GPU
-        kernels) converts the values, indices are kept."""
-        dtype = c.check_value_dtype(dtype)
-        return CSR(self.row_ptr.to(device), self.col_indices.to(device), self.values.to(device, dtype=dtype),
-                   self.shape, _validated=True)

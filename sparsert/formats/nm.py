@@ -1,11 +1,11 @@
-"""N:M semi-structured sparsity: at most N nonzeros in every M consecutive inputs."""
+"""N:M semi-structured sparsity (kinds ``"nmN:M"``): at most N nonzeros in every M consecutive inputs."""
 
 from __future__ import annotations
 
 import torch
 
 from . import _common as c
-from .base import SparseFormat
+from .base import INDEX, VALUES, SparseFormat
 
 
 class NM(SparseFormat):
@@ -18,6 +18,11 @@ class NM(SparseFormat):
     pointer (perfect load balance across threads).
     """
 
+    family = "nm"
+    KIND_PATTERN = r"nm(\d+):(\d+)"
+    KIND_HELP = "'nmN:M' (e.g. 'nm2:4')"
+    ARRAYS = {"values": VALUES, "col_indices": INDEX}
+
     def __init__(self, values, col_indices, shape, n, m):
         super().__init__(c.check_shape(shape))
         self.n, self.m = int(n), int(m)
@@ -27,7 +32,31 @@ class NM(SparseFormat):
 
     @property
     def kind(self) -> str:  # type: ignore[override]
-        return f"nm{self.n}:{self.m}"
+        return self.kind_name(self.n, self.m)
+
+    @classmethod
+    def kind_name(cls, n, m) -> str:
+        return f"nm{int(n)}:{int(m)}"
+
+    @classmethod
+    def pack(cls, w, params) -> "NM":
+        return cls.from_dense(w, *params)
+
+    @classmethod
+    def from_saved(cls, arrays, shape, params) -> "NM":
+        return cls.from_arrays(arrays["values"], arrays["col_indices"], shape, *params, check_finite=False)
+
+    @classmethod
+    def saved_params(cls, params) -> dict:
+        return {"n": int(params[0]), "m": int(params[1])}
+
+    def derived_tensors(self) -> dict:
+        # the regular row pointer the kernels take (every row holds groups * n slots)
+        return {"kernel_row_ptr": self._row_ptr}
+
+    def set_tensors(self, tensors: dict) -> None:
+        self.values, self.col_indices = tensors["values"], tensors["col_indices"]
+        self._row_ptr = tensors["kernel_row_ptr"]
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, n: int = 2, m: int = 4) -> "NM":
@@ -104,18 +133,12 @@ class NM(SparseFormat):
         return {"values": self.values, "col_indices": self.col_indices}
 
     def kernel_arrays(self):
-        views = self.__dict__.get("_flat_views")
-        if views is None:
-            views = self.__dict__["_flat_views"] = c.FlatViews()
-        col_indices, values = views.get(self.col_indices, self.values)
+        cache = self.__dict__.get("_flat_views")
+        if cache is None:
+            cache = self.__dict__["_flat_views"] = c.IdentityCache()
+        ci, val = self.col_indices, self.values
+        col_indices, values = cache.get((ci, val), lambda: (ci.reshape(-1), val.reshape(-1)))
         return self._row_ptr, col_indices, values, 1, 1
-
-    def to_dense(self) -> torch.Tensor:
-        rows, cols = self.shape
-        out = torch.zeros(rows, cols, dtype=self.values.dtype, device=self.values.device)
-        if self.values.numel():
-            out.scatter_add_(1, c.decode_indices(self.col_indices), self.values)
-        return out
 
     def to(self, device, dtype=None) -> "NM":
         """Moves the arrays to ``device``; ``dtype`` (e.g. torch.bfloat16 for the GPU

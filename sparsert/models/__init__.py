@@ -1,4 +1,9 @@
-"""Small real models and data shared by tests, benchmarks and the CLI.
+"""The model catalogue, and the small real models and data shared by tests,
+benchmarks, the demo and the CLI.
+
+* :mod:`sparsert.models.catalogue` — the built-in examples by name
+  (``EXAMPLES``, ``build()``, ``skeleton()``, ``Workload``, ``from_hf_dir()``,
+  ``workload_for_model()``, ``parse_shape()``), re-exported here;
 
 * :mod:`sparsert.models.digits` — scikit-learn's bundled digits (1,797 real
   8x8 images, offline): ``load_data()``, ``train_mlp()``, ``train_cnn()``,
@@ -15,11 +20,15 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["digits", "minilm"]
+from .catalogue import EXAMPLES, Workload, build, from_hf_dir, parse_shape, skeleton, workload_for_model
+
+__all__ = ["digits", "minilm", "catalogue", "EXAMPLES", "Workload", "build", "skeleton", "parse_shape",
+           "from_hf_dir", "workload_for_model"]
+_SUBMODULES = ("digits", "minilm")
 
 
 def __getattr__(name: str):
-    if name in __all__:
+    if name in _SUBMODULES:
         module = importlib.import_module(f"{__name__}.{name}")
         globals()[name] = module
         return module

@@ -33,21 +33,15 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops as _ops
-from ..formats import NM, SparseFormat, pack
-from ..formats._common import FlatViews
-from ..ops._eager import eager_cpu_call
-from ..ops.conv import conv2d_bsr_cpu
-from ..ops.linear import _apply_activation, activation_code, linear_bsr_cpu
+from ..formats import SparseFormat, pack
+from ..formats._common import IdentityCache
+from ..ops import epilogue
+from ..ops.conv import conv_padding, pair
 
 __all__ = ["SparseLinear", "SparseConv2d"]
-
-_ACT_NAMES = {0: None, 1: "relu", 2: "gelu"}
-_linear_op = torch.ops.sparsert.linear_bsr.default
-
 
 
 def _with_params(module: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
@@ -57,22 +51,6 @@ def _with_params(module: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.M
         if bias is not None:
             module.bias.copy_(bias)
     return module
-
-
-def _has_conv_op() -> bool:
-    """Whether the sparse conv op (``sparsert.ops.conv2d``) exists in this build."""
-    return hasattr(_ops, "conv2d")
-
-
-def _conv_op():
-    """``torch.ops.sparsert.conv2d_bsr.default`` (what ``sparsert.ops.conv2d`` calls)."""
-    global _CONV_OP
-    if _CONV_OP is None:
-        _CONV_OP = torch.ops.sparsert.conv2d_bsr.default
-    return _CONV_OP
-
-
-_CONV_OP = None
 
 
 class _PackedWeight(nn.Module):
@@ -87,7 +65,6 @@ class _PackedWeight(nn.Module):
                                  f"{tuple(packed.shape)} and dtype {packed.dtype}")
             self._fmt = None
             self.register_buffer("packed_weight", packed.detach().contiguous())
-            self._kernel_names = None
             self._block = (1, 1)
             return
         if not isinstance(packed, SparseFormat):
@@ -96,17 +73,13 @@ class _PackedWeight(nn.Module):
         self._fmt = packed
         for name, tensor in packed.tensors().items():
             self.register_buffer("packed_" + name, tensor)
-        row_ptr, _, _, r, c = packed.kernel_arrays()
-        names = packed.tensors()
-        if isinstance(packed, NM):
-            # N:M has a regular row pointer the kernels need but files do not.
-            self.register_buffer("packed_kernel_row_ptr", row_ptr, persistent=False)
-            self._kernel_names = ("packed_kernel_row_ptr", "packed_col_indices", "packed_values")
-        else:
-            value_name = "blocks" if "blocks" in names else "values"
-            self._kernel_names = ("packed_row_ptr", "packed_col_indices", "packed_" + value_name)
-        self._flatten = isinstance(packed, NM)
-        self._block = (int(r), int(c))
+        # arrays the kernels need but files do not store (N:M's regular row pointer)
+        for name, tensor in packed.derived_tensors().items():
+            self.register_buffer("packed_" + name, tensor, persistent=False)
+        self._array_names = tuple(packed.tensors()) + tuple(packed.derived_tensors())
+        self._buffer_names = tuple("packed_" + n for n in self._array_names)
+        self._kernel_cache = IdentityCache()
+        self._block = tuple(int(v) for v in packed.kernel_arrays()[3:])
 
     @property
     def packed(self):
@@ -114,10 +87,7 @@ class _PackedWeight(nn.Module):
         fmt = self._fmt
         if fmt is None:
             return self.packed_weight
-        for name in fmt.tensors():
-            setattr(fmt, name, self._buffers["packed_" + name])
-        if isinstance(fmt, NM):
-            fmt._row_ptr = self._buffers["packed_kernel_row_ptr"]
+        fmt.set_tensors({n: self._buffers[b] for n, b in zip(self._array_names, self._buffer_names)})
         return fmt
 
     @property
@@ -154,14 +124,11 @@ class _PackedWeight(nn.Module):
         return self
 
     def _kernel_arrays(self):
-        buffers, names = self._buffers, self._kernel_names
-        rp, ci, val = buffers[names[0]], buffers[names[1]], buffers[names[2]]
-        if self._flatten:
-            views = self.__dict__.get("_flat_views")
-            if views is None:
-                views = self.__dict__["_flat_views"] = FlatViews()
-            ci, val = views.get(ci, val)
-        return rp, ci, val
+        """(row_ptr, col_indices, values) as the kernels take them, rebuilt only when a
+        buffer is replaced (``.to()``, ``load_state_dict``): a layer's per-call cost."""
+        buffers = self._buffers
+        current = tuple(buffers[b] for b in self._buffer_names)
+        return self._kernel_cache.get(current, lambda: self.packed.kernel_arrays()[:3])
 
 
 def _check_bias(bias, rows: int) -> Optional[Tensor]:
@@ -179,9 +146,10 @@ class SparseLinear(_PackedWeight):
     Args:
         packed: a sparsert format (``out_features x in_features``) or a dense 2-D tensor.
         bias: optional ``(out_features,)`` tensor (stored as a frozen parameter).
-        activation: ``None``, ``"relu"`` (fused in the kernel) or ``"gelu"``.
+        activation: an epilogue name (:mod:`sparsert.ops.epilogue`): ``None``,
+            ``"relu"``, ``"relu6"`` (fused in the kernel) or ``"gelu"``.
 
-    ``forward`` calls the ``sparsert::linear_bsr`` op (what
+    ``forward`` calls :func:`sparsert.ops.linear_arrays` (what
     :func:`sparsert.ops.linear` calls) with the kernel arrays prepared once.
     """
 
@@ -189,8 +157,8 @@ class SparseLinear(_PackedWeight):
         super().__init__()
         self._init_packed(packed)
         self.out_features, self.in_features = (int(s) for s in (packed.shape))
-        self._act = activation_code(activation)
-        self.activation = _ACT_NAMES[self._act]
+        self._act = epilogue.code_of(activation)
+        self.activation = epilogue.name_of(self._act)
         bias = _check_bias(bias, self.out_features)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
@@ -213,13 +181,10 @@ class SparseLinear(_PackedWeight):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._fmt is None:
-            return _apply_activation(F.linear(x, self.packed_weight, self.bias), self._act)
+            return _ops.linear(x, self.packed_weight, self.bias, self.activation)
         rp, ci, val = self._kernel_arrays()
-        if eager_cpu_call(x, self.bias):
-            return linear_bsr_cpu(x, rp, ci, val, self.out_features, self._block[0], self._block[1], self.bias,
-                                  self._act, 0)
-        return _linear_op(x, rp, ci, val, self.out_features, self._block[0], self._block[1], self.bias,
-                          self._act, 0)
+        return _ops.linear_arrays(x, rp, ci, val, self.out_features, self._block[0], self._block[1], self.bias,
+                                  self._act)
 
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
@@ -227,24 +192,14 @@ class SparseLinear(_PackedWeight):
         return s + (f", activation={self.activation}" if self.activation else "")
 
 
-def _pair(v, name: str) -> tuple:
-    if isinstance(v, int):
-        return (v, v)
-    try:
-        a, b = (int(x) for x in v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from None
-    return (a, b)
-
-
 class SparseConv2d(_PackedWeight):
     """``nn.Conv2d`` over a packed weight.
 
     The packed weight is the conv weight flattened to
     ``(out_channels, in_channels // groups * kh * kw)`` (``weight.reshape(out_channels, -1)``).
-    ``forward`` calls ``sparsert.ops.conv2d`` when this build has it; until
-    then it runs ``F.conv2d`` on the dense weight, rebuilt once and kept as
-    the non-persistent buffer ``dense_weight_cache``.
+    ``forward`` calls :func:`sparsert.ops.conv2d_arrays` (what
+    :func:`sparsert.ops.conv2d` calls) with the kernel arrays and the padding
+    (:func:`sparsert.ops.conv.conv_padding`, torch's rule) prepared once.
     """
 
     def __init__(self, packed, bias: Optional[Tensor] = None, *, in_channels: int, kernel_size,
@@ -252,12 +207,10 @@ class SparseConv2d(_PackedWeight):
                  activation: Optional[str] = None):
         super().__init__()
         self._init_packed(packed)
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.dilation = _pair(dilation, "dilation")
-        if isinstance(padding, str) and padding not in ("same", "valid"):
-            raise ValueError(f"padding must be an int, a pair, 'same' or 'valid'; got {padding!r}")
-        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = pair(stride, "stride")
+        self.dilation = pair(dilation, "dilation")
+        self.padding = padding if isinstance(padding, str) else pair(padding, "padding")
         self.groups = int(groups)
         self.in_channels = int(in_channels)
         self.out_channels = int(packed.shape[0])
@@ -271,52 +224,15 @@ class SparseConv2d(_PackedWeight):
         cols = self.in_channels // self.groups * kh * kw
         if int(packed.shape[1]) != cols:
             raise ValueError(f"packed weight has {packed.shape[1]} columns; in_channels/groups*kh*kw = {cols}")
-        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            raise ValueError(f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', got {padding_mode!r}")
         self.padding_mode = padding_mode
-        self._resolve_padding()
-        self._act = activation_code(activation)
-        self.activation = _ACT_NAMES[self._act]
+        self._op_padding, self._pre_pad = conv_padding(self.padding, self.kernel_size, self.dilation, self.stride,
+                                                       padding_mode)
+        self._op_stride, self._op_dilation = list(self.stride), list(self.dilation)
+        self._op_kernel = list(self.kernel_size)
+        self._act = epilogue.code_of(activation)
+        self.activation = epilogue.name_of(self._act)
         bias = _check_bias(bias, self.out_channels)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.register_buffer("dense_weight_cache", None, persistent=False)
-        if self._fmt is not None and not _has_conv_op():
-            self._build_dense_cache()
-
-    def _resolve_padding(self) -> None:
-        """Padding as the op takes it: symmetric (top/bottom, left/right) ints, plus an
-        explicit ``F.pad`` first for other padding modes and asymmetric 'same'."""
-        self._pre_pad, self._pre_pad_mode = None, "constant"
-        if self.padding == "valid":
-            pad = (0, 0)
-        elif self.padding == "same":
-            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-            pad = (totals[0] // 2, totals[1] // 2)
-            if any(t % 2 for t in totals):  # torch puts the odd pixel at the bottom/right
-                self._pre_pad = [totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2]
-                pad = (0, 0)
-        else:
-            pad = self.padding
-        if self.padding_mode != "zeros":
-            self._pre_pad = self._pre_pad or [pad[1], pad[1], pad[0], pad[0]]
-            self._pre_pad_mode = self.padding_mode
-            pad = (0, 0)
-        self._op_padding = [int(pad[0]), int(pad[1])]
-        self._op_stride = list(self.stride)
-        self._op_dilation = list(self.dilation)
-        self._op_kernel = list(self.kernel_size)
-
-    def _build_dense_cache(self) -> Tensor:
-        w = self.packed.to_dense().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        self.dense_weight_cache = w
-        return w
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        cache = self.dense_weight_cache
-        if cache is not None and cache.dtype != torch.float32:
-            self.dense_weight_cache = cache.to(torch.float32)
-        return self
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, format: str = "csr", activation: Optional[str] = None) -> "SparseConv2d":
@@ -342,29 +258,16 @@ class SparseConv2d(_PackedWeight):
         return _with_params(out, w, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._pre_pad is not None:
-            x = F.pad(x, self._pre_pad, mode=self._pre_pad_mode)
-        if self._fmt is not None and _has_conv_op():
-            unbatched = x.dim() == 3
-            if unbatched:
-                x = x.unsqueeze(0)
-            rp, ci, val = self._kernel_arrays()
-            # Plain eager CPU calls skip the dispatcher (as SparseLinear does):
-            # its Python layers cost more than a small layer's kernel.
-            op = conv2d_bsr_cpu if eager_cpu_call(x, self.bias) else _conv_op()
-            y = op(x, rp, ci, val, self.out_channels, self._op_kernel, self._block[0], self._block[1],
-                   self.bias, self._op_stride, self._op_padding, self._op_dilation, self.groups, self._act, 0)
-            return y.squeeze(0) if unbatched else y
         if self._fmt is None:
-            w = self.packed_weight.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        else:
-            w = self.dense_weight_cache
-            if w is None:
-                w = self._build_dense_cache()
-        y = F.conv2d(x, w if x.dtype == w.dtype else w.to(x.dtype),
-                     None if self.bias is None else self.bias.to(x.dtype), self.stride, self._op_padding,
-                     self.dilation, self.groups)
-        return _apply_activation(y, self._act)
+            w = self.weight_4d()
+            x = _ops.conv.apply_pre_pad(x, self._pre_pad, self.padding_mode)
+            return _ops.conv2d(x, w if x.dtype == w.dtype else w.to(x.dtype),
+                               None if self.bias is None else self.bias.to(x.dtype), self.stride, self._op_padding,
+                               self.dilation, self.groups, self.activation)
+        rp, ci, val = self._kernel_arrays()
+        return _ops.conv2d_arrays(x, rp, ci, val, self.out_channels, self._op_kernel, self._block[0],
+                                  self._block[1], self.bias, self._op_stride, self._op_padding, self._op_dilation,
+                                  self.groups, self._act, 0, self._pre_pad, self.padding_mode)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..formats._common import decode_indices
-from .conv import _KERNEL_ACTIVATION as _CONV_KERNEL_ACTIVATION
-from .conv import _apply_after, _out_size, conv2d_bsr, conv2d_bsr_torch
-from .linear import _KERNEL_ACTIVATION, _apply_activation, _dense_weight, linear_bsr
+from ...formats import dense_from_blocks
+from ...formats._common import decode_indices
+from .. import epilogue
+from ..schema import conv2d_bsr, conv2d_bsr_torch, conv_out_size, linear_bsr
 
 __all__ = ["native_cuda", "available", "kernels", "compute_dtype", "is_2_4", "select_path",
            "linear_bsr_cuda", "conv2d_bsr_cuda", "SEMI_STRUCTURED"]
@@ -188,7 +188,7 @@ def _semi_structured(row_ptr, col_indices, values, rows, cols, dtype):
     """The weight compressed by torch for its 2:4 kernels, or None where torch
     cannot (no cuSPARSELt/CUTLASS support on this GPU or build)."""
     from torch.sparse import SparseSemiStructuredTensorCUTLASS, to_sparse_semi_structured
-    dense = _dense_weight(row_ptr, col_indices, values, rows, cols, 1, 1).to(dtype).contiguous()
+    dense = dense_from_blocks(row_ptr, col_indices, values, rows, cols, 1, 1).to(dtype).contiguous()
     # cuSPARSELt first (torch's default), then CUTLASS; torch warns that the
     # subclass API is a prototype: known, and not the user's concern here.
     for build in (to_sparse_semi_structured, SparseSemiStructuredTensorCUTLASS.from_dense):
@@ -275,7 +275,7 @@ def linear_bsr_cuda(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Ten
                          "fp16/bf16, sides multiples of 64, and a GPU with sparse tensor cores)")
     if prep.semi is not None and kernel in ("", SEMI_STRUCTURED) and tokens > 0:
         b = _converted_bias(prep, bias, dtype)
-        y = _apply_activation(F.linear(x2.contiguous(), prep.semi, b), activation)
+        y = epilogue.reference(F.linear(x2.contiguous(), prep.semi, b), activation)
         # torch's 2:4 product may return a transposed view; the fake impl promises contiguous.
         return y.reshape(*lead, out_features).to(x.dtype).contiguous()
 
@@ -292,10 +292,9 @@ def linear_bsr_cuda(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Ten
             16 if col.dtype == torch.int16 else 32, vals.data_ptr(),
             0 if prep.row_order is None else prep.row_order.data_ptr(), xk.data_ptr(), tokens,
             xk.stride(0) if tokens > 1 else -(-max(in_features, 1) // 8) * 8,  # one row: stride unused
-            y.data_ptr(), out_features, 0 if b32 is None else b32.data_ptr(), _KERNEL_ACTIVATION[activation],
+            y.data_ptr(), out_features, 0 if b32 is None else b32.data_ptr(), epilogue.kernel_code(activation),
             DTYPE_CODES[dtype], device_index, stream, kernel)
-    if activation == 2:
-        y = F.gelu(y)
+    y = epilogue.finish(y, activation)
     return y.reshape(*lead, out_features).to(x.dtype)
 
 
@@ -317,17 +316,17 @@ def conv2d_bsr_cuda(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Ten
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     n, cin, h, w = x.shape
-    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    oh = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = conv_out_size(w, kw, stride[1], padding[1], dilation[1])
     if groups != 1 or oh <= 0 or ow <= 0 or n == 0:
         return conv2d_bsr_torch(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows,
                                 block_cols, bias, stride, padding, dilation, groups, activation)
     patches = F.unfold(x, (kh, kw), dilation=tuple(dilation), padding=tuple(padding), stride=tuple(stride))
     tokens = patches.transpose(1, 2).reshape(n * oh * ow, cin * kh * kw)  # columns ordered (c, i, j) like W
+    # the same epilogue code: the SpMM fuses what its kernel can and finishes the rest
     y = linear_bsr_cuda(tokens, row_ptr, col_indices, values, out_channels, block_rows, block_cols, bias,
-                        _CONV_KERNEL_ACTIVATION[activation], 0, kernel)
-    y = y.reshape(n, oh * ow, out_channels).transpose(1, 2).reshape(n, out_channels, oh, ow)
-    return _apply_after(y, activation)
+                        activation, 0, kernel)
+    return y.reshape(n, oh * ow, out_channels).transpose(1, 2).reshape(n, out_channels, oh, ow)
 
 
 @conv2d_bsr.register_kernel("cuda")

@@ -1,4 +1,5 @@
-"""The models the command line can name, and what it needs to run them.
+"""The catalogue: the models the command line, the demo and files can name, and what
+it needs to run them.
 
 Built-in examples:
 
@@ -71,7 +72,7 @@ class Workload:
             ids = torch.randint(1000 if vocab > 2000 else 0, vocab, shape, generator=g)
             return {"input_ids": ids, "attention_mask": torch.ones(shape, dtype=torch.int64)}
         if self.family == "digits":
-            from .models import digits
+            from . import digits
 
             data = digits.load_data()
             n = shape[0]
@@ -87,12 +88,12 @@ class Workload:
         if data is not None:
             return self._calibration_file(data, limit)
         if self.family == "digits":
-            from .models import digits
+            from . import digits
 
             d = digits.load_data()
             return digits.batches(d.x_train, d.y_train, 64, shuffle=True, seed=0)[:limit]
         if self.family == "hf":
-            from .models import minilm
+            from . import minilm
 
             if self.tokenizer is None:
                 vocab = int(self.model.config.vocab_size)
@@ -109,7 +110,7 @@ class Workload:
         if p.suffix == ".txt":
             if self.tokenizer is None:
                 raise ValueError(f"calibration data {data!r}: sentences need a model with a tokenizer")
-            from .models import minilm
+            from . import minilm
 
             lines = [s for s in p.read_text(encoding="utf-8").splitlines() if s.strip()]
             if not lines:
@@ -136,12 +137,12 @@ class Workload:
     def train_batches(self) -> list | None:
         """Fine-tuning data, where the example has some (digits)."""
         if self.family == "digits":
-            from .models import digits
+            from . import digits
 
             d = digits.load_data()
             return digits.batches(d.x_train, d.y_train, 64, shuffle=True, seed=1)
         if self.family == "hf" and self.tokenizer is not None:
-            from .models import minilm
+            from . import minilm
 
             return minilm.tokenize(self.tokenizer, minilm.calibration_sentences(256), 32)
         return None
@@ -152,7 +153,7 @@ class Workload:
         """Accuracy (digits) or embedding cosine similarity to ``reference`` (HF)."""
         model.eval()
         if self.family == "digits":
-            from .models import digits
+            from . import digits
 
             d = digits.load_data()
             out = {"accuracy": digits.accuracy(model, d.x_test, d.y_test)}
@@ -162,7 +163,7 @@ class Workload:
             return out
         if self.family == "hf" and reference is not None:
             if self.tokenizer is not None:
-                from .models import minilm
+                from . import minilm
 
                 held = minilm.heldout_sentences(128)
                 a, b = minilm.embed(model, self.tokenizer, held), minilm.embed(reference, self.tokenizer, held)
@@ -192,11 +193,11 @@ def _hf_quiet(fn):
 def skeleton(name: str) -> nn.Module:
     """The architecture of a built-in example with untrained weights (for :func:`sparsert.load`)."""
     if name == "digits-mlp":
-        from .models.digits import DigitsMLP
+        from .digits import DigitsMLP
 
         m = DigitsMLP()
     elif name == "digits-cnn":
-        from .models.digits import DigitsCNN
+        from .digits import DigitsCNN
 
         m = DigitsCNN()
     elif name == "bert-base":
@@ -206,7 +207,7 @@ def skeleton(name: str) -> nn.Module:
     elif name == "minilm":
         from transformers import AutoConfig, AutoModel
 
-        from .models import minilm
+        from . import minilm
 
         m = _hf_quiet(lambda: AutoModel.from_config(AutoConfig.from_pretrained(str(minilm.model_path()))))
     else:
@@ -218,7 +219,7 @@ def skeleton(name: str) -> nn.Module:
 def build(name: str) -> Workload:
     """A built-in example, trained / pretrained, as a :class:`Workload`."""
     if name in ("digits-mlp", "digits-cnn"):
-        from .models import digits
+        from . import digits
 
         model = digits.train_mlp() if name == "digits-mlp" else digits.train_cnn()
         model.sparsert_example = name
@@ -228,7 +229,7 @@ def build(name: str) -> Workload:
         model = skeleton("bert-base")
         return Workload(name, model, "hf", default_shape=(1, 128))
     if name == "minilm":
-        from .models import minilm
+        from . import minilm
 
         reason = minilm.unavailable_reason()
         if reason:
@@ -262,7 +263,7 @@ def workload_for_model(name: str, model: nn.Module) -> Workload:
     if example in ("digits-mlp", "digits-cnn"):
         return Workload(name, model, "digits", default_shape=(64, 1, 8, 8))
     if example == "minilm":
-        from .models import minilm
+        from . import minilm
 
         tok = None
         if minilm.available():

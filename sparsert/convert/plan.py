@@ -1,0 +1,145 @@
+"""What ``sparsify`` tries and what it chose: candidate formats per layer and the
+per-layer decisions (:class:`SparsityPlan`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import ops as _ops
+from ..formats import kind_name, parse_kind
+
+__all__ = ["LayerDecision", "SparsityPlan", "candidate_formats", "NM_CANDIDATES"]
+
+#: N:M patterns ``candidate_formats`` checks a weight against
+NM_CANDIDATES = ((1, 4), (2, 4), (1, 8), (2, 8), (4, 8))
+
+
+@dataclasses.dataclass
+class LayerDecision:
+    """What ``sparsify`` decided for one layer (times in seconds, medians)."""
+
+    name: str
+    type: str                      # "Linear" | "Conv2d"
+    shape: tuple                   # the 2-D weight shape (out, in[*kh*kw])
+    input_shape: Optional[tuple]   # input the candidates were timed on (None: not timed)
+    density: float                 # nonzeros / size of the weight
+    candidates: dict               # kind -> median seconds (None when not timed)
+    chosen: str                    # kind now in the model ("dense" = the original module kept)
+    speedup: Optional[float]       # dense time / chosen time
+    reason: str = ""
+    dense_bytes: int = 0
+    sparse_bytes: int = 0          # bytes of the chosen packed weight (== dense_bytes if dense)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class SparsityPlan(list):
+    """The per-layer decisions of :func:`sparsify` (a list of :class:`LayerDecision`).
+
+    ``print(plan)`` / ``plan.table()`` shows them as a table;
+    ``plan.as_dicts()`` gives plain data (e.g. for JSON).
+    """
+
+    def __init__(self, decisions: Iterable[LayerDecision] = (), *, format: str = "auto",
+                 min_speedup: float = 1.0, threads: int = 1, folded: Sequence[tuple] = ()):
+        super().__init__(decisions)
+        self.format = format
+        self.min_speedup = min_speedup
+        self.threads = threads
+        self.folded = list(folded)   # (conv name, batchnorm name) pairs folded before packing
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            for d in self:
+                if d.name == key:
+                    return d
+            raise KeyError(key)
+        return super().__getitem__(key)
+
+    @property
+    def converted(self) -> list:
+        return [d for d in self if d.chosen != "dense"]
+
+    def as_dicts(self) -> list:
+        return [d.as_dict() for d in self]
+
+    def table(self) -> str:
+        kinds: list = []
+        for d in self:
+            for k in d.candidates:
+                if k not in kinds:
+                    kinds.append(k)
+        kinds.sort(key=lambda k: (k != "dense", k))
+        head = ["layer", "type", "shape", "density", *[f"{k} ms" for k in kinds], "chosen", "speedup", "note"]
+        rows = []
+        for d in self:
+            times = [("-" if d.candidates.get(k) is None else f"{d.candidates[k] * 1e3:.3f}")
+                     if k in d.candidates else "" for k in kinds]
+            rows.append([d.name, d.type, "x".join(map(str, d.shape)), f"{d.density:.3f}", *times, d.chosen,
+                         "-" if d.speedup is None else f"{d.speedup:.2f}x", d.reason])
+        dense_b = sum(d.dense_bytes for d in self)
+        sparse_b = sum(d.sparse_bytes for d in self)
+        lines = _format_table(head, rows)
+        lines.append(f"{len(self.converted)}/{len(self)} layers sparse; their weights {dense_b / 1e6:.2f} MB -> "
+                     f"{sparse_b / 1e6:.2f} MB; format={self.format}, min_speedup={self.min_speedup}, "
+                     f"threads={self.threads}")
+        if self.folded:
+            lines.append("folded BatchNorm: " + ", ".join(f"{b} -> {c}" for c, b in self.folded))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    __repr__ = list.__repr__
+
+
+def _format_table(head: list, rows: list) -> list:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)] if rows else [len(h) for h in head]
+    fmt = lambda r: "  ".join(str(x).ljust(w) if i == 0 or i == len(r) - 1 else str(x).rjust(w)
+                              for i, (x, w) in enumerate(zip(r, widths)))
+    out = [fmt(head), "  ".join("-" * w for w in widths)]
+    out.extend(fmt(r) for r in rows)
+    return [line.rstrip() for line in out]
+
+
+def _kernel_blocks() -> list:
+    """Block shapes the native kernels have a fast (non-reference) kernel for."""
+    try:
+        kernels = _ops.cpu_kernels()
+    except ImportError:
+        return [(4, 1)]
+    return sorted({tuple(k["block"]) for k in kernels
+                   if k["supported"] and k["kind"] != "reference" and tuple(k["block"]) not in ((0, 0), (1, 1))})
+
+
+def candidate_formats(w2d: Tensor, *, max_fill: float = 1.1) -> list:
+    """Formats worth timing for a pruned 2-D weight: dense, CSR, each BSR block
+    shape the zero pattern actually has (stored / nonzero <= ``max_fill``) and
+    N:M patterns the weight satisfies (when they store at most half the weight and
+    at most 1.25x its nonzeros)."""
+    w = w2d.detach()
+    nnz = int((w != 0).sum())
+    kinds = ["dense", "csr"]
+    if nnz == 0:
+        return kinds
+    rows, cols = w.shape
+    nz = w != 0
+    for r, c in _kernel_blocks():
+        nbr, nbc = -(-rows // r), -(-cols // c)
+        padded = torch.nn.functional.pad(nz, (0, nbc * c - cols, 0, nbr * r - rows))
+        blocks = int(padded.reshape(nbr, r, nbc, c).any(3).any(1).sum())
+        if blocks * r * c <= max_fill * nnz:
+            kinds.append(kind_name("bsr", r, c))
+    for n, m in NM_CANDIDATES:
+        groups = -(-cols // m)
+        padded = torch.nn.functional.pad(nz, (0, groups * m - cols)).reshape(rows, groups, m)
+        if rows and int(padded.sum(-1).max()) <= n and n * 2 <= m and n / m <= 1.25 * nnz / w.numel():
+            # the smallest n that fits for this m is enough
+            if not any(parse_kind(k)[0] == "nm" and parse_kind(k)[2] == m for k in kinds):
+                kinds.append(kind_name("nm", n, m))
+    return kinds

@@ -1,0 +1,302 @@
+"""``sparsify`` itself: capture each pruned layer's input, time its candidate
+formats, swap in the fastest, check the whole model."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops as _ops
+from ..formats import parse_kind
+from ..nn import SparseConv2d, SparseLinear
+from ..nn.surgery import rollback, swap
+from .batchnorm import fold_batchnorm
+from .plan import LayerDecision, SparsityPlan, candidate_formats
+from .timing import call_model, call_times, close, flatten_tensors, max_rel_err
+
+__all__ = ["sparsify", "DEFAULT_TOKENS"]
+
+#: Token count used to time Linear layers when no ``example_inputs`` are given.
+DEFAULT_TOKENS = 32
+
+
+def _prunable(model: nn.Module) -> tuple:
+    """(layers to consider, every Linear/Conv2d name): layers whose weight has zeros."""
+    skip_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    layers, all_layers = [], []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or isinstance(m, (SparseLinear, SparseConv2d)):
+            continue
+        all_layers.append(name)
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue  # MultiheadAttention reads out_proj.weight directly
+        w = getattr(m, "weight", None)
+        if not isinstance(w, Tensor) or not w.dtype.is_floating_point or w.is_meta:
+            continue
+        if not bool((w == 0).any()):
+            continue
+        layers.append(name)
+    return layers, all_layers
+
+
+def _capture_inputs(model: nn.Module, names: list, example_inputs) -> tuple:
+    """Runs the model once; returns ({name: first input tensor}, model output)."""
+    captured: dict = {}
+    handles = []
+    for name in names:
+        def hook(mod, args, _name=name):
+            if _name not in captured and args and isinstance(args[0], Tensor):
+                captured[_name] = args[0].detach().clone()
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            out = call_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured, out
+
+
+def _build(module: nn.Module, kind: str) -> nn.Module:
+    if isinstance(module, nn.Conv2d):
+        return SparseConv2d.from_dense(module, kind)
+    return SparseLinear.from_dense(module, kind)
+
+
+def _fresh_dense(module: nn.Module) -> nn.Module:
+    """A hook-free nn.Linear/nn.Conv2d sharing ``module``'s parameters (the dense baseline to time)."""
+    w = module.weight
+    if isinstance(module, nn.Conv2d):
+        clean = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                          module.padding, module.dilation, module.groups, module.bias is not None,
+                          module.padding_mode, device="meta", dtype=w.dtype)
+    else:
+        clean = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta",
+                          dtype=w.dtype)
+    clean.weight = w
+    if module.bias is not None:
+        clean.bias = module.bias
+    return clean
+
+
+def _default_input(module: nn.Module) -> Optional[Tensor]:
+    if isinstance(module, nn.Linear):
+        return torch.randn(DEFAULT_TOKENS, module.in_features, device=module.weight.device)
+    return None  # a conv's spatial size cannot be guessed
+
+
+def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, strict: bool,
+            min_time: float, rounds: int, input_note: str) -> tuple:
+    """Times ``kinds`` for one layer; returns (decision, new module or None)."""
+    w = module.weight.detach()
+    w2d = w.reshape(w.shape[0], -1)
+    density = float((w2d != 0).sum()) / max(w2d.numel(), 1)
+    dense_bytes = w2d.numel() * w2d.element_size()
+    built: dict = {}
+    for kind in kinds:
+        if kind == "dense":
+            built[kind] = _fresh_dense(module)
+            continue
+        try:
+            built[kind] = _build(module, kind)
+        except (ValueError, TypeError) as err:
+            if strict:  # a named format: the user asked for exactly this one
+                raise ValueError(f"layer {name!r}: cannot pack its weight as {kind!r}: {err}") from err
+    decision = LayerDecision(name, type(module).__name__.replace("NonDynamicallyQuantizable", ""),
+                             tuple(w2d.shape), None if x is None else tuple(x.shape), density,
+                             {k: None for k in built}, "dense", None, "", dense_bytes, dense_bytes)
+    if x is None:
+        return decision, built
+    with torch.no_grad():
+        ref = built["dense"](x)
+        for kind, mod in built.items():
+            if kind == "dense":
+                continue
+            out = mod(x)
+            if not close(out, ref):
+                raise RuntimeError(f"layer {name!r}: the {kind} kernel's output differs from the dense layer "
+                                   f"(max relative error {max_rel_err(out, ref):.2e}); not converting")
+        samples: dict = {k: [] for k in built}
+        for mod in built.values():  # warm-up (first calls allocate, page in the weights)
+            mod(x)
+            mod(x)
+        for _ in range(rounds):  # interleaved so drifting machine load hits every candidate alike
+            for kind, mod in built.items():
+                samples[kind].extend(call_times(lambda: mod(x), min_time / rounds, 3))
+    decision.candidates = {k: statistics.median(v) for k, v in samples.items()}
+    decision.reason = input_note
+    return decision, built
+
+
+def _choose(decision: LayerDecision, built: dict, min_speedup: float, forced: Optional[str]) -> Optional[nn.Module]:
+    times = decision.candidates
+    if forced is not None:
+        decision.chosen = forced
+    else:
+        sparse = {k: t for k, t in times.items() if k != "dense" and t is not None}
+        if times.get("dense") is None or not sparse:
+            decision.reason = decision.reason or "not timed"
+            return None
+        best = min(sparse, key=sparse.get)
+        if times["dense"] / sparse[best] >= min_speedup:
+            decision.chosen = best
+        else:
+            decision.reason = (f"best sparse ({best}) only {times['dense'] / sparse[best]:.2f}x"
+                               + (f"; {decision.reason}" if decision.reason else ""))
+    if decision.chosen == "dense":
+        if times.get("dense") is not None:
+            decision.speedup = 1.0
+        return None
+    mod = built[decision.chosen]
+    decision.sparse_bytes = mod.packed_nbytes
+    if times.get("dense") is not None and times.get(decision.chosen):
+        decision.speedup = times["dense"] / times[decision.chosen]
+    return mod
+
+
+def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_speedup: float = 1.05,
+             inplace: bool = False, *, fold_bn: Optional[bool] = None, threads: Optional[int] = None,
+             min_time: float = 0.05, rounds: int = 5, check: bool = True, exclude: Sequence[str] = (),
+             verbose: bool = False) -> nn.Module:
+    """Replaces every pruned ``nn.Linear`` / ``nn.Conv2d`` by a ``SparseLinear`` / ``SparseConv2d``.
+
+    Args:
+        model: any ``nn.Module`` (plain, ``nn.Sequential``, Hugging Face models, CNNs).
+        format: ``"auto"`` (time the candidates per layer, keep the fastest) or a
+            kind for every pruned layer: ``"csr"``, ``"bsrRxC"``, ``"nmN:M"``.
+        example_inputs: what the model is called with (Tensor, tuple of args or dict
+            of kwargs). Each layer is timed on its real input captured from it,
+            and the converted model is checked against the original on it. Without
+            it, Linear layers are timed on ``DEFAULT_TOKENS`` random rows and
+            Conv2d layers stay dense under ``"auto"``.
+        min_speedup: ``"auto"`` keeps a layer dense unless the best sparse format is
+            at least this much faster.
+        inplace: convert ``model`` itself (rolled back on error) instead of a deep copy.
+        fold_bn: fold BatchNorm2d into the Conv2d before it (default: when ``model`` is in eval mode).
+        threads: threads for the timing (default: the current setting).
+        min_time, rounds: timing budget per candidate (seconds) and interleaved rounds.
+        check: compare the converted model with the original on ``example_inputs``.
+        exclude: layer names (or name prefixes ending in ".") to leave dense.
+
+    Returns the sparse model with ``.sparsity_plan`` (a :class:`SparsityPlan`; ``print`` it).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    forced = None
+    if format != "auto":
+        forced = format.lower() if isinstance(format, str) else format
+        if parse_kind(forced)[0] == "dense":
+            raise ValueError("format='dense' converts nothing; use 'auto' or a sparse kind such as 'csr'")
+    if not (isinstance(min_speedup, (int, float)) and min_speedup > 0):
+        raise ValueError(f"min_speedup must be a positive number, got {min_speedup!r}")
+    if fold_bn is None:
+        fold_bn = not model.training
+    n_threads = threads if threads is not None else _ops.get_num_threads()
+
+    target = model if inplace else copy.deepcopy(model)
+    undo: list = []
+    saved_threads = torch.get_num_threads()
+    try:
+        with _ops.num_threads(threads):
+            if threads is not None:
+                torch.set_num_threads(threads)
+            result = _sparsify(target, forced, example_inputs, min_speedup, fold_bn, min_time, rounds,
+                               check, exclude, verbose, n_threads, undo)
+    except BaseException:
+        if inplace:
+            rollback(undo)
+        raise
+    finally:
+        if torch.get_num_threads() != saved_threads:
+            torch.set_num_threads(saved_threads)
+    return result
+
+
+def _excluded(name: str, exclude: Sequence[str]) -> bool:
+    return any(name == e or (e.endswith(".") and name.startswith(e)) for e in exclude)
+
+
+def _sparsify(model, forced, example_inputs, min_speedup, fold_bn, min_time, rounds, check, exclude,
+              verbose, n_threads, undo) -> nn.Module:
+    layers, all_layers = _prunable(model)
+    layers = [n for n in layers if not _excluded(n, exclude)]
+    if not layers:
+        what = (f"none of its {len(all_layers)} Linear/Conv2d layers has zero weights" if all_layers
+                else "it has no nn.Linear or nn.Conv2d layer")
+        raise ValueError(f"nothing to sparsify in {type(model).__name__}: {what}. Prune it first "
+                         "(sparsert.prune) so the pruned weights are exact zeros.")
+
+    reference = None
+    if example_inputs is not None:
+        try:
+            with torch.no_grad():
+                reference = call_model(model, example_inputs)
+        except Exception as err:
+            raise ValueError(f"example_inputs do not run the model ({type(model).__name__}): "
+                             f"{type(err).__name__}: {err}") from err
+
+    folded = []
+    if fold_bn:
+        folded = fold_batchnorm(model, example_inputs, _undo=undo)
+        layers, _ = _prunable(model)
+        layers = [n for n in layers if not _excluded(n, exclude)]
+
+    captured: dict = {}
+    if example_inputs is not None:
+        captured, _ = _capture_inputs(model, layers, example_inputs)
+
+    plan = SparsityPlan(format="auto" if forced is None else forced, min_speedup=min_speedup,
+                        threads=n_threads, folded=folded)
+    for name in layers:
+        module = model.get_submodule(name)
+        x = captured.get(name)
+        note = ""
+        if x is None and example_inputs is not None:
+            note = "not run by example_inputs"
+        elif x is None:
+            x = _default_input(module)
+            note = f"timed on {DEFAULT_TOKENS} random rows" if x is not None else "no input shape"
+        if forced is not None:
+            kinds = ["dense", forced]
+        else:
+            w = module.weight.detach()
+            kinds = candidate_formats(w.reshape(w.shape[0], -1))
+        if forced is None and x is None:
+            w = module.weight.detach()
+            w2d = w.reshape(w.shape[0], -1)
+            dens = float((w2d != 0).sum()) / max(w2d.numel(), 1)
+            nbytes = w2d.numel() * w2d.element_size()
+            plan.append(LayerDecision(name, type(module).__name__, tuple(w2d.shape), None, dens, {}, "dense",
+                                      None, note, nbytes, nbytes))
+            continue
+        decision, built = _decide(name, module, x if (forced is None or example_inputs is not None) else None,
+                                  kinds, forced is not None, min_time, rounds, note)
+        new = _choose(decision, built, min_speedup, forced)
+        if new is not None:
+            swap(model, name, new, undo)
+        plan.append(decision)
+        if verbose:
+            print(f"[sparsify] {name}: {decision.chosen}"
+                  + (f" ({decision.speedup:.2f}x)" if decision.speedup else ""), flush=True)
+
+    if check and reference is not None and not model.training:
+        try:
+            with torch.no_grad():
+                out = call_model(model, example_inputs)
+        except Exception as err:
+            swapped = ", ".join(d.name for d in plan.converted) or "none"
+            raise RuntimeError(f"the converted model no longer runs on example_inputs ({type(err).__name__}: "
+                               f"{err}); converted layers: {swapped}. Exclude the layer whose weight "
+                               "the model reads directly (exclude=[...]).") from err
+        ref_t, out_t = flatten_tensors(reference), flatten_tensors(out)
+        if len(ref_t) != len(out_t) or not all(close(a, b, rtol=1e-2) for a, b in zip(out_t, ref_t)):
+            worst = max((max_rel_err(a, b) for a, b in zip(out_t, ref_t) if a.shape == b.shape), default=float("inf"))
+            raise RuntimeError(f"the converted model's outputs differ from the original's on example_inputs "
+                               f"(max relative error {worst:.2e})")
+
+    model.sparsity_plan = plan
+    return model

@@ -1,0 +1,65 @@
+"""Running and timing layers and models: calling a model on example inputs, comparing
+outputs, per-call times."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["call_model", "flatten_tensors", "close", "max_rel_err", "call_times"]
+
+
+def call_model(model: nn.Module, example_inputs) -> Any:
+    """Runs ``model`` on ``example_inputs``: a Tensor, a tuple/list of positional
+    args, or a dict of keyword args (e.g. a Hugging Face tokenizer's output)."""
+    if isinstance(example_inputs, Tensor):
+        return model(example_inputs)
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    raise TypeError("example_inputs must be a Tensor, a tuple/list of positional args or a dict of "
+                    f"keyword args, got {type(example_inputs).__name__}")
+
+
+def flatten_tensors(out) -> list:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in flatten_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flatten_tensors(v)]
+    return []
+
+
+def close(a: Tensor, b: Tensor, rtol: float = 1e-3) -> bool:
+    """fp32 agreement relative to the output's scale (reordered sums differ in the last bits)."""
+    if a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return bool(torch.equal(a, b))
+    a, b = a.detach().double(), b.detach().double()
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return bool(((a - b).abs() <= rtol * scale + 1e-6).all())
+
+
+def max_rel_err(a: Tensor, b: Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return float((a - b).abs().max()) / max(scale, 1e-30) if b.numel() else 0.0
+
+
+def call_times(fn: Callable[[], Any], min_time: float, min_calls: int) -> list:
+    """Per-call seconds of ``fn`` over at least ``min_calls`` calls and ``min_time`` seconds."""
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_calls or (time.perf_counter() - start) < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * min_calls and time.perf_counter() - start > min_time / 4:
+            break
+    return times

@@ -1,0 +1,100 @@
+"""The one table of fused epilogues: what runs on a sparse product's output.
+
+Every layer and file names its epilogue by ``name``; the ops take the
+``code`` (saved files and the op schemas use these numbers, so they never
+change). The native kernels (CPU Linear, CPU conv, CUDA) fuse only ReLU
+(their own code 1, see ``csrc``); whatever a kernel does not fuse runs after
+it in torch:
+
+========  ====  =============  ===========================
+name      code  kernel fuses   then in torch
+========  ====  =============  ===========================
+None      0     nothing (0)    -
+"relu"    1     ReLU (1)       -
+"gelu"    2     nothing (0)    ``F.gelu``
+"relu6"   3     ReLU (1)       ``clamp(max=6)``
+========  ====  =============  ===========================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Epilogue", "EPILOGUES", "NAMES", "code_of", "name_of", "kernel_code", "finish", "reference", "as_module"]
+
+#: the native kernels' own activation codes (csrc: 0 none, 1 relu)
+KERNEL_NONE, KERNEL_RELU = 0, 1
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    name: Optional[str]
+    code: int                                   # op / file code
+    kernel: int                                 # what the native kernel fuses (KERNEL_*)
+    after: Optional[Callable[[Tensor], Tensor]]  # what runs after the kernel, in torch (in place only
+    #                                            where the kernel fuses something, so y is its own output)
+
+
+EPILOGUES = (
+    Epilogue(None, 0, KERNEL_NONE, None),
+    Epilogue("relu", 1, KERNEL_RELU, None),
+    Epilogue("gelu", 2, KERNEL_NONE, F.gelu),
+    Epilogue("relu6", 3, KERNEL_RELU, lambda y: y.clamp_max_(6.0)),
+)
+_BY_CODE = {e.code: e for e in EPILOGUES}
+_BY_NAME = {e.name: e for e in EPILOGUES}
+_BY_NAME["none"] = _BY_NAME[None]
+_MODULES = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "relu6": torch.nn.ReLU6}
+#: every accepted name (None and "none" are the same: no epilogue)
+NAMES = tuple(_BY_NAME)
+
+
+def code_of(name) -> int:
+    """``"relu6"`` -> 3; ValueError naming the accepted names otherwise."""
+    try:
+        return _BY_NAME[name].code
+    except (KeyError, TypeError):
+        raise ValueError(f"activation must be one of {', '.join(map(repr, NAMES))}; got {name!r}") from None
+
+
+def name_of(code: int) -> Optional[str]:
+    """3 -> ``"relu6"`` (None for no epilogue)."""
+    return _get(code).name
+
+
+def kernel_code(code: int) -> int:
+    """What a native kernel fuses for op code ``code``."""
+    return _get(code).kernel
+
+
+def finish(y: Tensor, code: int) -> Tensor:
+    """Runs what the kernel did not fuse on the kernel's output ``y`` (may modify ``y``)."""
+    after = _get(code).after
+    return y if after is None else after(y)
+
+
+def as_module(code: int) -> Optional[torch.nn.Module]:
+    """The epilogue as a torch layer (``nn.ReLU6()`` for relu6), None for no epilogue:
+    what a densified layer appends to stay equal to the sparse one."""
+    name = _get(code).name
+    return None if name is None else _MODULES[name]()
+
+
+def reference(y: Tensor, code: int) -> Tensor:
+    """The whole epilogue in torch (the pure-torch paths and dense layers); ``y`` is not modified."""
+    e = _get(code)
+    if e.kernel == KERNEL_RELU:
+        y = torch.relu(y)  # a new tensor: an in-place ``after`` (relu6) cannot touch the caller's y
+    return y if e.after is None else e.after(y)
+
+
+def _get(code: int) -> Epilogue:
+    try:
+        return _BY_CODE[code]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown epilogue code {code!r}; known: {sorted(_BY_CODE)}") from None
