@@ -136,9 +136,9 @@ class NM(SparseFormat):
         cache = self.__dict__.get("_flat_views")
         if cache is None:
             cache = self.__dict__["_flat_views"] = c.IdentityCache()
-        ci, val = self.col_indices, self.values
-        col_indices, values = cache.get((ci, val), lambda: (ci.reshape(-1), val.reshape(-1)))
-        return self._row_ptr, col_indices, values, 1, 1
+        sources = (self.col_indices, self.values)
+        flat = cache.lookup(sources) or cache.store(sources, tuple(t.reshape(-1) for t in sources))
+        return self._row_ptr, flat[0], flat[1], 1, 1
 
     def to(self, device, dtype=None) -> "NM":
         """Moves the arrays to ``device``; ``dtype`` (e.g. torch.bfloat16 for the GPU

@@ -126,9 +126,9 @@ class _PackedWeight(nn.Module):
     def _kernel_arrays(self):
         """(row_ptr, col_indices, values) as the kernels take them, rebuilt only when a
         buffer is replaced (``.to()``, ``load_state_dict``): a layer's per-call cost."""
-        buffers = self._buffers
-        current = tuple(buffers[b] for b in self._buffer_names)
-        return self._kernel_cache.get(current, lambda: self.packed.kernel_arrays()[:3])
+        current = tuple(map(self._buffers.__getitem__, self._buffer_names))
+        cache = self._kernel_cache
+        return cache.lookup(current) or cache.store(current, self.packed.kernel_arrays()[:3])
 
 
 def _check_bias(bias, rows: int) -> Optional[Tensor]:
