@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "sparsert/spmm.h"
+#include "spmm/spmm.h"
 
 int main(int argc, char** argv) {
   if (argc < 6) {

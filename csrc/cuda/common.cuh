@@ -47,10 +47,10 @@ template <> struct IndexLoad<int32_t> {
   __device__ static int load(const int32_t* p) { return __ldg(p); }
 };
 
-// bias, then relu: the fused epilogue of every kernel.
-__device__ __forceinline__ float epilogue(float acc, const float* bias, int64_t row, int activation) {
+// bias, then the fused epilogue (common/epilogue.h) of every kernel.
+__device__ __forceinline__ float epilogue(float acc, const float* bias, int64_t row, Epilogue e) {
   if (bias != nullptr) acc += bias[row];
-  if (activation == 1) acc = fmaxf(acc, 0.0f);
+  if (e == Epilogue::kRelu) acc = fmaxf(acc, 0.0f);
   return acc;
 }
 

@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(32 * WM * WK) spmm_bsr_wmma_kernel(SpmmProblem
       for (int g = 0; g < WK; ++g) v += epi[(g * TM + tok) * R + rr];
       const int64_t t = t0 + tok;
       const int64_t row = block_row * R + rr;
-      if (t < p.tokens && row < p.rows) y[t * p.y_row_stride + row] = from_f32<T>(epilogue(v, p.bias, row, p.activation));
+      if (t < p.tokens && row < p.rows) y[t * p.y_row_stride + row] = from_f32<T>(epilogue(v, p.bias, row, p.epilogue));
     }
   }
 }

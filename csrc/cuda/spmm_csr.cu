@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kCsrThreads) spmm_csr_kernel(SpmmProblem p) {
       float out = acc[0];
 #pragma unroll
       for (int j = 1; j < TT; ++j) out = lane == j ? acc[j] : out;
-      if (lane < nt) y[(t0 + lane) * p.y_row_stride + r] = from_f32<T>(epilogue(out, p.bias, r, p.activation));
+      if (lane < nt) y[(t0 + lane) * p.y_row_stride + r] = from_f32<T>(epilogue(out, p.bias, r, p.epilogue));
     }
   }
 }

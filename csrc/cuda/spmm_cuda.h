@@ -4,7 +4,7 @@
 // cudaStream_t; this header compiles with a plain C++ compiler (the pybind11
 // bindings include it) and needs only the CUDA runtime API header.
 //
-// Layouts (the same as the CPU kernels, csrc/include/sparsert/spmm.h):
+// Layouts (the same as the CPU kernels, csrc/common/block_sparse.h):
 //   W: rows x cols, a grid of R x C blocks (CSR is 1x1).
 //      row_ptr  device buffer of ceil(rows/R) + 1 int32
 //      col_idx  device buffer of row_ptr[last] block-column indices, uint16
@@ -23,6 +23,8 @@
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "common/epilogue.h"
 
 namespace sparsert {
 namespace cuda {
@@ -47,7 +49,7 @@ struct SpmmProblem {
   void* y = nullptr;
   int64_t y_row_stride = 0;
   const float* bias = nullptr;
-  int activation = 0;  // 0 none, 1 relu
+  Epilogue epilogue = Epilogue::kNone;  // applied after the bias
   DType dtype = DType::f32;
 };
 

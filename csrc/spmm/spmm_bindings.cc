@@ -1,6 +1,9 @@
-// The one thin file between Python and the kernels. Arrays arrive as raw
-// addresses (tensor.data_ptr()) that the Python ops layer has validated; no
-// torch headers are involved, so the extension works with any torch.
+// Python binding of the spmm kernels: sparsert._C.spmm, select_kernel and
+// kernels (the module itself is declared in common/module.cc). The rules of
+// every binding of _C: arrays arrive as raw addresses (tensor.data_ptr())
+// that the Python ops layer has validated; no torch headers are involved, so
+// the extension works with any torch; every bad scalar is a
+// std::invalid_argument (a ValueError in Python).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -8,13 +11,10 @@
 #include <stdexcept>
 #include <string>
 
-#include "bindings_registry.h"
-#include "runtime/thread_pool.h"
-#include "sparsert/spmm.h"
+#include "common/registry_bindings.h"
+#include "spmm/spmm.h"
 
 namespace py = pybind11;
-
-void bind_conv(py::module_& m);  // bindings_conv.cc
 
 namespace {
 
@@ -37,7 +37,7 @@ std::string spmm(int64_t rows, int64_t cols, int block_rows, int block_cols,
                  const std::string& kernel) {
   auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
   if (index_bits != 16 && index_bits != 32) fail("index_bits must be 16 or 32");
-  if (activation != 0 && activation != 1) fail("activation must be 0 or 1");
+  const sparsert::Epilogue epilogue = sparsert::epilogue_from_code(activation, "activation");
   if (rows < 0 || cols < 0 || tokens < 0) fail("sizes must be non-negative");
   if (block_rows < 1 || block_cols < 1) fail("block sides must be positive");
   const int64_t block_row_count = (rows + block_rows - 1) / block_rows;
@@ -63,7 +63,7 @@ std::string spmm(int64_t rows, int64_t cols, int block_rows, int block_cols,
   a.y = ptr<float>(y);
   a.y_row_stride = y_row_stride;
   a.bias = bias ? ptr<const float>(bias) : nullptr;
-  a.activation = static_cast<sparsert::Activation>(activation);
+  a.epilogue = epilogue;
   a.num_threads = num_threads < 1 ? 1 : num_threads;
 
   const sparsert::KernelInfo* k;
@@ -84,19 +84,9 @@ std::string spmm(int64_t rows, int64_t cols, int block_rows, int block_cols,
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "sparsert native kernels (torch-free)";
+void bind_spmm(py::module_& m) {
   m.def("kernels", [] { return sparsert_bindings::describe_registry(sparsert::kernel_registry()); },
-        "Every kernel in this build: name, isa, kind, block tile, and whether this CPU runs it.");
-  m.def("best_isa", &sparsert::best_isa, "The ISA sparsert uses on this CPU (SPARSERT_ISA overrides).");
-  m.def("isa_supported", &sparsert::isa_supported, py::arg("isa"));
-  m.def("threading_backend", &sparsert::threading_backend,
-        "'openmp' (torch's OpenMP threads) or 'pool' (sparsert's own threads).");
-  m.def("set_threading_backend", [](const std::string& name) { sparsert::set_threading_backend(name.c_str()); },
-        py::arg("name"));
-  m.def("openmp_available", &sparsert::openmp_available);
-  m.def("openmp_library", &sparsert::openmp_library,
-        "Path of the OpenMP runtime the kernels run on ('' without OpenMP).");
+        "Every spmm kernel in this build: name, isa, kind, block tile, and whether this CPU runs it.");
   m.def("select_kernel", [](int r, int c, int64_t tokens, const std::string& isa) {
     const auto* k = sparsert::select_kernel(r, c, tokens, isa.empty() ? sparsert::best_isa() : isa);
     return k ? k->name : std::string();
@@ -107,5 +97,4 @@ PYBIND11_MODULE(_C, m) {
         py::arg("y"), py::arg("y_row_stride"), py::arg("bias"), py::arg("activation"),
         py::arg("num_threads"), py::arg("kernel") = "",
         "y = act(x @ W^T + bias) for block-sparse W given as raw addresses; returns the kernel used.");
-  bind_conv(m);
 }

@@ -1,9 +1,8 @@
-// The one list of kernels, CPU feature detection and kernel selection.
-#include <cstdlib>
+// The one list of spmm kernels and their selection.
 #include <string>
 #include <vector>
 
-#include "sparsert/spmm.h"
+#include "spmm/spmm.h"
 
 namespace sparsert {
 
@@ -26,30 +25,6 @@ const std::vector<KernelInfo>& kernel_registry() {
     return all;
   }();
   return kernels;
-}
-
-bool isa_supported(const std::string& isa) {
-  if (isa == "reference" || isa == "scalar") return true;
-#if SPARSERT_HAVE_X86_KERNELS
-  // __builtin_cpu_supports also checks that the OS saves the wide registers.
-  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (isa == "avx512") return __builtin_cpu_supports("avx512f");
-#endif
-  return false;
-}
-
-std::string best_isa() {
-  // Decided once: it is asked on every call, and the CPU does not change.
-  static const std::string best = [] {
-    if (const char* forced = std::getenv("SPARSERT_ISA")) {
-      const std::string isa(forced);
-      if (!isa.empty() && isa_supported(isa)) return isa;
-    }
-    for (const char* isa : {"avx512", "avx2"})
-      if (isa_supported(isa)) return std::string(isa);
-    return std::string("scalar");
-  }();
-  return best;
 }
 
 // Up to this many tokens the per-token spmv kernels beat packing panels.

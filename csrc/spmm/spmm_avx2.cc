@@ -4,7 +4,7 @@
 #define SPARSERT_VEC_FLOATS 8
 #define SPARSERT_TARGET "avx2,fma"
 #define SPARSERT_TRANSPOSE_AVX2 1
-#include "spmm_impl.h"
+#include "spmm/spmm_impl.h"
 
 namespace sparsert {
 namespace avx2 {

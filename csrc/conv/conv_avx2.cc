@@ -2,8 +2,7 @@
 #define SPARSERT_ISA avx2
 #define SPARSERT_VEC_FLOATS 8
 #define SPARSERT_TARGET "avx2,fma"
-#include "spmm_impl.h"
-#include "conv_impl.h"
+#include "conv/conv_impl.h"
 
 namespace sparsert {
 namespace avx2 {

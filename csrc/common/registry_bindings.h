@@ -1,4 +1,4 @@
-// What the Linear and the convolution bindings do alike with a kernel
+// What the spmm and the conv bindings do alike with a kernel
 // registry (a vector of KernelInfo or ConvKernelInfo: name, isa, kind,
 // block_rows, block_cols): list it for Python, and look up a kernel a caller
 // forces by name.
@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "sparsert/spmm.h"
+#include "common/isa.h"
 
 namespace sparsert_bindings {
 

@@ -1,7 +1,7 @@
 // Sparse convolution kernels, written once over SIMD vectors and compiled per
-// ISA by conv_scalar.cc / conv_avx2.cc / conv_avx512.cc, which include
-// spmm_impl.h first (for spmm_tile, the register-tile micro-kernel shared with
-// the Linear kernels) and then this file.
+// ISA by conv_scalar.cc / conv_avx2.cc / conv_avx512.cc, which define the ISA
+// macros of spmm/spmm_impl.h and include this file. spmm_impl.h provides
+// spmm_tile, the register-tile micro-kernel shared with the spmm kernels.
 //
 // Layout (XNNPACK's NCHW sparse inference design): an output tile is P = NV *
 // VW consecutive output pixels of one channel row of W, so the sparse weight
@@ -35,10 +35,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "sparsert/conv.h"
+#include "conv/conv.h"
+#include "spmm/spmm_impl.h"
 
 // spmm_impl.h switched its target off at its end; switch it on again.
-#include "isa_target_begin.inc"
+#include "common/isa_target_begin.inc"
 
 namespace sparsert {
 namespace SPARSERT_ISA {
@@ -120,7 +121,7 @@ static void conv_compute(const RowBlocks<Idx>& w, const ConvShape& sh, const Con
   const int64_t nbr_g = (cout_g + R - 1) / R;
   const int64_t ntiles = (flat + P - 1) / P;
   const int threads = std::max(1, a.num_threads);
-  const bool relu_out = a.activation == Activation::kRelu;
+  const bool relu_out = a.epilogue == Epilogue::kRelu;
   const bool out_in_place = wq == ow;  // no dropped columns: tiles map to y directly
 
   // Row parts per (group, tile): enough items to keep every thread busy.
@@ -469,6 +470,15 @@ static void conv_kernel(const BlockSparseMatrix& w, const ConvShape& sh, const C
   else by_image<conv_run<R, C, RT, NV, S, int32_t>>(w, sh, a);
 }
 
+}  // namespace SPARSERT_ISA
+}  // namespace sparsert
+
+// Registration runs on every CPU: baseline ISA (see spmm_impl.h).
+#include "common/isa_target_end.inc"
+
+namespace sparsert {
+namespace SPARSERT_ISA {
+
 // Registers the pointwise and the general kernel for R x C blocks.
 template <int R, int C, int RT, int NV, int S>
 void add_conv_tile(std::vector<ConvKernelInfo>& out) {
@@ -481,5 +491,3 @@ void add_conv_tile(std::vector<ConvKernelInfo>& out) {
 
 }  // namespace SPARSERT_ISA
 }  // namespace sparsert
-
-#include "isa_target_end.inc"

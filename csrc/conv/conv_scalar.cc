@@ -1,8 +1,7 @@
 // Portable convolution kernels: 4-float vectors (SSE2 on x86-64, NEON on ARM).
 #define SPARSERT_ISA scalar
 #define SPARSERT_VEC_FLOATS 4
-#include "spmm_impl.h"
-#include "conv_impl.h"
+#include "conv/conv_impl.h"
 
 namespace sparsert {
 namespace scalar {

@@ -6,7 +6,8 @@
 // (zero outside the image), with k = (ci * kh + ky) * kw + kx and g = o / Cout_g:
 // the semantics of torch.nn.functional.conv2d. W is the flattened
 // (out_channels x in_channels/groups * kh * kw) weight stored block-sparse
-// (sparsert::BlockSparseMatrix, CSR being 1x1 blocks). Everything crosses this
+// (common/block_sparse.h, CSR being 1x1 blocks) and act is a fused epilogue
+// (common/epilogue.h). Everything crosses this
 // boundary as raw pointers and sizes; the caller validates every array first.
 #pragma once
 
@@ -14,7 +15,9 @@
 #include <string>
 #include <vector>
 
-#include "sparsert/spmm.h"
+#include "common/block_sparse.h"
+#include "common/epilogue.h"
+#include "common/isa.h"
 
 namespace sparsert {
 
@@ -47,7 +50,7 @@ struct ConvArgs {
   const float* x = nullptr;     // batch * in_channels * height * width floats
   float* y = nullptr;           // batch * out_channels * out_h * out_w floats
   const float* bias = nullptr;  // out_channels floats, or null
-  Activation activation = Activation::kNone;
+  Epilogue epilogue = Epilogue::kNone;  // applied after the bias
   int num_threads = 1;
 };
 

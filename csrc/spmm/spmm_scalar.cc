@@ -2,7 +2,7 @@
 // baseline SIMD of the target (SSE2 on x86-64, NEON on ARM) or to scalars.
 #define SPARSERT_ISA scalar
 #define SPARSERT_VEC_FLOATS 4
-#include "spmm_impl.h"
+#include "spmm/spmm_impl.h"
 
 namespace sparsert {
 namespace scalar {

@@ -3,7 +3,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "sparsert/conv.h"
+#include "conv/conv.h"
 
 namespace sparsert {
 namespace reference {
@@ -45,7 +45,7 @@ static void run(const BlockSparseMatrix& w, const ConvShape& sh, const ConvArgs&
         float* y = a.y + (n * sh.out_channels + o) * ohw;
         for (int64_t p = 0; p < ohw; ++p) {
           const double v = acc[p];
-          y[p] = static_cast<float>(a.activation == Activation::kRelu && v < 0 ? 0.0 : v);
+          y[p] = static_cast<float>(a.epilogue == Epilogue::kRelu && v < 0 ? 0.0 : v);
         }
       }
     }

@@ -3,7 +3,7 @@
 #define SPARSERT_VEC_FLOATS 16
 #define SPARSERT_TARGET "avx512f,avx512vl,avx512dq,avx2,fma"
 #define SPARSERT_TRANSPOSE_AVX2 1
-#include "spmm_impl.h"
+#include "spmm/spmm_impl.h"
 
 namespace sparsert {
 namespace avx512 {

@@ -2,8 +2,7 @@
 #define SPARSERT_ISA avx512
 #define SPARSERT_VEC_FLOATS 16
 #define SPARSERT_TARGET "avx512f,avx512vl,avx512dq,avx2,fma"
-#include "spmm_impl.h"
-#include "conv_impl.h"
+#include "conv/conv_impl.h"
 
 namespace sparsert {
 namespace avx512 {

@@ -2,7 +2,7 @@
 #include <string>
 #include <vector>
 
-#include "sparsert/conv.h"
+#include "conv/conv.h"
 
 namespace sparsert {
 

@@ -1,5 +1,7 @@
-// Python bindings of the convolution kernels (see bindings.cc for the rules:
-// raw addresses validated by the Python ops layer, no torch headers).
+// Python binding of the conv kernels: sparsert._C.conv2d and conv_kernels
+// (the module is declared in common/module.cc; the rules of every binding are
+// in spmm/spmm_bindings.cc: raw addresses validated by the Python ops layer,
+// no torch headers, bad scalars are ValueErrors).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -7,8 +9,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "bindings_registry.h"
-#include "sparsert/conv.h"
+#include "common/registry_bindings.h"
+#include "conv/conv.h"
 
 namespace py = pybind11;
 
@@ -23,7 +25,7 @@ std::string conv2d(int64_t out_channels, int block_rows, int block_cols, uintptr
                    int dilation_h, int dilation_w, int groups, uintptr_t y, uintptr_t bias,
                    int activation, int num_threads, const std::string& kernel) {
   if (index_bits != 16 && index_bits != 32) throw std::invalid_argument("index_bits must be 16 or 32");
-  if (activation != 0 && activation != 1) throw std::invalid_argument("activation must be 0 or 1");
+  const sparsert::Epilogue epilogue = sparsert::epilogue_from_code(activation, "activation");
   sparsert::ConvShape sh;
   sh.batch = batch;
   sh.in_channels = in_channels;
@@ -52,7 +54,7 @@ std::string conv2d(int64_t out_channels, int block_rows, int block_cols, uintptr
   a.x = reinterpret_cast<const float*>(x);
   a.y = reinterpret_cast<float*>(y);
   a.bias = bias ? reinterpret_cast<const float*>(bias) : nullptr;
-  a.activation = static_cast<sparsert::Activation>(activation);
+  a.epilogue = epilogue;
   a.num_threads = num_threads < 1 ? 1 : num_threads;
 
   const sparsert::ConvKernelInfo* k;

@@ -39,7 +39,6 @@ sc::SpmmProblem problem(int64_t rows, int64_t cols, int block_rows, int block_co
                         int64_t tokens, int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t bias,
                         int activation, int dtype) {
   if (index_bits != 16 && index_bits != 32) throw std::invalid_argument("index_bits must be 16 or 32");
-  if (activation != 0 && activation != 1) throw std::invalid_argument("activation must be 0 or 1");
   if (rows < 0 || cols < 0 || tokens < 0) throw std::invalid_argument("sizes must be non-negative");
   if (block_rows < 1 || block_cols < 1) throw std::invalid_argument("block dimensions must be positive");
   sc::SpmmProblem p;
@@ -58,7 +57,7 @@ sc::SpmmProblem problem(int64_t rows, int64_t cols, int block_rows, int block_co
   p.y = reinterpret_cast<void*>(y);
   p.y_row_stride = y_row_stride;
   p.bias = bias ? reinterpret_cast<const float*>(bias) : nullptr;
-  p.activation = activation;
+  p.epilogue = sparsert::epilogue_from_code(activation, "activation");
   p.dtype = to_dtype(dtype);
   return p;
 }

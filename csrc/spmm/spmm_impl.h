@@ -26,14 +26,14 @@
 #include <functional>
 #include <string>
 
-#include "sparsert/spmm.h"
-#include "../runtime/thread_pool.h"
+#include "spmm/spmm.h"
+#include "common/thread_pool.h"
 
 #if defined(SPARSERT_TRANSPOSE_AVX2)
 #include <immintrin.h>
 #endif
 
-#include "isa_target_begin.inc"
+#include "common/isa_target_begin.inc"
 
 #ifndef SPARSERT_ISA
 #error "define SPARSERT_ISA before including spmm_impl.h"
@@ -238,7 +238,7 @@ static void spmm_panel_rows(const BlockSparseMatrix& w, const SpmmArgs& a, const
   static thread_local Scratch tile_scratch;
   float* tile = tile_scratch.get(static_cast<size_t>(kChunkBlockRows) * R * P);
   const auto* col_idx = static_cast<const Idx*>(w.col_idx);
-  const bool relu_out = a.activation == Activation::kRelu;
+  const bool relu_out = a.epilogue == Epilogue::kRelu;
   for (int64_t br0 = row_begin; br0 < row_end; br0 += kChunkBlockRows) {
     const int64_t br1 = std::min(row_end, br0 + kChunkBlockRows);
     for (int64_t br = br0; br < br1; ++br) {
@@ -347,7 +347,7 @@ static void spmv_run(const BlockSparseMatrix& w, const SpmmArgs& a) {
   const int64_t cols_padded = w.block_col_count() * C;
   const int threads = std::max(1, a.num_threads);
   const auto* col_idx = static_cast<const Idx*>(w.col_idx);
-  const bool relu_out = a.activation == Activation::kRelu;
+  const bool relu_out = a.epilogue == Epilogue::kRelu;
   const bool needs_padding = cols_padded != w.cols;
 
   std::vector<int64_t> bounds;
@@ -501,6 +501,13 @@ static void spmv_kernel(const BlockSparseMatrix& w, const SpmmArgs& a) {
 }  // namespace SPARSERT_ISA
 }  // namespace sparsert
 
+// The registration below runs on every CPU, so it is compiled for the
+// baseline ISA: inside the target region GCC may copy a KernelInfo with
+// AVX-512 stores, and registering the kernels would then crash a CPU without
+// AVX-512 (it did, once this file moved). Kernel templates keep the target
+// they were defined under wherever they are instantiated.
+#include "common/isa_target_end.inc"
+
 // ---------------------------------------------------------------------------
 // Registration: each ISA file lists its tiles with these helpers.
 // ---------------------------------------------------------------------------
@@ -528,5 +535,3 @@ void add_tile(std::vector<KernelInfo>& out) {
 
 }  // namespace SPARSERT_ISA
 }  // namespace sparsert
-
-#include "isa_target_end.inc"

@@ -30,7 +30,7 @@ __global__ void spmm_reference_kernel(SpmmProblem p) {
         if (col0 + c < p.cols) acc += to_f32(w[c]) * to_f32(xt[col0 + c]);
       }
     }
-    y[t * p.y_row_stride + row] = from_f32<T>(epilogue(acc, p.bias, row, p.activation));
+    y[t * p.y_row_stride + row] = from_f32<T>(epilogue(acc, p.bias, row, p.epilogue));
   }
 }
 

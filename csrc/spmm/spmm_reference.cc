@@ -3,7 +3,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "sparsert/spmm.h"
+#include "spmm/spmm.h"
 
 namespace sparsert {
 namespace reference {
@@ -32,7 +32,7 @@ static void run(const BlockSparseMatrix& w, const SpmmArgs& a) {
     float* y = a.y + t * a.y_row_stride;
     for (int64_t n = 0; n < w.rows; ++n) {
       const double v = acc[n];
-      y[n] = static_cast<float>(a.activation == Activation::kRelu && v < 0 ? 0.0 : v);
+      y[n] = static_cast<float>(a.epilogue == Epilogue::kRelu && v < 0 ? 0.0 : v);
     }
   }
 }
