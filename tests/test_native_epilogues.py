@@ -21,6 +21,15 @@ def test_kernel_epilogue_table():
     assert all(type(code) is int for code in table.values())
 
 
+def test_python_epilogue_table_uses_the_kernel_codes():
+    """ops.epilogue hands the kernels only codes that csrc/common/epilogue.h defines."""
+    from sparsert.ops import epilogue
+
+    table = native().kernel_epilogues()
+    assert (epilogue.KERNEL_NONE, epilogue.KERNEL_RELU) == (table["none"], table["relu"])
+    assert {e.kernel for e in epilogue.EPILOGUES} <= set(table.values())
+
+
 def _csr(w):
     """CSR arrays of a dense 2-D float32 weight (int32 indices)."""
     mask = w != 0
