@@ -11,6 +11,7 @@ import base64
 import json
 import struct
 import threading
+import time
 
 import pytest
 import torch
@@ -43,6 +44,9 @@ def files(tmp_path_factory):
     return {"bert": tiny_bert_file(folder), "mlp": mlp, "folder": folder}
 
 
+MLP_INPUT = {"inputs": {"x": {"shape": [1, 64], "dtype": "float32", "data": [0.0] * 64}}}
+
+
 @pytest.fixture(scope="module")
 def servers(files):
     bert = Server(files["bert"], "--workers", "1", "--threads-per-worker", "1", "--max-batch-size", "4",
@@ -54,9 +58,16 @@ def servers(files):
         bert.wait_ready()
         mlp.wait_ready()
         yield {"bert": bert, "mlp": mlp}
+        # graceful shutdown: a request still waiting for its batch when SIGTERM arrives is answered
+        in_flight = []
+        t = threading.Thread(target=lambda: in_flight.append(mlp.post("/predict", MLP_INPUT)))
+        t.start()
+        time.sleep(0.3)
     finally:
         codes = {name: s.stop() for name, s in (("bert", bert), ("mlp", mlp))}
+    t.join()
     assert codes == {"bert": 0, "mlp": 0}, f"servers did not shut down cleanly: {codes}"
+    assert in_flight and in_flight[0][0] == 200, f"the in-flight request was not drained: {in_flight}"
 
 
 # ---------------------------------------------------------------------------
@@ -280,11 +291,10 @@ def test_wrong_method_and_internal_route(servers):
 
 
 def test_overload_is_answered_with_503(servers):
-    x = {"inputs": {"x": {"shape": [1, 64], "dtype": "float32", "data": [0.0] * 64}}}
     results = []
 
     def call():
-        results.append(servers["mlp"].post("/predict", x))
+        results.append(servers["mlp"].post("/predict", MLP_INPUT))
 
     threads = [threading.Thread(target=call) for _ in range(6)]
     for t in threads:
@@ -314,3 +324,30 @@ def test_metrics(servers):
     assert int(lines['sparsert_request_duration_seconds_count{route="/v1/embeddings"}']) >= 2
     assert int(lines['sparsert_batch_size_bucket{le="+Inf"}']) >= 1
     assert float(lines["sparsert_forward_seconds_total"]) > 0
+
+
+def test_engine_pruned_minilm_equals_offline_sparsified_model(tmp_path):
+    """The real all-MiniLM-L6-v2, 80% pruned and sparsified: the engine's embeddings equal the offline model's
+    (the HTTP path is the same Engine.run, checked end to end on the tiny BERT above)."""
+    from sparsert.models import minilm
+    from sparsert.serving import save_tokenizer
+
+    reason = minilm.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    model, tok = minilm.load()
+    with torch.no_grad():
+        for name in minilm.encoder_linear_names(model):
+            w = model.get_submodule(name).weight
+            w[w.abs() <= w.abs().flatten().kthvalue(int(w.numel() * 0.8)).values] = 0
+    sparse = sparsert.sparsify(model, format="csr")
+    path = tmp_path / "minilm-80.sparsert"
+    sparsert.save(sparse, path)
+    save_tokenizer(tok, path)
+    engine = Engine(path, threads=1)
+    texts = minilm.heldout_sentences(16)
+    answer = engine.handle("embeddings", {"input": texts})
+    got = torch.tensor([d["embedding"] for d in answer["data"]])
+    assert got.shape == (16, 384)
+    assert engine.spec.format_mix.get("csr") == 36
+    assert (got - minilm.embed(sparse, tok, texts)).abs().max().item() <= 1e-5
