@@ -45,7 +45,7 @@ def build_files(workdir: Path, sparsity: float, pattern: str, fmt: str, refit: b
     from sparsert.models import minilm
     from sparsert.prune import Pruner, reconstruct
 
-    tag = f"{pattern.replace(':', 'of')}-{sparsity:g}{'-refit' if refit else ''}"
+    tag = f"{pattern.replace(':', 'of')}-{sparsity:g}{'-refit' if refit else ''}-{fmt.replace(':', 'of')}"
     dense_file, pruned_file = workdir / "minilm-dense.sparsert", workdir / f"minilm-{tag}.sparsert"
     quality_file = pruned_file.with_suffix(".quality.json")
     if dense_file.exists() and pruned_file.exists() and quality_file.exists():
@@ -130,8 +130,12 @@ def main() -> None:
     ap.add_argument("--pattern", default="unstructured", help="unstructured, 4x1, 2:4, ...")
     ap.add_argument("--reconstruct", action="store_true", help="refit the kept weights after pruning (quality)")
     ap.add_argument("--format", default="auto", help="sparsify format: auto (timed per layer) or csr, bsr4x1, ...")
-    ap.add_argument("--server-args", default="--max-batch-size 8 --batch-timeout-ms 2",
-                    help="extra arguments for both servers")
+    # Default: one single-threaded worker per core. A multi-threaded worker pays an OpenMP barrier per op,
+    # and on a machine where the HTTP process (or anything else) competes for the cores each barrier can
+    # wait a scheduler time slice; pass e.g. "--workers 1 --threads-per-worker 2" to measure that setup.
+    ap.add_argument("--server-args", default=f"--workers {len(os.sched_getaffinity(0))} --threads-per-worker 1 "
+                                             "--max-batch-size 8 --batch-timeout-ms 2",
+                    help="extra arguments for both servers (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=1, help="dense/pruned rounds (medians are reported)")
     ap.add_argument("--ray", type=int, default=0, metavar="REPLICAS",
                     help="serve through Ray Serve with this many replicas (1 thread each) instead of LitServe")
