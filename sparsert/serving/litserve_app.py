@@ -1,0 +1,111 @@
+"""One machine: the engine behind LitServe (dynamic batching, worker processes).
+
+``build_server(...)`` returns a ``litserve.LitServer``; ``serve(...)`` (what
+``sparsert serve FILE`` runs) builds and runs it until SIGINT/SIGTERM.
+
+Layout: one HTTP process (uvicorn + :class:`~sparsert.serving.http.ServingMiddleware`,
+which validates requests and serves ``/metrics``) and ``workers`` model
+processes, each loading the file, pinning itself to its own group of
+``threads_per_worker`` cores and warming up before ``/health`` says ready.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from .engine import Engine, EngineSpec
+from .http import ServingMiddleware
+from .metrics import Metrics
+from .threads import ThreadPlan, plan_threads
+
+__all__ = ["build_server", "serve", "INNER_PATH"]
+
+INNER_PATH = "/_sparsert/run"  # where the workers listen; only the middleware may call it
+
+
+try:
+    import litserve as ls
+except ImportError:  # pragma: no cover - the message says what to install
+    raise ImportError("sparsert serve needs LitServe: pip install 'sparsert[serve]' (or pip install litserve)") \
+        from None
+
+
+class SparsertAPI(ls.LitAPI):
+    """Runs prepared requests (validated by the middleware) on one worker's Engine.
+
+    Module-level (not nested) because LitServe pickles it into spawned worker processes."""
+
+    def __init__(self, model_file: str, engine_kwargs: dict, metrics: Metrics, plan: ThreadPlan, **kwargs):
+        super().__init__(**kwargs)
+        self.model_file = model_file
+        self.engine_kwargs = engine_kwargs
+        self.metrics = metrics
+        self.plan = plan
+
+    def setup(self, device):
+        worker = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
+        cores = self.plan.cores_for(worker)
+        if cores and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cores)  # this worker's own core group: no two workers share a core
+        self.engine = Engine(self.model_file, threads=self.plan.threads_per_worker, **self.engine_kwargs)
+        self.engine.warmup()
+
+    def decode_request(self, request):
+        return request
+
+    def predict(self, x):
+        batch = x if isinstance(x, list) else [x]
+        t0 = time.perf_counter()
+        answers = self.engine.run(batch)
+        self.metrics.observe_batch(len(batch), time.perf_counter() - t0)
+        return answers if isinstance(x, list) else answers[0]
+
+    def encode_response(self, output):
+        return output
+
+
+def build_server(model_file: "str | os.PathLike", *, workers: int | None = None,
+                 threads_per_worker: int | None = None, max_batch_size: int = 8, batch_timeout_ms: float = 2.0,
+                 max_queue: int = 256, max_body_bytes: int = 1 << 20, request_timeout_s: float = 30.0,
+                 tokenizer: str | None = None, max_tokens: int | None = None, name: str | None = None):
+    """A ready-to-run ``litserve.LitServer`` for ``model_file``.
+
+    The file is loaded once here first: a file that fails validation raises the
+    loader's error and no server starts.
+    """
+    plan = plan_threads(workers, threads_per_worker)
+    model_file = str(Path(model_file))
+    engine_kwargs = {"tokenizer": tokenizer, "max_tokens": max_tokens, "name": name}
+    spec: EngineSpec = Engine(model_file, threads=plan.threads_per_worker, **engine_kwargs).spec
+    engine_kwargs["tokenizer"] = spec.tokenizer  # the workers use exactly what was checked here
+    metrics = Metrics(spec.name, spec.format_mix, plan.workers, plan.threads_per_worker)
+    api = SparsertAPI(model_file, engine_kwargs, metrics, plan, max_batch_size=max_batch_size,
+                      batch_timeout=batch_timeout_ms / 1000.0, api_path=INNER_PATH)
+    server = ls.LitServer(
+        api, accelerator="cpu", devices=1, workers_per_device=plan.workers, timeout=request_timeout_s,
+        middlewares=[(ServingMiddleware, {"spec": spec, "metrics": metrics, "inner_path": INNER_PATH,
+                                          "max_body_bytes": max_body_bytes, "max_queue": max_queue})],
+        model_metadata={"model": spec.name, "formats": spec.format_mix, "workers": plan.workers,
+                        "threads_per_worker": plan.threads_per_worker},
+    )
+    server.sparsert_spec = spec
+    return server
+
+
+def serve(model_file: "str | os.PathLike", *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+          **kwargs) -> None:
+    """Builds the server and runs it until interrupted; SIGTERM shuts down like Ctrl-C (in-flight
+    requests get up to uvicorn's graceful-shutdown time to finish)."""
+    server = build_server(model_file, **kwargs)
+
+    def _stop(signum, frame):  # SIGTERM (docker stop, kubectl delete): the same path as Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        server.run(host=host, port=port, num_api_servers=1, generate_client_file=False, log_level=log_level)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,116 @@
+"""Helpers for the serving tests: small model files and a real server on a free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+import sparsert
+
+WORDS = ("the a sparse model runs fast on small machines and every layer keeps its weights zero one two three "
+         "kernels serve text with batches of tokens hello world data is here test").split()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_bert_file(folder: Path, sparsity: float = 0.8) -> Path:
+    """A 2-layer BERT (hidden 32) with 80%-pruned encoder Linears, sparsified to CSR, saved with its tokenizer."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from sparsert.serving import save_tokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS))]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    assert tok("hello world")["input_ids"] == [2, words.index("hello"), words.index("world"), 3]
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    model = BertModel(cfg).eval()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.startswith("encoder."):
+                w = m.weight
+                w[w.abs() <= w.abs().flatten().kthvalue(int(w.numel() * sparsity)).values] = 0
+    sparse = sparsert.sparsify(model, format="csr")
+    path = folder / "tiny-bert.sparsert"
+    sparsert.save(sparse, path)
+    save_tokenizer(tok, path)
+    return path
+
+
+def sentences(n: int, words: int = 6, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (words + k % 4,), generator=g))
+            for k in range(n)]
+
+
+class Server:
+    """``sparsert serve FILE ...`` in a subprocess on 127.0.0.1:<free port>; ``stop()`` sends SIGTERM."""
+
+    def __init__(self, model_file: Path, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "sparsert", "serve", str(model_file), "--host", "127.0.0.1",
+               "--port", str(self.port), *args]
+        self.log = open(Path(model_file).with_suffix(f".{self.port}.log"), "w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                     start_new_session=True)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            with contextlib.suppress(OSError):
+                if self.get("/health")[0] == 200:
+                    return
+            time.sleep(0.25)
+        raise TimeoutError(f"server not ready after {timeout:.0f} s:\n{self.output()[-3000:]}")
+
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 60.0) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path, data=body, method=method,
+                                     headers={"Content-Type": "application/json"} if body is not None else {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        return self.request("GET", path, timeout=5.0)
+
+    def post(self, path: str, payload) -> tuple[int, dict]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        status, raw = self.request("POST", path, body)
+        return status, json.loads(raw)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the server's own process group only
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode

@@ -1,0 +1,353 @@
+"""sparsert.serving: the engine in-process, and real LitServe servers on free loopback ports.
+
+Two servers start once per module (a tiny sparse BERT with its tokenizer, and the digits MLP
+pruned 4x1 with two workers); every bad-input case is a real HTTP request checked for its
+status code and message.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import threading
+import time
+
+import pytest
+import torch
+
+import sparsert
+from sparsert.serving import Engine, RequestError, plan_threads
+from serving_util import Server, sentences, tiny_bert_file
+
+litserve = pytest.importorskip("litserve", reason="LitServe is not installed: pip install 'sparsert[serve]'")
+pytest.importorskip("transformers", reason="the serving tests' BERT needs transformers")
+
+
+def offline_embeddings(model_file, texts):
+    """What the offline sparse model gives: masked-mean, L2-normalised last hidden state."""
+    from sparsert.models import minilm
+    from sparsert.serving import load_tokenizer, tokenizer_path_for
+
+    model = sparsert.load(model_file)
+    tok = load_tokenizer(str(tokenizer_path_for(model_file)))
+    return minilm.embed(model, tok, texts)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serving")
+    from sparsert.cli import main
+
+    mlp = folder / "digits-mlp.sparsert"
+    assert main(["prune", "digits-mlp", "--sparsity", "0.75", "--pattern", "4x1", "-o", str(mlp), "--json"]) == 0
+    return {"bert": tiny_bert_file(folder), "mlp": mlp, "folder": folder}
+
+
+MLP_INPUT = {"inputs": {"x": {"shape": [1, 64], "dtype": "float32", "data": [0.0] * 64}}}
+
+
+@pytest.fixture(scope="module")
+def servers(files):
+    bert = Server(files["bert"], "--workers", "1", "--threads-per-worker", "1", "--max-batch-size", "4",
+                  "--batch-timeout-ms", "5", "--max-body-bytes", "4096", "--max-tokens", "16")
+    # the MLP waits up to 1.5 s to fill a batch of 64: requests stay queued, so a queue of 2 overflows on cue
+    mlp = Server(files["mlp"], "--workers", "2", "--threads-per-worker", "1", "--max-batch-size", "64",
+                 "--batch-timeout-ms", "1500", "--max-queue", "2")
+    try:
+        bert.wait_ready()
+        mlp.wait_ready()
+        yield {"bert": bert, "mlp": mlp}
+        # graceful shutdown: a request still waiting for its batch when SIGTERM arrives is answered
+        in_flight = []
+        t = threading.Thread(target=lambda: in_flight.append(mlp.post("/predict", MLP_INPUT)))
+        t.start()
+        time.sleep(0.3)
+    finally:
+        codes = {name: s.stop() for name, s in (("bert", bert), ("mlp", mlp))}
+    t.join()
+    assert codes == {"bert": 0, "mlp": 0}, f"servers did not shut down cleanly: {codes}"
+    assert in_flight and in_flight[0][0] == 200, f"the in-flight request was not drained: {in_flight}"
+
+
+# ---------------------------------------------------------------------------
+# Engine, in-process
+
+
+def test_engine_embeddings_equal_offline_model(files):
+    engine = Engine(files["bert"])
+    texts = sentences(7)
+    answer = engine.handle("embeddings", {"input": texts})
+    got = torch.tensor([d["embedding"] for d in answer["data"]])
+    assert [d["index"] for d in answer["data"]] == list(range(7))
+    assert (got - offline_embeddings(files["bert"], texts)).abs().max().item() <= 1e-5
+    assert answer["usage"]["prompt_tokens"] == sum(len(engine.frontend.tokenizer(t)["input_ids"]) for t in texts)
+
+
+def test_engine_batches_requests_like_single_ones(files):
+    engine = Engine(files["bert"], max_batch_rows=3)
+    texts = sentences(5, seed=1)
+    prepared = [engine.frontend.embeddings({"input": texts[:2]}), engine.frontend.embeddings({"input": texts[2:]})]
+    batched = engine.run(prepared)
+    alone = [engine.run([p])[0] for p in prepared]
+    for b, a in zip(batched, alone):
+        diff = torch.tensor([d["embedding"] for d in b["data"]]) - torch.tensor([d["embedding"] for d in a["data"]])
+        assert diff.abs().max().item() <= 1e-5
+
+
+def test_engine_predict_matches_module(files):
+    model = sparsert.load(files["mlp"])
+    engine = Engine(files["mlp"])
+    x = torch.randn(3, 64)
+    out = engine.handle("predict", {"inputs": {"x": {"shape": [3, 64], "dtype": "float32",
+                                                     "data": x.reshape(-1).tolist()}}})["outputs"]["output"]
+    with torch.no_grad():
+        want = model(x)
+    assert out["shape"] == [3, 10]
+    assert (torch.tensor(out["data"]).reshape(3, 10) - want).abs().max().item() <= 1e-5
+
+
+def test_engine_refuses_a_corrupt_file_with_the_loaders_error(files, tmp_path):
+    bad = tmp_path / "bad.sparsert"
+    data = bytearray(files["bert"].read_bytes())
+    data[-10] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError) as e:
+        sparsert.load(bad)
+    with pytest.raises(ValueError, match="bad.sparsert"):
+        Engine(bad)
+    assert str(e.value)
+
+
+def test_engine_request_errors_carry_status(files):
+    engine = Engine(files["mlp"])
+    with pytest.raises(RequestError) as e:
+        engine.handle("embeddings", {"input": "hi"})
+    assert e.value.status == 404 and "/predict" in e.value.message
+
+
+@pytest.mark.parametrize("workers,threads,cores,want", [
+    (None, None, 4, (1, 4)), (2, None, 4, (2, 2)), (None, 1, 4, (4, 1)), (3, None, 4, (3, 1)), (1, 1, 1, (1, 1)),
+])
+def test_thread_plan_never_oversubscribes(workers, threads, cores, want):
+    plan = plan_threads(workers, threads, cores=list(range(cores)))
+    assert (plan.workers, plan.threads_per_worker) == want
+    groups = [plan.cores_for(w) for w in range(plan.workers)]
+    assert all(len(g) == plan.threads_per_worker for g in groups)
+    assert len(set().union(*groups)) == plan.workers * plan.threads_per_worker  # disjoint
+
+
+def test_thread_plan_rejects_oversubscription():
+    with pytest.raises(ValueError, match="oversubscribe"):
+        plan_threads(2, 3, cores=[0, 1, 2, 3])
+
+
+# ---------------------------------------------------------------------------
+# Real servers
+
+
+def test_serve_refuses_to_start_on_a_corrupt_file(files, tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "corrupt.sparsert"
+    bad.write_bytes(files["bert"].read_bytes()[: 1000])
+    with pytest.raises(ValueError) as loader:
+        sparsert.load(bad)
+    r = subprocess.run([sys.executable, "-m", "sparsert", "serve", str(bad), "--port", "9"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"sparsert serve: error: {str(loader.value).splitlines()[0]}"
+
+
+def test_serve_refuses_oversubscribed_threads(files):
+    import subprocess
+    import sys
+
+    from sparsert.serving.threads import usable_cores
+
+    n = len(usable_cores())
+    r = subprocess.run([sys.executable, "-m", "sparsert", "serve", str(files["mlp"]), "--workers", str(n + 1),
+                        "--threads-per-worker", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "oversubscribe" in r.stderr
+
+
+def test_health_and_info(servers):
+    status, body = servers["bert"].get("/health")
+    assert (status, body) == (200, b"ok")
+
+
+def test_embeddings_equal_offline_sparse_model(servers, files):
+    texts = sentences(6, seed=2)
+    status, answer = servers["bert"].post("/v1/embeddings", {"input": texts, "model": "tiny-bert"})
+    assert status == 200, answer
+    assert answer["object"] == "list" and answer["model"] == "tiny-bert"
+    got = torch.tensor([d["embedding"] for d in answer["data"]])
+    assert got.shape == (6, 32)
+    assert (got - offline_embeddings(files["bert"], texts)).abs().max().item() <= 1e-5
+    # a single string, and the base64 encoding the OpenAI client asks for by default
+    status, one = servers["bert"].post("/v1/embeddings", {"input": texts[0], "encoding_format": "base64"})
+    assert status == 200
+    vec = torch.tensor(struct.unpack("<32f", base64.b64decode(one["data"][0]["embedding"])))
+    assert (vec - got[0]).abs().max().item() <= 1e-5
+
+
+def test_concurrent_requests_are_batched_and_answered_correctly(servers, files):
+    texts = sentences(12, seed=3)
+    results: dict[int, tuple] = {}
+
+    def call(i):
+        results[i] = servers["bert"].post("/v1/embeddings", {"input": texts[i]})
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = offline_embeddings(files["bert"], texts)
+    for i, (status, answer) in results.items():
+        assert status == 200, answer
+        assert (torch.tensor(answer["data"][0]["embedding"]) - want[i]).abs().max().item() <= 1e-5
+
+
+def test_predict_named_tensors(servers, files):
+    x = torch.randn(2, 64)
+    status, answer = servers["mlp"].post("/predict", {"inputs": {"x": {"shape": [2, 64], "dtype": "float32",
+                                                                         "data": x.reshape(-1).tolist()}}})
+    assert status == 200, answer
+    out = answer["outputs"]["output"]
+    with torch.no_grad():
+        want = sparsert.load(files["mlp"])(x)
+    assert out["shape"] == [2, 10] and out["dtype"] == "float32"
+    assert (torch.tensor(out["data"]).reshape(2, 10) - want).abs().max().item() <= 1e-5
+
+
+def _ids(n, width=3):
+    return {"shape": [n, width], "dtype": "int64", "data": [5] * (n * width)}
+
+
+BERT_BAD = [
+    ("/v1/embeddings", b'{"input": ["hello"', 400, "malformed JSON"),
+    ("/v1/embeddings", b"", 400, "empty request body"),
+    ("/v1/embeddings", b"[1, 2]", 400, "JSON object"),
+    ("/v1/embeddings", {"model": "x"}, 400, "missing field 'input'"),
+    ("/v1/embeddings", {"input": []}, 400, "'input' is empty"),
+    ("/v1/embeddings", {"input": ["ok", "  "]}, 400, "input 1 is an empty string"),
+    ("/v1/embeddings", {"input": [3.5]}, 400, "input 0 must be a string or a list of token ids"),
+    ("/v1/embeddings", {"input": " ".join(["hello"] * 30)}, 400, "tokens; the limit is 16"),
+    ("/v1/embeddings", {"input": [[2, 99999, 3]]}, 400, "outside the vocabulary"),
+    ("/v1/embeddings", {"input": "hi", "encoding_format": "int8"}, 400, "'encoding_format' must be"),
+    ("/v1/embeddings", {"input": "hi", "dimensions": 7}, 400, "'dimensions' must be 32"),
+    ("/v1/embeddings", {"input": ["word"] * 300}, 400, "at most 256 per request"),
+    ("/v1/embeddings", {"input": "x" * 5000}, 413, "over the limit of 4096 bytes"),
+    ("/predict", {"inputs": {"input_ids": {"shape": [1, 3], "dtype": "float32", "data": [1, 2, 3]}}}, 400,
+     "has dtype 'float32'"),
+    ("/predict", {"inputs": {"input_ids": {"shape": [3], "dtype": "int64", "data": [1, 2, 3]}}}, 400,
+     "has shape [3]"),
+    ("/predict", {"inputs": {"input_ids": {"shape": [0, 3], "dtype": "int64", "data": []}}}, 400, "is empty"),
+    ("/predict", {"inputs": {"input_ids": {"shape": [1, 4], "dtype": "int64", "data": [1, 2, 3]}}}, 400,
+     "'data' has 3 values but shape [1, 4] needs 4"),
+    ("/predict", {"inputs": {"input_ids": _ids(1, 20)}}, 400, "20 tokens per row; the limit is 16"),
+    ("/predict", {"inputs": {"attention_mask": _ids(1)}}, 400, "missing input 'input_ids'"),
+    ("/predict", {"inputs": {"pixels": _ids(1)}}, 400, "unknown input 'pixels'"),
+    ("/predict", {"inputs": {"input_ids": _ids(1), "attention_mask": _ids(2)}}, 400, "different batch sizes"),
+    ("/predict", {"x": 1}, 400, "the body must be"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,message", BERT_BAD,
+                         ids=[f"{i}-{m.split()[0]}" for i, (_, _, _, m) in enumerate(BERT_BAD)])
+def test_bad_input_gets_a_4xx_with_a_reason(servers, path, body, status, message):
+    got, answer = servers["bert"].post(path, body)
+    assert got == status, answer
+    assert message in answer["error"]["message"], answer
+    assert answer["error"]["code"] == status and "\n" not in answer["error"]["message"]
+
+
+MLP_BAD = [
+    ("/predict", {"inputs": {"x": {"shape": [1, 63], "dtype": "float32", "data": [0.0] * 63}}}, 400,
+     "has shape [1, 63]; this model takes x: float32 [Nx64]"),
+    ("/predict", {"inputs": {"x": {"shape": [1, 64], "dtype": "float32", "data": ["a"] * 64}}}, 400,
+     "finite numbers only"),
+    ("/predict", {"inputs": {"x": {"shape": [1, 64], "dtype": "float32", "data": [0.0] * 63 + [float("nan")]}}},
+     400, "finite numbers only"),
+    ("/predict", {"inputs": {"x": {"shape": [1, 64], "dtype": "int64", "data": [0] * 64}}}, 400, "has dtype 'int64'"),
+    ("/v1/embeddings", {"input": "hello"}, 404, "serves no embeddings"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,message", MLP_BAD, ids=[str(i) for i in range(len(MLP_BAD))])
+def test_bad_input_generic_model(servers, path, body, status, message):
+    got, answer = servers["mlp"].post(path, json.dumps(body).encode())
+    assert got == status, answer
+    assert message in answer["error"]["message"], answer
+
+
+def test_wrong_method_and_internal_route(servers):
+    status, body = servers["bert"].get("/v1/embeddings")
+    assert status == 405 and b"takes POST" in body
+    status, _ = servers["bert"].request("POST", "/_sparsert/run", b"{}")
+    assert status == 404
+
+
+def test_overload_is_answered_with_503(servers):
+    results = []
+
+    def call():
+        results.append(servers["mlp"].post("/predict", MLP_INPUT))
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(s for s, _ in results)
+    assert codes.count(200) >= 1 and codes.count(503) >= 1 and set(codes) <= {200, 503}, codes
+    rejected = next(a for s, a in results if s == 503)
+    assert "overloaded" in rejected["error"]["message"] and "limit 2" in rejected["error"]["message"]
+
+
+def test_metrics(servers):
+    servers["bert"].post("/v1/embeddings", {"input": "hello world"})
+    servers["bert"].post("/v1/embeddings", b"{")
+    status, raw = servers["bert"].get("/metrics")
+    text = raw.decode()
+    assert status == 200
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert lines['sparsert_model_info{model="tiny-bert"}'] == "1"
+    assert int(lines['sparsert_model_layers{format="csr"}']) == 12  # 2 layers x (Q, K, V, out, FFN in, FFN out)
+    assert lines["sparsert_threads_per_worker"] == "1" and lines["sparsert_workers"] == "1"
+    assert int(lines['sparsert_requests_total{route="/v1/embeddings",code="200"}']) >= 1
+    assert int(lines['sparsert_requests_total{route="/v1/embeddings",code="400"}']) >= 1
+    assert int(lines["sparsert_request_errors_total"]) >= 1
+    assert lines["sparsert_queue_depth"] == "0"
+    assert int(lines['sparsert_request_duration_seconds_count{route="/v1/embeddings"}']) >= 2
+    assert int(lines['sparsert_batch_size_bucket{le="+Inf"}']) >= 1
+    assert float(lines["sparsert_forward_seconds_total"]) > 0
+
+
+def test_engine_pruned_minilm_equals_offline_sparsified_model(tmp_path):
+    """The real all-MiniLM-L6-v2, 80% pruned and sparsified: the engine's embeddings equal the offline model's
+    (the HTTP path is the same Engine.run, checked end to end on the tiny BERT above)."""
+    from sparsert.models import minilm
+    from sparsert.serving import save_tokenizer
+
+    reason = minilm.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    model, tok = minilm.load()
+    with torch.no_grad():
+        for name in minilm.encoder_linear_names(model):
+            w = model.get_submodule(name).weight
+            w[w.abs() <= w.abs().flatten().kthvalue(int(w.numel() * 0.8)).values] = 0
+    sparse = sparsert.sparsify(model, format="csr")
+    path = tmp_path / "minilm-80.sparsert"
+    sparsert.save(sparse, path)
+    save_tokenizer(tok, path)
+    engine = Engine(path, threads=1)
+    texts = minilm.heldout_sentences(16)
+    answer = engine.handle("embeddings", {"input": texts})
+    got = torch.tensor([d["embedding"] for d in answer["data"]])
+    assert got.shape == (16, 384)
+    assert engine.spec.format_mix.get("csr") == 36
+    assert (got - minilm.embed(sparse, tok, texts)).abs().max().item() <= 1e-5
