@@ -39,6 +39,9 @@ echo "[sanitize] built in $((built - start)) s"
 CXX_BIN=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
 ASAN_LIB=$("${CXX_BIN:-c++}" -print-file-name=libasan.so)
 [ -f "$ASAN_LIB" ] || { echo "[sanitize] no ASan runtime found ($ASAN_LIB)" >&2; exit 1; }
+# libstdc++ too: python does not link it, and ASan resolves the real
+# __cxa_throw when it starts, so without it the first C++ exception aborts.
+STDCXX_LIB=$("${CXX_BIN:-c++}" -print-file-name=libstdc++.so.6)
 
 if [ $# -eq 0 ]; then
   # The native kernels end to end: every kernel against torch, the raw
@@ -48,7 +51,7 @@ if [ $# -eq 0 ]; then
 fi
 cd "$TREE"
 status=0
-LD_PRELOAD="$ASAN_LIB" \
+LD_PRELOAD="$ASAN_LIB $STDCXX_LIB" \
 ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:abort_on_error=1:${ASAN_OPTIONS:-}" \
 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:${UBSAN_OPTIONS:-}" \
 SPARSERT_SANITIZED=1 \
