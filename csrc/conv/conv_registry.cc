@@ -83,8 +83,6 @@ std::string conv_check(const ConvKernelInfo& kernel, const BlockSparseMatrix& w,
            std::to_string(w.block_rows) + ")";
   if (kernel.kind == "pointwise" && !sh.is_pointwise())
     return "kernel '" + kernel.name + "' handles only 1x1 convolutions with stride 1 and no padding";
-  if (kernel.kind == "pointwise" && sat_mul(sh.in_channels, sat_mul(sh.height, sh.width)) > kMaxOffset)
-    return "the input image is too large for 32-bit offsets (in_channels * height * width >= 2**31)";
   if (kernel.kind == "conv") {
     // The general kernels address the padded, phase-split input (conv_impl.h,
     // PhaseLayout) with int32 offsets: at most stride_h * stride_w phases of
