@@ -31,7 +31,7 @@ inline constexpr EpilogueInfo kEpilogues[] = {
 };
 inline constexpr std::size_t kEpilogueCount = sizeof(kEpilogues) / sizeof(kEpilogues[0]);
 
-constexpr bool is_epilogue_code(int code) {
+constexpr bool is_epilogue_code(long long code) {
   for (const auto& e : kEpilogues)
     if (static_cast<int>(e.code) == code) return true;
   return false;
@@ -39,8 +39,8 @@ constexpr bool is_epilogue_code(int code) {
 
 // The epilogue for `code`, or std::invalid_argument naming `argument` and the
 // valid codes (a one-line ValueError in Python).
-inline Epilogue epilogue_from_code(int code, const char* argument = "activation") {
-  if (is_epilogue_code(code)) return static_cast<Epilogue>(code);
+inline Epilogue epilogue_from_code(long long code, const char* argument = "activation") {
+  if (is_epilogue_code(code)) return static_cast<Epilogue>(static_cast<int>(code));
   std::string valid;
   for (const auto& e : kEpilogues)
     valid += (valid.empty() ? "" : ", ") + std::to_string(static_cast<int>(e.code)) + " (" + e.name + ")";

@@ -1,10 +1,13 @@
 #include "common/thread_pool.h"
 
+#include "common/arg_checks.h"
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -84,9 +87,10 @@ class ThreadPool {
     for (auto& t : workers_) t.join();
   }
 
-  void run(int num_tasks, const std::function<void(int, int)>& fn) {
+  // num_tasks tasks on up to num_threads threads (the caller among them).
+  void run(int num_tasks, int num_threads, const std::function<void(int, int)>& fn) {
     std::lock_guard<std::mutex> serialize(run_mutex_);
-    ensure_workers(num_tasks - 1);
+    ensure_workers(num_threads - 1);
     Job job;
     job.fn = &fn;
     job.tasks = num_tasks;
@@ -185,10 +189,10 @@ std::atomic<bool> openmp_unusable_after_fork{false};
 // pool, so a thread that joins late (or a team smaller than asked for)
 // costs nothing but its share. Only OpenMP 3.0 entry points are used, so
 // any libgomp torch ships resolves them.
-void openmp_run(int num_tasks, const std::function<void(int, int)>& fn) {
+void openmp_run(int num_tasks, int num_threads, const std::function<void(int, int)>& fn) {
   openmp_started.store(true, std::memory_order_relaxed);
   std::atomic<int> next{0};
-#pragma omp parallel num_threads(num_tasks)
+#pragma omp parallel num_threads(num_threads)
   {
     tls_inside_job = true;
     for (int t = next.fetch_add(1, std::memory_order_relaxed); t < num_tasks;
@@ -259,14 +263,41 @@ void parallel_run(int num_threads, const std::function<void(int, int)>& fn) {
     for (int t = 0; t < n; ++t) fn(t, n);
     return;
   }
+  // An exception must not leave a worker thread (an OpenMP region or a pool
+  // thread would terminate the process, e.g. on a failed allocation): the
+  // first one is kept, the tasks not yet started are skipped, and it is
+  // rethrown here once every thread is done.
+  struct Errors {
+    const std::function<void(int, int)>* fn;
+    std::atomic<bool> failed{false};
+    std::mutex mutex;
+    std::exception_ptr first;
+  } errors;
+  errors.fn = &fn;
+  // Captures one pointer, so std::function stores it without allocating.
+  const std::function<void(int, int)> guarded = [e = &errors](int t, int nt) {
+    if (e->failed.load(std::memory_order_relaxed)) return;
+    try {
+      (*e->fn)(t, nt);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(e->mutex);
+      if (!e->first) e->first = std::current_exception();
+      e->failed.store(true, std::memory_order_relaxed);
+    }
+  };
+  // Tasks are claimed dynamically, so fewer threads than tasks is correct.
+  const int threads = n < kMaxThreads ? n : kMaxThreads;
 #ifdef SPARSERT_HAVE_OPENMP
   if (backend_state().load(std::memory_order_relaxed) == Backend::kOpenMP &&
       !openmp_unusable_after_fork.load(std::memory_order_relaxed)) {
-    openmp_run(n, fn);
-    return;
+    openmp_run(n, threads, guarded);
+  } else {
+    global_pool()->run(n, threads, guarded);
   }
+#else
+  global_pool()->run(n, threads, guarded);
 #endif
-  global_pool()->run(n, fn);
+  if (errors.first) std::rethrow_exception(errors.first);
 }
 
 }  // namespace sparsert

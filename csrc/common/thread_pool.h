@@ -33,7 +33,10 @@ std::string openmp_library();
 // when all have finished. Up to num_threads threads (the caller among them)
 // claim tasks dynamically, so a worker the OS is slow to schedule does not
 // hold the call up. Per-thread scratch must be thread_local, not per task.
-// Calls from inside a running job, or with num_threads <= 1, run inline.
+// Calls from inside a running job, or with num_threads <= 1, run inline. At
+// most kMaxThreads (common/arg_checks.h) threads run; tasks beyond that wait
+// for a free thread. An exception thrown by a task is rethrown here after
+// every thread has finished (the remaining tasks are skipped).
 void parallel_run(int num_threads, const std::function<void(int, int)>& fn);
 
 }  // namespace sparsert

@@ -33,15 +33,23 @@ struct ConvShape {
   int dilation_h = 1, dilation_w = 1;
   int groups = 1;
 
-  int64_t out_h() const { return (height + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) / stride_h + 1; }
-  int64_t out_w() const { return (width + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) / stride_w + 1; }
+  // In 64 bits: 2 * pad and dilation * (kernel - 1) overflow an int. Zero
+  // when the dilated kernel is larger than the padded input (C++ division
+  // truncates toward zero, so a small negative span must not reach it).
+  int64_t out_h() const { return out_size(height, kernel_h, stride_h, pad_h, dilation_h); }
+  int64_t out_w() const { return out_size(width, kernel_w, stride_w, pad_w, dilation_w); }
   int64_t in_channels_per_group() const { return in_channels / groups; }
   int64_t out_channels_per_group() const { return out_channels / groups; }
   // Columns of the flattened weight: Cin_g * kh * kw.
-  int64_t patch() const { return in_channels_per_group() * kernel_h * kernel_w; }
+  int64_t patch() const { return in_channels_per_group() * kernel_h * static_cast<int64_t>(kernel_w); }
   // A 1x1, stride-1, unpadded convolution is one sparse matrix times the image.
   bool is_pointwise() const {
     return kernel_h == 1 && kernel_w == 1 && stride_h == 1 && stride_w == 1 && pad_h == 0 && pad_w == 0;
+  }
+  // Sizes must be in the ranges conv_check enforces (no 64-bit overflow then).
+  static int64_t out_size(int64_t in, int kernel, int stride, int pad, int dilation) {
+    const int64_t span = in + 2 * static_cast<int64_t>(pad) - static_cast<int64_t>(dilation) * (kernel - 1) - 1;
+    return span < 0 ? 0 : span / stride + 1;
   }
 };
 
@@ -81,8 +89,10 @@ const ConvKernelInfo* select_conv_kernel(int block_rows, int block_cols, const C
                                          const std::string& isa);
 
 // Empty when the kernel can run (w, shape) — else why not. Checked before
-// every call: sizes agree, groups divide the channels, and a block row never
-// straddles two groups (out_channels / groups must be a multiple of R).
+// every call: sizes are in range (no size overflows 64 bits, the general
+// kernels' offsets fit 32 bits), sizes agree, groups divide the channels, and
+// a block row never straddles two groups (out_channels / groups must be a
+// multiple of R).
 std::string conv_check(const ConvKernelInfo& kernel, const BlockSparseMatrix& w, const ConvShape& shape);
 
 }  // namespace sparsert

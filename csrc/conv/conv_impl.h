@@ -297,22 +297,27 @@ struct PhaseLayout {
   int64_t offset(const ConvShape& sh, int64_t cin, int64_t k) const {
     const int64_t taps = static_cast<int64_t>(sh.kernel_h) * sh.kernel_w;
     const int64_t ci = k / taps, t = k % taps;
-    const int64_t ry = (t / sh.kernel_w) * sh.dilation_h, rx = (t % sh.kernel_w) * sh.dilation_w;
+    const int64_t ry = (t / sh.kernel_w) * static_cast<int64_t>(sh.dilation_h);
+    const int64_t rx = (t % sh.kernel_w) * static_cast<int64_t>(sh.dilation_w);
     const int64_t phase = (ry % sh.stride_h) * sh.stride_w + rx % sh.stride_w;
     return (slot[phase] * cin + ci) * plane + (ry / sh.stride_h) * wq + rx / sh.stride_w;
   }
 };
 
+// All in 64 bits: conv_check has bounded the layout (planes fit int32), but
+// 2 * pad and dilation * tap alone overflow an int.
 inline PhaseLayout phase_layout(const ConvShape& sh) {
   PhaseLayout l;
-  const int64_t hp = sh.height + 2 * sh.pad_h, wp = sh.width + 2 * sh.pad_w;
+  const int64_t hp = sh.height + 2 * static_cast<int64_t>(sh.pad_h);
+  const int64_t wp = sh.width + 2 * static_cast<int64_t>(sh.pad_w);
   l.hq = (hp + sh.stride_h - 1) / sh.stride_h;
   l.wq = (wp + sh.stride_w - 1) / sh.stride_w;
   l.plane = l.hq * l.wq;
   l.slot.assign(static_cast<size_t>(sh.stride_h) * sh.stride_w, -1);
   for (int ky = 0; ky < sh.kernel_h; ++ky)
     for (int kx = 0; kx < sh.kernel_w; ++kx)
-      l.slot[((ky * sh.dilation_h) % sh.stride_h) * sh.stride_w + (kx * sh.dilation_w) % sh.stride_w] = 0;
+      l.slot[((ky * static_cast<int64_t>(sh.dilation_h)) % sh.stride_h) * sh.stride_w +
+             (kx * static_cast<int64_t>(sh.dilation_w)) % sh.stride_w] = 0;
   l.slots = 0;
   for (int& sl : l.slot)
     if (sl == 0) sl = static_cast<int>(l.slots++);
@@ -370,7 +375,9 @@ static void conv_run(const BlockSparseMatrix& w, const ConvShape& sh, const Conv
   const PhaseLayout l = phase_layout(sh);
   const int64_t cin_g = sh.in_channels_per_group();
 
-  static thread_local std::vector<int32_t> table;  // column k -> xq offset
+  // Column k -> xq offset. Every offset is below the xq planes, which
+  // conv_check keeps under 2**31, so the int32 cast is exact.
+  static thread_local std::vector<int32_t> table;
   table.resize(sh.patch());
   for (int64_t k = 0; k < sh.patch(); ++k) table[k] = static_cast<int32_t>(l.offset(sh, sh.in_channels, k));
 
@@ -381,8 +388,8 @@ static void conv_run(const BlockSparseMatrix& w, const ConvShape& sh, const Conv
   const int64_t planes = l.slots * sh.in_channels * l.plane;
   // An upper bound of every tap offset: last slot, last channel, last tap row/column.
   const int64_t max_off = (l.slots - 1) * sh.in_channels * l.plane + (cin_g - 1) * l.plane +
-                                 ((sh.kernel_h - 1) * sh.dilation_h / sh.stride_h) * l.wq +
-                                 (sh.kernel_w - 1) * sh.dilation_w / sh.stride_w;
+                                 ((sh.kernel_h - 1) * static_cast<int64_t>(sh.dilation_h) / sh.stride_h) * l.wq +
+                                 (sh.kernel_w - 1) * static_cast<int64_t>(sh.dilation_w) / sh.stride_w;
   const int64_t reach = (sh.groups - 1) * cin_g * l.plane + max_off + ntiles * P;
   const int64_t size = std::max(planes, reach);
   const auto image = [&](int64_t n, int threads) -> const float* {  // one image at a time

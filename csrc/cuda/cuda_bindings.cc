@@ -8,10 +8,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <climits>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
+#include "common/arg_checks.h"
 #include "cuda/spmm_cuda.h"
 
 namespace py = pybind11;
@@ -23,7 +25,7 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-sc::DType to_dtype(int code) {
+sc::DType to_dtype(int64_t code) {
   if (code < 0 || code > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
   return static_cast<sc::DType>(code);
 }
@@ -34,21 +36,23 @@ const sc::CudaKernelInfo& find_kernel(const std::string& name) {
   throw std::invalid_argument("unknown sparsert CUDA kernel '" + name + "'");
 }
 
-sc::SpmmProblem problem(int64_t rows, int64_t cols, int block_rows, int block_cols, uintptr_t row_ptr,
-                        uintptr_t col_idx, int index_bits, uintptr_t values, uintptr_t row_order, uintptr_t x,
+// Every integer arrives as int64 and is range-checked here, so a bad one is
+// a one-line ValueError naming it (see common/arg_checks.h).
+sc::SpmmProblem problem(int64_t rows, int64_t cols, int64_t block_rows, int64_t block_cols, uintptr_t row_ptr,
+                        uintptr_t col_idx, int64_t index_bits, uintptr_t values, uintptr_t row_order, uintptr_t x,
                         int64_t tokens, int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t bias,
-                        int activation, int dtype) {
-  if (index_bits != 16 && index_bits != 32) throw std::invalid_argument("index_bits must be 16 or 32");
-  if (rows < 0 || cols < 0 || tokens < 0) throw std::invalid_argument("sizes must be non-negative");
-  if (block_rows < 1 || block_cols < 1) throw std::invalid_argument("block dimensions must be positive");
+                        int64_t activation, int64_t dtype) {
+  if (index_bits != 16 && index_bits != 32)
+    throw std::invalid_argument("index_bits must be 16 or 32; got " + std::to_string(index_bits));
   sc::SpmmProblem p;
-  p.rows = rows;
-  p.cols = cols;
-  p.block_rows = block_rows;
-  p.block_cols = block_cols;
+  p.rows = sparsert::size_in_range("rows", rows, 0, INT32_MAX);
+  p.cols = sparsert::size_in_range("cols", cols, 0, INT32_MAX);
+  sparsert::size_in_range("tokens", tokens, 0, int64_t{1} << 40);
+  p.block_rows = sparsert::int_in_range("block_rows", block_rows, 1);
+  p.block_cols = sparsert::int_in_range("block_cols", block_cols, 1);
   p.row_ptr = reinterpret_cast<const int32_t*>(row_ptr);
   p.col_idx = reinterpret_cast<const void*>(col_idx);
-  p.index_bits = index_bits;
+  p.index_bits = static_cast<int>(index_bits);
   p.values = reinterpret_cast<const void*>(values);
   p.row_order = row_order ? reinterpret_cast<const int32_t*>(row_order) : nullptr;
   p.x = reinterpret_cast<const void*>(x);
@@ -64,10 +68,17 @@ sc::SpmmProblem problem(int64_t rows, int64_t cols, int block_rows, int block_co
 
 // y = act(x @ W^T + bias) on `stream` of `device`; `kernel` names a registry
 // entry or is empty to let sparsert choose. Returns the kernel's name.
-std::string spmm(int64_t rows, int64_t cols, int block_rows, int block_cols, uintptr_t row_ptr, uintptr_t col_idx,
-                 int index_bits, uintptr_t values, uintptr_t row_order, uintptr_t x, int64_t tokens,
-                 int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t bias, int activation, int dtype,
-                 int device, uintptr_t stream, const std::string& kernel) {
+std::string spmm(int64_t rows, int64_t cols, int64_t block_rows, int64_t block_cols, uintptr_t row_ptr,
+                 uintptr_t col_idx, int64_t index_bits, uintptr_t values, uintptr_t row_order, uintptr_t x,
+                 int64_t tokens, int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t bias,
+                 int64_t activation, int64_t dtype, int64_t device_arg, uintptr_t stream, const std::string& kernel) {
+  const int device = sparsert::int_in_range("device", device_arg, 0);
+  if (rows > 0 && tokens > 0) {
+    // A null device address would fault the kernel and poison the CUDA context.
+    sparsert::require_address("row_ptr", row_ptr);
+    sparsert::require_address("x", x);
+    sparsert::require_address("y", y);
+  }
   const sc::SpmmProblem p = problem(rows, cols, block_rows, block_cols, row_ptr, col_idx, index_bits, values,
                                     row_order, x, tokens, x_row_stride, y, y_row_stride, bias, activation, dtype);
   const sc::CudaKernelInfo* k = kernel.empty() ? nullptr : &find_kernel(kernel);
@@ -107,11 +118,12 @@ PYBIND11_MODULE(_C_cuda, m) {
     int n = 0;
     return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
   }, "CUDA devices this module's runtime sees (0 without a GPU or driver).");
-  m.def("select_kernel", [](int64_t rows, int64_t cols, int block_rows, int block_cols, int index_bits, int64_t tokens,
-                            int dtype, uintptr_t values, uintptr_t x, int64_t x_row_stride, int device) {
+  m.def("select_kernel", [](int64_t rows, int64_t cols, int64_t block_rows, int64_t block_cols, int64_t index_bits,
+                            int64_t tokens, int64_t dtype, uintptr_t values, uintptr_t x, int64_t x_row_stride,
+                            int64_t device) {
     sc::SpmmProblem p = problem(rows, cols, block_rows, block_cols, 0, 0, index_bits, values, 0, x, tokens,
                                 x_row_stride, 0, 0, 0, 0, dtype);
-    const auto* k = sc::select_kernel(p, device);
+    const auto* k = sc::select_kernel(p, sparsert::int_in_range("device", device, 0));
     return k ? k->name : std::string();
   }, py::arg("rows"), py::arg("cols"), py::arg("block_rows"), py::arg("block_cols"), py::arg("index_bits"),
      py::arg("tokens"), py::arg("dtype"), py::arg("values") = 0, py::arg("x") = 0, py::arg("x_row_stride") = 0,

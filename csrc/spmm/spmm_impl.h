@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <vector>
 
 #include <functional>
@@ -57,15 +58,21 @@ static inline vf relu(vf v) {
   return v > zero ? v : zero;  // lane-wise select
 }
 
-// 64-byte aligned scratch that only grows; one per thread.
+// 64-byte aligned scratch that only grows; one per thread. A failed
+// allocation throws std::bad_alloc (a MemoryError in Python: parallel_run
+// carries it out of the worker threads) and leaves the scratch empty.
 struct Scratch {
   float* data = nullptr;
   size_t capacity = 0;
   float* get(size_t floats) {
     if (floats > capacity) {
       std::free(data);
+      data = nullptr;
+      capacity = 0;
+      if (floats > (SIZE_MAX - 63) / sizeof(float)) throw std::bad_alloc();
       const size_t bytes = ((floats * sizeof(float) + 63) / 64) * 64;
       data = static_cast<float*>(std::aligned_alloc(64, bytes));
+      if (data == nullptr) throw std::bad_alloc();
       capacity = bytes / sizeof(float);
     }
     return data;
