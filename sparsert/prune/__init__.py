@@ -15,6 +15,7 @@ This layer knows nothing about kernels: it leaves exact zeros in the weights
 the zeros.
 """
 
+from .allocation import SensitivityTable, allocate_from_table, owl_sparsities, sensitivity_table
 from .criteria import (
     CRITERIA,
     Activation,
@@ -33,6 +34,7 @@ from .patterns import Pattern, parse_pattern, weight_2d_shape
 from .pruner import DEFAULT_LAYER_TYPES, Pruner, prune
 from .reconstruct import reconstruct
 from .report import LayerReport, PruneReport, report
+from .sparsegpt import SparseGPT, sparsegpt_weight
 from .schedules import Gradual, Iterative, OneShot, Schedule, get_schedule
 
 __all__ = [
@@ -52,8 +54,11 @@ __all__ = [
     "PruneReport",
     "Pruner",
     "Schedule",
+    "SensitivityTable",
+    "SparseGPT",
     "Taylor",
     "Wanda",
+    "allocate_from_table",
     "apply_mask",
     "apply_masks",
     "finetune",
@@ -63,11 +68,14 @@ __all__ = [
     "kd_loss",
     "masked_modules",
     "masks_from_zeros",
+    "owl_sparsities",
     "parse_pattern",
     "prune",
     "reconstruct",
     "remove_masks",
     "report",
+    "sensitivity_table",
+    "sparsegpt_weight",
     "weight_2d_shape",
 ]
 
