@@ -218,8 +218,11 @@ def test_pruner_validates_and_runs_gradual_steps():
         Pruner(model, importance="sparsegpt", scope="global")
     with pytest.raises(ValueError, match="calibrat"):
         Pruner(copy.deepcopy(model), importance="sparsegpt").step()
-    with pytest.raises(TypeError, match="step"):
-        Pruner(copy.deepcopy(model), importance="sparsegpt").calibrate(data).compute_masks()
+    # compute_masks() ranks by the OBS saliency and leaves the weights alone
+    m = copy.deepcopy(model)
+    masks = Pruner(m, importance="sparsegpt", sparsity=0.5, progress=False).calibrate(data).compute_masks()
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), model.state_dict().values()))
+    assert all(mk.float().mean().item() == pytest.approx(0.5) for mk in masks.values())
     m = copy.deepcopy(model)
     p = Pruner(m, importance="sparsegpt", sparsity=0.75, schedule="iterative", progress=False).calibrate(data)
     previous = None

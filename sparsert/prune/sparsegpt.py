@@ -182,9 +182,25 @@ class SparseGPT(Criterion):
     def __repr__(self):
         return f"SparseGPT(blocksize={self.blocksize}, damp={self.damp})"
 
+    @torch.no_grad()
     def scores(self, model, layers, data=None, loss_fn=None, progress=None):
-        raise TypeError("sparsegpt chooses masks while it updates the weights: use Pruner.step(), "
-                        "not scores()/compute_masks()")
+        """OBS saliency ``w^2 / [H^-1]_jj`` on the unpruned inputs, without updates.
+
+        Only :meth:`prune` (what ``Pruner.step()`` calls) also moves the kept
+        weights; these scores serve ``compute_masks()`` and reports.
+        """
+        if data is None:
+            raise ValueError("criterion 'sparsegpt' needs calibration data")
+        out = {}
+        for group, grams, _ in sequential_grams(model, dict(layers), data, progress, self.use_blocks):
+            for name in group:
+                w = layers[name].weight
+                rows, cols = weight_2d_shape(w)
+                u = _inverse_cholesky(grams[name], self.damp)
+                inv_diag = (u * u).sum(0)  # diag(U^T U) = diag(H^-1)
+                w2 = w.detach().reshape(rows, cols).double().cpu()
+                out[name] = (w2 * w2 / inv_diag.reshape(1, -1)).float().reshape(w.shape).to(w.device)
+        return out
 
     @torch.no_grad()
     def prune(self, model: nn.Module, layers: dict[str, nn.Module], targets: dict[str, tuple[Pattern, float]],
