@@ -197,7 +197,7 @@ def test_block_path_equals_whole_model_path_and_sees_pruned_inputs():
     m = copy.deepcopy(model)
     layers = {n: mod for n, mod in m.named_modules() if isinstance(mod, nn.Linear)}
     seen = []
-    for group, grams, _ in sequential_grams(m, layers, data, progress=False):
+    for group, grams, _, _ in sequential_grams(m, layers, data, progress=False):
         seen.append(group)
         if group == ["blocks.0.q", "blocks.0.k"]:
             with torch.no_grad():
@@ -260,3 +260,33 @@ def test_all_small_masks_are_no_worse_than_obs_choice_on_average():
         costs.append(float((w[0] - v) @ h @ (w[0] - v)))
     mine = float((w[0] - got[0]) @ h @ (w[0] - got[0]))
     assert mine <= sorted(costs)[2] + 1e-9  # within the best half of the 6 masks
+
+
+def test_dense_target_weight_is_the_least_squares_map_to_the_unpruned_outputs():
+    from sparsert.prune.sparsegpt import dense_target_weight
+
+    torch.manual_seed(8)
+    w = torch.randn(5, 9, dtype=torch.float64)
+    x_ref = torch.randn(60, 9, dtype=torch.float64)
+    x = x_ref + 0.3 * torch.randn(60, 9, dtype=torch.float64)  # the drifted inputs
+    got = dense_target_weight(w, x.T @ x, x.T @ x_ref, damp=0.0)
+    want = torch.linalg.lstsq(x, x_ref @ w.T).solution.T
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    same = dense_target_weight(w, x_ref.T @ x_ref, x_ref.T @ x_ref, damp=0.1)  # no drift: nothing to correct
+    torch.testing.assert_close(same, w, rtol=1e-8, atol=1e-10)
+
+
+def test_dense_target_tracks_the_unpruned_model_better_than_the_papers_objective():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(24, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 12))
+    calib, test = _correlated(128, 24, n=6, seed=1), _correlated(128, 24, n=4, seed=2)
+    errors = {}
+    for target in ("dense", "pruned"):
+        m = copy.deepcopy(model)
+        Pruner(m, importance="sparsegpt", sparsity=0.7, target=target, progress=False).calibrate(calib).step()
+        with torch.no_grad():
+            errors[target] = sum(float((m(x) - model(x)).pow(2).sum()) for x in test) / sum(
+                float(model(x).pow(2).sum()) for x in test)
+        assert all((mod.weight == 0).float().mean().item() == pytest.approx(0.7, abs=1e-3)
+                   for mod in m if isinstance(mod, nn.Linear))
+    assert errors["dense"] < errors["pruned"], errors

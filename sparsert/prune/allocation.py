@@ -217,7 +217,7 @@ def sensitivity_table(model: nn.Module, layers: Mapping[str, nn.Module], data: I
         raise ValueError("sparsities must be in (0, 1)")
     pat = parse_pattern(pattern)
     errors: dict[str, list[float]] = {}
-    for group, grams, _ in sequential_grams(model, dict(layers), data, progress):
+    for group, grams, _, _ in sequential_grams(model, dict(layers), data, progress):
         for name in group:
             rows, cols = weight_2d_shape(layers[name].weight)
             w = layers[name].weight.detach().reshape(rows, cols).double().cpu()

@@ -160,12 +160,14 @@ def _block_output(out) -> torch.Tensor:
     raise TypeError("cannot find the hidden state in a block's output")
 
 
-def _groups_of(fwd, modules, pending, masks, progress) -> Iterator[tuple[list[str], dict]]:
+def _groups_of(fwd, modules, pending, masks, progress, ref_fwd=None, ref_modules=None):
     """Drives :class:`_GroupCapture` over ``fwd(i)`` (the i-th calibration forward)
-    until every pending layer was yielded."""
+    until every pending layer was yielded. With ``ref_fwd`` (the unpruned model's
+    forward), also the cross Gram ``X_pruned^T X_dense`` at the same positions."""
     pending = list(pending)
     while pending:
         gram: torch.Tensor | None = None
+        cross: torch.Tensor | None = None
         count = 0
         group: list[str] | None = None
         for i, mask in enumerate(masks):
@@ -182,21 +184,37 @@ def _groups_of(fwd, modules, pending, masks, progress) -> Iterator[tuple[list[st
                 raise ValueError(f"layers {group} were not all called on calibration batch {i}")
             if group is None:
                 group = cap.found
-            g, n = _gram(modules[group[0]], cap.x, mask)
+            rows = _input_rows(modules[group[0]], cap.x, mask, _NO_LIMIT, 0)
+            g = rows.T @ rows
             gram = g if gram is None else gram + g
-            count += n
-        yield group, {n: gram for n in group}, count
+            count += rows.shape[0]
+            if ref_fwd is not None:
+                ref = _GroupCapture(ref_modules, group, group)
+                try:
+                    ref_fwd(i)
+                except _Captured:
+                    pass
+                finally:
+                    ref.close()
+                dense = _input_rows(ref_modules[group[0]], ref.x, mask, _NO_LIMIT, 0)
+                c = rows.T @ dense
+                cross = c if cross is None else cross + c
+        yield group, {n: gram for n in group}, count, (None if cross is None else {n: cross for n in group})
         pending = [n for n in pending if n not in group]
 
 
 @torch.no_grad()
 def sequential_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
-                     progress: bool | None = None, use_blocks: bool = True
-                     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor], int]]:
-    """Yields ``(group, {name: X^T X in float64}, positions)`` in execution order.
+                     progress: bool | None = None, use_blocks: bool = True, reference: nn.Module | None = None
+                     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor], int, dict | None]]:
+    """Yields ``(group, {name: X^T X in float64}, positions, cross)`` in execution order.
 
     Modify the yielded layers' weights before advancing the generator: the
     inputs of every later group are captured on the model as modified.
+    With ``reference`` (an unpruned copy of ``model``, same module names),
+    ``cross`` is ``{name: X^T X_ref}``: the layer's inputs in the pruned model
+    against the inputs the unpruned model gives it at the same positions;
+    otherwise ``None``.
     """
     batches = list(batches)
     if not batches:
@@ -207,6 +225,9 @@ def sequential_grams(model: nn.Module, layers: dict[str, nn.Module], batches: It
     if bad:
         raise ValueError(f"layer-wise pruning supports Linear and Conv2d (groups=1, zero padding) only: {bad}")
     masks = [_token_mask(b) for b in batches]
+    ref_modules = dict(reference.named_modules()) if reference is not None else None
+    if reference is not None:
+        reference.eval()
     with _eval_mode(model):
         order = _execution_order(model, names, batches[0])
         blocks = find_blocks(model, order) if use_blocks else None
@@ -222,7 +243,9 @@ def sequential_grams(model: nn.Module, layers: dict[str, nn.Module], batches: It
                     cached = None
         if cached is None:
             device_batches = [_to(b, model_device(model)) for b in batches]
-            yield from _groups_of(lambda i: run(model, device_batches[i]), modules, order, masks, progress)
+            ref_fwd = None if reference is None else (lambda i: run(reference, device_batches[i]))
+            yield from _groups_of(lambda i: run(model, device_batches[i]), modules, order, masks, progress,
+                                  ref_fwd, ref_modules)
             return
 
         inside = [n for n in order if n.startswith(prefix)]
@@ -231,18 +254,30 @@ def sequential_grams(model: nn.Module, layers: dict[str, nn.Module], batches: It
         before = [n for n in order[:first_pos] if n not in index]
         after = [n for n in order if n not in index and n not in before]
         if before:
-            yield from _groups_of(lambda i: run(model, batches[i]), modules, before, masks, progress)
+            yield from _groups_of(lambda i: run(model, batches[i]), modules, before, masks, progress,
+                                  None if reference is None else (lambda i: run(reference, batches[i])), ref_modules)
         # Inputs of block 0, on the model with the layers before the blocks pruned.
         state = _block_inputs(model, blocks[1], batches, 0)[0]
         block_list = blocks[1]
+        ref_blocks = ref_state = None
+        if reference is not None:
+            ref_blocks = dict(reference.named_modules())[blocks[0]]
+            ref_state = _block_inputs(reference, ref_blocks, batches, 0)[0]
         last = max(index.values())
         for b in _bar(range(last + 1), "blocks", progress):
             block = block_list[b]
             pending = [n for n in inside if index[n] == b]
+            ref_fwd = None
+            if reference is not None:
+                ref_block = ref_blocks[b]
+                ref_fwd = lambda i: ref_block(*ref_state[i][0], **ref_state[i][1])  # noqa: E731
             if pending:
                 yield from _groups_of(lambda i: block(*state[i][0], **state[i][1]), modules, pending, masks,
-                                      progress)
+                                      progress, ref_fwd, ref_modules)
             if b < last:
                 state = [_with_hidden(a, k, _block_output(block(*a, **k))) for a, k in state]
+                if reference is not None:
+                    ref_state = [_with_hidden(a, k, _block_output(ref_block(*a, **k))) for a, k in ref_state]
         if after:
-            yield from _groups_of(lambda i: run(model, batches[i]), modules, after, masks, progress)
+            yield from _groups_of(lambda i: run(model, batches[i]), modules, after, masks, progress,
+                                  None if reference is None else (lambda i: run(reference, batches[i])), ref_modules)

@@ -24,10 +24,19 @@ so SparseGPT is then only an OBS-scored channel choice.)
 prunes every layer in the order the model runs them, each layer on the
 inputs of the model with the earlier layers already pruned
 (see :mod:`sparsert.prune.sequential`).
+
+``target="dense"`` (default) aims every layer at the output the *unpruned*
+model gave at that point, not at the layer's own output on the drifted
+inputs: the weight is first refit by ridge least squares from the pruned
+inputs to the unpruned outputs (:func:`dense_target_weight`), then pruned
+with SparseGPT on the same Hessian; this undoes the drift of the earlier
+layers as :mod:`sparsert.prune.reconstruct` does, inside the same pass.
+``target="pruned"`` is the paper's objective.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Iterable
 
@@ -145,6 +154,21 @@ def sparsegpt_weight(weight: torch.Tensor, hessian: torch.Tensor, pattern: "str 
     return w, ~pruned
 
 
+def dense_target_weight(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight that best maps the pruned model's inputs ``X`` to what the unpruned
+    layer gave on the unpruned inputs ``X_ref``: ``argmin ||X W'^T - X_ref W^T||^2 +
+    lam ||W' - W||^2`` with ``gram = X^T X``, ``cross = X^T X_ref`` and ``lam`` =
+    ``damp`` times the mean diagonal of ``gram``. Since this objective equals
+    ``||X (W* - W')^T||^2`` plus a constant, pruning ``W*`` with SparseGPT on
+    ``gram`` targets the unpruned model's outputs, not the drifted ones."""
+    w = weight.double()
+    g = gram.double()
+    lam = damp * float(g.diagonal().mean()) if float(g.diagonal().mean()) > 0 else damp
+    lhs = g + lam * torch.eye(g.shape[0], dtype=torch.float64)
+    rhs = cross.double() @ w.T + lam * w.T  # (cols, rows)
+    return torch.linalg.solve(lhs, rhs).T.contiguous()
+
+
 def layer_error(w_old: torch.Tensor, w_new: torch.Tensor, hessian: torch.Tensor) -> float:
     """Relative output error ``sqrt(tr(dW H dW^T) / tr(W H W^T))`` on the calibration inputs."""
     w_old, w_new, h = w_old.double(), w_new.double(), hessian.double()
@@ -171,16 +195,20 @@ class SparseGPT(Criterion):
     preferred_scope = "layer"
     updates_weights = True
 
-    def __init__(self, blocksize: int = 128, damp: float = 0.01, use_blocks: bool = True):
+    def __init__(self, blocksize: int = 128, damp: float = 0.01, use_blocks: bool = True, target: str = "dense",
+                 correction_damp: float = 0.1):
         if blocksize < 1:
             raise ValueError("blocksize must be >= 1")
-        if not 0.0 <= damp:
-            raise ValueError("damp must be >= 0")
+        if not 0.0 <= damp or not 0.0 <= correction_damp:
+            raise ValueError("damp and correction_damp must be >= 0")
+        if target not in ("dense", "pruned"):
+            raise ValueError("target must be 'dense' or 'pruned'")
         self.blocksize, self.damp, self.use_blocks = int(blocksize), float(damp), bool(use_blocks)
+        self.target, self.correction_damp = target, float(correction_damp)
         self.errors: dict[str, float] = {}
 
     def __repr__(self):
-        return f"SparseGPT(blocksize={self.blocksize}, damp={self.damp})"
+        return f"SparseGPT(blocksize={self.blocksize}, damp={self.damp}, target={self.target!r})"
 
     @torch.no_grad()
     def scores(self, model, layers, data=None, loss_fn=None, progress=None):
@@ -192,7 +220,7 @@ class SparseGPT(Criterion):
         if data is None:
             raise ValueError("criterion 'sparsegpt' needs calibration data")
         out = {}
-        for group, grams, _ in sequential_grams(model, dict(layers), data, progress, self.use_blocks):
+        for group, grams, _, _ in sequential_grams(model, dict(layers), data, progress, self.use_blocks):
             for name in group:
                 w = layers[name].weight
                 rows, cols = weight_2d_shape(w)
@@ -209,7 +237,8 @@ class SparseGPT(Criterion):
         in place, sequentially; returns their keep-masks (weight-shaped)."""
         todo = {n: layers[n] for n in layers if n in targets}
         masks: dict[str, torch.Tensor] = {}
-        for group, grams, _ in sequential_grams(model, todo, data, progress, self.use_blocks):
+        reference = copy.deepcopy(model) if self.target == "dense" else None
+        for group, grams, _, cross in sequential_grams(model, todo, data, progress, self.use_blocks, reference):
             for name in group:
                 module = todo[name]
                 pattern, sparsity = targets[name]
@@ -218,6 +247,8 @@ class SparseGPT(Criterion):
                 old = get_mask(module)
                 forced = None if old is None else ~old.reshape(rows, cols).cpu()
                 w2 = weight.detach().reshape(rows, cols).cpu()
+                if cross is not None:
+                    w2 = dense_target_weight(w2, grams[name], cross[name], self.correction_damp)
                 new, keep = sparsegpt_weight(w2, grams[name], pattern, sparsity, forced=forced,
                                              blocksize=self.blocksize, damp=self.damp)
                 self.errors[name] = layer_error(w2, new, grams[name])
