@@ -4,9 +4,12 @@
 from sparsert.prune import Pruner, prune, finetune, report
 pruner = Pruner(model, importance="taylor", pattern="4x1", sparsity=0.9,
                 scope="global", exclude=["classifier"])
+# or importance="sparsegpt" (OBS masks + weight updates), allocation="owl"|"sensitivity"
 pruner.calibrate(batches, loss_fn=None)   # when the criterion needs data
 pruner.step()                             # one-shot masks or the next scheduled step
 finetune(model, train_batches, loss_fn, epochs=3, teacher=dense_model)
+recover(model, dense_model, unlabeled_batches, steps=1000, pruner=gradual_pruner,
+        checkpoint="run.pt", time_budget=600)   # distillation, resumable
 print(report(model))
 ```
 
@@ -15,6 +18,7 @@ This layer knows nothing about kernels: it leaves exact zeros in the weights
 the zeros.
 """
 
+from .allocation import SensitivityTable, allocate_from_table, owl_sparsities, sensitivity_table
 from .criteria import (
     CRITERIA,
     Activation,
@@ -32,7 +36,9 @@ from .masks import apply_mask, apply_masks, get_mask, masked_modules, masks_from
 from .patterns import Pattern, parse_pattern, weight_2d_shape
 from .pruner import DEFAULT_LAYER_TYPES, Pruner, prune
 from .reconstruct import reconstruct
+from .recover import RecoveryResult, distill_loss, recover
 from .report import LayerReport, PruneReport, report
+from .sparsegpt import SparseGPT, sparsegpt_weight
 from .schedules import Gradual, Iterative, OneShot, Schedule, get_schedule
 
 __all__ = [
@@ -50,12 +56,17 @@ __all__ = [
     "OneShot",
     "Pattern",
     "PruneReport",
+    "RecoveryResult",
     "Pruner",
     "Schedule",
+    "SensitivityTable",
+    "SparseGPT",
     "Taylor",
     "Wanda",
+    "allocate_from_table",
     "apply_mask",
     "apply_masks",
+    "distill_loss",
     "finetune",
     "get_criterion",
     "get_mask",
@@ -63,11 +74,15 @@ __all__ = [
     "kd_loss",
     "masked_modules",
     "masks_from_zeros",
+    "owl_sparsities",
     "parse_pattern",
     "prune",
     "reconstruct",
+    "recover",
     "remove_masks",
     "report",
+    "sensitivity_table",
+    "sparsegpt_weight",
     "weight_2d_shape",
 ]
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .allocation import ALLOCATIONS, SensitivityTable, allocate_from_table, owl_sparsities, sensitivity_table
 from .criteria import Criterion, get_criterion
 from .masks import apply_mask, get_mask
 from .patterns import Pattern, parse_pattern, weight_2d_shape
@@ -47,7 +48,8 @@ class Pruner:
     Args:
         model: the model to prune (modified in place by :meth:`step`).
         importance: criterion name (``"magnitude"``, ``"gradient"``, ``"taylor"``,
-            ``"activation"``, ``"hessian"``, ``"fisher"``, ``"wanda"``) or a
+            ``"activation"``, ``"hessian"``, ``"fisher"``, ``"wanda"``, ``"sparsegpt"``
+            (masks and compensating weight updates, layer by layer)) or a
             :class:`~sparsert.prune.criteria.Criterion` instance.
         pattern: ``"unstructured"``, ``"RxC"``, ``"N:M"`` or ``"channel"``
             (see :mod:`sparsert.prune.patterns`). N:M layers always get sparsity
@@ -68,6 +70,18 @@ class Pruner:
         schedule: ``"oneshot"``, ``"iterative"``, ``"gradual"`` or a Schedule.
         layer_types: module types to prune.
         progress: tqdm bars for calibration loops (``None``: only on a TTY).
+        allocation: how the target is spread over the layers (not with
+            ``scope="global"``): ``"uniform"`` (each layer to ``sparsity``),
+            ``"owl"`` (outlier-weighted, needs data), ``"sensitivity"``
+            (measured per-layer error table, needs data) or a ready
+            :class:`~sparsert.prune.allocation.SensitivityTable`. The mean over
+            the allocated layers (weighted by size) is ``sparsity``; layers with
+            their own sparsity override or an N:M pattern keep theirs.
+            ``pruner.layer_sparsity`` shows the result after the first step.
+        allocation_options: keyword arguments for the allocation
+            (:func:`~sparsert.prune.allocation.owl_sparsities`,
+            :func:`~sparsert.prune.allocation.sensitivity_table` and
+            :func:`~sparsert.prune.allocation.allocate_from_table`).
         **criterion_options: passed to the criterion's constructor
             (e.g. ``estimator="sqgrad"`` for ``hessian``).
 
@@ -89,6 +103,8 @@ class Pruner:
         schedule: "str | Schedule" = "oneshot",
         layer_types: tuple = DEFAULT_LAYER_TYPES,
         progress: bool | None = None,
+        allocation: "str | Any" = "uniform",
+        allocation_options: Mapping[str, Any] | None = None,
         **criterion_options: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -105,6 +121,23 @@ class Pruner:
         if scope not in _SCOPES:
             raise ValueError(f"unknown scope {scope!r}; choose one of {_SCOPES}")
         self.scope = scope
+        if getattr(self.criterion, "updates_weights", False) and scope == "global":
+            raise ValueError(f"criterion {self.criterion.name!r} prunes each layer to its own target: "
+                             "use scope='layer'")
+        if isinstance(allocation, str):
+            allocation = allocation.strip().lower()
+            if allocation not in ALLOCATIONS:
+                raise ValueError(f"unknown allocation {allocation!r}; choose one of {ALLOCATIONS}")
+        elif not isinstance(allocation, SensitivityTable):
+            raise TypeError("allocation must be a name or a SensitivityTable")
+        if allocation != "uniform" and scope == "global":
+            raise ValueError("a layer allocation and scope='global' both decide per-layer sparsity: pick one")
+        self.allocation = allocation
+        self.allocation_options = dict(allocation_options or {})
+        #: the sparsity each layer is pruned to (filled at the first step)
+        self.layer_sparsity: dict[str, float] = {}
+        #: the sensitivity table computed for ``allocation="sensitivity"``
+        self.sensitivity: SensitivityTable | None = None
         if isinstance(exclude, str):
             exclude = [exclude]
         if isinstance(include, str):
@@ -196,7 +229,18 @@ class Pruner:
         if self.schedule.sparsity_at(t, self.sparsity) is None:
             self._step += 1
             return None
-        masks = self.compute_masks(t)
+        self._allocate()
+        if getattr(self.criterion, "updates_weights", False):
+            targets = {}
+            for name in self.layers:
+                st = self.settings[name]
+                pat = st["pattern"]
+                s = self.schedule.sparsity_at(t, self.layer_sparsity[name])
+                if s is not None or pat.kind == "nm":
+                    targets[name] = (pat, s or 0.0)
+            masks = self.criterion.prune(self.model, self.layers, targets, self._data, self.progress)
+        else:
+            masks = self.compute_masks(t)
         for name, keep in masks.items():
             apply_mask(self.layers[name], keep)
         self._step += 1
@@ -204,9 +248,33 @@ class Pruner:
         self.history.append(result)
         return result
 
+    def _allocate(self) -> None:
+        """Resolves ``layer_sparsity`` once (the allocation looks at the unpruned model)."""
+        if self.layer_sparsity:
+            return
+        fixed = {n: st["sparsity"] for n, st in self.settings.items() if st["own"] or st["pattern"].kind == "nm"}
+        free = {n: m for n, m in self.layers.items() if n not in fixed}
+        alloc = {n: self.sparsity for n in free}
+        opts = dict(self.allocation_options)
+        if free and self.allocation != "uniform":
+            if self._data is None and not isinstance(self.allocation, SensitivityTable):
+                raise ValueError("allocation needs calibration data: call pruner.calibrate(batches) first")
+            if self.allocation == "owl":
+                alloc = owl_sparsities(self.model, free, self._data, self.sparsity, progress=self.progress, **opts)
+            else:
+                table = self.allocation
+                if not isinstance(table, SensitivityTable):
+                    keys = ("sparsities", "pattern", "method", "damp")
+                    table = sensitivity_table(self.model, free, self._data, progress=self.progress,
+                                              **{k: opts.pop(k) for k in keys if k in opts})
+                    self.sensitivity = table
+                alloc = allocate_from_table(table, self.sparsity, list(free), **opts)
+        self.layer_sparsity = {**alloc, **fixed}
+
     def compute_masks(self, step: int | None = None) -> dict[str, torch.Tensor]:
         """Keep-masks for the given schedule step, without modifying the model."""
         step = self._step if step is None else step
+        self._allocate()
         scores = self.criterion.scores(self.model, self.layers, self._data, self._loss_fn, self.progress)
         masks: dict[str, torch.Tensor] = {}
         pool: list[str] = []
@@ -220,7 +288,7 @@ class Pruner:
             old = get_mask(module)
             if old is not None:
                 s = s.masked_fill(~old.reshape(rows, cols).to(s.device), float("-inf"))
-            target = self.schedule.sparsity_at(step, st["sparsity"])
+            target = self.schedule.sparsity_at(step, self.layer_sparsity[name])
             if pat.kind == "nm":
                 masks[name] = pat.nm_mask(s)
                 continue

@@ -1,0 +1,1 @@
+"""Text data that ships with installed packages: :mod:`sparsert.data.corpus`."""

@@ -1,0 +1,130 @@
+"""Non-uniform layer sparsity: OWL, sensitivity tables, exact mean sparsity."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sparsert.prune import Pruner, SensitivityTable, allocate_from_table, owl_sparsities, sensitivity_table
+from sparsert.prune.allocation import block_of, fit_mean
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 40), nn.GELU(), nn.Linear(40, 16))
+
+
+def _data(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(4, 24, generator=torch.Generator().manual_seed(9))
+    return [torch.randn(32, 4, generator=g) @ mix + 0.1 * torch.randn(32, 24, generator=g) for _ in range(n)]
+
+
+def _mean_sparsity(layers):
+    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
+    return zeros / sum(m.weight.numel() for m in layers.values())
+
+
+def test_block_of_takes_the_repeated_block():
+    assert block_of("model.layers.5.mlp.up_proj") == "model.layers.5"
+    assert block_of("encoder.layer.11.attention.self.query") == "encoder.layer.11"
+    assert block_of("classifier") == "classifier"
+
+
+def test_fit_mean_is_exact_and_keeps_the_order():
+    raw = {"a": 0.2, "b": 0.5, "c": 0.9}
+    sizes = {"a": 1000, "b": 333, "c": 77}
+    out = fit_mean(raw, sizes, 0.6, 0.0, 0.95)
+    pruned = sum(round(out[k] * sizes[k]) for k in raw)
+    assert pruned == round(0.6 * sum(sizes.values()))
+    assert out["a"] < out["b"] < out["c"] <= 0.95
+    with pytest.raises(ValueError):
+        fit_mean(raw, sizes, 0.99, 0.0, 0.9)
+
+
+def test_owl_gives_fewer_pruned_weights_to_layers_with_outliers():
+    from sparsert.prune import Wanda
+
+    model = _model()
+    with torch.no_grad():  # a few strong weights: outliers in layer "2"
+        model[2].weight.view(-1)[::97] *= 30
+    layers = {"0": model[0], "2": model[2], "4": model[4]}
+    data = _data()
+    out = owl_sparsities(model, layers, data, 0.6, lam=0.1, m=3.0, granularity="layer", progress=False)
+    scores = Wanda().scores(model, layers, data)
+    ratio = {k: float((s > 3.0 * s.mean()).float().mean()) for k, s in scores.items()}
+    assert len(set(ratio.values())) == 3
+    by_ratio = sorted(layers, key=ratio.get)
+    assert [out[k] for k in by_ratio] == sorted(out.values(), reverse=True)  # more outliers, less pruned
+    sizes = {k: m.weight.numel() for k, m in layers.items()}
+    assert sum(round(out[k] * sizes[k]) for k in out) == round(0.6 * sum(sizes.values()))
+    assert max(out.values()) - min(out.values()) == pytest.approx(0.2, abs=0.01)
+
+
+@pytest.mark.parametrize("importance", ["wanda", "magnitude", "sparsegpt"])
+@pytest.mark.parametrize("allocation", ["owl", "sensitivity"])
+def test_pruner_honours_the_mean_sparsity(importance, allocation):
+    model = _model()
+    p = Pruner(model, importance=importance, sparsity=0.6, scope="layer", allocation=allocation,
+               allocation_options={"granularity": "layer"} if allocation == "owl" else {}, progress=False)
+    p.calibrate(_data()).step()
+    assert _mean_sparsity(p.layers) == pytest.approx(0.6, abs=0.5 / sum(m.weight.numel() for m in p.layers.values()))
+    assert len(set(round(s, 6) for s in p.layer_sparsity.values())) > 1  # really non-uniform
+    for name, m in p.layers.items():
+        assert (m.weight == 0).float().mean().item() == pytest.approx(p.layer_sparsity[name], abs=1e-6)
+
+
+def test_overrides_and_nm_layers_stay_out_of_the_allocation():
+    model = _model()
+    p = Pruner(model, importance="wanda", sparsity=0.5, scope="layer", allocation="owl",
+               allocation_options={"granularity": "layer"},
+               overrides={"4": {"sparsity": 0.1}, "0": {"pattern": "2:4"}}, progress=False)
+    p.calibrate(_data()).step()
+    assert p.layer_sparsity["4"] == 0.1
+    assert (model[4].weight == 0).float().mean().item() == pytest.approx(0.1, abs=1e-3)
+    assert (model[2].weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-9)  # the only free layer
+
+
+def test_sensitivity_table_measures_error_and_round_trips(tmp_path):
+    model = _model()
+    layers = {"0": model[0], "2": model[2], "4": model[4]}
+    table = sensitivity_table(model, layers, _data(), sparsities=(0.25, 0.5, 0.75), progress=False)
+    for name, errs in table.errors.items():
+        assert errs == sorted(errs) and errs[0] > 0, name  # more pruning, more error
+    assert table.error("0", 0.0) == 0.0
+    assert table.error("0", 0.375) == pytest.approx(0.5 * (table.errors["0"][0] + table.errors["0"][1]))
+    path = tmp_path / "t.json"
+    table.save(path)
+    again = SensitivityTable.load(path)
+    assert again.to_dict() == table.to_dict()
+    alloc = allocate_from_table(again, 0.5, max_shift=0.2)
+    sizes = table.params
+    assert sum(round(alloc[k] * sizes[k]) for k in alloc) == round(0.5 * sum(sizes.values()))
+    # a table given to the Pruner is used as is (no recomputation)
+    p = Pruner(copy.deepcopy(model), importance="magnitude", sparsity=0.5, scope="layer", allocation=again,
+               progress=False)
+    p.step()
+    assert p.layer_sparsity == pytest.approx(alloc)
+
+
+def test_sensitivity_allocation_lowers_the_summed_error():
+    model = _model()
+    layers = {"0": model[0], "2": model[2], "4": model[4]}
+    table = sensitivity_table(model, layers, _data(), sparsities=[i / 20 for i in range(1, 20)], progress=False)
+    alloc = allocate_from_table(table, 0.6, max_shift=0.3)
+    cost = sum(table.error(k, alloc[k]) ** 2 for k in alloc)
+    uniform = sum(table.error(k, 0.6) ** 2 for k in alloc)
+    assert cost < uniform
+
+
+def test_allocation_arguments_are_validated():
+    model = _model()
+    with pytest.raises(ValueError, match="allocation"):
+        Pruner(model, allocation="random")
+    with pytest.raises(ValueError, match="global"):
+        Pruner(model, allocation="owl", scope="global")
+    with pytest.raises(ValueError, match="calibrat"):
+        Pruner(model, allocation="owl", scope="layer").step()
