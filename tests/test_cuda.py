@@ -174,7 +174,10 @@ def test_prepare_row_order_longest_first_and_cached():
 def test_prepare_keeps_no_reference_to_the_weight():
     fmt = CSR.from_dense(_sparse(10, 10, 0.5))
     prep = cu._prepare(fmt.row_ptr, fmt.col_indices, fmt.values, 10, 10, 1, 1, torch.float32, torch.device("cpu"))
-    assert prep.values is None and prep.row_ptr is None  # same dtype and device: nothing copied
+    assert prep.values is None  # same dtype and device: values not copied
+    # the index arrays are always private copies (what the kernels read)
+    assert prep.row_ptr.data_ptr() != fmt.row_ptr.data_ptr()
+    assert prep.col_indices.data_ptr() != fmt.col_indices.data_ptr()
     alive = weakref.ref(fmt.values)
     del fmt, prep
     gc.collect()
