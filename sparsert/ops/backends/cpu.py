@@ -252,11 +252,15 @@ def conv2d_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
                    kernel_size: Sequence[int], block_rows: int, block_cols: int, bias: Optional[Tensor],
                    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
                    activation: int, num_threads: int, kernel: str = "") -> Tensor:
-    """The native CPU path; ``kernel`` forces a registry kernel (tests, benchmarks)."""
-    check_conv_args(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows, block_cols, bias,
-                    stride, padding, dilation, groups, activation, num_threads)
+    """The native CPU path; ``kernel`` forces a registry kernel (tests, benchmarks).
+    Per call only what layers cannot have checked once is checked here; raw op
+    calls check every argument first (``_conv2d_bsr_cpu``)."""
+    if x.dim() != 4:
+        raise ValueError(f"sparsert::conv2d_bsr: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     n, cin, h, w = x.shape
     kh, kw = kernel_size
+    if groups < 1 or cin % groups:
+        raise ValueError(f"groups={groups} must be positive and divide the {cin} input channels")
     checked = check_weight_arrays(row_ptr, col_indices, values, out_channels, cin // groups * kh * kw,
                                   block_rows, block_cols)  # (kept alive while the kernel runs)
     rp_address, _, ci_address, _, index_bits, values_address, _ = checked.native
@@ -289,5 +293,7 @@ def _linear_bsr_cpu(x, row_ptr, col_indices, values, out_features, block_rows, b
 @conv2d_bsr.register_kernel("cpu")
 def _conv2d_bsr_cpu(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows, block_cols,
                     bias, stride, padding, dilation, groups, activation, num_threads):
+    check_conv_args(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows, block_cols, bias,
+                    stride, padding, dilation, groups, activation, num_threads)
     return conv2d_bsr_cpu(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows,
                           block_cols, bias, stride, padding, dilation, groups, activation, num_threads)
