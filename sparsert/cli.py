@@ -67,7 +67,7 @@ def densify(model):
     return model
 
 
-def _resolve(spec: str, *, allow_pt2: bool = False):
+def _resolve(spec: str, *, allow_pt2: bool = False, trust_pickle: bool = False):
     """MODEL argument -> Workload."""
     from . import models
 
@@ -91,8 +91,12 @@ def _resolve(spec: str, *, allow_pt2: bool = False):
         logger = logging.getLogger("torch.export")
         level = logger.level
         logger.setLevel(logging.CRITICAL)  # torch logs the deserialisation traceback; we say it in one line
+        from .io.export import PickleRefused, load_program
+
         try:
-            program = torch.export.load(str(p))
+            program = load_program(p, trust_pickle=trust_pickle)
+        except PickleRefused as e:
+            raise CliError(str(e)) from None
         except Exception as e:
             raise CliError(f"{spec}: cannot load the exported program ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -301,9 +305,9 @@ def cmd_sparsify(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import benchmark
 
-    wl = _resolve(args.model, allow_pt2=True)
+    wl = _resolve(args.model, allow_pt2=True, trust_pickle=args.trust_pickle)
     if args.dense:
-        dense = _resolve(args.dense, allow_pt2=True).model
+        dense = _resolve(args.dense, allow_pt2=True, trust_pickle=args.trust_pickle).model
     elif Path(args.model).suffix == ".pt2":
         raise CliError("benchmarking a .pt2 needs the dense model to compare with: --dense MODEL")
     elif not _has_sparse(wl.model):
@@ -428,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--example-shape", metavar="SHAPE", help="input shape (default: the model's usual input)")
     s.add_argument("--repeats", type=_positive_int, default=50, help="timed calls of each model (default 50)")
     s.add_argument("--plot", metavar="PNG", help="write a per-layer speedup chart")
+    s.add_argument("--trust-pickle", action="store_true",
+                   help="load .pt2 archives with pickled parts (unpickling runs code: only for files you trust)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("inspect", parents=[common], help="per-layer formats, densities and bytes of a file",

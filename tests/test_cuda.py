@@ -174,7 +174,10 @@ def test_prepare_row_order_longest_first_and_cached():
 def test_prepare_keeps_no_reference_to_the_weight():
     fmt = CSR.from_dense(_sparse(10, 10, 0.5))
     prep = cu._prepare(fmt.row_ptr, fmt.col_indices, fmt.values, 10, 10, 1, 1, torch.float32, torch.device("cpu"))
-    assert prep.values is None and prep.row_ptr is None  # same dtype and device: nothing copied
+    assert prep.values is None  # same dtype and device: values not copied
+    # the index arrays are always private copies (what the kernels read)
+    assert prep.row_ptr.data_ptr() != fmt.row_ptr.data_ptr()
+    assert prep.col_indices.data_ptr() != fmt.col_indices.data_ptr()
     alive = weakref.ref(fmt.values)
     del fmt, prep
     gc.collect()
@@ -206,7 +209,7 @@ def test_converted_bias_is_cached_per_weight_and_follows_changes():
 
 def test_prepare_rejects_inconsistent_arrays():
     fmt = CSR.from_dense(_sparse(6, 6, 0.5))
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="do not match"):
         cu._prepare(fmt.row_ptr, fmt.col_indices[:-1], fmt.values[:-1], 6, 6, 1, 1, torch.float32,
                     torch.device("cpu"))
 
@@ -613,3 +616,31 @@ def test_conv2d_bf16_on_gpu(kind):
     assert y.dtype == torch.bfloat16 and y.shape == ref.shape
     bound = F.conv2d(x.double().cpu().abs(), cw.to_dense().double().cpu().abs(), None, 1, 1)
     assert ((y.double().cpu() - ref).abs() <= 2.0 ** -7 * (ref.abs() + bound)).all()
+
+
+def test_hostile_indices_never_reach_the_cuda_kernels(stub):
+    """Index contents are validated once per weight, on private copies the kernels
+    read: bad indices are a ValueError, and later writes torch does not record
+    (``.data``, numpy) do not reach the kernels (issue 17)."""
+    fmt = CSR.from_dense(_sparse(12, 10, 0.5))
+    rp, col, vals, r, c = fmt.kernel_arrays()
+    x = torch.randn(3, 10)
+    with pytest.raises(ValueError, match="column indices must lie"):
+        cu.linear_bsr_cuda(x, rp, torch.full_like(col, 300), vals, 12, 1, 1, None, 0)
+    bad_rp = rp.clone()
+    bad_rp[1] = 10**6
+    with pytest.raises(ValueError, match="row_ptr"):
+        cu.linear_bsr_cuda(x, bad_rp, col, vals, 12, 1, 1, None, 0)
+    y = cu.linear_bsr_cuda(x, rp, col, vals, 12, 1, 1, None, 0)
+    col.data.fill_(300)
+    rp.numpy()[1] = 10**6
+    assert torch.equal(cu.linear_bsr_cuda(x, rp, col, vals, 12, 1, 1, None, 0), y)
+
+
+def test_cuda_op_checks_scalars_like_every_backend():
+    fmt = CSR.from_dense(_sparse(6, 5, 0.5))
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="activation"):
+        cu._linear_bsr_cuda(x, fmt.row_ptr, fmt.col_indices, fmt.values, 6, 1, 1, None, 5, 0)
+    with pytest.raises(ValueError, match="block_rows"):
+        cu._linear_bsr_cuda(x, fmt.row_ptr, fmt.col_indices, fmt.values, 6, 2**31, 1, None, 0, 0)

@@ -319,3 +319,64 @@ def test_altered_content_without_a_new_checksum_is_rejected(tmp_path, valid):
     tensors, body, meta = _unpack(valid[0])
     body["layers"]["csr"]["activation"] = None
     _reject(tmp_path, _repack(tensors, body, meta, resign=False), match="checksum mismatch")
+
+
+# Lying model descriptions and hostile JSON (issue 17): refused before anything is built
+
+
+@settings(max_examples=25, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(hidden=st.sampled_from([8, 16, 2048, 8192, 10**9]), layers=st.sampled_from([1, 2, 8, 48, 10**6]),
+       vocab=st.sampled_from([30, 60, 30522, 2**40]), example=st.sampled_from([None, "bert-base", "digits-mlp"]))
+def test_lying_model_descriptions_are_refused_before_building(tmp_path, valid, hidden, layers, vocab, example):
+    """The file holds M's arrays; any recorded architecture that is not M is refused,
+    however large it claims to be, with a SparsertFileError and without building it."""
+    tensors, body, meta = _unpack(valid[0])
+    if example is None:
+        body["model"] = {"hf_class": "BertModel", "hf_config": {
+            "model_type": "bert", "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 2,
+            "intermediate_size": 4 * hidden, "vocab_size": vocab, "max_position_embeddings": 16}}
+    else:
+        body["model"] = {"example": example}
+    path = tmp_path / "lying.sparsert"
+    path.write_bytes(_repack(tensors, body, meta))
+    with pytest.raises(io.SparsertFileError, match="lying.sparsert"):
+        io.load(path)
+
+
+def test_deep_json_is_a_file_error(tmp_path, valid):
+    deep = "[" * 100000 + "]" * 100000
+    header = ('{"a":' + deep + "}").encode()
+    _reject(tmp_path, len(header).to_bytes(8, "little") + header, match="nested too deeply")
+    tensors, body, meta = _unpack(valid[0])
+    meta["sparsert"] = '{"layers": ' + deep + "}"
+    meta["sha256"] = io.schema.digest(meta["sparsert"], tensors)
+    _reject(tmp_path, st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta),
+            match="nested too deeply")
+
+
+def test_allowed_sha256_refuses_unlisted_files_before_parsing(tmp_path, valid):
+    """The checksum inside a file detects corruption, not authorship: a crafted file
+    whose checksum was recomputed reads; an allow-list of whole-file hashes refuses it."""
+    raw, original = valid
+    good = tmp_path / "good.sparsert"
+    good.write_bytes(raw)
+    good_hash = io.file_sha256(good)
+    assert _same(io.read(good, allowed_sha256=[good_hash.upper()]), original)
+    assert isinstance(io.load(good, M(), allowed_sha256=good_hash), M)
+    tensors, body, meta = _unpack(raw)
+    tensors["csr::values"] = tensors["csr::values"] * 2  # a plausible, re-signed forgery
+    forged = tmp_path / "forged.sparsert"
+    forged.write_bytes(_repack(tensors, body, meta))
+    io.read(forged)  # reads: its checksum is self-consistent
+    with pytest.raises(io.SparsertFileError, match="forged.sparsert: refused: its SHA-256 is not in allowed_sha256"):
+        io.load(forged, M(), allowed_sha256={good_hash})
+    junk = tmp_path / "junk.sparsert"
+    junk.write_bytes(b"\xff" * 100)  # refused by the list, before any parsing
+    with pytest.raises(io.SparsertFileError, match="refused"):
+        io.read(junk, allowed_sha256=[good_hash])
+    for bad in ([], ["abc"], [good_hash + "0"]):
+        with pytest.raises(ValueError, match="allowed_sha256"):
+            io.read(good, allowed_sha256=bad)
+    with pytest.raises(TypeError, match="allowed_sha256"):
+        io.read(good, allowed_sha256=5)

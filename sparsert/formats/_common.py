@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from operator import is_
 
 import torch
@@ -11,6 +12,7 @@ import torch
 #: for free. Wider matrices use int32.
 U16_LIMIT = 1 << 16
 INT32_MAX = (1 << 31) - 1
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 def index_dtype_for(count: int) -> torch.dtype:
@@ -20,6 +22,8 @@ def index_dtype_for(count: int) -> torch.dtype:
 
 def encode_indices(indices: torch.Tensor, count: int) -> torch.Tensor:
     """Stores non-negative indices < count in the compact dtype."""
+    if count > INT32_MAX + 1:  # (check_shape keeps every format below this)
+        raise ValueError(f"{count} columns cannot be addressed by 32-bit indices")
     dtype = index_dtype_for(count)
     indices = indices.to(torch.int32)
     if dtype == torch.int16:
@@ -41,13 +45,33 @@ def index_bits(indices: torch.Tensor) -> int:
 
 
 def check_shape(shape) -> tuple[int, int]:
+    """Two non-negative integers that the int32 indices can address. Only true
+    integers (int, numpy/torch integer scalars) pass: ``int(4.7)`` or ``int('4')``
+    would silently make a different matrix."""
     try:
-        rows, cols = (int(s) for s in shape)
+        rows, cols = shape
+        if isinstance(rows, bool) or isinstance(cols, bool):
+            raise TypeError
+        rows, cols = operator.index(rows), operator.index(cols)
     except (TypeError, ValueError):
         raise ValueError(f"shape must be two integers (rows, cols), got {shape!r}") from None
     if rows < 0 or cols < 0:
         raise ValueError(f"shape must be non-negative, got {(rows, cols)}")
+    if rows > INT32_MAX or cols > INT32_MAX:
+        raise ValueError(f"shape {(rows, cols)} is too large: each side must be at most {INT32_MAX} "
+                         "(the indices are 32-bit)")
     return rows, cols
+
+
+def as_int(v):
+    """``v`` as an int when it is a true integer (int, numpy/torch integer scalar; not
+    bool, float or str), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
 
 
 def check_tensor(name: str, t, *, ndim: int, kinds: str) -> torch.Tensor:
@@ -96,9 +120,18 @@ def check_indices(name: str, indices: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def check_values(name: str, values: torch.Tensor, *, ndim: int, check_finite: bool) -> torch.Tensor:
+    """Floating values of ``ndim`` dims; finite when ``check_finite``; and, whatever
+    ``check_finite`` says, no finite value that float32 (what formats store)
+    cannot hold: 1e300 in float64 would silently become infinity."""
     check_tensor(name, values, ndim=ndim, kinds="float")
     if check_finite and values.numel() and not bool(torch.isfinite(values).all()):
         raise ValueError(f"{name} contains NaN or infinity")
+    if values.numel() and torch.finfo(values.dtype).max > _F32_MAX:
+        too_big = torch.isfinite(values) & (values.abs() > _F32_MAX)
+        if bool(too_big.any()):
+            bad = values[too_big][0].item()
+            raise ValueError(f"{name} holds {bad!r}, beyond float32's range (+-{_F32_MAX:.4g}): "
+                             "stored as float32 it would become infinity")
     return values
 
 

@@ -16,11 +16,13 @@ def _parse_block(block) -> tuple[int, int]:
             raise ValueError(f"block must look like '4x1', got {block!r}") from None
     else:
         try:
-            r, col = (int(v) for v in block)
+            r, col = (c.as_int(v) for v in block)
         except (TypeError, ValueError):
             raise ValueError(f"block must be (rows, cols), got {block!r}") from None
-    if r < 1 or col < 1:
-        raise ValueError(f"block dimensions must be positive, got {(r, col)}")
+        if r is None or col is None:
+            raise ValueError(f"block must be two integers (rows, cols), got {block!r}")
+    if r < 1 or col < 1 or r > c.INT32_MAX or col > c.INT32_MAX:
+        raise ValueError(f"block dimensions must be positive 32-bit integers, got {(r, col)}")
     return r, col
 
 

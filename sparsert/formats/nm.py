@@ -97,11 +97,11 @@ class NM(SparseFormat):
         ``[g*m, min(g*m + m, cols))``.
         """
         rows, cols = c.check_shape(shape)
-        try:
-            n, m = int(n), int(m)
-        except (TypeError, ValueError):
-            raise ValueError(f"n and m must be integers, got n={n!r}, m={m!r}") from None
-        if not 0 < n <= m:
+        n_, m_ = c.as_int(n), c.as_int(m)
+        if n_ is None or m_ is None:
+            raise ValueError(f"n and m must be integers, got n={n!r}, m={m!r}")
+        n, m = n_, m_
+        if not 0 < n <= m <= c.INT32_MAX:
             raise ValueError(f"need 0 < n <= m, got n={n}, m={m}")
         c.check_values("values", values, ndim=2, check_finite=check_finite)
         c.check_tensor("col_indices", col_indices, ndim=2, kinds="int")

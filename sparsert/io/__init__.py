@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from .export import export, sparse_op_count
-from .load import load, read, summary
+from .load import file_sha256, load, read, summary
 from .save import save
 from .schema import FORMAT, FORMAT_VERSION, LayerRecord, SparseFile, SparsertFileError
 
@@ -23,5 +23,6 @@ __all__ = [
     "read",
     "export",
     "summary",
+    "file_sha256",
     "sparse_op_count",
 ]

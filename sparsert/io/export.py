@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["export", "sparse_op_count"]
+__all__ = ["export", "sparse_op_count", "load_program", "PickleRefused"]
 
 
 def _plain(out):
@@ -69,3 +70,56 @@ def sparse_op_count(program) -> int:
     """How many nodes of an ExportedProgram's graph call sparsert ops."""
     return sum(1 for n in program.graph.nodes
                if n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "sparsert")
+
+
+class PickleRefused(ValueError):
+    """A ``.pt2`` archive holds a part that only ``pickle`` can read (and pickle runs code)."""
+
+
+@contextlib.contextmanager
+def _without_pickle(path: str):
+    """Everything ``torch.export.load`` could unpickle, refused for the duration:
+    ``torch.load`` only in ``weights_only`` mode (torch's restricted unpickler,
+    which builds tensors and containers and calls nothing else), and torch's
+    other unpicklers (TorchScript objects, plain ``pickle.loads`` of opaque
+    constants) not at all. ``torch.export.load`` falls back to full pickle for
+    example inputs that weights_only cannot read, and uses it outright for
+    weights and constants saved with ``use_pickle``: a crafted archive runs
+    code there."""
+    import pickle as _pickle
+    import types
+
+    from torch.export.pt2_archive import _package
+
+    def refuse(*_args, **_kwargs):
+        raise PickleRefused(f"{path}: refused: the archive holds a pickled part, and unpickling can run code "
+                            "(load it with trust_pickle=True / --trust-pickle only if you trust the file)")
+
+    real_load = torch.load
+
+    def weights_only_load(f, *args, weights_only=None, **kwargs):
+        if weights_only is False:
+            refuse()
+        return real_load(f, *args, weights_only=True, **kwargs)
+
+    stub_pickle = types.SimpleNamespace(**{k: getattr(_pickle, k) for k in dir(_pickle) if not k.startswith("__")})
+    stub_pickle.loads = stub_pickle.load = refuse
+    saved = (torch.load, torch._C._pickle_load_obj, _package.pickle)
+    torch.load, torch._C._pickle_load_obj, _package.pickle = weights_only_load, refuse, stub_pickle
+    try:
+        yield
+    finally:
+        torch.load, torch._C._pickle_load_obj, _package.pickle = saved
+
+
+def load_program(path: "str | os.PathLike", *, trust_pickle: bool = False):
+    """``torch.export.load(path)`` that never unpickles unless ``trust_pickle``:
+    an archive with a part only pickle can read (example inputs, weights or
+    constants saved with pickle, custom objects) raises :class:`PickleRefused`.
+    Archives written by :func:`export` need no pickle. ``import sparsert`` has
+    registered the ops the program calls."""
+    path = str(path)
+    if trust_pickle:
+        return torch.export.load(path)
+    with _without_pickle(path):
+        return torch.export.load(path)

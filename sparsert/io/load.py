@@ -3,8 +3,11 @@ byte validated first (see :mod:`sparsert.io.schema`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import stat
 import struct
 from pathlib import Path
 
@@ -17,9 +20,11 @@ from ..ops.conv import pair
 from .schema import (FORMAT, FORMAT_VERSION, PATH_RE, SEP, LayerRecord, SparseFile, _Meta,
                      digest, fail, read_layer)
 
-__all__ = ["read", "load", "summary"]
+__all__ = ["read", "load", "summary", "file_sha256"]
 
 _MAX_HEADER = 100 << 20
+_MAX_FILE = 1 << 40  # 1 TiB: larger is no model file (and would not fit in memory anyway)
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _read_header(path, data: bytes) -> dict:
@@ -32,6 +37,8 @@ def _read_header(path, data: bytes) -> dict:
         header = json.loads(data[8:8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise fail(path, f"corrupt safetensors header ({e})") from None
+    except RecursionError:
+        raise fail(path, "corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise fail(path, "corrupt safetensors header (not a JSON object)")
     meta = header.get("__metadata__")
@@ -46,26 +53,70 @@ def _read_header(path, data: bytes) -> dict:
     return meta
 
 
-def read(path: "str | os.PathLike") -> SparseFile:
-    """Reads and fully validates a sparsert file (no model needed)."""
+def file_sha256(path: "str | os.PathLike") -> str:
+    """The SHA-256 of a whole file (hex): what ``allowed_sha256`` lists."""
+    path = str(path)
+    return hashlib.sha256(_read_bytes(path)).hexdigest()
+
+
+def _allow_list(allowed_sha256) -> frozenset:
+    if isinstance(allowed_sha256, str):
+        allowed_sha256 = (allowed_sha256,)
+    try:
+        hashes = frozenset(h.lower() for h in allowed_sha256)
+    except (TypeError, AttributeError):
+        raise TypeError("allowed_sha256 must be a hex SHA-256 string or a collection of them") from None
+    bad = [h for h in hashes if not _SHA256_RE.fullmatch(h)]
+    if bad or not hashes:
+        raise ValueError(f"allowed_sha256 must hold 64-digit hex SHA-256 strings, got {sorted(bad)[:3] or 'none'}")
+    return hashes
+
+
+def read(path: "str | os.PathLike", *, allowed_sha256=None) -> SparseFile:
+    """Reads and fully validates a sparsert file (no model needed).
+
+    ``allowed_sha256``: a hex SHA-256 or a collection of them (see
+    :func:`file_sha256`); when given, a file whose whole-file hash is not
+    listed is refused before any of it is parsed. The checksum inside a file
+    detects corruption, not authorship (whoever crafts a file can recompute
+    it): an allow-list is how a server loads only the files it approved."""
+    allowed = None if allowed_sha256 is None else _allow_list(allowed_sha256)
     # Validation is a few memory-bound passes: on a busy 2-core machine, 2 torch
     # threads were measured 1000x slower than 1 (spin-wait contention).
     with torch_single_thread():
-        return _read(path)
+        return _read(path, allowed)
 
 
-def _read(path) -> SparseFile:
-    from safetensors.torch import load as st_load
-
-    path = str(path)
+def _read_bytes(path: str) -> bytes:
+    """The whole file; only regular files, at most ``_MAX_FILE`` bytes (``/dev/zero``
+    would otherwise be read until memory runs out)."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(info.st_mode):
+                raise fail(path, "is not a regular file (a device, pipe or socket), not a sparsert file")
+            if info.st_size > _MAX_FILE:
+                raise fail(path, f"is {info.st_size} bytes, more than the {_MAX_FILE}-byte limit of a sparsert file")
+            return fh.read()
     except FileNotFoundError:
         raise fail(path, "no such file") from None
     except IsADirectoryError:
         raise fail(path, "is a directory, not a sparsert file") from None
+    except MemoryError:
+        raise fail(path, "not enough memory to read the file") from None
     except OSError as e:
         raise fail(path, f"cannot read ({e.strerror or e})") from None
+
+
+def _read(path, allowed=None) -> SparseFile:
+    from safetensors.torch import load as st_load
+
+    path = str(path)
+    data = _read_bytes(path)
+    if allowed is not None and hashlib.sha256(data).hexdigest() not in allowed:
+        raise fail(path, "refused: its SHA-256 is not in allowed_sha256 (the file is not one you approved)")
     meta = _read_header(path, data)
     meta_json, stored_digest = meta.get("sparsert"), meta.get("sha256")
     if not isinstance(meta_json, str) or not isinstance(stored_digest, str):
@@ -81,6 +132,8 @@ def _read(path) -> SparseFile:
         body = json.loads(meta_json)
     except json.JSONDecodeError as e:  # pragma: no cover - the digest covers the JSON
         raise fail(path, f"corrupt metadata JSON ({e})") from None
+    except RecursionError:  # (a crafted file whose digest was recomputed)
+        raise fail(path, "corrupt metadata JSON (nested too deeply)") from None
     if not isinstance(body, dict):
         raise m.err("", "must be a JSON object")
     layers_meta = m.obj(body, "layers", "")
@@ -178,7 +231,39 @@ def _check_target(path, rec: LayerRecord, target: nn.Module) -> None:
         raise fail(path, f"{where}: the file's layer {want} does not fit the model's {got}")
 
 
-def _skeleton(path, ref: dict | None) -> nn.Module:
+def _config_ints(v):
+    """Every int inside a JSON value."""
+    if isinstance(v, bool):
+        return
+    if isinstance(v, int):
+        yield v
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _config_ints(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from _config_ints(x)
+
+
+def _check_config_bounds(path, config: dict, f: SparseFile) -> None:
+    """A stored config may not declare sizes the stored arrays cannot back.
+
+    Every size of a model (layers, hidden width, vocabulary, positions) is at
+    most its number of stored parameters, all of which the file must hold; a
+    config that names more is a lie, refused before anything is built (a 38 KB
+    file naming a 2048-wide, 8-layer BERT would otherwise allocate 2.2 GB first)."""
+    stored = sum(t.numel() for t in {id(t): t for t in f.dense.values()}.values())
+    for rec in f.layers.values():
+        stored += rec.shape[0] * rec.shape[1] + (0 if rec.bias is None else rec.bias.numel())
+    for v in _config_ints(config):
+        if v > stored:
+            raise fail(path, f"the stored model config names a size of {v}, more than the {stored} parameters "
+                              "the file holds: refused before building the model")
+
+
+def _skeleton(path, ref: dict | None, f: SparseFile | None = None) -> nn.Module:
+    """The architecture the file records, built on the meta device (no memory):
+    :func:`load` fits the file to it before building it for real."""
     if ref is None:
         raise fail(path, "the file does not say how to build the model: pass a model skeleton, "
                           "sparsert.load(path, model)")
@@ -188,7 +273,8 @@ def _skeleton(path, ref: dict | None) -> nn.Module:
         name = ref["example"]
         if name not in models.EXAMPLES:
             raise fail(path, f"unknown built-in example {name!r}; pass a model skeleton")
-        return models.skeleton(name)
+        with torch.device("meta"):
+            return models.skeleton(name)
     cls_name, config = ref.get("hf_class"), ref.get("hf_config")
     if isinstance(cls_name, str) and isinstance(config, dict) and isinstance(config.get("model_type"), str):
         try:
@@ -198,33 +284,54 @@ def _skeleton(path, ref: dict | None) -> nn.Module:
         cls = getattr(transformers, cls_name, None) if cls_name.isidentifier() else None
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise fail(path, f"unknown Hugging Face model class {cls_name!r}")
+        if f is not None:
+            _check_config_bounds(path, config, f)
         try:
             cfg = transformers.AutoConfig.for_model(**config)
-            return cls(cfg)
+            with torch.device("meta"):
+                return cls(cfg)
         except Exception as e:  # config errors come in many types
             raise fail(path, f"cannot build {cls_name} from the stored config ({type(e).__name__}: {e})") from None
     raise fail(path, "unrecognised 'model' description; pass a model skeleton")
 
 
-def load(path: "str | os.PathLike", model: nn.Module | None = None) -> nn.Module:
+def load(path: "str | os.PathLike", model: nn.Module | None = None, *, allowed_sha256=None) -> nn.Module:
     """Loads a sparsert file into ``model`` (a skeleton: e.g. ``BertModel(config)``).
 
     The file's sparse layers replace the skeleton's layers at the same module
     paths (their kind and size must match) and every other ``state_dict``
     entry is loaded strictly. Without ``model``, the architecture the file
-    records (built-in example or Hugging Face config) is built. Returns the
-    model in eval mode. Raises :class:`SparsertFileError` on any problem.
+    records (built-in example or Hugging Face config) is built: first on the
+    meta device (no memory), where every layer and entry of the file must fit,
+    then for real. Returns the model in eval mode. ``allowed_sha256``: see
+    :func:`read` (files not on the list are refused before parsing). Raises
+    :class:`SparsertFileError` on any problem.
     """
-    f = read(path)
+    f = read(path, allowed_sha256=allowed_sha256)
     path = f.path
     with torch_single_thread():  # see read()
+        if model is None:
+            # The whole fit, on a skeleton that allocates nothing: a file whose
+            # config lies about its size is refused before the real build.
+            _load_into(f, path, _skeleton(path, f.model, f), check_only=True)
+            model = _materialize(path, f.model)
         return _load_into(f, path, model)
 
 
-def _load_into(f: SparseFile, path: str, model: nn.Module | None) -> nn.Module:
-    if model is None:
-        model = _skeleton(path, f.model)
-    elif not isinstance(model, nn.Module):
+def _materialize(path, ref: dict) -> nn.Module:
+    """The recorded architecture on the CPU (after the file fit it on the meta device)."""
+    with torch.device("cpu"):
+        if "example" in ref:
+            from .. import models
+            return models.skeleton(ref["example"])
+        import transformers
+        return getattr(transformers, ref["hf_class"])(transformers.AutoConfig.for_model(**ref["hf_config"]))
+
+
+def _load_into(f: SparseFile, path: str, model: nn.Module, check_only: bool = False) -> nn.Module:
+    """Fits ``f`` into ``model`` and loads it; ``check_only``: every check, no copy
+    (``model`` may be on the meta device)."""
+    if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module skeleton, got {type(model).__name__}")
     for lpath, rec in f.layers.items():
         try:
@@ -246,12 +353,19 @@ def _load_into(f: SparseFile, path: str, model: nn.Module | None) -> nn.Module:
             target = model.get_submodule(lpath)
             if (target.bias is None) != (rec.bias is None):
                 raise fail(path, f"layer {lpath!r}: bias in the file and in the model do not match")
+            if check_only:
+                continue
             with torch.no_grad():
                 target.weight.copy_(rec.packed.to_dense().reshape(target.weight.shape))
                 if rec.bias is not None:
                     target.bias.copy_(rec.bias)
             continue
-        new = _build_module(rec)
+        try:
+            new = _build_module(rec)
+        except (ValueError, TypeError) as e:
+            raise fail(path, f"layer {lpath!r}: {e}") from None
+        if check_only:
+            continue
         old = swap(model, lpath, new)
         ref = next(iter(old.parameters()), None)
         if ref is not None and ref.device.type != "cpu":
@@ -266,6 +380,8 @@ def _load_into(f: SparseFile, path: str, model: nn.Module | None) -> nn.Module:
             raise fail(path, f"entry {k!r} has shape {list(v.shape)} in the file but {list(state[k].shape)} in the model")
         if v.dtype != state[k].dtype and not (v.dtype.is_floating_point and state[k].dtype.is_floating_point):
             raise fail(path, f"entry {k!r} is {v.dtype} in the file but {state[k].dtype} in the model")
+    if check_only:
+        return model
     model.load_state_dict(f.dense, strict=False)
     model.eval()
     return model

@@ -123,6 +123,15 @@ class _PackedWeight(nn.Module):
                     self._buffers["packed_" + name] = t.to(torch.float32)
         return self
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # Loading copies into the buffers in place, which bumps no version counter
+        # on inference tensors (a server that builds its layers under
+        # torch.inference_mode): new tensor objects over the same storage make the
+        # kernels validate and copy the loaded index arrays again.
+        for name in getattr(self, "_buffer_names", ()):
+            self._buffers[name] = self._buffers[name].detach()
+
     def _kernel_arrays(self):
         """(row_ptr, col_indices, values) as the kernels take them, rebuilt only when a
         buffer is replaced (``.to()``, ``load_state_dict``): a layer's per-call cost."""

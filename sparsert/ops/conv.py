@@ -30,7 +30,7 @@ from ..formats import SparseFormat
 from . import epilogue
 from .backends.cpu import conv2d_bsr_cpu, eager_cpu_call
 from .linear import check_num_threads
-from .schema import conv_out_size
+from .schema import check_conv_args, conv_out_size
 
 __all__ = ["ConvWeight", "conv2d", "conv2d_arrays", "pair", "conv_padding", "apply_pre_pad", "PADDING_MODES"]
 
@@ -196,6 +196,8 @@ def conv2d(x: Tensor, w: Union[ConvWeight, SparseFormat, Tensor], bias: Optional
     if groups > 1 and (rows // groups) % r:
         raise ValueError(f"with groups={groups}, out_channels/groups={rows // groups} must be a multiple of the "
                          f"format's block rows ({r}); use CSR or a smaller block")
+    check_conv_args(x, row_ptr, col_indices, values, rows, list(ks), r, c, bias, list(stride_), pad,
+                    list(dilation_), groups, code, threads)  # (sizes the 32-bit kernels can address)
     y = conv2d_arrays(x, row_ptr, col_indices, values, rows, list(ks), r, c, bias, list(stride_), pad,
                       list(dilation_), groups, code, threads)
     return y.squeeze(0) if unbatched else y

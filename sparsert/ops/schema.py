@@ -19,14 +19,128 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..formats import dense_from_blocks
+from ..formats._common import decode_indices
 from . import epilogue
 
-__all__ = ["linear_bsr", "conv2d_bsr", "linear_bsr_torch", "conv2d_bsr_torch", "conv_out_size"]
+__all__ = ["linear_bsr", "conv2d_bsr", "linear_bsr_torch", "conv2d_bsr_torch", "conv_out_size",
+           "check_linear_args", "check_conv_args", "check_array_contents"]
+
+_INT32_MAX = (1 << 31) - 1
 
 
 def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     """Output side of a convolution (as ``F.conv2d`` computes it)."""
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+# --------------------------------------------------------------------------- argument checks
+# Every backend (and the fakes) runs these on the op's scalar arguments, so a
+# raw ``torch.ops.sparsert.*`` call with a bad one is a one-line ValueError or
+# TypeError naming the argument, never a KeyError, a ZeroDivisionError or a
+# pybind overload message from deep inside.
+def _int(op: str, name: str, v, lo: int, hi: int = _INT32_MAX) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__} {v!r}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{op}: {name} must lie in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _pair(op: str, name: str, v, lo: int) -> tuple:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise ValueError(f"{op}: {name} must be a list of two ints, got {v!r}")
+    return _int(op, f"{name}[0]", v[0], lo), _int(op, f"{name}[1]", v[1], lo)
+
+
+def _tensor(op: str, name: str, t, min_dim: int = 0) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{op}: {name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def _activation(op: str, activation) -> None:
+    if isinstance(activation, bool) or not isinstance(activation, int):
+        raise TypeError(f"{op}: activation must be an int epilogue code, got {type(activation).__name__}")
+    try:
+        epilogue.name_of(activation)
+    except ValueError as e:
+        raise ValueError(f"{op}: activation: {e}") from None
+
+
+def check_linear_args(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias, activation,
+                      num_threads) -> None:
+    """The scalar and tensor-kind arguments of ``linear_bsr`` (O(1); contents: :func:`check_array_contents`)."""
+    op = "sparsert::linear_bsr"
+    _tensor(op, "x", x, 1)
+    for name, t in (("row_ptr", row_ptr), ("col_indices", col_indices), ("values", values)):
+        _tensor(op, name, t)
+    if bias is not None:
+        _tensor(op, "bias", bias)
+    _int(op, "out_features", out_features, 0)
+    _int(op, "block_rows", block_rows, 1)
+    _int(op, "block_cols", block_cols, 1)
+    _activation(op, activation)
+    _int(op, "num_threads", num_threads, 0)
+
+
+def check_conv_args(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows, block_cols, bias,
+                    stride, padding, dilation, groups, activation, num_threads) -> None:
+    """The scalar and tensor-kind arguments of ``conv2d_bsr``, and that the output size
+    is computable (stride >= 1) and addressable (32-bit sides)."""
+    op = "sparsert::conv2d_bsr"
+    _tensor(op, "x", x)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    for name, t in (("row_ptr", row_ptr), ("col_indices", col_indices), ("values", values)):
+        _tensor(op, name, t)
+    if bias is not None:
+        _tensor(op, "bias", bias)
+    _int(op, "out_channels", out_channels, 0)
+    ks = _pair(op, "kernel_size", kernel_size, 1)
+    _int(op, "block_rows", block_rows, 1)
+    _int(op, "block_cols", block_cols, 1)
+    st = _pair(op, "stride", stride, 1)
+    pad = _pair(op, "padding", padding, 0)
+    dil = _pair(op, "dilation", dilation, 1)
+    groups = _int(op, "groups", groups, 1)
+    _activation(op, activation)
+    _int(op, "num_threads", num_threads, 0)
+    if not isinstance(x.shape[1], int):
+        return  # symbolic shapes (tracing): the sizes are checked when the op runs
+    if x.shape[1] % groups:
+        raise ValueError(f"{op}: groups={groups} does not divide the {x.shape[1]} input channels")
+    for side, k, s_, p, d in zip(x.shape[2:], ks, st, pad, dil):
+        if side + 2 * p > _INT32_MAX or d * (k - 1) + 1 > _INT32_MAX:
+            raise ValueError(f"{op}: padding {list(pad)} / dilation {list(dil)} make the padded input or "
+                             f"the dilated kernel larger than {_INT32_MAX}")
+        if conv_out_size(side, k, s_, p, d) < 0:
+            raise ValueError(f"{op}: input {tuple(x.shape[2:])} is smaller than the dilated kernel {ks}")
+
+
+def check_array_contents(row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
+                         in_features: int, block_rows: int, block_cols: int) -> None:
+    """The O(nnz) check that keeps a kernel inside x and the weight (any device):
+    ``row_ptr`` has one entry per block row plus one, starts at 0 and never
+    decreases, its last entry matches ``col_indices`` and ``values``, and every
+    column index names a block column of the ``out_features x in_features``
+    matrix. Backends run it once per weight, on the private copies their
+    kernels read."""
+    nbr = -(-out_features // block_rows)
+    nbc = -(-in_features // block_cols)
+    if row_ptr.numel() != nbr + 1:
+        raise ValueError(f"row_ptr has {row_ptr.numel()} entries, expected {nbr + 1}")
+    rp = row_ptr.to(torch.int64)
+    nnz = int(rp[-1])
+    if int(rp[0]) != 0 or bool((rp[1:] < rp[:-1]).any()):
+        raise ValueError("row_ptr must start at 0 and be non-decreasing")
+    if col_indices.numel() != nnz or values.numel() != nnz * block_rows * block_cols:
+        raise ValueError("col_indices/values sizes do not match row_ptr[-1]")
+    if nnz:
+        cols = decode_indices(col_indices)
+        if int(cols.min()) < 0 or int(cols.max()) >= nbc:
+            raise ValueError(f"column indices must lie in [0, {nbc}) (block columns of a "
+                             f"{out_features}x{in_features} matrix)")
 
 
 # --------------------------------------------------------------------------- linear
@@ -43,6 +157,11 @@ def linear_bsr(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, 
                block_rows: int, block_cols: int, bias: Optional[Tensor], activation: int,
                num_threads: int) -> Tensor:
     """act(x @ W.T + bias) for W given as BSR arrays (CSR and N:M are 1x1 blocks)."""
+    check_linear_args(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias, activation,
+                      num_threads)
+    if not values.is_floating_point():
+        raise ValueError(f"sparsert::linear_bsr: values must be floating point, got {values.dtype}")
+    check_array_contents(row_ptr, col_indices, values, out_features, x.shape[-1], block_rows, block_cols)
     return linear_bsr_torch(x, row_ptr, col_indices, values, out_features, block_rows, block_cols,
                             bias, activation)
 
@@ -50,7 +169,9 @@ def linear_bsr(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, 
 @linear_bsr.register_fake
 def _linear_bsr_fake(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias,
                      activation, num_threads):
-    epilogue.name_of(activation)  # unknown codes fail while tracing, as they do when run
+    # bad arguments fail while tracing, as they do when run
+    check_linear_args(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias, activation,
+                      num_threads)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -75,6 +196,12 @@ def conv2d_bsr(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, 
                activation: int, num_threads: int) -> Tensor:
     """act(conv2d(x, W) + bias) for NCHW ``x`` and W given as BSR arrays over the
     flattened weight. activation: an epilogue code. num_threads: 0 = sparsert's default."""
+    check_conv_args(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows, block_cols, bias,
+                    stride, padding, dilation, groups, activation, num_threads)
+    if not values.is_floating_point():
+        raise ValueError(f"sparsert::conv2d_bsr: values must be floating point, got {values.dtype}")
+    check_array_contents(row_ptr, col_indices, values, out_channels,
+                         x.shape[1] // groups * kernel_size[0] * kernel_size[1], block_rows, block_cols)
     return conv2d_bsr_torch(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows,
                             block_cols, bias, stride, padding, dilation, groups, activation)
 
@@ -82,7 +209,8 @@ def conv2d_bsr(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, 
 @conv2d_bsr.register_fake
 def _conv2d_bsr_fake(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows, block_cols,
                      bias, stride, padding, dilation, groups, activation, num_threads):
-    epilogue.name_of(activation)
+    check_conv_args(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows, block_cols, bias,
+                    stride, padding, dilation, groups, activation, num_threads)
     oh = conv_out_size(x.shape[2], kernel_size[0], stride[0], padding[0], dilation[0])
     ow = conv_out_size(x.shape[3], kernel_size[1], stride[1], padding[1], dilation[1])
     return x.new_empty((x.shape[0], out_channels, oh, ow))

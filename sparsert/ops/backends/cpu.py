@@ -7,14 +7,18 @@ arrays before a kernel reads them, and the eager fast path
 skipping the torch.library dispatcher, whose Python layers cost several times
 the kernel for small layers.
 
-Validation, in full, once per tensor version: the kernels index x with the
-column indices and walk the row pointer, so a malformed array would read out
-of bounds. Checking them is O(nnz), more than a small layer's kernel, but a
-layer calls with the same tensors every time: the result is remembered per
-(row_ptr, col_indices, values) objects and their version counters, which
-every in-place change bumps (inference tensors have none: in-place changes to
-those go unnoticed). A call with the same, unchanged tensors costs a dict
-lookup and a few compares.
+Validation, in full, once per weight: the kernels index x with the column
+indices and walk the row pointer, so a malformed array would read out of
+bounds. Checking them is O(nnz), more than a small layer's kernel, so the
+backend checks them once and keeps PRIVATE copies of the two index arrays,
+which are what the kernels read (:class:`Validated`): no later write to the
+caller's arrays can reach a kernel, whether torch records it (in-place ops
+bump the version counter: validated and copied again, so updates take
+effect) or not (``.data``, numpy and storage writes, inference tensors:
+the kernels keep the validated copies). Values stay shared; the kernels read
+them inside a storage the backend holds and checks per call. A call with
+the same, unchanged tensors costs a dict lookup and a few compares
+(``benchmarks/bench_safety.py`` measures it against the previous design).
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..._ext import native
+from ..._ext import native as _native  # (private: the raw functions take addresses)
 from ...formats._common import decode_indices, index_bits
 from .. import epilogue
 from .._threads import get_num_threads
-from ..schema import conv2d_bsr, conv_out_size, linear_bsr
+from ..schema import (_int, check_array_contents, check_conv_args, check_linear_args, conv2d_bsr, conv_out_size,
+                      linear_bsr)
 
 __all__ = ["linear_bsr_cpu", "conv2d_bsr_cpu", "eager_cpu_call", "check_weight_arrays", "kernels",
            "conv_kernels", "best_isa", "available"]
@@ -44,17 +49,17 @@ def available() -> bool:
 
 def kernels() -> list:
     """Every native SpMM kernel of this build (name, kind, isa, block, supported, ...)."""
-    return native().kernels()
+    return _native().kernels()
 
 
 def conv_kernels() -> list:
     """Every native convolution kernel of this build."""
-    return native().conv_kernels()
+    return _native().conv_kernels()
 
 
 def best_isa() -> str:
     """The widest instruction set this CPU and build run ("avx512", "avx2", "scalar")."""
-    return native().best_isa()
+    return _native().best_isa()
 
 
 # --------------------------------------------------------------------------- eager fast path
@@ -83,8 +88,41 @@ def eager_cpu_call(*tensors: Optional[Tensor]) -> bool:
 # --------------------------------------------------------------------------- weight validation
 _INDEX_DTYPES = (torch.int16, torch.int32)
 
-# id(values) -> (weakref values, weakref row_ptr, weakref col_indices, key)
+# id(values) -> (weakref values, weakref row_ptr, weakref col_indices, key, Validated)
 _validated: dict[int, tuple] = {}
+
+
+class Validated:
+    """A weight's arrays as the kernels read them, validated once.
+
+    ``row_ptr`` and ``col_indices`` are PRIVATE copies, validated after they
+    were made and never handed out: the kernels index x with them, and nothing
+    a caller does to the public arrays (writes through ``.data``, numpy or
+    ``untyped_storage()``, in-place changes to inference tensors, which keep
+    no version counter) reaches them. The values stay shared: no index is
+    read from them, so only where they are matters. The kernel reads
+    ``values_numel`` floats at the address they had when validated, inside
+    ``storage``, which this object holds (the memory cannot be freed and
+    reused under it) and which is checked per call not to have been resized
+    (``untyped_storage().resize_`` is the one way to shrink memory under a
+    tensor). ``native`` is the argument tuple for ``sparsert._C``; callers
+    keep this object alive while the kernel runs."""
+
+    __slots__ = ("row_ptr", "col_indices", "storage", "storage_bytes", "storage_ptr", "native")
+
+    def __init__(self, row_ptr, col_indices, values):
+        self.row_ptr, self.col_indices = row_ptr, col_indices
+        self.storage = values.untyped_storage()  # (not values itself: see _validated's weakrefs)
+        self.storage_bytes, self.storage_ptr = self.storage.nbytes(), self.storage.data_ptr()
+        if self.storage_ptr + self.storage_bytes < values.data_ptr() + values.numel() * 4:
+            raise ValueError("the storage of values is smaller than values (resized under it)")
+        self.native = (row_ptr.data_ptr(), row_ptr.numel(), col_indices.data_ptr(), col_indices.numel(),
+                       index_bits(col_indices), values.data_ptr(), values.numel())
+
+    def intact(self) -> bool:
+        """False once the values' storage was resized (freed, moved) since validation."""
+        storage = self.storage
+        return storage.nbytes() == self.storage_bytes and storage.data_ptr() == self.storage_ptr
 
 
 def _forget(vid: int, ref) -> None:
@@ -94,43 +132,52 @@ def _forget(vid: int, ref) -> None:
 
 
 def check_weight_arrays(row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
-                        in_features: int, block_rows: int, block_cols: int) -> tuple:
+                        in_features: int, block_rows: int, block_cols: int) -> Validated:
     """Raises ValueError unless the arrays describe a valid ``out_features x
     in_features`` block-sparse matrix of ``block_rows x block_cols`` blocks in
     the layout the native kernels read (CPU, contiguous, int32 row pointer,
     int16/int32 column indices, float32 values).
 
-    Returns the arrays as the native kernels take them: (row_ptr address,
-    entries, col_indices address, entries, index bits, values address,
-    entries). The addresses are part of the remembered key because
-    ``t.data = other`` swaps a tensor's storage without bumping its version."""
-    pointers = (row_ptr.data_ptr(), col_indices.data_ptr(), values.data_ptr())
+    Returns the :class:`Validated` arrays the kernel must read (private index
+    copies). They are remembered per (row_ptr, col_indices, values) objects,
+    version counters and the values' address, so a normal update (an in-place
+    change, new arrays, new buffers after ``load_state_dict``) is validated
+    and copied again; a change of the index arrays that torch does not record
+    (writes through ``.data``, numpy or the storage, ``t.data = other``,
+    in-place changes to inference tensors) leaves the kernel on the last
+    validated indices, which is safe. Kept lean: a layer calls it on every
+    forward."""
     try:
-        key = (out_features, in_features, block_rows, block_cols, pointers, row_ptr._version,
+        key = (out_features, in_features, block_rows, block_cols, values.data_ptr(), row_ptr._version,
                col_indices._version, values._version)
     except RuntimeError:
-        # Inference tensors (made under torch.inference_mode) keep no version
-        # counter: an in-place change to them is not noticed.
-        key = (out_features, in_features, block_rows, block_cols, pointers,
+        # Inference tensors (made under torch.inference_mode) keep no version counter.
+        key = (out_features, in_features, block_rows, block_cols, values.data_ptr(),
                *(_version(t) for t in (row_ptr, col_indices, values)))
     entry = _validated.get(id(values))
     if (entry is not None and entry[0]() is values and entry[1]() is row_ptr and entry[2]() is col_indices
             and entry[3] == key):
-        return entry[4]
-    _check_in_full(row_ptr, col_indices, values, out_features, in_features, block_rows, block_cols)
-    native_arrays = (pointers[0], row_ptr.numel(), pointers[1], col_indices.numel(),
-                     index_bits(col_indices), pointers[2], values.numel())
+        checked = entry[4]
+        storage = checked.storage  # (Validated.intact, inlined: this runs on every call)
+        if storage.nbytes() == checked.storage_bytes and storage.data_ptr() == checked.storage_ptr:
+            return checked
+    _check_layout(row_ptr, col_indices, values, block_rows, block_cols, out_features, in_features)
+    # Copies first, contents checked second: what is checked is exactly what the kernel reads.
+    private_rp, private_ci = row_ptr.clone(), col_indices.clone()
+    check_array_contents(private_rp, private_ci, values, out_features, in_features, block_rows, block_cols)
+    checked = Validated(private_rp, private_ci, values)
     vid = id(values)
     ref = weakref.ref(values, lambda r, vid=vid: _forget(vid, r))
-    _validated[vid] = (ref, weakref.ref(row_ptr), weakref.ref(col_indices), key, native_arrays)
-    return native_arrays
+    _validated[vid] = (ref, weakref.ref(row_ptr), weakref.ref(col_indices), key, checked)
+    return checked
 
 
 def _version(t) -> int:
     return -1 if isinstance(t, Tensor) and t.is_inference() else t._version
 
 
-def _check_in_full(row_ptr, col_indices, values, out_features, in_features, block_rows, block_cols):
+def _check_layout(row_ptr, col_indices, values, block_rows, block_cols, out_features, in_features):
+    """Types, devices, dtypes, layouts and storages: metadata only (cheap)."""
     for name, t in (("row_ptr", row_ptr), ("col_indices", col_indices), ("values", values)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -139,25 +186,15 @@ def _check_in_full(row_ptr, col_indices, values, out_features, in_features, bloc
     if row_ptr.dtype != torch.int32 or col_indices.dtype not in _INDEX_DTYPES or values.dtype != torch.float32:
         raise ValueError("row_ptr must be int32, col_indices int16/int32 and values float32 "
                          "(build weights with sparsert.formats)")
-    if block_rows < 1 or block_cols < 1:
-        raise ValueError(f"block sides must be positive, got {block_rows}x{block_cols}")
-    if out_features < 0 or in_features < 0:
-        raise ValueError(f"sizes must be non-negative, got {out_features}x{in_features}")
-    nbr = -(-out_features // block_rows)
-    nbc = -(-in_features // block_cols)
-    if row_ptr.numel() != nbr + 1:
-        raise ValueError(f"row_ptr has {row_ptr.numel()} entries, expected {nbr + 1}")
-    rp = row_ptr.to(torch.int64)
-    nnz = int(rp[-1])
-    if int(rp[0]) != 0 or bool((rp[1:] < rp[:-1]).any()):
-        raise ValueError("row_ptr must start at 0 and be non-decreasing")
-    if col_indices.numel() != nnz or values.numel() != nnz * block_rows * block_cols:
-        raise ValueError("col_indices/values sizes do not match row_ptr[-1]")
-    if nnz:
-        cols = decode_indices(col_indices)
-        if int(cols.min()) < 0 or int(cols.max()) >= nbc:
-            raise ValueError(f"column indices must lie in [0, {nbc}) (block columns of a "
-                             f"{out_features}x{in_features} matrix)")
+    for name, t in (("row_ptr", row_ptr), ("col_indices", col_indices), ("values", values)):
+        storage = t.untyped_storage()
+        if storage.data_ptr() + storage.nbytes() < t.data_ptr() + t.numel() * t.element_size():
+            raise ValueError(f"the storage of {name} is smaller than {name} (resized under it)")
+    op = "sparsert::linear_bsr"
+    _int(op, "block_rows", block_rows, 1)
+    _int(op, "block_cols", block_cols, 1)
+    _int(op, "out_features", out_features, 0)
+    _int(op, "in_features", in_features, 0)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -177,10 +214,15 @@ def linear_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
 
     Kept lean: it runs once per layer per call (a small layer's kernel takes
     a few microseconds). The weight arrays are validated in full once per
-    tensor version (see ``_checks``); per call only x and bias are checked.
+    tensor version (see :func:`check_weight_arrays`, which also checks the
+    scalars that size the weight); per call only x, bias and the activation are checked.
+    Raw op calls check every argument first (``_linear_bsr_cpu``).
     """
+    if x.dim() == 0:
+        raise ValueError("sparsert::linear_bsr: x must have at least 1 dimension(s), got shape ()")
     in_features = x.shape[-1]
-    arrays = check_weight_arrays(row_ptr, col_indices, values, out_features, in_features, block_rows, block_cols)
+    checked = check_weight_arrays(row_ptr, col_indices, values, out_features, in_features, block_rows,
+                                  block_cols)  # (kept alive while the kernel runs)
     x32 = x if x.dtype == torch.float32 else x.float()
     if x32.dim() == 2 and x32.stride(-1) == 1:
         x2 = x32  # rows may be strided (a slice): the kernel takes a row stride
@@ -199,7 +241,7 @@ def linear_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
     y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
-    native().spmm(out_features, in_features, block_rows, block_cols, *arrays, x_address, tokens, x_stride,
+    _native().spmm(out_features, in_features, block_rows, block_cols, *checked.native, x_address, tokens, x_stride,
                   y.data_ptr(), out_features, float32_bias(bias, out_features), epilogue.kernel_code(activation),
                   num_threads if num_threads > 0 else get_num_threads(), kernel)
     y = epilogue.finish(y, activation)
@@ -210,15 +252,18 @@ def conv2d_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
                    kernel_size: Sequence[int], block_rows: int, block_cols: int, bias: Optional[Tensor],
                    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
                    activation: int, num_threads: int, kernel: str = "") -> Tensor:
-    """The native CPU path; ``kernel`` forces a registry kernel (tests, benchmarks)."""
+    """The native CPU path; ``kernel`` forces a registry kernel (tests, benchmarks).
+    Per call only what layers cannot have checked once is checked here; raw op
+    calls check every argument first (``_conv2d_bsr_cpu``)."""
     if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"sparsert::conv2d_bsr: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     n, cin, h, w = x.shape
     kh, kw = kernel_size
     if groups < 1 or cin % groups:
         raise ValueError(f"groups={groups} must be positive and divide the {cin} input channels")
-    rp_address, _, ci_address, _, index_bits, values_address, _ = check_weight_arrays(
-        row_ptr, col_indices, values, out_channels, cin // groups * kh * kw, block_rows, block_cols)
+    checked = check_weight_arrays(row_ptr, col_indices, values, out_channels, cin // groups * kh * kw,
+                                  block_rows, block_cols)  # (kept alive while the kernel runs)
+    rp_address, _, ci_address, _, index_bits, values_address, _ = checked.native
     oh = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
     ow = conv_out_size(w, kw, stride[1], padding[1], dilation[1])
     x32 = x if x.dtype == torch.float32 else x.float()
@@ -226,7 +271,7 @@ def conv2d_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
     y = torch.empty(n, out_channels, max(oh, 0), max(ow, 0), dtype=torch.float32)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
-    native().conv2d(out_channels, block_rows, block_cols, rp_address, ci_address, index_bits, values_address,
+    _native().conv2d(out_channels, block_rows, block_cols, rp_address, ci_address, index_bits, values_address,
                     x32.data_ptr(),
                     n, cin, h, w, kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0],
                     dilation[1], groups, y.data_ptr(), float32_bias(bias, out_channels),
@@ -239,6 +284,8 @@ def conv2d_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
 @linear_bsr.register_kernel("cpu")
 def _linear_bsr_cpu(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias,
                     activation, num_threads):
+    check_linear_args(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias, activation,
+                      num_threads)
     return linear_bsr_cpu(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias,
                           activation, num_threads)
 
@@ -246,5 +293,7 @@ def _linear_bsr_cpu(x, row_ptr, col_indices, values, out_features, block_rows, b
 @conv2d_bsr.register_kernel("cpu")
 def _conv2d_bsr_cpu(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows, block_cols,
                     bias, stride, padding, dilation, groups, activation, num_threads):
+    check_conv_args(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows, block_cols, bias,
+                    stride, padding, dilation, groups, activation, num_threads)
     return conv2d_bsr_cpu(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows,
                           block_cols, bias, stride, padding, dilation, groups, activation, num_threads)

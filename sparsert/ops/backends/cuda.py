@@ -21,12 +21,14 @@ other dtypes compute in float32) with float32 accumulation and return
 and cached; store them in the compute dtype (``fmt.to("cuda", dtype=torch.bfloat16)``)
 to avoid keeping both copies.
 
-Per-weight preparation (row order for load balancing, a device copy of a
-row pointer kept on the CPU, converted values, the 2:4 compressed weight) is
+Per-weight preparation (validated private copies of the index arrays, which
+are all the kernels read; row order for load balancing; converted values;
+the 2:4 compressed weight) is
 cached in a weak dictionary keyed by the values tensor (its base, when the
 format hands out a view), and rebuilt when any array changes (pointer or
 version counter). Inference tensors carry no version counter: modifying a
-weight in place under ``torch.inference_mode`` is not detected.
+weight's indices in place under ``torch.inference_mode`` is not seen (the
+kernels keep reading the validated copies, which is safe).
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ...formats import dense_from_blocks
 from ...formats._common import decode_indices
 from .. import epilogue
-from ..schema import conv2d_bsr, conv2d_bsr_torch, conv_out_size, linear_bsr
+from ..schema import (check_array_contents, check_conv_args, check_linear_args, conv2d_bsr, conv2d_bsr_torch,
+                      conv_out_size, linear_bsr)
 
-__all__ = ["native_cuda", "available", "kernels", "compute_dtype", "is_2_4", "select_path",
+__all__ = ["available", "kernels", "compute_dtype", "is_2_4", "select_path",
            "linear_bsr_cuda", "conv2d_bsr_cuda", "SEMI_STRUCTURED"]
 
 #: dtype codes of the native module
@@ -123,8 +126,8 @@ class _Prepared:
     def __init__(self, key):
         self.key = key
         self.nnz = 0
-        self.row_ptr: Optional[Tensor] = None     # device copy when the format keeps it on the CPU
-        self.col_indices: Optional[Tensor] = None  # 16-byte aligned copy, when the array is not
+        self.row_ptr: Optional[Tensor] = None     # private, validated device copy (kernels read only these)
+        self.col_indices: Optional[Tensor] = None  # private, validated, 16-byte aligned copy
         self.values: Optional[Tensor] = None      # converted to the compute dtype, when needed
         self.row_order: Optional[Tensor] = None   # int32 row permutation, longest rows first
         self.semi = None                          # torch SparseSemiStructuredTensor
@@ -159,15 +162,13 @@ def _prepare(row_ptr, col_indices, values, rows, cols, r, c, dtype, device) -> _
     if entry is not None and entry.key == key:
         return entry
     entry = _Prepared(key)
-    rp = row_ptr
-    if rp.device != device:
-        rp = entry.row_ptr = row_ptr.to(device)
+    # Private index copies, validated once: the kernels read these and never the
+    # caller's arrays, which writes torch does not version (``.data``, numpy,
+    # inference tensors) could change after validation.
+    rp = entry.row_ptr = row_ptr.to(device, copy=True)
+    entry.col_indices = col_indices.clone()  # (a fresh allocation: 16-byte aligned)
+    check_array_contents(rp, entry.col_indices, values, rows, cols, r, c)
     entry.nnz = int(rp[-1]) if rp.numel() else 0
-    if entry.nnz != col_indices.numel() or values.numel() != entry.nnz * r * c:
-        raise ValueError(f"row_ptr[-1] = {entry.nnz} does not match col_indices ({col_indices.numel()}) "
-                         f"and values ({values.numel()} = nnz * {r} * {c} expected)")
-    if col_indices.data_ptr() % 16:
-        entry.col_indices = col_indices.clone()
     if values.dtype != dtype:
         entry.values = _aligned16(values.to(dtype).contiguous())
     elif values.data_ptr() % 16:
@@ -176,9 +177,9 @@ def _prepare(row_ptr, col_indices, values, rows, cols, r, c, dtype, device) -> _
         lengths = rp[1:] - rp[:-1]
         if bool((lengths != lengths[0]).any()):
             entry.row_order = torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
-        entry.two_four = is_2_4(rp, col_indices, rows, cols)
+        entry.two_four = is_2_4(rp, entry.col_indices, rows, cols)
         if select_path(r, c, rows, cols, dtype, entry.two_four) == SEMI_STRUCTURED:
-            entry.semi = _semi_structured(rp, col_indices, entry.values if entry.values is not None else values,
+            entry.semi = _semi_structured(rp, entry.col_indices, entry.values if entry.values is not None else values,
                                           rows, cols, dtype)
     _CACHE[anchor] = entry
     return entry
@@ -203,7 +204,7 @@ def _semi_structured(row_ptr, col_indices, values, rows, cols, dtype):
 
 def _check(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias):
     """O(1) checks (no device sync) that keep the kernels inside their buffers;
-    index contents were validated when the format was built."""
+    index contents are validated once per weight (:func:`_prepare`)."""
     dev = x.device
     if block_rows < 1 or block_cols < 1:
         raise ValueError(f"block dimensions must be positive, got {block_rows}x{block_cols}")
@@ -281,9 +282,8 @@ def linear_bsr_cuda(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Ten
 
     xk = _kernel_input(x2)
     y = torch.empty(tokens, out_features, dtype=dtype, device=x.device)
-    rp = prep.row_ptr if prep.row_ptr is not None else row_ptr
+    rp, col = prep.row_ptr, prep.col_indices  # the validated private copies, never the caller's arrays
     vals = prep.values if prep.values is not None else values
-    col = prep.col_indices if prep.col_indices is not None else col_indices
     b32 = _converted_bias(prep, bias, torch.float32)
     if tokens > 0 and out_features > 0:
         device_index, stream = _launch_context(x)
@@ -301,6 +301,8 @@ def linear_bsr_cuda(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Ten
 @linear_bsr.register_kernel("cuda")
 def _linear_bsr_cuda(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias,
                      activation, num_threads):
+    check_linear_args(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias, activation,
+                      num_threads)
     return linear_bsr_cuda(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias,
                            activation, num_threads)
 
@@ -332,5 +334,7 @@ def conv2d_bsr_cuda(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Ten
 @conv2d_bsr.register_kernel("cuda")
 def _conv2d_bsr_cuda(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows, block_cols,
                      bias, stride, padding, dilation, groups, activation, num_threads):
+    check_conv_args(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows, block_cols, bias,
+                    stride, padding, dilation, groups, activation, num_threads)
     return conv2d_bsr_cuda(x, row_ptr, col_indices, values, out_channels, kernel_size, block_rows,
                            block_cols, bias, stride, padding, dilation, groups, activation, num_threads)
