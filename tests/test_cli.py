@@ -273,9 +273,13 @@ def test_prune_and_sparsify_say_why_the_file_is_not_smaller(tmp_path, hf_dir):
 
 def _run_on_a_terminal(*args) -> tuple[int, str, str]:
     """The CLI with stderr on a pseudo-terminal (as a person runs it): (status, stdout, stderr)."""
+    import fcntl
     import pty
+    import struct
+    import termios
 
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a terminal 160 columns wide
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sparsert", *map(str, args)], stdout=subprocess.PIPE,
@@ -290,10 +294,9 @@ def _run_on_a_terminal(*args) -> tuple[int, str, str]:
         if not chunk:
             break
         chunks.append(chunk)
-    out = proc.stdout.read().decode()
-    proc.wait(timeout=600)
+    out, _ = proc.communicate(timeout=600)  # (closes the pipe)
     os.close(master)
-    return proc.returncode, out, b"".join(chunks).decode(errors="replace")
+    return proc.returncode, out.decode(), b"".join(chunks).decode(errors="replace")
 
 
 def test_progress_on_a_terminal_only_and_never_under_json(tmp_path):
