@@ -34,9 +34,17 @@ class CliError(Exception):
     """A problem with the user's input: reported as one line, exit status 1."""
 
 
+class UsageError(Exception):
+    """Bad command-line arguments: reported as one line, exit status 2."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{message} (see '{prog} --help')")
+        self.prog = prog
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not the usage block
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+    def error(self, message: str):  # one line, not the usage block; main() says it (as JSON under --json)
+        raise UsageError(self.prog, message)
 
 
 # ---------------------------------------------------------------------------
@@ -116,13 +124,88 @@ def _resolve(spec: str, *, allow_pt2: bool = False, trust_pickle: bool = False):
 
 
 def _inputs(wl, shape: str | None):
+    """The example inputs: the model's usual ones, or --example-shape's, checked to run the model."""
     from .models import parse_shape
 
     if shape is None and "example_inputs" in wl.extra:
         return wl.extra["example_inputs"]
     if shape is None and not wl.default_shape:
         raise CliError(f"{wl.name}: give the input shape with --example-shape (e.g. 1x128)")
-    return wl.example_inputs(parse_shape(shape) if shape else None)
+    if shape is None:
+        return wl.example_inputs(None)
+    flag = f"--example-shape {shape}"
+    try:
+        dims = parse_shape(shape)
+        positions = getattr(getattr(wl.model, "config", None), "max_position_embeddings", None)
+        if wl.family == "hf" and len(dims) == 2 and isinstance(positions, int) and dims[1] > positions:
+            raise ValueError(f"{wl.name} takes at most {positions} tokens per sequence, got {dims[1]}")
+        if "example_inputs" in wl.extra:  # a .pt2: inputs like those it was exported with, at this shape
+            inputs = _inputs_like(wl.extra["example_inputs"], dims)
+        else:
+            inputs = wl.example_inputs(dims)
+    except ValueError as e:
+        raise CliError(f"{flag}: {e}") from None
+    _check_runs(wl, inputs, flag)
+    return inputs
+
+
+def _inputs_like(example, dims: tuple):
+    """``example``'s structure and dtypes at shape ``dims``: random floats, and integers
+    drawn from the example's own values (token ids, masks)."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    def like(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.dim() != len(dims):
+            raise ValueError(f"the program takes {t.dim()}-D inputs (it was exported with "
+                             f"{'x'.join(map(str, t.shape))}), got {len(dims)}-D")
+        if t.is_floating_point() or t.numel() == 0:
+            return torch.randn(dims, generator=torch.Generator().manual_seed(0)).to(t.dtype)
+        flat = t.reshape(-1)
+        return flat[torch.randint(0, flat.numel(), dims, generator=torch.Generator().manual_seed(0))]
+
+    return pytree.tree_map(like, example)
+
+
+def _check_runs(wl, inputs, flag: str) -> None:
+    """One forward on ``inputs``; a CliError in the CLI's terms (what the model takes) if it fails."""
+    import torch
+
+    from .convert import call_model
+
+    try:
+        with torch.no_grad():
+            call_model(wl.model, inputs)
+    except Exception:
+        raise CliError(f"{flag}: {wl.name} does not run on inputs of this shape; {_expected_inputs(wl)}") from None
+
+
+def _expected_inputs(wl) -> str:
+    """What a model takes, in words, for error messages."""
+    from torch import nn
+
+    if "example_inputs" in wl.extra or type(wl.model).__name__ in ("GraphModule", "_UnliftedModule"):
+        from .io.export import input_shapes
+
+        try:
+            shapes = input_shapes(wl.model)
+        except Exception:  # noqa: BLE001 - only a hint
+            shapes = {}
+        if shapes:
+            return "it takes " + ", ".join(f"{name} {s}" for name, s in shapes.items())
+    if wl.family == "hf":
+        positions = getattr(getattr(wl.model, "config", None), "max_position_embeddings", None)
+        return "it takes token ids BATCHxTOKENS" + (f", at most {positions} tokens" if positions else "")
+    if wl.family == "digits":
+        return "it takes images Nx1x8x8"
+    for m in wl.model.modules():
+        if isinstance(m, nn.Linear) or type(m).__name__ == "SparseLinear":
+            return f"its first layer takes {m.in_features} features (e.g. 1x{m.in_features})"
+        if isinstance(m, nn.Conv2d) or type(m).__name__ == "SparseConv2d":
+            return f"its first layer takes {m.in_channels} channels (e.g. 1x{m.in_channels}x32x32)"
+    return "give the shape the model takes"
 
 
 def _kind_for_pattern(pattern: str) -> str:
@@ -170,6 +253,31 @@ def _inspect_text(s: dict) -> str:
     return "\n".join(out)
 
 
+def _show_progress(args) -> bool:
+    """Progress bars (on stderr) only for a person at a terminal: never under --json, never into a log."""
+    return not args.json and sys.stderr.isatty()
+
+
+class _Steps:
+    """One progress bar over a command's steps, named as they start (stderr; off unless ``enabled``)."""
+
+    def __init__(self, enabled: bool):
+        from tqdm import tqdm
+
+        self._bar = tqdm(disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True,
+                         bar_format="{desc} [{elapsed}]")
+        self._started = False
+
+    def start(self, step: str) -> None:
+        if self._started:
+            self._bar.update(1)
+        self._started = True
+        self._bar.set_description_str(step)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 def _emit(args, data: dict, text: str) -> None:
     if args.json:
         print(json.dumps(data, indent=2, default=str))
@@ -189,13 +297,51 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _check_output(path: str, suffixes=(".sparsert", ".safetensors")) -> Path:
+#: what -o accepts: a sparsert file (prune, sparsify) or a torch.export program (sparsify)
+SPARSERT_SUFFIXES = (".sparsert", ".safetensors")
+PROGRAM_SUFFIX = ".pt2"
+
+
+def _check_writable(path: str, flag: str) -> Path:
+    """``path`` can be written: not a directory, in an existing, writable directory."""
     out = Path(path)
     if out.is_dir():
-        raise CliError(f"-o {path}: is a directory; give a file name")
-    if not out.parent.exists():
-        raise CliError(f"-o {path}: directory {str(out.parent)!r} does not exist")
+        raise CliError(f"{flag} {path}: is a directory; give a file name")
+    parent = out.parent
+    if not parent.is_dir():
+        raise CliError(f"{flag} {path}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CliError(f"{flag} {path}: directory {str(parent)!r} is not writable")
     return out
+
+
+def _check_output(path: str, program: bool = False) -> Path:
+    """The -o file, checked before any work: its suffix says what is written."""
+    name = Path(path).name.lower()
+    if not name.endswith(SPARSERT_SUFFIXES + ((PROGRAM_SUFFIX,) if program else ())):
+        wanted = "a sparsert file name ending in .sparsert (or .safetensors)"
+        if program:
+            wanted += ", or .pt2 for a torch.export program"
+        raise CliError(f"-o {path}: expected {wanted}")
+    return _check_writable(path, "-o")
+
+
+def _check_plot(path: str) -> None:
+    """--plot's file, checked before the benchmark runs: matplotlib present, a format it writes."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CliError("--plot needs matplotlib: pip install matplotlib") from None
+    supported = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in supported:
+        raise CliError(f"--plot {path}: expected an image file name ending in "
+                       f"{', '.join('.' + k for k in sorted(supported))}")
+    _check_writable(path, "--plot")
 
 
 def cmd_prune(args) -> int:
@@ -203,6 +349,7 @@ def cmd_prune(args) -> int:
 
     from . import io
     from .convert import sparsify
+    from .io.sizes import size_breakdown, size_note
     from .prune import Pruner, finetune, parse_pattern, report
 
     out = _check_output(args.output)
@@ -210,46 +357,62 @@ def cmd_prune(args) -> int:
         parse_pattern(args.pattern)
     except (ValueError, TypeError) as e:
         raise CliError(f"--pattern {args.pattern!r}: {e}") from None
-    t0 = time.perf_counter()
-    wl = _resolve(args.model)
-    if _has_sparse(wl.model):
-        wl.model = densify(wl.model)
-    dense = copy.deepcopy(wl.model)
-    before = wl.quality(dense, dense)
-    pruner = Pruner(wl.model, importance=args.importance, pattern=args.pattern, sparsity=args.sparsity,
-                    scope=args.scope, exclude=args.exclude or ())
-    if pruner.criterion.needs_data or args.calib:
-        pruner.calibrate(wl.calibration(args.calib, limit=args.calib_batches), wl.loss_fn())
-    while True:
-        pruner.step()
-        if pruner.done:
-            break
-    refit = {}
-    if args.reconstruct:
-        from .prune import reconstruct
-        refit = reconstruct(wl.model, dense, list(wl.calibration(args.calib, limit=args.calib_batches)))
-    tuned = []
-    if args.finetune_epochs:
-        data = wl.train_batches()
-        if data is None:
-            raise CliError(f"{wl.name}: no fine-tuning data for this model; use --finetune-epochs 0")
-        kw: dict[str, Any] = {}
-        if wl.family == "hf":
-            kw = {"teacher": dense, "alpha": 1.0, "distill_fn": lambda s, t: torch.nn.functional.mse_loss(s, t)}
-        tuned = finetune(wl.model, data, epochs=args.finetune_epochs, lr=args.lr, **kw)
-    wl.model.eval()
-    after = wl.quality(wl.model, dense)
-    rep = report(wl.model)
-    kind = _kind_for_pattern(args.pattern)
-    sparse = sparsify(wl.model, format=kind, check=False)
-    info = io.save(sparse, out)
-    summ = io.summary(out)
+    show = _show_progress(args)
+    steps = _Steps(show)
+    try:
+        t0 = time.perf_counter()
+        steps.start(f"loading {args.model}")
+        wl = _resolve(args.model)
+        if _has_sparse(wl.model):
+            wl.model = densify(wl.model)
+        dense = copy.deepcopy(wl.model)
+        steps.start("measuring the dense model's quality")
+        before = wl.quality(dense, dense)
+        pruner = Pruner(wl.model, importance=args.importance, pattern=args.pattern, sparsity=args.sparsity,
+                        scope=args.scope, exclude=args.exclude or (), progress=show)
+        if pruner.criterion.needs_data or args.calib:
+            steps.start(f"calibrating ({args.importance})")
+            pruner.calibrate(wl.calibration(args.calib, limit=args.calib_batches), wl.loss_fn())
+        steps.start(f"pruning to {args.sparsity:g} ({args.pattern})")
+        while True:
+            pruner.step()
+            if pruner.done:
+                break
+        refit = {}
+        if args.reconstruct:
+            from .prune import reconstruct
+            steps.start("reconstructing the kept weights")
+            refit = reconstruct(wl.model, dense, list(wl.calibration(args.calib, limit=args.calib_batches)),
+                                progress=show)
+        tuned = []
+        if args.finetune_epochs:
+            steps.start("fine-tuning")
+            data = wl.train_batches()
+            if data is None:
+                raise CliError(f"{wl.name}: no fine-tuning data for this model; use --finetune-epochs 0")
+            kw: dict[str, Any] = {}
+            if wl.family == "hf":
+                kw = {"teacher": dense, "alpha": 1.0, "distill_fn": lambda s, t: torch.nn.functional.mse_loss(s, t)}
+            tuned = finetune(wl.model, data, epochs=args.finetune_epochs, lr=args.lr, progress=show, **kw)
+        wl.model.eval()
+        steps.start("measuring the pruned model's quality")
+        after = wl.quality(wl.model, dense)
+        rep = report(wl.model)
+        kind = _kind_for_pattern(args.pattern)
+        steps.start(f"packing ({kind}) and saving")
+        sparse = sparsify(wl.model, format=kind, check=False, progress=False)
+        info = io.save(sparse, out)
+        summ = io.summary(out)
+        sizes = size_breakdown(out, sparse)
+    finally:
+        steps.close()
     data = {"model": wl.name, "output": str(out), "sparsity": rep.sparsity, "format": kind,
             "quality_before": before, "quality_after": after, "finetune_loss": tuned,
             "reconstruct": {name: None if e is None else {"error_before": e[0], "error_after": e[1]}
                             for name, e in refit.items()},
             "file_bytes": info["file_bytes"], "dense_equivalent_bytes": summ["dense_equivalent_bytes"],
-            "compression": summ["compression"], "seconds": time.perf_counter() - t0,
+            "compression": summ["compression"], "sizes": sizes, "size_note": size_note(sizes),
+            "seconds": time.perf_counter() - t0,
             "layers": [{"layer": l.name, "sparsity": l.sparsity, "params": l.params} for l in rep.layers]}
     text = "\n".join([
         str(rep),
@@ -259,6 +422,7 @@ def cmd_prune(args) -> int:
         f"wrote {out} ({kind}): {_fmt_bytes(info['file_bytes'])}, {summ['compression']:.2f}x smaller than the "
         f"dense state_dict ({_fmt_bytes(summ['dense_equivalent_bytes'])}); "
         f"next: sparsert sparsify {out} -o {out.with_suffix('')}-fast.sparsert",
+        f"size: {size_note(sizes)}",
     ])
     _emit(args, data, text)
     return 0
@@ -282,22 +446,28 @@ def _q(q: dict) -> str:
 def cmd_sparsify(args) -> int:
     from . import io
     from .convert import sparsify
+    from .io.sizes import size_breakdown, size_note
 
-    out = _check_output(args.output)
+    out = _check_output(args.output, program=True)
     wl = _resolve(args.model)
     if _has_sparse(wl.model):
         wl.model = densify(wl.model)
     inputs = _inputs(wl, args.example_shape)
+    # a progress bar over the layers being timed (stderr, on a terminal only)
     sparse = sparsify(wl.model, format=args.format, example_inputs=inputs, min_speedup=args.min_speedup,
-                      threads=args.threads, verbose=not args.json and sys.stdout.isatty())  # a line per layer
+                      threads=args.threads, progress=_show_progress(args))
     plan = sparse.sparsity_plan
-    if out.suffix == ".pt2":
+    notes = [n for n in [plan.kept_dense_note()] if n]
+    if out.name.lower().endswith(PROGRAM_SUFFIX):
         program = io.export(sparse, inputs, out)
         written = {"path": str(out), "file_bytes": out.stat().st_size, "sparsert_ops": io.sparse_op_count(program)}
+        sizes = None
     else:
         written = io.save(sparse, out)
-    data = {"model": wl.name, "output": written, "plan": plan.as_dicts()}
-    text = f"{plan.table()}\nwrote {out}: {_fmt_bytes(written['file_bytes'])}"
+        sizes = size_breakdown(out, sparse)
+        notes.append(f"size: {size_note(sizes)}")
+    data = {"model": wl.name, "output": written, "plan": plan.as_dicts(), "sizes": sizes, "notes": notes}
+    text = "\n".join([plan.table(), f"wrote {out}: {_fmt_bytes(written['file_bytes'])}", *notes])
     _emit(args, data, text)
     return 0
 
@@ -305,6 +475,8 @@ def cmd_sparsify(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import benchmark
 
+    if args.plot:
+        _check_plot(args.plot)  # before minutes of benchmarking, not after
     wl = _resolve(args.model, allow_pt2=True, trust_pickle=args.trust_pickle)
     if args.dense:
         dense = _resolve(args.dense, allow_pt2=True, trust_pickle=args.trust_pickle).model
@@ -325,13 +497,8 @@ def cmd_bench(args) -> int:
 
 
 def _plot(result, path: str, title: str) -> None:
-    try:
-        import matplotlib
+    import matplotlib.pyplot as plt  # present: _check_plot ran first
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise CliError("--plot needs matplotlib: pip install matplotlib") from None
     layers = [t for t in result.layers if t.speedup is not None]
     fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(layers) + 2), 4))
     names = [t.name for t in layers] + ["end to end"]
@@ -374,6 +541,16 @@ def _int_at_least(low: int, what: str):
     return parse
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
 _positive_int = _int_at_least(1, "a positive integer")
 _nonneg_int = _int_at_least(0, "a non-negative integer")
 
@@ -407,8 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after pruning, refit the kept weights of every pruned layer to the dense model's outputs "
                         "on the calibration data (least squares, no training; zeros stay zero)")
     s.add_argument("--finetune-epochs", type=_nonneg_int, default=0, help="mask-preserving fine-tuning epochs")
-    s.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
-    s.add_argument("-o", "--output", required=True, metavar="OUT", help="sparsert file to write")
+    s.add_argument("--lr", type=_positive_float, default=1e-3, help="fine-tuning learning rate")
+    s.add_argument("-o", "--output", required=True, metavar="OUT", help="sparsert file to write (.sparsert)")
     s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("sparsify", parents=[common], help="choose each layer's fastest format and save it",
@@ -418,9 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", metavar="MODEL")
     s.add_argument("--example-shape", metavar="SHAPE", help="input shape, e.g. 1x128 (token ids) or 64x1x8x8")
     s.add_argument("--format", default="auto", help="auto (time the candidates) or csr, bsrRxC, nmN:M for all")
-    s.add_argument("--min-speedup", type=float, default=1.05, help="keep a layer dense unless this much faster")
+    s.add_argument("--min-speedup", type=_positive_float, default=1.05,
+                   help="keep a layer dense unless this much faster (default 1.05)")
     s.add_argument("--threads", type=_positive_int, default=None, help="threads for timing")
-    s.add_argument("-o", "--output", required=True, metavar="OUT", help="sparsert file or .pt2 to write")
+    s.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="sparsert file (.sparsert) or torch.export program (.pt2) to write")
     s.set_defaults(func=cmd_sparsify)
 
     s = sub.add_parser("bench", parents=[common], help="time a sparse model against its dense baseline",
@@ -447,24 +626,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(where: str, msg: str, kind: str, status: int, as_json: bool) -> int:
+    """Reports an error: one line on stderr, and under --json also one JSON object on stdout."""
+    print(f"{where}: error: {msg}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": msg, "type": kind, "command": where, "exit_status": status}))
+    return status
+
+
+_EXPECTED = (CliError, ValueError, TypeError, KeyError, OSError, RuntimeError, ImportError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        return _fail(e.prog, str(e), "usage", 2, as_json)
     where = f"{PROG} {args.command}"
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"{where}: interrupted", file=sys.stderr)
-        return 130
-    except (CliError, ValueError, TypeError, KeyError, OSError, RuntimeError, ImportError) as e:
+        return _fail(where, "interrupted", "interrupted", 130, args.json)
+    except Exception as e:
         if os.environ.get("SPARSERT_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, KeyError):
             msg = f"missing {msg}"
-        print(f"{where}: error: {msg}", file=sys.stderr)
-        return 1
+        if not isinstance(e, _EXPECTED):  # a bug, not the user's input
+            msg = f"internal error ({type(e).__name__}: {msg}); SPARSERT_DEBUG=1 shows the traceback"
+        kind = "input" if isinstance(e, CliError) else type(e).__name__
+        return _fail(where, msg, kind, 1, args.json)
 
 
 if __name__ == "__main__":  # pragma: no cover

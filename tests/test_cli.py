@@ -204,3 +204,111 @@ def test_the_readme_demo_runs_end_to_end(tmp_path):
 
     d = digits.load_data()
     assert digits.accuracy(loaded, d.x_test, d.y_test) > 0.8
+
+
+# --------------------------------------------------------------------------- first-hour rough edges
+def test_json_errors_are_one_json_object(tmp_path, small_file):
+    r = cli("inspect", tmp_path / "missing.sparsert", "--json")
+    assert r.returncode == 1
+    err = json.loads(r.stdout)
+    assert "no such file" in err["error"] and err["type"] == "SparsertFileError" and err["exit_status"] == 1
+    r = cli("prune", "digits-mlp", "--sparsity", "1.5", "-o", "x.sparsert", "--json")
+    assert r.returncode == 2
+    err = json.loads(r.stdout)
+    assert err["type"] == "usage" and "--sparsity: must be in [0, 1)" in err["error"]
+    one_line_error(r, 2, "sparsert prune: error:", "--sparsity")  # and still one line for people
+
+
+@pytest.mark.parametrize("args, code, match", [
+    (("bench", "SMALL", "--plot", "/nonexistent/p.png"), 1, "--plot /nonexistent/p.png: directory '/nonexistent' does not exist"),
+    (("bench", "SMALL", "--plot", "TMP/p.txt"), 1, "expected an image file name ending in"),
+    (("sparsify", "SMALL", "--min-speedup", "-1", "-o", "TMP/y.sparsert"), 2, "--min-speedup: must be a positive number, got -1"),
+    (("prune", "digits-mlp", "--lr", "0", "-o", "TMP/y.sparsert"), 2, "--lr: must be a positive number, got 0"),
+    (("sparsify", "SMALL", "-o", "TMP/y.txt"), 1, "-o TMP/y.txt: expected a sparsert file name ending in .sparsert"),
+    (("prune", "digits-mlp", "-o", "TMP/y.pt2"), 1, "expected a sparsert file name ending in .sparsert (or .safetensors)"),
+    (("sparsify", "digits-mlp", "--example-shape", "2x64", "-o", "TMP/y.sparsert"), 1,
+     "--example-shape 2x64: digits-mlp takes images of shape Nx1x8x8, got 2x64"),
+    (("sparsify", "digits-mlp", "--example-shape", "1xabc", "-o", "TMP/y.sparsert"), 1,
+     "--example-shape 1xabc: shape must look like 1x128"),
+])
+def test_each_rough_edge_is_one_line_in_the_clis_terms(tmp_path, small_file, args, code, match):
+    fill = lambda a: str(a).replace("SMALL", str(small_file)).replace("TMP", str(tmp_path))
+    r = cli(*map(fill, args))
+    one_line_error(r, code, "sparsert", fill(match))
+    assert "min_speedup" not in r.stderr and "Guard failed" not in r.stderr
+
+
+def test_example_shapes_a_model_cannot_take(tmp_path, hf_dir):
+    r = cli("sparsify", hf_dir, "--example-shape", "1x100000", "-o", tmp_path / "f.sparsert")
+    one_line_error(r, 1, "sparsert sparsify: error:", "--example-shape 1x100000: tiny-bert takes at most 64 tokens")
+    pruned, program = tmp_path / "p.sparsert", tmp_path / "f.pt2"
+    assert cli("prune", hf_dir, "--sparsity", "0.5", "--exclude", "pooler", "-o", pruned).returncode == 0
+    r = cli("sparsify", pruned, "--example-shape", "5x16", "--format", "csr", "-o", program)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # exported with 5x16: other batches and lengths run (dynamic shapes), too many tokens do not
+    r = cli("bench", program, "--dense", hf_dir, "--example-shape", "2x64", "--threads", "1", "--repeats", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli("bench", program, "--dense", hf_dir, "--example-shape", "2x65", "--repeats", "2")
+    one_line_error(r, 1, "sparsert bench: error:", "--example-shape 2x65: f.pt2 does not run on inputs of this "
+                   "shape; it takes input_ids any x up to 64")
+
+
+def test_prune_and_sparsify_say_why_the_file_is_not_smaller(tmp_path, hf_dir):
+    pruned = tmp_path / "p.sparsert"
+    r = cli("prune", hf_dir, "--sparsity", "0.5", "--exclude", "pooler", "-o", pruned, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(r.stdout)
+    sizes = data["sizes"]
+    # the tiny BERT's embeddings (200 + 64 + 2 rows of 32) are stored dense, as they are
+    assert sizes["embedding_bytes"] == 4 * 32 * (200 + 64 + 2)
+    assert sizes["index_bits"] == [16] and sizes["density"] == pytest.approx(0.5, abs=0.01)
+    assert sizes["file_bytes"] == pruned.stat().st_size
+    assert "embeddings are not pruned" in data["size_note"] and "16-bit indices cost" in data["size_note"]
+    r = cli("sparsify", pruned, "--example-shape", "1x16", "--threads", "1", "--min-speedup", "1000",
+            "-o", tmp_path / "f.sparsert")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "6 of 6 pruned layers kept dense: no sparse format was 1000x faster" in r.stdout
+    assert "size: " in r.stdout and "embeddings are not pruned" in r.stdout
+
+
+def _run_on_a_terminal(*args) -> tuple[int, str, str]:
+    """The CLI with stderr on a pseudo-terminal (as a person runs it): (status, stdout, stderr)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a terminal 160 columns wide
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sparsert", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=slave, cwd=ROOT, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    out, _ = proc.communicate(timeout=600)  # (closes the pipe)
+    os.close(master)
+    return proc.returncode, out.decode(), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_on_a_terminal_only_and_never_under_json(tmp_path):
+    out = tmp_path / "m.sparsert"
+    code, _, err = _run_on_a_terminal("prune", "digits-mlp", "--importance", "taylor", "-o", out)
+    assert code == 0, err[-3000:]
+    assert "calibrating (taylor)" in err and "taylor scores" in err and "measuring" in err
+    code, _, err = _run_on_a_terminal("sparsify", out, "--threads", "1", "-o", tmp_path / "f.sparsert")
+    assert code == 0, err[-3000:]
+    assert "sparsify" in err and "layer" in err
+    code, stdout, err = _run_on_a_terminal("prune", "digits-mlp", "--importance", "taylor", "-o", out, "--json")
+    assert code == 0 and json.loads(stdout)["output"] == str(out)
+    assert err.strip() == "", err  # nothing on the terminal under --json
+    r = cli("prune", "digits-mlp", "--importance", "taylor", "-o", out)  # not a terminal: no bars in logs
+    assert r.returncode == 0 and "\r" not in r.stderr and "calibrating" not in r.stderr, r.stderr

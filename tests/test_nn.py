@@ -150,8 +150,8 @@ def test_inference_mode_and_gradients():
     assert_close64(y, ref_linear(x, w, sl.bias, None))
     assert not sl.bias.requires_grad
     y = sl(x.requires_grad_())
-    with pytest.raises(RuntimeError, match="sparsert.linear_bsr"):
-        y.sum().backward()
+    y.sum().backward()  # x gets its gradient (tests/test_autograd.py); the packed weight none
+    assert_close64(x.grad, torch.ones(3, 8, dtype=torch.float64) @ w.double())
 
 
 def test_constructor_errors():
@@ -282,3 +282,18 @@ def test_dispatch_modes_see_the_op():
         watched = sl(x)
     assert "sparsert.linear_bsr.default" in rec.ops
     assert torch.equal(fast, watched)
+
+
+def test_inputs_of_the_wrong_width_are_refused_not_computed():
+    """The kernels read x's width as the weight's: a wider x was silently multiplied by a zero-padded weight."""
+    linear = nn.Linear(20, 8)
+    linear.weight.data[:, ::2] = 0
+    conv = nn.Conv2d(4, 8, 3)
+    conv.weight.data[:, :, 0] = 0
+    for kind in ("csr", "dense"):
+        with pytest.raises(ValueError, match="in_features=20"):
+            SparseLinear.from_dense(linear, kind)(torch.randn(3, 21))
+        with pytest.raises(ValueError, match=r"\(N, 4, H, W\)"):
+            SparseConv2d.from_dense(conv, kind)(torch.randn(1, 5, 9, 9))
+        with pytest.raises(ValueError, match=r"\(N, 4, H, W\)"):
+            SparseConv2d.from_dense(conv, kind)(torch.randn(4, 9))

@@ -92,6 +92,25 @@ class SparsityPlan(list):
             lines.append("folded BatchNorm: " + ", ".join(f"{b} -> {c}" for c, b in self.folded))
         return "\n".join(lines)
 
+    def kept_dense_note(self) -> str:
+        """One line on the layers ``sparsify`` left dense and why ("" when every layer is sparse):
+        how many were timed and not ``min_speedup`` faster (with the best ratio found), and
+        how many could not be timed."""
+        slow = [d for d in self if d.chosen == "dense" and d.candidates.get("dense") is not None
+                and any(k != "dense" and t is not None for k, t in d.candidates.items())]
+        untimed = [d for d in self if d.chosen == "dense" and d not in slow]
+        parts = []
+        if slow:
+            best = [d.candidates["dense"] / min(t for k, t in d.candidates.items() if k != "dense" and t is not None)
+                    for d in slow]
+            parts.append(f"{len(slow)} of {len(self)} pruned layers kept dense: no sparse format was "
+                         f"{self.min_speedup:g}x faster at their density "
+                         f"({min(d.density for d in slow):.2f}-{max(d.density for d in slow):.2f}; best sparse "
+                         f"{min(best):.2f}x-{max(best):.2f}x of dense)")
+        if untimed:
+            parts.append(f"{len(untimed)} kept dense untimed ({untimed[0].reason or 'no input'})")
+        return "; ".join(parts)
+
     def __str__(self) -> str:
         return self.table()
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import statistics
+import sys
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from .. import ops as _ops
 from ..formats import parse_kind
@@ -161,7 +163,7 @@ def _choose(decision: LayerDecision, built: dict, min_speedup: float, forced: Op
 def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_speedup: float = 1.05,
              inplace: bool = False, *, fold_bn: Optional[bool] = None, threads: Optional[int] = None,
              min_time: float = 0.05, rounds: int = 5, check: bool = True, exclude: Sequence[str] = (),
-             verbose: bool = False) -> nn.Module:
+             verbose: bool = False, progress: Optional[bool] = None) -> nn.Module:
     """Replaces every pruned ``nn.Linear`` / ``nn.Conv2d`` by a ``SparseLinear`` / ``SparseConv2d``.
 
     Args:
@@ -181,6 +183,8 @@ def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_sp
         min_time, rounds: timing budget per candidate (seconds) and interleaved rounds.
         check: compare the converted model with the original on ``example_inputs``.
         exclude: layer names (or name prefixes ending in ".") to leave dense.
+        verbose: print one line per layer (its choice).
+        progress: a progress bar over the layers on stderr (``None``: only when stderr is a terminal).
 
     Returns the sparse model with ``.sparsity_plan`` (a :class:`SparsityPlan`; ``print`` it).
     """
@@ -205,7 +209,7 @@ def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_sp
             if threads is not None:
                 torch.set_num_threads(threads)
             result = _sparsify(target, forced, example_inputs, min_speedup, fold_bn, min_time, rounds,
-                               check, exclude, verbose, n_threads, undo)
+                               check, exclude, verbose, progress, n_threads, undo)
     except BaseException:
         if inplace:
             rollback(undo)
@@ -220,8 +224,43 @@ def _excluded(name: str, exclude: Sequence[str]) -> bool:
     return any(name == e or (e.endswith(".") and name.startswith(e)) for e in exclude)
 
 
+def _convert_layer(model, name, captured, example_inputs, forced, plan, min_speedup, min_time, rounds, verbose,
+                   undo) -> None:
+    """Times one pruned layer's candidates, swaps in the chosen one and records the decision in ``plan``."""
+    module = model.get_submodule(name)
+    x = captured.get(name)
+    note = ""
+    if x is None and example_inputs is not None:
+        note = "not run by example_inputs"
+    elif x is None:
+        x = _default_input(module)
+        note = f"timed on {DEFAULT_TOKENS} random rows" if x is not None else "no input shape"
+    if forced is not None:
+        kinds = ["dense", forced]
+    else:
+        w = module.weight.detach()
+        kinds = candidate_formats(w.reshape(w.shape[0], -1))
+    if forced is None and x is None:
+        w = module.weight.detach()
+        w2d = w.reshape(w.shape[0], -1)
+        dens = float((w2d != 0).sum()) / max(w2d.numel(), 1)
+        nbytes = w2d.numel() * w2d.element_size()
+        plan.append(LayerDecision(name, type(module).__name__, tuple(w2d.shape), None, dens, {}, "dense",
+                                  None, note, nbytes, nbytes))
+        return
+    decision, built = _decide(name, module, x if (forced is None or example_inputs is not None) else None,
+                              kinds, forced is not None, min_time, rounds, note)
+    new = _choose(decision, built, min_speedup, forced)
+    if new is not None:
+        swap(model, name, new, undo)
+    plan.append(decision)
+    if verbose:
+        print(f"[sparsify] {name}: {decision.chosen}"
+              + (f" ({decision.speedup:.2f}x)" if decision.speedup else ""), flush=True)
+
+
 def _sparsify(model, forced, example_inputs, min_speedup, fold_bn, min_time, rounds, check, exclude,
-              verbose, n_threads, undo) -> nn.Module:
+              verbose, progress, n_threads, undo) -> nn.Module:
     layers, all_layers = _prunable(model)
     layers = [n for n in layers if not _excluded(n, exclude)]
     if not layers:
@@ -251,37 +290,15 @@ def _sparsify(model, forced, example_inputs, min_speedup, fold_bn, min_time, rou
 
     plan = SparsityPlan(format="auto" if forced is None else forced, min_speedup=min_speedup,
                         threads=n_threads, folded=folded)
-    for name in layers:
-        module = model.get_submodule(name)
-        x = captured.get(name)
-        note = ""
-        if x is None and example_inputs is not None:
-            note = "not run by example_inputs"
-        elif x is None:
-            x = _default_input(module)
-            note = f"timed on {DEFAULT_TOKENS} random rows" if x is not None else "no input shape"
-        if forced is not None:
-            kinds = ["dense", forced]
-        else:
-            w = module.weight.detach()
-            kinds = candidate_formats(w.reshape(w.shape[0], -1))
-        if forced is None and x is None:
-            w = module.weight.detach()
-            w2d = w.reshape(w.shape[0], -1)
-            dens = float((w2d != 0).sum()) / max(w2d.numel(), 1)
-            nbytes = w2d.numel() * w2d.element_size()
-            plan.append(LayerDecision(name, type(module).__name__, tuple(w2d.shape), None, dens, {}, "dense",
-                                      None, note, nbytes, nbytes))
-            continue
-        decision, built = _decide(name, module, x if (forced is None or example_inputs is not None) else None,
-                                  kinds, forced is not None, min_time, rounds, note)
-        new = _choose(decision, built, min_speedup, forced)
-        if new is not None:
-            swap(model, name, new, undo)
-        plan.append(decision)
-        if verbose:
-            print(f"[sparsify] {name}: {decision.chosen}"
-                  + (f" ({decision.speedup:.2f}x)" if decision.speedup else ""), flush=True)
+    bar = tqdm(layers, desc="sparsify", unit="layer", file=sys.stderr, leave=False, dynamic_ncols=True,
+               disable=not (sys.stderr.isatty() if progress is None else progress))
+    try:
+        for name in bar:
+            bar.set_postfix_str(name, refresh=False)
+            _convert_layer(model, name, captured, example_inputs, forced, plan, min_speedup, min_time, rounds,
+                           verbose, undo)
+    finally:
+        bar.close()
 
     if check and reference is not None and not model.training:
         try:

@@ -145,7 +145,9 @@ def dense_from_blocks(row_ptr: torch.Tensor, col_indices: torch.Tensor, values: 
     nbr, nbc = -(-rows // r), -(-cols // c)
     grid = values.new_zeros(nbr, nbc, r, c)
     counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
-    block_row = torch.repeat_interleave(torch.arange(nbr, device=counts.device), counts).to(values.device)
+    # output_size: the result's length is known without reading counts, so this traces (backward under compile)
+    block_row = torch.repeat_interleave(torch.arange(nbr, device=counts.device), counts,
+                                        output_size=col_indices.numel()).to(values.device)
     grid.index_put_((block_row, decode_indices(col_indices).to(values.device)), values.reshape(-1, r, c),
                     accumulate=True)
     return grid.permute(0, 2, 1, 3).reshape(nbr * r, nbc * c)[:rows, :cols].contiguous()

@@ -23,9 +23,10 @@ dense         ``packed_weight``
 the kernels compute in) even after ``module.half()``/``.double()``; inputs of
 other dtypes are computed in float32 and cast back.
 
-These layers are for inference: gradients flow to the input of a dense-packed
-layer only, and ``backward`` through a sparse one raises torch's error naming
-``sparsert.linear_bsr`` (no autograd formula is registered for the op).
+These layers are for inference, with frozen weights: gradients flow through
+them to their input (and to a bias that requires grad), eagerly and under
+``torch.compile``, so the layers before them can train; the packed weight gets
+no gradient (see :mod:`sparsert.ops.schema`).
 """
 
 from __future__ import annotations
@@ -189,6 +190,9 @@ class SparseLinear(_PackedWeight):
         return _with_params(out, w, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:  # (the kernels take x's width as the weight's: check it is)
+            raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features="
+                             f"{self.in_features}")
         if self._fmt is None:
             return _ops.linear(x, self.packed_weight, self.bias, self.activation)
         rp, ci, val = self._kernel_arrays()
@@ -267,6 +271,9 @@ class SparseConv2d(_PackedWeight):
         return _with_params(out, w, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:  # (the kernels take x's channels as given)
+            raise ValueError(f"x must be (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), got shape "
+                             f"{tuple(x.shape)}")
         if self._fmt is None:
             w = self.weight_4d()
             x = _ops.conv.apply_pre_pad(x, self._pre_pad, self.padding_mode)

@@ -14,6 +14,9 @@ None      0     nothing (0)    -
 "gelu"    2     nothing (0)    ``F.gelu``
 "relu6"   3     ReLU (1)       ``clamp(max=6)``
 ========  ====  =============  ===========================
+
+:func:`grad_before` is the epilogue's derivative: what the ops' autograd
+formulas use to take a gradient back through it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Epilogue", "EPILOGUES", "NAMES", "code_of", "name_of", "kernel_code", "finish", "reference", "as_module"]
+__all__ = ["Epilogue", "EPILOGUES", "NAMES", "code_of", "name_of", "kernel_code", "finish", "reference", "as_module",
+           "grad_before"]
 
 #: the native kernels' own activation codes (csrc: 0 none, 1 relu)
 KERNEL_NONE, KERNEL_RELU = 0, 1
@@ -91,6 +95,24 @@ def reference(y: Tensor, code: int) -> Tensor:
     if e.kernel == KERNEL_RELU:
         y = torch.relu(y)  # a new tensor: an in-place ``after`` (relu6) cannot touch the caller's y
     return y if e.after is None else e.after(y)
+
+
+def grad_before(code: int, grad_y: Tensor, y: Tensor, pre_activation: Callable[[], Tensor]) -> Tensor:
+    """The gradient with respect to the product before the epilogue, from the
+    gradient ``grad_y`` with respect to the op's output ``y``: what torch's own
+    ReLU / ReLU6 / GELU backward compute. ReLU and ReLU6 read the mask off ``y``
+    (``y`` is in (0, 6) exactly where the product is); GELU needs the product
+    itself, which ``pre_activation()`` recomputes (only then)."""
+    name = _get(code).name
+    if name is None:
+        return grad_y
+    if name == "relu":
+        return grad_y.masked_fill(y <= 0, 0)
+    if name == "relu6":
+        return grad_y.masked_fill((y <= 0) | (y >= 6), 0)
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(grad_y, pre_activation())
+    raise AssertionError(f"no derivative for epilogue {name!r}")  # every entry of EPILOGUES has one above
 
 
 def _get(code: int) -> Epilogue:
