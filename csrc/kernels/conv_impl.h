@@ -469,6 +469,16 @@ static void conv_kernel(const BlockSparseMatrix& w, const ConvShape& sh, const C
   else by_image<conv_run<R, C, RT, NV, S, int32_t>>(w, sh, a);
 }
 
+}  // namespace SPARSERT_ISA
+}  // namespace sparsert
+
+// Registration runs on every CPU, so it is compiled for the baseline ISA: an
+// AVX-512 string copy here crashed the registry on AVX2-only CPUs.
+#include "isa_target_end.inc"
+
+namespace sparsert {
+namespace SPARSERT_ISA {
+
 // Registers the pointwise and the general kernel for R x C blocks.
 template <int R, int C, int RT, int NV, int S>
 void add_conv_tile(std::vector<ConvKernelInfo>& out) {
@@ -481,5 +491,3 @@ void add_conv_tile(std::vector<ConvKernelInfo>& out) {
 
 }  // namespace SPARSERT_ISA
 }  // namespace sparsert
-
-#include "isa_target_end.inc"

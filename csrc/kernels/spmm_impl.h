@@ -501,6 +501,10 @@ static void spmv_kernel(const BlockSparseMatrix& w, const SpmmArgs& a) {
 }  // namespace SPARSERT_ISA
 }  // namespace sparsert
 
+// Registration runs on every CPU, so it is compiled for the baseline ISA: an
+// AVX-512 string copy here crashed the registry on AVX2-only CPUs.
+#include "isa_target_end.inc"
+
 // ---------------------------------------------------------------------------
 // Registration: each ISA file lists its tiles with these helpers.
 // ---------------------------------------------------------------------------
@@ -528,5 +532,3 @@ void add_tile(std::vector<KernelInfo>& out) {
 
 }  // namespace SPARSERT_ISA
 }  // namespace sparsert
-
-#include "isa_target_end.inc"
