@@ -15,6 +15,7 @@
 namespace py = pybind11;
 
 void bind_conv(py::module_& m);  // bindings_conv.cc
+void bind_bitmask(py::module_& m);  // spmm/bindings_bitmask.cc
 
 namespace {
 
@@ -108,4 +109,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads"), py::arg("kernel") = "",
         "y = act(x @ W^T + bias) for block-sparse W given as raw addresses; returns the kernel used.");
   bind_conv(m);
+  bind_bitmask(m);
 }

@@ -1,0 +1,418 @@
+// The bitmask kernels (see sparsert/spmm_bitmask.h), written once and
+// compiled per ISA: bitmask_scalar.cc, bitmask_avx2.cc, bitmask_avx512.cc
+// define SPARSERT_ISA (a namespace), SPARSERT_VEC_FLOATS and the target, then
+// include this file.
+//
+// Two kernel families, one per regime:
+//   spmv  Few tokens (decode). Per row and group of 16 columns, the packed
+//         values are expanded into a 16-lane weight vector in registers (zero
+//         where the mask bit is clear) and multiplied with 16 contiguous x:
+//         AVX-512 does it with one vexpandps load (exactly popcount floats
+//         read), AVX2 with a permute from a 256-entry index table and a
+//         blend that zeroes the clear lanes. Four rows share each x load.
+//         The FMAs include the zeros (dense work), but for a token or two
+//         the layer is bound by the bytes it reads, which the format halves.
+//   spmm  Many tokens. x is packed into token panels xp[k][P] (P tokens per
+//         column k), and each stored value is broadcast and multiplied with
+//         the panel row of its column: only the nonzeros cost FMAs. The
+//         column of each value comes from the mask bits (tzcnt), not from an
+//         index array. Rows are done in blocks of kRowBlock whose accumulators
+//         stay in L1 while the columns go by in 64-column steps (one 64-bit
+//         mask word per row), so each 64 x P slice of the panel is loaded from
+//         L2 once per row block and then reused from L1 by every row of it.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "sparsert/spmm_bitmask.h"
+#include "../runtime/thread_pool.h"
+
+#if defined(SPARSERT_BITMASK_AVX2) || defined(SPARSERT_BITMASK_AVX512)
+#include <immintrin.h>
+#endif
+
+#include "../kernels/isa_target_begin.inc"
+
+#ifndef SPARSERT_ISA
+#error "define SPARSERT_ISA before including bitmask_impl.h"
+#endif
+
+namespace sparsert {
+namespace SPARSERT_ISA {
+namespace bitmask {
+
+constexpr int VW = SPARSERT_VEC_FLOATS;  // floats per vector
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vf_unaligned __attribute__((vector_size(VW * 4), aligned(4)));
+
+static inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+static inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
+static inline vf splat(float s) { return vf{} + s; }
+
+// 64-byte aligned scratch that only grows; one per thread.
+struct Scratch {
+  float* data = nullptr;
+  size_t capacity = 0;
+  float* get(size_t floats) {
+    if (floats > capacity) {
+      std::free(data);
+      const size_t bytes = ((floats * sizeof(float) + 63) / 64) * 64;
+      data = static_cast<float*>(std::aligned_alloc(64, bytes));
+      capacity = bytes / sizeof(float);
+    }
+    return data;
+  }
+  ~Scratch() { std::free(data); }
+};
+
+// Splits rows [0, rows) into `parts` contiguous ranges of about equal cost:
+// the stored values plus a fixed cost per mask group.
+inline void balanced_rows(const BitmaskMatrix& w, int parts, std::vector<int64_t>& bounds) {
+  bounds.assign(parts + 1, w.rows);
+  bounds[0] = 0;
+  const double group_cost = 1.0;  // mask load + expand, in values
+  const double per_row = group_cost * static_cast<double>(w.group_count());
+  const double total = static_cast<double>(w.row_offsets[w.rows]) + per_row * w.rows;
+  int64_t row = 0;
+  for (int p = 1; p < parts; ++p) {
+    const double target = total * p / parts;
+    int64_t lo = row, hi = w.rows;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (static_cast<double>(w.row_offsets[mid]) + per_row * mid < target) lo = mid + 1; else hi = mid;
+    }
+    row = lo;
+    bounds[p] = row;
+  }
+}
+
+static inline float activate(float v, bool relu) { return relu && v < 0.0f ? 0.0f : v; }
+
+// ---------------------------------------------------------------------------
+// spmv: a 16-lane weight vector expanded from the packed values
+// ---------------------------------------------------------------------------
+
+#if defined(SPARSERT_BITMASK_AVX512)
+struct W16 { __m512 v; };
+static inline W16 w16_zero() { return {_mm512_setzero_ps()}; }
+static inline W16 w16_load(const float* p) { return {_mm512_loadu_ps(p)}; }
+// acc += expand(mask, p) * x; returns the values consumed.
+static inline int fma_expanded(W16& acc, unsigned mask, const float* p, const W16& x) {
+  const __m512 w = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(mask), p);
+  acc.v = _mm512_fmadd_ps(w, x.v, acc.v);
+  return __builtin_popcount(mask);
+}
+static inline float w16_sum(const W16& a) {
+  const __m256 lo = _mm512_castps512_ps256(a.v);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.v), 1));
+  const __m256 s = _mm256_add_ps(lo, hi);
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+struct ExpandContext {};
+#elif defined(SPARSERT_BITMASK_AVX2)
+struct W16 { __m256 lo, hi; };
+static inline W16 w16_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline W16 w16_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+// For each 8-bit mask: lane j takes packed value number rank(j) (the set bits
+// below j); clear lanes hold INT32_MIN, whose sign bit the blend turns into
+// a zero and whose low bits (0) keep the permute in range.
+struct ExpandTable {
+  alignas(32) int32_t idx[256][8];
+  ExpandTable() {
+    for (int m = 0; m < 256; ++m) {
+      int rank = 0;
+      for (int j = 0; j < 8; ++j) idx[m][j] = (m >> j & 1) ? rank++ : INT32_MIN;
+    }
+  }
+};
+static const ExpandTable& expand_table() {
+  static const ExpandTable table;
+  return table;
+}
+struct ExpandContext {
+  const ExpandTable& table = expand_table();
+};
+static inline __m256 expand8(const ExpandTable& t, unsigned m8, const float* p) {
+  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.idx[m8]));
+  const __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx);
+  return _mm256_blendv_ps(w, _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
+}
+static inline int fma_expanded(const ExpandContext& c, W16& acc, unsigned mask, const float* p,
+                               const W16& x) {
+  const unsigned lo = mask & 0xFF, hi = mask >> 8;
+  const int nlo = __builtin_popcount(lo);
+  acc.lo = _mm256_fmadd_ps(expand8(c.table, lo, p), x.lo, acc.lo);
+  acc.hi = _mm256_fmadd_ps(expand8(c.table, hi, p + nlo), x.hi, acc.hi);
+  return nlo + __builtin_popcount(hi);
+}
+static inline float w16_sum(const W16& a) {
+  const __m256 s = _mm256_add_ps(a.lo, a.hi);
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+#else
+// Portable: 16 floats as a vector the compiler lowers to what the target has.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16_unaligned __attribute__((vector_size(64), aligned(4)));
+struct W16 { v16 v; };
+static inline W16 w16_zero() { return {v16{}}; }
+static inline W16 w16_load(const float* p) { return {*reinterpret_cast<const v16_unaligned*>(p)}; }
+static inline int fma_expanded(W16& acc, unsigned mask, const float* p, const W16& x) {
+  v16 w{};
+  int n = 0;
+  for (unsigned m = mask; m; m &= m - 1) w[__builtin_ctz(m)] = p[n++];
+  acc.v += w * x.v;
+  return n;
+}
+static inline float w16_sum(const W16& a) {
+  float s = 0.0f;
+  for (int j = 0; j < 16; ++j) s += a.v[j];
+  return s;
+}
+struct ExpandContext {};
+#endif
+
+#if defined(SPARSERT_BITMASK_AVX2)
+#define SPARSERT_FMA_EXPANDED(acc, mask, p, x) fma_expanded(ctx, acc, mask, p, x)
+#else
+#define SPARSERT_FMA_EXPANDED(acc, mask, p, x) fma_expanded(acc, mask, p, x)
+#endif
+
+// Rows [r0, r1) for one token; x holds group_count() * 16 floats (zero padded).
+// RT rows at a time share every x load.
+template <int RT>
+static void spmv_rows(const BitmaskMatrix& w, const float* x, float* y, int64_t r0, int64_t r1,
+                      const float* bias, bool relu) {
+  const int64_t groups = w.group_count();
+  [[maybe_unused]] const ExpandContext ctx;
+  int64_t n = r0;
+  for (; n + RT <= r1; n += RT) {
+    const uint16_t* masks[RT];
+    const float* vals[RT];
+    W16 acc[RT];
+    for (int r = 0; r < RT; ++r) {
+      masks[r] = w.masks + (n + r) * groups;
+      vals[r] = w.values + w.row_offsets[n + r];
+      acc[r] = w16_zero();
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      const W16 xg = w16_load(x + g * kBitmaskGroup);
+      for (int r = 0; r < RT; ++r) vals[r] += SPARSERT_FMA_EXPANDED(acc[r], masks[r][g], vals[r], xg);
+    }
+    for (int r = 0; r < RT; ++r)
+      y[n + r] = activate(w16_sum(acc[r]) + (bias ? bias[n + r] : 0.0f), relu);
+  }
+  for (; n < r1; ++n) {
+    const uint16_t* mask = w.masks + n * groups;
+    const float* vals = w.values + w.row_offsets[n];
+    W16 acc = w16_zero();
+    for (int64_t g = 0; g < groups; ++g)
+      vals += SPARSERT_FMA_EXPANDED(acc, mask[g], vals, w16_load(x + g * kBitmaskGroup));
+    y[n] = activate(w16_sum(acc) + (bias ? bias[n] : 0.0f), relu);
+  }
+}
+
+template <int RT>
+static void spmv_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
+  const int threads = std::max(1, a.num_threads);
+  const int64_t padded = w.group_count() * kBitmaskGroup;
+  const bool relu = a.activation == Activation::kRelu;
+  std::vector<int64_t> bounds;
+  balanced_rows(w, threads, bounds);
+  parallel_run(threads, [&](int tid, int) {
+    static thread_local Scratch xpad_scratch;
+    float* xpad = xpad_scratch.get(static_cast<size_t>(padded));
+    for (int64_t t = 0; t < a.tokens; ++t) {
+      // A zero-padded copy: the last group may reach past the last column.
+      std::memcpy(xpad, a.x + t * a.x_row_stride, sizeof(float) * w.cols);
+      std::memset(xpad + w.cols, 0, sizeof(float) * (padded - w.cols));
+      spmv_rows<RT>(w, xpad, a.y + t * a.y_row_stride, bounds[tid], bounds[tid + 1], a.bias, relu);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// spmm: token panels, one broadcast FMA per stored value and vector of tokens
+// ---------------------------------------------------------------------------
+
+constexpr int kColStep = 64;   // columns per mask word
+constexpr int kRowBlock = 32;  // rows whose accumulators stay in L1 together
+
+// The 64-bit mask of row n over columns [step * 64, step * 64 + 64).
+static inline uint64_t mask_word(const BitmaskMatrix& w, int64_t groups, int64_t n, int64_t step) {
+  const uint16_t* m = w.masks + n * groups + step * 4;
+  const int64_t have = std::min<int64_t>(4, groups - step * 4);
+  if (have == 4) {
+    uint64_t word;
+    std::memcpy(&word, m, sizeof(word));  // little-endian: group j at bits 16j
+    return word;
+  }
+  uint64_t word = 0;
+  for (int64_t j = 0; j < have; ++j) word |= static_cast<uint64_t>(m[j]) << (16 * j);
+  return word;
+}
+
+// xp[k][P] = x[t0 + t][k] for t < valid, zero for later tokens and for
+// columns past `cols` (up to k_padded).
+template <int P>
+static void pack_panel(const SpmmArgs& a, int64_t cols, int64_t k_padded, int64_t t0, int64_t valid,
+                       float* xp) {
+  constexpr int TB = 8;  // tokens per pass: 8 input rows stream, the panel fills in lines
+  for (int64_t tb = 0; tb < P; tb += TB) {
+    for (int64_t k = 0; k < cols; ++k) {
+      float* dst = xp + k * P + tb;
+      for (int t = 0; t < TB; ++t)
+        dst[t] = tb + t < valid ? a.x[(t0 + tb + t) * a.x_row_stride + k] : 0.0f;
+    }
+  }
+  if (k_padded > cols) std::memset(xp + cols * P, 0, sizeof(float) * (k_padded - cols) * P);
+}
+
+// Rows [r0, r1) over one packed panel (tokens [t0, t0 + valid)). S
+// accumulator sets take turns over the stored values of a row to hide FMA
+// latency when the panel is narrow.
+template <int NV, int S>
+static void spmm_panel_rows(const BitmaskMatrix& w, const SpmmArgs& a, const float* xp, int64_t t0,
+                            int64_t valid, int64_t r0, int64_t r1) {
+  constexpr int P = NV * VW;
+  const int64_t groups = w.group_count();
+  const int64_t steps = (groups + 3) / 4;
+  const bool relu = a.activation == Activation::kRelu;
+  static thread_local Scratch acc_scratch;
+  float* acc = acc_scratch.get(static_cast<size_t>(kRowBlock) * P);
+  const float* cursor[kRowBlock];
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+    const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, r1 - rb));
+    for (int i = 0; i < nr; ++i) {
+      const vf b = splat(a.bias ? a.bias[rb + i] : 0.0f);
+      for (int v = 0; v < NV; ++v) store(acc + i * P + v * VW, b);
+      cursor[i] = w.values + w.row_offsets[rb + i];
+    }
+    for (int64_t step = 0; step < steps; ++step) {
+      const float* xs = xp + step * kColStep * P;
+      for (int i = 0; i < nr; ++i) {
+        uint64_t m = mask_word(w, groups, rb + i, step);
+        if (!m) continue;
+        const float* v = cursor[i];
+        int count = __builtin_popcountll(m);
+        cursor[i] = v + count;
+        vf s[S][NV];
+        for (int u = 0; u < NV; ++u) s[0][u] = load(acc + i * P + u * VW);
+        for (int q = 1; q < S; ++q)
+          for (int u = 0; u < NV; ++u) s[q][u] = vf{};
+        for (; count >= S; count -= S, v += S) {
+          for (int q = 0; q < S; ++q) {
+            const float* xr = xs + __builtin_ctzll(m) * P;
+            m &= m - 1;
+            const vf wv = splat(v[q]);
+            for (int u = 0; u < NV; ++u) s[q][u] += wv * load(xr + u * VW);
+          }
+        }
+        for (; count > 0; --count, ++v) {
+          const float* xr = xs + __builtin_ctzll(m) * P;
+          m &= m - 1;
+          const vf wv = splat(*v);
+          for (int u = 0; u < NV; ++u) s[0][u] += wv * load(xr + u * VW);
+        }
+        for (int u = 0; u < NV; ++u) {
+          vf sum = s[0][u];
+          for (int q = 1; q < S; ++q) sum += s[q][u];
+          store(acc + i * P + u * VW, sum);
+        }
+      }
+    }
+    // acc (rows x P) -> y (tokens x rows), with the activation.
+    for (int64_t t = 0; t < valid; ++t) {
+      float* yr = a.y + (t0 + t) * a.y_row_stride + rb;
+      for (int i = 0; i < nr; ++i) yr[i] = activate(acc[i * P + t], relu);
+    }
+  }
+}
+
+template <int NV, int S>
+static void spmm_run(const BitmaskMatrix& w, const SpmmArgs& a) {
+  constexpr int P = NV * VW;
+  const int64_t k_padded = (w.group_count() + 3) / 4 * kColStep;
+  const int64_t panels = (a.tokens + P - 1) / P;
+  const int threads = std::max(1, a.num_threads);
+  if (threads > 1 && panels % threads == 0) {
+    // Whole panels per thread: each packs and reads only its own.
+    std::atomic<int64_t> next{0};
+    parallel_run(threads, [&](int, int) {
+      static thread_local Scratch panel_scratch;
+      float* xp = panel_scratch.get(static_cast<size_t>(k_padded) * P);
+      for (int64_t p = next.fetch_add(1, std::memory_order_relaxed); p < panels;
+           p = next.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t valid = std::min<int64_t>(P, a.tokens - p * P);
+        pack_panel<P>(a, w.cols, k_padded, p * P, valid, xp);
+        spmm_panel_rows<NV, S>(w, a, xp, p * P, valid, 0, w.rows);
+      }
+    });
+    return;
+  }
+  // Otherwise rows are split; each thread packs every panel for itself
+  // (reading what another core just wrote costs more than packing it again).
+  std::vector<int64_t> bounds;
+  balanced_rows(w, threads, bounds);
+  parallel_run(threads, [&](int tid, int) {
+    static thread_local Scratch panel_scratch;
+    float* xp = panel_scratch.get(static_cast<size_t>(k_padded) * P);
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t valid = std::min<int64_t>(P, a.tokens - p * P);
+      pack_panel<P>(a, w.cols, k_padded, p * P, valid, xp);
+      spmm_panel_rows<NV, S>(w, a, xp, p * P, valid, bounds[tid], bounds[tid + 1]);
+    }
+  });
+}
+
+// Accumulator sets for NV vectors: about 8 independent FMA chains.
+constexpr int sets_for(int nv) { return nv >= 8 ? 1 : 8 / nv; }
+
+// The narrowest panel (NV a power of two <= NVMAX) that holds every token.
+template <int NVMAX>
+static void spmm_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
+  int nv = 1;
+  while (nv < NVMAX && static_cast<int64_t>(nv) * VW < a.tokens) nv *= 2;
+  switch (nv) {
+    case 1: return spmm_run<1, sets_for(1)>(w, a);
+    case 2: if constexpr (NVMAX >= 2) return spmm_run<2, sets_for(2)>(w, a); break;
+    case 4: if constexpr (NVMAX >= 4) return spmm_run<4, sets_for(4)>(w, a); break;
+    case 8: if constexpr (NVMAX >= 8) return spmm_run<8, sets_for(8)>(w, a); break;
+  }
+}
+
+}  // namespace bitmask
+}  // namespace SPARSERT_ISA
+}  // namespace sparsert
+
+// Registration runs on every CPU: compiled for the baseline ISA, so the
+// target region ends here (an AVX-512 string copy would crash an AVX2 CPU).
+#include "../kernels/isa_target_end.inc"
+
+#define SPARSERT_BITMASK_STR2(x) #x
+#define SPARSERT_BITMASK_STR(x) SPARSERT_BITMASK_STR2(x)
+
+namespace sparsert {
+namespace SPARSERT_ISA {
+
+// Registers this ISA's spmv (RT rows per x load) and spmm (panels of up to
+// NVMAX vectors) bitmask kernels.
+template <int RT, int NVMAX>
+void add_bitmask_kernels(std::vector<BitmaskKernelInfo>& out) {
+  const std::string isa = SPARSERT_BITMASK_STR(SPARSERT_ISA);
+  out.push_back({"f32_spmv_bitmask16_" + isa, isa, "spmv", 1, kBitmaskGroup, &bitmask::spmv_kernel<RT>});
+  out.push_back({"f32_spmm_bitmask16_" + isa, isa, "spmm", 1, kBitmaskGroup, &bitmask::spmm_kernel<NVMAX>});
+}
+
+}  // namespace SPARSERT_ISA
+}  // namespace sparsert

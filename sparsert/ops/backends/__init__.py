@@ -1,0 +1,1 @@
+"""Per-device implementations behind the sparsert ops."""
