@@ -164,3 +164,10 @@ def test_binding_checks_lengths():
     with pytest.raises(ValueError, match="masks has"):
         native().spmm_bitmask(4, 20, masks.data_ptr(), masks.numel() - 1, offsets.data_ptr(), offsets.numel(),
                               values.data_ptr(), values.numel(), x.data_ptr(), 1, 20, y.data_ptr(), 4, 0, 0, 1, "")
+
+
+def test_from_dense_rejects_non_finite_weights():
+    w = torch.ones(3, 20)
+    w[1, 7] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        Bitmask.from_dense(w)

@@ -14,12 +14,13 @@
 //         the layer is bound by the bytes it reads, which the format halves.
 //   spmm  Many tokens. x is packed into token panels xp[k][P] (P tokens per
 //         column k), and each stored value is broadcast and multiplied with
-//         the panel row of its column: only the nonzeros cost FMAs. The
-//         column of each value comes from the mask bits (tzcnt), not from an
-//         index array. Rows are done in blocks of kRowBlock whose accumulators
-//         stay in L1 while the columns go by in 64-column steps (one 64-bit
-//         mask word per row), so each 64 x P slice of the panel is loaded from
-//         L2 once per row block and then reused from L1 by every row of it.
+//         the panel row of its column: only the nonzeros cost FMAs. Columns
+//         come from the masks, decoded per row and step into a small index
+//         buffer without branches (a 256-entry table per mask byte), not from
+//         a stored index array. Rows go in blocks of kRowBlock whose
+//         accumulators stay in L1 while the columns go by in steps sized so
+//         that a step's slice of the panel (~16 KB) stays in L1 too: each
+//         slice is loaded from L2 once per row block and reused by its rows.
 #pragma once
 
 #include <algorithm>
@@ -52,7 +53,12 @@ typedef float vf_unaligned __attribute__((vector_size(VW * 4), aligned(4)));
 
 static inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
 static inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
-static inline vf splat(float s) { return vf{} + s; }
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+// A broadcast (vf{} + s would cost an add: -0.0 + 0.0 is not -0.0).
+static inline vf splat(float s) {
+  const vf first = {s};
+  return __builtin_shuffle(first, vi{});
+}
 
 // 64-byte aligned scratch that only grows; one per thread.
 struct Scratch {
@@ -245,52 +251,92 @@ static void spmv_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
 // spmm: token panels, one broadcast FMA per stored value and vector of tokens
 // ---------------------------------------------------------------------------
 
-constexpr int kColStep = 64;   // columns per mask word
 constexpr int kRowBlock = 32;  // rows whose accumulators stay in L1 together
 
-// The 64-bit mask of row n over columns [step * 64, step * 64 + 64).
-static inline uint64_t mask_word(const BitmaskMatrix& w, int64_t groups, int64_t n, int64_t step) {
-  const uint16_t* m = w.masks + n * groups + step * 4;
-  const int64_t have = std::min<int64_t>(4, groups - step * 4);
-  if (have == 4) {
-    uint64_t word;
-    std::memcpy(&word, m, sizeof(word));  // little-endian: group j at bits 16j
-    return word;
-  }
-  uint64_t word = 0;
-  for (int64_t j = 0; j < have; ++j) word |= static_cast<uint64_t>(m[j]) << (16 * j);
-  return word;
-}
+// Columns per step for a panel of P tokens: a step's slice of the panel
+// (kStep * P floats, ~16 KB) stays in L1 while a row block goes by. Wide
+// steps for narrow panels keep the per-(row, step) overhead (accumulator
+// load/store, one loop exit) small against the FMAs of the step.
+constexpr int step_for(int p) { return p >= 64 ? 64 : p >= 32 ? 128 : p >= 16 ? 256 : 512; }
 
-// xp[k][P] = x[t0 + t][k] for t < valid, zero for later tokens and for
-// columns past `cols` (up to k_padded).
-template <int P>
-static void pack_panel(const SpmmArgs& a, int64_t cols, int64_t k_padded, int64_t t0, int64_t valid,
-                       float* xp) {
-  constexpr int TB = 8;  // tokens per pass: 8 input rows stream, the panel fills in lines
-  for (int64_t tb = 0; tb < P; tb += TB) {
-    for (int64_t k = 0; k < cols; ++k) {
-      float* dst = xp + k * P + tb;
-      for (int t = 0; t < TB; ++t)
-        dst[t] = tb + t < valid ? a.x[(t0 + tb + t) * a.x_row_stride + k] : 0.0f;
+// decode8[b] lists the set bits of byte b, lowest first (8 slots, unused 0).
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef uint16_t v8u16_unaligned __attribute__((vector_size(16), aligned(2)));
+struct DecodeTable {
+  alignas(16) uint16_t pos[256][8];
+  DecodeTable() {
+    for (int b = 0; b < 256; ++b) {
+      int n = 0;
+      for (int j = 0; j < 8; ++j) pos[b][j] = 0;
+      for (int j = 0; j < 8; ++j)
+        if (b >> j & 1) pos[b][n++] = static_cast<uint16_t>(j);
     }
   }
-  if (k_padded > cols) std::memset(xp + cols * P, 0, sizeof(float) * (k_padded - cols) * P);
+};
+static const DecodeTable& decode_table() {
+  static const DecodeTable table;
+  return table;
 }
 
-// Rows [r0, r1) over one packed panel (tokens [t0, t0 + valid)). S
-// accumulator sets take turns over the stored values of a row to hide FMA
-// latency when the panel is narrow.
+// Writes the columns (relative to the step) of row n's stored values in
+// groups [g0, g1) to idx, without branches: 8 columns at a time, a table
+// lookup and a store that the popcount advances. Returns their count.
+static inline int decode_columns(const DecodeTable& t, const uint16_t* masks, int64_t g0, int64_t g1,
+                                 uint16_t* idx) {
+  uint16_t* out = idx;
+  for (int64_t g = g0; g < g1; ++g) {
+    const unsigned m = masks[g];
+    const uint16_t base = static_cast<uint16_t>((g - g0) * kBitmaskGroup);
+    const unsigned lo = m & 0xFF, hi = m >> 8;
+    *reinterpret_cast<v8u16_unaligned*>(out) = *reinterpret_cast<const v8u16*>(t.pos[lo]) + base;
+    out += __builtin_popcount(lo);
+    *reinterpret_cast<v8u16_unaligned*>(out) =
+        *reinterpret_cast<const v8u16*>(t.pos[hi]) + static_cast<uint16_t>(base + 8);
+    out += __builtin_popcount(hi);
+  }
+  return static_cast<int>(out - idx);
+}
+
+// The packed panel: step s holds columns [s * KS, s * KS + KS) at
+// xp + s * (KS + 1) * P, followed by one zero row that padded loop slots
+// point at. xp[.][t] = x[t0 + t][k], zero for t >= valid and k >= cols.
+template <int P, int KS>
+static void pack_panel(const SpmmArgs& a, int64_t cols, int64_t steps, int64_t t0, int64_t valid,
+                       float* xp) {
+  constexpr int TB = 8;  // tokens per pass: 8 input rows stream, the panel fills in lines
+  for (int64_t s = 0; s < steps; ++s) {
+    float* slice = xp + s * (KS + 1) * P;
+    const int64_t k0 = s * KS, kn = std::min<int64_t>(KS, cols - k0);
+    for (int64_t tb = 0; tb < P; tb += TB) {
+      for (int64_t k = 0; k < kn; ++k) {
+        float* dst = slice + k * P + tb;
+        for (int t = 0; t < TB; ++t)
+          dst[t] = tb + t < valid ? a.x[(t0 + tb + t) * a.x_row_stride + k0 + k] : 0.0f;
+      }
+    }
+    std::memset(slice + kn * P, 0, sizeof(float) * (KS + 1 - kn) * P);
+  }
+}
+
+// Rows [r0, r1) over one packed panel (tokens [t0, t0 + valid)). Per row
+// and step the columns are decoded first, then one loop does S stored
+// values per trip into S accumulator sets (hiding FMA latency when the
+// panel is narrow); the last trip's surplus slots multiply the value after
+// the row's end (finite: the format rejects NaN and inf) by the zero row.
 template <int NV, int S>
 static void spmm_panel_rows(const BitmaskMatrix& w, const SpmmArgs& a, const float* xp, int64_t t0,
                             int64_t valid, int64_t r0, int64_t r1) {
   constexpr int P = NV * VW;
+  constexpr int KS = step_for(P);
+  constexpr int GS = KS / kBitmaskGroup;  // groups per step
   const int64_t groups = w.group_count();
-  const int64_t steps = (groups + 3) / 4;
+  const int64_t steps = (groups + GS - 1) / GS;
   const bool relu = a.activation == Activation::kRelu;
+  const DecodeTable& table = decode_table();
   static thread_local Scratch acc_scratch;
   float* acc = acc_scratch.get(static_cast<size_t>(kRowBlock) * P);
   const float* cursor[kRowBlock];
+  uint16_t idx[KS + 8 + S];
   for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
     const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, r1 - rb));
     for (int i = 0; i < nr; ++i) {
@@ -299,30 +345,24 @@ static void spmm_panel_rows(const BitmaskMatrix& w, const SpmmArgs& a, const flo
       cursor[i] = w.values + w.row_offsets[rb + i];
     }
     for (int64_t step = 0; step < steps; ++step) {
-      const float* xs = xp + step * kColStep * P;
+      const float* xs = xp + step * (KS + 1) * P;
+      const int64_t g0 = step * GS, g1 = std::min<int64_t>(groups, g0 + GS);
       for (int i = 0; i < nr; ++i) {
-        uint64_t m = mask_word(w, groups, rb + i, step);
-        if (!m) continue;
+        const int count = decode_columns(table, w.masks + (rb + i) * groups, g0, g1, idx);
+        if (!count) continue;
+        for (int q = 0; q < S; ++q) idx[count + q] = KS;  // the zero row
         const float* v = cursor[i];
-        int count = __builtin_popcountll(m);
         cursor[i] = v + count;
         vf s[S][NV];
         for (int u = 0; u < NV; ++u) s[0][u] = load(acc + i * P + u * VW);
         for (int q = 1; q < S; ++q)
           for (int u = 0; u < NV; ++u) s[q][u] = vf{};
-        for (; count >= S; count -= S, v += S) {
+        for (int n = 0; n < count; n += S) {
           for (int q = 0; q < S; ++q) {
-            const float* xr = xs + __builtin_ctzll(m) * P;
-            m &= m - 1;
-            const vf wv = splat(v[q]);
+            const float* xr = xs + static_cast<int64_t>(idx[n + q]) * P;
+            const vf wv = splat(v[n + q]);
             for (int u = 0; u < NV; ++u) s[q][u] += wv * load(xr + u * VW);
           }
-        }
-        for (; count > 0; --count, ++v) {
-          const float* xr = xs + __builtin_ctzll(m) * P;
-          m &= m - 1;
-          const vf wv = splat(*v);
-          for (int u = 0; u < NV; ++u) s[0][u] += wv * load(xr + u * VW);
         }
         for (int u = 0; u < NV; ++u) {
           vf sum = s[0][u];
@@ -342,7 +382,9 @@ static void spmm_panel_rows(const BitmaskMatrix& w, const SpmmArgs& a, const flo
 template <int NV, int S>
 static void spmm_run(const BitmaskMatrix& w, const SpmmArgs& a) {
   constexpr int P = NV * VW;
-  const int64_t k_padded = (w.group_count() + 3) / 4 * kColStep;
+  constexpr int KS = step_for(P);
+  const int64_t steps = (w.group_count() + KS / kBitmaskGroup - 1) / (KS / kBitmaskGroup);
+  const int64_t panel_floats = steps * (KS + 1) * P;
   const int64_t panels = (a.tokens + P - 1) / P;
   const int threads = std::max(1, a.num_threads);
   if (threads > 1 && panels % threads == 0) {
@@ -350,11 +392,11 @@ static void spmm_run(const BitmaskMatrix& w, const SpmmArgs& a) {
     std::atomic<int64_t> next{0};
     parallel_run(threads, [&](int, int) {
       static thread_local Scratch panel_scratch;
-      float* xp = panel_scratch.get(static_cast<size_t>(k_padded) * P);
+      float* xp = panel_scratch.get(static_cast<size_t>(panel_floats));
       for (int64_t p = next.fetch_add(1, std::memory_order_relaxed); p < panels;
            p = next.fetch_add(1, std::memory_order_relaxed)) {
         const int64_t valid = std::min<int64_t>(P, a.tokens - p * P);
-        pack_panel<P>(a, w.cols, k_padded, p * P, valid, xp);
+        pack_panel<P, KS>(a, w.cols, steps, p * P, valid, xp);
         spmm_panel_rows<NV, S>(w, a, xp, p * P, valid, 0, w.rows);
       }
     });
@@ -366,10 +408,10 @@ static void spmm_run(const BitmaskMatrix& w, const SpmmArgs& a) {
   balanced_rows(w, threads, bounds);
   parallel_run(threads, [&](int tid, int) {
     static thread_local Scratch panel_scratch;
-    float* xp = panel_scratch.get(static_cast<size_t>(k_padded) * P);
+    float* xp = panel_scratch.get(static_cast<size_t>(panel_floats));
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t valid = std::min<int64_t>(P, a.tokens - p * P);
-      pack_panel<P>(a, w.cols, k_padded, p * P, valid, xp);
+      pack_panel<P, KS>(a, w.cols, steps, p * P, valid, xp);
       spmm_panel_rows<NV, S>(w, a, xp, p * P, valid, bounds[tid], bounds[tid + 1]);
     }
   });

@@ -40,6 +40,10 @@ class Bitmask(SparseFormat):
     - ``values``: the stored values, float32, row by row and within a row in
       column order (``popcount(masks)`` of them).
 
+    Values must be finite: the many-token kernel pads its loop with the
+    value after a row's end times a zero, which only a finite value keeps
+    zero (``from_arrays(check_finite=False)`` skips the check at that risk).
+
     Derived for the kernels: ``row_offsets`` (int64, ``rows + 1``: where each
     row's values start) and a copy of the values followed by
     ``VALUE_PADDING`` zeros.
@@ -63,6 +67,8 @@ class Bitmask(SparseFormat):
     def from_dense(cls, w: torch.Tensor) -> "Bitmask":
         """Stores every nonzero of ``w`` (any sparsity; zeros are dropped)."""
         w = c.check_dense(w).detach().to(torch.float32)
+        if w.numel() and not bool(torch.isfinite(w).all()):
+            raise ValueError("weight contains NaN or infinity")  # the kernels need finite values
         rows, cols = w.shape
         groups = -(-cols // GROUP)
         padded = torch.nn.functional.pad(w, (0, groups * GROUP - cols)).reshape(rows, groups, GROUP)

@@ -32,7 +32,8 @@ struct BitmaskMatrix {
   // rows + 1 offsets into values: row n's values are [row_offsets[n], row_offsets[n + 1]),
   // and row_offsets[n + 1] - row_offsets[n] equals the popcount of its masks.
   const int64_t* row_offsets = nullptr;
-  // row_offsets[rows] + kBitmaskValuePadding floats.
+  // row_offsets[rows] + kBitmaskValuePadding floats, all finite (the spmm
+  // kernels multiply the values just past a row's end by zero).
   const float* values = nullptr;
 
   int64_t group_count() const { return (cols + kBitmaskGroup - 1) / kBitmaskGroup; }
