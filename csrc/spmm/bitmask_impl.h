@@ -257,7 +257,13 @@ constexpr int kRowBlock = 32;  // rows whose accumulators stay in L1 together
 // (kStep * P floats, ~16 KB) stays in L1 while a row block goes by. Wide
 // steps for narrow panels keep the per-(row, step) overhead (accumulator
 // load/store, one loop exit) small against the FMAs of the step.
-constexpr int step_for(int p) { return p >= 64 ? 64 : p >= 32 ? 128 : p >= 16 ? 256 : 512; }
+// Narrow panels (<= 16 tokens) are small enough for L2 whole, so they take
+// the row in one step (like CSR: one loop per row) instead.
+template <int P>
+inline int64_t step_columns(int64_t cols) {
+  if (P <= 16) return std::min<int64_t>((cols + 15) / 16 * 16, 1 << 15);
+  return P >= 64 ? 64 : 128;
+}
 
 // decode8[b] lists the set bits of byte b, lowest first (8 slots, unused 0).
 typedef uint16_t v8u16 __attribute__((vector_size(16)));
@@ -300,9 +306,9 @@ static inline int decode_columns(const DecodeTable& t, const uint16_t* masks, in
 // The packed panel: step s holds columns [s * KS, s * KS + KS) at
 // xp + s * (KS + 1) * P, followed by one zero row that padded loop slots
 // point at. xp[.][t] = x[t0 + t][k], zero for t >= valid and k >= cols.
-template <int P, int KS>
-static void pack_panel(const SpmmArgs& a, int64_t cols, int64_t steps, int64_t t0, int64_t valid,
-                       float* xp) {
+template <int P>
+static void pack_panel(const SpmmArgs& a, int64_t cols, int64_t KS, int64_t steps, int64_t t0,
+                       int64_t valid, float* xp) {
   constexpr int TB = 8;  // tokens per pass: 8 input rows stream, the panel fills in lines
   for (int64_t s = 0; s < steps; ++s) {
     float* slice = xp + s * (KS + 1) * P;
@@ -327,8 +333,8 @@ template <int NV, int S>
 static void spmm_panel_rows(const BitmaskMatrix& w, const SpmmArgs& a, const float* xp, int64_t t0,
                             int64_t valid, int64_t r0, int64_t r1) {
   constexpr int P = NV * VW;
-  constexpr int KS = step_for(P);
-  constexpr int GS = KS / kBitmaskGroup;  // groups per step
+  const int64_t KS = step_columns<P>(w.cols);
+  const int64_t GS = KS / kBitmaskGroup;  // groups per step
   const int64_t groups = w.group_count();
   const int64_t steps = (groups + GS - 1) / GS;
   const bool relu = a.activation == Activation::kRelu;
@@ -336,7 +342,9 @@ static void spmm_panel_rows(const BitmaskMatrix& w, const SpmmArgs& a, const flo
   static thread_local Scratch acc_scratch;
   float* acc = acc_scratch.get(static_cast<size_t>(kRowBlock) * P);
   const float* cursor[kRowBlock];
-  uint16_t idx[KS + 8 + S];
+  static thread_local std::vector<uint16_t> idx_buffer;
+  idx_buffer.resize(static_cast<size_t>(KS + 8 + S));
+  uint16_t* idx = idx_buffer.data();
   for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
     const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, r1 - rb));
     for (int i = 0; i < nr; ++i) {
@@ -350,7 +358,7 @@ static void spmm_panel_rows(const BitmaskMatrix& w, const SpmmArgs& a, const flo
       for (int i = 0; i < nr; ++i) {
         const int count = decode_columns(table, w.masks + (rb + i) * groups, g0, g1, idx);
         if (!count) continue;
-        for (int q = 0; q < S; ++q) idx[count + q] = KS;  // the zero row
+        for (int q = 0; q < S; ++q) idx[count + q] = static_cast<uint16_t>(KS);  // the zero row
         const float* v = cursor[i];
         cursor[i] = v + count;
         vf s[S][NV];
@@ -382,7 +390,7 @@ static void spmm_panel_rows(const BitmaskMatrix& w, const SpmmArgs& a, const flo
 template <int NV, int S>
 static void spmm_run(const BitmaskMatrix& w, const SpmmArgs& a) {
   constexpr int P = NV * VW;
-  constexpr int KS = step_for(P);
+  const int64_t KS = step_columns<P>(w.cols);
   const int64_t steps = (w.group_count() + KS / kBitmaskGroup - 1) / (KS / kBitmaskGroup);
   const int64_t panel_floats = steps * (KS + 1) * P;
   const int64_t panels = (a.tokens + P - 1) / P;
@@ -396,7 +404,7 @@ static void spmm_run(const BitmaskMatrix& w, const SpmmArgs& a) {
       for (int64_t p = next.fetch_add(1, std::memory_order_relaxed); p < panels;
            p = next.fetch_add(1, std::memory_order_relaxed)) {
         const int64_t valid = std::min<int64_t>(P, a.tokens - p * P);
-        pack_panel<P, KS>(a, w.cols, steps, p * P, valid, xp);
+        pack_panel<P>(a, w.cols, KS, steps, p * P, valid, xp);
         spmm_panel_rows<NV, S>(w, a, xp, p * P, valid, 0, w.rows);
       }
     });
@@ -411,7 +419,7 @@ static void spmm_run(const BitmaskMatrix& w, const SpmmArgs& a) {
     float* xp = panel_scratch.get(static_cast<size_t>(panel_floats));
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t valid = std::min<int64_t>(P, a.tokens - p * P);
-      pack_panel<P, KS>(a, w.cols, steps, p * P, valid, xp);
+      pack_panel<P>(a, w.cols, KS, steps, p * P, valid, xp);
       spmm_panel_rows<NV, S>(w, a, xp, p * P, valid, bounds[tid], bounds[tid + 1]);
     }
   });
