@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -171,3 +174,14 @@ def test_from_dense_rejects_non_finite_weights():
     w[1, 7] = float("inf")
     with pytest.raises(ValueError, match="NaN or infinity"):
         Bitmask.from_dense(w)
+
+
+def test_native_randomized_test_passes():
+    """The torch-free C++ test (tests/native/bitmask_test.cc) over every kernel this CPU runs."""
+    build = Path(__file__).resolve().parents[1] / "build"
+    if not (build / "CMakeCache.txt").exists():
+        pytest.skip("no CMake build folder (installed from a wheel)")
+    subprocess.run(["cmake", "--build", str(build), "--target", "bitmask_test"], check=True, capture_output=True)
+    result = subprocess.run([str(build / "bitmask_test")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " 0 failed" in result.stdout
