@@ -10,8 +10,11 @@
 //         AVX-512 does it with one vexpandps load (exactly popcount floats
 //         read), AVX2 with a permute from a 256-entry index table and a
 //         blend that zeroes the clear lanes. Four rows share each x load.
-//         The FMAs include the zeros (dense work), but for a token or two
-//         the layer is bound by the bytes it reads, which the format halves.
+//         The FMAs include the zeros (dense work): the format pays where the
+//         layer is bound by the bytes it reads (at 50%: 2.125 instead of 4
+//         per weight). With AVX-512 that is the case; AVX2's expansion costs
+//         ~11 instructions per 8 weights, which only DRAM-bound layers hide
+//         (benchmarks/RESULTS.md).
 //   spmm  Many tokens. x is packed into token panels xp[k][P] (P tokens per
 //         column k), and each stored value is broadcast and multiplied with
 //         the panel row of its column: only the nonzeros cost FMAs. Columns
@@ -21,6 +24,7 @@
 //         accumulators stay in L1 while the columns go by in steps sized so
 //         that a step's slice of the panel (~16 KB) stays in L1 too: each
 //         slice is loaded from L2 once per row block and reused by its rows.
+//         Panels of <= 16 tokens fit L2 whole and take each row in one step.
 #pragma once
 
 #include <algorithm>
