@@ -1,7 +1,8 @@
 """The native CPU backend of the ``sparsert`` ops (kernels in ``sparsert._C``).
 
 Three things live here: the CPU kernels registered for the ops
-(``linear_bsr_cpu``, ``conv2d_bsr_cpu``), the validation of a weight's raw
+(``linear_bsr_cpu``, ``linear_bitmask_cpu``, ``conv2d_bsr_cpu``), the
+validation of a weight's raw
 arrays before a kernel reads them, and the eager fast path
 (:func:`eager_cpu_call`): a plain eager CPU call runs the kernel directly,
 skipping the torch.library dispatcher, whose Python layers cost several times
@@ -28,11 +29,13 @@ from torch import Tensor
 
 from ..._ext import native
 from ...formats._common import decode_indices, index_bits
+from ...formats.bitmask import GROUP, VALUE_PADDING, masks_to_bits
 from .. import epilogue
 from .._threads import get_num_threads
-from ..schema import conv2d_bsr, conv_out_size, linear_bsr
+from ..schema import conv2d_bsr, conv_out_size, linear_bitmask, linear_bsr
 
-__all__ = ["linear_bsr_cpu", "conv2d_bsr_cpu", "eager_cpu_call", "check_weight_arrays", "kernels",
+__all__ = ["linear_bsr_cpu", "linear_bitmask_cpu", "conv2d_bsr_cpu", "check_bitmask_arrays", "bitmask_kernels",
+           "eager_cpu_call", "check_weight_arrays", "kernels",
            "conv_kernels", "best_isa", "available"]
 
 
@@ -50,6 +53,11 @@ def kernels() -> list:
 def conv_kernels() -> list:
     """Every native convolution kernel of this build."""
     return native().conv_kernels()
+
+
+def bitmask_kernels() -> list:
+    """Every native bitmask kernel of this build (name, isa, kind, supported)."""
+    return native().bitmask_kernels()
 
 
 def best_isa() -> str:
@@ -104,25 +112,32 @@ def check_weight_arrays(row_ptr: Tensor, col_indices: Tensor, values: Tensor, ou
     entries, col_indices address, entries, index bits, values address,
     entries). The addresses are part of the remembered key because
     ``t.data = other`` swaps a tensor's storage without bumping its version."""
-    pointers = (row_ptr.data_ptr(), col_indices.data_ptr(), values.data_ptr())
+    def check():
+        _check_in_full(row_ptr, col_indices, values, out_features, in_features, block_rows, block_cols)
+        return (row_ptr.data_ptr(), row_ptr.numel(), col_indices.data_ptr(), col_indices.numel(),
+                index_bits(col_indices), values.data_ptr(), values.numel())
+
+    return _remembered((row_ptr, col_indices, values), (out_features, in_features, block_rows, block_cols), check)
+
+
+def _remembered(arrays: tuple, shape_key: tuple, check) -> tuple:
+    """``check()`` (validates ``arrays`` = (a, b, values), returns the native arguments),
+    remembered per array objects, addresses and version counters."""
+    a, b, values = arrays
+    pointers = (a.data_ptr(), b.data_ptr(), values.data_ptr())
     try:
-        key = (out_features, in_features, block_rows, block_cols, pointers, row_ptr._version,
-               col_indices._version, values._version)
+        key = (*shape_key, pointers, a._version, b._version, values._version)
     except RuntimeError:
         # Inference tensors (made under torch.inference_mode) keep no version
         # counter: an in-place change to them is not noticed.
-        key = (out_features, in_features, block_rows, block_cols, pointers,
-               *(_version(t) for t in (row_ptr, col_indices, values)))
+        key = (*shape_key, pointers, *(_version(t) for t in arrays))
     entry = _validated.get(id(values))
-    if (entry is not None and entry[0]() is values and entry[1]() is row_ptr and entry[2]() is col_indices
-            and entry[3] == key):
+    if entry is not None and entry[0]() is values and entry[1]() is a and entry[2]() is b and entry[3] == key:
         return entry[4]
-    _check_in_full(row_ptr, col_indices, values, out_features, in_features, block_rows, block_cols)
-    native_arrays = (pointers[0], row_ptr.numel(), pointers[1], col_indices.numel(),
-                     index_bits(col_indices), pointers[2], values.numel())
+    native_arrays = check()
     vid = id(values)
     ref = weakref.ref(values, lambda r, vid=vid: _forget(vid, r))
-    _validated[vid] = (ref, weakref.ref(row_ptr), weakref.ref(col_indices), key, native_arrays)
+    _validated[vid] = (ref, weakref.ref(a), weakref.ref(b), key, native_arrays)
     return native_arrays
 
 
@@ -158,6 +173,41 @@ def _check_in_full(row_ptr, col_indices, values, out_features, in_features, bloc
         if int(cols.min()) < 0 or int(cols.max()) >= nbc:
             raise ValueError(f"column indices must lie in [0, {nbc}) (block columns of a "
                              f"{out_features}x{in_features} matrix)")
+
+
+def check_bitmask_arrays(masks: Tensor, row_offsets: Tensor, values: Tensor, out_features: int,
+                         in_features: int) -> tuple:
+    """Raises ValueError unless the arrays are a valid ``out_features x in_features``
+    bitmask matrix as the kernels read it (``Bitmask.kernel_arrays()``): int16 masks
+    ``(rows, ceil(cols / 16))`` with no bits past the last column, int64 row offsets
+    equal to the running popcount, float32 values plus their padding. Remembered like
+    :func:`check_weight_arrays`; returns the native kernel's array arguments."""
+    def check():
+        for name, t, dtype in (("masks", masks, torch.int16), ("row_offsets", row_offsets, torch.int64),
+                               ("values", values, torch.float32)):
+            if not isinstance(t, Tensor) or t.device.type != "cpu" or not t.is_contiguous() or t.dtype != dtype:
+                raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor (build weights with "
+                                 "sparsert.formats.bitmask.Bitmask)")
+        groups = -(-in_features // GROUP)
+        if tuple(masks.shape) != (out_features, groups) or row_offsets.shape != (out_features + 1,):
+            raise ValueError(f"masks must have shape ({out_features}, {groups}) and row_offsets "
+                             f"{out_features + 1} entries for a {out_features}x{in_features} matrix")
+        bits = masks_to_bits(masks)
+        tail = groups * GROUP - in_features
+        if tail and out_features and bool(bits[:, -1, GROUP - tail:].any()):
+            raise ValueError("masks have bits set past the last column")
+        expected = torch.zeros(out_features + 1, dtype=torch.int64)
+        torch.cumsum(bits.sum((1, 2)), 0, out=expected[1:])
+        if not torch.equal(row_offsets, expected):
+            raise ValueError("row_offsets must be the running popcount of the masks")
+        if values.numel() != int(expected[-1]) + VALUE_PADDING:
+            raise ValueError(f"values must hold the {int(expected[-1])} stored values plus {VALUE_PADDING} padding")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("bitmask values must be finite (the kernels multiply padding by zero)")
+        return (masks.data_ptr(), masks.numel(), row_offsets.data_ptr(), row_offsets.numel(), values.data_ptr(),
+                values.numel())
+
+    return _remembered((masks, row_offsets, values), ("bitmask", out_features, in_features), check)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -206,6 +256,27 @@ def linear_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def linear_bitmask_cpu(x: Tensor, masks: Tensor, row_offsets: Tensor, values: Tensor, out_features: int,
+                       bias: Optional[Tensor], activation: int, num_threads: int, kernel: str = "") -> Tensor:
+    """The native CPU path of ``linear_bitmask``; ``kernel`` forces a bitmask registry kernel."""
+    in_features = x.shape[-1]
+    arrays = check_bitmask_arrays(masks, row_offsets, values, out_features, in_features)
+    x32 = x if x.dtype == torch.float32 else x.float()
+    x2 = x32.reshape(-1, in_features)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
+        x2 = x2.contiguous()
+    tokens = x2.shape[0]
+    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().to(torch.float32).contiguous()
+    native().spmm_bitmask(out_features, in_features, *arrays, x2.data_ptr(), tokens,
+                          x2.stride(0) if tokens else in_features, y.data_ptr(), out_features,
+                          float32_bias(bias, out_features), epilogue.kernel_code(activation),
+                          num_threads if num_threads > 0 else get_num_threads(), kernel)
+    y = epilogue.finish(y, activation)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 def conv2d_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_channels: int,
                    kernel_size: Sequence[int], block_rows: int, block_cols: int, bias: Optional[Tensor],
                    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
@@ -241,6 +312,11 @@ def _linear_bsr_cpu(x, row_ptr, col_indices, values, out_features, block_rows, b
                     activation, num_threads):
     return linear_bsr_cpu(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias,
                           activation, num_threads)
+
+
+@linear_bitmask.register_kernel("cpu")
+def _linear_bitmask_cpu(x, masks, row_offsets, values, out_features, bias, activation, num_threads):
+    return linear_bitmask_cpu(x, masks, row_offsets, values, out_features, bias, activation, num_threads)
 
 
 @conv2d_bsr.register_kernel("cpu")
