@@ -30,6 +30,7 @@ import datetime
 import os
 import sys
 import time
+import warnings
 
 # libgomp reads its wait policy when torch loads: set it before the import.
 if "--omp-passive" in sys.argv:
@@ -80,9 +81,21 @@ def ort_model(model, inputs, threads):
     except ImportError:
         return None
     names = list(inputs)
+
+    class Positional(nn.Module):  # the exporter takes positional inputs; the model, keywords
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *xs):
+            return tuple(self.model(**dict(zip(names, xs))).values())
+
     buf = io.BytesIO()
     try:
-        torch.onnx.export(model, (), buf, kwargs=dict(inputs), input_names=names, dynamo=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapper = Positional().train(model.training)  # (the exporter restores the wrapper's mode)
+            torch.onnx.export(wrapper, tuple(inputs[n] for n in names), buf, input_names=names, dynamo=False)
     except Exception as err:  # an export problem costs the column, not the run
         print(f"onnx export failed ({type(err).__name__}: {err}); no onnxruntime column", flush=True)
         return None

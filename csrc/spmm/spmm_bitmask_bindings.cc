@@ -9,14 +9,14 @@
 #include <string>
 
 #include "common/registry_bindings.h"
+#include "spmm/spmm_bindings.h"
 #include "spmm/spmm_bitmask.h"
 
 namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+using sparsert_bindings::ptr;
 
 // y = act(x @ W^T + bias) for a bitmask W; returns the kernel used. `kernel`
 // names a registry entry, or is empty to let sparsert choose.
@@ -43,15 +43,8 @@ std::string spmm_bitmask(int64_t rows, int64_t cols, uintptr_t masks, int64_t ma
   w.masks = ptr<const uint16_t>(masks);
   w.row_offsets = offsets;
   w.values = ptr<const float>(values);
-  sparsert::SpmmArgs a;
-  a.x = ptr<const float>(x);
-  a.tokens = tokens;
-  a.x_row_stride = x_row_stride;
-  a.y = ptr<float>(y);
-  a.y_row_stride = y_row_stride;
-  a.bias = bias ? ptr<const float>(bias) : nullptr;
-  a.epilogue = epilogue;
-  a.num_threads = num_threads < 1 ? 1 : num_threads;
+  const sparsert::SpmmArgs a =
+      sparsert_bindings::spmm_args(x, tokens, x_row_stride, y, y_row_stride, bias, epilogue, num_threads);
   const sparsert::BitmaskKernelInfo* k =
       kernel.empty() ? sparsert::select_bitmask_kernel(tokens, sparsert::best_isa())
                      : &sparsert_bindings::forced_kernel(sparsert::bitmask_kernel_registry(), kernel, "bitmask kernel");

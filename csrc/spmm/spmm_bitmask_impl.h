@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "spmm/spmm_bitmask.h"
+#include "common/scratch.h"
 #include "common/thread_pool.h"
 
 #if defined(SPARSERT_BITMASK_AVX2) || defined(SPARSERT_BITMASK_AVX512)
@@ -63,22 +64,6 @@ static inline vf splat(float s) {
   const vf first = {s};
   return __builtin_shuffle(first, vi{});
 }
-
-// 64-byte aligned scratch that only grows; one per thread.
-struct Scratch {
-  float* data = nullptr;
-  size_t capacity = 0;
-  float* get(size_t floats) {
-    if (floats > capacity) {
-      std::free(data);
-      const size_t bytes = ((floats * sizeof(float) + 63) / 64) * 64;
-      data = static_cast<float*>(std::aligned_alloc(64, bytes));
-      capacity = bytes / sizeof(float);
-    }
-    return data;
-  }
-  ~Scratch() { std::free(data); }
-};
 
 // Splits rows [0, rows) into `parts` contiguous ranges of about equal cost:
 // the stored values plus a fixed cost per mask group.
