@@ -142,7 +142,8 @@ def run_case(label, dense, inputs, args, notes=()):
     section = [f"### {label}", ""]
     section += [f"- {n}" for n in notes]
     section += [f"- sparsify(format='auto') took {t_sparsify:.1f} s",
-                f"- **end-to-end speedup {result.speedup:.2f}x vs torch eager** (dense {result.dense.median * 1e3:.2f} ms, "
+                f"- **end-to-end speedup {result.speedup:.2f}x vs torch eager** "
+                f"(dense {result.dense.median * 1e3:.2f} ms, "
                 f"sparse {result.sparse.median * 1e3:.2f} ms, median of {result.dense.calls}); "
                 f"model {result.dense_bytes / 1e6:.1f} MB -> {result.sparse_bytes / 1e6:.1f} MB",
                 vs_best,
