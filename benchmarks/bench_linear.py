@@ -1,11 +1,17 @@
-"""Sparse Linear vs torch dense, torch.sparse and scipy.sparse: one table.
+"""Sparse Linear vs the dense paths (torch eager, oneDNN prepacked, onnxruntime),
+torch.sparse and scipy.sparse: one table.
 
     python benchmarks/bench_linear.py            # full table (a few minutes)
     python benchmarks/bench_linear.py --quick    # fewer rounds
+    python benchmarks/bench_linear.py --cases 50% 70% --threads 1   # moderate sparsity (bitmask16)
 
-fp32, 2 threads (torch and sparsert alike; scipy is single-threaded), every
-method timed round-robin in this process; speedup = torch dense time /
-method time.
+fp32, 2 threads by default (torch, oneDNN, onnxruntime and sparsert alike;
+scipy is single-threaded), every method timed round-robin in this process,
+median of the rounds. Each cell is a speedup over torch eager ``F.linear``
+and over the best dense path (the fastest of eager, oneDNN with a prepacked
+weight and onnxruntime, which is timed when installed: ``pip install
+sparsert[bench]``). With 1 thread the clock is this thread's CPU time
+(robust when other jobs share the cores); with more, wall time.
 """
 
 from __future__ import annotations
@@ -13,12 +19,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,7 +34,7 @@ from sparsert import ops  # noqa: E402
 from sparsert.bench import random_pruned_weight  # noqa: E402
 from sparsert.formats import pack  # noqa: E402
 
-from harness import cpu_name, git_commit, time_methods  # noqa: E402
+from harness import DENSE_METHODS, best_dense, cpu_name, dense_linear_methods, git_commit, time_methods  # noqa: E402
 
 SHAPES = [(768, 3072), (3072, 768), (4096, 4096)]  # (in_features, out_features)
 TOKENS = [1, 16, 128]
@@ -41,12 +47,16 @@ CASES = [  # (label, sparsity, block)
 pruned_weight = random_pruned_weight
 
 
-def sparsert_kinds(block):
-    return ["csr"] if block is None else [f"bsr{block[0]}x{block[1]}", "csr"]
+def sparsert_kinds(sparsity, block):
+    """The formats timed: CSR, the case's BSR block, and bitmask16 at moderate sparsity."""
+    if block is not None:
+        return [f"bsr{block[0]}x{block[1]}", "csr"]
+    return ["csr", "bitmask16"] if 0.2 <= sparsity <= 0.8 else ["csr"]
 
 
 def run(quick: bool, threads: int, shapes, tokens_list, cases):
     torch.set_num_threads(threads)
+    clock = time.thread_time if threads == 1 else time.perf_counter
     gen = torch.Generator().manual_seed(0)
     rows = []
     for in_f, out_f in shapes:
@@ -54,47 +64,51 @@ def run(quick: bool, threads: int, shapes, tokens_list, cases):
             w = pruned_weight(out_f, in_f, sparsity, block, gen)
             w_torch_csr = w.to_sparse_csr()
             w_scipy = scipy.sparse.csr_matrix(w.numpy())
-            formats = {kind: pack(w, kind) for kind in sparsert_kinds(block)}
+            formats = {kind: pack(w, kind) for kind in sparsert_kinds(sparsity, block)}
+            dense_paths = dense_linear_methods(w, None, threads)
             for tokens in tokens_list:
                 x = torch.randn(tokens, in_f, generator=gen)
                 xt = x.t().contiguous()
                 x_np = x.numpy()
-                methods = {
-                    "torch dense": lambda: F.linear(x, w),
-                    "torch.sparse csr": lambda: torch.sparse.mm(w_torch_csr, xt),
-                    "scipy csr": lambda: w_scipy @ x_np.T,
-                }
+                methods = {name: (lambda f=f: f(x)) for name, f in dense_paths.items()}
+                methods["torch.sparse csr"] = lambda: torch.sparse.mm(w_torch_csr, xt)
+                methods["scipy csr"] = lambda: w_scipy @ x_np.T
                 for kind, fmt in formats.items():
                     methods[f"sparsert {kind}"] = (lambda f=fmt: ops.linear(x, f))
-                times = time_methods(methods, rounds=8 if quick else 25)
-                dense = times["torch dense"]
+                ref = x.double() @ w.double().T
+                for name in dense_paths.keys() | {f"sparsert {k}" for k in formats}:  # same answer first
+                    out = torch.as_tensor(methods[name]()).double()
+                    assert torch.allclose(out, ref, rtol=1e-3, atol=1e-3 * max(float(ref.abs().max()), 1.0)), name
+                times = time_methods(methods, rounds=8 if quick else 25, clock=clock)
+                eager = times["torch eager"]
+                best_name, best = best_dense(times)
                 for name, t in times.items():
                     rows.append(dict(shape=f"{in_f}->{out_f}", tokens=tokens, case=label, method=name,
-                                     ms=t * 1e3, speedup=dense / t))
-                best = max((r for r in rows[-len(times):] if r["method"].startswith("sparsert")),
-                           key=lambda r: r["speedup"])
-                tsp = times["torch.sparse csr"]
-                print(f"{in_f:>4}->{out_f:<4} T={tokens:<3} {label:<8} dense {dense*1e3:8.3f} ms | "
-                      + " | ".join(f"{n.replace('sparsert ', '')} {dense / t:5.2f}x" for n, t in times.items()
-                                   if n != "torch dense")
-                      + f" | best/torch.sparse {tsp / (best['ms'] / 1e3):5.2f}x", flush=True)
+                                     ms=t * 1e3, speedup=eager / t, vs_best=best / t, best_dense=best_name))
+                print(f"{in_f:>4}->{out_f:<4} T={tokens:<3} {label:<8} eager {eager*1e3:8.3f} ms, best dense "
+                      f"{best*1e3:8.3f} ms ({best_name}) | "
+                      + " | ".join(f"{n.replace('sparsert ', '')} {eager / t:5.2f}x/{best / t:5.2f}x"
+                                   for n, t in times.items() if n not in DENSE_METHODS), flush=True)
     return rows
 
 
 def markdown(rows, threads):
     methods = []
     for r in rows:
-        if r["method"] not in methods and r["method"] != "torch dense":
+        if r["method"] not in methods and r["method"] not in DENSE_METHODS:
             methods.append(r["method"])
-    lines = [f"| shape | tokens | sparsity | torch dense (ms) | " + " | ".join(methods) + " |",
-             "|---|---|---|---|" + "---|" * len(methods)]
+    lines = ["| shape | tokens | sparsity | eager (ms) | best dense (ms) | " + " | ".join(methods) + " |",
+             "|---|---|---|---|---|" + "---|" * len(methods)]
     key = lambda r: (r["shape"], r["tokens"], r["case"])  # noqa: E731
     groups: dict = {}
     for r in rows:
         groups.setdefault(key(r), {})[r["method"]] = r
     for (shape, tokens, case), g in groups.items():
-        cells = [f"{g[m]['speedup']:.2f}x" if m in g else "" for m in methods]
-        lines.append(f"| {shape} | {tokens} | {case} | {g['torch dense']['ms']:.3f} | " + " | ".join(cells) + " |")
+        eager = g["torch eager"]
+        best = g[eager["best_dense"]]
+        cells = [f"{g[m]['speedup']:.2f}x / {g[m]['vs_best']:.2f}x" if m in g else "" for m in methods]
+        lines.append(f"| {shape} | {tokens} | {case} | {eager['ms']:.3f} | {best['ms']:.3f} ({best['method']}) | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -130,7 +144,8 @@ def main(argv=None):
         header = (f"Date {datetime.date.today()}, CPU {cpu_name()}, ISA {ops.cpu_isa()}, "
                   f"torch {torch.__version__}, {args.threads} threads, commit {git_commit()}.\n"
                   f"Command: `python benchmarks/bench_linear.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
-                  "Cells are speedups over torch dense F.linear in the same run (higher is better).\n\n")
+                  "Cells are speedups over torch eager F.linear / over the best dense path in the same run "
+                  "(higher is better).\n\n")
         args.markdown.write_text(header + table + "\n")
 
 

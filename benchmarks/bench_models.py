@@ -1,4 +1,4 @@
-"""End-to-end speedups of sparsified transformer encoders vs torch dense (fp32, CPU).
+"""End-to-end speedups of sparsified transformer encoders vs torch eager and vs the best dense path (fp32, CPU).
 
 Models (batch 1, sequence 128, every Linear of the encoder pruned, the
 embeddings and pooler left dense):
@@ -13,7 +13,11 @@ embeddings and pooler left dense):
 
 Each model is converted with ``sparsert.sparsify(format="auto")`` (per-layer
 timing on the layer's real input) and timed with ``sparsert.benchmark``
-against the pruned dense model in the same process with the same threads.
+against the pruned dense model in the same process with the same threads:
+torch eager, the same model with every Linear on oneDNN prepacked
+(``sparsert.nn.DenseLinear``), and, when onnxruntime is installed
+(``pip install sparsert[bench]``), the dense model exported to ONNX, timed
+interleaved with the others. "Best dense" is the fastest of these.
 
     python benchmarks/bench_models.py --threads 2 --markdown /tmp/models.md   # then merge into benchmarks/RESULTS.md
 """
@@ -26,6 +30,7 @@ import datetime
 import os
 import sys
 import time
+import warnings
 
 # libgomp reads its wait policy when torch loads: set it before the import.
 if "--omp-passive" in sys.argv:
@@ -38,7 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sparsert  # noqa: E402
-from harness import cpu_name, git_commit  # noqa: E402
+from harness import cpu_name, git_commit, time_methods  # noqa: E402
+from sparsert.bench import best_dense_model  # noqa: E402
+from sparsert.convert import call_model  # noqa: E402
 from sparsert.prune import Pruner, remove_masks  # noqa: E402
 
 SEQ = 128
@@ -64,6 +71,62 @@ def prune(model, pattern, sparsity, importance="magnitude", data=None):
     return model
 
 
+def ort_model(model, inputs, threads):
+    """x -> outputs of ``model`` exported to ONNX and run by onnxruntime (None when
+    onnxruntime is not installed or the export fails)."""
+    try:
+        import io
+
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    names = list(inputs)
+
+    class Positional(nn.Module):  # the exporter takes positional inputs; the model, keywords
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *xs):
+            return tuple(self.model(**dict(zip(names, xs))).values())
+
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapper = Positional().train(model.training)  # (the exporter restores the wrapper's mode)
+            torch.onnx.export(wrapper, tuple(inputs[n] for n in names), buf, input_names=names, dynamo=False)
+    except Exception as err:  # an export problem costs the column, not the run
+        print(f"onnx export failed ({type(err).__name__}: {err}); no onnxruntime column", flush=True)
+        return None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    feed = {n: inputs[n].numpy() for n in names}
+    return lambda: sess.run(None, feed)
+
+
+def best_dense_line(dense, sparse, inputs, args):
+    """Eager, oneDNN prepacked, onnxruntime (when installed) and sparse, timed interleaved:
+    a markdown line with the ratios of the sparse model against each and the best."""
+    best = best_dense_model(dense)
+    methods = {"torch eager": lambda: call_model(dense, inputs), "oneDNN prepacked": lambda: call_model(best, inputs)}
+    ort_fn = ort_model(dense, inputs, args.threads)
+    if ort_fn is not None:
+        methods["onnxruntime"] = ort_fn
+    methods["sparsert"] = lambda: call_model(sparse, inputs)
+    torch.set_num_threads(args.threads)
+    with torch.inference_mode():
+        times = time_methods(methods, rounds=args.rounds * 3, warmup=args.warmup)
+    best_name = min((n for n in methods if n != "sparsert"), key=times.get)
+    cells = ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times.items())
+    line = (f"- sparse vs torch eager {times['torch eager'] / times['sparsert']:.2f}x, **vs best dense "
+            f"({best_name}) {times[best_name] / times['sparsert']:.2f}x** ({cells}; medians, interleaved)")
+    print(line, flush=True)
+    return line
+
+
 def run_case(label, dense, inputs, args, notes=()):
     t0 = time.perf_counter()
     sparse = sparsert.sparsify(dense, "auto", example_inputs=inputs, threads=args.threads,
@@ -74,13 +137,16 @@ def run_case(label, dense, inputs, args, notes=()):
     result = sparsert.benchmark(dense, sparse, inputs, threads=args.threads, repeats=args.repeats,
                                 rounds=args.rounds, warmup=args.warmup, layer_repeats=args.layer_repeats,
                                 verbose=True)
+    vs_best = best_dense_line(dense, sparse, inputs, args)
     slower = [t.name for t in result.layers if t.format != "dense" and t.speedup is not None and t.speedup < 1]
     section = [f"### {label}", ""]
     section += [f"- {n}" for n in notes]
     section += [f"- sparsify(format='auto') took {t_sparsify:.1f} s",
-                f"- **end-to-end speedup {result.speedup:.2f}x** (dense {result.dense.median * 1e3:.2f} ms, "
+                f"- **end-to-end speedup {result.speedup:.2f}x vs torch eager** "
+                f"(dense {result.dense.median * 1e3:.2f} ms, "
                 f"sparse {result.sparse.median * 1e3:.2f} ms, median of {result.dense.calls}); "
                 f"model {result.dense_bytes / 1e6:.1f} MB -> {result.sparse_bytes / 1e6:.1f} MB",
+                vs_best,
                 f"- sparse layers slower than dense in the per-layer table: {', '.join(slower) or 'none'}",
                 "", "```", result.table(), "```", "", "<details><summary>per-layer table</summary>", "", "```",
                 result.layer_table(), "```", "", "sparsify plan:", "", "```", str(sparse.sparsity_plan), "```",

@@ -12,7 +12,10 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
 
 
 def cpu_name() -> str:
@@ -35,22 +38,76 @@ def git_commit() -> str:
 
 
 def time_methods(methods: dict[str, Callable[[], object]], *, rounds: int = 30, warmup: int = 3,
-                 min_sample_s: float = 2e-3) -> dict[str, float]:
-    """Median seconds per call of each zero-argument callable, timed round-robin."""
+                 min_sample_s: float = 2e-3, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each zero-argument callable, timed round-robin.
+
+    ``clock=time.thread_time`` counts only the CPU time of the calling
+    thread: on a machine shared with other jobs, single-threaded methods
+    are then compared without the time the scheduler gave to others."""
     calls = {}
     for name, fn in methods.items():
         for _ in range(warmup):
             fn()
-        start = time.perf_counter()
+        start = clock()
         fn()
-        one = max(time.perf_counter() - start, 1e-7)
+        one = max(clock() - start, 1e-7)
         calls[name] = max(1, int(min_sample_s / one))
     samples: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):
         for name, fn in methods.items():
             n = calls[name]
-            start = time.perf_counter()
+            start = clock()
             for _ in range(n):
                 fn()
-            samples[name].append((time.perf_counter() - start) / n)
+            samples[name].append((clock() - start) / n)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+# --------------------------------------------------------------------------- dense baselines
+#: the dense Linear paths every benchmark times; "best dense" is the fastest of them
+DENSE_METHODS = ("torch eager", "oneDNN prepacked", "onnxruntime")
+
+
+def ort_linear(w: torch.Tensor, b: Optional[torch.Tensor], threads: int):
+    """An onnxruntime session computing x @ w.T + b (Gemm, weight as an initializer), as a
+    function of a numpy x; None when onnxruntime/onnx are not installed (``pip install
+    sparsert[bench]``)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    out_f, in_f = w.shape
+    b = torch.zeros(out_f) if b is None else b
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", in_f])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", out_f])],
+        [numpy_helper.from_array(w.detach().numpy(), "w"), numpy_helper.from_array(b.detach().numpy(), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(None, {"x": x})[0]
+
+
+def dense_linear_methods(w: torch.Tensor, b: Optional[torch.Tensor], threads: int) -> dict:
+    """name -> (x -> y) for each dense path of :data:`DENSE_METHODS` this machine has:
+    torch eager ``F.linear``, oneDNN with a prepacked weight (sparsert's best-dense
+    backend) and onnxruntime when installed. Build once per weight, call per input."""
+    from sparsert.ops.backends.best_dense import PackedDenseLinear
+
+    packed = PackedDenseLinear(w, b)
+    methods = {"torch eager": lambda x: F.linear(x, w, b), "oneDNN prepacked": packed}
+    ort = ort_linear(w, b, threads)
+    if ort is not None:
+        methods["onnxruntime"] = lambda x: ort(x.numpy())
+    return methods
+
+
+def best_dense(times: dict) -> tuple:
+    """(name, seconds) of the fastest dense path in ``times`` (keys of :data:`DENSE_METHODS`)."""
+    name = min((n for n in DENSE_METHODS if n in times), key=times.get)
+    return name, times[name]

@@ -8,7 +8,11 @@ result.speedup, result.sparse.median, result.layers
 
 Both models run in this process, on the same inputs, with the same thread
 count (torch's and sparsert's), after a warm-up; dense and sparse are timed in
-alternating rounds so that a change of machine load hits both alike. The
+alternating rounds so that a change of machine load hits both alike. Beside
+the dense model as given (torch eager), the same model with every Linear on
+the best dense path (:class:`~sparsert.nn.DenseLinear`: oneDNN with a
+prepacked weight) is timed in the same rounds: ``speedup`` is against eager,
+``speedup_vs_best_dense`` against that. The
 per-layer table times every Linear/Conv2d (sparse or not) inside the running
 model with forward hooks, in a separate pass from the end-to-end timing.
 
@@ -34,9 +38,10 @@ from torch import Tensor, nn
 from . import ops as _ops
 from .convert import call_model, sparsify
 from .convert.plan import _format_table
-from .nn import SparseConv2d, SparseLinear
+from .nn import DenseLinear, SparseConv2d, SparseLinear
+from .nn.surgery import swap
 
-__all__ = ["benchmark", "BenchmarkResult", "LatencyStats", "LayerTiming", "sweep", "SweepResult",
+__all__ = ["benchmark", "best_dense_model", "BenchmarkResult", "LatencyStats", "LayerTiming", "sweep", "SweepResult",
            "model_bytes", "machine_info", "thread_settings"]
 
 
@@ -88,11 +93,17 @@ class BenchmarkResult:
     threads: int
     layers: list
     machine: dict
+    best_dense: Optional[LatencyStats] = None  # the dense model on the best dense path (None: not timed)
 
     @property
     def speedup(self) -> float:
-        """Dense median latency / sparse median latency."""
+        """Dense (torch eager) median latency / sparse median latency."""
         return self.dense.median / self.sparse.median
+
+    @property
+    def speedup_vs_best_dense(self) -> Optional[float]:
+        """Best-dense median latency / sparse median latency (None when not timed)."""
+        return None if self.best_dense is None else self.best_dense.median / self.sparse.median
 
     @property
     def size_ratio(self) -> float:
@@ -104,9 +115,14 @@ class BenchmarkResult:
                  f"{self.dense.throughput:.1f}", f"{self.dense_bytes / 1e6:.2f}"],
                 ["sparse", f"{self.sparse.median * 1e3:.3f}", f"{self.sparse.p90 * 1e3:.3f}",
                  f"{self.sparse.throughput:.1f}", f"{self.sparse_bytes / 1e6:.2f}"]]
+        if self.best_dense is not None:
+            rows.insert(1, ["best dense (oneDNN)", f"{self.best_dense.median * 1e3:.3f}",
+                            f"{self.best_dense.p90 * 1e3:.3f}", f"{self.best_dense.throughput:.1f}",
+                            f"{self.dense_bytes / 1e6:.2f}"])
         lines = _format_table(head, rows)
         backend = f" ({self.machine['threading']})" if "threading" in self.machine else ""
-        lines.append(f"speedup {self.speedup:.2f}x, size {self.size_ratio:.2f}x smaller; threads={self.threads}{backend}, "
+        vs_best = "" if self.best_dense is None else f" ({self.speedup_vs_best_dense:.2f}x vs best dense)"
+        lines.append(f"speedup {self.speedup:.2f}x vs torch eager{vs_best}, size {self.size_ratio:.2f}x smaller; threads={self.threads}{backend}, "
                      f"batch={self.dense.batch}, {self.dense.calls} calls each; {self.machine.get('cpu', '?')}, "
                      f"load {self.machine.get('loadavg', '?')}")
         return "\n".join(lines)
@@ -136,7 +152,8 @@ class BenchmarkResult:
 
     def as_dict(self) -> dict:
         return {"dense": dataclasses.asdict(self.dense), "sparse": dataclasses.asdict(self.sparse),
-                "speedup": self.speedup, "dense_bytes": self.dense_bytes, "sparse_bytes": self.sparse_bytes,
+                "best_dense": None if self.best_dense is None else dataclasses.asdict(self.best_dense),
+                "speedup": self.speedup, "speedup_vs_best_dense": self.speedup_vs_best_dense, "dense_bytes": self.dense_bytes, "sparse_bytes": self.sparse_bytes,
                 "threads": self.threads, "machine": self.machine,
                 "layers": [dict(dataclasses.asdict(t), speedup=t.speedup) for t in self.layers]}
 
@@ -255,9 +272,23 @@ def _timed_calls(fn: Callable[[], Any], calls: int) -> list:
     return out
 
 
+def best_dense_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every plain ``nn.Linear`` on the best dense path
+    (:class:`~sparsert.nn.DenseLinear`, sharing the weights): the baseline the
+    benchmarks report beside torch eager."""
+    out = copy.deepcopy(model)  # shares nothing with the caller's modules
+    names = [n for n, m in out.named_modules() if type(m) is nn.Linear]
+    skip = [n + "." for n, m in out.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    for name in names:
+        if not any(name.startswith(p) for p in skip):  # MultiheadAttention reads out_proj.weight directly
+            swap(out, name, DenseLinear.from_linear(out.get_submodule(name)))
+    return out
+
+
 def benchmark(dense_model: nn.Module, sparse_model: nn.Module, example_inputs, threads: Optional[int] = None,
               *, warmup: int = 5, repeats: int = 50, rounds: int = 5, min_time: float = 0.0,
-              per_layer: bool = True, layer_repeats: int = 10, verbose: bool = True) -> BenchmarkResult:
+              per_layer: bool = True, layer_repeats: int = 10, best_dense: bool = True,
+              verbose: bool = True) -> BenchmarkResult:
     """Times ``dense_model`` and ``sparse_model`` on ``example_inputs`` and prints the tables.
 
     Args:
@@ -267,6 +298,8 @@ def benchmark(dense_model: nn.Module, sparse_model: nn.Module, example_inputs, t
         repeats: timed calls of each model (more if ``min_time`` seconds are not reached),
             spread over ``rounds`` alternating dense/sparse rounds.
         per_layer: also time every Linear/Conv2d inside both models (``layer_repeats`` calls).
+        best_dense: also time ``dense_model`` with its Linears on the best dense path
+            (:func:`best_dense_model`), in the same rounds.
         verbose: print the result.
 
     Returns a :class:`BenchmarkResult` (``print`` it; ``.speedup``, ``.layers``, ``.as_dict()``).
@@ -279,25 +312,32 @@ def benchmark(dense_model: nn.Module, sparse_model: nn.Module, example_inputs, t
     batch = _batch_of(example_inputs)
     run_dense = lambda: call_model(dense_model, example_inputs)
     run_sparse = lambda: call_model(sparse_model, example_inputs)
+    best_model = best_dense_model(dense_model) if best_dense else None
+    run_best = None if best_model is None else (lambda: call_model(best_model, example_inputs))
     with thread_settings(threads) as n_threads, torch.inference_mode():
         for _ in range(warmup):
             run_dense()
             run_sparse()
+            if run_best is not None:
+                run_best()
         dense_t: list = []
         sparse_t: list = []
+        best_t: list = []
         per_round = max(1, -(-repeats // rounds))
         start = time.perf_counter()
         r = 0
         while r < rounds or (time.perf_counter() - start) < min_time:
             dense_t += _timed_calls(run_dense, per_round)
             sparse_t += _timed_calls(run_sparse, per_round)
+            if run_best is not None:
+                best_t += _timed_calls(run_best, per_round)
             r += 1
         layers = []
         if per_layer:
             layers = _per_layer(dense_model, sparse_model, run_dense, run_sparse, layer_repeats)
     result = BenchmarkResult(LatencyStats.of(dense_t, batch), LatencyStats.of(sparse_t, batch),
                              model_bytes(dense_model), model_bytes(sparse_model), n_threads, layers,
-                             machine_info())
+                             machine_info(), LatencyStats.of(best_t, batch) if best_t else None)
     if verbose:
         print(result, flush=True)
     return result

@@ -58,17 +58,22 @@ def _has_sparse(model) -> bool:
 
 
 def densify(model):
-    """A copy of ``model`` with every SparseLinear/SparseConv2d back as nn.Linear/nn.Conv2d
-    (the same weights, zeros included): the dense baseline of a sparse model."""
+    """A copy of ``model`` with every SparseLinear/SparseConv2d (and DenseLinear) back as
+    nn.Linear/nn.Conv2d (the same weights, zeros included): the torch-eager dense baseline
+    of a sparse model."""
     from torch import nn
 
-    from .nn import SparseConv2d, SparseLinear
+    from .nn import DenseLinear, SparseConv2d, SparseLinear
     from .nn.surgery import swap
     from .ops import epilogue
 
     model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
-        if isinstance(m, (SparseLinear, SparseConv2d)):
+        if isinstance(m, DenseLinear):
+            plain = nn.Linear(m.in_features, m.out_features, m.bias is not None, device="meta")
+            plain.weight, plain.bias = m.weight, m.bias
+            swap(model, name, plain)
+        elif isinstance(m, (SparseLinear, SparseConv2d)):
             dense = m.to_dense()
             after = epilogue.as_module(epilogue.code_of(m.activation))
             swap(model, name, dense if after is None else nn.Sequential(dense, after))

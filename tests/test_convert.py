@@ -11,7 +11,7 @@ from torch import nn
 
 import sparsert
 from sparsert.convert import SparsityPlan, candidate_formats, fold_batchnorm
-from sparsert.nn import SparseConv2d, SparseLinear
+from sparsert.nn import DenseLinear, SparseConv2d, SparseLinear
 
 FAST = dict(min_time=0.002, rounds=2)  # timing budget per candidate: enough to decide, fast tests
 
@@ -138,7 +138,7 @@ def test_mlp_auto_matches_pruned_dense_and_leaves_original():
         assert abs(d.density - 0.1) < 0.02
         chosen = sparse.get_submodule(d.name)
         if d.chosen == "dense":
-            assert type(chosen) is nn.Linear
+            assert type(chosen) is DenseLinear  # the best dense path it was timed on
         else:
             assert isinstance(chosen, SparseLinear) and chosen.format == d.chosen
             best = min(d.candidates, key=d.candidates.get)

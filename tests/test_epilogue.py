@@ -14,11 +14,12 @@ from sparsert.formats import pack
 from sparsert.nn import SparseConv2d, SparseLinear
 from sparsert.ops import epilogue
 from sparsert.ops.conv import ConvWeight
-from sparsert.ops.schema import conv2d_bsr_torch, linear_bsr_torch
+from sparsert.ops.schema import conv2d_bsr_torch, linear_bitmask_torch, linear_bsr_torch
 
 NAMES = [e.name for e in epilogue.EPILOGUES]
 TORCH = {None: lambda y: y, "relu": F.relu, "gelu": F.gelu, "relu6": F.relu6}
 KINDS = ["csr", "bsr4x1", "nm2:4", "dense"]
+LINEAR_KINDS = KINDS + ["bitmask16"]  # bitmask16 runs Linear layers only
 
 
 def test_the_table_covers_every_name_and_keeps_its_codes():
@@ -51,7 +52,7 @@ def _pruned(rows, cols, kind, seed=0):
     return w * (torch.rand(rows, cols, generator=g) < 0.4)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LINEAR_KINDS)
 @pytest.mark.parametrize("act", NAMES)
 def test_linear_everywhere(kind, act, tmp_path):
     w, b = _pruned(12, 16, kind), torch.randn(12)
@@ -73,7 +74,11 @@ def test_linear_everywhere(kind, act, tmp_path):
         return
     rp, ci, vals, r, c = packed.kernel_arrays()
     code = epilogue.code_of(act)
-    torch.testing.assert_close(linear_bsr_torch(x, rp, ci, vals, 12, r, c, b, code).double(), ref, **close)
+    if kind == "bitmask16":
+        default = linear_bitmask_torch(x, rp, ci, vals, 12, b, code)
+    else:
+        default = linear_bsr_torch(x, rp, ci, vals, 12, r, c, b, code)
+    torch.testing.assert_close(default.double(), ref, **close)
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:                                    # fake
         fake = ops.linear(mode.from_tensor(x), packed, b, act)

@@ -14,7 +14,7 @@ import sparsert
 from sparsert.formats import BSR, CSR, NM, pack
 from sparsert.nn import SparseConv2d, SparseLinear
 
-KINDS = ["dense", "csr", "bsr4x1", "bsr1x4", "bsr8x1", "bsr4x4", "nm2:4"]
+KINDS = ["dense", "csr", "bsr4x1", "bsr1x4", "bsr8x1", "bsr4x4", "nm2:4", "bitmask16"]
 
 
 def pruned_weight(rows, cols, kind, density=0.3):
@@ -91,6 +91,7 @@ def test_linear_round_trip_is_exact(kind):
     ("bsr4x1", ["packed_row_ptr", "packed_col_indices", "packed_blocks"]),
     ("nm2:4", ["packed_values", "packed_col_indices"]),
     ("dense", ["packed_weight"]),
+    ("bitmask16", ["packed_masks", "packed_values"]),
 ])
 def test_packed_tensors_are_buffers_and_state_dict_round_trips(kind, names):
     w = pruned_weight(16, 24, kind)

@@ -1,6 +1,6 @@
 // The sparsert._C extension module: what every op shares (ISA detection, the
 // threading backend, the fused epilogues), then each op's thin binding file
-// (spmm/spmm_bindings.cc, conv/conv_bindings.cc) adds its functions. The CUDA
+// (spmm/spmm_bindings.cc, spmm/spmm_bitmask_bindings.cc, conv/conv_bindings.cc) adds its functions. The CUDA
 // kernels are the separate module sparsert._C_cuda (cuda/cuda_bindings.cc).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -15,6 +15,7 @@ namespace py = pybind11;
 
 void bind_spmm(py::module_& m);  // spmm/spmm_bindings.cc
 void bind_conv(py::module_& m);  // conv/conv_bindings.cc
+void bind_spmm_bitmask(py::module_& m);  // spmm/spmm_bitmask_bindings.cc
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sparsert native kernels (torch-free)";
@@ -34,4 +35,5 @@ PYBIND11_MODULE(_C, m) {
   }, "The fused epilogues the kernels implement: name -> the code passed as `activation`.");
   bind_spmm(m);
   bind_conv(m);
+  bind_spmm_bitmask(m);
 }

@@ -15,13 +15,13 @@
 #include "common/arg_checks.h"
 #include "common/registry_bindings.h"
 #include "spmm/spmm.h"
+#include "spmm/spmm_bindings.h"
 
 namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+using sparsert_bindings::ptr;
 
 // y = act(x @ W^T + bias) for a block-sparse W. `kernel` names a registry
 // entry, or is empty to let sparsert choose for this CPU and token count.
@@ -74,15 +74,8 @@ std::string spmm(int64_t rows, int64_t cols, int64_t block_rows_arg, int64_t blo
   w.col_idx = ptr<const void>(col_idx);
   w.index_bits = index_bits;
   w.values = ptr<const float>(values);
-  sparsert::SpmmArgs a;
-  a.x = ptr<const float>(x);
-  a.tokens = tokens;
-  a.x_row_stride = x_row_stride;
-  a.y = ptr<float>(y);
-  a.y_row_stride = y_row_stride;
-  a.bias = bias ? ptr<const float>(bias) : nullptr;
-  a.epilogue = epilogue;
-  a.num_threads = sparsert::clamp_threads(num_threads);
+  const sparsert::SpmmArgs a =
+      sparsert_bindings::spmm_args(x, tokens, x_row_stride, y, y_row_stride, bias, epilogue, num_threads);
 
   const sparsert::KernelInfo* k;
   if (kernel.empty()) {

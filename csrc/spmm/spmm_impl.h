@@ -28,6 +28,7 @@
 #include <string>
 
 #include "spmm/spmm.h"
+#include "common/scratch.h"
 #include "common/thread_pool.h"
 
 #if defined(SPARSERT_TRANSPOSE_AVX2)
@@ -57,28 +58,6 @@ static inline vf relu(vf v) {
   const vf zero{};
   return v > zero ? v : zero;  // lane-wise select
 }
-
-// 64-byte aligned scratch that only grows; one per thread. A failed
-// allocation throws std::bad_alloc (a MemoryError in Python: parallel_run
-// carries it out of the worker threads) and leaves the scratch empty.
-struct Scratch {
-  float* data = nullptr;
-  size_t capacity = 0;
-  float* get(size_t floats) {
-    if (floats > capacity) {
-      std::free(data);
-      data = nullptr;
-      capacity = 0;
-      if (floats > (SIZE_MAX - 63) / sizeof(float)) throw std::bad_alloc();
-      const size_t bytes = ((floats * sizeof(float) + 63) / 64) * 64;
-      data = static_cast<float*>(std::aligned_alloc(64, bytes));
-      if (data == nullptr) throw std::bad_alloc();
-      capacity = bytes / sizeof(float);
-    }
-    return data;
-  }
-  ~Scratch() { std::free(data); }
-};
 
 // Copies an 8 x 8 block: dst[j * dst_stride + i] = src[i * src_stride + j].
 static inline void transpose8x8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {

@@ -136,11 +136,17 @@ def _kernel_blocks() -> list:
                    if k["supported"] and k["kind"] != "reference" and tuple(k["block"]) not in ((0, 0), (1, 1))})
 
 
-def candidate_formats(w2d: Tensor, *, max_fill: float = 1.1) -> list:
+#: densities at which ``candidate_formats`` times the bitmask format (it reads
+#: density * 4 + 1/8 bytes per weight: below ~20% CSR reads less)
+BITMASK_DENSITIES = (0.2, 0.8)
+
+
+def candidate_formats(w2d: Tensor, *, max_fill: float = 1.1, linear: bool = True) -> list:
     """Formats worth timing for a pruned 2-D weight: dense, CSR, each BSR block
-    shape the zero pattern actually has (stored / nonzero <= ``max_fill``) and
+    shape the zero pattern actually has (stored / nonzero <= ``max_fill``),
     N:M patterns the weight satisfies (when they store at most half the weight and
-    at most 1.25x its nonzeros)."""
+    at most 1.25x its nonzeros) and, for a Linear layer at moderate density
+    (:data:`BITMASK_DENSITIES`), the bitmask16 format."""
     w = w2d.detach()
     nnz = int((w != 0).sum())
     kinds = ["dense", "csr"]
@@ -161,4 +167,7 @@ def candidate_formats(w2d: Tensor, *, max_fill: float = 1.1) -> list:
             # the smallest n that fits for this m is enough
             if not any(parse_kind(k)[0] == "nm" and parse_kind(k)[2] == m for k in kinds):
                 kinds.append(kind_name("nm", n, m))
+    low, high = BITMASK_DENSITIES
+    if linear and low <= nnz / w.numel() <= high and _ops.cpu_available():
+        kinds.append("bitmask16")
     return kinds

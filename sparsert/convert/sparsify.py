@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .. import ops as _ops
 from ..formats import parse_kind
-from ..nn import SparseConv2d, SparseLinear
+from ..nn import DenseLinear, SparseConv2d, SparseLinear
 from ..nn.surgery import rollback, swap
 from .batchnorm import fold_batchnorm
 from .plan import LayerDecision, SparsityPlan, candidate_formats
@@ -31,7 +31,7 @@ def _prunable(model: nn.Module) -> tuple:
     skip_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     layers, all_layers = [], []
     for name, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)) or isinstance(m, (SparseLinear, SparseConv2d)):
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or isinstance(m, (SparseLinear, SparseConv2d, DenseLinear)):
             continue
         all_layers.append(name)
         if any(name.startswith(p) for p in skip_prefixes):
@@ -70,7 +70,11 @@ def _build(module: nn.Module, kind: str) -> nn.Module:
 
 
 def _fresh_dense(module: nn.Module) -> nn.Module:
-    """A hook-free nn.Linear/nn.Conv2d sharing ``module``'s parameters (the dense baseline to time)."""
+    """The dense baseline to time, hook-free and sharing ``module``'s parameters: for a
+    Linear the best dense path (:class:`~sparsert.nn.DenseLinear`, what a layer left
+    dense becomes), for a Conv2d a plain nn.Conv2d."""
+    if isinstance(module, nn.Linear):
+        return DenseLinear.from_linear(module)
     w = module.weight
     if isinstance(module, nn.Conv2d):
         clean = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
@@ -150,9 +154,11 @@ def _choose(decision: LayerDecision, built: dict, min_speedup: float, forced: Op
             decision.reason = (f"best sparse ({best}) only {times['dense'] / sparse[best]:.2f}x"
                                + (f"; {decision.reason}" if decision.reason else ""))
     if decision.chosen == "dense":
-        if times.get("dense") is not None:
-            decision.speedup = 1.0
-        return None
+        if times.get("dense") is None:
+            return None
+        decision.speedup = 1.0
+        dense = built["dense"]  # a Linear left dense runs through the best dense path it was timed on
+        return dense if isinstance(dense, DenseLinear) else None
     mod = built[decision.chosen]
     decision.sparse_bytes = mod.packed_nbytes
     if times.get("dense") is not None and times.get(decision.chosen):
@@ -169,7 +175,9 @@ def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_sp
     Args:
         model: any ``nn.Module`` (plain, ``nn.Sequential``, Hugging Face models, CNNs).
         format: ``"auto"`` (time the candidates per layer, keep the fastest) or a
-            kind for every pruned layer: ``"csr"``, ``"bsrRxC"``, ``"nmN:M"``.
+            kind for every pruned layer: ``"csr"``, ``"bsrRxC"``, ``"nmN:M"``, ``"bitmask16"``
+            (Linear only). Linear layers ``"auto"`` leaves dense become
+            :class:`~sparsert.nn.DenseLinear` (the best dense path they were timed on).
         example_inputs: what the model is called with (Tensor, tuple of args or dict
             of kwargs). Each layer is timed on its real input captured from it,
             and the converted model is checked against the original on it. Without
@@ -239,7 +247,7 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
         kinds = ["dense", forced]
     else:
         w = module.weight.detach()
-        kinds = candidate_formats(w.reshape(w.shape[0], -1))
+        kinds = candidate_formats(w.reshape(w.shape[0], -1), linear=isinstance(module, nn.Linear))
     if forced is None and x is None:
         w = module.weight.detach()
         w2d = w.reshape(w.shape[0], -1)

@@ -43,6 +43,9 @@ class SparseFormat:
     KIND_HELP: ClassVar[str] = ""
     #: the arrays a file stores, name -> allowed dtypes (ROW_PTR, INDEX, VALUES)
     ARRAYS: ClassVar[dict] = {}
+    #: which op family runs the format: "bsr" (block-sparse arrays, every op) or a format's
+    #: own Linear op ("bitmask": ``kernel_arrays`` returns that op's arrays)
+    LINEAR_OP: ClassVar[str] = "bsr"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -2,10 +2,12 @@
 
 ``SparseLinear`` and ``SparseConv2d`` are drop-in replacements for
 ``nn.Linear`` / ``nn.Conv2d`` whose weight is a sparsert format (CSR, BSR,
-N:M) or a dense tensor. Build them with ``from_dense`` and go back with
-``to_dense``; :func:`sparsert.sparsify` swaps them into whole models.
+N:M, bitmask16) or a dense tensor. Build them with ``from_dense`` and go back
+with ``to_dense``; :func:`sparsert.sparsify` swaps them into whole models.
+``DenseLinear`` is an ``nn.Linear`` run through the best dense path (oneDNN
+prepacked), for the layers ``sparsify`` leaves dense.
 """
 
-from .modules import SparseConv2d, SparseLinear
+from .modules import DenseLinear, SparseConv2d, SparseLinear
 
-__all__ = ["SparseLinear", "SparseConv2d"]
+__all__ = ["SparseLinear", "SparseConv2d", "DenseLinear"]

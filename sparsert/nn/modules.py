@@ -14,6 +14,8 @@ CSR           ``packed_row_ptr``, ``packed_col_indices``, ``packed_values``
 BSR           ``packed_row_ptr``, ``packed_col_indices``, ``packed_blocks``
 N:M           ``packed_values``, ``packed_col_indices`` (plus the non-persistent
               ``packed_kernel_row_ptr``, derived from the shape)
+bitmask16     ``packed_masks``, ``packed_values`` (plus the non-persistent
+              ``packed_row_offsets`` and ``packed_padded_values``; Linear only)
 dense         ``packed_weight``
 ============  =================================================================
 
@@ -40,9 +42,10 @@ from .. import ops as _ops
 from ..formats import SparseFormat, pack
 from ..formats._common import IdentityCache
 from ..ops import epilogue
+from ..ops.backends.best_dense import PackedDenseLinear
 from ..ops.conv import conv_padding, pair
 
-__all__ = ["SparseLinear", "SparseConv2d"]
+__all__ = ["SparseLinear", "SparseConv2d", "DenseLinear"]
 
 
 def _with_params(module: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
@@ -118,7 +121,7 @@ class _PackedWeight(nn.Module):
         super()._apply(fn, recurse)
         if self._fmt is not None:
             # Sparse values stay float32 whatever dtype the model is cast to.
-            for name in self._fmt.tensors():
+            for name in self._array_names:
                 t = self._buffers["packed_" + name]
                 if t.is_floating_point() and t.dtype != torch.float32:
                     self._buffers["packed_" + name] = t.to(torch.float32)
@@ -134,7 +137,8 @@ class _PackedWeight(nn.Module):
             self._buffers[name] = self._buffers[name].detach()
 
     def _kernel_arrays(self):
-        """(row_ptr, col_indices, values) as the kernels take them, rebuilt only when a
+        """(row_ptr, col_indices, values) as the kernels take them (bitmask: masks,
+        row_offsets, values), rebuilt only when a
         buffer is replaced (``.to()``, ``load_state_dict``): a layer's per-call cost."""
         current = tuple(map(self._buffers.__getitem__, self._buffer_names))
         cache = self._kernel_cache
@@ -166,6 +170,7 @@ class SparseLinear(_PackedWeight):
     def __init__(self, packed, bias: Optional[Tensor] = None, activation: Optional[str] = None):
         super().__init__()
         self._init_packed(packed)
+        self._bitmask = self._fmt is not None and self._fmt.LINEAR_OP == "bitmask"
         self.out_features, self.in_features = (int(s) for s in (packed.shape))
         self._act = epilogue.code_of(activation)
         self.activation = epilogue.name_of(self._act)
@@ -196,6 +201,8 @@ class SparseLinear(_PackedWeight):
         if self._fmt is None:
             return _ops.linear(x, self.packed_weight, self.bias, self.activation)
         rp, ci, val = self._kernel_arrays()
+        if self._bitmask:
+            return _ops.linear_bitmask_arrays(x, rp, ci, val, self.out_features, self.bias, self._act)
         return _ops.linear_arrays(x, rp, ci, val, self.out_features, self._block[0], self._block[1], self.bias,
                                   self._act)
 
@@ -220,6 +227,9 @@ class SparseConv2d(_PackedWeight):
                  activation: Optional[str] = None):
         super().__init__()
         self._init_packed(packed)
+        if self._fmt is not None and self._fmt.LINEAR_OP != "bsr":
+            raise ValueError(f"SparseConv2d takes block-sparse formats (csr, bsrRxC, nmN:M) or dense; "
+                             f"{self._fmt.kind} runs Linear layers only")
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
         self.dilation = pair(dilation, "dilation")
@@ -293,3 +303,45 @@ class SparseConv2d(_PackedWeight):
             s += f", padding_mode={self.padding_mode}"
         return s + (f", activation={self.activation}" if self.activation else "")
 
+
+
+class DenseLinear(nn.Linear):
+    """An ``nn.Linear`` that runs through the best dense path (:class:`PackedDenseLinear`:
+    oneDNN with a prepacked weight from 2 tokens, ``F.linear`` for one): what
+    :func:`sparsert.sparsify` puts where a layer stays dense, so a sparsified model is
+    never slower than the best dense path layer by layer.
+
+    It *is* an ``nn.Linear`` (same parameters, ``state_dict`` and files: a plain dense
+    weight); the packed copy of the weight is rebuilt when the weight or bias tensor
+    changes (replaced, moved, edited in place). Calls that need autograd through the
+    weight, and inputs the packed path does not take, run ``F.linear``.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "DenseLinear":
+        """A frozen DenseLinear sharing ``linear``'s weight and bias storage (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                  dtype=linear.weight.dtype)
+        out.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        if linear.bias is not None:
+            out.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return out
+
+    def _packed_layer(self) -> PackedDenseLinear:
+        w, b = self.weight, self.bias
+        key = (id(w), w.data_ptr(), w._version, id(b), None if b is None else (b.data_ptr(), b._version))
+        cached = self.__dict__.get("_packed_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, PackedDenseLinear(w, b))
+            self.__dict__["_packed_cache"] = cached
+        return cached[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        b = self.bias
+        needs_grad = torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad))
+        if w.dtype != torch.float32 or not w.is_cpu or w.is_inference() or needs_grad:
+            return super().forward(x)
+        return self._packed_layer()(x)

@@ -14,11 +14,12 @@ from torch import Tensor
 
 from ..formats import SparseFormat
 from . import epilogue
-from .backends.cpu import eager_cpu_call, linear_bsr_cpu
+from .backends.cpu import eager_cpu_call, linear_bitmask_cpu, linear_bsr_cpu
 
-__all__ = ["linear", "linear_arrays", "check_num_threads"]
+__all__ = ["linear", "linear_arrays", "linear_bitmask_arrays", "check_num_threads"]
 
 _LINEAR_OP = torch.ops.sparsert.linear_bsr.default
+_BITMASK_OP = torch.ops.sparsert.linear_bitmask.default
 
 
 def check_num_threads(num_threads) -> int:
@@ -32,7 +33,7 @@ def check_num_threads(num_threads) -> int:
 
 def linear(x: Tensor, w, bias: Optional[Tensor] = None, activation: Optional[str] = None,
            *, num_threads: Optional[int] = None) -> Tensor:
-    """``act(F.linear(x, w, bias))`` for ``w`` a sparse format (CSR, BSR, N:M) or a dense tensor.
+    """``act(F.linear(x, w, bias))`` for ``w`` a sparse format (CSR, BSR, N:M, bitmask16) or a dense tensor.
 
     ``x`` has shape ``(..., in_features)``; ``activation`` is an epilogue name
     (None, "relu", "gelu", "relu6": :mod:`sparsert.ops.epilogue`); ``num_threads``
@@ -53,6 +54,9 @@ def linear(x: Tensor, w, bias: Optional[Tensor] = None, activation: Optional[str
         raise ValueError(f"x must be floating point, got {x.dtype}")
     if bias is not None and tuple(bias.shape) != (rows,):
         raise ValueError(f"bias must have shape ({rows},), got {tuple(bias.shape)}")
+    if w.LINEAR_OP == "bitmask":
+        masks, row_offsets, values, _, _ = w.kernel_arrays()
+        return linear_bitmask_arrays(x, masks, row_offsets, values, rows, bias, code, threads)
     row_ptr, col_indices, values, r, c = w.kernel_arrays()
     return linear_arrays(x, row_ptr, col_indices, values, rows, r, c, bias, code, threads)
 
@@ -69,3 +73,11 @@ def linear_arrays(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tenso
                               code, num_threads)
     return _LINEAR_OP(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias, code,
                       num_threads)
+
+
+def linear_bitmask_arrays(x: Tensor, masks: Tensor, row_offsets: Tensor, values: Tensor, out_features: int,
+                          bias: Optional[Tensor], code: int, num_threads: int = 0) -> Tensor:
+    """:func:`linear_arrays` for a bitmask weight (``Bitmask.kernel_arrays()[:3]``)."""
+    if eager_cpu_call(x, bias, values):
+        return linear_bitmask_cpu(x, masks, row_offsets, values, out_features, bias, code, num_threads)
+    return _BITMASK_OP(x, masks, row_offsets, values, out_features, bias, code, num_threads)

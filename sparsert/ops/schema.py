@@ -1,8 +1,9 @@
 """The ``torch.ops.sparsert`` ops: schemas, fake (meta) implementations and
 pure-torch defaults, in one place.
 
-One op per layer type serves every format (CSR and N:M are 1x1-block BSR to
-the kernels). The fakes let ``torch.compile`` and ``torch.export`` trace
+One op per layer type serves every block-sparse format (CSR and N:M are
+1x1-block BSR to the kernels); the bitmask format has its own Linear op
+(``linear_bitmask``: its kernels read masks, not indices). The fakes let ``torch.compile`` and ``torch.export`` trace
 through the ops; the pure-torch default (densify, then ``F.linear`` /
 ``F.conv2d``) runs on every device without a native backend. The native
 backends register their kernels on top: CPU in
@@ -27,10 +28,11 @@ from torch import Tensor
 
 from ..formats import dense_from_blocks
 from ..formats._common import decode_indices
+from ..formats.bitmask import dense_from_bitmask
 from . import epilogue
 
-__all__ = ["linear_bsr", "conv2d_bsr", "linear_bsr_torch", "conv2d_bsr_torch", "conv_out_size",
-           "check_linear_args", "check_conv_args", "check_array_contents"]
+__all__ = ["linear_bsr", "conv2d_bsr", "linear_bitmask", "linear_bsr_torch", "conv2d_bsr_torch",
+           "linear_bitmask_torch", "conv_out_size", "check_linear_args", "check_conv_args", "check_array_contents"]
 
 _INT32_MAX = (1 << 31) - 1
 
@@ -182,6 +184,28 @@ def _linear_bsr_fake(x, row_ptr, col_indices, values, out_features, block_rows, 
     # bad arguments fail while tracing, as they do when run
     check_linear_args(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias, activation,
                       num_threads)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def linear_bitmask_torch(x: Tensor, masks: Tensor, row_offsets: Tensor, values: Tensor, out_features: int,
+                         bias: Optional[Tensor], activation: int) -> Tensor:
+    """Pure-torch act(x @ W.T + bias) for a bitmask W: the op's default off the CPU kernel."""
+    w = dense_from_bitmask(masks, values, out_features, x.shape[-1])
+    y = F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return epilogue.reference(y, activation)
+
+
+@torch.library.custom_op("sparsert::linear_bitmask", mutates_args=())
+def linear_bitmask(x: Tensor, masks: Tensor, row_offsets: Tensor, values: Tensor, out_features: int,
+                   bias: Optional[Tensor], activation: int, num_threads: int) -> Tensor:
+    """act(x @ W.T + bias) for W given as bitmask arrays (``Bitmask.kernel_arrays()``: int16
+    masks per 16 columns, int64 row offsets, the values followed by their padding)."""
+    return linear_bitmask_torch(x, masks, row_offsets, values, out_features, bias, activation)
+
+
+@linear_bitmask.register_fake
+def _linear_bitmask_fake(x, masks, row_offsets, values, out_features, bias, activation, num_threads):
+    epilogue.name_of(activation)
     return x.new_empty((*x.shape[:-1], out_features))
 
 

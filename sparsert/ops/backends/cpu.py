@@ -1,7 +1,8 @@
 """The native CPU backend of the ``sparsert`` ops (kernels in ``sparsert._C``).
 
 Three things live here: the CPU kernels registered for the ops
-(``linear_bsr_cpu``, ``conv2d_bsr_cpu``), the validation of a weight's raw
+(``linear_bsr_cpu``, ``linear_bitmask_cpu``, ``conv2d_bsr_cpu``), the
+validation of a weight's raw
 arrays before a kernel reads them, and the eager fast path
 (:func:`eager_cpu_call`): a plain eager CPU call runs the kernel directly,
 skipping the torch.library dispatcher, whose Python layers cost several times
@@ -32,12 +33,14 @@ from torch import Tensor
 
 from ..._ext import native as _native  # (private: the raw functions take addresses)
 from ...formats._common import decode_indices, index_bits
+from ...formats.bitmask import GROUP, VALUE_PADDING, masks_to_bits
 from .. import epilogue
 from .._threads import get_num_threads
 from ..schema import (_int, check_array_contents, check_conv_args, check_linear_args, conv2d_bsr, conv_out_size,
-                      linear_bsr)
+                      linear_bitmask, linear_bsr)
 
-__all__ = ["linear_bsr_cpu", "conv2d_bsr_cpu", "eager_cpu_call", "check_weight_arrays", "kernels",
+__all__ = ["linear_bsr_cpu", "linear_bitmask_cpu", "conv2d_bsr_cpu", "check_bitmask_arrays", "bitmask_kernels",
+           "eager_cpu_call", "check_weight_arrays", "kernels",
            "conv_kernels", "best_isa", "available"]
 
 
@@ -55,6 +58,11 @@ def kernels() -> list:
 def conv_kernels() -> list:
     """Every native convolution kernel of this build."""
     return _native().conv_kernels()
+
+
+def bitmask_kernels() -> list:
+    """Every native bitmask kernel of this build (name, isa, kind, supported)."""
+    return _native().bitmask_kernels()
 
 
 def best_isa() -> str:
@@ -108,16 +116,15 @@ class Validated:
     tensor). ``native`` is the argument tuple for ``sparsert._C``; callers
     keep this object alive while the kernel runs."""
 
-    __slots__ = ("row_ptr", "col_indices", "storage", "storage_bytes", "storage_ptr", "native")
+    __slots__ = ("indices", "storage", "storage_bytes", "storage_ptr", "native")
 
-    def __init__(self, row_ptr, col_indices, values):
-        self.row_ptr, self.col_indices = row_ptr, col_indices
+    def __init__(self, indices: tuple, values, native: tuple):
+        self.indices = indices  # the private index copies (kept alive: ``native`` holds their addresses)
         self.storage = values.untyped_storage()  # (not values itself: see _validated's weakrefs)
         self.storage_bytes, self.storage_ptr = self.storage.nbytes(), self.storage.data_ptr()
         if self.storage_ptr + self.storage_bytes < values.data_ptr() + values.numel() * 4:
             raise ValueError("the storage of values is smaller than values (resized under it)")
-        self.native = (row_ptr.data_ptr(), row_ptr.numel(), col_indices.data_ptr(), col_indices.numel(),
-                       index_bits(col_indices), values.data_ptr(), values.numel())
+        self.native = native
 
     def intact(self) -> bool:
         """False once the values' storage was resized (freed, moved) since validation."""
@@ -147,28 +154,35 @@ def check_weight_arrays(row_ptr: Tensor, col_indices: Tensor, values: Tensor, ou
     in-place changes to inference tensors) leaves the kernel on the last
     validated indices, which is safe. Kept lean: a layer calls it on every
     forward."""
+    def validate() -> Validated:
+        _check_layout(row_ptr, col_indices, values, block_rows, block_cols, out_features, in_features)
+        # Copies first, contents checked second: what is checked is exactly what the kernel reads.
+        rp, ci = row_ptr.clone(), col_indices.clone()
+        check_array_contents(rp, ci, values, out_features, in_features, block_rows, block_cols)
+        return Validated((rp, ci), values, (rp.data_ptr(), rp.numel(), ci.data_ptr(), ci.numel(), index_bits(ci),
+                                            values.data_ptr(), values.numel()))
+
+    return _remembered(row_ptr, col_indices, values, (out_features, in_features, block_rows, block_cols), validate)
+
+
+def _remembered(a: Tensor, b: Tensor, values: Tensor, shape_key: tuple, validate) -> Validated:
+    """``validate()``'s :class:`Validated`, remembered per (a, b, values) objects,
+    version counters and the values' address and storage (see check_weight_arrays)."""
     try:
-        key = (out_features, in_features, block_rows, block_cols, values.data_ptr(), row_ptr._version,
-               col_indices._version, values._version)
+        key = (*shape_key, values.data_ptr(), a._version, b._version, values._version)
     except RuntimeError:
         # Inference tensors (made under torch.inference_mode) keep no version counter.
-        key = (out_features, in_features, block_rows, block_cols, values.data_ptr(),
-               *(_version(t) for t in (row_ptr, col_indices, values)))
+        key = (*shape_key, values.data_ptr(), *(_version(t) for t in (a, b, values)))
     entry = _validated.get(id(values))
-    if (entry is not None and entry[0]() is values and entry[1]() is row_ptr and entry[2]() is col_indices
-            and entry[3] == key):
+    if entry is not None and entry[0]() is values and entry[1]() is a and entry[2]() is b and entry[3] == key:
         checked = entry[4]
         storage = checked.storage  # (Validated.intact, inlined: this runs on every call)
         if storage.nbytes() == checked.storage_bytes and storage.data_ptr() == checked.storage_ptr:
             return checked
-    _check_layout(row_ptr, col_indices, values, block_rows, block_cols, out_features, in_features)
-    # Copies first, contents checked second: what is checked is exactly what the kernel reads.
-    private_rp, private_ci = row_ptr.clone(), col_indices.clone()
-    check_array_contents(private_rp, private_ci, values, out_features, in_features, block_rows, block_cols)
-    checked = Validated(private_rp, private_ci, values)
+    checked = validate()
     vid = id(values)
     ref = weakref.ref(values, lambda r, vid=vid: _forget(vid, r))
-    _validated[vid] = (ref, weakref.ref(row_ptr), weakref.ref(col_indices), key, checked)
+    _validated[vid] = (ref, weakref.ref(a), weakref.ref(b), key, checked)
     return checked
 
 
@@ -195,6 +209,44 @@ def _check_layout(row_ptr, col_indices, values, block_rows, block_cols, out_feat
     _int(op, "block_cols", block_cols, 1)
     _int(op, "out_features", out_features, 0)
     _int(op, "in_features", in_features, 0)
+
+
+def check_bitmask_arrays(masks: Tensor, row_offsets: Tensor, values: Tensor, out_features: int,
+                         in_features: int) -> Validated:
+    """Raises ValueError unless the arrays are a valid ``out_features x in_features``
+    bitmask matrix as the kernels read it (``Bitmask.kernel_arrays()``): int16 masks
+    ``(rows, ceil(cols / 16))`` with no bits past the last column, int64 row offsets
+    equal to the running popcount, float32 values plus their padding. Like
+    :func:`check_weight_arrays`, the kernel reads private, validated copies of masks
+    and row offsets, remembered per array objects and versions."""
+    def validate() -> Validated:
+        for name, t, dtype in (("masks", masks, torch.int16), ("row_offsets", row_offsets, torch.int64),
+                               ("values", values, torch.float32)):
+            if not isinstance(t, Tensor) or t.device.type != "cpu" or not t.is_contiguous() or t.dtype != dtype:
+                raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor (build weights with "
+                                 "sparsert.formats.bitmask.Bitmask)")
+        groups = -(-in_features // GROUP)
+        if tuple(masks.shape) != (out_features, groups) or row_offsets.shape != (out_features + 1,):
+            raise ValueError(f"masks must have shape ({out_features}, {groups}) and row_offsets "
+                             f"{out_features + 1} entries for a {out_features}x{in_features} matrix")
+        private_masks, private_offsets = masks.clone(), row_offsets.clone()
+        bits = masks_to_bits(private_masks)
+        tail = groups * GROUP - in_features
+        if tail and out_features and bool(bits[:, -1, GROUP - tail:].any()):
+            raise ValueError("masks have bits set past the last column")
+        expected = torch.zeros(out_features + 1, dtype=torch.int64)
+        torch.cumsum(bits.sum((1, 2)), 0, out=expected[1:])
+        if not torch.equal(private_offsets, expected):
+            raise ValueError("row_offsets must be the running popcount of the masks")
+        if values.numel() != int(expected[-1]) + VALUE_PADDING:
+            raise ValueError(f"values must hold the {int(expected[-1])} stored values plus {VALUE_PADDING} padding")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("bitmask values must be finite (the kernels multiply padding by zero)")
+        return Validated((private_masks, private_offsets), values,
+                         (private_masks.data_ptr(), private_masks.numel(), private_offsets.data_ptr(),
+                          private_offsets.numel(), values.data_ptr(), values.numel()))
+
+    return _remembered(masks, row_offsets, values, ("bitmask", out_features, in_features), validate)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -248,6 +300,27 @@ def linear_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def linear_bitmask_cpu(x: Tensor, masks: Tensor, row_offsets: Tensor, values: Tensor, out_features: int,
+                       bias: Optional[Tensor], activation: int, num_threads: int, kernel: str = "") -> Tensor:
+    """The native CPU path of ``linear_bitmask``; ``kernel`` forces a bitmask registry kernel."""
+    in_features = x.shape[-1]
+    checked = check_bitmask_arrays(masks, row_offsets, values, out_features, in_features)
+    x32 = x if x.dtype == torch.float32 else x.float()
+    x2 = x32.reshape(-1, in_features)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
+        x2 = x2.contiguous()
+    tokens = x2.shape[0]
+    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().to(torch.float32).contiguous()
+    _native().spmm_bitmask(out_features, in_features, *checked.native, x2.data_ptr(), tokens,
+                          x2.stride(0) if tokens else in_features, y.data_ptr(), out_features,
+                          float32_bias(bias, out_features), epilogue.kernel_code(activation),
+                          num_threads if num_threads > 0 else get_num_threads(), kernel)
+    y = epilogue.finish(y, activation)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 def conv2d_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_channels: int,
                    kernel_size: Sequence[int], block_rows: int, block_cols: int, bias: Optional[Tensor],
                    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
@@ -288,6 +361,11 @@ def _linear_bsr_cpu(x, row_ptr, col_indices, values, out_features, block_rows, b
                       num_threads)
     return linear_bsr_cpu(x, row_ptr, col_indices, values, out_features, block_rows, block_cols, bias,
                           activation, num_threads)
+
+
+@linear_bitmask.register_kernel("cpu")
+def _linear_bitmask_cpu(x, masks, row_offsets, values, out_features, bias, activation, num_threads):
+    return linear_bitmask_cpu(x, masks, row_offsets, values, out_features, bias, activation, num_threads)
 
 
 @conv2d_bsr.register_kernel("cpu")

@@ -1,0 +1,474 @@
+// The bitmask kernels (see spmm/spmm_bitmask.h), written once and compiled
+// per ISA: spmm_bitmask_{scalar,avx2,avx512}.cc
+// define SPARSERT_ISA (a namespace), SPARSERT_VEC_FLOATS and the target, then
+// include this file.
+//
+// Two kernel families, one per regime:
+//   spmv  Few tokens (decode). Per row and group of 16 columns, the packed
+//         values are expanded into a 16-lane weight vector in registers (zero
+//         where the mask bit is clear) and multiplied with 16 contiguous x:
+//         AVX-512 does it with one vexpandps load (exactly popcount floats
+//         read), AVX2 with a permute from a 256-entry index table and a
+//         blend that zeroes the clear lanes. Four rows share each x load.
+//         The FMAs include the zeros (dense work): the format pays where the
+//         layer is bound by the bytes it reads (at 50%: 2.125 instead of 4
+//         per weight). With AVX-512 that is the case; AVX2's expansion costs
+//         ~11 instructions per 8 weights, which only DRAM-bound layers hide
+//         (benchmarks/RESULTS.md).
+//   spmm  Many tokens. x is packed into token panels xp[k][P] (P tokens per
+//         column k), and each stored value is broadcast and multiplied with
+//         the panel row of its column: only the nonzeros cost FMAs. Columns
+//         come from the masks, decoded per row and step into a small index
+//         buffer without branches (a 256-entry table per mask byte), not from
+//         a stored index array. Rows go in blocks of kRowBlock whose
+//         accumulators stay in L1 while the columns go by in steps sized so
+//         that a step's slice of the panel (~16 KB) stays in L1 too: each
+//         slice is loaded from L2 once per row block and reused by its rows.
+//         Panels of <= 16 tokens fit L2 whole and take each row in one step.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "spmm/spmm_bitmask.h"
+#include "common/scratch.h"
+#include "common/thread_pool.h"
+
+#if defined(SPARSERT_BITMASK_AVX2) || defined(SPARSERT_BITMASK_AVX512)
+#include <immintrin.h>
+#endif
+
+#include "common/isa_target_begin.inc"
+
+#ifndef SPARSERT_ISA
+#error "define SPARSERT_ISA before including spmm_bitmask_impl.h"
+#endif
+
+namespace sparsert {
+namespace SPARSERT_ISA {
+namespace bitmask {
+
+constexpr int VW = SPARSERT_VEC_FLOATS;  // floats per vector
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vf_unaligned __attribute__((vector_size(VW * 4), aligned(4)));
+
+static inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+static inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+// A broadcast (vf{} + s would cost an add: -0.0 + 0.0 is not -0.0).
+static inline vf splat(float s) {
+  const vf first = {s};
+  return __builtin_shuffle(first, vi{});
+}
+
+// Splits rows [0, rows) into `parts` contiguous ranges of about equal cost:
+// the stored values plus a fixed cost per mask group.
+inline void balanced_rows(const BitmaskMatrix& w, int parts, std::vector<int64_t>& bounds) {
+  bounds.assign(parts + 1, w.rows);
+  bounds[0] = 0;
+  const double group_cost = 1.0;  // mask load + expand, in values
+  const double per_row = group_cost * static_cast<double>(w.group_count());
+  const double total = static_cast<double>(w.row_offsets[w.rows]) + per_row * w.rows;
+  int64_t row = 0;
+  for (int p = 1; p < parts; ++p) {
+    const double target = total * p / parts;
+    int64_t lo = row, hi = w.rows;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (static_cast<double>(w.row_offsets[mid]) + per_row * mid < target) lo = mid + 1; else hi = mid;
+    }
+    row = lo;
+    bounds[p] = row;
+  }
+}
+
+static inline float activate(float v, bool relu) { return relu && v < 0.0f ? 0.0f : v; }
+
+// ---------------------------------------------------------------------------
+// spmv: a 16-lane weight vector expanded from the packed values
+// ---------------------------------------------------------------------------
+
+#if defined(SPARSERT_BITMASK_AVX512)
+struct W16 { __m512 v; };
+static inline W16 w16_zero() { return {_mm512_setzero_ps()}; }
+static inline W16 w16_load(const float* p) { return {_mm512_loadu_ps(p)}; }
+// acc += expand(mask, p) * x; returns the values consumed.
+static inline int fma_expanded(W16& acc, unsigned mask, const float* p, const W16& x) {
+  const __m512 w = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(mask), p);
+  acc.v = _mm512_fmadd_ps(w, x.v, acc.v);
+  return __builtin_popcount(mask);
+}
+static inline float w16_sum(const W16& a) {
+  const __m256 lo = _mm512_castps512_ps256(a.v);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.v), 1));
+  const __m256 s = _mm256_add_ps(lo, hi);
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+struct ExpandContext {};
+#elif defined(SPARSERT_BITMASK_AVX2)
+struct W16 { __m256 lo, hi; };
+static inline W16 w16_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline W16 w16_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+// For each 8-bit mask: lane j takes packed value number rank(j) (the set bits
+// below j); clear lanes hold INT32_MIN, whose sign bit the blend turns into
+// a zero and whose low bits (0) keep the permute in range.
+struct ExpandTable {
+  alignas(32) int32_t idx[256][8];
+  ExpandTable() {
+    for (int m = 0; m < 256; ++m) {
+      int rank = 0;
+      for (int j = 0; j < 8; ++j) idx[m][j] = (m >> j & 1) ? rank++ : INT32_MIN;
+    }
+  }
+};
+static const ExpandTable& expand_table() {
+  static const ExpandTable table;
+  return table;
+}
+struct ExpandContext {
+  const ExpandTable& table = expand_table();
+};
+static inline __m256 expand8(const ExpandTable& t, unsigned m8, const float* p) {
+  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.idx[m8]));
+  const __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx);
+  return _mm256_blendv_ps(w, _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
+}
+static inline int fma_expanded(const ExpandContext& c, W16& acc, unsigned mask, const float* p,
+                               const W16& x) {
+  const unsigned lo = mask & 0xFF, hi = mask >> 8;
+  const int nlo = __builtin_popcount(lo);
+  acc.lo = _mm256_fmadd_ps(expand8(c.table, lo, p), x.lo, acc.lo);
+  acc.hi = _mm256_fmadd_ps(expand8(c.table, hi, p + nlo), x.hi, acc.hi);
+  return nlo + __builtin_popcount(hi);
+}
+static inline float w16_sum(const W16& a) {
+  const __m256 s = _mm256_add_ps(a.lo, a.hi);
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+#else
+// Portable: 16 floats as a vector the compiler lowers to what the target has.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16_unaligned __attribute__((vector_size(64), aligned(4)));
+struct W16 { v16 v; };
+static inline W16 w16_zero() { return {v16{}}; }
+static inline W16 w16_load(const float* p) { return {*reinterpret_cast<const v16_unaligned*>(p)}; }
+static inline int fma_expanded(W16& acc, unsigned mask, const float* p, const W16& x) {
+  v16 w{};
+  int n = 0;
+  for (unsigned m = mask; m; m &= m - 1) w[__builtin_ctz(m)] = p[n++];
+  acc.v += w * x.v;
+  return n;
+}
+static inline float w16_sum(const W16& a) {
+  float s = 0.0f;
+  for (int j = 0; j < 16; ++j) s += a.v[j];
+  return s;
+}
+struct ExpandContext {};
+#endif
+
+#if defined(SPARSERT_BITMASK_AVX2)
+#define SPARSERT_FMA_EXPANDED(acc, mask, p, x) fma_expanded(ctx, acc, mask, p, x)
+#else
+#define SPARSERT_FMA_EXPANDED(acc, mask, p, x) fma_expanded(acc, mask, p, x)
+#endif
+
+// Rows [r0, r1) for one token; x holds group_count() * 16 floats (zero padded).
+// RT rows at a time share every x load.
+template <int RT>
+static void spmv_rows(const BitmaskMatrix& w, const float* x, float* y, int64_t r0, int64_t r1,
+                      const float* bias, bool relu) {
+  const int64_t groups = w.group_count();
+  [[maybe_unused]] const ExpandContext ctx;
+  int64_t n = r0;
+  for (; n + RT <= r1; n += RT) {
+    const uint16_t* masks[RT];
+    const float* vals[RT];
+    W16 acc[RT];
+    for (int r = 0; r < RT; ++r) {
+      masks[r] = w.masks + (n + r) * groups;
+      vals[r] = w.values + w.row_offsets[n + r];
+      acc[r] = w16_zero();
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      const W16 xg = w16_load(x + g * kBitmaskGroup);
+      for (int r = 0; r < RT; ++r) vals[r] += SPARSERT_FMA_EXPANDED(acc[r], masks[r][g], vals[r], xg);
+    }
+    for (int r = 0; r < RT; ++r)
+      y[n + r] = activate(w16_sum(acc[r]) + (bias ? bias[n + r] : 0.0f), relu);
+  }
+  for (; n < r1; ++n) {
+    const uint16_t* mask = w.masks + n * groups;
+    const float* vals = w.values + w.row_offsets[n];
+    W16 acc = w16_zero();
+    for (int64_t g = 0; g < groups; ++g)
+      vals += SPARSERT_FMA_EXPANDED(acc, mask[g], vals, w16_load(x + g * kBitmaskGroup));
+    y[n] = activate(w16_sum(acc) + (bias ? bias[n] : 0.0f), relu);
+  }
+}
+
+template <int RT>
+static void spmv_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
+  const int threads = std::max(1, a.num_threads);
+  const int64_t padded = w.group_count() * kBitmaskGroup;
+  const bool relu = a.epilogue == Epilogue::kRelu;
+  std::vector<int64_t> bounds;
+  balanced_rows(w, threads, bounds);
+  parallel_run(threads, [&](int tid, int) {
+    static thread_local Scratch xpad_scratch;
+    float* xpad = xpad_scratch.get(static_cast<size_t>(padded));
+    for (int64_t t = 0; t < a.tokens; ++t) {
+      // A zero-padded copy: the last group may reach past the last column.
+      std::memcpy(xpad, a.x + t * a.x_row_stride, sizeof(float) * w.cols);
+      std::memset(xpad + w.cols, 0, sizeof(float) * (padded - w.cols));
+      spmv_rows<RT>(w, xpad, a.y + t * a.y_row_stride, bounds[tid], bounds[tid + 1], a.bias, relu);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// spmm: token panels, one broadcast FMA per stored value and vector of tokens
+// ---------------------------------------------------------------------------
+
+constexpr int kRowBlock = 32;  // rows whose accumulators stay in L1 together
+
+// Columns per step for a panel of P tokens: a step's slice of the panel
+// (kStep * P floats, ~16 KB) stays in L1 while a row block goes by. Wide
+// steps for narrow panels keep the per-(row, step) overhead (accumulator
+// load/store, one loop exit) small against the FMAs of the step.
+// Narrow panels (<= 16 tokens) are small enough for L2 whole, so they take
+// the row in one step (like CSR: one loop per row) instead.
+template <int P>
+inline int64_t step_columns(int64_t cols) {
+  if (P <= 16) return std::min<int64_t>((cols + 15) / 16 * 16, 1 << 15);
+  return P >= 64 ? 64 : 128;
+}
+
+// decode8[b] lists the set bits of byte b, lowest first (8 slots, unused 0).
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef uint16_t v8u16_unaligned __attribute__((vector_size(16), aligned(2)));
+struct DecodeTable {
+  alignas(16) uint16_t pos[256][8];
+  DecodeTable() {
+    for (int b = 0; b < 256; ++b) {
+      int n = 0;
+      for (int j = 0; j < 8; ++j) pos[b][j] = 0;
+      for (int j = 0; j < 8; ++j)
+        if (b >> j & 1) pos[b][n++] = static_cast<uint16_t>(j);
+    }
+  }
+};
+static const DecodeTable& decode_table() {
+  static const DecodeTable table;
+  return table;
+}
+
+// Writes the columns (relative to the step) of row n's stored values in
+// groups [g0, g1) to idx, without branches: 8 columns at a time, a table
+// lookup and a store that the popcount advances. Returns their count.
+static inline int decode_columns(const DecodeTable& t, const uint16_t* masks, int64_t g0, int64_t g1,
+                                 uint16_t* idx) {
+  uint16_t* out = idx;
+  for (int64_t g = g0; g < g1; ++g) {
+    const unsigned m = masks[g];
+    const uint16_t base = static_cast<uint16_t>((g - g0) * kBitmaskGroup);
+    const unsigned lo = m & 0xFF, hi = m >> 8;
+    *reinterpret_cast<v8u16_unaligned*>(out) = *reinterpret_cast<const v8u16*>(t.pos[lo]) + base;
+    out += __builtin_popcount(lo);
+    *reinterpret_cast<v8u16_unaligned*>(out) =
+        *reinterpret_cast<const v8u16*>(t.pos[hi]) + static_cast<uint16_t>(base + 8);
+    out += __builtin_popcount(hi);
+  }
+  return static_cast<int>(out - idx);
+}
+
+// The packed panel: step s holds columns [s * KS, s * KS + KS) at
+// xp + s * (KS + 1) * P, followed by one zero row that padded loop slots
+// point at. xp[.][t] = x[t0 + t][k], zero for t >= valid and k >= cols.
+template <int P>
+static void pack_panel(const SpmmArgs& a, int64_t cols, int64_t KS, int64_t steps, int64_t t0,
+                       int64_t valid, float* xp) {
+  constexpr int TB = 8;  // tokens per pass: 8 input rows stream, the panel fills in lines
+  for (int64_t s = 0; s < steps; ++s) {
+    float* slice = xp + s * (KS + 1) * P;
+    const int64_t k0 = s * KS, kn = std::min<int64_t>(KS, cols - k0);
+    for (int64_t tb = 0; tb < P; tb += TB) {
+      for (int64_t k = 0; k < kn; ++k) {
+        float* dst = slice + k * P + tb;
+        for (int t = 0; t < TB; ++t)
+          dst[t] = tb + t < valid ? a.x[(t0 + tb + t) * a.x_row_stride + k0 + k] : 0.0f;
+      }
+    }
+    std::memset(slice + kn * P, 0, sizeof(float) * (KS + 1 - kn) * P);
+  }
+}
+
+// Rows [r0, r1) over one packed panel (tokens [t0, t0 + valid)). Per row
+// and step the columns are decoded first, then one loop does S stored
+// values per trip into S accumulator sets (hiding FMA latency when the
+// panel is narrow); the last trip's surplus slots multiply the value after
+// the row's end (finite: the format rejects NaN and inf) by the zero row.
+template <int NV, int S>
+static void spmm_panel_rows(const BitmaskMatrix& w, const SpmmArgs& a, const float* xp, int64_t t0,
+                            int64_t valid, int64_t r0, int64_t r1) {
+  constexpr int P = NV * VW;
+  const int64_t KS = step_columns<P>(w.cols);
+  const int64_t GS = KS / kBitmaskGroup;  // groups per step
+  const int64_t groups = w.group_count();
+  const int64_t steps = (groups + GS - 1) / GS;
+  const bool relu = a.epilogue == Epilogue::kRelu;
+  const DecodeTable& table = decode_table();
+  static thread_local Scratch acc_scratch;
+  float* acc = acc_scratch.get(static_cast<size_t>(kRowBlock) * P);
+  const float* cursor[kRowBlock];
+  // Two column buffers: row i + 1 is decoded while row i's FMAs run, so
+  // the 16-byte decode stores have retired before their 2-byte entries are
+  // loaded (loading them straight after the overlapping stores stalled on
+  // store forwarding: a quarter of the time at 50%, 128 tokens).
+  const int64_t idx_stride = KS + 8 + S;
+  static thread_local std::vector<uint16_t> idx_buffer;
+  idx_buffer.resize(static_cast<size_t>(2 * idx_stride));
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+    const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, r1 - rb));
+    for (int i = 0; i < nr; ++i) {
+      const vf b = splat(a.bias ? a.bias[rb + i] : 0.0f);
+      for (int v = 0; v < NV; ++v) store(acc + i * P + v * VW, b);
+      cursor[i] = w.values + w.row_offsets[rb + i];
+    }
+    for (int64_t step = 0; step < steps; ++step) {
+      const float* xs = xp + step * (KS + 1) * P;
+      const int64_t g0 = step * GS, g1 = std::min<int64_t>(groups, g0 + GS);
+      int next_count = decode_columns(table, w.masks + rb * groups, g0, g1, idx_buffer.data());
+      for (int i = 0; i < nr; ++i) {
+        uint16_t* idx = idx_buffer.data() + (i & 1) * idx_stride;
+        const int count = next_count;
+        if (i + 1 < nr)
+          next_count = decode_columns(table, w.masks + (rb + i + 1) * groups, g0, g1,
+                                      idx_buffer.data() + ((i + 1) & 1) * idx_stride);
+        // A row block reads 32 rows' values a step at a time: 32 short
+        // streams, more than the hardware prefetcher follows. Fetch the
+        // step's values two rows ahead (3 lines: ~48 values).
+        if (i + 2 < nr) {
+          __builtin_prefetch(cursor[i + 2]);
+          __builtin_prefetch(cursor[i + 2] + 16);
+          __builtin_prefetch(cursor[i + 2] + 32);
+        }
+        if (!count) continue;
+        for (int q = 0; q < S; ++q) idx[count + q] = static_cast<uint16_t>(KS);  // the zero row
+        const float* v = cursor[i];
+        cursor[i] = v + count;
+        vf s[S][NV];
+        for (int u = 0; u < NV; ++u) s[0][u] = load(acc + i * P + u * VW);
+        for (int q = 1; q < S; ++q)
+          for (int u = 0; u < NV; ++u) s[q][u] = vf{};
+        for (int n = 0; n < count; n += S) {
+          for (int q = 0; q < S; ++q) {
+            const float* xr = xs + static_cast<int64_t>(idx[n + q]) * P;
+            const vf wv = splat(v[n + q]);
+            for (int u = 0; u < NV; ++u) s[q][u] += wv * load(xr + u * VW);
+          }
+        }
+        for (int u = 0; u < NV; ++u) {
+          vf sum = s[0][u];
+          for (int q = 1; q < S; ++q) sum += s[q][u];
+          store(acc + i * P + u * VW, sum);
+        }
+      }
+    }
+    // acc (rows x P) -> y (tokens x rows), with the activation.
+    for (int64_t t = 0; t < valid; ++t) {
+      float* yr = a.y + (t0 + t) * a.y_row_stride + rb;
+      for (int i = 0; i < nr; ++i) yr[i] = activate(acc[i * P + t], relu);
+    }
+  }
+}
+
+template <int NV, int S>
+static void spmm_run(const BitmaskMatrix& w, const SpmmArgs& a) {
+  constexpr int P = NV * VW;
+  const int64_t KS = step_columns<P>(w.cols);
+  const int64_t steps = (w.group_count() + KS / kBitmaskGroup - 1) / (KS / kBitmaskGroup);
+  const int64_t panel_floats = steps * (KS + 1) * P;
+  const int64_t panels = (a.tokens + P - 1) / P;
+  const int threads = std::max(1, a.num_threads);
+  if (threads > 1 && panels % threads == 0) {
+    // Whole panels per thread: each packs and reads only its own.
+    std::atomic<int64_t> next{0};
+    parallel_run(threads, [&](int, int) {
+      static thread_local Scratch panel_scratch;
+      float* xp = panel_scratch.get(static_cast<size_t>(panel_floats));
+      for (int64_t p = next.fetch_add(1, std::memory_order_relaxed); p < panels;
+           p = next.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t valid = std::min<int64_t>(P, a.tokens - p * P);
+        pack_panel<P>(a, w.cols, KS, steps, p * P, valid, xp);
+        spmm_panel_rows<NV, S>(w, a, xp, p * P, valid, 0, w.rows);
+      }
+    });
+    return;
+  }
+  // Otherwise rows are split; each thread packs every panel for itself
+  // (reading what another core just wrote costs more than packing it again).
+  std::vector<int64_t> bounds;
+  balanced_rows(w, threads, bounds);
+  parallel_run(threads, [&](int tid, int) {
+    static thread_local Scratch panel_scratch;
+    float* xp = panel_scratch.get(static_cast<size_t>(panel_floats));
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t valid = std::min<int64_t>(P, a.tokens - p * P);
+      pack_panel<P>(a, w.cols, KS, steps, p * P, valid, xp);
+      spmm_panel_rows<NV, S>(w, a, xp, p * P, valid, bounds[tid], bounds[tid + 1]);
+    }
+  });
+}
+
+// Accumulator sets for NV vectors: about 8 independent FMA chains.
+constexpr int sets_for(int nv) { return nv >= 8 ? 1 : 8 / nv; }
+
+// The narrowest panel (NV a power of two <= NVMAX) that holds every token.
+template <int NVMAX>
+static void spmm_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
+  int nv = 1;
+  while (nv < NVMAX && static_cast<int64_t>(nv) * VW < a.tokens) nv *= 2;
+  switch (nv) {
+    case 1: return spmm_run<1, sets_for(1)>(w, a);
+    case 2: if constexpr (NVMAX >= 2) return spmm_run<2, sets_for(2)>(w, a); break;
+    case 4: if constexpr (NVMAX >= 4) return spmm_run<4, sets_for(4)>(w, a); break;
+    case 8: if constexpr (NVMAX >= 8) return spmm_run<8, sets_for(8)>(w, a); break;
+  }
+}
+
+}  // namespace bitmask
+}  // namespace SPARSERT_ISA
+}  // namespace sparsert
+
+// Registration runs on every CPU: compiled for the baseline ISA, so the
+// target region ends here (an AVX-512 string copy would crash an AVX2 CPU).
+#include "common/isa_target_end.inc"
+
+#define SPARSERT_BITMASK_STR2(x) #x
+#define SPARSERT_BITMASK_STR(x) SPARSERT_BITMASK_STR2(x)
+
+namespace sparsert {
+namespace SPARSERT_ISA {
+
+// Registers this ISA's spmv (RT rows per x load) and spmm (panels of up to
+// NVMAX vectors) bitmask kernels.
+template <int RT, int NVMAX>
+void add_bitmask_kernels(std::vector<BitmaskKernelInfo>& out) {
+  const std::string isa = SPARSERT_BITMASK_STR(SPARSERT_ISA);
+  out.push_back({"f32_spmv_bitmask16_" + isa, isa, "spmv", 1, kBitmaskGroup, &bitmask::spmv_kernel<RT>});
+  out.push_back({"f32_spmm_bitmask16_" + isa, isa, "spmm", 1, kBitmaskGroup, &bitmask::spmm_kernel<NVMAX>});
+}
+
+}  // namespace SPARSERT_ISA
+}  // namespace sparsert

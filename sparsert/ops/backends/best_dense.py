@@ -1,0 +1,80 @@
+"""The fastest dense Linear torch offers on this CPU, for layers left dense
+and as the baseline every benchmark reports.
+
+Measured on a 2-core Zen 3 (fp32, 1 thread, thread CPU time; see
+``benchmarks/bench_dense_paths.py``): oneDNN with a weight reordered once
+into its blocked layout (``torch.ops.mkldnn._reorder_linear_weight`` +
+``_linear_pointwise``, what ``torch.compile`` with freezing emits) runs
+768->3072 / 3072->768 / 4096->4096 1.1-1.8x faster than eager ``F.linear``
+from 2 to 16 tokens and ~1.1x at 128; for a single token eager ``F.linear``
+(a GEMV) is 1.3-2.8x faster than the packed weight, so one token takes that
+path. onnxruntime is faster still at 16-128 tokens (~1.15x) but is not a
+runtime dependency; the benchmarks time it beside this when installed.
+Packing for a fixed batch size (the op's optional hint) was within noise of
+the batch-independent layout from 2 tokens on, so one packed weight serves
+every call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_ACTIVATIONS = {None: "none", "none": "none", "relu": "relu"}
+
+
+def onednn_available() -> bool:
+    """True when this torch build has oneDNN and its prepacked-Linear ops."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return (torch.ops.mkldnn._reorder_linear_weight is not None
+                and torch.ops.mkldnn._linear_pointwise is not None)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedDenseLinear:
+    """``act(x @ W.T + b)`` for a dense float32 weight packed once.
+
+    ``backend`` is ``"onednn"`` (prepacked weight) or ``"torch"`` (plain
+    ``F.linear``: no oneDNN in this build, or forced). A single token, and
+    inputs the packed path does not take (another dtype or device, or
+    anything that needs gradients), go through ``F.linear`` on the plain
+    weight, so a call never fails for want of the fast path. The "onednn"
+    backend keeps both layouts: twice the weight memory of the layer.
+    """
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None, *, backend: str = "auto"):
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', type(weight))}")
+        if backend not in ("auto", "onednn", "torch"):
+            raise ValueError(f"backend must be 'auto', 'onednn' or 'torch', got {backend!r}")
+        w = weight.detach().to(torch.float32).contiguous()
+        self.out_features, self.in_features = w.shape
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            bias = bias.detach().to(torch.float32).contiguous()
+        self.bias = bias
+        use_onednn = backend == "onednn" or (backend == "auto" and w.device.type == "cpu" and onednn_available())
+        if backend == "onednn" and not onednn_available():
+            raise ValueError("backend='onednn' but this torch build has no oneDNN prepacked Linear")
+        self.backend = "onednn" if use_onednn and w.numel() else "torch"
+        self.weight = w  # the plain (out, in) layout
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None) if self.backend == "onednn" else None
+
+    def __call__(self, x: Tensor, activation: Optional[str] = None) -> Tensor:
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be None, 'none' or 'relu'; got {activation!r}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features, the weight expects {self.in_features}")
+        if (self._packed is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.numel() != x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)):
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, _ACTIVATIONS[activation], [], "")
+        w = self.weight.to(x.dtype)
+        y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return torch.relu(y) if _ACTIVATIONS[activation] == "relu" else y

@@ -1,0 +1,119 @@
+"""The best-dense backend matches F.linear (checked against float64) on every path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsert.ops.backends.best_dense import PackedDenseLinear, onednn_available
+
+BACKENDS = ["torch"] + (["onednn"] if onednn_available() else [])
+
+
+def reference(x, w, b, activation):
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    return torch.relu(y) if activation == "relu" else y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_f, in_f", [(1, 1), (7, 5), (33, 17), (129, 65), (300, 768)])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 130])
+def test_matches_linear(backend, out_f, in_f, tokens):
+    gen = torch.Generator().manual_seed(out_f * 100 + in_f + tokens)
+    w = torch.randn(out_f, in_f, generator=gen)
+    b = torch.randn(out_f, generator=gen)
+    x = torch.randn(tokens, in_f, generator=gen)
+    for bias in (None, b):
+        layer = PackedDenseLinear(w, bias, backend=backend)
+        assert layer.backend == backend
+        for activation in (None, "relu"):
+            y = layer(x, activation)
+            ref = reference(x, w, bias, activation)
+            assert y.dtype == torch.float32 and y.shape == (tokens, out_f)
+            tol = 1e-5 * (1 + ref.abs().max().item()) * (1 + in_f ** 0.5)
+            assert (y.double() - ref).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_strided_and_empty_inputs(backend):
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(9, 20, generator=gen), torch.randn(9, generator=gen)
+    layer = PackedDenseLinear(w, b, backend=backend)
+    x3 = torch.randn(2, 3, 20, generator=gen)
+    assert torch.allclose(layer(x3), F.linear(x3, w, b), atol=1e-5)
+    xs = torch.randn(4, 30, generator=gen)[:, 5:25]
+    assert torch.allclose(layer(xs), F.linear(xs, w, b), atol=1e-5)
+    assert layer(torch.zeros(0, 20)).shape == (0, 9)
+    assert torch.equal(layer.weight, w)
+
+
+def test_other_dtypes_and_gradients_take_the_plain_path():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 10, generator=gen)
+    layer = PackedDenseLinear(w)
+    x64 = torch.randn(3, 10, dtype=torch.float64, generator=gen)
+    assert layer(x64).dtype == torch.float64
+    assert torch.allclose(layer(x64), F.linear(x64, w.double()))
+    xg = torch.randn(3, 10, generator=gen, requires_grad=True)
+    layer(xg).sum().backward()
+    assert torch.allclose(xg.grad, w.sum(0).expand(3, 10))
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="2-D"):
+        PackedDenseLinear(torch.zeros(3))
+    with pytest.raises(ValueError, match="bias"):
+        PackedDenseLinear(torch.zeros(3, 4), torch.zeros(4))
+    with pytest.raises(ValueError, match="backend"):
+        PackedDenseLinear(torch.zeros(3, 4), backend="mkl")
+    layer = PackedDenseLinear(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="features"):
+        layer(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="activation"):
+        layer(torch.zeros(2, 4), "gelu")
+
+
+def test_dense_linear_is_an_nn_linear_on_the_best_dense_path(tmp_path):
+    import sparsert
+    from torch import nn
+
+    from sparsert.nn import DenseLinear
+    gen = torch.Generator().manual_seed(8)
+    lin = nn.Linear(24, 10)
+    layer = DenseLinear.from_linear(lin)
+    assert isinstance(layer, nn.Linear) and not layer.weight.requires_grad
+    assert layer.weight.data_ptr() == lin.weight.data_ptr()  # shares the storage, no copy
+    for tokens in (1, 2, 9):
+        x = torch.randn(tokens, 24, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x).double(), F.linear(x.double(), lin.weight.double(),
+                                                                   lin.bias.double()), rtol=1e-5, atol=1e-5)
+    # an in-place edit of the weight re-packs it
+    with torch.no_grad():
+        layer.weight.mul_(2)
+        x = torch.randn(4, 24, generator=gen)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    # files hold it as a plain dense weight
+    model = nn.Sequential(layer)
+    sparsert.save(model, tmp_path / "d.sparsert")
+    loaded = sparsert.load(tmp_path / "d.sparsert", nn.Sequential(nn.Linear(24, 10)))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sparsify_leaves_dense_linears_on_the_best_dense_path():
+    from torch import nn
+
+    import sparsert
+    from sparsert.nn import DenseLinear
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        model[0].weight[:, :2] = 0  # pruned a little: sparse formats cannot win by 5%
+    x = torch.randn(16, 32)
+    out = sparsert.sparsify(model, example_inputs=x, min_speedup=1e9, min_time=0.002, rounds=1)
+    assert isinstance(out[0], DenseLinear) and out.sparsity_plan[0].chosen == "dense"
+    assert type(out[2]) is nn.Linear  # no zeros: not a candidate, left alone
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
