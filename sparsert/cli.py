@@ -655,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        return _fail(where, "interrupted", "interrupted", 130, args.json)
+        return _fail(where, "interrupted", "interrupted", 130, getattr(args, "json", as_json))
     except Exception as e:
         if os.environ.get("SPARSERT_DEBUG"):
             raise
@@ -665,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(e, _EXPECTED):  # a bug, not the user's input
             msg = f"internal error ({type(e).__name__}: {msg}); SPARSERT_DEBUG=1 shows the traceback"
         kind = "input" if isinstance(e, CliError) else type(e).__name__
-        return _fail(where, msg, kind, 1, args.json)
+        return _fail(where, msg, kind, 1, getattr(args, "json", as_json))
 
 
 if __name__ == "__main__":  # pragma: no cover
