@@ -296,11 +296,12 @@ def test_native_select_kernel_falls_back_for_misaligned_x():
 
 def test_native_rejects_bad_arguments_before_touching_memory():
     mod = _native_or_skip()
-    args = dict(rows=4, cols=4, block_rows=1, block_cols=1, row_ptr=0, col_idx=0, index_bits=16, values=0,
-                row_order=0, x=0, tokens=1, x_row_stride=4, y=0, y_row_stride=4, bias=0, activation=0,
+    fake = 4096  # a non-null address that is never dereferenced: every case fails its checks first
+    args = dict(rows=4, cols=4, block_rows=1, block_cols=1, row_ptr=fake, col_idx=fake, index_bits=16, values=fake,
+                row_order=fake, x=fake, tokens=1, x_row_stride=4, y=fake, y_row_stride=4, bias=0, activation=0,
                 dtype=2, device=0, stream=0)
     for key, bad, match in [("index_bits", 8, "index_bits"), ("activation", 2, "activation"),
-                            ("dtype", 3, "dtype"), ("block_rows", 0, "block"), ("tokens", -1, "non-negative")]:
+                            ("dtype", 3, "dtype"), ("block_rows", 0, "block"), ("tokens", -1, "tokens must be in")]:
         with pytest.raises(ValueError, match=match):
             mod.spmm(**{**args, key: bad})
     with pytest.raises(ValueError, match="unknown"):
@@ -311,8 +312,11 @@ def test_native_rejects_bad_arguments_before_touching_memory():
 def test_native_without_gpu_raises_runtime_error():
     mod = _native_or_skip()
     assert mod.device_count() == 0
-    with pytest.raises(RuntimeError, match="cudaSetDevice"):
+    with pytest.raises(ValueError, match="null address"):
         mod.spmm(4, 4, 1, 1, 0, 0, 16, 0, 0, 0, 1, 4, 0, 4, 0, 0, 2, 0, 0)
+    fake = 4096  # non-null, never dereferenced: the device is set (and fails) before any launch
+    with pytest.raises(RuntimeError, match="cudaSetDevice"):
+        mod.spmm(4, 4, 1, 1, fake, fake, 16, fake, fake, fake, 1, 4, fake, 4, 0, 0, 2, 0, 0)
 
 
 class _PointerStub:
