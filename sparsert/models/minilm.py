@@ -24,7 +24,6 @@ batches = minilm.tokenize(tok, calib)       # list of dicts for Pruner.calibrate
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -82,23 +81,14 @@ def available() -> bool:
 
 def load(dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)``: a ``transformers`` BertModel in eval mode and its tokenizer."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     path = model_path()
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from ._hf import offline_quiet
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with offline_quiet():
+        from transformers import AutoModel, AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModel.from_pretrained(str(path), dtype=dtype)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
     model.eval()
     return model, tokenizer
 

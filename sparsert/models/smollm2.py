@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -85,27 +84,17 @@ def load(dtype: torch.dtype = torch.float32):
     reason = unavailable_reason()
     if reason:
         raise ModuleNotFoundError(reason)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     path = gguf_path()
     import warnings
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from ._hf import offline_quiet
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the GGUF reader warns about numpy/tokenizer conversions
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+    with offline_quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the GGUF reader warns about numpy/tokenizer conversions
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     model.eval()
     return model, tokenizer
 
