@@ -6,12 +6,13 @@ a time) and drives it with locust headless (closed loop, short sentences, POST /
 at each concurrency, alternating dense and pruned rounds. Reports the pruned model's embedding
 cosine to the dense one on held-out sentences (what the speed costs), requests/s, p50/p95/p99
 latency (ms) and failures; `--overload N` times the 503s of N simultaneous requests;
-`--soak-minutes N` adds an N-minute run of the pruned server at concurrency 8 with the server's
-RSS (all its processes) before and after.
+`--ray --replicas N` serves through Ray Serve (N replicas, one thread each) instead of LitServe;
+`--models pruned` runs one model only. The soak (every answer checked, RSS, overload latency)
+is benchmarks/serve_soak.py.
 
     python benchmarks/serve_load.py [--seconds 20] [--concurrency 1 8 32] [--sparsity 0.8] [--reconstruct]
-                                    [--pattern unstructured] [--rounds 1] [--ray REPLICAS] [--soak-minutes 0]
-                                    [--json out.json]
+                                    [--pattern unstructured] [--rounds 1] [--ray [--replicas 2]]
+                                    [--models dense pruned] [--json out.json]
 
 Every run is bounded by --seconds (locust -t) and loopback only. Numbers from a shared or busy
 machine are not comparable with an idle one's.
@@ -114,13 +115,6 @@ def overload_probe(server, requests: int, sentences: Path) -> dict:
             "refusal_ms_max": refused[-1] if refused else None}
 
 
-def tree_rss(pid: int) -> int:
-    import psutil
-
-    proc = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sparsert-serve-load"))
@@ -137,9 +131,10 @@ def main() -> None:
                                              "--max-batch-size 8 --batch-timeout-ms 2",
                     help="extra arguments for both servers (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=1, help="dense/pruned rounds (medians are reported)")
-    ap.add_argument("--ray", type=int, default=0, metavar="REPLICAS",
-                    help="serve through Ray Serve with this many replicas (1 thread each) instead of LitServe")
-    ap.add_argument("--soak-minutes", type=float, default=0.0)
+    ap.add_argument("--ray", action="store_true", help="serve through Ray Serve instead of LitServe")
+    ap.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas, one thread each (default 2)")
+    ap.add_argument("--models", nargs="+", choices=["dense", "pruned"], default=["dense", "pruned"],
+                    help="which models to load-test (default both)")
     ap.add_argument("--overload", type=int, default=0, metavar="N",
                     help="also fire N requests at once at the pruned model behind --max-queue 4 and time the 503s")
     ap.add_argument("--json", help="also write the results here")
@@ -154,10 +149,10 @@ def main() -> None:
           f"min {quality['cosine_min']:.3f}", flush=True)
     sentences = short_sentences(workdir / "sentences.txt")
     extra = args.server_args.split() + ["--tokenizer", "minilm"]
-    if args.ray:
-        extra += ["--ray", "--replicas", str(args.ray), "--threads-per-worker", "1"]
-    files = {"dense": dense_file, "pruned": pruned_file}
-    rows, soak = [], None
+    if args.ray:  # (--workers does not apply to Ray: each replica is one Ray actor with its threads)
+        extra += ["--ray", "--replicas", str(args.replicas), "--threads-per-worker", "1"]
+    files = {m: f for m, f in (("dense", dense_file), ("pruned", pruned_file)) if m in args.models}
+    rows = []
     # One server at a time: an idle LitServe worker still polls its queue, which would tax the other.
     # Rounds alternate dense and pruned, so slow drifts of a shared machine hit both alike.
     for rnd in range(args.rounds):
@@ -171,13 +166,6 @@ def main() -> None:
                     print(f"{name:6s} c={users:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:6.0f} ms  "
                           f"p95 {r['p95_ms']:6.0f} ms  p99 {r['p99_ms']:6.0f} ms  "
                           f"requests {r['requests']}  failures {r['failures']}", flush=True)
-                if name == "pruned" and rnd == args.rounds - 1 and args.soak_minutes > 0:
-                    before = tree_rss(server.proc.pid)
-                    r = locust_run(server.url, 8, int(args.soak_minutes * 60), sentences, workdir)
-                    after = tree_rss(server.proc.pid)
-                    soak = {**r, "rss_before": before, "rss_after": after, "rss_growth": after / before - 1}
-                    print(f"soak {args.soak_minutes:g} min, c=8: {r['requests']} requests, {r['failures']} "
-                          f"failures, RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB ({soak['rss_growth']:+.1%})")
             finally:
                 server.stop()
     overload = None
@@ -191,14 +179,14 @@ def main() -> None:
             server.stop()
     import statistics
 
-    for users in args.concurrency:
+    for users in args.concurrency if len(files) == 2 else []:
         med = {m: {k: statistics.median(r[k] for r in rows if r["model"] == m and r["concurrency"] == users)
                    for k in ("rps", "p99_ms")} for m in files}
         print(f"c={users}: pruned/dense requests/s = {med['pruned']['rps'] / med['dense']['rps']:.2f}x "
               f"(medians of {args.rounds} round(s); p99 dense {med['dense']['p99_ms']:.0f} ms, "
               f"pruned {med['pruned']['p99_ms']:.0f} ms)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "soak": soak, "overload": overload, "quality": quality, "args": vars(args)}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "overload": overload, "quality": quality, "args": vars(args)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,49 @@ def tiny_bert_file(folder: Path, sparsity: float = 0.8) -> Path:
     return path
 
 
+def smollm2_tokenizer_reason() -> str | None:
+    """Why SmolLM2's tokenizer cannot be read here (for a skip), or ``None``."""
+    from sparsert.models import smollm2
+
+    try:
+        smollm2.gguf_path()
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        return str(e)
+    for pkg in ("transformers", "gguf"):
+        try:
+            __import__(pkg)
+        except ImportError:
+            return f"SmolLM2's tokenizer needs {pkg!r}: pip install {pkg}"
+    return None
+
+
+def tiny_llama_file(folder: Path, sparsity: float = 0.8) -> Path:
+    """A 2-block Llama (hidden 64, SmolLM2's vocabulary, 256 positions), randomly initialised (offline,
+    no weights downloaded) with 80%-pruned block Linears, sparsified to CSR and saved with SmolLM2's
+    tokenizer. A wide initialisation keeps its greedy output varied rather than one repeated token."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsert.serving import load_tokenizer, save_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, initializer_range=0.5, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.startswith("model.layers."):
+                w = m.weight
+                w[w.abs() <= w.abs().flatten().kthvalue(int(w.numel() * sparsity)).values] = 0
+    sparse = sparsert.sparsify(model, format="csr")
+    path = folder / "tiny-llama.sparsert"
+    sparsert.save(sparse, path)
+    save_tokenizer(tok, path)
+    return path
+
+
 def sentences(n: int, words: int = 6, seed: int = 0) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     return [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (words + k % 4,), generator=g))

@@ -2,7 +2,8 @@
 
 * :class:`Engine` (``sparsert.serving.engine``): load a sparsert file (or take
   a module), validate requests, batch them, run them under
-  ``torch.inference_mode`` with a fixed thread budget.
+  ``torch.inference_mode`` with a fixed thread budget; generate text for
+  causal LMs (:meth:`Engine.complete`, streamed OpenAI completion chunks).
 * LitServe, one machine (``sparsert serve FILE``): :func:`build_server`,
   :func:`serve` (needs ``pip install 'sparsert[serve]'``).
 * Ray Serve, many replicas / machines: :func:`ray_app` (``serve run``) and
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import importlib
 
-from .engine import (MINILM_TOKENIZER, Engine, EngineSpec, Frontend, RequestError, TensorSpec, load_tokenizer,
-                     save_tokenizer, tokenizer_path_for)
+from .engine import (MINILM_TOKENIZER, SMOLLM2_TOKENIZER, Engine, EngineSpec, Frontend, RequestError, TensorSpec,
+                     collect_completion, load_tokenizer, save_tokenizer, tokenizer_path_for)
 from .threads import RULE as THREAD_RULE
 from .threads import ThreadPlan, plan_threads
 
-__all__ = ["Engine", "EngineSpec", "Frontend", "RequestError", "TensorSpec", "MINILM_TOKENIZER", "load_tokenizer",
+__all__ = ["Engine", "EngineSpec", "Frontend", "RequestError", "TensorSpec", "MINILM_TOKENIZER", "SMOLLM2_TOKENIZER",
+           "collect_completion", "load_tokenizer",
            "save_tokenizer", "tokenizer_path_for", "plan_threads", "ThreadPlan", "THREAD_RULE",
            "build_server", "serve", "ray_app", "add_serve_parser"]
 

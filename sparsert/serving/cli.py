@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .engine import MINILM_TOKENIZER, TOKENIZER_SUFFIX
+from .engine import MINILM_TOKENIZER, SMOLLM2_TOKENIZER, TOKENIZER_SUFFIX
 from .threads import RULE, usable_cores
 
 __all__ = ["add_serve_parser", "cmd_serve"]
@@ -36,7 +36,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser(
         "serve", help="serve a sparsert file over HTTP (LitServe; Ray Serve with --ray)",
         description="Serve FILE over HTTP: POST /v1/embeddings (OpenAI-compatible, sentence encoders with a "
-                    "tokenizer), POST /predict (named tensors as JSON), GET /health (ready after load and warm-up), "
+                    "tokenizer), POST /v1/completions (OpenAI-compatible, 'stream' as server-sent events; causal "
+                    "LMs such as a pruned SmolLM2 with a tokenizer; batch 1 per request), "
+                    "POST /predict (named tensors as JSON), GET /health (ready after load and warm-up), "
                     "GET /metrics (Prometheus). A file that fails validation stops the server from starting. "
                     f"Threads: {RULE} (here C = {cores}). Needs: pip install 'sparsert[serve]'.")
     s.add_argument("file", metavar="FILE", help="a sparsert file (sparsert prune / sparsify -o FILE)")
@@ -56,9 +58,12 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=_positive, default=1 << 20,
                    help="largest request body; larger gets 413 (default 1 MiB)")
     s.add_argument("--max-tokens", type=_positive, default=None,
-                   help="tokens per input text (default: the model's position limit); more gets 400")
+                   help="tokens per input text or prompt (default: the model's position limit); more gets 400")
+    s.add_argument("--max-completion-tokens", type=_positive, default=256,
+                   help="largest 'max_tokens' a completion may ask for (default 256); more gets 400")
     s.add_argument("--tokenizer", default=None,
-                   help=f"tokenizer directory for /v1/embeddings, or {MINILM_TOKENIZER!r} for all-MiniLM-L6-v2's "
+                   help=f"tokenizer directory for /v1/embeddings and /v1/completions, {MINILM_TOKENIZER!r} for "
+                        f"all-MiniLM-L6-v2's or {SMOLLM2_TOKENIZER!r} for SmolLM2-135M's "
                         f"(default: FILE{TOKENIZER_SUFFIX}/ beside FILE if it exists)")
     s.add_argument("--name", default=None, help="model name in answers and metrics (default: FILE's stem)")
     s.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of LitServe")
@@ -70,7 +75,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
 def cmd_serve(args) -> int:
     common = dict(tokenizer=args.tokenizer, max_tokens=args.max_tokens, name=args.name,
                   max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
-                  max_queue=args.max_queue)
+                  max_queue=args.max_queue, max_completion_tokens=args.max_completion_tokens)
     if args.ray:
         from .ray_serve import run_ray
 

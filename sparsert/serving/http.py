@@ -1,7 +1,7 @@
 """The HTTP edge shared by the server adapters: an ASGI middleware that checks
 every request before it reaches a model queue.
 
-For ``POST /v1/embeddings`` and ``POST /predict`` it
+For ``POST /v1/embeddings``, ``POST /v1/completions`` and ``POST /predict`` it
 
 1. refuses new work when ``max_queue`` requests are already in flight (503 with
    ``Retry-After``, answered at once: overload never becomes a timeout storm);
@@ -11,6 +11,11 @@ For ``POST /v1/embeddings`` and ``POST /predict`` it
    one-line reason) and forwards the *prepared* request to ``inner_path``, the
    one route where the model workers listen; so a bad request never joins a
    batch and cannot fail the good requests batched with it.
+
+Completions come back from the worker as one JSON chunk per line
+(:meth:`~sparsert.serving.engine.Engine.complete`); the middleware relays them
+as server-sent events as they arrive (``stream: true``, OpenAI's chunk format,
+ending with ``data: [DONE]``) or joins them into one answer.
 
 It also serves ``GET /metrics`` and counts every answer. Error bodies have the
 OpenAI form ``{"error": {"message", "type", "code"}}``.
@@ -24,10 +29,11 @@ import time
 from .engine import EngineSpec, Frontend, RequestError
 from .metrics import Metrics
 
-__all__ = ["ServingMiddleware", "ROUTES", "error_body"]
+__all__ = ["ServingMiddleware", "ROUTES", "error_body", "sse_event", "SSE_DONE"]
 
 # public route -> engine operation
-ROUTES = {"/v1/embeddings": "embeddings", "/predict": "predict"}
+ROUTES = {"/v1/embeddings": "embeddings", "/v1/completions": "completions", "/predict": "predict"}
+SSE_DONE = b"data: [DONE]\n\n"  # OpenAI's end of a stream
 # a worker answer that is an error starts with this (see Engine.run): the edge turns it into a 4xx
 WORKER_ERROR_PREFIX = b'{"error":'
 
@@ -35,6 +41,11 @@ WORKER_ERROR_PREFIX = b'{"error":'
 def error_body(status: int, message: str) -> bytes:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+
+
+def sse_event(chunk: dict) -> bytes:
+    """One server-sent event carrying a JSON chunk, as OpenAI streams them."""
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
 async def _send_json(send, status: int, body: bytes, headers: list | None = None) -> None:
@@ -117,12 +128,16 @@ class ServingMiddleware:
                 prepared = self.frontend.parse(ROUTES[path], body)
             except RequestError as e:
                 return await fail(e.status, e.message)
-            return await self._forward(scope, send, json.dumps(prepared).encode())
+            if prepared["op"] == "completions":
+                return await self._forward_completion(scope, receive, send, prepared)
+            return await self._forward(scope, receive, send, json.dumps(prepared).encode())
         finally:
             self.metrics.in_flight -= 1
 
-    async def _forward(self, scope, send, payload: bytes) -> int:
-        """Hands the prepared request to the model route; relays its answer (a worker error -> its 4xx)."""
+    def _inner(self, scope, receive, payload: bytes):
+        """The scope and ``receive`` of a call to the model route carrying ``payload``. After the
+        payload, ``receive`` is the client's own, so a streaming answer that listens for a
+        disconnect hears only a real one."""
         inner = dict(scope, path=self.inner_path, raw_path=self.inner_path.encode(),
                      headers=[(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())])
         sent = False
@@ -130,9 +145,15 @@ class ServingMiddleware:
         async def replay():
             nonlocal sent
             if sent:
-                return {"type": "http.disconnect"}
+                return await receive()
             sent = True
             return {"type": "http.request", "body": payload, "more_body": False}
+
+        return inner, replay
+
+    async def _forward(self, scope, receive, send, payload: bytes) -> int:
+        """Hands the prepared request to the model route; relays its answer (a worker error -> its 4xx)."""
+        inner, replay = self._inner(scope, receive, payload)
 
         start: dict = {}
         parts: list[bytes] = []
@@ -157,3 +178,55 @@ class ServingMiddleware:
             body = error_body(status, str(detail) or "server error")
         await _send_json(send, status, body)
         return status
+
+    async def _forward_completion(self, scope, receive, send, prepared: dict) -> int:
+        """Hands a prepared completion to the model route, whose answer streams one JSON chunk per
+        line; relays each chunk as a server-sent event as it comes (``stream``), else one answer."""
+        from .engine import collect_completion
+
+        inner, replay = self._inner(scope, receive, json.dumps(prepared).encode())
+        status, pending, chunks, started = 200, b"", [], False
+        error: dict | None = None
+
+        async def relay(message):
+            nonlocal status, pending, started, error
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                return
+            if message["type"] != "http.response.body" or status != 200:
+                pending += message.get("body", b"")
+                return
+            pending += message.get("body", b"")
+            *lines, pending = pending.split(b"\n")
+            for line in filter(None, (x.strip() for x in lines)):
+                chunk = json.loads(line)
+                if "error" in chunk and not started:
+                    error = error or chunk["error"]
+                    continue
+                if not prepared["stream"]:
+                    chunks.append(chunk)
+                    continue
+                if not started:
+                    started = True
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                            (b"cache-control", b"no-cache")]})
+                await send({"type": "http.response.body", "body": sse_event(chunk), "more_body": True})
+
+        await self.app(inner, replay, relay)
+        if started:
+            await send({"type": "http.response.body", "body": SSE_DONE, "more_body": False})
+            return 200
+        if status != 200:
+            try:
+                detail = json.loads(pending).get("detail", "")
+            except (ValueError, AttributeError):
+                detail = ""
+            error = {"status": status, "message": str(detail) or "server error"}
+        if error is None and not chunks:
+            error = {"status": 500, "message": "the model worker gave no answer"}
+        if error is not None:
+            await _send_json(send, int(error["status"]), error_body(int(error["status"]), error["message"]))
+            return int(error["status"])
+        await _send_json(send, 200, json.dumps(collect_completion(chunks)).encode())
+        return 200

@@ -7,6 +7,10 @@ Layout: one HTTP process (uvicorn + :class:`~sparsert.serving.http.ServingMiddle
 which validates requests and serves ``/metrics``) and ``workers`` model
 processes, each loading the file, pinning itself to its own group of
 ``threads_per_worker`` cores and warming up before ``/health`` says ready.
+
+A causal LM (``/v1/completions``) is served by a streaming API: a worker runs
+one request at a time (batch 1, its own KV cache) and streams its chunks, one
+JSON object per line, which the middleware relays or joins.
 """
 
 from __future__ import annotations
@@ -67,23 +71,46 @@ class SparsertAPI(ls.LitAPI):
         return output
 
 
+class SparsertStreamAPI(SparsertAPI):
+    """A causal LM's worker: one request at a time, every answer a stream (LitServe sends each
+    dict as one JSON line): a completion's chunks as they are generated, any other answer whole."""
+
+    def predict(self, x):
+        t0 = time.perf_counter()
+        if x["op"] == "completions":
+            yield from self.engine.complete(x)
+        else:
+            yield self.engine.run([x])[0]
+        self.metrics.observe_batch(1, time.perf_counter() - t0)
+
+    def encode_response(self, output):
+        yield from output
+
+
 def build_server(model_file: "str | os.PathLike", *, workers: int | None = None,
                  threads_per_worker: int | None = None, max_batch_size: int = 8, batch_timeout_ms: float = 2.0,
                  max_queue: int = 256, max_body_bytes: int = 1 << 20, request_timeout_s: float = 30.0,
-                 tokenizer: str | None = None, max_tokens: int | None = None, name: str | None = None):
+                 tokenizer: str | None = None, max_tokens: int | None = None, name: str | None = None,
+                 max_completion_tokens: int = 256):
     """A ready-to-run ``litserve.LitServer`` for ``model_file``.
 
     The file is loaded once here first: a file that fails validation raises the
-    loader's error and no server starts.
+    loader's error and no server starts. A causal LM gets ``/v1/completions`` (streamed,
+    batch 1 per request: ``max_batch_size`` does not apply to it).
     """
     plan = plan_threads(workers, threads_per_worker)
     model_file = str(Path(model_file))
-    engine_kwargs = {"tokenizer": tokenizer, "max_tokens": max_tokens, "name": name}
+    engine_kwargs = {"tokenizer": tokenizer, "max_tokens": max_tokens, "name": name,
+                     "max_completion_tokens": max_completion_tokens}
     spec: EngineSpec = Engine(model_file, threads=plan.threads_per_worker, **engine_kwargs).spec
     engine_kwargs["tokenizer"] = spec.tokenizer  # the workers use exactly what was checked here
     metrics = Metrics(spec.name, spec.format_mix, plan.workers, plan.threads_per_worker)
-    api = SparsertAPI(model_file, engine_kwargs, metrics, plan, max_batch_size=max_batch_size,
-                      batch_timeout=batch_timeout_ms / 1000.0, api_path=INNER_PATH)
+    if spec.causal_lm:
+        api = SparsertStreamAPI(model_file, engine_kwargs, metrics, plan, max_batch_size=1, api_path=INNER_PATH,
+                                stream=True)
+    else:
+        api = SparsertAPI(model_file, engine_kwargs, metrics, plan, max_batch_size=max_batch_size,
+                          batch_timeout=batch_timeout_ms / 1000.0, api_path=INNER_PATH)
     server = ls.LitServer(
         api, accelerator="cpu", devices=1, workers_per_device=plan.workers, timeout=request_timeout_s,
         middlewares=[(ServingMiddleware, {"spec": spec, "metrics": metrics, "inner_path": INNER_PATH,

@@ -6,9 +6,11 @@
 ``sparsert serve FILE --ray --replicas N`` runs it from the command line.
 
 Each replica loads the file, fixes its threads, warms up, and answers the same
-routes as the LitServe server (``/v1/embeddings``, ``/predict``, ``/health``)
-with the same validation (:class:`~sparsert.serving.engine.Frontend`), so a
-bad request never joins a batch. Requests are batched with ``@serve.batch``;
+routes as the LitServe server (``/v1/embeddings``, ``/v1/completions``,
+``/predict``, ``/health``) with the same validation
+(:class:`~sparsert.serving.engine.Frontend`), so a bad request never joins a
+batch. Requests are batched with ``@serve.batch``; completions run batch 1,
+each in its own thread stepping the engine (whose lock interleaves them);
 ``max_ongoing_requests`` bounds the work inside a replica and
 ``max_queued_requests`` the requests waiting for one: beyond it Ray answers 503.
 Metrics are Ray's own (``ray_serve_*`` on Ray's metrics port).
@@ -24,14 +26,15 @@ from typing import Any
 
 try:
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from ray import serve
 except ImportError:  # pragma: no cover - the message says what to install
     raise ImportError("the Ray Serve adapter needs Ray Serve: pip install 'sparsert[serve]' "
                       "(or pip install 'ray[serve]')") from None
 
 from .engine import Engine, RequestError
-from .http import ROUTES, error_body
+from .engine import collect_completion
+from .http import ROUTES, SSE_DONE, error_body, sse_event
 
 __all__ = ["ray_app", "build_app", "run_ray", "SparsertDeployment"]
 
@@ -72,10 +75,36 @@ class SparsertDeployment:
             prepared = self.engine.frontend.parse(ROUTES[route], body)
         except RequestError as e:
             return _error(e.status, e.message)
+        if prepared["op"] == "completions":
+            return await self._complete(prepared)
         answer = await self._run(prepared)
         if "error" in answer:
             return _error(answer["error"]["status"], answer["error"]["message"])
         return JSONResponse(answer)
+
+    async def _complete(self, prepared: dict):
+        chunks = self.engine.complete(prepared)
+        if not prepared["stream"]:
+            answer = await asyncio.to_thread(collect_completion, chunks)
+            if "error" in answer:
+                return _error(answer["error"]["status"], answer["error"]["message"])
+            return JSONResponse(answer)
+        first = await asyncio.to_thread(next, chunks)  # an error before any text is still a 4xx
+        if "error" in first:
+            return _error(first["error"]["status"], first["error"]["message"])
+
+        async def events():
+            chunk = first
+            while chunk is not None:
+                yield sse_event(chunk)
+                chunk = await asyncio.to_thread(next, chunks, None)  # one token per step, off the event loop
+            yield SSE_DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @_api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle("/v1/completions", request)
 
     @_api.post("/v1/embeddings")
     async def embeddings(self, request: Request):
@@ -98,7 +127,7 @@ def ray_app(model_file: "str | os.PathLike", *, replicas: int = 1, threads_per_r
             max_batch_size: int = 8, batch_timeout_ms: float = 2.0, max_ongoing_requests: "int | None" = None,
             max_queued_requests: int = 256, autoscale: bool = False, max_body_bytes: int = 1 << 20,
             tokenizer: "str | None" = None, max_tokens: "int | None" = None, name: "str | None" = None,
-            max_queue: "int | None" = None):
+            max_queue: "int | None" = None, max_completion_tokens: int = 256):
     """A Ray Serve application serving ``model_file``.
 
     Each replica reserves ``threads_per_replica`` CPUs from Ray (default 1), so Ray never places
@@ -107,8 +136,10 @@ def ray_app(model_file: "str | os.PathLike", *, replicas: int = 1, threads_per_r
     The file is validated here first: a bad file raises the loader's error before anything deploys.
     """
     threads = threads_per_replica or 1
-    probe = Engine(model_file, threads=None, tokenizer=tokenizer, max_tokens=max_tokens, name=name)
-    engine_kwargs = {"tokenizer": probe.spec.tokenizer, "max_tokens": max_tokens, "name": probe.spec.name}
+    probe = Engine(model_file, threads=None, tokenizer=tokenizer, max_tokens=max_tokens, name=name,
+                   max_completion_tokens=max_completion_tokens)
+    engine_kwargs = {"tokenizer": probe.spec.tokenizer, "max_tokens": max_tokens, "name": probe.spec.name,
+                     "max_completion_tokens": max_completion_tokens}
     options: dict[str, Any] = {
         "name": f"sparsert-{probe.spec.name}",
         "max_ongoing_requests": max_ongoing_requests or 2 * max_batch_size,
@@ -131,7 +162,7 @@ def build_app(args: dict):
     args = dict(args)
     model_file = args.pop("model_file")
     ints = {"replicas", "threads_per_replica", "max_batch_size", "max_ongoing_requests", "max_queued_requests",
-            "max_body_bytes", "max_tokens"}
+            "max_body_bytes", "max_tokens", "max_completion_tokens"}
     kwargs = {k: (int(v) if k in ints else float(v) if k == "batch_timeout_ms" else
                   str(v).lower() in ("1", "true", "yes") if k == "autoscale" else v) for k, v in args.items()}
     return ray_app(model_file, **kwargs)
