@@ -251,3 +251,36 @@ def test_tiny_model_end_to_end(cache, tmp_path):
     path = tmp_path / "m.sparsert"
     sparsert.save(fast, path)
     assert path.is_file()
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def _cli(*args, cache):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "SPARSERT_CACHE_DIR": str(cache)}
+    env.pop("SPARSERT_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "sparsert", *map(str, args)], capture_output=True, text=True,
+                          cwd=root, env=env, timeout=900)
+
+
+def test_cli_prune_to_a_target_speedup(tmp_path, cache):
+    out = tmp_path / "mlp.sparsert"
+    r = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--json", "-o", out, cache=cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(r.stdout)
+    assert data["target"] == 1.2 and data["baseline"] == "best_dense"
+    assert data["predicted_speedup"] >= 1.2 * (1 - 1e-9)
+    assert data["measured_speedup"] > 0 and "accuracy" in data["quality"]
+    assert any(l["pattern"] for l in data["plan"]["layers"]) and out.is_file()
+    again = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--sparsity", "0.5", "-o", out,
+                 cache=cache)
+    assert again.returncode == 1 and "drop --sparsity" in again.stderr
+    far = _cli("prune", "digits-mlp", "--target-speedup", "1000", "--threads", "1", "-o", out, cache=cache)
+    assert far.returncode == 1 and "best reachable speedup" in far.stderr and "Traceback" not in far.stderr
