@@ -11,7 +11,8 @@ By default the demo asks the planner (:mod:`sparsert.planner`) for a target
 speedup: it times every layer of the model on this machine, plans per-layer
 sparsity and pattern, prunes, refits the kept weights, packs each layer in its
 planned format, saves, reloads and measures. With ``--sparsity`` it runs the
-fixed-sparsity story instead:
+fixed-sparsity story instead (as with any of ``--pattern``, ``--importance``,
+``--epochs``, ``--reconstruct``):
 
 1. train (digits) or load (MiniLM) the dense model and measure its quality;
 2. prune it with :mod:`sparsert.prune` (importance scores on calibration data);
@@ -234,7 +235,8 @@ def main(argv=None) -> int:
                    help="refit the kept weights after pruning (sparsert.prune.reconstruct; default: on for minilm)")
     args = p.parse_args(argv)
     try:
-        if args.sparsity is None and args.pattern is None:
+        fixed = (args.sparsity, args.pattern, args.importance, args.epochs, args.reconstruct)
+        if all(v is None for v in fixed):  # no fixed-sparsity option given: the planner's story
             run_planned(args.model, args.target_speedup, baseline=args.baseline, threads=args.threads,
                         out_dir=args.out, shape=args.shape)
             return 0

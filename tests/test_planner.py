@@ -145,7 +145,9 @@ def test_tables_are_cached_and_invalidated_by_cpu_and_version(cache, monkeypatch
     assert first.cache_misses > 0 and first.cache_hits == 0
     files = list((cache / "planner").glob("timings-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["machine"]["threads"] == 1
-    again = T.time_tables(model, names, x, threads=1, **TINY_TIMING)
+    with monkeypatch.context() as mp:  # a cached run needs no forward pass: the input shapes are cached too
+        mp.setattr(T, "_capture", lambda *a: pytest.fail("the model was run on a fully cached table"))
+        again = T.time_tables(model, names, x, threads=1, **TINY_TIMING)
     assert again.cache_misses == 0 and again.cache_hits == 4  # 3 layers + the whole model
     assert again.layers["2"].dense == first.layers["2"].dense  # read back, not re-timed
 
@@ -229,6 +231,9 @@ def test_tiny_model_end_to_end(cache, tmp_path):
     assert plan.predicted_speedup >= 1.05 * (1 - 1e-9)
     assert pruner.sensitivity_tables is not None and set(pruner.sensitivity_tables) == {"unstructured", "4x1",
                                                                                         "2:4"}
+    reuse = sparsert.Pruner(_mlp(), "wanda", target_speedup=1.05, example_inputs=x, threads=1, sparsities=(0.5, 0.9),
+                            timing=TINY_TIMING, sensitivity=pruner.sensitivity_tables)
+    assert [(l.pattern, l.sparsity) for l in reuse.plan.layers] == [(l.pattern, l.sparsity) for l in plan.layers]
     pruner.step()
     for lp in plan.layers:
         w = model.get_submodule(lp.name).weight
@@ -284,3 +289,22 @@ def test_cli_prune_to_a_target_speedup(tmp_path, cache):
     assert again.returncode == 1 and "drop --sparsity" in again.stderr
     far = _cli("prune", "digits-mlp", "--target-speedup", "1000", "--threads", "1", "-o", out, cache=cache)
     assert far.returncode == 1 and "best reachable speedup" in far.stderr and "Traceback" not in far.stderr
+
+
+def test_demo_plans_for_a_speedup(tmp_path, cache):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "SPARSERT_CACHE_DIR": str(cache)}
+    r = subprocess.run([sys.executable, "-m", "sparsert.demo", "--model", "digits-mlp", "--target-speedup", "1.2",
+                        "--threads", "1", "--shape", "64x1x8x8", "--out", str(tmp_path)], capture_output=True,
+                       text=True, cwd=root, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for row in ("latency, torch eager", "latency, best dense path", "latency, sparse (planned)", "quality kept",
+                "file size", "predicted end to end", "next:"):
+        assert row in r.stdout, row
+    assert (tmp_path / "digits-mlp.sparsert").is_file()

@@ -62,6 +62,8 @@ class Pruner(_KernelFreePruner):
         timing: options for :func:`~sparsert.planner.tables.time_tables` (``min_time``,
             ``rounds``, ``model_min_time``, ``cache``).
         bins: time grid of the solver.
+        sensitivity: ready ``{pattern: SensitivityTable}`` (e.g. another pruner's
+            ``sensitivity_tables`` for the same model and data) instead of measuring them.
     """
 
     def __init__(self, model: nn.Module, importance: Any = "magnitude", pattern: Any = "unstructured",
@@ -69,7 +71,8 @@ class Pruner(_KernelFreePruner):
                  baseline: str = "best_dense", example_inputs: Any = None,
                  patterns: Sequence[str] = DEFAULT_PATTERNS, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
                  threads: Optional[int] = None, sensitivity_method: str = "wanda",
-                 timing: Optional[Mapping[str, Any]] = None, bins: int = 4000, **kwargs: Any):
+                 timing: Optional[Mapping[str, Any]] = None, bins: int = 4000,
+                 sensitivity: Optional[Mapping[str, Any]] = None, **kwargs: Any):
         self.target_speedup = None
         self._plan: Optional[Plan] = None
         self._applied = False
@@ -120,7 +123,7 @@ class Pruner(_KernelFreePruner):
             model.train(was_training)
         check_reachable(self.tables, target)
         #: {pattern: SensitivityTable} the plan was solved with
-        self.sensitivity_tables: Optional[dict] = None
+        self.sensitivity_tables: Optional[dict] = dict(sensitivity) if sensitivity is not None else None
 
     # ------------------------------------------------------------------ plan
     @property
@@ -129,12 +132,16 @@ class Pruner(_KernelFreePruner):
         if self.target_speedup is None:
             return None
         if self._plan is None:
+            sensitivity_given = self.sensitivity_tables is not None
             names = list(self.tables.layers)
-            tables = sensitivity_tables(self.model, {n: self.layers[n] for n in names}, self._data,
-                                        self.sparsities, patterns=self.patterns, method=self.sensitivity_method,
-                                        progress=self.progress)
-            self.sensitivity_tables = tables
-            note = "" if self._data is not None else "no calibration data: sensitivity = relative weight error"
+            tables = self.sensitivity_tables
+            if tables is None:
+                tables = sensitivity_tables(self.model, {n: self.layers[n] for n in names}, self._data,
+                                            self.sparsities, patterns=self.patterns, method=self.sensitivity_method,
+                                            progress=self.progress)
+                self.sensitivity_tables = tables
+            note = ("" if self._data is not None or sensitivity_given
+                    else "no calibration data: sensitivity = relative weight error")
             self._plan = build_plan(self.tables, tables, self.target_speedup, bins=self.bins, sensitivity_note=note)
         return self._plan
 
