@@ -21,7 +21,7 @@ _LAZY = {
     "CSR": "sparsert.formats",
     "BSR": "sparsert.formats",
     "NM": "sparsert.formats",
-    "Pruner": "sparsert.prune",
+    "Pruner": "sparsert.planner",  # the kernel-free sparsert.prune.Pruner, plus target_speedup=
     "finetune": "sparsert.prune",
     "report": "sparsert.prune",
     "SparseLinear": "sparsert.nn",
@@ -35,7 +35,7 @@ _LAZY = {
 
 # ``sparsert.prune`` is both the pruning package and, being a callable module,
 # the one-call shorthand ``sparsert.prune(model, ...)``.
-_SUBMODULES = {"formats", "ops", "prune", "nn", "convert", "bench", "io", "models"}
+_SUBMODULES = {"formats", "ops", "prune", "nn", "convert", "bench", "io", "models", "planner"}
 
 
 def __getattr__(name: str):

@@ -2,6 +2,7 @@
 
 ```
 sparsert prune    MODEL --sparsity 0.9 --importance taylor --pattern 4x1 [--calib DATA] -o OUT
+sparsert prune    MODEL --target-speedup 2 [--baseline best_dense|torch] -o OUT   (planned per layer)
 sparsert sparsify MODEL --example-shape 1x128 -o OUT          (OUT.pt2: a torch.export program)
 sparsert bench    MODEL [--dense DENSE] [--threads N] [--plot speedup.png]
 sparsert inspect  FILE
@@ -349,8 +350,50 @@ def _check_plot(path: str) -> None:
     _check_writable(path, "--plot")
 
 
+def cmd_prune_to_speedup(args) -> int:
+    """``prune --target-speedup X``: plan, prune, refit, pack per plan, save, measure (sparsert.planner)."""
+    from .planner.workflow import prune_to_speedup
+
+    if args.sparsity is not None:
+        raise CliError("--target-speedup picks each layer's sparsity: drop --sparsity")
+    out = _check_output(args.output)
+    if args.plot_plan:
+        _check_plot(args.plot_plan)
+    wl = _resolve(args.model)
+    if _has_sparse(wl.model):
+        wl.model = densify(wl.model)
+    inputs = _inputs(wl, args.example_shape)
+    importance = "wanda" if args.importance == "magnitude" and wl.family == "hf" else args.importance
+    quiet = args.json
+    try:
+        r = prune_to_speedup(wl, args.target_speedup, baseline=args.baseline, importance=importance,
+                             patterns=[p.strip() for p in args.patterns.split(",") if p.strip()],
+                             example_inputs=inputs, threads=args.threads, calib_batches=args.calib_batches,
+                             calib=args.calib, exclude=args.exclude or (), output=out, plot=args.plot_plan,
+                             progress=_show_progress(args), log=(lambda s: None) if quiet else print)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    base = "best dense" if args.baseline == "best_dense" else "torch eager"
+    data = {k: v for k, v in r.items() if k not in ("plan", "sparse_model")}
+    data["plan"] = r["plan"].as_dict()
+    text = "\n".join([
+        f"speedup vs {base}: predicted {r['predicted_speedup']:.2f}x, measured {r['measured_speedup']:.2f}x "
+        f"(asked {args.target_speedup:g}x; torch eager {r['eager_ms']:.2f} ms, best dense {r['best_dense_ms']:.2f} ms, "
+        f"sparse {r['sparse_ms']:.2f} ms, {r['threads']} threads)",
+        f"quality kept: {_q(r['quality'])} (dense: {_q(r['quality_dense'])})",
+        f"wrote {out}: {_fmt_bytes(r['file_bytes'])}",
+    ])
+    _emit(args, data, text)
+    return 0
+
+
 def cmd_prune(args) -> int:
     import torch
+
+    if args.target_speedup is not None:
+        return cmd_prune_to_speedup(args)
+    if args.sparsity is None:
+        args.sparsity = 0.9
 
     from . import io
     from .convert import sparsify
@@ -574,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prune", parents=[common], help="prune a model and write a sparsert file",
                        description=f"Prune MODEL ({models}) and write its pruned layers, packed, to OUT.")
     s.add_argument("model", metavar="MODEL")
-    s.add_argument("--sparsity", type=_sparsity, default=0.9, help="fraction of weights removed (default 0.9)")
+    s.add_argument("--sparsity", type=_sparsity, default=None, help="fraction of weights removed (default 0.9)")
     s.add_argument("--importance", default="magnitude",
                    help="magnitude, gradient, taylor, activation, hessian, fisher, wanda (default magnitude)")
     s.add_argument("--pattern", default="unstructured",
@@ -591,6 +634,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--finetune-epochs", type=_nonneg_int, default=0, help="mask-preserving fine-tuning epochs")
     s.add_argument("--lr", type=_positive_float, default=1e-3, help="fine-tuning learning rate")
     s.add_argument("-o", "--output", required=True, metavar="OUT", help="sparsert file to write (.sparsert)")
+    # the latency-budget planner (sparsert.planner): instead of --sparsity and --pattern
+    s.add_argument("--target-speedup", type=_positive_float, default=None, metavar="X",
+                   help="plan per-layer sparsity and pattern from measured time tables to run X times faster "
+                        "than --baseline, with the least estimated loss")
+    s.add_argument("--baseline", choices=["best_dense", "torch"], default="best_dense",
+                   help="what --target-speedup is measured against (default best_dense)")
+    s.add_argument("--patterns", default="unstructured,4x1,2:4", help="patterns the planner may use (comma list)")
+    s.add_argument("--example-shape", metavar="SHAPE", help="input shape the planner times (default: the model's)")
+    s.add_argument("--threads", type=_positive_int, default=None, help="threads for timing and measuring")
+    s.add_argument("--plot-plan", metavar="PNG", help="write the planner's speed/quality frontier")
     s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("sparsify", parents=[common], help="choose each layer's fastest format and save it",

@@ -49,6 +49,7 @@ __all__ = [
     "fit_mean",
     "owl_sparsities",
     "sensitivity_table",
+    "sensitivity_tables",
 ]
 
 ALLOCATIONS = ("uniform", "owl", "sensitivity")
@@ -208,6 +209,24 @@ def sensitivity_table(model: nn.Module, layers: Mapping[str, nn.Module], data: I
     ``method``: ``"wanda"`` (mask only, cheap) or ``"sparsegpt"`` (mask and
     compensating update, as SparseGPT would leave the layer).
     """
+    return sensitivity_tables(model, layers, data, sparsities, patterns=(pattern,), method=method, damp=damp,
+                              progress=progress)[str(parse_pattern(pattern))]
+
+
+@torch.no_grad()
+def sensitivity_tables(model: nn.Module, layers: Mapping[str, nn.Module], data: Iterable | None,
+                       sparsities: Iterable[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), *,
+                       patterns: Iterable[str] = ("unstructured",), method: str = "wanda", damp: float = 0.01,
+                       progress: bool | None = None) -> dict[str, SensitivityTable]:
+    """:func:`sensitivity_table` for several patterns in one pass over the data:
+    ``{str(pattern): table}``. A layer a pattern does not fit (``Pattern.check``)
+    gets no entry in that pattern's table; an N:M pattern has one sparsity
+    (``1 - N/M``), so its row holds that error at every grid point.
+
+    ``data=None``: no calibration data; every layer's Gram matrix is taken as the
+    identity, so the error is the relative Frobenius norm of the removed weights
+    (magnitude pruning) — a data-free stand-in, cruder than the real inputs.
+    """
     from .sparsegpt import layer_error, sparsegpt_weight
 
     if method not in ("wanda", "sparsegpt"):
@@ -215,22 +234,43 @@ def sensitivity_table(model: nn.Module, layers: Mapping[str, nn.Module], data: I
     grid = sorted(float(s) for s in sparsities)
     if not grid or grid[0] <= 0 or grid[-1] >= 1:
         raise ValueError("sparsities must be in (0, 1)")
-    pat = parse_pattern(pattern)
-    errors: dict[str, list[float]] = {}
-    for group, grams, _, _ in sequential_grams(model, dict(layers), data, progress):
-        for name in group:
-            rows, cols = weight_2d_shape(layers[name].weight)
-            w = layers[name].weight.detach().reshape(rows, cols).double().cpu()
-            h = grams[name]
+    pats = [parse_pattern(p) for p in patterns]
+    if not pats:
+        raise ValueError("patterns must name at least one pattern")
+    errors: dict[str, dict[str, list[float]]] = {str(p): {} for p in pats}
+
+    def measure(name: str, h: torch.Tensor) -> None:
+        rows, cols = weight_2d_shape(layers[name].weight)
+        w = layers[name].weight.detach().reshape(rows, cols).double().cpu()
+        for pat in pats:
+            try:
+                pat.check(rows, cols, name)
+            except ValueError:
+                continue
             errs = []
             for s in grid:
+                if pat.kind == "nm" and errs:
+                    errs.append(errs[-1])  # N:M sparsity is fixed: the same mask at every grid point
+                    continue
                 if method == "sparsegpt":
                     new, _ = sparsegpt_weight(w, h, pat, s, damp=damp)
                 else:
                     new = w * _wanda_rows(w, h, pat, s)
                 errs.append(layer_error(w, new, h))
-            errors[name] = errs
-    return SensitivityTable(grid, {k: errors[k] for k in layers}, _sizes(layers), str(pat), method)
+            errors[str(pat)][name] = errs
+
+    if data is None:
+        for name in layers:
+            measure(name, torch.eye(weight_2d_shape(layers[name].weight)[1], dtype=torch.float64))
+    else:
+        for group, grams, _, _ in sequential_grams(model, dict(layers), data, progress):
+            for name in group:
+                measure(name, grams[name])
+    sizes = _sizes(layers)
+    meta = {} if data is not None else {"data": "none (identity Gram: relative weight error)"}
+    return {p: SensitivityTable(grid, {k: errs[k] for k in layers if k in errs},
+                                {k: sizes[k] for k in layers if k in errs}, p, method, dict(meta))
+            for p, errs in errors.items()}
 
 
 def allocate_from_table(table: SensitivityTable, target: float, names: Iterable[str] | None = None, *,

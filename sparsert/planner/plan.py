@@ -1,0 +1,223 @@
+"""The plan: per layer the sparsity, pattern and format that reach a target speedup
+with the least estimated loss, in a table a person reads, and its frontier plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Mapping, Optional
+
+from ..prune.allocation import SensitivityTable
+from .solver import Option, solve
+from .tables import TimeTables
+
+__all__ = ["LayerPlan", "Plan", "build_plan", "check_target", "check_reachable", "best_speedup"]
+
+
+def check_target(target) -> float:
+    """A target speedup must be a finite number; > 1 is checked against the tables."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(float(target)):
+        raise ValueError(f"target_speedup must be a finite number greater than 1 (e.g. 2.0), got {target!r}")
+    return float(target)
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    name: str
+    pattern: Optional[str]      # None: left dense (on the best dense path)
+    sparsity: float
+    format: str                 # "dense" or the kind sparsify will pack ("csr", "bsr4x1", "nm2:4", ...)
+    seconds: float              # predicted (measured table) time of the layer as planned
+    baseline_seconds: float     # the layer on the baseline path
+    error: float                # estimated relative output error (sensitivity table; 0 when dense)
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_seconds / self.seconds if self.seconds > 0 else math.inf
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the planner chose. ``print(plan)`` shows the table; ``plan.plot(path)`` the frontier."""
+
+    layers: list                # [LayerPlan]
+    target: float
+    baseline: str
+    model_seconds: float        # the whole model on the baseline path (measured)
+    remainder: float            # time outside the prunable layers (measured, unchanged by pruning)
+    best_speedup: float         # the fastest any choice gets (every layer at its fastest option)
+    loss: float                 # summed squared relative errors of the choice
+    frontier: list              # [(predicted speedup, least loss)] the solver explored
+    uniform: list               # [(label, predicted speedup, loss)]: every layer one pattern and sparsity
+    sensitivity_note: str = ""
+
+    @property
+    def predicted_seconds(self) -> float:
+        return self.remainder + sum(l.seconds for l in self.layers)
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.model_seconds / self.predicted_seconds
+
+    @property
+    def pruned(self) -> list:
+        return [l for l in self.layers if l.pattern is not None]
+
+    def __getitem__(self, name: str) -> LayerPlan:
+        for l in self.layers:
+            if l.name == name:
+                return l
+        raise KeyError(name)
+
+    def overrides(self) -> dict:
+        """Per-layer settings for :class:`sparsert.prune.Pruner` (``overrides=``): the planned
+        sparsity and pattern, or ``exclude`` for layers left dense. Keys are escaped names."""
+        out = {}
+        for l in self.layers:
+            key = re.escape(l.name)
+            out[key] = {"exclude": True} if l.pattern is None else {"sparsity": l.sparsity, "pattern": l.pattern}
+        return out
+
+    def formats(self) -> dict:
+        """``{layer: kind}`` to pack each layer in ("dense": the best dense path)."""
+        return {l.name: l.format for l in self.layers}
+
+    def as_dict(self) -> dict:
+        return {"target": self.target, "baseline": self.baseline, "model_seconds": self.model_seconds,
+                "remainder_seconds": self.remainder, "predicted_seconds": self.predicted_seconds,
+                "predicted_speedup": self.predicted_speedup, "best_speedup": self.best_speedup, "loss": self.loss,
+                "layers": [dataclasses.asdict(l) for l in self.layers]}
+
+    def table(self) -> str:
+        from ..convert.plan import _format_table
+
+        base = "best dense" if self.baseline == "best_dense" else "torch"
+        head = ["layer", "pattern", "sparsity", "format", "ms", f"{base} ms", "speedup", "sensitivity"]
+        rows = [[l.name, l.pattern or "dense", f"{l.sparsity:.2f}", l.format, f"{l.seconds * 1e3:.3f}",
+                 f"{l.baseline_seconds * 1e3:.3f}", f"{l.speedup:.2f}x", f"{l.error:.3f}"] for l in self.layers]
+        lines = _format_table(head, rows)
+        layer_base = sum(l.baseline_seconds for l in self.layers)
+        lines.append(f"{len(self.pruned)}/{len(self.layers)} layers pruned; layers {layer_base * 1e3:.2f} -> "
+                     f"{sum(l.seconds for l in self.layers) * 1e3:.2f} ms, rest of the model "
+                     f"{self.remainder * 1e3:.2f} ms (measured, unchanged)")
+        lines.append(f"predicted end to end: {self.model_seconds * 1e3:.2f} -> {self.predicted_seconds * 1e3:.2f} ms "
+                     f"= {self.predicted_speedup:.2f}x vs {base} (asked {self.target:g}x; best reachable "
+                     f"{self.best_speedup:.2f}x); summed squared error {self.loss:.4f}"
+                     + (f"; {self.sensitivity_note}" if self.sensitivity_note else ""))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def plot(self, path: str) -> None:
+        """Saves the speed/quality frontier (least estimated loss per predicted speedup), the
+        uniform single-pattern points and the chosen plan as an image (needs matplotlib)."""
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError("plan.plot needs matplotlib: pip install matplotlib") from None
+        fig = Figure(figsize=(7, 4.5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        pts = sorted((s, l) for s, l in self.frontier if l > 0 or s <= 1.0001)
+        if pts:
+            ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", label="planner frontier (per layer)")
+        by_pattern: dict = {}
+        for label, s, l in self.uniform:
+            by_pattern.setdefault(label.split("@")[0], []).append((s, l))
+        for pattern, p in by_pattern.items():
+            p.sort()
+            ax.plot([x[0] for x in p], [x[1] for x in p], "o--", ms=3, label=f"uniform {pattern}")
+        ax.plot([self.predicted_speedup], [self.loss], "r*", ms=12, label=f"plan ({self.predicted_speedup:.2f}x)")
+        ax.axvline(self.target, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel(f"predicted speedup vs {self.baseline}")
+        ax.set_ylabel("estimated loss (summed squared relative error)")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+
+
+def best_speedup(tables: TimeTables, options: Optional[list] = None) -> float:
+    """The predicted speedup with every layer at its fastest timed option (or ``options``)."""
+    if options is None:
+        fastest = sum(min([lt.dense] + [t for pts in lt.options.values() for t, _ in pts.values()])
+                      for lt in tables.layers.values())
+    else:
+        fastest = sum(min(o.seconds for o in opts) for opts in options)
+    return tables.model_seconds / (tables.remainder + fastest)
+
+
+def check_reachable(tables: TimeTables, target: float, best: Optional[float] = None) -> None:
+    """ValueError, saying the best reachable speedup, for a target <= 1 or beyond it."""
+    target = check_target(target)
+    best = best_speedup(tables) if best is None else best
+    base = "the best dense path" if tables.baseline == "best_dense" else "torch eager"
+    if target <= 1.0:
+        raise ValueError(f"target_speedup must be greater than 1, got {target:g} (this model can reach up to "
+                         f"{best:.2f}x vs {base} here)")
+    if target > best * (1 - 1e-9):
+        raise ValueError(f"target_speedup {target:g}x is not reachable: the best reachable speedup for this model "
+                         f"is {best:.2f}x vs {base} on this machine ({tables.threads} threads; the rest of the "
+                         f"model takes {tables.remainder * 1e3:.2f} of {tables.model_seconds * 1e3:.2f} ms and no "
+                         f"pruning changes it)")
+
+
+def _loss(table: Optional[SensitivityTable], name: str, sparsity: float) -> Optional[float]:
+    if table is None or name not in table.errors:
+        return None
+    return table.error(name, sparsity) ** 2
+
+
+def build_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], target: float, *,
+               bins: int = 4000, sensitivity_note: str = "") -> Plan:
+    """Solves for the per-layer choice (see :mod:`sparsert.planner.solver`).
+
+    Raises ``ValueError`` for a target <= 1 or beyond the best reachable speedup (saying it).
+    """
+    target = check_target(target)
+    names = list(tables.layers)
+    options: list = []
+    for name in names:
+        lt = tables.layers[name]
+        opts = [Option(lt.dense, 0.0, (None, 0.0, "dense"))]
+        for pattern, pts in lt.options.items():
+            for s, (seconds, kind) in pts.items():
+                loss = _loss(sensitivity.get(pattern), name, s)
+                if loss is None or seconds >= lt.dense:
+                    continue  # no quality estimate, or no faster than dense: never worth it
+                opts.append(Option(seconds, loss, (pattern, s, kind)))
+        options.append(opts)
+    remainder, total = tables.remainder, tables.model_seconds
+    check_reachable(tables, target, best_speedup(tables, options))
+    budget = total / target - remainder
+    sol = solve(options, budget, bins=bins)
+    layers = []
+    for name, opts, j in zip(names, options, sol.choice):
+        o = opts[j]
+        pattern, s, kind = o.label
+        lt = tables.layers[name]
+        layers.append(LayerPlan(name, pattern, float(s), kind, o.seconds, lt.baseline(tables.baseline),
+                                0.0 if pattern is None else math.sqrt(o.loss)))
+    frontier = [(total / (remainder + t), loss) for t, loss in sol.frontier if remainder + t > 0]
+    uniform = []
+    patterns = sorted({p for lt in tables.layers.values() for p in lt.options})
+    for pattern in patterns:
+        points = sorted({s for lt in tables.layers.values() for s in lt.options.get(pattern, {})})
+        for s in points:
+            t, loss, ok = remainder, 0.0, True
+            for name in names:
+                lt = tables.layers[name]
+                pt = lt.options.get(pattern, {}).get(s)
+                l = _loss(sensitivity.get(pattern), name, s)
+                if pt is None or l is None:
+                    ok = False
+                    break
+                t += pt[0]
+                loss += l
+            if ok:
+                uniform.append((f"{pattern}@{s:g}", total / t, loss))
+    return Plan(layers, target, tables.baseline, total, remainder, best_speedup(tables, options), sol.loss, frontier, uniform,
+                sensitivity_note)

@@ -1,0 +1,221 @@
+"""``sparsert.Pruner``: the kernel-free :class:`sparsert.prune.Pruner`, plus ``target_speedup=``.
+
+```python
+pruner = sparsert.Pruner(model, importance="wanda", target_speedup=2.0, baseline="best_dense",
+                         example_inputs=x, patterns=("unstructured", "4x1", "2:4"))
+pruner.calibrate(batches)          # the sensitivity tables use it (and the criterion)
+print(pruner.plan)                 # per layer: sparsity, pattern, format, predicted time, sensitivity
+pruner.step()                      # prunes each layer as planned (layers that do not pay stay dense)
+fast = pruner.sparsify()           # packs each layer in the planned format
+```
+
+Without ``target_speedup`` it is exactly :class:`sparsert.prune.Pruner`. With it,
+the constructor measures (or reads from the cache) the time tables
+(:mod:`~sparsert.planner.tables`) and rejects a target the model cannot reach;
+the plan is solved when first needed (``pruner.plan`` or the first ``step``),
+from the sensitivity of each layer to each pattern on the calibration data
+(:func:`sparsert.prune.allocation.sensitivity_tables`; without data, the
+relative weight error) and handed to the kernel-free Pruner as its per-layer
+settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..convert.timing import call_model, close, flatten_tensors, max_rel_err
+from ..nn import DenseLinear, SparseConv2d, SparseLinear
+from ..nn.surgery import swap
+from ..prune import Pruner as _KernelFreePruner
+from ..prune.allocation import sensitivity_tables
+from ..prune.patterns import parse_pattern
+from .plan import Plan, build_plan, check_reachable, check_target
+from .tables import BASELINES, DEFAULT_PATTERNS, DEFAULT_SPARSITIES, time_tables
+
+__all__ = ["Pruner", "sparsify_planned", "plannable_layers"]
+
+
+def plannable_layers(model: nn.Module, names: Sequence[str]) -> list:
+    """The names among ``names`` the planner can time and pack: Linear / Conv2d outside
+    ``nn.MultiheadAttention`` (which reads its ``out_proj.weight`` directly)."""
+    skip = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    return [n for n in names if isinstance(model.get_submodule(n), (nn.Linear, nn.Conv2d))
+            and not isinstance(model.get_submodule(n), (SparseLinear, SparseConv2d))
+            and not any(n.startswith(p) for p in skip)]
+
+
+class Pruner(_KernelFreePruner):
+    """:class:`sparsert.prune.Pruner` that can also plan for a speedup.
+
+    Args (besides those of :class:`sparsert.prune.Pruner`):
+        target_speedup: end-to-end speedup to reach vs ``baseline`` (> 1), instead of ``sparsity``.
+        baseline: ``"best_dense"`` (every Linear on the best dense path) or ``"torch"`` (eager).
+        example_inputs: what the model is called with (Tensor, tuple or dict); each layer is
+            timed on the input shape it receives from it.
+        patterns: the patterns the planner may give a layer.
+        sparsities: the sparsity grid timed and scored per pattern.
+        threads: threads for the timing (default: the current setting; the plan holds for it).
+        sensitivity_method: ``"wanda"`` or ``"sparsegpt"`` (see ``sensitivity_tables``).
+        timing: options for :func:`~sparsert.planner.tables.time_tables` (``min_time``,
+            ``rounds``, ``model_min_time``, ``cache``).
+        bins: time grid of the solver.
+        sensitivity: ready ``{pattern: SensitivityTable}`` (e.g. another pruner's
+            ``sensitivity_tables`` for the same model and data) instead of measuring them.
+    """
+
+    def __init__(self, model: nn.Module, importance: Any = "magnitude", pattern: Any = "unstructured",
+                 sparsity: Optional[float] = None, *args: Any, target_speedup: Optional[float] = None,
+                 baseline: str = "best_dense", example_inputs: Any = None,
+                 patterns: Sequence[str] = DEFAULT_PATTERNS, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
+                 threads: Optional[int] = None, sensitivity_method: str = "wanda",
+                 timing: Optional[Mapping[str, Any]] = None, bins: int = 4000,
+                 sensitivity: Optional[Mapping[str, Any]] = None, **kwargs: Any):
+        self.target_speedup = None
+        self._plan: Optional[Plan] = None
+        self._applied = False
+        if target_speedup is None:
+            if example_inputs is not None or timing is not None:
+                raise ValueError("example_inputs and timing are for target_speedup=...; with sparsity= "
+                                 "nothing is timed")
+            super().__init__(model, importance, pattern, 0.5 if sparsity is None else sparsity, *args, **kwargs)
+            return
+        target = check_target(target_speedup)
+        if sparsity is not None:
+            raise ValueError("give sparsity= or target_speedup=, not both: the planner picks each layer's sparsity")
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+        if example_inputs is None:
+            raise ValueError("target_speedup needs example_inputs: the layers are timed on the shapes the "
+                             "model really gives them")
+        if kwargs.get("scope") == "global" or (args and args[0] == "global"):
+            raise ValueError("target_speedup plans each layer's sparsity itself: scope='global' does not apply")
+        if kwargs.get("allocation", "uniform") != "uniform":
+            raise ValueError("target_speedup plans each layer's sparsity itself: leave allocation='uniform'")
+        if sensitivity_method not in ("wanda", "sparsegpt"):
+            raise ValueError("sensitivity_method must be 'wanda' or 'sparsegpt'")
+        pats = tuple(str(parse_pattern(p)) for p in ([patterns] if isinstance(patterns, str) else patterns))
+        if not pats:
+            raise ValueError("patterns must name at least one pattern")
+        if any(parse_pattern(p).kind == "channel" for p in pats):
+            raise ValueError("the planner times unstructured, RxC block and N:M patterns; 'channel' is not one")
+        super().__init__(model, importance, pattern, 0.5, *args, **kwargs)
+        self.target_speedup = target
+        self.baseline = baseline
+        self.example_inputs = example_inputs
+        self.patterns = pats
+        self.sparsities = tuple(sorted({float(s) for s in sparsities}))
+        self.sensitivity_method = sensitivity_method
+        self.bins = bins
+        names = plannable_layers(model, list(self.layers))
+        for n in [n for n in self.layers if n not in names]:  # not plannable: left as they are
+            del self.layers[n], self.settings[n]
+        if not self.layers:
+            raise ValueError("no layer the planner can time (Linear / Conv2d outside nn.MultiheadAttention)")
+        was_training = model.training
+        model.eval()
+        try:
+            self.tables = time_tables(model, names, example_inputs, baseline=baseline, patterns=pats,
+                                      sparsities=self.sparsities, threads=threads, **dict(timing or {}))
+        finally:
+            model.train(was_training)
+        check_reachable(self.tables, target)
+        #: {pattern: SensitivityTable} the plan was solved with
+        self.sensitivity_tables: Optional[dict] = dict(sensitivity) if sensitivity is not None else None
+
+    # ------------------------------------------------------------------ plan
+    @property
+    def plan(self) -> Optional[Plan]:
+        """The per-layer plan (solved on first access; ``None`` without ``target_speedup``)."""
+        if self.target_speedup is None:
+            return None
+        if self._plan is None:
+            sensitivity_given = self.sensitivity_tables is not None
+            names = list(self.tables.layers)
+            tables = self.sensitivity_tables
+            if tables is None:
+                tables = sensitivity_tables(self.model, {n: self.layers[n] for n in names}, self._data,
+                                            self.sparsities, patterns=self.patterns, method=self.sensitivity_method,
+                                            progress=self.progress)
+                self.sensitivity_tables = tables
+            note = ("" if self._data is not None or sensitivity_given
+                    else "no calibration data: sensitivity = relative weight error")
+            self._plan = build_plan(self.tables, tables, self.target_speedup, bins=self.bins, sensitivity_note=note)
+        return self._plan
+
+    def _apply_plan(self) -> None:
+        if self._applied or self.target_speedup is None:
+            return
+        plan = self.plan
+        for lp in plan.layers:
+            if lp.pattern is None:  # does not pay: stays dense
+                del self.layers[lp.name], self.settings[lp.name]
+                continue
+            st = self.settings[lp.name]
+            st["pattern"] = parse_pattern(lp.pattern)
+            st["sparsity"] = lp.sparsity
+            st["own"] = True
+        self.layer_sparsity = {}
+        self._applied = True
+
+    def step(self):
+        self._apply_plan()
+        if not self.layers:
+            self._step += 1
+            return {}
+        return super().step()
+
+    def compute_masks(self, step: Optional[int] = None):
+        self._apply_plan()
+        return super().compute_masks(step)
+
+    def sparsify(self, example_inputs: Any = None, *, check: bool = True) -> nn.Module:
+        """A copy of the pruned model with every layer in its planned format (see :func:`sparsify_planned`)."""
+        if self.target_speedup is None:
+            raise ValueError("sparsify() follows a plan: use target_speedup=, or sparsert.sparsify(model) otherwise")
+        return sparsify_planned(self.model, self.plan, self.example_inputs if example_inputs is None
+                                else example_inputs, check=check)
+
+
+@torch.no_grad()
+def sparsify_planned(model: nn.Module, plan: Plan, example_inputs: Any = None, *, check: bool = True) -> nn.Module:
+    """A copy of ``model`` with each planned layer packed in its planned format, and every other
+    plain ``nn.Linear`` on the best dense path (:class:`~sparsert.nn.DenseLinear`).
+
+    A pruned layer whose zeros do not fit the planned format (e.g. a pattern the criterion
+    did not keep) is packed as CSR. With ``check`` and ``example_inputs`` the result is
+    compared with ``model``.
+    """
+    import copy
+
+    from ..bench import best_dense_model
+
+    was_training = model.training
+    model.eval()
+    try:
+        out = copy.deepcopy(model)
+        for lp in plan.layers:
+            module = out.get_submodule(lp.name)
+            if lp.format == "dense" or not bool((module.weight == 0).any()):
+                continue
+            build = SparseConv2d.from_dense if isinstance(module, nn.Conv2d) else SparseLinear.from_dense
+            try:
+                new = build(module, lp.format)
+            except (ValueError, TypeError):
+                new = build(module, "csr")
+            swap(out, lp.name, new)
+        out = best_dense_model(out)  # the layers left dense: on the best dense path
+        out.eval()
+        if check and example_inputs is not None:
+            ref = flatten_tensors(call_model(model, example_inputs))
+            got = flatten_tensors(call_model(out, example_inputs))
+            if len(ref) != len(got) or not all(close(a, b, rtol=1e-2) for a, b in zip(got, ref)):
+                worst = max((max_rel_err(a, b) for a, b in zip(got, ref) if a.shape == b.shape), default=float("inf"))
+                raise RuntimeError(f"the planned sparse model's outputs differ from the pruned model's "
+                                   f"(max relative error {worst:.2e})")
+    finally:
+        model.train(was_training)
+    out.planner_plan = plan
+    return out

@@ -1,0 +1,394 @@
+"""Measured time tables: each prunable layer x pattern x sparsity, on this machine.
+
+For every layer the planner may prune, :func:`time_tables` times, on the
+layer's real input shape (captured with forward hooks from
+``example_inputs``):
+
+* the layer dense on the best dense path (:class:`~sparsert.nn.DenseLinear`,
+  what ``sparsify`` leaves where a Linear stays dense) and in torch eager;
+* for each pattern and each sparsity of a grid, a random weight with a random
+  mask of that pattern at that sparsity, packed in every format
+  :func:`sparsert.convert.candidate_formats` would try for it (the modules
+  ``sparsify`` would build); the fastest format and its time are kept.
+
+All candidates of one layer shape are timed interleaved (rounds), medians.
+Layers of the same shape, bias and input shape share one entry (MiniLM's 36
+Linears are 3 shapes). The whole model is timed on the baseline path too: what
+it spends outside the prunable layers (attention, norms, embeddings) is the
+*remainder*, which no pruning changes.
+
+Entries are cached on disk as JSON under ``$SPARSERT_CACHE_DIR`` (else
+``$XDG_CACHE_HOME/sparsert``, else ``~/.cache/sparsert``), in a file per
+machine key: CPU model, kernel ISA, thread count, sparsert and torch versions.
+Change any of them and the old entries are not used.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops as _ops
+from ..bench import best_dense_model, thread_settings
+from ..convert.plan import candidate_formats
+from ..convert.timing import call_model, call_times
+from ..nn import DenseLinear, SparseConv2d, SparseLinear
+from ..prune.patterns import Pattern, parse_pattern, weight_2d_shape
+
+__all__ = ["DEFAULT_PATTERNS", "DEFAULT_SPARSITIES", "BASELINES", "LayerTimes", "TimeTables", "time_tables",
+           "cache_dir", "machine_key", "random_pattern_weight"]
+
+DEFAULT_PATTERNS = ("unstructured", "4x1", "2:4")
+#: sparsities timed per pattern (N:M patterns have their one sparsity)
+DEFAULT_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+BASELINES = ("best_dense", "torch")
+_CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where the time tables are cached."""
+    root = os.environ.get("SPARSERT_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "sparsert")
+    return Path(root) / "planner"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _isa() -> str:
+    return _ops.cpu_isa() if _ops.cpu_available() else "none"
+
+
+def _sparsert_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def machine_key(threads: int) -> dict:
+    """What a time measured here depends on besides the layer: a change in any part is a cache miss."""
+    return {"cpu": _cpu_model(), "isa": _isa(), "threads": int(threads), "sparsert": _sparsert_version(),
+            "torch": torch.__version__, "cache_version": _CACHE_VERSION}
+
+
+@dataclasses.dataclass
+class LayerTimes:
+    """Median seconds per call of one layer on its real input shape."""
+
+    name: str
+    type: str                    # "Linear" | "Conv2d"
+    shape: tuple                 # the 2-D weight shape (out, in[*kh*kw])
+    input_shape: tuple
+    dense: float                 # on the best dense path (a layer left dense runs here)
+    torch: float                 # torch eager
+    #: {pattern: {sparsity: (seconds, format kind)}} for the fastest format at that point
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def baseline(self, baseline: str) -> float:
+        return self.dense if baseline == "best_dense" else self.torch
+
+
+@dataclasses.dataclass
+class TimeTables:
+    """The per-layer tables plus the whole model on the baseline path."""
+
+    layers: dict                 # name -> LayerTimes
+    baseline: str                # "best_dense" | "torch"
+    model_seconds: float         # the whole model on the baseline path
+    threads: int
+    machine: dict
+    build_seconds: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    @property
+    def layer_seconds(self) -> float:
+        """The prunable layers' summed baseline time."""
+        return sum(t.baseline(self.baseline) for t in self.layers.values())
+
+    @property
+    def remainder(self) -> float:
+        """Time outside the prunable layers (never below 0: isolated layer times can overshoot)."""
+        return max(self.model_seconds - self.layer_seconds, 0.0)
+
+
+def random_pattern_weight(rows: int, cols: int, pattern: "str | Pattern", sparsity: float,
+                          generator: Optional[torch.Generator] = None) -> Tensor:
+    """A random ``rows x cols`` weight whose zeros follow ``pattern`` at ``sparsity``
+    (exactly for blocks, up to edge blocks; N:M ignores ``sparsity``)."""
+    pat = parse_pattern(pattern)
+    g = generator or torch.Generator().manual_seed(0)
+    w = torch.randn(rows, cols, generator=g) / max(cols, 1) ** 0.5
+    score = torch.rand(rows, cols, generator=g)
+    if pat.kind == "nm":
+        return w * pat.nm_mask(score)
+    gs, _ = pat.group_scores(score)
+    keep_groups = max(1, round(gs.numel() * (1.0 - sparsity)))
+    keep = torch.zeros(gs.numel(), dtype=torch.bool)
+    keep[torch.randperm(gs.numel(), generator=g)[:keep_groups]] = True
+    return w * pat.expand(keep.reshape(gs.shape), rows, cols)
+
+
+def _signature(name: str, module: nn.Module, x: Tensor) -> dict:
+    """What a layer's times depend on (with the machine key): type, shape, bias, input shape."""
+    rows, cols = weight_2d_shape(module.weight)
+    sig: dict[str, Any] = {"type": type(module).__name__, "shape": [rows, cols], "bias": module.bias is not None,
+                           "input": list(x.shape), "dtype": str(x.dtype)}
+    if isinstance(module, nn.Conv2d):
+        sig["conv"] = [list(module.kernel_size), list(module.stride), list(module.padding), list(module.dilation),
+                       module.groups, module.padding_mode]
+    return sig
+
+
+def _fresh(module: nn.Module, w2d: Tensor) -> nn.Module:
+    """A plain, hook-free nn.Linear / nn.Conv2d like ``module`` holding ``w2d`` (and a random bias)."""
+    rows, cols = w2d.shape
+    bias = module.bias is not None
+    if isinstance(module, nn.Conv2d):
+        out = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                        module.dilation, module.groups, bias, module.padding_mode)
+    else:
+        out = nn.Linear(cols, rows, bias)
+    out.requires_grad_(False)
+    with torch.no_grad():
+        out.weight.copy_(w2d.reshape(out.weight.shape))
+    return out.eval()
+
+
+def _build(module: nn.Module, kind: str) -> nn.Module:
+    if isinstance(module, nn.Conv2d):
+        return SparseConv2d.from_dense(module, kind)
+    return SparseLinear.from_dense(module, kind)
+
+
+def _points(pattern: Pattern, sparsities: Sequence[float]) -> list:
+    return [round(pattern.fixed_sparsity, 6)] if pattern.kind == "nm" else [float(s) for s in sparsities]
+
+
+@torch.no_grad()
+def _time_layer(module: nn.Module, x: Tensor, patterns: Sequence[Pattern], sparsities: Sequence[float],
+                min_time: float, rounds: int) -> dict:
+    """Times one layer shape: baselines and every (pattern, sparsity, format); returns a cache entry."""
+    rows, cols = weight_2d_shape(module.weight)
+    g = torch.Generator().manual_seed(rows * 131 + cols)
+    dense_w = torch.randn(rows, cols, generator=g) / max(cols, 1) ** 0.5
+    plain = _fresh(module, dense_w)
+    built: dict = {("torch",): plain,
+                   ("dense",): DenseLinear.from_linear(plain) if isinstance(plain, nn.Linear) else plain}
+    for pat in patterns:
+        try:
+            pat.check(rows, cols)
+        except ValueError:
+            continue
+        for s in _points(pat, sparsities):
+            w = random_pattern_weight(rows, cols, pat, s, g)
+            masked = _fresh(module, w)
+            for kind in candidate_formats(w, linear=isinstance(plain, nn.Linear)):
+                if kind == "dense":
+                    continue
+                try:
+                    built[(str(pat), s, kind)] = _build(masked, kind)
+                except (ValueError, TypeError):
+                    continue  # this format cannot hold this weight
+    samples: dict = {k: [] for k in built}
+    for mod in built.values():  # warm-up: first calls allocate and page the weights in
+        mod(x)
+        mod(x)
+    for _ in range(rounds):  # interleaved so drifting load hits every candidate alike
+        for key, mod in built.items():
+            samples[key].extend(call_times(lambda: mod(x), min_time / rounds, 3))
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    options: dict = {}
+    for key, t in med.items():
+        if len(key) != 3:
+            continue
+        pat, s, kind = key
+        best = options.setdefault(pat, {}).get(str(s))
+        if best is None or t < best[0]:
+            options[pat][str(s)] = [t, kind]
+    return {"dense": med[("dense",)], "torch": med[("torch",)], "options": options}
+
+
+class _Cache:
+    def __init__(self, machine: dict, enabled: bool = True):
+        digest = hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = cache_dir() / f"timings-{digest}.json"
+        self.machine = machine
+        self.enabled = enabled
+        self.entries: dict = {}
+        if enabled and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                if data.get("machine") == machine:  # the file name is a hash: check what it stands for
+                    self.entries = dict(data.get("entries", {}))
+            except (OSError, ValueError):
+                self.entries = {}
+        self.dirty = False
+
+    def get(self, key: str):
+        return self.entries.get(key) if self.enabled else None
+
+    def put(self, key: str, value) -> None:
+        self.entries[key] = value
+        self.dirty = True
+
+    def save(self) -> None:
+        if not (self.enabled and self.dirty):
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"machine": self.machine, "entries": self.entries}, indent=0,
+                                      sort_keys=True), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only cache directory costs time next run, not correctness
+        self.dirty = False
+
+
+def _capture(model: nn.Module, names: Sequence[str], example_inputs) -> dict:
+    captured: dict = {}
+    handles = []
+    for name in names:
+        def hook(mod, args, _name=name):
+            if _name not in captured and args and isinstance(args[0], Tensor):
+                captured[_name] = args[0].detach().clone()
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            call_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _model_key(model: nn.Module, names: Sequence[str], example_inputs, baseline: str) -> str:
+    shapes = [(n, list(p.shape)) for n, p in model.named_parameters()]
+    flat = example_inputs.values() if isinstance(example_inputs, dict) else (
+        [example_inputs] if isinstance(example_inputs, Tensor) else example_inputs)
+    ins = [[list(t.shape), str(t.dtype)] for t in flat if isinstance(t, Tensor)]
+    text = json.dumps([type(model).__name__, shapes, sorted(names), ins, baseline])
+    return "model:" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def _time_model(model: nn.Module, example_inputs, min_time: float) -> float:
+    for _ in range(3):
+        call_model(model, example_inputs)
+    times = call_times(lambda: call_model(model, example_inputs), min_time, 10)
+    return statistics.median(times)
+
+
+def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, baseline: str = "best_dense",
+                patterns: Sequence[str] = DEFAULT_PATTERNS, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
+                threads: Optional[int] = None, min_time: float = 0.1, rounds: int = 5,
+                model_min_time: float = 1.0, cache: bool = True, progress: bool = False) -> TimeTables:
+    """Measures (or reads from the cache) the time tables of ``layers`` (module names of
+    ``model``, Linear or Conv2d) on their inputs from ``example_inputs``.
+
+    ``min_time``: seconds spent timing each candidate of a layer shape (over ``rounds``
+    interleaved rounds); ``model_min_time``: seconds timing the whole model.
+    """
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    pats = [parse_pattern(p) for p in patterns]
+    grid = sorted({float(s) for s in sparsities})
+    if any(not 0.0 < s < 1.0 for s in grid):
+        raise ValueError(f"sparsities must be in (0, 1), got {grid}")
+    names = list(layers)
+    start = time.perf_counter()
+    with thread_settings(threads) as n_threads:
+        machine = machine_key(n_threads)
+        store = _Cache(machine, cache)
+        mkey = _model_key(model, names, example_inputs, baseline)
+        # the layers' input shapes for these inputs, remembered so a cached run needs no forward pass
+        shapes = store.get("inputs:" + mkey)
+        captured: dict = {}
+
+        def capture() -> dict:
+            if not captured:
+                captured.update(_capture(model, names, example_inputs))
+                missing = [n for n in names if n not in captured]
+                if missing:
+                    raise ValueError(f"example_inputs do not run these layers, so they cannot be timed: "
+                                     f"{missing[:5]}")
+                store.put("inputs:" + mkey, {n: [list(captured[n].shape), str(captured[n].dtype)] for n in names})
+            return captured
+
+        if shapes is None or any(n not in shapes for n in names):
+            capture()
+        hits = misses = 0
+        out: dict = {}
+        for i, name in enumerate(names):
+            module = model.get_submodule(name)
+            if captured:
+                x = captured[name]
+            else:  # a stand-in with the remembered shape and dtype (only its shape is read unless timed)
+                shape, dtype = shapes[name]
+                x = torch.empty(shape, dtype=getattr(torch, dtype.replace("torch.", "")), device="meta")
+            sig = _signature(name, module, x)
+            rows, cols = sig["shape"]
+            entry = {}
+            base_key = json.dumps({"layer": sig}, sort_keys=True)
+            base = store.get(base_key)
+            if base is None:
+                misses += 1
+                x = capture()[name]
+                timed = _time_layer(module, x, pats, grid, min_time, rounds)
+                base = {"dense": timed["dense"], "torch": timed["torch"]}
+                store.put(base_key, base)
+                for p, pts in timed["options"].items():
+                    store.put(json.dumps({"layer": sig, "pattern": p}, sort_keys=True), pts)
+            else:
+                hits += 1
+            for pat in pats:
+                pkey = json.dumps({"layer": sig, "pattern": str(pat)}, sort_keys=True)
+                pts = store.get(pkey)
+                want = [str(s) for s in _points(pat, grid)]
+                try:
+                    pat.check(rows, cols)
+                except ValueError:
+                    continue
+                if pts is None or any(s not in pts for s in want):
+                    misses += 1
+                    x = capture()[name]
+                    timed = _time_layer(module, x, [pat], grid, min_time, rounds)
+                    pts = {**(pts or {}), **timed["options"].get(str(pat), {})}
+                    store.put(pkey, pts)
+                entry[str(pat)] = {float(s): (float(pts[s][0]), str(pts[s][1])) for s in want if s in pts}
+            out[name] = LayerTimes(name, sig["type"], (rows, cols), tuple(x.shape), float(base["dense"]),
+                                   float(base["torch"]), entry)
+            if progress:
+                print(f"[planner] timed {i + 1}/{len(names)} {name}", flush=True)
+        model_s = store.get(mkey)
+        if model_s is None:
+            misses += 1
+            base_model = best_dense_model(model) if baseline == "best_dense" else copy.deepcopy(model)
+            model_s = _time_model(base_model.eval(), example_inputs, model_min_time)
+            store.put(mkey, model_s)
+        else:
+            hits += 1
+        store.save()
+    return TimeTables(out, baseline, float(model_s), n_threads, machine, time.perf_counter() - start, hits, misses)

@@ -1,0 +1,310 @@
+"""The latency-budget planner: solver optimality, time-table cache, targets, plan, end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import sparsert
+from sparsert.planner import tables as T
+from sparsert.planner.plan import build_plan
+from sparsert.planner.solver import Option, solve
+from sparsert.prune import Pruner as KernelFreePruner
+from sparsert.prune.allocation import SensitivityTable
+
+TINY_TIMING = dict(min_time=0.002, rounds=1, model_min_time=0.01)
+
+
+# ---------------------------------------------------------------- solver
+
+
+def _brute(options, budget):
+    best = None
+    for combo in itertools.product(*[range(len(o)) for o in options]):
+        t = sum(options[i][j].seconds for i, j in enumerate(combo))
+        if t <= budget + 1e-9:
+            loss = sum(options[i][j].loss for i, j in enumerate(combo))
+            if best is None or loss < best - 1e-12:
+                best = loss
+    return best
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_solver_finds_the_exact_optimum_on_integer_times(seed):
+    rng = random.Random(seed)
+    layers = rng.randint(1, 5)
+    options = [[Option(float(rng.randint(0, 9)), rng.random()) for _ in range(rng.randint(1, 4))]
+               for _ in range(layers)]
+    fastest = sum(min(o.seconds for o in opts) for opts in options)
+    budget = float(fastest + rng.randint(0, 12))
+    sol = solve(options, budget, quantum=1.0)
+    assert sol.loss == pytest.approx(_brute(options, budget), abs=1e-12)
+    assert sol.seconds <= budget + 1e-9
+    assert sol.loss == pytest.approx(sum(options[i][j].loss for i, j in enumerate(sol.choice)))
+
+
+def test_solver_respects_the_budget_with_fractional_times():
+    rng = random.Random(7)
+    options = [[Option(rng.uniform(0.1, 1.0), rng.random()) for _ in range(5)] for _ in range(8)]
+    budget = sum(sorted(o.seconds for o in opts)[2] for opts in options)
+    sol = solve(options, budget, bins=500)
+    assert sol.seconds <= budget
+    # quantising up can only cost optimality, never feasibility; it is close to the exact optimum
+    assert sol.loss >= _brute(options, budget) - 1e-12
+
+
+def test_solver_frontier_is_monotone_and_ends_at_the_least_loss():
+    options = [[Option(3, 0.0), Option(1, 0.5)], [Option(4, 0.0), Option(2, 0.3), Option(1, 0.9)]]
+    sol = solve(options, 4.0, quantum=1.0)
+    assert sol.choice == [1, 1] and sol.loss == pytest.approx(0.8)  # 1 + 2 s beats 3 + 1 s (0.9)
+    secs = [s for s, _ in sol.frontier]
+    losses = [l for _, l in sol.frontier]
+    assert secs == sorted(secs) and losses == sorted(losses, reverse=True)
+    assert losses[-1] == 0.0 and secs[-1] == 7.0  # everything dense: 3 + 4
+
+
+def test_solver_rejects_an_impossible_budget():
+    with pytest.raises(ValueError, match="fastest choice takes 3"):
+        solve([[Option(2, 0)], [Option(1, 0)]], 2.5, quantum=0.5)
+
+
+# ---------------------------------------------------------------- synthetic tables -> plan
+
+
+def _tables(baseline_total=10.0, dense=(3.0, 3.0), sparse=None):
+    layers = {}
+    for i, d in enumerate(dense):
+        opts = sparse[i] if sparse else {"unstructured": {0.5: (d / 2, "csr"), 0.9: (d / 5, "csr")}}
+        layers[f"l{i}"] = T.LayerTimes(f"l{i}", "Linear", (4, 4), (1, 4), d, d * 1.5, opts)
+    return T.TimeTables(layers, "best_dense", baseline_total, 1, {})
+
+
+def _sens(names, errs):
+    return {"unstructured": SensitivityTable([0.5, 0.9], {n: list(e) for n, e in zip(names, errs)},
+                                             {n: 16 for n in names})}
+
+
+def test_plan_picks_the_cheap_layer_and_reports_it():
+    tables = _tables()  # remainder 4, layers 3 + 3
+    sens = _sens(["l0", "l1"], [(0.1, 0.5), (0.01, 0.05)])  # l1 is nearly free to prune
+    plan = build_plan(tables, sens, 10 / 8.5, bins=1000)  # budget 8.5: 1.5 s to save
+    assert plan["l1"].pattern == "unstructured" and plan["l1"].format == "csr"
+    assert plan["l0"].pattern is None and plan["l0"].format == "dense"
+    assert plan.predicted_speedup >= plan.target
+    text = plan.table()
+    for word in ("l0", "l1", "unstructured", "dense", "csr", "predicted end to end", "best reachable"):
+        assert word in text
+    assert plan.overrides()["l0"] == {"exclude": True}
+    assert plan.overrides()["l1"]["pattern"] == "unstructured"
+    assert plan.best_speedup == pytest.approx(10 / (4 + 0.6 + 0.6))
+
+
+@pytest.mark.parametrize("target, match", [(1.0, "greater than 1"), (0.5, "greater than 1"),
+                                           (5.0, "not reachable.*1.92x"), (float("nan"), "finite number"),
+                                           ("2", "finite number"), (True, "finite number")])
+def test_bad_targets_say_the_best_reachable_speedup(target, match):
+    with pytest.raises(ValueError, match=match):
+        build_plan(_tables(), _sens(["l0", "l1"], [(0.1, 0.5), (0.1, 0.5)]), target)
+    if isinstance(target, float) and math.isfinite(target):
+        with pytest.raises(ValueError, match="1.92x"):
+            build_plan(_tables(), _sens(["l0", "l1"], [(0.1, 0.5), (0.1, 0.5)]), target)
+
+
+def test_plan_plot_writes_an_image(tmp_path):
+    pytest.importorskip("matplotlib")
+    plan = build_plan(_tables(), _sens(["l0", "l1"], [(0.1, 0.5), (0.01, 0.05)]), 1.5)
+    path = tmp_path / "frontier.png"
+    plan.plot(str(path))
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- real tables and the cache
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_tables_are_cached_and_invalidated_by_cpu_and_version(cache, monkeypatch):
+    model, x = _mlp(), torch.randn(4, 32)
+    names = ["0", "2", "4"]
+    first = T.time_tables(model, names, x, threads=1, **TINY_TIMING)
+    assert first.cache_misses > 0 and first.cache_hits == 0
+    files = list((cache / "planner").glob("timings-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["machine"]["threads"] == 1
+    with monkeypatch.context() as mp:  # a cached run needs no forward pass: the input shapes are cached too
+        mp.setattr(T, "_capture", lambda *a: pytest.fail("the model was run on a fully cached table"))
+        again = T.time_tables(model, names, x, threads=1, **TINY_TIMING)
+    assert again.cache_misses == 0 and again.cache_hits == 4  # 3 layers + the whole model
+    assert again.layers["2"].dense == first.layers["2"].dense  # read back, not re-timed
+
+    monkeypatch.setattr(T, "_cpu_model", lambda: "Another CPU 9000")
+    other_cpu = T.time_tables(model, names, x, threads=1, **TINY_TIMING)
+    assert other_cpu.cache_hits == 0 and other_cpu.cache_misses > 0
+    monkeypatch.undo()
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(cache))
+    monkeypatch.setattr(T, "_sparsert_version", lambda: "99.0")
+    assert T.time_tables(model, names, x, threads=1, **TINY_TIMING).cache_hits == 0
+    monkeypatch.setattr(T, "_sparsert_version", lambda: sparsert.__version__)
+    assert T.time_tables(model, names, x, threads=1, **TINY_TIMING).cache_misses == 0
+    # another token count is another layer input shape: timed anew
+    assert T.time_tables(model, names, torch.randn(9, 32), threads=1, **TINY_TIMING).cache_hits == 0
+
+
+def test_tables_hold_every_pattern_and_sparsity_with_a_format(cache):
+    model, x = _mlp(), torch.randn(4, 32)
+    tab = T.time_tables(model, ["0", "2"], x, threads=1, patterns=("unstructured", "4x1", "2:4"),
+                        sparsities=(0.5, 0.9), **TINY_TIMING)
+    lt = tab.layers["2"]
+    assert lt.input_shape == (4, 64) and lt.shape == (32, 64)
+    assert set(lt.options) == {"unstructured", "4x1", "2:4"}
+    assert set(lt.options["unstructured"]) == {0.5, 0.9} and set(lt.options["2:4"]) == {0.5}
+    assert all(t > 0 and isinstance(k, str) for pts in lt.options.values() for t, k in pts.values())
+    assert lt.options["4x1"][0.9][1] in ("bsr4x1", "csr", "bitmask16")
+    assert tab.model_seconds > 0 and tab.remainder >= 0
+
+
+def test_random_pattern_weight_follows_the_pattern():
+    from sparsert.prune import parse_pattern
+
+    w = T.random_pattern_weight(16, 32, "4x1", 0.75)
+    assert parse_pattern("4x1").conforms(w != 0)
+    assert float((w == 0).float().mean()) == pytest.approx(0.75, abs=0.02)
+    assert parse_pattern("2:4").conforms(T.random_pattern_weight(8, 16, "2:4", 0.9) != 0)
+
+
+# ---------------------------------------------------------------- the Pruner
+
+
+def test_sparsity_usage_is_unchanged():
+    m = _mlp()
+    p = sparsert.Pruner(m, "magnitude", "unstructured", 0.5)
+    assert isinstance(p, KernelFreePruner) and p.plan is None
+    p.step()
+    assert float((m[2].weight == 0).float().mean()) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="target_speedup"):
+        sparsert.Pruner(_mlp(), sparsity=0.5, example_inputs=torch.randn(2, 32))
+
+
+def test_pruner_rejects_bad_arguments_before_timing(cache):
+    x = torch.randn(4, 32)
+    for kwargs, match in [(dict(target_speedup=2, sparsity=0.5), "not both"),
+                          (dict(target_speedup=2), "example_inputs"),
+                          (dict(target_speedup="fast", example_inputs=x), "finite number"),
+                          (dict(target_speedup=2, example_inputs=x, baseline="onnx"), "baseline"),
+                          (dict(target_speedup=2, example_inputs=x, scope="global"), "global")]:
+        with pytest.raises(ValueError, match=match):
+            sparsert.Pruner(_mlp(), **kwargs)
+    assert not (cache / "planner").exists()  # nothing was timed
+
+
+def test_pruner_unreachable_target_says_the_best(cache):
+    with pytest.raises(ValueError, match=r"not reachable: the best reachable speedup for this model is \d+\.\d\dx"):
+        sparsert.Pruner(_mlp(), target_speedup=1e6, example_inputs=torch.randn(4, 32), threads=1,
+                        timing=TINY_TIMING)
+
+
+def test_tiny_model_end_to_end(cache, tmp_path):
+    from sparsert.nn import DenseLinear, SparseLinear
+
+    model, x = _mlp(), torch.randn(4, 32)
+    dense = [p.detach().clone() for p in model.parameters()]
+    pruner = sparsert.Pruner(model, "wanda", target_speedup=1.05, example_inputs=x, threads=1,
+                             sparsities=(0.5, 0.9), timing=TINY_TIMING)
+    pruner.calibrate([torch.randn(8, 32) for _ in range(2)])
+    plan = pruner.plan
+    best = plan.best_speedup
+    assert 1.05 <= best and plan.pruned  # beating the best dense path needs at least one sparse layer
+    assert plan.predicted_speedup >= 1.05 * (1 - 1e-9)
+    assert pruner.sensitivity_tables is not None and set(pruner.sensitivity_tables) == {"unstructured", "4x1",
+                                                                                        "2:4"}
+    reuse = sparsert.Pruner(_mlp(), "wanda", target_speedup=1.05, example_inputs=x, threads=1, sparsities=(0.5, 0.9),
+                            timing=TINY_TIMING, sensitivity=pruner.sensitivity_tables)
+    assert [(l.pattern, l.sparsity) for l in reuse.plan.layers] == [(l.pattern, l.sparsity) for l in plan.layers]
+    pruner.step()
+    for lp in plan.layers:
+        w = model.get_submodule(lp.name).weight
+        if lp.pattern is None:
+            assert not bool((w == 0).any())
+        else:
+            assert float((w == 0).float().mean()) == pytest.approx(lp.sparsity, abs=0.07)
+            from sparsert.prune import parse_pattern
+
+            assert parse_pattern(lp.pattern).conforms(w != 0)
+    fast = pruner.sparsify()
+    for lp in plan.layers:
+        mod = fast.get_submodule(lp.name)
+        assert isinstance(mod, SparseLinear if lp.pattern else DenseLinear)
+        if lp.pattern:
+            assert mod.format == lp.format
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(dense, model.parameters()))
+    path = tmp_path / "m.sparsert"
+    sparsert.save(fast, path)
+    assert path.is_file()
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def _cli(*args, cache):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "SPARSERT_CACHE_DIR": str(cache)}
+    env.pop("SPARSERT_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "sparsert", *map(str, args)], capture_output=True, text=True,
+                          cwd=root, env=env, timeout=900)
+
+
+def test_cli_prune_to_a_target_speedup(tmp_path, cache):
+    out = tmp_path / "mlp.sparsert"
+    r = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--json", "-o", out, cache=cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(r.stdout)
+    assert data["target"] == 1.2 and data["baseline"] == "best_dense"
+    assert data["predicted_speedup"] >= 1.2 * (1 - 1e-9)
+    assert data["measured_speedup"] > 0 and "accuracy" in data["quality"]
+    assert any(l["pattern"] for l in data["plan"]["layers"]) and out.is_file()
+    again = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--sparsity", "0.5", "-o", out,
+                 cache=cache)
+    assert again.returncode == 1 and "drop --sparsity" in again.stderr
+    far = _cli("prune", "digits-mlp", "--target-speedup", "1000", "--threads", "1", "-o", out, cache=cache)
+    assert far.returncode == 1 and "best reachable speedup" in far.stderr and "Traceback" not in far.stderr
+
+
+def test_demo_plans_for_a_speedup(tmp_path, cache):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "SPARSERT_CACHE_DIR": str(cache)}
+    r = subprocess.run([sys.executable, "-m", "sparsert.demo", "--model", "digits-mlp", "--target-speedup", "1.2",
+                        "--threads", "1", "--shape", "64x1x8x8", "--out", str(tmp_path)], capture_output=True,
+                       text=True, cwd=root, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for row in ("latency, torch eager", "latency, best dense path", "latency, sparse (planned)", "quality kept",
+                "file size", "predicted end to end", "next:"):
+        assert row in r.stdout, row
+    assert (tmp_path / "digits-mlp.sparsert").is_file()
