@@ -35,6 +35,7 @@ no gradient (see :mod:`sparsert.ops.schema`).
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -389,8 +390,10 @@ class Int8DenseLinear(nn.Linear):
         if cached is None or cached[0] != key:
             w32 = w.detach().to(torch.float32)
             scales = (w32.abs().amax(1) / 127).clamp_min(1e-12).to(torch.float64)
-            qw = torch.quantize_per_channel(w32, scales, torch.zeros(w32.shape[0], dtype=torch.int64), 0,
-                                            torch.qint8)
+            with warnings.catch_warnings():  # torch 2.13 marks quantized tensors deprecated; the op still runs
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+                qw = torch.quantize_per_channel(w32, scales, torch.zeros(w32.shape[0], dtype=torch.int64), 0,
+                                                torch.qint8)
             bias = None if b is None else b.detach().to(torch.float32)
             cached = (key, torch.ops.quantized.linear_prepack(qw, bias))
             self.__dict__["_int8_cache"] = cached
