@@ -5,8 +5,6 @@ files and the int8 dense layer."""
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 
@@ -232,3 +230,63 @@ def test_int8_dense_linear_close_to_float():
     assert float((y - ref).abs().max() / ref.abs().max()) < 0.03
     assert layer.precision == "int8"
     assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+def _block_pruned_mlp():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32),
+                                torch.nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            w = layer.weight.reshape(layer.out_features, -1, 4)
+            keep = torch.rand(w.shape[0], w.shape[1], 1) > 0.7
+            layer.weight.copy_((w * keep).reshape(layer.weight.shape))
+    return model
+
+
+def test_sparsify_int8_every_linear_int8():
+    model = _block_pruned_mlp()
+    x = torch.randn(16, 64)
+    sparse = sparsert.sparsify(model, format="q8bsr1x4", precision="int8", example_inputs=(x,), min_time=0.005,
+                               rounds=1)
+    assert [m.precision for m in (sparse[0], sparse[2], sparse[3])] == ["int8"] * 3
+    assert sparse[0].format == sparse[2].format == "q8bsr1x4"
+    assert isinstance(sparse[3], Int8DenseLinear)  # unpruned: int8 dense
+    with torch.no_grad():
+        ref = model(x)
+        assert float((sparse(x) - ref).abs().max() / ref.abs().max()) < 0.05
+    auto = sparsert.sparsify(model, precision="int8", example_inputs=(x,), min_time=0.005, rounds=1)
+    for name in ("0", "2", "3"):
+        layer = auto.get_submodule(name)
+        assert layer.precision == "int8" and isinstance(layer, (SparseLinear, Int8DenseLinear))
+    assert set(auto.sparsity_plan["0"].candidates) == {"dense", "q8bsr1x4"}
+
+
+def test_sparsify_precision_arguments():
+    model = _block_pruned_mlp()
+    with pytest.raises(ValueError, match="precision must be"):
+        sparsert.sparsify(model, precision="int4")
+    with pytest.raises(ValueError, match="q8bsr1x4"):
+        sparsert.sparsify(model, format="csr", precision="int8")
+
+
+def test_cli_sparsify_int8_and_inspect_precision(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "sparsert", *map(str, args)], capture_output=True, text=True,
+                              timeout=600)
+    r = cli("prune", "digits-mlp", "--sparsity", "0.5", "-o", tmp_path / "p.sparsert")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "q.sparsert"
+    r = cli("sparsify", tmp_path / "p.sparsert", "--precision", "int8", "--format", "q8bsr1x4", "--threads", "1",
+            "-o", out)
+    assert r.returncode == 0, r.stderr
+    r = cli("inspect", out, "--json")
+    assert r.returncode == 0, r.stderr
+    layers = json.loads(r.stdout)["layers"]
+    assert layers and all(l["precision"] == "int8" and l["kind"] == "q8bsr1x4" for l in layers)
+    r = cli("inspect", out)
+    assert "precision" in r.stdout and "int8" in r.stdout
