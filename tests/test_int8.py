@@ -112,19 +112,21 @@ def test_torch_default_matches_reference():
         torch.testing.assert_close(torch_y, ref, rtol=2e-7, atol=1e-7)
 
 
-def test_quantizer_matches_torch_rule():
-    gen = torch.Generator().manual_seed(11)
-    cols = 37
-    x = torch.randn(6, cols, generator=gen) * 10
+@pytest.mark.parametrize("isa", ["scalar", ""])  # "": the best this CPU runs (AVX2 here)
+@pytest.mark.parametrize("cols", [1, 37, 100])
+def test_quantizer_matches_torch_rule(isa, cols):
+    gen = torch.Generator().manual_seed(11 + cols)
+    x = torch.randn(7, cols, generator=gen) * 10
     x[1] = 0  # all zero: scale 0
-    x[2, 5] = float("nan")
-    x[3, 0] = float("inf")
+    x[2, cols // 2] = float("nan")
+    x[3, cols - 1] = float("-inf")
     x[4, :] = 0.5  # ties of round-half-even: 0.5 * 254 = 127 exactly
     x[5, ::2] = -x[5, ::2].abs().max()
-    stride = 40
-    q = torch.full((6, stride), 99, dtype=torch.int8)
-    scales = torch.empty(6)
-    native().quantize_rows_s8(x.data_ptr(), 6, cols, cols, q.data_ptr(), stride, scales.data_ptr())
+    x[6] = (torch.arange(cols) - cols / 2) / (cols / 2) * 2.0 + 1 / 254  # many exact .5 ties after scaling
+    stride = (cols + 31) // 32 * 32 + 32
+    q = torch.full((7, stride), 99, dtype=torch.int8)
+    scales = torch.empty(7)
+    native().quantize_rows_s8(x.data_ptr(), 7, cols, cols, q.data_ptr(), stride, scales.data_ptr(), isa)
     q_ref, s_ref = quantize_tokens(x)
     assert torch.equal(q[:, :cols], q_ref)
     assert bool((q[:, cols:] == 0).all())

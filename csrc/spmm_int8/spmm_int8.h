@@ -57,7 +57,7 @@ struct Int8BlockMatrix {
 struct Int8Activations {
   const int8_t* xq = nullptr;
   int64_t xq_stride = 0;  // a multiple of 4, >= block_col_count() * 4
-  const float* x_scales = nullptr;
+  const float* x_scales = nullptr;  // tokens rounded up to 32 entries (zero past tokens)
   int64_t tokens = 0;
 };
 
@@ -92,9 +92,10 @@ const Int8KernelInfo* select_int8_kernel(int64_t tokens, const std::string& isa)
 //   q[t, k] = clamp(nearbyint(x[t, k] * (127 / amax)), -127, 127)
 // (round half to even); amax == 0 gives scale 0 and q = 0; a token with a
 // NaN or infinity gets scale NaN (its outputs are NaN) and q = 0.
-// Writes q[t * q_stride + k] for k < q_stride (zeros past cols).
+// Writes q[t * q_stride + k] for k < q_stride (zeros past cols). Every ISA's
+// version gives the same bytes; `isa` picks one ("": the best this CPU runs).
 void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
-                      int64_t q_stride, float* scales, int num_threads);
+                      int64_t q_stride, float* scales, int num_threads, const std::string& isa = "");
 
 // Quantises x (tokens x cols, fp32) and runs `kernel` (nullptr: select):
 // the whole int8 Linear. Returns the kernel used.

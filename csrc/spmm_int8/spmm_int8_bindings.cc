@@ -77,15 +77,15 @@ void bind_spmm_int8(py::module_& m) {
     return k ? k->name : std::string();
   }, py::arg("tokens"), py::arg("isa") = "");
   m.def("quantize_rows_s8", [](uintptr_t x, int64_t tokens, int64_t cols, int64_t x_row_stride, uintptr_t q,
-                               int64_t q_stride, uintptr_t scales) {
+                               int64_t q_stride, uintptr_t scales, const std::string& isa) {
     sparsert::size_in_range("tokens", tokens, 0, INT64_MAX / 2);
     sparsert::size_in_range("cols", cols, 0, INT64_MAX / 2);
     if (tokens > 0 && (x_row_stride < cols || q_stride < cols)) throw std::invalid_argument("bad row strides");
     py::gil_scoped_release release;
     sparsert::quantize_rows_s8(ptr<const float>(x), tokens, cols, x_row_stride, ptr<int8_t>(q), q_stride,
-                               ptr<float>(scales), 1);
+                               ptr<float>(scales), 1, isa);
   }, py::arg("x"), py::arg("tokens"), py::arg("cols"), py::arg("x_row_stride"), py::arg("q"), py::arg("q_stride"),
-     py::arg("scales"), "The kernels' per-token s8 quantisation of x (raw addresses), for tests.");
+     py::arg("scales"), py::arg("isa") = "", "The kernels' per-token s8 quantisation of x (raw addresses), for tests.");
   m.def("spmm_int8", &spmm_int8, py::arg("rows"), py::arg("cols"), py::arg("row_ptr"), py::arg("row_ptr_len"),
         py::arg("col_idx"), py::arg("col_len"), py::arg("index_bits"), py::arg("values"), py::arg("values_len"),
         py::arg("scales"), py::arg("x"), py::arg("tokens"), py::arg("x_row_stride"), py::arg("y"),

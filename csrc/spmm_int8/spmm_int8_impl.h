@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "common/scratch.h"
@@ -138,6 +139,73 @@ static void spmv_kernel(const Int8BlockMatrix& w, const Int8Activations& x, cons
   if (w.index_bits == 16) spmv_typed<uint16_t>(w, x, o); else spmv_typed<int32_t>(w, x, o);
 }
 
+// One token of quantize_rows_s8 (spmm_int8.h): q[0, q_stride) and its scale.
+static void quantize_row(const float* xr, int64_t cols, int8_t* qr, int64_t q_stride, float* scale) {
+  float amax = 0.0f;
+  bool finite = true;
+  int64_t k = 0;
+#if defined(SPARSERT_INT8_AVX2)
+  {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 big = _mm256_set1_ps(std::numeric_limits<float>::max());
+    __m256 m = _mm256_setzero_ps();
+    __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (; k + 8 <= cols; k += 8) {
+      const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xr + k), abs_mask);
+      ok = _mm256_and_ps(ok, _mm256_cmp_ps(a, big, _CMP_LE_OQ));  // false for NaN and infinity
+      m = _mm256_max_ps(m, a);
+    }
+    finite = _mm256_movemask_ps(ok) == 0xFF;
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m);
+    for (float v : lanes) amax = v > amax ? v : amax;
+  }
+#endif
+  for (; k < cols; ++k) {
+    const float a = std::fabs(xr[k]);
+    finite &= a <= std::numeric_limits<float>::max();
+    amax = a > amax ? a : amax;
+  }
+  std::memset(qr, 0, static_cast<size_t>(q_stride));
+  if (!finite) {
+    *scale = std::nanf("");
+    return;
+  }
+  *scale = amax / 127.0f;
+  if (amax == 0.0f) return;
+  const float inv = 127.0f / amax;
+  k = 0;
+#if defined(SPARSERT_INT8_AVX2)
+  {
+    // clamp, then round to nearest even (cvtps2dq under the default rounding mode): the
+    // bounds are integers, so this equals rounding first and clamping after
+    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f), vinv = _mm256_set1_ps(inv);
+    auto q8 = [&](int64_t at) {
+      return _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xr + at), vinv))));
+    };
+    for (; k + 32 <= cols; k += 32) {
+      const __m256i a = _mm256_packs_epi32(q8(k), q8(k + 8)), b = _mm256_packs_epi32(q8(k + 16), q8(k + 24));
+      const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b),
+                                                         _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), packed);
+    }
+  }
+#endif
+  for (; k < cols; ++k) {
+    const float r = std::nearbyint(std::min(127.0f, std::max(-127.0f, xr[k] * inv)));
+    qr[k] = static_cast<int8_t>(r);
+  }
+}
+
+static void quantize_rows(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
+                          int64_t q_stride, float* scales, int num_threads) {
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, tokens / 4)));
+  parallel_run(threads, [&](int tid, int parts) {
+    for (int64_t t = tid; t < tokens; t += parts)
+      quantize_row(x + t * x_row_stride, cols, q + t * q_stride, q_stride, scales + t);
+  });
+}
+
 // Packs tokens [t0, t0 + valid) into xp[kb * P + t] (32-bit lanes; zero for t >= valid).
 template <int P>
 static void pack_panel(const Int8Activations& x, int64_t blocks, int64_t t0, int64_t valid, int32_t* xp) {
@@ -147,15 +215,24 @@ static void pack_panel(const Int8Activations& x, int64_t blocks, int64_t t0, int
   }
 }
 
-// Rows [r0, r1) against one panel of P = 8 * NV tokens.
+constexpr int kTileRows = 64;  // rows whose outputs are transposed through one L1 tile
+
+// Rows [r0, r1) against one panel of P = 8 * NV tokens. Outputs go through a
+// tile (kTileRows rows x P tokens, in L1) so that y is written a token row at
+// a time rather than one float per (row, token) at a stride of y_row_stride.
 template <int NV, typename Index>
 static void spmm_panel_rows(const Int8BlockMatrix& w, const Index* ci, const int32_t* xp, const Int8Activations& x,
                             const Int8Output& o, int64_t t0, int64_t valid, int64_t r0, int64_t r1) {
   constexpr int P = 8 * NV;
   const bool relu = o.epilogue == Epilogue::kRelu;
-  alignas(32) int32_t sums[P];
-  for (int64_t n = r0; n < r1; ++n) {
+  alignas(32) float tile[kTileRows * P];
+  for (int64_t rb = r0; rb < r1; rb += kTileRows) {
+  const int nr = static_cast<int>(std::min<int64_t>(kTileRows, r1 - rb));
+  for (int i = 0; i < nr; ++i) {
+    const int64_t n = rb + i;
     const int64_t e = w.row_ptr[n + 1];
+    const float ws = w.scales[n];
+    const float bias = o.bias ? o.bias[n] : 0.0f;
 #if defined(SPARSERT_INT8_AVX2)
     __m256i acc[NV];
     for (int u = 0; u < NV; ++u) acc[u] = _mm256_setzero_si256();
@@ -166,8 +243,16 @@ static void spmm_panel_rows(const Int8BlockMatrix& w, const Index* ci, const int
       for (int u = 0; u < NV; ++u)
         acc[u] = dot4(acc[u], wa, wb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 8 * u)));
     }
-    for (int u = 0; u < NV; ++u) _mm256_store_si256(reinterpret_cast<__m256i*>(sums + 8 * u), acc[u]);
+    // the dequantisation of spmm_int8.h, 8 tokens at a time (same roundings: a product, then one fma;
+    // max(0, v) keeps NaN and -0.0 as the scalar relu does)
+    for (int u = 0; u < NV; ++u) {
+      const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(x.x_scales + t0 + 8 * u), _mm256_set1_ps(ws));
+      __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[u]), scale, _mm256_set1_ps(bias));
+      if (relu) v = _mm256_max_ps(_mm256_setzero_ps(), v);
+      _mm256_store_ps(tile + i * P + 8 * u, v);
+    }
 #else
+    int32_t sums[P];
     for (int t = 0; t < P; ++t) sums[t] = 0;
     for (int64_t b = w.row_ptr[n]; b < e; ++b) {
       const int8_t* wp = w.values + 4 * b;
@@ -176,11 +261,13 @@ static void spmm_panel_rows(const Int8BlockMatrix& w, const Index* ci, const int
       for (int t = 0; t < P; ++t)
         sums[t] += w0 * xr[4 * t] + w1 * xr[4 * t + 1] + w2 * xr[4 * t + 2] + w3 * xr[4 * t + 3];
     }
+    for (int t = 0; t < P; ++t) tile[i * P + t] = dequantize(sums[t], x.x_scales[t0 + t] * ws, bias, relu);
 #endif
-    const float ws = w.scales[n];
-    const float bias = o.bias ? o.bias[n] : 0.0f;
-    for (int64_t t = 0; t < valid; ++t)
-      o.y[(t0 + t) * o.y_row_stride + n] = dequantize(sums[t], x.x_scales[t0 + t] * ws, bias, relu);
+  }
+  for (int64_t t = 0; t < valid; ++t) {
+    float* yr = o.y + (t0 + t) * o.y_row_stride + rb;
+    for (int i = 0; i < nr; ++i) yr[i] = tile[i * P + t];
+  }
   }
 }
 
@@ -231,6 +318,11 @@ static void spmm_kernel(const Int8BlockMatrix& w, const Int8Activations& x, cons
 
 namespace sparsert {
 namespace SPARSERT_ISA {
+
+void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
+                             int64_t q_stride, float* scales, int num_threads) {
+  q8::quantize_rows(x, tokens, cols, x_row_stride, q, q_stride, scales, num_threads);
+}
 
 template <int NVMAX>
 void add_int8_kernels(std::vector<Int8KernelInfo>& out) {

@@ -15,9 +15,17 @@
 namespace sparsert {
 
 namespace reference { void register_int8_kernels(std::vector<Int8KernelInfo>& out); }
-namespace scalar { void register_int8_kernels(std::vector<Int8KernelInfo>& out); }
+namespace scalar {
+void register_int8_kernels(std::vector<Int8KernelInfo>& out);
+void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
+                      int64_t q_stride, float* scales, int num_threads);
+}
 #if SPARSERT_HAVE_X86_KERNELS
-namespace avx2 { void register_int8_kernels(std::vector<Int8KernelInfo>& out); }
+namespace avx2 {
+void register_int8_kernels(std::vector<Int8KernelInfo>& out);
+void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
+                      int64_t q_stride, float* scales, int num_threads);
+}
 #endif
 
 const std::vector<Int8KernelInfo>& int8_kernel_registry() {
@@ -50,33 +58,13 @@ const Int8KernelInfo* select_int8_kernel(int64_t tokens, const std::string& isa)
 }
 
 void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
-                      int64_t q_stride, float* scales, int num_threads) {
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, tokens / 4)));
-  parallel_run(threads, [&](int tid, int parts) {
-    for (int64_t t = tid; t < tokens; t += parts) {
-      const float* xr = x + t * x_row_stride;
-      int8_t* qr = q + t * q_stride;
-      float amax = 0.0f;
-      bool finite = true;
-      for (int64_t k = 0; k < cols; ++k) {
-        const float a = std::fabs(xr[k]);
-        finite &= a <= std::numeric_limits<float>::max();  // false for NaN and infinity
-        amax = a > amax ? a : amax;
-      }
-      std::memset(qr, 0, static_cast<size_t>(q_stride));
-      if (!finite) {
-        scales[t] = std::nanf("");
-        continue;
-      }
-      scales[t] = amax / 127.0f;
-      if (amax == 0.0f) continue;
-      const float inv = 127.0f / amax;
-      for (int64_t k = 0; k < cols; ++k) {
-        const float r = std::nearbyint(xr[k] * inv);
-        qr[k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
-      }
-    }
-  });
+                      int64_t q_stride, float* scales, int num_threads, const std::string& isa) {
+  const std::string use = isa.empty() ? best_isa() : isa;
+#if SPARSERT_HAVE_X86_KERNELS
+  if ((use == "avx2" || use == "avx512") && isa_supported("avx2"))
+    return avx2::quantize_rows_s8(x, tokens, cols, x_row_stride, q, q_stride, scales, num_threads);
+#endif
+  scalar::quantize_rows_s8(x, tokens, cols, x_row_stride, q, q_stride, scales, num_threads);
 }
 
 const Int8KernelInfo* int8_linear(const Int8BlockMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,
@@ -87,8 +75,12 @@ const Int8KernelInfo* int8_linear(const Int8BlockMatrix& w, const float* x, int6
   const int64_t stride = (w.block_col_count() * kInt8BlockCols + 31) / 32 * 32;
   static thread_local Scratch q_scratch, scale_scratch;
   int8_t* xq = reinterpret_cast<int8_t*>(q_scratch.get(static_cast<size_t>((tokens * stride + 3) / 4)));
-  float* scales = scale_scratch.get(static_cast<size_t>(tokens));
-  quantize_rows_s8(x, tokens, w.cols, x_row_stride, xq, stride, scales, out.num_threads);
+  // scales of whole 32-token panels (the spmm kernels load 8 at a time), zero past the tokens
+  const int64_t padded_tokens = (tokens + 31) / 32 * 32;
+  float* scales = scale_scratch.get(static_cast<size_t>(padded_tokens));
+  std::fill(scales + tokens, scales + padded_tokens, 0.0f);
+  quantize_rows_s8(x, tokens, w.cols, x_row_stride, xq, stride, scales, out.num_threads,
+                   kernel->isa == "reference" ? "scalar" : kernel->isa);
   Int8Activations a;
   a.xq = xq;
   a.xq_stride = stride;
