@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -29,9 +30,11 @@ DEFAULT_TOKENS = 32
 PRECISIONS = ("fp32", "int8")
 #: the int8 sparse format (the one int8 kernel family: 1x4 blocks, see sparsert.formats.q8bsr)
 INT8_SPARSE_FORMAT = "q8bsr1x4"
-#: how far an int8 candidate may be from the int8 dense layer it replaces (two quantisation
-#: errors, relative to the output's largest value) before sparsify refuses it
-_INT8_RTOL = 0.05
+#: how far an int8 layer may be from the float layer it replaces (relative to the output's
+#: largest value; per-token int8 activations lose most on tokens with outlier features)
+#: before sparsify refuses it: a guard against a wrong kernel, not a quality bar (quality
+#: is measured on the model's outputs, benchmarks/bench_int8.py --quality)
+_INT8_RTOL = 0.1
 
 
 def _prunable(model: nn.Module) -> tuple:
@@ -127,9 +130,10 @@ def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, stri
     if x is None:
         return decision, built
     with torch.no_grad():
-        ref = built["dense"](x)
+        # int8 candidates are checked against the float layer (the int8 dense one has its own error)
+        ref = F.linear(x, module.weight, module.bias) if precision == "int8" else built["dense"](x)
         for kind, mod in built.items():
-            if kind == "dense":
+            if kind == "dense" and precision != "int8":
                 continue
             out = mod(x)
             if not close(out, ref, rtol=_INT8_RTOL if precision == "int8" else 1e-3):
@@ -207,8 +211,9 @@ def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_sp
             activations int8 per token, int32 sums; ``format`` must be ``"auto"`` or
             ``"q8bsr1x4"``) and torch's dynamic int8 dense Linear
             (:class:`~sparsert.nn.Int8DenseLinear`), which every other Linear layer becomes
-            too (:func:`int8_dense`). Conv2d layers stay fp32. The final check against the
-            original model allows int8's error (5% of the largest output).
+            too (:func:`int8_dense`). Conv2d layers stay fp32. Each int8 layer is checked
+            against its float layer, and the model against the original, allowing int8's
+            error (10% of the largest output: a guard against wrong kernels, not a quality bar).
 
     Returns the sparse model with ``.sparsity_plan`` (a :class:`SparsityPlan`; ``print`` it).
     """
