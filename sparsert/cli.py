@@ -245,10 +245,12 @@ def _table(head: list, rows: list) -> str:
 
 
 def _inspect_text(s: dict) -> str:
-    rows = [[r["layer"], r["type"], r["kind"], r["runtime"], "x".join(map(str, r["shape"])), f"{r['density']:.3f}",
-             _fmt_bytes(r["bytes"]), _fmt_bytes(r["dense_bytes"]), f"{r['dense_bytes'] / max(r['bytes'], 1):.2f}x"]
+    rows = [[r["layer"], r["type"], r["kind"], r["runtime"], r.get("precision", "fp32"), "x".join(map(str, r["shape"])),
+             f"{r['density']:.3f}", _fmt_bytes(r["bytes"]), _fmt_bytes(r["dense_bytes"]),
+             f"{r['dense_bytes'] / max(r['bytes'], 1):.2f}x"]
             for r in s["layers"]]
-    out = [_table(["layer", "type", "stored as", "runs", "shape", "density", "bytes", "dense bytes", "smaller"], rows)]
+    out = [_table(["layer", "type", "stored as", "runs", "precision", "shape", "density", "bytes", "dense bytes",
+                   "smaller"], rows)]
     out.append(f"sparse layers: {_fmt_bytes(s['sparse_layer_dense_bytes'])} dense -> "
                f"{_fmt_bytes(s['sparse_layer_bytes'])} ({s['layer_compression']:.2f}x); "
                f"other weights {_fmt_bytes(s['other_bytes'])}")
@@ -503,7 +505,7 @@ def cmd_sparsify(args) -> int:
     inputs = _inputs(wl, args.example_shape)
     # a progress bar over the layers being timed (stderr, on a terminal only)
     sparse = sparsify(wl.model, format=args.format, example_inputs=inputs, min_speedup=args.min_speedup,
-                      threads=args.threads, progress=_show_progress(args))
+                      threads=args.threads, progress=_show_progress(args), precision=args.precision)
     plan = sparse.sparsity_plan
     notes = [n for n in [plan.kept_dense_note()] if n]
     if out.name.lower().endswith(PROGRAM_SUFFIX):
@@ -655,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="auto", help="auto (time the candidates) or csr, bsrRxC, nmN:M for all")
     s.add_argument("--min-speedup", type=_positive_float, default=1.05,
                    help="keep a layer dense unless this much faster (default 1.05)")
+    s.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="int8: pruned Linear layers choose between int8 sparse (q8bsr1x4) and torch's dynamic "
+                        "int8 dense; the other Linear layers run int8 dense (default fp32)")
     s.add_argument("--threads", type=_positive_int, default=None, help="threads for timing")
     s.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="sparsert file (.sparsert) or torch.export program (.pt2) to write")

@@ -16,6 +16,7 @@ namespace py = pybind11;
 void bind_spmm(py::module_& m);  // spmm/spmm_bindings.cc
 void bind_conv(py::module_& m);  // conv/conv_bindings.cc
 void bind_spmm_bitmask(py::module_& m);  // spmm/spmm_bitmask_bindings.cc
+void bind_spmm_int8(py::module_& m);  // spmm_int8/spmm_int8_bindings.cc
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sparsert native kernels (torch-free)";
@@ -36,4 +37,5 @@ PYBIND11_MODULE(_C, m) {
   bind_spmm(m);
   bind_conv(m);
   bind_spmm_bitmask(m);
+  bind_spmm_int8(m);
 }

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from .batchnorm import fold_batchnorm
 from .plan import LayerDecision, SparsityPlan, candidate_formats
-from .sparsify import DEFAULT_TOKENS, sparsify
+from .sparsify import DEFAULT_TOKENS, int8_dense, sparsify
 from .timing import call_model
 
 __all__ = ["sparsify", "SparsityPlan", "LayerDecision", "fold_batchnorm", "call_model",
-           "candidate_formats", "DEFAULT_TOKENS"]
+           "candidate_formats", "DEFAULT_TOKENS", "int8_dense"]

@@ -9,21 +9,32 @@ import sys
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from .. import ops as _ops
 from ..formats import parse_kind
-from ..nn import DenseLinear, SparseConv2d, SparseLinear
+from ..nn import DenseLinear, Int8DenseLinear, SparseConv2d, SparseLinear
 from ..nn.surgery import rollback, swap
 from .batchnorm import fold_batchnorm
 from .plan import LayerDecision, SparsityPlan, candidate_formats
 from .timing import call_model, call_times, close, flatten_tensors, max_rel_err
 
-__all__ = ["sparsify", "DEFAULT_TOKENS"]
+__all__ = ["sparsify", "int8_dense", "DEFAULT_TOKENS", "PRECISIONS", "INT8_SPARSE_FORMAT"]
 
 #: Token count used to time Linear layers when no ``example_inputs`` are given.
 DEFAULT_TOKENS = 32
+
+#: what ``sparsify(precision=...)`` accepts
+PRECISIONS = ("fp32", "int8")
+#: the int8 sparse format (the one int8 kernel family: 1x4 blocks, see sparsert.formats.q8bsr)
+INT8_SPARSE_FORMAT = "q8bsr1x4"
+#: how far an int8 layer may be from the float layer it replaces (relative to the output's
+#: largest value; per-token int8 activations lose most on tokens with outlier features)
+#: before sparsify refuses it: a guard against a wrong kernel, not a quality bar (quality
+#: is measured on the model's outputs, benchmarks/bench_int8.py --quality)
+_INT8_RTOL = 0.1
 
 
 def _prunable(model: nn.Module) -> tuple:
@@ -31,7 +42,7 @@ def _prunable(model: nn.Module) -> tuple:
     skip_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     layers, all_layers = [], []
     for name, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)) or isinstance(m, (SparseLinear, SparseConv2d, DenseLinear)):
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or isinstance(m, (SparseLinear, SparseConv2d, DenseLinear, Int8DenseLinear)):
             continue
         all_layers.append(name)
         if any(name.startswith(p) for p in skip_prefixes):
@@ -69,12 +80,13 @@ def _build(module: nn.Module, kind: str) -> nn.Module:
     return SparseLinear.from_dense(module, kind)
 
 
-def _fresh_dense(module: nn.Module) -> nn.Module:
+def _fresh_dense(module: nn.Module, precision: str = "fp32") -> nn.Module:
     """The dense baseline to time, hook-free and sharing ``module``'s parameters: for a
     Linear the best dense path (:class:`~sparsert.nn.DenseLinear`, what a layer left
-    dense becomes), for a Conv2d a plain nn.Conv2d."""
+    dense becomes; :class:`~sparsert.nn.Int8DenseLinear` under ``precision="int8"``),
+    for a Conv2d a plain nn.Conv2d."""
     if isinstance(module, nn.Linear):
-        return DenseLinear.from_linear(module)
+        return Int8DenseLinear.from_linear(module) if precision == "int8" else DenseLinear.from_linear(module)
     w = module.weight
     if isinstance(module, nn.Conv2d):
         clean = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
@@ -96,7 +108,7 @@ def _default_input(module: nn.Module) -> Optional[Tensor]:
 
 
 def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, strict: bool,
-            min_time: float, rounds: int, input_note: str) -> tuple:
+            min_time: float, rounds: int, input_note: str, precision: str = "fp32") -> tuple:
     """Times ``kinds`` for one layer; returns (decision, new module or None)."""
     w = module.weight.detach()
     w2d = w.reshape(w.shape[0], -1)
@@ -105,7 +117,7 @@ def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, stri
     built: dict = {}
     for kind in kinds:
         if kind == "dense":
-            built[kind] = _fresh_dense(module)
+            built[kind] = _fresh_dense(module, precision)
             continue
         try:
             built[kind] = _build(module, kind)
@@ -118,12 +130,13 @@ def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, stri
     if x is None:
         return decision, built
     with torch.no_grad():
-        ref = built["dense"](x)
+        # int8 candidates are checked against the float layer (the int8 dense one has its own error)
+        ref = F.linear(x, module.weight, module.bias) if precision == "int8" else built["dense"](x)
         for kind, mod in built.items():
-            if kind == "dense":
+            if kind == "dense" and precision != "int8":
                 continue
             out = mod(x)
-            if not close(out, ref):
+            if not close(out, ref, rtol=_INT8_RTOL if precision == "int8" else 1e-3):
                 raise RuntimeError(f"layer {name!r}: the {kind} kernel's output differs from the dense layer "
                                    f"(max relative error {max_rel_err(out, ref):.2e}); not converting")
         samples: dict = {k: [] for k in built}
@@ -158,7 +171,7 @@ def _choose(decision: LayerDecision, built: dict, min_speedup: float, forced: Op
             return None
         decision.speedup = 1.0
         dense = built["dense"]  # a Linear left dense runs through the best dense path it was timed on
-        return dense if isinstance(dense, DenseLinear) else None
+        return dense if isinstance(dense, (DenseLinear, Int8DenseLinear)) else None
     mod = built[decision.chosen]
     decision.sparse_bytes = mod.packed_nbytes
     if times.get("dense") is not None and times.get(decision.chosen):
@@ -169,7 +182,7 @@ def _choose(decision: LayerDecision, built: dict, min_speedup: float, forced: Op
 def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_speedup: float = 1.05,
              inplace: bool = False, *, fold_bn: Optional[bool] = None, threads: Optional[int] = None,
              min_time: float = 0.05, rounds: int = 5, check: bool = True, exclude: Sequence[str] = (),
-             verbose: bool = False, progress: Optional[bool] = None) -> nn.Module:
+             verbose: bool = False, progress: Optional[bool] = None, precision: str = "fp32") -> nn.Module:
     """Replaces every pruned ``nn.Linear`` / ``nn.Conv2d`` by a ``SparseLinear`` / ``SparseConv2d``.
 
     Args:
@@ -193,12 +206,25 @@ def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_sp
         exclude: layer names (or name prefixes ending in ".") to leave dense.
         verbose: print one line per layer (its choice).
         progress: a progress bar over the layers on stderr (``None``: only when stderr is a terminal).
+        precision: ``"fp32"`` (default) or ``"int8"``: pruned Linear layers choose between
+            the int8 sparse format ``"q8bsr1x4"`` (weights symmetric int8 per output channel,
+            activations int8 per token, int32 sums; ``format`` must be ``"auto"`` or
+            ``"q8bsr1x4"``) and torch's dynamic int8 dense Linear
+            (:class:`~sparsert.nn.Int8DenseLinear`), which every other Linear layer becomes
+            too (:func:`int8_dense`). Conv2d layers stay fp32. Each int8 layer is checked
+            against its float layer, and the model against the original, allowing int8's
+            error (10% of the largest output: a guard against wrong kernels, not a quality bar).
 
     Returns the sparse model with ``.sparsity_plan`` (a :class:`SparsityPlan`; ``print`` it).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     forced = None
+    if precision == "int8" and format not in ("auto", INT8_SPARSE_FORMAT):
+        raise ValueError(f"precision='int8' packs pruned Linear layers as {INT8_SPARSE_FORMAT!r}: use format='auto' "
+                         f"or {INT8_SPARSE_FORMAT!r}, got {format!r}")
     if format != "auto":
         forced = format.lower() if isinstance(format, str) else format
         if parse_kind(forced)[0] == "dense":
@@ -217,7 +243,7 @@ def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_sp
             if threads is not None:
                 torch.set_num_threads(threads)
             result = _sparsify(target, forced, example_inputs, min_speedup, fold_bn, min_time, rounds,
-                               check, exclude, verbose, progress, n_threads, undo)
+                               check, exclude, verbose, progress, n_threads, undo, precision)
     except BaseException:
         if inplace:
             rollback(undo)
@@ -233,7 +259,7 @@ def _excluded(name: str, exclude: Sequence[str]) -> bool:
 
 
 def _convert_layer(model, name, captured, example_inputs, forced, plan, min_speedup, min_time, rounds, verbose,
-                   undo) -> None:
+                   undo, precision="fp32") -> None:
     """Times one pruned layer's candidates, swaps in the chosen one and records the decision in ``plan``."""
     module = model.get_submodule(name)
     x = captured.get(name)
@@ -243,7 +269,10 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
     elif x is None:
         x = _default_input(module)
         note = f"timed on {DEFAULT_TOKENS} random rows" if x is not None else "no input shape"
-    if forced is not None:
+    int8 = precision == "int8" and isinstance(module, nn.Linear)
+    if int8:
+        kinds = ["dense", INT8_SPARSE_FORMAT]
+    elif forced is not None:
         kinds = ["dense", forced]
     else:
         w = module.weight.detach()
@@ -257,7 +286,7 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
                                   None, note, nbytes, nbytes))
         return
     decision, built = _decide(name, module, x if (forced is None or example_inputs is not None) else None,
-                              kinds, forced is not None, min_time, rounds, note)
+                              kinds, forced is not None, min_time, rounds, note, "int8" if int8 else "fp32")
     new = _choose(decision, built, min_speedup, forced)
     if new is not None:
         swap(model, name, new, undo)
@@ -268,7 +297,7 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
 
 
 def _sparsify(model, forced, example_inputs, min_speedup, fold_bn, min_time, rounds, check, exclude,
-              verbose, progress, n_threads, undo) -> nn.Module:
+              verbose, progress, n_threads, undo, precision="fp32") -> nn.Module:
     layers, all_layers = _prunable(model)
     layers = [n for n in layers if not _excluded(n, exclude)]
     if not layers:
@@ -304,9 +333,11 @@ def _sparsify(model, forced, example_inputs, min_speedup, fold_bn, min_time, rou
         for name in bar:
             bar.set_postfix_str(name, refresh=False)
             _convert_layer(model, name, captured, example_inputs, forced, plan, min_speedup, min_time, rounds,
-                           verbose, undo)
+                           verbose, undo, precision)
     finally:
         bar.close()
+    if precision == "int8":
+        int8_dense(model, exclude, _undo=undo)
 
     if check and reference is not None and not model.training:
         try:
@@ -318,10 +349,27 @@ def _sparsify(model, forced, example_inputs, min_speedup, fold_bn, min_time, rou
                                f"{err}); converted layers: {swapped}. Exclude the layer whose weight "
                                "the model reads directly (exclude=[...]).") from err
         ref_t, out_t = flatten_tensors(reference), flatten_tensors(out)
-        if len(ref_t) != len(out_t) or not all(close(a, b, rtol=1e-2) for a, b in zip(out_t, ref_t)):
+        rtol = _INT8_RTOL if precision == "int8" else 1e-2
+        if len(ref_t) != len(out_t) or not all(close(a, b, rtol=rtol) for a, b in zip(out_t, ref_t)):
             worst = max((max_rel_err(a, b) for a, b in zip(out_t, ref_t) if a.shape == b.shape), default=float("inf"))
             raise RuntimeError(f"the converted model's outputs differ from the original's on example_inputs "
                                f"(max relative error {worst:.2e})")
 
     model.sparsity_plan = plan
     return model
+
+
+def int8_dense(model: nn.Module, exclude: Sequence[str] = (), *, _undo: Optional[list] = None) -> list:
+    """Swaps every plain ``nn.Linear`` (and :class:`~sparsert.nn.DenseLinear`) of ``model`` for an
+    :class:`~sparsert.nn.Int8DenseLinear` sharing its parameters, in place; returns their names.
+    What ``sparsify(precision="int8")`` does to the Linear layers it leaves dense, and what
+    restores int8 dense layers after :func:`sparsert.load` (files store them as float weights).
+    Layers inside ``nn.MultiheadAttention`` (which reads ``out_proj.weight`` directly) and
+    names in ``exclude`` stay as they are."""
+    skip = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    names = [n for n, m in model.named_modules()
+             if type(m) in (nn.Linear, DenseLinear) and n and not any(n.startswith(p) for p in skip)
+             and not _excluded(n, exclude) and m.weight.dtype == torch.float32 and not m.weight.is_meta]
+    for name in names:
+        swap(model, name, Int8DenseLinear.from_linear(model.get_submodule(name)), [] if _undo is None else _undo)
+    return names

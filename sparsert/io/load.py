@@ -405,7 +405,7 @@ def summary(path: "str | os.PathLike") -> dict:
     layers = []
     for p, rec in f.layers.items():
         layers.append({"layer": p, "type": rec.type, "kind": rec.kind, "runtime": rec.meta["runtime"],
-                       "shape": list(rec.shape),
+                       "precision": getattr(rec.packed, "precision", "fp32"), "shape": list(rec.shape),
                        "density": rec.density, "nnz": rec.meta["nnz"], "bytes": rec.nbytes,
                        "dense_bytes": rec.dense_nbytes, "activation": rec.meta.get("activation")})
     stored = {id(t): t for t in f.dense.values()}

@@ -16,6 +16,8 @@ N:M           ``packed_values``, ``packed_col_indices`` (plus the non-persistent
               ``packed_kernel_row_ptr``, derived from the shape)
 bitmask16     ``packed_masks``, ``packed_values`` (plus the non-persistent
               ``packed_row_offsets`` and ``packed_padded_values``; Linear only)
+q8bsr1x4      ``packed_row_ptr``, ``packed_col_indices``, ``packed_qblocks`` (int8),
+              ``packed_scales`` (float32 per row; Linear only, ``precision`` "int8")
 dense         ``packed_weight``
 ============  =================================================================
 
@@ -33,6 +35,7 @@ no gradient (see :mod:`sparsert.ops.schema`).
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -45,7 +48,7 @@ from ..ops import epilogue
 from ..ops.backends.best_dense import PackedDenseLinear
 from ..ops.conv import conv_padding, pair
 
-__all__ = ["SparseLinear", "SparseConv2d", "DenseLinear"]
+__all__ = ["SparseLinear", "SparseConv2d", "DenseLinear", "Int8DenseLinear"]
 
 
 def _with_params(module: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
@@ -98,6 +101,11 @@ class _PackedWeight(nn.Module):
     def format(self) -> str:
         """The packed weight's kind: "dense", "csr", "bsr4x1", "nm2:4", ..."""
         return "dense" if self._fmt is None else self._fmt.kind
+
+    @property
+    def precision(self) -> str:
+        """What the weight is stored and computed in: "int8" (q8bsr1x4) or "fp32"."""
+        return "fp32" if self._fmt is None else getattr(self._fmt, "precision", "fp32")
 
     @property
     def density(self) -> float:
@@ -171,6 +179,7 @@ class SparseLinear(_PackedWeight):
         super().__init__()
         self._init_packed(packed)
         self._bitmask = self._fmt is not None and self._fmt.LINEAR_OP == "bitmask"
+        self._int8 = self._fmt is not None and self._fmt.LINEAR_OP == "q8bsr"
         self.out_features, self.in_features = (int(s) for s in (packed.shape))
         self._act = epilogue.code_of(activation)
         self.activation = epilogue.name_of(self._act)
@@ -203,6 +212,8 @@ class SparseLinear(_PackedWeight):
         rp, ci, val = self._kernel_arrays()
         if self._bitmask:
             return _ops.linear_bitmask_arrays(x, rp, ci, val, self.out_features, self.bias, self._act)
+        if self._int8:
+            return _ops.linear_q8_arrays(x, rp, ci, val, self.packed_scales, self.out_features, self.bias, self._act)
         return _ops.linear_arrays(x, rp, ci, val, self.out_features, self._block[0], self._block[1], self.bias,
                                   self._act)
 
@@ -345,3 +356,54 @@ class DenseLinear(nn.Linear):
         if w.dtype != torch.float32 or not w.is_cpu or w.is_inference() or needs_grad:
             return super().forward(x)
         return self._packed_layer()(x)
+
+
+class Int8DenseLinear(nn.Linear):
+    """An ``nn.Linear`` run as torch's dynamic int8 Linear (FBGEMM/oneDNN:
+    ``torch.ops.quantized.linear_dynamic``; weights symmetric int8 per output channel,
+    activations quantised per call): what ``sparsify(precision="int8")`` puts where a
+    layer stays dense, so an int8 model is never slower than int8 dense layer by layer.
+
+    Its parameters, ``state_dict`` and files are those of the float ``nn.Linear`` (the
+    int8 weight is derived from it and rebuilt when the weight or bias changes).
+    Inference only: calls that need autograd run ``F.linear`` in float.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8DenseLinear":
+        """A frozen Int8DenseLinear sharing ``linear``'s weight and bias storage (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                  dtype=linear.weight.dtype)
+        out.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        if linear.bias is not None:
+            out.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return out
+
+    precision = "int8"
+
+    def _packed_params(self):
+        w, b = self.weight, self.bias
+        key = (id(w), w.data_ptr(), w._version, id(b), None if b is None else (b.data_ptr(), b._version))
+        cached = self.__dict__.get("_int8_cache")
+        if cached is None or cached[0] != key:
+            w32 = w.detach().to(torch.float32)
+            scales = (w32.abs().amax(1) / 127).clamp_min(1e-12).to(torch.float64)
+            with warnings.catch_warnings():  # torch 2.13 marks quantized tensors deprecated; the op still runs
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+                qw = torch.quantize_per_channel(w32, scales, torch.zeros(w32.shape[0], dtype=torch.int64), 0,
+                                                torch.qint8)
+            bias = None if b is None else b.detach().to(torch.float32)
+            cached = (key, torch.ops.quantized.linear_prepack(qw, bias))
+            self.__dict__["_int8_cache"] = cached
+        return cached[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if not w.is_cpu or torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return super().forward(x)
+        x32 = x if x.dtype == torch.float32 else x.float()
+        # reduce_range: FBGEMM's AVX2 path uses 7-bit activations so vpmaddubsw cannot saturate
+        y = torch.ops.quantized.linear_dynamic(x32.contiguous(), self._packed_params(), True)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)

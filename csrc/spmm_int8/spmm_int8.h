@@ -1,0 +1,105 @@
+// sparsert int8 sparse Linear kernels: the public, torch-free interface.
+//
+//     y[t, n] = act(bias[n] + w_scale[n] * x_scale[t] * sum_k Wq[n, k] * xq[t, k])
+//
+// Wq (rows x cols, int8 in [-127, 127]) is stored as 1x4 blocks along the
+// input dimension (BSR with R = 1, C = 4): one block is 4 int8 weights, one
+// 32-bit lane of a SIMD dot product (vpdpbusd on VNNI, vpmaddubsw+vpmaddwd
+// on AVX2). w_scale: fp32 per output channel (symmetric, no zero point).
+// x is fp32 and quantised inside the call, dynamically per token, to s8 in
+// [-127, 127] (quantize_rows_s8). Accumulation is int32, exact.
+//
+// Why s8 activations in [-127, 127] (and not u8 with a zero point): AVX2's
+// vpmaddubsw multiplies u8 by s8 and adds product pairs with int16
+// saturation. The kernels feed it |w| (u8, <= 128) and sign(w) * x (s8,
+// |x| <= 127): each pair sum is at most 2 * 128 * 127 = 32512 < 32767, so
+// it never saturates, and every ISA path (portable, AVX2, VNNI) produces
+// the same int32 sums as the plain integer reference. A u8 activation with
+// a zero point would reach 2 * 255 * 127 and saturate. The price is one bit
+// of activation range against u8 (8-bit symmetric instead of asymmetric).
+//
+// Dequantisation is one fused multiply-add per output, the same in every
+// kernel: y = fma(float(acc), x_scale[t] * w_scale[n], bias[n]), then the
+// epilogue; so every kernel is bit-exact with the reference.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/epilogue.h"
+#include "common/isa.h"
+
+namespace sparsert {
+
+constexpr int kInt8BlockCols = 4;  // weights per block (one 32-bit lane)
+// Largest cols whose int32 sums cannot overflow: 128 * 127 * cols < 2^31.
+constexpr int64_t kInt8MaxCols = 132000;
+
+// A rows x cols int8 matrix in 1x4 blocks. Row n's blocks are
+// [row_ptr[n], row_ptr[n + 1]); block b covers columns [col_idx[b] * 4, +4)
+// and holds 4 int8 weights at values + 4 * b. Weights of a block past the
+// last column must be zero.
+struct Int8BlockMatrix {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const int32_t* row_ptr = nullptr;  // rows + 1 entries
+  const void* col_idx = nullptr;     // row_ptr[rows] block-column indices
+  int index_bits = 32;               // 16 (uint16_t) or 32 (int32_t)
+  const int8_t* values = nullptr;    // 4 * row_ptr[rows] weights in [-128, 127]
+  const float* scales = nullptr;     // rows per-channel weight scales
+
+  int64_t block_col_count() const { return (cols + kInt8BlockCols - 1) / kInt8BlockCols; }
+};
+
+// The quantised activations of one call: xq[t * xq_stride + k] for k <
+// block_col_count() * 4 (zero past cols), x_scales[t] per token.
+struct Int8Activations {
+  const int8_t* xq = nullptr;
+  int64_t xq_stride = 0;  // a multiple of 4, >= block_col_count() * 4
+  const float* x_scales = nullptr;  // tokens rounded up to 32 entries (zero past tokens)
+  int64_t tokens = 0;
+};
+
+// The output of one call.
+struct Int8Output {
+  float* y = nullptr;  // y[t * y_row_stride + n]
+  int64_t y_row_stride = 0;
+  const float* bias = nullptr;  // rows floats, or null
+  Epilogue epilogue = Epilogue::kNone;
+  int num_threads = 1;
+};
+
+using Int8SpmmFn = void (*)(const Int8BlockMatrix& w, const Int8Activations& x, const Int8Output& out);
+
+// One entry per int8 kernel; tests and benchmarks iterate this list.
+struct Int8KernelInfo {
+  std::string name;  // e.g. "s8_spmm_bsr1x4_avx2"
+  std::string isa;   // "reference", "scalar", "avx2"
+  std::string kind;  // "spmm" (token panels), "spmv" (per token) or "reference"
+  int block_rows = 1;
+  int block_cols = kInt8BlockCols;
+  Int8SpmmFn fn = nullptr;
+};
+
+const std::vector<Int8KernelInfo>& int8_kernel_registry();
+
+// The kernel for this token count on `isa` (the reference when none matches).
+const Int8KernelInfo* select_int8_kernel(int64_t tokens, const std::string& isa);
+
+// Per-token symmetric quantisation, the one definition every path uses:
+//   amax = max_k |x[t, k]|, scale[t] = amax / 127,
+//   q[t, k] = clamp(nearbyint(x[t, k] * (127 / amax)), -127, 127)
+// (round half to even); amax == 0 gives scale 0 and q = 0; a token with a
+// NaN or infinity gets scale NaN (its outputs are NaN) and q = 0.
+// Writes q[t * q_stride + k] for k < q_stride (zeros past cols). Every ISA's
+// version gives the same bytes; `isa` picks one ("": the best this CPU runs).
+void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
+                      int64_t q_stride, float* scales, int num_threads, const std::string& isa = "");
+
+// Quantises x (tokens x cols, fp32) and runs `kernel` (nullptr: select):
+// the whole int8 Linear. Returns the kernel used.
+const Int8KernelInfo* int8_linear(const Int8BlockMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,
+                                  const Int8Output& out, const Int8KernelInfo* kernel);
+
+}  // namespace sparsert

@@ -1,0 +1,335 @@
+// The int8 1x4 kernels (see spmm_int8/spmm_int8.h), written once and compiled
+// per ISA: spmm_int8_{scalar,avx2}.cc define SPARSERT_ISA (a namespace) and
+// the target, then include this file.
+//
+// Two kernel families:
+//   spmv  Few tokens. Per token and row, 8 blocks at a time: the 8 blocks'
+//         32 weights are one 32-byte load, their 8 activation lanes one
+//         32-bit gather from the quantised token (AVX2), and one exact
+//         dot-product step (dot4) adds 32 products into 8 int32 lanes.
+//         Reads per MAC: 1 byte of weight + 0.5 (uint16) or 1 (int32) byte
+//         of index per 4 MACs, i.e. 1.125-1.25 bytes/MAC.
+//   spmm  Many tokens. Tokens are packed into panels xp[kb][P] of 32-bit
+//         lanes (4 quantised activations of one token per lane, P tokens per
+//         block column). Per stored block: one 4-byte weight broadcast,
+//         then per 8 tokens one panel load and one dot4 (4 instructions for
+//         32 MACs on AVX2). Reads per MAC: (4 + 2) / (4 * P) bytes of
+//         weight and index, and 1/4 of a 32-byte panel load per token-block.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/scratch.h"
+#include "common/thread_pool.h"
+#include "spmm_int8/spmm_int8.h"
+
+#if defined(SPARSERT_INT8_AVX2)
+#include <immintrin.h>
+#endif
+
+#include "common/isa_target_begin.inc"
+
+#ifndef SPARSERT_ISA
+#error "define SPARSERT_ISA before including spmm_int8_impl.h"
+#endif
+
+namespace sparsert {
+namespace SPARSERT_ISA {
+namespace q8 {
+
+// The one dequantisation (see spmm_int8.h): identical in every kernel.
+static inline float dequantize(int32_t acc, float scale, float bias, bool relu) {
+  const float v = std::fma(static_cast<float>(acc), scale, bias);
+  return relu && v < 0.0f ? 0.0f : v;
+}
+
+static inline int32_t load_lane(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Rows [0, rows) split into `parts` ranges of about equal blocks (plus one per row).
+inline void balanced_rows(const Int8BlockMatrix& w, int parts, std::vector<int64_t>& bounds) {
+  bounds.assign(parts + 1, w.rows);
+  bounds[0] = 0;
+  const double total = static_cast<double>(w.row_ptr[w.rows]) + static_cast<double>(w.rows);
+  int64_t row = 0;
+  for (int p = 1; p < parts; ++p) {
+    const double target = total * p / parts;
+    int64_t lo = row, hi = w.rows;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (static_cast<double>(w.row_ptr[mid]) + static_cast<double>(mid) < target) lo = mid + 1; else hi = mid;
+    }
+    row = lo;
+    bounds[p] = row;
+  }
+}
+
+#if defined(SPARSERT_INT8_AVX2)
+// 8 lanes of sum_j w[j] * x[j] over 4 s8 pairs, exact: |w| (u8, <= 128)
+// times sign(w) * x (s8; x in [-127, 127] so the negation cannot wrap);
+// vpmaddubsw's pair sums stay <= 2 * 128 * 127 = 32512 (no saturation).
+static inline __m256i dot4(__m256i acc, __m256i w_abs, __m256i w, __m256i x) {
+  const __m256i pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x, w));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+static inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+template <typename Index>
+static inline __m256i load_indices8(const Index* p) {
+  if constexpr (sizeof(Index) == 2)
+    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  else
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+#endif
+
+// sum over blocks [b, e) of one row: weights . the token's activations.
+template <typename Index>
+static inline int32_t row_dot(const Int8BlockMatrix& w, const Index* ci, int64_t b, int64_t e, const int8_t* xq) {
+  int32_t acc = 0;
+#if defined(SPARSERT_INT8_AVX2)
+  __m256i v = _mm256_setzero_si256();
+  for (; b + 8 <= e; b += 8) {
+    const __m256i xv = _mm256_i32gather_epi32(reinterpret_cast<const int*>(xq), load_indices8(ci + b), 4);
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.values + 4 * b));
+    v = dot4(v, _mm256_abs_epi8(wv), wv, xv);
+  }
+  acc = hsum(v);
+#endif
+  for (; b < e; ++b) {
+    const int8_t* wp = w.values + 4 * b;
+    const int8_t* xp = xq + 4 * static_cast<int64_t>(ci[b]);
+    acc += wp[0] * xp[0] + wp[1] * xp[1] + wp[2] * xp[2] + wp[3] * xp[3];
+  }
+  return acc;
+}
+
+template <typename Index>
+static void spmv_typed(const Int8BlockMatrix& w, const Int8Activations& x, const Int8Output& o) {
+  const Index* ci = static_cast<const Index*>(w.col_idx);
+  const bool relu = o.epilogue == Epilogue::kRelu;
+  std::vector<int64_t> bounds;
+  balanced_rows(w, o.num_threads, bounds);
+  parallel_run(o.num_threads, [&](int tid, int) {
+    for (int64_t t = 0; t < x.tokens; ++t) {
+      const int8_t* xq = x.xq + t * x.xq_stride;
+      const float xs = x.x_scales[t];
+      float* y = o.y + t * o.y_row_stride;
+      for (int64_t n = bounds[tid]; n < bounds[tid + 1]; ++n) {
+        const int32_t acc = row_dot(w, ci, w.row_ptr[n], w.row_ptr[n + 1], xq);
+        y[n] = dequantize(acc, xs * w.scales[n], o.bias ? o.bias[n] : 0.0f, relu);
+      }
+    }
+  });
+}
+
+static void spmv_kernel(const Int8BlockMatrix& w, const Int8Activations& x, const Int8Output& o) {
+  if (w.index_bits == 16) spmv_typed<uint16_t>(w, x, o); else spmv_typed<int32_t>(w, x, o);
+}
+
+// One token of quantize_rows_s8 (spmm_int8.h): q[0, q_stride) and its scale.
+static void quantize_row(const float* xr, int64_t cols, int8_t* qr, int64_t q_stride, float* scale) {
+  float amax = 0.0f;
+  bool finite = true;
+  int64_t k = 0;
+#if defined(SPARSERT_INT8_AVX2)
+  {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 big = _mm256_set1_ps(std::numeric_limits<float>::max());
+    __m256 m = _mm256_setzero_ps();
+    __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (; k + 8 <= cols; k += 8) {
+      const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xr + k), abs_mask);
+      ok = _mm256_and_ps(ok, _mm256_cmp_ps(a, big, _CMP_LE_OQ));  // false for NaN and infinity
+      m = _mm256_max_ps(m, a);
+    }
+    finite = _mm256_movemask_ps(ok) == 0xFF;
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m);
+    for (float v : lanes) amax = v > amax ? v : amax;
+  }
+#endif
+  for (; k < cols; ++k) {
+    const float a = std::fabs(xr[k]);
+    finite &= a <= std::numeric_limits<float>::max();
+    amax = a > amax ? a : amax;
+  }
+  std::memset(qr, 0, static_cast<size_t>(q_stride));
+  if (!finite) {
+    *scale = std::nanf("");
+    return;
+  }
+  *scale = amax / 127.0f;
+  if (amax == 0.0f) return;
+  const float inv = 127.0f / amax;
+  k = 0;
+#if defined(SPARSERT_INT8_AVX2)
+  {
+    // clamp, then round to nearest even (cvtps2dq under the default rounding mode): the
+    // bounds are integers, so this equals rounding first and clamping after
+    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f), vinv = _mm256_set1_ps(inv);
+    auto q8 = [&](int64_t at) {
+      return _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xr + at), vinv))));
+    };
+    for (; k + 32 <= cols; k += 32) {
+      const __m256i a = _mm256_packs_epi32(q8(k), q8(k + 8)), b = _mm256_packs_epi32(q8(k + 16), q8(k + 24));
+      const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b),
+                                                         _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), packed);
+    }
+  }
+#endif
+  for (; k < cols; ++k) {
+    const float r = std::nearbyint(std::min(127.0f, std::max(-127.0f, xr[k] * inv)));
+    qr[k] = static_cast<int8_t>(r);
+  }
+}
+
+static void quantize_rows(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
+                          int64_t q_stride, float* scales, int num_threads) {
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, tokens / 4)));
+  parallel_run(threads, [&](int tid, int parts) {
+    for (int64_t t = tid; t < tokens; t += parts)
+      quantize_row(x + t * x_row_stride, cols, q + t * q_stride, q_stride, scales + t);
+  });
+}
+
+// Packs tokens [t0, t0 + valid) into xp[kb * P + t] (32-bit lanes; zero for t >= valid).
+template <int P>
+static void pack_panel(const Int8Activations& x, int64_t blocks, int64_t t0, int64_t valid, int32_t* xp) {
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    int32_t* dst = xp + kb * P;
+    for (int t = 0; t < P; ++t) dst[t] = t < valid ? load_lane(x.xq + (t0 + t) * x.xq_stride + 4 * kb) : 0;
+  }
+}
+
+constexpr int kTileRows = 64;  // rows whose outputs are transposed through one L1 tile
+
+// Rows [r0, r1) against one panel of P = 8 * NV tokens. Outputs go through a
+// tile (kTileRows rows x P tokens, in L1) so that y is written a token row at
+// a time rather than one float per (row, token) at a stride of y_row_stride.
+template <int NV, typename Index>
+static void spmm_panel_rows(const Int8BlockMatrix& w, const Index* ci, const int32_t* xp, const Int8Activations& x,
+                            const Int8Output& o, int64_t t0, int64_t valid, int64_t r0, int64_t r1) {
+  constexpr int P = 8 * NV;
+  const bool relu = o.epilogue == Epilogue::kRelu;
+  alignas(32) float tile[kTileRows * P];
+  for (int64_t rb = r0; rb < r1; rb += kTileRows) {
+  const int nr = static_cast<int>(std::min<int64_t>(kTileRows, r1 - rb));
+  for (int i = 0; i < nr; ++i) {
+    const int64_t n = rb + i;
+    const int64_t e = w.row_ptr[n + 1];
+    const float ws = w.scales[n];
+    const float bias = o.bias ? o.bias[n] : 0.0f;
+#if defined(SPARSERT_INT8_AVX2)
+    __m256i acc[NV];
+    for (int u = 0; u < NV; ++u) acc[u] = _mm256_setzero_si256();
+    for (int64_t b = w.row_ptr[n]; b < e; ++b) {
+      const __m256i wb = _mm256_set1_epi32(load_lane(w.values + 4 * b));
+      const __m256i wa = _mm256_abs_epi8(wb);
+      const int32_t* xr = xp + static_cast<int64_t>(ci[b]) * P;
+      for (int u = 0; u < NV; ++u)
+        acc[u] = dot4(acc[u], wa, wb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 8 * u)));
+    }
+    // the dequantisation of spmm_int8.h, 8 tokens at a time (same roundings: a product, then one fma;
+    // max(0, v) keeps NaN and -0.0 as the scalar relu does)
+    for (int u = 0; u < NV; ++u) {
+      const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(x.x_scales + t0 + 8 * u), _mm256_set1_ps(ws));
+      __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[u]), scale, _mm256_set1_ps(bias));
+      if (relu) v = _mm256_max_ps(_mm256_setzero_ps(), v);
+      _mm256_store_ps(tile + i * P + 8 * u, v);
+    }
+#else
+    int32_t sums[P];
+    for (int t = 0; t < P; ++t) sums[t] = 0;
+    for (int64_t b = w.row_ptr[n]; b < e; ++b) {
+      const int8_t* wp = w.values + 4 * b;
+      const int32_t w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3];
+      const int8_t* xr = reinterpret_cast<const int8_t*>(xp + static_cast<int64_t>(ci[b]) * P);
+      for (int t = 0; t < P; ++t)
+        sums[t] += w0 * xr[4 * t] + w1 * xr[4 * t + 1] + w2 * xr[4 * t + 2] + w3 * xr[4 * t + 3];
+    }
+    for (int t = 0; t < P; ++t) tile[i * P + t] = dequantize(sums[t], x.x_scales[t0 + t] * ws, bias, relu);
+#endif
+  }
+  for (int64_t t = 0; t < valid; ++t) {
+    float* yr = o.y + (t0 + t) * o.y_row_stride + rb;
+    for (int i = 0; i < nr; ++i) yr[i] = tile[i * P + t];
+  }
+  }
+}
+
+template <int NV, typename Index>
+static void spmm_run(const Int8BlockMatrix& w, const Int8Activations& x, const Int8Output& o) {
+  constexpr int P = 8 * NV;
+  const Index* ci = static_cast<const Index*>(w.col_idx);
+  const int64_t blocks = w.block_col_count();
+  const int64_t panels = (x.tokens + P - 1) / P;
+  // All panels packed once (cheap: one pass over the quantised tokens), then rows split over threads.
+  static thread_local Scratch panel_scratch;
+  int32_t* xp = reinterpret_cast<int32_t*>(panel_scratch.get(static_cast<size_t>(panels * blocks * P)));
+  parallel_run(std::min<int64_t>(o.num_threads, panels), [&](int tid, int parts) {
+    for (int64_t p = tid; p < panels; p += parts)
+      pack_panel<P>(x, blocks, p * P, std::min<int64_t>(P, x.tokens - p * P), xp + p * blocks * P);
+  });
+  std::vector<int64_t> bounds;
+  balanced_rows(w, o.num_threads, bounds);
+  parallel_run(o.num_threads, [&](int tid, int) {
+    for (int64_t p = 0; p < panels; ++p)
+      spmm_panel_rows<NV>(w, ci, xp + p * blocks * P, x, o, p * P, std::min<int64_t>(P, x.tokens - p * P),
+                          bounds[tid], bounds[tid + 1]);
+  });
+}
+
+// The narrowest panel (8, 16 or 32 tokens) that holds every token.
+template <int NVMAX, typename Index>
+static void spmm_typed(const Int8BlockMatrix& w, const Int8Activations& x, const Int8Output& o) {
+  if (x.tokens <= 8 || NVMAX == 1) return spmm_run<1, Index>(w, x, o);
+  if constexpr (NVMAX >= 2)
+    if (x.tokens <= 16 || NVMAX == 2) return spmm_run<2, Index>(w, x, o);
+  if constexpr (NVMAX >= 4) return spmm_run<4, Index>(w, x, o);
+}
+
+template <int NVMAX>
+static void spmm_kernel(const Int8BlockMatrix& w, const Int8Activations& x, const Int8Output& o) {
+  if (w.index_bits == 16) spmm_typed<NVMAX, uint16_t>(w, x, o); else spmm_typed<NVMAX, int32_t>(w, x, o);
+}
+
+}  // namespace q8
+}  // namespace SPARSERT_ISA
+}  // namespace sparsert
+
+#include "common/isa_target_end.inc"
+
+#define SPARSERT_INT8_STR2(x) #x
+#define SPARSERT_INT8_STR(x) SPARSERT_INT8_STR2(x)
+
+namespace sparsert {
+namespace SPARSERT_ISA {
+
+void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
+                             int64_t q_stride, float* scales, int num_threads) {
+  q8::quantize_rows(x, tokens, cols, x_row_stride, q, q_stride, scales, num_threads);
+}
+
+template <int NVMAX>
+void add_int8_kernels(std::vector<Int8KernelInfo>& out) {
+  const std::string isa = SPARSERT_INT8_STR(SPARSERT_ISA);
+  out.push_back({"s8_spmv_bsr1x4_" + isa, isa, "spmv", 1, kInt8BlockCols, &q8::spmv_kernel});
+  out.push_back({"s8_spmm_bsr1x4_" + isa, isa, "spmm", 1, kInt8BlockCols, &q8::spmm_kernel<NVMAX>});
+}
+
+}  // namespace SPARSERT_ISA
+}  // namespace sparsert

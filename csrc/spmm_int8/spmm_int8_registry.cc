@@ -1,0 +1,93 @@
+// The one list of int8 kernels, their selection, the shared per-token
+// quantisation and the entry that runs both.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "common/scratch.h"
+#include "common/thread_pool.h"
+#include "spmm_int8/spmm_int8.h"
+
+namespace sparsert {
+
+namespace reference { void register_int8_kernels(std::vector<Int8KernelInfo>& out); }
+namespace scalar {
+void register_int8_kernels(std::vector<Int8KernelInfo>& out);
+void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
+                      int64_t q_stride, float* scales, int num_threads);
+}
+#if SPARSERT_HAVE_X86_KERNELS
+namespace avx2 {
+void register_int8_kernels(std::vector<Int8KernelInfo>& out);
+void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
+                      int64_t q_stride, float* scales, int num_threads);
+}
+#endif
+
+const std::vector<Int8KernelInfo>& int8_kernel_registry() {
+  static const std::vector<Int8KernelInfo> kernels = [] {
+    std::vector<Int8KernelInfo> all;
+    reference::register_int8_kernels(all);
+    scalar::register_int8_kernels(all);
+#if SPARSERT_HAVE_X86_KERNELS
+    avx2::register_int8_kernels(all);
+#endif
+    return all;
+  }();
+  return kernels;
+}
+
+// Up to this many tokens the per-token kernel (gathers, no packing) beats
+// 8-token panels (which waste lanes below 8 tokens).
+constexpr int64_t kInt8SpmvMaxTokens = 2;
+
+const Int8KernelInfo* select_int8_kernel(int64_t tokens, const std::string& isa) {
+  // AVX-512 CPUs run the AVX2 kernels (no VNNI kernel yet).
+  const std::string use = isa == "avx512" ? "avx2" : isa;
+  const char* kind = tokens <= kInt8SpmvMaxTokens ? "spmv" : "spmm";
+  const Int8KernelInfo* fallback = nullptr;
+  for (const auto& k : int8_kernel_registry()) {
+    if (k.kind == "reference") fallback = &k;
+    if (k.isa == use && k.kind == kind) return &k;
+  }
+  return fallback;
+}
+
+void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
+                      int64_t q_stride, float* scales, int num_threads, const std::string& isa) {
+  const std::string use = isa.empty() ? best_isa() : isa;
+#if SPARSERT_HAVE_X86_KERNELS
+  if ((use == "avx2" || use == "avx512") && isa_supported("avx2"))
+    return avx2::quantize_rows_s8(x, tokens, cols, x_row_stride, q, q_stride, scales, num_threads);
+#endif
+  scalar::quantize_rows_s8(x, tokens, cols, x_row_stride, q, q_stride, scales, num_threads);
+}
+
+const Int8KernelInfo* int8_linear(const Int8BlockMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,
+                                  const Int8Output& out, const Int8KernelInfo* kernel) {
+  if (kernel == nullptr) kernel = select_int8_kernel(tokens, best_isa());
+  if (tokens <= 0 || w.rows <= 0) return kernel;
+  // Rows of whole 32-byte lines: the gathers and panel packing read 4-byte lanes up to block_col_count() * 4.
+  const int64_t stride = (w.block_col_count() * kInt8BlockCols + 31) / 32 * 32;
+  static thread_local Scratch q_scratch, scale_scratch;
+  int8_t* xq = reinterpret_cast<int8_t*>(q_scratch.get(static_cast<size_t>((tokens * stride + 3) / 4)));
+  // scales of whole 32-token panels (the spmm kernels load 8 at a time), zero past the tokens
+  const int64_t padded_tokens = (tokens + 31) / 32 * 32;
+  float* scales = scale_scratch.get(static_cast<size_t>(padded_tokens));
+  std::fill(scales + tokens, scales + padded_tokens, 0.0f);
+  quantize_rows_s8(x, tokens, w.cols, x_row_stride, xq, stride, scales, out.num_threads,
+                   kernel->isa == "reference" ? "scalar" : kernel->isa);
+  Int8Activations a;
+  a.xq = xq;
+  a.xq_stride = stride;
+  a.x_scales = scales;
+  a.tokens = tokens;
+  kernel->fn(w, a, out);
+  return kernel;
+}
+
+}  // namespace sparsert

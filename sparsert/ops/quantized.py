@@ -1,0 +1,188 @@
+"""The int8 sparse Linear op ``torch.ops.sparsert.linear_q8bsr``: its schema, fake,
+pure-torch default and native CPU kernel, and the public :func:`linear_q8_arrays`.
+
+``y = act(w_scale[n] * x_scale[t] * (xq @ Wq.T)[t, n] + bias[n])`` for an int8 weight
+in 1x4 blocks (:class:`sparsert.formats.q8bsr.Q8BSR`) and ``x`` quantised per token
+to symmetric int8 (:func:`quantize_tokens`, the kernels' rule, repeated in torch).
+Inference only: the op has no autograd formula (an int8 layer is not trained).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..formats._common import decode_indices, index_bits
+from ..formats.base import dense_from_blocks
+from ..formats.q8bsr import BLOCK_COLS, MAX_COLS, QMAX
+from . import epilogue
+from ._threads import get_num_threads
+from .backends.cpu import Validated, _remembered, _version, eager_cpu_call, float32_bias
+from .schema import _activation, _int, _tensor
+
+__all__ = ["linear_q8bsr", "linear_q8bsr_torch", "linear_q8_arrays", "quantize_tokens", "check_q8_arrays",
+           "int8_kernels"]
+
+_OP = "sparsert::linear_q8bsr"
+
+
+def quantize_tokens(x2: Tensor) -> tuple[Tensor, Tensor]:
+    """(q int8, scales float32) of a 2-D float32 ``x``, per row: ``scale = amax / 127``,
+    ``q = clamp(round_half_even(x * (127 / amax)), -127, 127)``; amax 0 gives scale 0
+    and q 0, a row with NaN/inf scale NaN and q 0. The kernels' rule exactly
+    (``quantize_rows_s8`` in csrc/spmm_int8/spmm_int8.h)."""
+    x2 = x2.to(torch.float32)
+    a = x2.abs()
+    finite = torch.isfinite(x2).all(-1) if x2.shape[-1] else torch.ones(x2.shape[0], dtype=torch.bool)
+    amax = torch.where(finite, a.amax(-1) if x2.shape[-1] else torch.zeros(x2.shape[0]), torch.zeros(()))
+    inv = torch.where(amax > 0, QMAX / amax, torch.zeros(()))
+    q = torch.round(torch.where(finite[:, None], x2, torch.zeros(())) * inv[:, None]).clamp(-QMAX, QMAX)
+    scales = torch.where(finite, amax / QMAX, torch.full((), float("nan")))
+    return q.to(torch.int8), scales
+
+
+def _check_args(x, row_ptr, col_indices, qblocks, scales, out_features, bias, activation, num_threads):
+    _tensor(_OP, "x", x, 1)
+    for name, t in (("row_ptr", row_ptr), ("col_indices", col_indices), ("qblocks", qblocks), ("scales", scales)):
+        _tensor(_OP, name, t)
+    if bias is not None:
+        _tensor(_OP, "bias", bias)
+    _int(_OP, "out_features", out_features, 0)
+    _activation(_OP, activation)
+    _int(_OP, "num_threads", num_threads, 0)
+
+
+def linear_q8bsr_torch(x: Tensor, row_ptr: Tensor, col_indices: Tensor, qblocks: Tensor, scales: Tensor,
+                       out_features: int, bias: Optional[Tensor], activation: int) -> Tensor:
+    """Pure torch, the same arithmetic as the kernels: per-token quantisation, an exact
+    integer product (float64 holds every int32 sum exactly), then ``acc * (x_scale *
+    w_scale) + bias`` rounded once to float32 from float64 (the kernels' fused multiply-add
+    rounds once from the exact value: the two agree except when float64 rounding of the
+    sum lands on a float32 tie, i.e. to within 1 ulp)."""
+    cols = x.shape[-1]
+    x2 = x.reshape(-1, cols)
+    q, xs = quantize_tokens(x2)
+    wq = dense_from_blocks(row_ptr, col_indices, qblocks.to(torch.float64), out_features, cols, 1, BLOCK_COLS)
+    acc = q.to(torch.float64) @ wq.T  # exact: |sums| < 2^31
+    scale = (xs[:, None] * scales.to(torch.float32)[None, :]).to(torch.float64)
+    y = acc.to(torch.float32).to(torch.float64) * scale
+    if bias is not None:
+        y = y + bias.to(torch.float32).to(torch.float64)
+    y = epilogue.reference(y.to(torch.float32), activation)
+    return y.reshape(*x.shape[:-1], out_features).to(x.dtype if x.dtype.is_floating_point else torch.float32)
+
+
+@torch.library.custom_op("sparsert::linear_q8bsr", mutates_args=())
+def linear_q8bsr(x: Tensor, row_ptr: Tensor, col_indices: Tensor, qblocks: Tensor, scales: Tensor,
+                 out_features: int, bias: Optional[Tensor], activation: int, num_threads: int) -> Tensor:
+    """act(dequant(quant(x) @ Wq.T) + bias) for W given as int8 1x4-block arrays and per-row scales."""
+    _check_args(x, row_ptr, col_indices, qblocks, scales, out_features, bias, activation, num_threads)
+    _check_contents(row_ptr, col_indices, qblocks, scales, out_features, x.shape[-1])
+    return linear_q8bsr_torch(x, row_ptr, col_indices, qblocks, scales, out_features, bias, activation)
+
+
+@linear_q8bsr.register_fake
+def _linear_q8bsr_fake(x, row_ptr, col_indices, qblocks, scales, out_features, bias, activation, num_threads):
+    _check_args(x, row_ptr, col_indices, qblocks, scales, out_features, bias, activation, num_threads)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+# --------------------------------------------------------------------------- the CPU kernel
+def _check_contents(row_ptr, col_indices, qblocks, scales, out_features, in_features) -> None:
+    """The O(nnz) checks that keep the kernel inside x and the weight."""
+    if in_features > MAX_COLS:
+        raise ValueError(f"{_OP}: in_features {in_features} is too wide for int32 accumulation (at most {MAX_COLS})")
+    if qblocks.dtype != torch.int8 or qblocks.dim() != 2 or qblocks.shape[1] != BLOCK_COLS:
+        raise ValueError(f"{_OP}: qblocks must be int8 (nblocks, 4), got {qblocks.dtype} {tuple(qblocks.shape)}")
+    if scales.shape != (out_features,) or not scales.is_floating_point():
+        raise ValueError(f"{_OP}: scales must be float of shape ({out_features},), got {tuple(scales.shape)}")
+    if row_ptr.numel() != out_features + 1:
+        raise ValueError(f"row_ptr has {row_ptr.numel()} entries, expected {out_features + 1}")
+    rp = row_ptr.to(torch.int64)
+    if int(rp[0]) != 0 or bool((rp[1:] < rp[:-1]).any()):
+        raise ValueError("row_ptr must start at 0 and be non-decreasing")
+    nnz = int(rp[-1])
+    if col_indices.numel() != nnz or qblocks.shape[0] != nnz:
+        raise ValueError("col_indices/qblocks sizes do not match row_ptr[-1]")
+    if nnz:
+        cols = decode_indices(col_indices)
+        nbc = -(-in_features // BLOCK_COLS)
+        if int(cols.min()) < 0 or int(cols.max()) >= nbc:
+            raise ValueError(f"column indices must lie in [0, {nbc}) (block columns of a "
+                             f"{out_features}x{in_features} matrix)")
+
+
+def check_q8_arrays(row_ptr: Tensor, col_indices: Tensor, qblocks: Tensor, scales: Tensor, out_features: int,
+                    in_features: int) -> Validated:
+    """Validates the arrays as the int8 kernels read them (contiguous CPU int32 row
+    pointer, int16/int32 indices, int8 qblocks, float32 scales) and returns private
+    copies of the row pointer, indices and scales (remembered per objects and versions,
+    like :func:`sparsert.ops.backends.cpu.check_weight_arrays`)."""
+    def validate() -> Validated:
+        for name, t, dtypes in (("row_ptr", row_ptr, (torch.int32,)), ("col_indices", col_indices,
+                                (torch.int16, torch.int32)), ("qblocks", qblocks, (torch.int8,)),
+                                ("scales", scales, (torch.float32,))):
+            if not isinstance(t, Tensor) or t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in dtypes:
+                raise ValueError(f"{name} must be a contiguous CPU tensor of {dtypes} (build weights with "
+                                 "sparsert.formats.q8bsr.Q8BSR)")
+        rp, ci, sc = row_ptr.clone(), col_indices.clone(), scales.clone()
+        _check_contents(rp, ci, qblocks, sc, out_features, in_features)
+        # the kernel reads 4 bytes per block: a view of qblocks as int32 (or a private copy when unaligned)
+        lanes = qblocks if qblocks.data_ptr() % 4 == 0 else qblocks.clone()
+        lanes = lanes.view(torch.int32).reshape(-1)
+        return Validated((rp, ci, sc, lanes), lanes,
+                         (rp.data_ptr(), rp.numel(), ci.data_ptr(), ci.numel(), index_bits(ci), lanes.data_ptr(),
+                          qblocks.numel(), sc.data_ptr()))
+
+    key = (out_features, in_features, "q8", id(scales), _version(scales))
+    return _remembered(row_ptr, col_indices, qblocks, key, validate)
+
+
+def linear_q8bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, qblocks: Tensor, scales: Tensor,
+                     out_features: int, bias: Optional[Tensor], activation: int, num_threads: int,
+                     kernel: str = "") -> Tensor:
+    """The native CPU path; ``kernel`` forces an int8 registry kernel (tests, benchmarks)."""
+    from .._ext import native
+
+    if x.dim() == 0:
+        raise ValueError(f"{_OP}: x must have at least 1 dimension(s), got shape ()")
+    in_features = x.shape[-1]
+    checked = check_q8_arrays(row_ptr, col_indices, qblocks, scales, out_features, in_features)
+    x32 = x if x.dtype == torch.float32 else x.float()
+    x2 = x32.reshape(-1, in_features)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
+        x2 = x2.contiguous()
+    tokens = x2.shape[0]
+    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().to(torch.float32).contiguous()
+    native().spmm_int8(out_features, in_features, *checked.native, x2.data_ptr(), tokens,
+                       x2.stride(0) if tokens else in_features, y.data_ptr(), out_features,
+                       float32_bias(bias, out_features), epilogue.kernel_code(activation),
+                       num_threads if num_threads > 0 else get_num_threads(), kernel)
+    y = epilogue.finish(y, activation)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+@linear_q8bsr.register_kernel("cpu")
+def _linear_q8bsr_cpu(x, row_ptr, col_indices, qblocks, scales, out_features, bias, activation, num_threads):
+    _check_args(x, row_ptr, col_indices, qblocks, scales, out_features, bias, activation, num_threads)
+    return linear_q8bsr_cpu(x, row_ptr, col_indices, qblocks, scales, out_features, bias, activation, num_threads)
+
+
+def linear_q8_arrays(x: Tensor, row_ptr: Tensor, col_indices: Tensor, qblocks: Tensor, scales: Tensor,
+                     out_features: int, bias: Optional[Tensor], code: int, num_threads: int = 0) -> Tensor:
+    """The int8 op over a :class:`~sparsert.formats.q8bsr.Q8BSR`'s arrays and an epilogue
+    code: a plain eager CPU call runs the kernel directly, anything else calls the op."""
+    if eager_cpu_call(x, bias, scales):
+        return linear_q8bsr_cpu(x, row_ptr, col_indices, qblocks, scales, out_features, bias, code, num_threads)
+    return torch.ops.sparsert.linear_q8bsr.default(x, row_ptr, col_indices, qblocks, scales, out_features, bias,
+                                                   code, num_threads)
+
+
+def int8_kernels() -> list:
+    """Every native int8 kernel of this build (name, isa, kind, block, supported)."""
+    from .._ext import native
+    return native().int8_kernels()
