@@ -41,13 +41,14 @@ def _setting(s: str) -> tuple[str, float]:
 
 
 def prune_one(model, reference, method: str, pattern: str, sparsity: float, names, calib, progress: bool,
-              owl_lambda: float):
+              owl_lambda: float, owl_m: float = 5.0, criterion_options: dict | None = None):
     importance, *extras = method.split("+")
-    allocation = "owl" if "owl" in extras else "uniform"
+    allocation = "owl" if "owl" in extras else "sensitivity" if "sens" in extras else "uniform"
     scope = "layer" if importance == "sparsegpt" or allocation != "uniform" else None
+    options = {"lam": owl_lambda, "m": owl_m} if allocation == "owl" else None
     p = Pruner(model, importance=importance, pattern=pattern, sparsity=sparsity, include=list(names),
-               scope=scope, allocation=allocation, allocation_options={"lam": owl_lambda} if allocation == "owl" else None,
-               progress=progress)
+               scope=scope, allocation=allocation, allocation_options=options, progress=progress,
+               **((criterion_options or {}) if importance == "sparsegpt" else {}))
     assert set(p.layers) == set(names), "must prune exactly the chosen Linear layers"
     p.calibrate(calib)
     p.step()
@@ -70,7 +71,13 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (smollm2)")
     ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens (smollm2)")
     ap.add_argument("--seq-len", type=int, default=256, help="token window (smollm2)")
+    ap.add_argument("--calib-split", choices=["calibration", "train"], default="calibration",
+                    help="corpus split to calibrate on: stdlib only, or the five training sources (never eval's)")
     ap.add_argument("--owl-lambda", type=float, default=0.08)
+    ap.add_argument("--owl-m", type=float, default=5.0)
+    ap.add_argument("--damp", type=float, default=0.01, help="SparseGPT dampening (fraction of mean diag H)")
+    ap.add_argument("--correction-damp", type=float, default=0.1, help="SparseGPT dense-target refit ridge")
+    ap.add_argument("--target", choices=["dense", "pruned"], default="dense", help="SparseGPT objective")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (small ops run best on 1)")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
@@ -82,11 +89,12 @@ def main() -> None:
         from sparsert.models import smollm2 as mod
     reason = mod.unavailable_reason()
     if reason:
-        raise SystemExit(reason)
+        print(f"skipped: {reason}")
+        return
     model, tok = mod.load()
 
     if args.model == "minilm":
-        calib_s = corpus.split("calibration", args.calib, shuffled=True, seed=0)
+        calib_s = corpus.split(args.calib_split, args.calib, shuffled=True, seed=0)
         held_s = corpus.split("eval", args.heldout, shuffled=True, seed=0)
         calib = mod.tokenize(tok, calib_s, batch_size=32)
         dense = mod.embed(model, tok, held_s)
@@ -98,11 +106,11 @@ def main() -> None:
 
         head = "| method | pattern | sparsity | mean cosine | min cosine | pattern ok | prune s |"
         data_line = (f"all-MiniLM-L6-v2, {len(names)} encoder Linear layers; calibration: {len(calib_s)} "
-                     f"stdlib sentences; evaluation: {len(held_s)} numpy/scipy/torch sentences")
+                     f"{args.calib_split}-split sentences; evaluation: {len(held_s)} numpy/scipy/torch sentences")
     else:
         # extraction order keeps neighbouring sentences of one docstring together (context for the LM)
         bs = 4
-        calib = mod.token_batches(tok, corpus.split("calibration"), args.seq_len, bs,
+        calib = mod.token_batches(tok, corpus.split(args.calib_split), args.seq_len, bs,
                                   max_batches=max(1, args.calib_tokens // (args.seq_len * bs)))
         held = mod.token_batches(tok, corpus.split("eval"), args.seq_len, bs,
                                  max_batches=max(1, args.eval_tokens // (args.seq_len * bs)))
@@ -115,7 +123,7 @@ def main() -> None:
 
         head = "| method | pattern | sparsity | perplexity | x dense | pattern ok | prune s |"
         data_line = (f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32), {len(names)} attention/MLP "
-                     f"Linear layers; calibration: {sum(b['input_ids'].numel() for b in calib)} stdlib tokens; "
+                     f"Linear layers; calibration: {sum(b['input_ids'].numel() for b in calib)} {args.calib_split}-split tokens; "
                      f"evaluation: {sum(b['input_ids'].numel() for b in held)} numpy/scipy/torch tokens "
                      f"(windows of {args.seq_len}); dense perplexity {dense_ppl:.2f}")
     print("#", data_line, flush=True)
@@ -127,14 +135,17 @@ def main() -> None:
                 continue  # N:M fixes every layer's sparsity: nothing to allocate
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
-            got, ok = prune_one(m, model, method, pattern, sparsity, names, calib, args.progress, args.owl_lambda)
+            got, ok = prune_one(m, model, method, pattern, sparsity, names, calib, args.progress, args.owl_lambda,
+                                args.owl_m, {"damp": args.damp, "correction_damp": args.correction_damp,
+                                             "target": args.target})
             dt = time.perf_counter() - t0
             q = quality(m)
             rows.append((method, pattern, got, q, ok, dt))
             print(f"# {method:18s} {pattern:12s} {got:.3f} {q[0]:.4f} {q[1]:.4f} ok={ok} {dt:.0f}s", flush=True)
             del m
     print()
-    print(data_line + f"; {args.threads} torch thread(s); total {time.perf_counter() - t_start:.0f} s.\n")
+    print(data_line + f"; SparseGPT damp {args.damp}, target {args.target}, refit ridge {args.correction_damp}; "
+          f"OWL lambda {args.owl_lambda}, M {args.owl_m}; {args.threads} torch thread(s); total {time.perf_counter() - t_start:.0f} s.\n")
     print(head)
     print("| --- | --- | ---: | ---: | ---: | :---: | ---: |")
     for method, pattern, got, q, ok, dt in rows:

@@ -3,13 +3,14 @@
 ```
 sparsert prune    MODEL --sparsity 0.9 --importance taylor --pattern 4x1 [--calib DATA] -o OUT
 sparsert prune    MODEL --target-speedup 2 [--baseline best_dense|torch] -o OUT   (planned per layer)
+sparsert prune    minilm --sparsity 0.8 --importance wanda --recover-minutes 30 --checkpoint DIR -o OUT
 sparsert sparsify MODEL --example-shape 1x128 -o OUT          (OUT.pt2: a torch.export program)
 sparsert bench    MODEL [--dense DENSE] [--threads N] [--plot speedup.png]
 sparsert inspect  FILE
 ```
 
 MODEL is a built-in example (``digits-mlp``, ``digits-cnn``, ``bert-base``,
-``minilm``), a Hugging Face model directory, a sparsert file or (bench) a
+``minilm``, ``smollm2``), a Hugging Face model directory, a sparsert file or (bench) a
 ``.pt2``. Every subcommand takes ``--json`` (one JSON document on stdout).
 Bad arguments or files end with exit status 2 (usage) or 1 (anything else)
 and one line on stderr saying what is wrong.
@@ -418,16 +419,48 @@ def cmd_prune(args) -> int:
         dense = copy.deepcopy(wl.model)
         steps.start("measuring the dense model's quality")
         before = wl.quality(dense, dense)
-        pruner = Pruner(wl.model, importance=args.importance, pattern=args.pattern, sparsity=args.sparsity,
-                        scope=args.scope, exclude=args.exclude or (), progress=show)
-        if pruner.criterion.needs_data or args.calib:
+        recovering = args.recover_minutes > 0
+        if args.checkpoint and not recovering:
+            raise CliError("--checkpoint keeps a recovery run: give --recover-minutes too")
+        recovery_steps = args.recover_steps
+        schedule: Any = "oneshot"
+        if recovering:
+            from .prune import Gradual
+
+            # prune along the cubic schedule over the first half, distil all along
+            end = max(1, int(recovery_steps * args.recover_prune_frac))
+            schedule = Gradual(begin_step=0, end_step=end, frequency=max(1, end // 20))
+        try:
+            pruner = Pruner(wl.model, importance=args.importance, pattern=args.pattern, sparsity=args.sparsity,
+                            scope=args.scope, exclude=args.exclude or (), include=wl.extra.get("include"),
+                            allocation=args.allocation, schedule=schedule, progress=show)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        if pruner.criterion.needs_data or args.calib or args.allocation != "uniform":
             steps.start(f"calibrating ({args.importance})")
             pruner.calibrate(wl.calibration(args.calib, limit=args.calib_batches), wl.loss_fn())
-        steps.start(f"pruning to {args.sparsity:g} ({args.pattern})")
-        while True:
-            pruner.step()
-            if pruner.done:
-                break
+        recovered = None
+        if recovering:
+            data = wl.train_batches()
+            if data is None:
+                raise CliError(f"{wl.name}: no training data for recovery with this model")
+            from .prune import recover
+
+            steps.start(f"gradual pruning to {args.sparsity:g} ({args.pattern}) with distillation "
+                        f"(at most {args.recover_minutes:g} min)")
+            ckpt = Path(args.checkpoint) / "recover.pt" if args.checkpoint else None
+            try:
+                recovered = recover(wl.model, dense, data, steps=recovery_steps, pruner=pruner, lr=args.recover_lr,
+                                    checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
+                                    time_budget=args.recover_minutes * 60.0, progress=show)
+            except ValueError as e:  # e.g. a checkpoint of a run with other settings
+                raise CliError(f"--checkpoint {args.checkpoint}: {e}") from None
+        else:
+            steps.start(f"pruning to {args.sparsity:g} ({args.pattern})")
+            while True:
+                pruner.step()
+                if pruner.done:
+                    break
         refit = {}
         if args.reconstruct:
             from .prune import reconstruct
@@ -449,6 +482,10 @@ def cmd_prune(args) -> int:
         after = wl.quality(wl.model, dense)
         rep = report(wl.model)
         kind = _kind_for_pattern(args.pattern)
+        if recovered is not None and not recovered.done and rep.sparsity == 0:
+            raise CliError(f"recovery stopped at step {recovered.step}/{recovered.steps} (time budget spent) before "
+                           "any weight was pruned; " + ("run the same command again to continue from the checkpoint"
+                                                        if args.checkpoint else "give more --recover-minutes"))
         steps.start(f"packing ({kind}) and saving")
         sparse = sparsify(wl.model, format=kind, check=False, progress=False)
         info = io.save(sparse, out)
@@ -462,12 +499,18 @@ def cmd_prune(args) -> int:
                             for name, e in refit.items()},
             "file_bytes": info["file_bytes"], "dense_equivalent_bytes": summ["dense_equivalent_bytes"],
             "compression": summ["compression"], "sizes": sizes, "size_note": size_note(sizes),
-            "seconds": time.perf_counter() - t0,
+            "seconds": time.perf_counter() - t0, "allocation": args.allocation,
+            "recovery": None if recovered is None else {
+                "step": recovered.step, "steps": recovered.steps, "done": recovered.done,
+                "resumed_from": recovered.resumed_from, "seconds": recovered.elapsed,
+                "first_loss": recovered.losses[0] if recovered.losses else None,
+                "last_loss": recovered.losses[-1] if recovered.losses else None},
             "layers": [{"layer": l.name, "sparsity": l.sparsity, "params": l.params} for l in rep.layers]}
     text = "\n".join([
         str(rep),
         "",
         f"quality before: {_q(before)}   after: {_q(after)}",
+        *([_recovery_line(recovered, args)] if recovered is not None else []),
         *([_refit_line(refit)] if refit else []),
         f"wrote {out} ({kind}): {_fmt_bytes(info['file_bytes'])}, {summ['compression']:.2f}x smaller than the "
         f"dense state_dict ({_fmt_bytes(summ['dense_equivalent_bytes'])}); "
@@ -476,6 +519,18 @@ def cmd_prune(args) -> int:
     ])
     _emit(args, data, text)
     return 0
+
+
+def _recovery_line(r, args) -> str:
+    line = (f"recovery: {r.step}/{r.steps} steps in {r.elapsed:.0f} s"
+            + (f" (resumed from step {r.resumed_from})" if r.resumed_from else ""))
+    if r.losses:
+        line += f", distillation loss {r.losses[0]:.4g} -> {r.losses[-1]:.4g}"
+    if not r.done:
+        line += ("; PARTIAL (time budget spent): " + (
+            "run the same command again to continue from the checkpoint" if args.checkpoint
+            else "give --checkpoint DIR to continue a run later"))
+    return line
 
 
 def _refit_line(refit: dict) -> str:
@@ -601,6 +656,26 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {v}")
+    return v
+
+
 _positive_int = _int_at_least(1, "a positive integer")
 _nonneg_int = _int_at_least(0, "a non-negative integer")
 
@@ -610,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    models = "a built-in example (digits-mlp, digits-cnn, bert-base, minilm), a Hugging Face model directory or a sparsert file"
+    models = "a built-in example (digits-mlp, digits-cnn, bert-base, minilm, smollm2), a Hugging Face model directory or a sparsert file"
     p = _Parser(prog=PROG, description="Prune, sparsify, benchmark and inspect sparse PyTorch models.")
     p.add_argument("--version", action="version", version=f"sparsert {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -635,6 +710,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the calibration data (least squares, no training; zeros stay zero)")
     s.add_argument("--finetune-epochs", type=_nonneg_int, default=0, help="mask-preserving fine-tuning epochs")
     s.add_argument("--lr", type=_positive_float, default=1e-3, help="fine-tuning learning rate")
+    s.add_argument("--allocation", choices=["uniform", "owl", "sensitivity"], default="uniform",
+                   help="how the sparsity is spread over the layers: the same everywhere, OWL (outlier-weighted) "
+                        "or by measured sensitivity; the mean stays --sparsity (default uniform)")
+    s.add_argument("--recover-minutes", type=_nonneg_float, default=0.0,
+                   help="recovery: prune gradually while distilling from the dense model on the example's training "
+                        "text, for at most this many minutes (default 0: one-shot pruning)")
+    s.add_argument("--recover-steps", type=_positive_int, default=2000,
+                   help="recovery optimizer steps in all (the schedules span them; default 2000)")
+    s.add_argument("--recover-prune-frac", type=_fraction, default=0.5,
+                   help="share of the recovery steps over which the sparsity ramps up (default 0.5)")
+    s.add_argument("--recover-lr", type=_positive_float, default=1e-4, help="recovery learning rate (default 1e-4)")
+    s.add_argument("--checkpoint", metavar="DIR", default=None,
+                   help="recovery checkpoint folder: written as the run goes; the same command again continues "
+                        "where the last one stopped")
+    s.add_argument("--checkpoint-every", type=_positive_int, default=100,
+                   help="recovery steps between checkpoints (default 100)")
     s.add_argument("-o", "--output", required=True, metavar="OUT", help="sparsert file to write (.sparsert)")
     # the latency-budget planner (sparsert.planner): instead of --sparsity and --pattern
     s.add_argument("--target-speedup", type=_positive_float, default=None, metavar="X",

