@@ -6,7 +6,6 @@ quality = embedding cosine to the dense model on held-out numpy/scipy/torch pros
 """
 import os, sys, time, copy, json
 
-import torch
 from sparsert import models
 from sparsert.bench import benchmark, best_dense_model
 from sparsert.planner import Pruner, sparsify_planned
