@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..convert.timing import call_model, close, flatten_tensors, max_rel_err
-from ..nn import DenseLinear, SparseConv2d, SparseLinear
+from ..nn import SparseConv2d, SparseLinear
 from ..nn.surgery import swap
 from ..prune import Pruner as _KernelFreePruner
 from ..prune.allocation import sensitivity_tables
