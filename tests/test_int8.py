@@ -292,3 +292,32 @@ def test_cli_sparsify_int8_and_inspect_precision(tmp_path):
     assert layers and all(l["precision"] == "int8" and l["kind"] == "q8bsr1x4" for l in layers)
     r = cli("inspect", out)
     assert "precision" in r.stdout and "int8" in r.stdout
+
+
+def test_format_registers_itself_consistently():
+    from sparsert.formats import format_class, kind_name, parse_kind
+
+    assert parse_kind("Q8BSR1x4") == ("q8bsr",) and kind_name("q8bsr") == "q8bsr1x4"
+    assert format_class("q8bsr1x4") == (Q8BSR, ())
+    gen = torch.Generator().manual_seed(8)
+    w = block_weight(9, 18, 0.4, gen)
+    fmt = pack(w, "q8bsr1x4")
+    assert list(fmt.tensors()) == list(Q8BSR.ARRAYS)
+    assert all(t.dtype in Q8BSR.ARRAYS[name] for name, t in fmt.tensors().items())
+    back = Q8BSR.from_saved(dict(fmt.tensors()), fmt.shape)
+    assert all(torch.equal(back.tensors()[n], t) for n, t in fmt.tensors().items())
+    assert torch.equal((fmt.to_dense() != 0) & (w == 0), torch.zeros_like(w, dtype=torch.bool))
+    assert float((fmt.to_dense() - w).abs().max()) <= float(fmt.scales.max()) / 2 + 1e-6  # half a step
+
+
+def test_int8_model_guard_uses_row_cosine():
+    from sparsert.convert.sparsify import _int8_agree
+
+    ref = torch.randn(4, 6, 32)
+    noisy = ref + 0.01 * torch.randn(4, 6, 32)
+    noisy[0, 0] = ref[0, 0] * 1.2  # one row off by 20% in scale: cosine 1, element error large
+    assert _int8_agree(noisy, ref)
+    broken = ref.clone()
+    broken[1, 2] = -ref[1, 2]
+    assert not _int8_agree(broken, ref)
+    assert not _int8_agree(ref[:, :, :16], ref)
