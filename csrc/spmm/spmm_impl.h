@@ -285,13 +285,15 @@ static void pack_panel(const float* x, int64_t tokens, int64_t x_row_stride, int
   const int64_t valid = std::min<int64_t>(P, tokens - t0);
   const int64_t k_real_end = std::min(k_end, cols);
   if (k_begin < k_real_end) {
-    // xp[k][t] = x[t0 + t][k]: a transpose of the valid tokens ...
-    transpose(x + t0 * x_row_stride + k_begin, x_row_stride, valid, k_real_end - k_begin,
-              xp + k_begin * P, P);
-    // ... with the tokens past the end zeroed.
+    // The tokens past the end are zero: zero whole rows with vector stores
+    // first (a memset call per row cost ~30 us of a ~100 us one-token
+    // product over 3072 columns) ...
     if (valid < P)
       for (int64_t k = k_begin; k < k_real_end; ++k)
-        std::memset(xp + k * P + valid, 0, sizeof(float) * (P - valid));
+        for (int v = 0; v < P / VW; ++v) store(xp + k * P + v * VW, vf{});
+    // ... then xp[k][t] = x[t0 + t][k]: a transpose of the valid tokens.
+    transpose(x + t0 * x_row_stride + k_begin, x_row_stride, valid, k_real_end - k_begin,
+              xp + k_begin * P, P);
   }
   // Columns past the matrix edge (padding of edge blocks) are zero.
   for (int64_t k = std::max(k_begin, cols); k < k_end; ++k) std::memset(xp + k * P, 0, sizeof(float) * P);
