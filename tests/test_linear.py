@@ -100,7 +100,7 @@ def test_kernel_edge_matrices(kernel, case):
 
 @pytest.mark.parametrize("kernel", [k for k in KERNELS if k["kind"] == "spmm"], ids=lambda k: k["name"])
 def test_kernel_many_tokens(kernel):
-    w = random_sparse(45, 70, 0.2, kernel["block"])
+    w = random_sparse(45, 70, 0.2, kernel["block"] if kernel["block"] != (0, 0) else (1, 1))
     fmt = _format_for(kernel, w)
     x = torch.randn(4099, 70)
     assert_close(run_kernel(kernel["name"], fmt, x), reference(x, w), k=70)
@@ -323,8 +323,68 @@ def test_pure_torch_default_matches(activation):
 def test_select_kernel_picks_spmv_for_one_token_and_spmm_for_many(isa):
     assert native().select_kernel(4, 1, 1, isa) == f"f32_spmv_bsr4x1_{isa}"
     assert native().select_kernel(4, 1, 128, isa) == f"f32_spmm_bsr4x1_{isa}"
-    # an unusual tile falls back to the reference kernel rather than failing
-    assert native().select_kernel(3, 5, 128, isa) == "f32_spmm_bsr_reference"
+    # a tile without its own kernel gets the ISA's any-shape micro-kernel
+    assert native().select_kernel(3, 5, 128, isa) == f"f32_spmm_bsr_any_{isa}"
+    assert native().select_kernel(16, 16, 1, isa) == f"f32_spmv_bsr_any_{isa}"
+    assert native().select_kernel(4, 1, 128, "no-such-isa") == "f32_spmm_bsr_reference"
+
+
+ANY_SHAPE_KERNELS = [k for k in KERNELS if "_bsr_any_" in k["name"]]
+# Shapes with no kernel of their own: wide (C >= a vector), narrow, tall
+# columns (R x 1), odd, and 1x1 (CSR arrays through the any-shape path).
+ANY_BLOCKS = [(1, 1), (2, 2), (3, 5), (5, 17), (7, 8), (8, 8), (1, 9), (9, 1), (32, 1), (16, 16), (1, 32)]
+
+
+def test_every_isa_has_an_any_shape_kernel_of_each_kind():
+    for isa in {k["isa"] for k in native().kernels()} - {"reference"}:
+        names = {k["name"] for k in native().kernels() if k["isa"] == isa}
+        assert {f"f32_spmm_bsr_any_{isa}", f"f32_spmv_bsr_any_{isa}"} <= names
+
+
+@pytest.mark.parametrize("kernel", ANY_SHAPE_KERNELS, ids=lambda k: k["name"])
+@pytest.mark.parametrize("block", ANY_BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("tokens", [1, 2, 7, 33, 130, 1000])  # 1000: panels split between threads
+def test_any_shape_kernel_matches_torch(kernel, block, tokens):
+    rows, cols = 37, 53  # multiples of no block: padded edge blocks in both directions
+    w = random_sparse(rows, cols, 0.35, block, empty_rows=(0, 36))
+    fmt = BSR.from_dense(w, block)
+    x = torch.randn(tokens, cols)
+    bias = torch.randn(rows)
+    for b, act in [(None, 0), (bias, 1)]:
+        y = run_kernel(kernel["name"], fmt, x, b, act)
+        assert_close(y, reference(x, w, b, "relu" if act else None), k=cols)
+
+
+@pytest.mark.parametrize("kernel", ANY_SHAPE_KERNELS, ids=lambda k: k["name"])
+@pytest.mark.parametrize("block", [(16, 16), (32, 1), (3, 5)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("case", ["all_zero", "dense", "empty_block_rows", "wide_int32"])
+def test_any_shape_kernel_edge_matrices(kernel, block, case):
+    r, c = block
+    rows, cols, density = {"all_zero": (40, 50, 0.0), "dense": (40, 50, 1.0),
+                           "empty_block_rows": (70, 50, 0.5), "wide_int32": (r + 1, 70_000 * c, 0.0005)}[case]
+    w = random_sparse(rows, cols, density, block)
+    if case == "empty_block_rows":
+        w[: 2 * r] = 0  # the first two block rows hold no block
+        w[-r:] = 0
+    fmt = BSR.from_dense(w, block)
+    if case == "wide_int32":
+        assert fmt.col_indices.dtype == torch.int32
+    for tokens in (1, 5) if case == "wide_int32" else (1, 5, 33):
+        x = torch.randn(tokens, cols)
+        bias = torch.randn(rows)
+        for threads in (1, 3):
+            y = run_kernel(kernel["name"], fmt, x, bias, 1, threads=threads)
+            assert_close(y, reference(x, w, bias, "relu"), k=cols)
+
+
+@pytest.mark.parametrize("block", [(16, 16), (8, 8), (32, 1), (2, 2)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_linear_op_on_blocks_without_their_own_kernel(block):
+    # the op's default selection (any-shape kernels), many tokens and one
+    w = random_sparse(96, 80, 0.3, block)
+    fmt = BSR.from_dense(w, block)
+    for tokens in (1, 300):
+        x = torch.randn(tokens, 80)
+        assert_close(ops.linear(x, fmt), reference(x, w), k=80)
 
 
 def test_raw_op_rejects_inconsistent_arrays_without_crashing():

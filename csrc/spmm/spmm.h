@@ -38,7 +38,7 @@ struct KernelInfo {
   std::string name;    // e.g. "f32_spmm_bsr4x1_avx2"
   std::string isa;     // "reference", "scalar", "avx2", "avx512"
   std::string kind;    // "spmm" (token panels, for many tokens) or "spmv" (per token)
-  int block_rows = 1;  // tile this kernel handles; 0 = any (reference)
+  int block_rows = 1;  // tile this kernel handles; 0 = any shape (reference, f32_*_bsr_any_<isa>)
   int block_cols = 1;
   SpmmFn fn = nullptr;
 };

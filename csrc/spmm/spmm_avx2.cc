@@ -17,6 +17,7 @@ void register_kernels(std::vector<KernelInfo>& out) {
   add_tile<8, 1, 4, 2>(out);    // 8x1 as two 4-row passes
   add_tile<16, 1, 4, 2>(out);   // 16x1 as four 4-row passes
   add_tile<4, 4, 4, 2>(out);    // 4x4
+  add_any_tile<8, 4>(out);      // any other R x C: 8 accumulators, 4x16 or 2x32 (rows x tokens)
 }
 
 }  // namespace avx2

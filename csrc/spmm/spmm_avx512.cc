@@ -16,6 +16,7 @@ void register_kernels(std::vector<KernelInfo>& out) {
   add_tile<8, 1, 8, 2>(out);    // 8x1: 8 rows x 32 tokens
   add_tile<16, 1, 8, 2>(out);   // 16x1 as two 8-row passes
   add_tile<4, 4, 4, 4>(out);    // 4x4
+  add_any_tile<16, 4>(out);     // any other R x C: 16 accumulators, 8x32 or 4x64 (rows x tokens)
 }
 
 }  // namespace avx512

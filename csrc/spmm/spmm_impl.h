@@ -132,6 +132,17 @@ inline void balanced_ranges(const int32_t* row_ptr, int64_t block_rows, int part
 // spmm: token panels
 // ---------------------------------------------------------------------------
 
+#ifndef SPARSERT_MIN_CHAINS
+// Independent accumulators needed to hide FMA latency (2 pipes x 4 cycles).
+#define SPARSERT_MIN_CHAINS 8
+#endif
+
+// Accumulator sets for an RT x NV tile: enough chains, at most 4 sets.
+constexpr int sets_for(int rt, int nv) {
+  return rt * nv >= SPARSERT_MIN_CHAINS ? 1 : (SPARSERT_MIN_CHAINS / (rt * nv) > 4 ? 4 : SPARSERT_MIN_CHAINS / (rt * nv));
+}
+
+
 // Accumulates one register tile: rows [r0, r0 + RT) of block row `br` (a
 // block has R rows, C columns) over the panel `xp` of P = NV * VW tokens, and
 // stores act(acc + bias) to out[r][P]. S independent accumulator sets hide
@@ -194,6 +205,78 @@ __attribute__((always_inline)) static inline void spmm_tile(
   }
 }
 
+// Any block shape (R x C known only at run time): a small dense
+// micro-kernel per block. For each of the block's C columns it loads the NV
+// x vectors of that input column once and broadcasts RT weights of the
+// column into an RT x NV register tile, so a weight costs one broadcast load
+// and NV FMAs, and an x vector is reused RT times: (NV + RT) loads per
+// RT * NV FMAs (AVX2, RT = 4, NV = 2: 0.75). The weights are streamed once
+// per panel, the x rows of a block stay in L1 across its RT-row passes.
+// Short tiles (R < RT, e.g. 1 x 8 blocks) take S accumulator sets over
+// alternate blocks, so that RT * NV * S chains hide the FMA latency.
+template <int RT, int NV, int S, typename Idx>
+__attribute__((always_inline)) static inline void spmm_block_any(
+    vf (&acc)[RT][NV], const Idx* col_idx, const float* values, int64_t block_size, int C,
+    const float* xp, int64_t x_stride, int r0, int32_t b) {
+  const float* xb = xp + static_cast<int64_t>(col_idx[b]) * C * x_stride;
+  const float* wb = values + b * block_size + static_cast<int64_t>(r0) * C;
+  for (int c = 0; c < C; ++c) {
+    vf xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = load(xb + c * x_stride + v * VW);
+    for (int r = 0; r < RT; ++r) {
+      const vf wv = splat(wb[r * C + c]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += wv * xv[v];
+    }
+  }
+}
+
+template <int RT, int NV, int S, typename Idx>
+__attribute__((always_inline)) static inline void spmm_tile_any(
+    const int32_t* row_ptr, const Idx* col_idx, const float* values, int R, int C, const float* xp,
+    int64_t x_stride, int64_t br, int r0, const float* bias_rows, bool relu_out, float* out,
+    int64_t out_stride) {
+  vf acc[S][RT][NV];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < RT; ++r)
+      for (int v = 0; v < NV; ++v) acc[s][r][v] = vf{};
+  const int64_t block_size = static_cast<int64_t>(R) * C;
+  const int32_t end = row_ptr[br + 1];
+  int32_t b = row_ptr[br];
+  for (; b + S <= end; b += S)
+    for (int s = 0; s < S; ++s)
+      spmm_block_any<RT, NV, S, Idx>(acc[s], col_idx, values, block_size, C, xp, x_stride, r0, b + s);
+  for (; b < end; ++b)  // the remainder goes to set 0
+    spmm_block_any<RT, NV, S, Idx>(acc[0], col_idx, values, block_size, C, xp, x_stride, r0, b);
+  for (int r = 0; r < RT; ++r) {
+    const vf bias = splat(bias_rows ? bias_rows[r] : 0.0f);
+    for (int v = 0; v < NV; ++v) {
+      vf sum = acc[0][r][v] + bias;
+      for (int s = 1; s < S; ++s) sum += acc[s][r][v];
+      if (relu_out) sum = relu(sum);
+      store(out + r * out_stride + v * VW, sum);
+    }
+  }
+}
+
+// Rows [r0, R) of block row `br` with run-time R x C blocks: passes of RT
+// rows while they fit, then halves of RT for the rest (R = 7: 4 + 2 + 1).
+template <int RT, int NV, typename Idx>
+static inline void spmm_rows_any(const BlockSparseMatrix& w, const Idx* col_idx, const float* panel,
+                                 int64_t br, int r0, const float* bias, bool relu_out, float* out) {
+  constexpr int P = NV * VW;
+  const int R = w.block_rows;
+  for (; r0 + RT <= R; r0 += RT) {
+    const int64_t row = br * R + r0;
+    float bias_tile[RT];
+    if (bias)
+      for (int r = 0; r < RT; ++r) bias_tile[r] = row + r < w.rows ? bias[row + r] : 0.0f;
+    spmm_tile_any<RT, NV, sets_for(RT, NV), Idx>(w.row_ptr, col_idx, w.values, R, w.block_cols, panel, P, br, r0,
+                               bias ? bias_tile : nullptr, relu_out, out + static_cast<int64_t>(r0) * P, P);
+  }
+  if constexpr (RT > 1)
+    if (r0 < R) spmm_rows_any<RT / 2, NV, Idx>(w, col_idx, panel, br, r0, bias, relu_out, out);
+}
+
 // Packs tokens [t0, t0 + P) of x into xp[k][P] for k < cols_padded, zero
 // filling tokens past `tokens` and columns past `cols`.
 template <int P>
@@ -202,13 +285,15 @@ static void pack_panel(const float* x, int64_t tokens, int64_t x_row_stride, int
   const int64_t valid = std::min<int64_t>(P, tokens - t0);
   const int64_t k_real_end = std::min(k_end, cols);
   if (k_begin < k_real_end) {
-    // xp[k][t] = x[t0 + t][k]: a transpose of the valid tokens ...
-    transpose(x + t0 * x_row_stride + k_begin, x_row_stride, valid, k_real_end - k_begin,
-              xp + k_begin * P, P);
-    // ... with the tokens past the end zeroed.
+    // The tokens past the end are zero: zero whole rows with vector stores
+    // first (a memset call per row cost ~30 us of a ~100 us one-token
+    // product over 3072 columns) ...
     if (valid < P)
       for (int64_t k = k_begin; k < k_real_end; ++k)
-        std::memset(xp + k * P + valid, 0, sizeof(float) * (P - valid));
+        for (int v = 0; v < P / VW; ++v) store(xp + k * P + v * VW, vf{});
+    // ... then xp[k][t] = x[t0 + t][k]: a transpose of the valid tokens.
+    transpose(x + t0 * x_row_stride + k_begin, x_row_stride, valid, k_real_end - k_begin,
+              xp + k_begin * P, P);
   }
   // Columns past the matrix edge (padding of edge blocks) are zero.
   for (int64_t k = std::max(k_begin, cols); k < k_end; ++k) std::memset(xp + k * P, 0, sizeof(float) * P);
@@ -216,11 +301,13 @@ static void pack_panel(const float* x, int64_t tokens, int64_t x_row_stride, int
 
 // Block rows [row_begin, row_end) over one packed panel (tokens [t0, t0 +
 // valid_tokens)), in chunks whose tiles are transposed into y.
-template <int R, int C, int RT, int NV, int S, typename Idx>
+template <int RB, int CB, int RT, int NV, int S, typename Idx>
 static void spmm_panel_rows(const BlockSparseMatrix& w, const SpmmArgs& a, const float* panel,
                             int64_t t0, int64_t valid_tokens, int64_t row_begin, int64_t row_end) {
+  // R = C = 0: any block shape, read from w (spmm_rows_any).
   constexpr int P = NV * VW;
-  constexpr int64_t kChunkBlockRows = std::max(1, 64 / R);  // rows per transpose
+  const int R = RB ? RB : w.block_rows;
+  const int64_t kChunkBlockRows = std::max(1, 64 / R);  // rows per transpose
   static thread_local Scratch tile_scratch;
   float* tile = tile_scratch.get(static_cast<size_t>(kChunkBlockRows) * R * P);
   const auto* col_idx = static_cast<const Idx*>(w.col_idx);
@@ -228,17 +315,22 @@ static void spmm_panel_rows(const BlockSparseMatrix& w, const SpmmArgs& a, const
   for (int64_t br0 = row_begin; br0 < row_end; br0 += kChunkBlockRows) {
     const int64_t br1 = std::min(row_end, br0 + kChunkBlockRows);
     for (int64_t br = br0; br < br1; ++br) {
-      for (int r0 = 0; r0 < R; r0 += RT) {
-        const int64_t row = br * R + r0;
-        // Bias rows past the matrix edge read as zero (padding rows).
-        float bias_tile[RT];
-        const float* bias_rows = nullptr;
-        if (a.bias) {
-          for (int r = 0; r < RT; ++r) bias_tile[r] = row + r < w.rows ? a.bias[row + r] : 0.0f;
-          bias_rows = bias_tile;
+      if constexpr (RB == 0) {
+        spmm_rows_any<RT, NV, Idx>(w, col_idx, panel, br, 0, a.bias, relu_out,
+                                   tile + (br - br0) * R * P);
+      } else {
+        for (int r0 = 0; r0 < R; r0 += RT) {
+          const int64_t row = br * R + r0;
+          // Bias rows past the matrix edge read as zero (padding rows).
+          float bias_tile[RT];
+          const float* bias_rows = nullptr;
+          if (a.bias) {
+            for (int r = 0; r < RT; ++r) bias_tile[r] = row + r < w.rows ? a.bias[row + r] : 0.0f;
+            bias_rows = bias_tile;
+          }
+          spmm_tile<RB, CB, RT, NV, S, Idx>(w.row_ptr, col_idx, w.values, panel, P, br, r0, bias_rows,
+                                            relu_out, tile + ((br - br0) * R + r0) * P, P);
         }
-        spmm_tile<R, C, RT, NV, S, Idx>(w.row_ptr, col_idx, w.values, panel, P, br, r0, bias_rows,
-                                        relu_out, tile + ((br - br0) * R + r0) * P, P);
       }
     }
     // Transpose the chunk (rows x P) into y (tokens x rows).
@@ -255,10 +347,10 @@ constexpr int64_t kPrivatePackBytes = SPARSERT_PRIVATE_PACK_BYTES;
 
 template <int R, int C, int RT, int NV, int S, typename Idx>
 static void spmm_run(const BlockSparseMatrix& w, const SpmmArgs& a) {
-  static_assert(R % RT == 0, "register tile rows must divide the block rows");
+  static_assert(R == 0 || R % RT == 0, "register tile rows must divide the block rows");
   constexpr int P = NV * VW;
   const int64_t block_rows = w.block_row_count();
-  const int64_t cols_padded = w.block_col_count() * C;
+  const int64_t cols_padded = w.block_col_count() * w.block_cols;
   const int64_t panels = (a.tokens + P - 1) / P;
   const int threads = std::max(1, a.num_threads);
 
@@ -401,21 +493,114 @@ static void spmv_run(const BlockSparseMatrix& w, const SpmmArgs& a) {
   });
 }
 
+// One token, any block shape whose rows hold at least one vector (C >= VW):
+// each block row is RQ rows of dot products, vectorised along the block's
+// columns; a vector of x serves RQ rows, so a weight vector costs 1 + 1/RQ
+// loads. Narrower blocks go through the token-panel kernel instead (one
+// panel of VW tokens, the others zero), where a weight is one broadcast.
+template <int RQ, typename Idx>
+static inline void spmv_rows_any(const BlockSparseMatrix& w, const Idx* col_idx, const float* x,
+                                 int64_t br, int r0, float* out) {
+  const int R = w.block_rows, C = w.block_cols;
+  const int64_t block_size = static_cast<int64_t>(R) * C;
+  for (; r0 + RQ <= R; r0 += RQ) {
+    // Two accumulator sets (alternate vectors of a row) keep 2 * RQ chains.
+    vf acc[2][RQ];
+    float tail[RQ];
+    for (int r = 0; r < RQ; ++r) acc[0][r] = acc[1][r] = vf{}, tail[r] = 0.0f;
+    for (int32_t b = w.row_ptr[br]; b < w.row_ptr[br + 1]; ++b) {
+      const float* xb = x + static_cast<int64_t>(col_idx[b]) * C;
+      const float* wb = w.values + b * block_size + static_cast<int64_t>(r0) * C;
+      int c = 0;
+      for (; c + 2 * VW <= C; c += 2 * VW) {
+        const vf x0 = load(xb + c), x1 = load(xb + c + VW);
+        for (int r = 0; r < RQ; ++r) {
+          acc[0][r] += load(wb + r * C + c) * x0;
+          acc[1][r] += load(wb + r * C + c + VW) * x1;
+        }
+      }
+      for (; c + VW <= C; c += VW) {
+        const vf xv = load(xb + c);
+        for (int r = 0; r < RQ; ++r) acc[0][r] += load(wb + r * C + c) * xv;
+      }
+      for (; c < C; ++c)
+        for (int r = 0; r < RQ; ++r) tail[r] += wb[r * C + c] * xb[c];
+    }
+    for (int r = 0; r < RQ; ++r) {
+      const vf both = acc[0][r] + acc[1][r];
+      float s = tail[r];
+      for (int l = 0; l < VW; ++l) s += both[l];
+      out[r0 + r] = s;
+    }
+  }
+  if constexpr (RQ > 1)
+    if (r0 < R) spmv_rows_any<RQ / 2, Idx>(w, col_idx, x, br, r0, out);
+}
+
+// One token, tall R x 1 blocks: a block is a contiguous column of R weights,
+// y[r] += w[r] * x[col], vectorised along the rows (one x broadcast and R/VW
+// weight loads per block). Rows past a multiple of VW are scalar.
+template <typename Idx>
+static inline void spmv_column_any(const BlockSparseMatrix& w, const Idx* col_idx, const float* x,
+                                   int64_t br, float* out) {
+  const int R = w.block_rows;
+  for (int r = 0; r < R; ++r) out[r] = 0.0f;
+  for (int32_t b = w.row_ptr[br]; b < w.row_ptr[br + 1]; ++b) {
+    const vf xv = splat(x[col_idx[b]]);
+    const float xs = x[col_idx[b]];
+    const float* wb = w.values + static_cast<int64_t>(b) * R;
+    int r = 0;
+    for (; r + VW <= R; r += VW) store(out + r, load(out + r) + load(wb + r) * xv);
+    for (; r < R; ++r) out[r] += wb[r] * xs;
+  }
+}
+
+template <int ACC, typename Idx>
+static void spmv_run_any(const BlockSparseMatrix& w, const SpmmArgs& a) {
+  const bool column_blocks = w.block_cols == 1 && w.block_rows >= VW;
+  // ACC rows x one vector of tokens (the token and VW - 1 zeros).
+  if (w.block_cols < VW && !column_blocks) return spmm_run<0, 0, ACC, 1, 1, Idx>(w, a);
+  const int R = w.block_rows;
+  const int64_t block_rows = w.block_row_count();
+  const int64_t cols_padded = w.block_col_count() * w.block_cols;
+  const int threads = std::max(1, a.num_threads);
+  const auto* col_idx = static_cast<const Idx*>(w.col_idx);
+  const bool relu_out = a.epilogue == Epilogue::kRelu;
+  const bool needs_padding = cols_padded != w.cols;
+
+  std::vector<int64_t> bounds;
+  balanced_ranges(w.row_ptr, block_rows, threads, bounds);
+  parallel_run(threads, [&](int tid, int) {
+    static thread_local Scratch padded, block_out;
+    float* out = block_out.get(static_cast<size_t>(R));
+    for (int64_t t = 0; t < a.tokens; ++t) {
+      const float* x = a.x + t * a.x_row_stride;
+      if (needs_padding) {
+        float* xpad = padded.get(cols_padded);
+        std::memcpy(xpad, x, sizeof(float) * w.cols);
+        std::memset(xpad + w.cols, 0, sizeof(float) * (cols_padded - w.cols));
+        x = xpad;
+      }
+      float* y = a.y + t * a.y_row_stride;
+      for (int64_t br = bounds[tid]; br < bounds[tid + 1]; ++br) {
+        if (column_blocks) spmv_column_any<Idx>(w, col_idx, x, br, out);
+        else spmv_rows_any<4, Idx>(w, col_idx, x, br, 0, out);
+        const int64_t row0 = br * R;
+        const int64_t rows_here = std::min<int64_t>(R, w.rows - row0);
+        for (int64_t r = 0; r < rows_here; ++r) {
+          const float s = out[r] + (a.bias ? a.bias[row0 + r] : 0.0f);
+          y[row0 + r] = relu_out && s < 0.0f ? 0.0f : s;
+        }
+      }
+    }
+  });
+}
+
 // Dispatches on the index width, which the formats pick per matrix.
 template <void (*F16)(const BlockSparseMatrix&, const SpmmArgs&),
           void (*F32)(const BlockSparseMatrix&, const SpmmArgs&)>
 static void by_index(const BlockSparseMatrix& w, const SpmmArgs& a) {
   if (w.index_bits == 16) F16(w, a); else F32(w, a);
-}
-
-#ifndef SPARSERT_MIN_CHAINS
-// Independent accumulators needed to hide FMA latency (2 pipes x 4 cycles).
-#define SPARSERT_MIN_CHAINS 8
-#endif
-
-// Accumulator sets for an RT x NV tile: enough chains, at most 4 sets.
-constexpr int sets_for(int rt, int nv) {
-  return rt * nv >= SPARSERT_MIN_CHAINS ? 1 : (SPARSERT_MIN_CHAINS / (rt * nv) > 4 ? 4 : SPARSERT_MIN_CHAINS / (rt * nv));
 }
 
 // The panel width (NV vectors, a power of two up to nv_max) for this many
@@ -484,6 +669,34 @@ static void spmv_kernel(const BlockSparseMatrix& w, const SpmmArgs& a) {
   by_index<spmv_run<R, C, uint16_t>, spmv_run<R, C, int32_t>>(w, a);
 }
 
+// Any block shape: the register tile holds ACC accumulator vectors, as
+// RT = ACC / NV rows x NV vectors of tokens. Wide panels matter more than
+// tall tiles: the weights stream from L2/L3 once per panel (768 -> 3072 at
+// 90% is ~0.9 MB of values, more than Zen 3's L2), so NV grows to NVMAX
+// with the token count and RT shrinks to keep the accumulators in registers.
+template <int ACC, int NV>
+constexpr int any_rows() { return ACC / NV > 0 ? ACC / NV : 1; }
+
+template <int ACC, int NVMAX, typename Idx>
+static void spmm_any_shape(const BlockSparseMatrix& w, const SpmmArgs& a) {
+  switch (choose_nv(a.tokens, NVMAX)) {
+    case 1: return spmm_run<0, 0, any_rows<ACC, 1>(), 1, 1, Idx>(w, a);
+    case 2: if constexpr (NVMAX >= 2) return spmm_run<0, 0, any_rows<ACC, 2>(), 2, 1, Idx>(w, a); break;
+    case 4: if constexpr (NVMAX >= 4) return spmm_run<0, 0, any_rows<ACC, 4>(), 4, 1, Idx>(w, a); break;
+    case 8: if constexpr (NVMAX >= 8) return spmm_run<0, 0, any_rows<ACC, 8>(), 8, 1, Idx>(w, a); break;
+  }
+}
+
+template <int ACC, int NVMAX>
+static void spmm_kernel_any(const BlockSparseMatrix& w, const SpmmArgs& a) {
+  by_index<spmm_any_shape<ACC, NVMAX, uint16_t>, spmm_any_shape<ACC, NVMAX, int32_t>>(w, a);
+}
+
+template <int ACC>
+static void spmv_kernel_any(const BlockSparseMatrix& w, const SpmmArgs& a) {
+  by_index<spmv_run_any<ACC, uint16_t>, spmv_run_any<ACC, int32_t>>(w, a);
+}
+
 }  // namespace SPARSERT_ISA
 }  // namespace sparsert
 
@@ -517,6 +730,17 @@ void add_tile(std::vector<KernelInfo>& out) {
                  &spmm_kernel<R, C, RT, NVMAX>});
   out.push_back({"f32_spmv_" + tile_name(R, C) + "_" + isa, isa, "spmv", R, C,
                  &spmv_kernel<R, C>});
+}
+
+// Registers the kernels for any block shape (block 0 x 0 in the registry):
+// the tiles above are faster for their own shapes, these keep every other
+// shape the formats accept off the reference kernel.
+// ACC accumulator vectors per register tile, panels of up to NVMAX vectors.
+template <int ACC, int NVMAX>
+void add_any_tile(std::vector<KernelInfo>& out) {
+  const std::string isa = SPARSERT_STR(SPARSERT_ISA);
+  out.push_back({"f32_spmm_bsr_any_" + isa, isa, "spmm", 0, 0, &spmm_kernel_any<ACC, NVMAX>});
+  out.push_back({"f32_spmv_bsr_any_" + isa, isa, "spmv", 0, 0, &spmv_kernel_any<ACC>});
 }
 
 }  // namespace SPARSERT_ISA

@@ -32,15 +32,18 @@ constexpr int64_t kSpmvMaxTokens = 2;
 
 const KernelInfo* select_kernel(int block_rows, int block_cols, int64_t tokens,
                                 const std::string& isa) {
+  // The kernel for this exact tile, else this ISA's any-shape kernel (block
+  // 0 x 0), else the reference (an ISA without kernels).
   const char* kind = tokens <= kSpmvMaxTokens ? "spmv" : "spmm";
-  const KernelInfo* fallback = nullptr;
+  const KernelInfo* any_shape = nullptr;
+  const KernelInfo* reference = nullptr;
   for (const auto& k : kernel_registry()) {
-    if (k.kind == "reference") fallback = &k;
-    if (k.isa == isa && k.kind == kind && k.block_rows == block_rows &&
-        k.block_cols == block_cols)
-      return &k;
+    if (k.kind == "reference") reference = &k;
+    if (k.isa != isa || k.kind != kind) continue;
+    if (k.block_rows == block_rows && k.block_cols == block_cols) return &k;
+    if (k.block_rows == 0 && k.block_cols == 0) any_shape = &k;
   }
-  return fallback;
+  return any_shape ? any_shape : reference;
 }
 
 }  // namespace sparsert

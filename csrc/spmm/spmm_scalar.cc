@@ -15,6 +15,7 @@ void register_kernels(std::vector<KernelInfo>& out) {
   add_tile<8, 1, 4, 2>(out);
   add_tile<16, 1, 4, 2>(out);
   add_tile<4, 4, 4, 2>(out);
+  add_any_tile<8, 2>(out);
 }
 
 }  // namespace scalar

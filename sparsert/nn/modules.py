@@ -350,6 +350,10 @@ class DenseLinear(nn.Linear):
         return cached[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            # Inductor compiles (and with freezing prepacks) the plain Linear itself;
+            # the packed cache below is eager-only (Dynamo cannot trace is_inference()).
+            return super().forward(x)
         w = self.weight
         b = self.bias
         needs_grad = torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad))

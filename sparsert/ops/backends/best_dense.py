@@ -72,8 +72,12 @@ class PackedDenseLinear:
             raise ValueError(f"activation must be None, 'none' or 'relu'; got {activation!r}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features, the weight expects {self.in_features}")
+        # Under torch.compile the plain F.linear is traced instead: Inductor lowers
+        # mkldnn._linear_pointwise only for a weight that is a graph constant (freezing),
+        # and the prepacked weight reaches the graph as an input (LoweringException).
         if (self._packed is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.numel() != x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)):
+                and x.numel() != x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
+                and not torch.compiler.is_compiling()):
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, _ACTIVATIONS[activation], [], "")
         w = self.weight.to(x.dtype)
         y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
