@@ -114,7 +114,8 @@ class Workload:
                 g = torch.Generator().manual_seed(1)
                 return [{"input_ids": torch.randint(1000 if vocab > 2000 else 0, vocab, (8, 64), generator=g)}
                         for _ in range(min(limit, 4))]
-            return minilm.tokenize(self.tokenizer, _corpus("calibration", 32 * limit), 32)[:limit]
+            return minilm.tokenize(self.tokenizer, _corpus("calibration", 32 * limit), 32,
+                                   self._max_tokens())[:limit]
         raise ValueError(f"{self.name}: give calibration data with --calib (a .npz with x and optional y)")
 
     def _calibration_file(self, data: str, limit: int) -> list:
@@ -129,7 +130,7 @@ class Workload:
             lines = [s for s in p.read_text(encoding="utf-8").splitlines() if s.strip()]
             if not lines:
                 raise ValueError(f"calibration data {data!r} has no sentences")
-            return minilm.tokenize(self.tokenizer, lines, 32)[:limit]
+            return minilm.tokenize(self.tokenizer, lines, 32, self._max_tokens())[:limit]
         if p.suffix == ".npz":
             import numpy as np
 
@@ -160,8 +161,13 @@ class Workload:
         if self.family == "hf" and self.tokenizer is not None:
             from . import minilm
 
-            return minilm.tokenize(self.tokenizer, _corpus("train", 2048), 32)
+            return minilm.tokenize(self.tokenizer, _corpus("train", 2048), 32, self._max_tokens())
         return None
+
+    def _max_tokens(self) -> int:
+        """Sentences are cut to 128 tokens, or fewer where the model has fewer positions."""
+        positions = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return min(128, positions) if isinstance(positions, int) and positions > 0 else 128
 
     def _lm_batches(self, split: str, limit: int) -> list:
         """Token windows of a corpus split (sentences in extraction order: one docstring's
@@ -203,7 +209,9 @@ class Workload:
                 from . import minilm
 
                 held = _corpus("eval", EVAL_SENTENCES)
-                a, b = minilm.embed(model, self.tokenizer, held), minilm.embed(reference, self.tokenizer, held)
+                n = self._max_tokens()
+                a = minilm.embed(model, self.tokenizer, held, max_length=n)
+                b = minilm.embed(reference, self.tokenizer, held, max_length=n)
                 cos = (a * b).sum(-1)
                 return {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
             x = self.example_inputs((4, 64))
