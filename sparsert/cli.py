@@ -359,6 +359,17 @@ def cmd_prune_to_speedup(args) -> int:
 
     if args.sparsity is not None:
         raise CliError("--target-speedup picks each layer's sparsity: drop --sparsity")
+    # recovery fine-tuning is not wired into the planned path (yet): refuse it instead of ignoring it
+    recovery = [flag for flag, given in (("--recover-minutes", args.recover_minutes > 0),
+                                         ("--checkpoint", args.checkpoint is not None),
+                                         ("--recover-steps", args.recover_steps != 2000),
+                                         ("--recover-prune-frac", args.recover_prune_frac != 0.5),
+                                         ("--recover-lr", args.recover_lr != 1e-4),
+                                         ("--checkpoint-every", args.checkpoint_every != 100),
+                                         ("--finetune-epochs", args.finetune_epochs > 0)) if given]
+    if recovery:
+        raise CliError(f"{', '.join(recovery)}: recovery fine-tuning is not available with --target-speedup yet; "
+                       "use --sparsity for a recovered model, or drop these options")
     out = _check_output(args.output)
     if args.plot_plan:
         _check_plot(args.plot_plan)
@@ -372,7 +383,8 @@ def cmd_prune_to_speedup(args) -> int:
         r = prune_to_speedup(wl, args.target_speedup, baseline=args.baseline, importance=importance,
                              patterns=[p.strip() for p in args.patterns.split(",") if p.strip()],
                              example_inputs=inputs, threads=args.threads, calib_batches=args.calib_batches,
-                             calib=args.calib, exclude=args.exclude or (), output=out, plot=args.plot_plan,
+                             calib=args.calib, exclude=args.exclude or (), reconstruct=args.reconstruct,
+                             output=out, plot=args.plot_plan,
                              progress=_show_progress(args), log=(lambda s: None) if quiet else print)
     except ValueError as e:
         raise CliError(str(e)) from None

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -287,6 +288,11 @@ def test_cli_prune_to_a_target_speedup(tmp_path, cache):
     again = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--sparsity", "0.5", "-o", out,
                  cache=cache)
     assert again.returncode == 1 and "drop --sparsity" in again.stderr
+    for extra in (["--recover-minutes", "1"], ["--checkpoint", tmp_path / "ck"], ["--finetune-epochs", "1"]):
+        refused = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", *extra, "-o", out,
+                       cache=cache)  # refused, not silently ignored
+        assert refused.returncode == 1 and extra[0] in refused.stderr and "--target-speedup" in refused.stderr, extra
+        assert "Traceback" not in refused.stderr
     far = _cli("prune", "digits-mlp", "--target-speedup", "1000", "--threads", "1", "-o", out, cache=cache)
     assert far.returncode == 1 and "best reachable speedup" in far.stderr and "Traceback" not in far.stderr
 
@@ -307,4 +313,8 @@ def test_demo_plans_for_a_speedup(tmp_path, cache):
     for row in ("latency, torch eager", "latency, best dense path", "latency, sparse (planned)", "quality kept",
                 "file size", "predicted end to end", "next:"):
         assert row in r.stdout, row
+    for step in ("dense quality", "time tables", "calibrate", "sensitivity tables + plan", "prune", "pack",
+                 "save + reload", "quality (eval split)", "benchmark"):  # where the time went, step by step
+        assert re.search(rf"\[{re.escape(step)}: \d+\.\d s\]", r.stdout), step
+    assert "[reconstruct:" not in r.stdout  # the refit is opt-in in the planned demo
     assert (tmp_path / "digits-mlp.sparsert").is_file()

@@ -128,3 +128,72 @@ def test_allocation_arguments_are_validated():
         Pruner(model, allocation="owl", scope="global")
     with pytest.raises(ValueError, match="calibrat"):
         Pruner(model, allocation="owl", scope="layer").step()
+
+
+class _TwoHeads(nn.Module):
+    """Two layers read the same tensor (as q/k/v do), then a third reads their sum."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.q, self.k, self.out = nn.Linear(24, 16), nn.Linear(24, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.q(x) + self.k(x)))
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=16)
+    model = BertModel(cfg, add_pooling_layer=False).eval()
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(1, 50, (4, 10), generator=g)
+        mask = torch.ones(4, 10, dtype=torch.long)
+        mask[1, 6:] = 0  # padding: must not enter the Grams
+        mask[3, 3:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return model, batches
+
+
+@pytest.mark.parametrize("case", ["shared-input", "bert-with-padding"])
+def test_input_grams_match_the_group_by_group_grams(case):
+    from sparsert.prune.sequential import input_grams, sequential_grams
+
+    if case == "shared-input":
+        model, data = _TwoHeads(), _data()
+    else:
+        model, data = _tiny_bert()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    want = {}
+    for group, grams, _, _ in sequential_grams(model, dict(layers), data, progress=False):
+        want.update({n: grams[n] for n in group})
+    got = input_grams(model, dict(layers), data, progress=False)
+    assert set(got) == set(want) == set(layers)
+    for n in layers:
+        scale = float(want[n].abs().max())
+        assert float((got[n] - want[n]).abs().max()) <= 1e-5 * scale, n  # float32 forwards, run in other pieces
+    with pytest.raises(ValueError, match="never called"):
+        input_grams(model, {**layers, "extra": nn.Linear(3, 3)}, data, progress=False)
+
+
+def test_wanda_sensitivity_in_float32_matches_the_float64_error():
+    from sparsert.prune.allocation import _wanda_rows, sensitivity_tables
+    from sparsert.prune.patterns import parse_pattern
+    from sparsert.prune.sequential import input_grams
+    from sparsert.prune.sparsegpt import layer_error
+
+    model = _model()
+    layers = {"0": model[0], "2": model[2], "4": model[4]}
+    grid = (0.25, 0.5, 0.75)
+    tables = sensitivity_tables(model, layers, _data(), grid, patterns=("unstructured", "4x1", "2:4"), progress=False)
+    grams = input_grams(model, dict(layers), _data(), progress=False)
+    for pat, table in tables.items():
+        for n, errs in table.errors.items():
+            w = layers[n].weight.detach().double()
+            ref = [layer_error(w, w * _wanda_rows(w, grams[n], parse_pattern(pat), s), grams[n]) for s in grid]
+            assert errs == pytest.approx(ref, rel=1e-4, abs=1e-7), (pat, n)

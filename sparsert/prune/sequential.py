@@ -281,3 +281,54 @@ def sequential_grams(model: nn.Module, layers: dict[str, nn.Module], batches: It
         if after:
             yield from _groups_of(lambda i: run(model, batches[i]), modules, after, masks, progress,
                                   None if reference is None else (lambda i: run(reference, batches[i])), ref_modules)
+
+
+@torch.no_grad()
+def input_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
+                progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """``{name: X^T X in float64}`` of every layer's inputs on the *unmodified* model, in one
+    forward pass per batch (padding positions masked as in :func:`sequential_grams`).
+
+    For measurements that never change a weight (e.g. sensitivity tables), this replaces the
+    group-by-group passes of :func:`sequential_grams`, which re-run the model per group.
+    Layers fed the same tensor (q/k/v) share one Gram.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("input_grams needs at least one calibration batch")
+    bad = [n for n in layers if not _supported(layers[n])]
+    if bad:
+        raise ValueError(f"layer-wise statistics support Linear and Conv2d (groups=1, zero padding) only: {bad}")
+    grams: dict[str, torch.Tensor] = {}
+    state: dict = {"mask": None, "seen": {}}
+
+    def hook_for(name):
+        def hook(mod, args):
+            x = args[0]
+            conv = ((mod.kernel_size, mod.stride, mod.padding, mod.dilation) if isinstance(mod, nn.Conv2d)
+                    else None)
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), conv)
+            hit = state["seen"].get(key)
+            if hit is not None and hit[0] is x:
+                g = hit[1]
+            else:
+                rows = _input_rows(mod, x.detach(), state["mask"], _NO_LIMIT, 0)
+                g = rows.T @ rows
+                # holding x keeps its memory from being reused by a later tensor with the same key
+                state["seen"][key] = (x, g)
+            grams[name] = g if name not in grams else grams[name] + g
+        return hook
+
+    handles = [layers[n].register_forward_pre_hook(hook_for(n)) for n in layers]
+    try:
+        with _eval_mode(model):
+            for i, batch in enumerate(_bar(batches, "grams", progress)):
+                state["mask"], state["seen"] = _token_mask(batch), {}
+                run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if n not in grams]
+    if missing:
+        raise ValueError(f"layers {missing} were never called on the calibration data")
+    return grams
