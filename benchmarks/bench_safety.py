@@ -89,7 +89,7 @@ def main() -> None:
             t_old.append(b)
             ratios.append(a / b)
         checked = cpu.check_weight_arrays(rp, ci, v, out_f, in_f, r, c)
-        private = checked.row_ptr.nbytes + checked.col_indices.nbytes
+        private = sum(t.nbytes for t in checked.indices)
         arrays = rp.nbytes + ci.nbytes + v.nbytes
         checks = []
         if previous:  # the per-call check alone (a cache hit), new against previous
