@@ -147,7 +147,7 @@ def test_tables_are_cached_and_invalidated_by_cpu_and_version(cache, monkeypatch
     files = list((cache / "planner").glob("timings-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["machine"]["threads"] == 1
     with monkeypatch.context() as mp:  # a cached run needs no forward pass: the input shapes are cached too
-        mp.setattr(T, "_capture", lambda *a: pytest.fail("the model was run on a fully cached table"))
+        mp.setattr(T, "capture_layer_inputs", lambda *a: pytest.fail("the model was run on a fully cached table"))
         again = T.time_tables(model, names, x, threads=1, **TINY_TIMING)
     assert again.cache_misses == 0 and again.cache_hits == 4  # 3 layers + the whole model
     assert again.layers["2"].dense == first.layers["2"].dense  # read back, not re-timed

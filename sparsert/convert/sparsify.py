@@ -19,7 +19,7 @@ from ..nn import DenseLinear, Int8DenseLinear, SparseConv2d, SparseLinear
 from ..nn.surgery import rollback, swap
 from .batchnorm import fold_batchnorm
 from .plan import LayerDecision, SparsityPlan, candidate_formats
-from .timing import call_model, call_times, close, flatten_tensors, max_rel_err
+from .timing import call_model, call_times, capture_layer_inputs, close, flatten_tensors, max_rel_err
 
 __all__ = ["sparsify", "int8_dense", "DEFAULT_TOKENS", "PRECISIONS", "INT8_SPARSE_FORMAT"]
 
@@ -54,24 +54,6 @@ def _prunable(model: nn.Module) -> tuple:
             continue
         layers.append(name)
     return layers, all_layers
-
-
-def _capture_inputs(model: nn.Module, names: list, example_inputs) -> tuple:
-    """Runs the model once; returns ({name: first input tensor}, model output)."""
-    captured: dict = {}
-    handles = []
-    for name in names:
-        def hook(mod, args, _name=name):
-            if _name not in captured and args and isinstance(args[0], Tensor):
-                captured[_name] = args[0].detach().clone()
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            out = call_model(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured, out
 
 
 def _build(module: nn.Module, kind: str) -> nn.Module:
@@ -339,7 +321,7 @@ def _sparsify(model, forced, example_inputs, min_speedup, fold_bn, min_time, rou
 
     captured: dict = {}
     if example_inputs is not None:
-        captured, _ = _capture_inputs(model, layers, example_inputs)
+        captured, _ = capture_layer_inputs(model, layers, example_inputs)
 
     plan = SparsityPlan(format="auto" if forced is None else forced, min_speedup=min_speedup,
                         threads=n_threads, folded=folded)

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["call_model", "flatten_tensors", "close", "max_rel_err", "call_times"]
+__all__ = ["call_model", "capture_layer_inputs", "flatten_tensors", "close", "max_rel_err", "call_times"]
 
 
 def call_model(model: nn.Module, example_inputs) -> Any:
@@ -23,6 +23,25 @@ def call_model(model: nn.Module, example_inputs) -> Any:
         return model(*example_inputs)
     raise TypeError("example_inputs must be a Tensor, a tuple/list of positional args or a dict of "
                     f"keyword args, got {type(example_inputs).__name__}")
+
+
+def capture_layer_inputs(model: nn.Module, names, example_inputs) -> tuple:
+    """Runs the model once under no_grad; returns ({layer name: a copy of its first
+    input tensor on the first call}, model output)."""
+    captured: dict = {}
+    handles = []
+    for name in names:
+        def hook(mod, args, _name=name):
+            if _name not in captured and args and isinstance(args[0], Tensor):
+                captured[_name] = args[0].detach().clone()
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            out = call_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured, out
 
 
 def flatten_tensors(out) -> list:

@@ -316,6 +316,25 @@ class SparseConv2d(_PackedWeight):
 
 
 
+def _frozen_linear_like(cls, linear: nn.Linear):
+    """An instance of the nn.Linear subclass ``cls`` holding ``linear``'s weight and bias
+    storage (no copy), frozen: DenseLinear and Int8DenseLinear are built this way."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+    out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+              dtype=linear.weight.dtype)
+    out.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+    if linear.bias is not None:
+        out.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return out
+
+
+def _params_identity(w: Tensor, b: Optional[Tensor]) -> tuple:
+    """What a cache derived from (w, b) must match to stay valid: the tensors, where
+    their data lives and their version counters (in-place edits bump them)."""
+    return (id(w), w.data_ptr(), w._version, id(b), None if b is None else (b.data_ptr(), b._version))
+
+
 class DenseLinear(nn.Linear):
     """An ``nn.Linear`` that runs through the best dense path (:class:`PackedDenseLinear`:
     oneDNN with a prepacked weight from 2 tokens, ``F.linear`` for one): what
@@ -331,18 +350,11 @@ class DenseLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "DenseLinear":
         """A frozen DenseLinear sharing ``linear``'s weight and bias storage (no copy)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
-                  dtype=linear.weight.dtype)
-        out.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
-        if linear.bias is not None:
-            out.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-        return out
+        return _frozen_linear_like(cls, linear)
 
     def _packed_layer(self) -> PackedDenseLinear:
         w, b = self.weight, self.bias
-        key = (id(w), w.data_ptr(), w._version, id(b), None if b is None else (b.data_ptr(), b._version))
+        key = _params_identity(w, b)
         cached = self.__dict__.get("_packed_cache")
         if cached is None or cached[0] != key:
             cached = (key, PackedDenseLinear(w, b))
@@ -376,20 +388,13 @@ class Int8DenseLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8DenseLinear":
         """A frozen Int8DenseLinear sharing ``linear``'s weight and bias storage (no copy)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
-                  dtype=linear.weight.dtype)
-        out.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
-        if linear.bias is not None:
-            out.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-        return out
+        return _frozen_linear_like(cls, linear)
 
     precision = "int8"
 
     def _packed_params(self):
         w, b = self.weight, self.bias
-        key = (id(w), w.data_ptr(), w._version, id(b), None if b is None else (b.data_ptr(), b._version))
+        key = _params_identity(w, b)
         cached = self.__dict__.get("_int8_cache")
         if cached is None or cached[0] != key:
             w32 = w.detach().to(torch.float32)

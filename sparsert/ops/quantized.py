@@ -19,7 +19,7 @@ from ..formats.base import dense_from_blocks
 from ..formats.q8bsr import BLOCK_COLS, MAX_COLS, QMAX
 from . import epilogue
 from ._threads import get_num_threads
-from .backends.cpu import Validated, _remembered, _version, eager_cpu_call, float32_bias
+from .backends.cpu import Validated, _remembered, _version, eager_cpu_call, float32_bias, token_rows_call
 from .schema import _activation, _int, _tensor
 
 __all__ = ["linear_q8bsr", "linear_q8bsr_torch", "linear_q8_arrays", "quantize_tokens", "check_q8_arrays",
@@ -150,14 +150,7 @@ def linear_q8bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, qblocks: T
         raise ValueError(f"{_OP}: x must have at least 1 dimension(s), got shape ()")
     in_features = x.shape[-1]
     checked = check_q8_arrays(row_ptr, col_indices, qblocks, scales, out_features, in_features)
-    x32 = x if x.dtype == torch.float32 else x.float()
-    x2 = x32.reshape(-1, in_features)
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
-        x2 = x2.contiguous()
-    tokens = x2.shape[0]
-    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.detach().to(torch.float32).contiguous()
+    x2, tokens, y, bias = token_rows_call(x, bias, out_features)
     native().spmm_int8(out_features, in_features, *checked.native, x2.data_ptr(), tokens,
                        x2.stride(0) if tokens else in_features, y.data_ptr(), out_features,
                        float32_bias(bias, out_features), epilogue.kernel_code(activation),

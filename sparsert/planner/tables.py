@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .. import ops as _ops
 from ..bench import best_dense_model, thread_settings
 from ..convert.plan import candidate_formats
-from ..convert.timing import call_model, call_times
+from ..convert.timing import call_model, call_times, capture_layer_inputs
 from ..nn import DenseLinear, SparseConv2d, SparseLinear
 from ..prune.patterns import Pattern, parse_pattern, weight_2d_shape
 
@@ -267,23 +267,6 @@ class _Cache:
         self.dirty = False
 
 
-def _capture(model: nn.Module, names: Sequence[str], example_inputs) -> dict:
-    captured: dict = {}
-    handles = []
-    for name in names:
-        def hook(mod, args, _name=name):
-            if _name not in captured and args and isinstance(args[0], Tensor):
-                captured[_name] = args[0].detach().clone()
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            call_model(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
-
-
 def _model_key(model: nn.Module, names: Sequence[str], example_inputs, baseline: str) -> str:
     shapes = [(n, list(p.shape)) for n, p in model.named_parameters()]
     flat = example_inputs.values() if isinstance(example_inputs, dict) else (
@@ -329,7 +312,7 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
 
         def capture() -> dict:
             if not captured:
-                captured.update(_capture(model, names, example_inputs))
+                captured.update(capture_layer_inputs(model, names, example_inputs)[0])
                 missing = [n for n in names if n not in captured]
                 if missing:
                     raise ValueError(f"example_inputs do not run these layers, so they cannot be timed: "

@@ -300,19 +300,27 @@ def linear_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def token_rows_call(x: Tensor, bias: Optional[Tensor], out_features: int) -> tuple:
+    """The float32 token rows a row-strided kernel reads (unit column stride, rows
+    at least ``in_features`` apart), their count, the float32 output to fill and
+    the bias as the kernels take it: (x2, tokens, y, bias)."""
+    in_features = x.shape[-1]
+    x32 = x if x.dtype == torch.float32 else x.float()
+    x2 = x32.reshape(-1, in_features)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
+        x2 = x2.contiguous()
+    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().to(torch.float32).contiguous()
+    return x2, x2.shape[0], y, bias
+
+
 def linear_bitmask_cpu(x: Tensor, masks: Tensor, row_offsets: Tensor, values: Tensor, out_features: int,
                        bias: Optional[Tensor], activation: int, num_threads: int, kernel: str = "") -> Tensor:
     """The native CPU path of ``linear_bitmask``; ``kernel`` forces a bitmask registry kernel."""
     in_features = x.shape[-1]
     checked = check_bitmask_arrays(masks, row_offsets, values, out_features, in_features)
-    x32 = x if x.dtype == torch.float32 else x.float()
-    x2 = x32.reshape(-1, in_features)
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
-        x2 = x2.contiguous()
-    tokens = x2.shape[0]
-    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.detach().to(torch.float32).contiguous()
+    x2, tokens, y, bias = token_rows_call(x, bias, out_features)
     _native().spmm_bitmask(out_features, in_features, *checked.native, x2.data_ptr(), tokens,
                           x2.stride(0) if tokens else in_features, y.data_ptr(), out_features,
                           float32_bias(bias, out_features), epilogue.kernel_code(activation),
