@@ -11,6 +11,7 @@ from torch import nn
 
 import sparsert
 from sparsert.convert import SparsityPlan, candidate_formats, fold_batchnorm
+from sparsert.convert.plan import MAX_SPARSE_DENSITY
 from sparsert.nn import DenseLinear, SparseConv2d, SparseLinear
 
 FAST = dict(min_time=0.002, rounds=2)  # timing budget per candidate: enough to decide, fast tests
@@ -154,6 +155,26 @@ def test_min_speedup_keeps_dense_when_not_beaten():
     sparse = sparsert.sparsify(model, example_inputs=x, min_speedup=1e9, **FAST)
     assert all(d.chosen == "dense" and "only" in d.reason for d in sparse.sparsity_plan)
     assert not any(isinstance(m, SparseLinear) for m in sparse.modules())
+
+
+def test_nearly_dense_layer_stays_dense_untimed_but_named_format_still_converts():
+    # one zero per layer: "auto" used to convert such layers on timing noise
+    model = mlp()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight[0, 0] = 0.0
+    x = torch.randn(4, 64)
+    sparse = sparsert.sparsify(model, example_inputs=x, min_speedup=1e-9, **FAST)  # any win would convert
+    for d in sparse.sparsity_plan:
+        assert d.chosen == "dense" and d.candidates == {} and "nearly dense" in d.reason
+        assert d.density > MAX_SPARSE_DENSITY
+        assert type(sparse.get_submodule(d.name)) is DenseLinear
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x))
+    # a named format is the user's call: no density guard
+    forced = sparsert.sparsify(model, format="csr", example_inputs=x, **FAST)
+    assert all(d.chosen == "csr" for d in forced.sparsity_plan)
 
 
 @pytest.mark.parametrize("kind", ["csr", "bsr4x1"])

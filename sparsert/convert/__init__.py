@@ -9,7 +9,8 @@ For every ``nn.Linear`` / ``nn.Conv2d`` whose weight holds zeros, ``"auto"``
 times the candidate formats (dense, CSR, every BSR block shape the zero
 pattern actually has, N:M when it fits) on the layer's real input, captured
 from ``example_inputs`` with forward hooks, and keeps the fastest; a layer
-stays dense unless a sparse format beats dense by ``min_speedup``. Each
+stays dense unless a sparse format beats dense by ``min_speedup`` (and, untimed,
+when more than 90% of its weights are nonzero: no format can pay there). Each
 candidate's output is checked against the dense layer before it can be
 chosen, and the whole converted model is checked against the original on
 ``example_inputs``. The original model is never left half-converted: by

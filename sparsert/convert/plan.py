@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import ops as _ops
 from ..formats import kind_name, parse_kind
 
-__all__ = ["LayerDecision", "SparsityPlan", "candidate_formats", "NM_CANDIDATES"]
+__all__ = ["LayerDecision", "SparsityPlan", "candidate_formats", "NM_CANDIDATES", "MAX_SPARSE_DENSITY"]
 
 #: N:M patterns ``candidate_formats`` checks a weight against
 NM_CANDIDATES = ((1, 4), (2, 4), (1, 8), (2, 8), (4, 8))
@@ -139,6 +139,10 @@ def _kernel_blocks() -> list:
 #: densities at which ``candidate_formats`` times the bitmask format (it reads
 #: density * 4 + 1/8 bytes per weight: below ~20% CSR reads less)
 BITMASK_DENSITIES = (0.2, 0.8)
+#: above this density ``sparsify(format="auto")`` keeps a layer dense without timing sparse
+#: formats: they would do >= 90% of dense's FMAs while reading more bytes (value + index per
+#: nonzero), so any measured win is timing noise (it converted nearly dense layers on noise)
+MAX_SPARSE_DENSITY = 0.9
 
 
 def candidate_formats(w2d: Tensor, *, max_fill: float = 1.1, linear: bool = True) -> list:

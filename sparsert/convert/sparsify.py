@@ -18,7 +18,7 @@ from ..formats import parse_kind
 from ..nn import DenseLinear, Int8DenseLinear, SparseConv2d, SparseLinear
 from ..nn.surgery import rollback, swap
 from .batchnorm import fold_batchnorm
-from .plan import LayerDecision, SparsityPlan, candidate_formats
+from .plan import MAX_SPARSE_DENSITY, LayerDecision, SparsityPlan, candidate_formats
 from .timing import call_model, call_times, capture_layer_inputs, close, flatten_tensors, max_rel_err
 
 __all__ = ["sparsify", "int8_dense", "DEFAULT_TOKENS", "PRECISIONS", "INT8_SPARSE_FORMAT"]
@@ -179,7 +179,8 @@ def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_sp
             it, Linear layers are timed on ``DEFAULT_TOKENS`` random rows and
             Conv2d layers stay dense under ``"auto"``.
         min_speedup: ``"auto"`` keeps a layer dense unless the best sparse format is
-            at least this much faster.
+            at least this much faster. Layers more than 90% nonzero
+            (:data:`~sparsert.convert.plan.MAX_SPARSE_DENSITY`) stay dense without timing.
         inplace: convert ``model`` itself (rolled back on error) instead of a deep copy.
         fold_bn: fold BatchNorm2d into the Conv2d before it (default: when ``model`` is in eval mode).
         threads: threads for the timing (default: the current setting).
@@ -268,6 +269,8 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
         x = _default_input(module)
         note = f"timed on {DEFAULT_TOKENS} random rows" if x is not None else "no input shape"
     int8 = precision == "int8" and isinstance(module, nn.Linear)
+    if forced is None and _nearly_dense(model, name, module, plan, precision, undo):
+        return
     if int8:
         kinds = ["dense", INT8_SPARSE_FORMAT]
     elif forced is not None:
@@ -292,6 +295,23 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
     if verbose:
         print(f"[sparsify] {name}: {decision.chosen}"
               + (f" ({decision.speedup:.2f}x)" if decision.speedup else ""), flush=True)
+
+
+def _nearly_dense(model, name, module, plan, precision, undo) -> bool:
+    """Under ``"auto"``, a layer above :data:`MAX_SPARSE_DENSITY` stays dense untimed (a Linear on
+    the best dense path); returns whether it did."""
+    w2d = module.weight.detach().reshape(module.weight.shape[0], -1)
+    density = float((w2d != 0).sum()) / max(w2d.numel(), 1)
+    if density <= MAX_SPARSE_DENSITY:
+        return False
+    nbytes = w2d.numel() * w2d.element_size()
+    plan.append(LayerDecision(name, type(module).__name__.replace("NonDynamicallyQuantizable", ""),
+                              tuple(w2d.shape), None, density, {}, "dense", None,
+                              f"nearly dense ({density:.0%} nonzero): a sparse format cannot beat dense above "
+                              f"{MAX_SPARSE_DENSITY:.0%}", nbytes, nbytes))
+    if isinstance(module, nn.Linear):  # left dense = the best dense path, as for a timed layer
+        swap(model, name, _fresh_dense(module, "int8" if precision == "int8" else "fp32"), undo)
+    return True
 
 
 def _sparsify(model, forced, example_inputs, min_speedup, fold_bn, min_time, rounds, check, exclude,
