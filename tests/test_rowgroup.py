@@ -199,3 +199,18 @@ def test_kernel_rejects_malformed_arrays():
         linear_rowgroup_cpu(x, fmt.seg_ptr.long(), fmt.columns, fmt.values, 8, None, 0, 1)
     with pytest.raises(ValueError):
         linear_rowgroup_cpu(x, fmt.seg_ptr, fmt.columns, fmt.values[:-1].clone(), 8, None, 0, 1)
+
+
+def test_index_writes_behind_the_validation_do_not_reach_the_kernel():
+    # like the other formats: the kernel reads private, validated copies of seg_ptr and columns
+    gen = torch.Generator().manual_seed(7)
+    w = random_weight(9, 40, 0.5, gen)
+    fmt = RowGroup.from_dense(w)
+    x = torch.randn(20, 40, generator=gen)
+    y = ops.linear(x, fmt)
+    fmt.columns.data.fill_(10**6)
+    fmt.seg_ptr.data[1] = 10**6
+    assert torch.equal(ops.linear(x, fmt), y)
+    fresh = RowGroup(fmt.seg_ptr.clone(), fmt.columns.clone(), fmt.values, fmt.shape)
+    with pytest.raises(ValueError):
+        ops.linear(x, fresh)

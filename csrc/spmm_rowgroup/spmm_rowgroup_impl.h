@@ -225,7 +225,11 @@ static void spmm_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
   split_groups(offsets, groups, threads, bounds);
   // Panels go in chunks whose packed x (~256 KB) stays in L2 while the
   // groups go by: a group's values are read from memory once per chunk and
-  // from L1 for the other panels of the chunk.
+  // from L1 for the other panels of the chunk. (Measured on Zen 3: chunks of
+  // 64-256 KB run alike; 1 MB, all of x at 768 x 128 tokens, 13-27% slower;
+  // at 4096 x 4096, 128 tokens, 1-4 MB chunks (x from L3, the 50 MB of
+  // weights read once instead of 8 times) 19-33% slower.
+  // A software prefetch of x rows 8 or 16 columns ahead gained nothing.)
   const int64_t panel_bytes = std::max<int64_t>(1, w.cols * P * 4);
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(panels, (256 << 10) / panel_bytes));
   parallel_run(threads, [&](int tid, int) {
