@@ -214,3 +214,25 @@ def test_index_writes_behind_the_validation_do_not_reach_the_kernel():
     fresh = RowGroup(fmt.seg_ptr.clone(), fmt.columns.clone(), fmt.values, fmt.shape)
     with pytest.raises(ValueError):
         ops.linear(x, fresh)
+
+
+def test_sparsify_save_and_load(tmp_path):
+    import sparsert
+
+    gen = torch.Generator().manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.ReLU(), torch.nn.Linear(30, 10))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(torch.rand(layer.weight.shape, generator=gen) > 0.5)
+    x = torch.randn(20, 40, generator=gen)
+    with torch.no_grad():
+        ref = model(x)
+    sparse = sparsert.sparsify(model, format="rowgroup4")
+    assert sparse[0].packed.kind == "rowgroup4"
+    path = tmp_path / "m.sparsert"
+    sparsert.save(sparse, path)
+    skeleton = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.ReLU(), torch.nn.Linear(30, 10))
+    loaded = sparsert.load(path, skeleton)
+    assert loaded[0].packed.kind == "rowgroup4"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref, rtol=1e-5, atol=1e-5)
