@@ -3,7 +3,7 @@ torch.sparse and scipy.sparse: one table.
 
     python benchmarks/bench_linear.py            # full table (a few minutes)
     python benchmarks/bench_linear.py --quick    # fewer rounds
-    python benchmarks/bench_linear.py --cases 50% 70% --threads 1   # moderate sparsity (bitmask16)
+    python benchmarks/bench_linear.py --cases 50% 70% --threads 1   # moderate sparsity (bitmask16, rowgroup4)
 
 fp32, 2 threads by default (torch, oneDNN, onnxruntime and sparsert alike;
 scipy is single-threaded), every method timed round-robin in this process,
@@ -48,10 +48,10 @@ pruned_weight = random_pruned_weight
 
 
 def sparsert_kinds(sparsity, block):
-    """The formats timed: CSR, the case's BSR block, and bitmask16 at moderate sparsity."""
+    """The formats timed: CSR, the case's BSR block, and bitmask16 and rowgroup4 at moderate sparsity."""
     if block is not None:
         return [f"bsr{block[0]}x{block[1]}", "csr"]
-    return ["csr", "bitmask16"] if 0.2 <= sparsity <= 0.8 else ["csr"]
+    return ["csr", "bitmask16", "rowgroup4"] if 0.2 <= sparsity <= 0.8 else ["csr"]
 
 
 def run(quick: bool, threads: int, shapes, tokens_list, cases):

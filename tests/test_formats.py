@@ -171,7 +171,8 @@ def test_every_registered_format_describes_itself_consistently():
     (pack, parse_kind, files) relies on them agreeing with what the format holds."""
     from sparsert.formats import format_class, formats, kind_name, parse_kind
 
-    kinds = {"csr": ["csr"], "bsr": ["bsr4x1", "bsr2x3"], "nm": ["nm2:4", "nm1:8"], "bitmask": ["bitmask16"]}
+    kinds = {"csr": ["csr"], "bsr": ["bsr4x1", "bsr2x3"], "nm": ["nm2:4", "nm1:8"], "bitmask": ["bitmask16"],
+             "rowgroup": ["rowgroup4"]}
     assert set(formats()) >= set(kinds)
     g = torch.Generator().manual_seed(3)
     for family, cls in formats().items():

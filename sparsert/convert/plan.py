@@ -150,7 +150,7 @@ def candidate_formats(w2d: Tensor, *, max_fill: float = 1.1, linear: bool = True
     shape the zero pattern actually has (stored / nonzero <= ``max_fill``),
     N:M patterns the weight satisfies (when they store at most half the weight and
     at most 1.25x its nonzeros) and, for a Linear layer at moderate density
-    (:data:`BITMASK_DENSITIES`), the bitmask16 format."""
+    (:data:`BITMASK_DENSITIES`), the bitmask16 and rowgroup4 formats."""
     w = w2d.detach()
     nnz = int((w != 0).sum())
     kinds = ["dense", "csr"]
@@ -173,5 +173,5 @@ def candidate_formats(w2d: Tensor, *, max_fill: float = 1.1, linear: bool = True
                 kinds.append(kind_name("nm", n, m))
     low, high = BITMASK_DENSITIES
     if linear and low <= nnz / w.numel() <= high and _ops.cpu_available():
-        kinds.append("bitmask16")
+        kinds += ["bitmask16", "rowgroup4"]
     return kinds

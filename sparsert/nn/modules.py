@@ -16,6 +16,7 @@ N:M           ``packed_values``, ``packed_col_indices`` (plus the non-persistent
               ``packed_kernel_row_ptr``, derived from the shape)
 bitmask16     ``packed_masks``, ``packed_values`` (plus the non-persistent
               ``packed_row_offsets`` and ``packed_padded_values``; Linear only)
+rowgroup4     ``packed_seg_ptr``, ``packed_columns``, ``packed_values`` (Linear only)
 q8bsr1x4      ``packed_row_ptr``, ``packed_col_indices``, ``packed_qblocks`` (int8),
               ``packed_scales`` (float32 per row; Linear only, ``precision`` "int8")
 dense         ``packed_weight``
@@ -180,6 +181,7 @@ class SparseLinear(_PackedWeight):
         self._init_packed(packed)
         self._bitmask = self._fmt is not None and self._fmt.LINEAR_OP == "bitmask"
         self._int8 = self._fmt is not None and self._fmt.LINEAR_OP == "q8bsr"
+        self._rowgroup = self._fmt is not None and self._fmt.LINEAR_OP == "rowgroup"
         self.out_features, self.in_features = (int(s) for s in (packed.shape))
         self._act = epilogue.code_of(activation)
         self.activation = epilogue.name_of(self._act)
@@ -212,6 +214,8 @@ class SparseLinear(_PackedWeight):
         rp, ci, val = self._kernel_arrays()
         if self._bitmask:
             return _ops.linear_bitmask_arrays(x, rp, ci, val, self.out_features, self.bias, self._act)
+        if self._rowgroup:
+            return _ops.linear_rowgroup_arrays(x, rp, ci, val, self.out_features, self.bias, self._act)
         if self._int8:
             return _ops.linear_q8_arrays(x, rp, ci, val, self.packed_scales, self.out_features, self.bias, self._act)
         return _ops.linear_arrays(x, rp, ci, val, self.out_features, self._block[0], self._block[1], self.bias,

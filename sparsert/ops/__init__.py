@@ -14,7 +14,7 @@ import torch
 from . import epilogue, schema  # noqa: F401  (registers torch.ops.sparsert.*)
 from .backends import cpu as _cpu  # noqa: F401  (registers the CPU kernels)
 from ._threads import get_num_threads, num_threads, set_num_threads, set_threading_backend, threading_backend
-from .linear import linear, linear_arrays, linear_bitmask_arrays
+from .linear import linear, linear_arrays, linear_bitmask_arrays, linear_rowgroup_arrays
 from .conv import ConvWeight, conv2d, conv2d_arrays
 from .quantized import linear_q8_arrays  # (registers torch.ops.sparsert.linear_q8bsr)
 
@@ -22,7 +22,7 @@ if torch.cuda.is_available():
     from .backends import cuda as _cuda  # noqa: F401  (registers the CUDA kernels)
 
 __all__ = [
-    "linear", "conv2d", "ConvWeight", "linear_arrays", "linear_bitmask_arrays", "linear_q8_arrays", "conv2d_arrays", "get_num_threads", "set_num_threads",
+    "linear", "conv2d", "ConvWeight", "linear_arrays", "linear_bitmask_arrays", "linear_rowgroup_arrays", "linear_q8_arrays", "conv2d_arrays", "get_num_threads", "set_num_threads",
     "num_threads", "threading_backend", "set_threading_backend", "cpu_available", "cpu_kernels", "cpu_conv_kernels",
     "cpu_isa",
 ]

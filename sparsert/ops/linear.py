@@ -14,12 +14,13 @@ from torch import Tensor
 
 from ..formats import SparseFormat
 from . import epilogue
-from .backends.cpu import eager_cpu_call, linear_bitmask_cpu, linear_bsr_cpu
+from .backends.cpu import eager_cpu_call, linear_bitmask_cpu, linear_bsr_cpu, linear_rowgroup_cpu
 
-__all__ = ["linear", "linear_arrays", "linear_bitmask_arrays", "check_num_threads"]
+__all__ = ["linear", "linear_arrays", "linear_bitmask_arrays", "linear_rowgroup_arrays", "check_num_threads"]
 
 _LINEAR_OP = torch.ops.sparsert.linear_bsr.default
 _BITMASK_OP = torch.ops.sparsert.linear_bitmask.default
+_ROWGROUP_OP = torch.ops.sparsert.linear_rowgroup.default
 
 
 def check_num_threads(num_threads) -> int:
@@ -57,6 +58,9 @@ def linear(x: Tensor, w, bias: Optional[Tensor] = None, activation: Optional[str
     if w.LINEAR_OP == "bitmask":
         masks, row_offsets, values, _, _ = w.kernel_arrays()
         return linear_bitmask_arrays(x, masks, row_offsets, values, rows, bias, code, threads)
+    if w.LINEAR_OP == "rowgroup":
+        seg_ptr, columns, values, _, _ = w.kernel_arrays()
+        return linear_rowgroup_arrays(x, seg_ptr, columns, values, rows, bias, code, threads)
     row_ptr, col_indices, values, r, c = w.kernel_arrays()
     return linear_arrays(x, row_ptr, col_indices, values, rows, r, c, bias, code, threads)
 
@@ -81,3 +85,11 @@ def linear_bitmask_arrays(x: Tensor, masks: Tensor, row_offsets: Tensor, values:
     if eager_cpu_call(x, bias, values):
         return linear_bitmask_cpu(x, masks, row_offsets, values, out_features, bias, code, num_threads)
     return _BITMASK_OP(x, masks, row_offsets, values, out_features, bias, code, num_threads)
+
+
+def linear_rowgroup_arrays(x: Tensor, seg_ptr: Tensor, columns: Tensor, values: Tensor, out_features: int,
+                           bias: Optional[Tensor], code: int, num_threads: int = 0) -> Tensor:
+    """:func:`linear_arrays` for a row-group weight (``RowGroup.kernel_arrays()[:3]``)."""
+    if eager_cpu_call(x, bias, values):
+        return linear_rowgroup_cpu(x, seg_ptr, columns, values, out_features, bias, code, num_threads)
+    return _ROWGROUP_OP(x, seg_ptr, columns, values, out_features, bias, code, num_threads)

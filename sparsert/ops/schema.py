@@ -29,10 +29,11 @@ from torch import Tensor
 from ..formats import dense_from_blocks
 from ..formats._common import decode_indices
 from ..formats.bitmask import dense_from_bitmask
+from ..formats.rowgroup import dense_from_rowgroup
 from . import epilogue
 
 __all__ = ["linear_bsr", "conv2d_bsr", "linear_bitmask", "linear_bsr_torch", "conv2d_bsr_torch",
-           "linear_bitmask_torch", "conv_out_size", "check_linear_args", "check_conv_args", "check_array_contents"]
+           "linear_bitmask_torch", "linear_rowgroup", "linear_rowgroup_torch", "conv_out_size", "check_linear_args", "check_conv_args", "check_array_contents"]
 
 _INT32_MAX = (1 << 31) - 1
 
@@ -205,6 +206,28 @@ def linear_bitmask(x: Tensor, masks: Tensor, row_offsets: Tensor, values: Tensor
 
 @linear_bitmask.register_fake
 def _linear_bitmask_fake(x, masks, row_offsets, values, out_features, bias, activation, num_threads):
+    epilogue.name_of(activation)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def linear_rowgroup_torch(x: Tensor, seg_ptr: Tensor, columns: Tensor, values: Tensor, out_features: int,
+                          bias: Optional[Tensor], activation: int) -> Tensor:
+    """Pure-torch act(x @ W.T + bias) for a row-group W: the op's default off the CPU kernel."""
+    w = dense_from_rowgroup(seg_ptr, columns, values, out_features, x.shape[-1])
+    y = F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return epilogue.reference(y, activation)
+
+
+@torch.library.custom_op("sparsert::linear_rowgroup", mutates_args=())
+def linear_rowgroup(x: Tensor, seg_ptr: Tensor, columns: Tensor, values: Tensor, out_features: int,
+                    bias: Optional[Tensor], activation: int, num_threads: int) -> Tensor:
+    """act(x @ W.T + bias) for W given as row-group arrays (``RowGroup.kernel_arrays()``: int32
+    segment offsets per 4-row group and pattern, int32 columns, float32 values)."""
+    return linear_rowgroup_torch(x, seg_ptr, columns, values, out_features, bias, activation)
+
+
+@linear_rowgroup.register_fake
+def _linear_rowgroup_fake(x, seg_ptr, columns, values, out_features, bias, activation, num_threads):
     epilogue.name_of(activation)
     return x.new_empty((*x.shape[:-1], out_features))
 

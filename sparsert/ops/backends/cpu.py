@@ -34,12 +34,13 @@ from torch import Tensor
 from ..._ext import native as _native  # (private: the raw functions take addresses)
 from ...formats._common import decode_indices, index_bits
 from ...formats.bitmask import GROUP, VALUE_PADDING, masks_to_bits
+from ...formats.rowgroup import check_rowgroup_layout
 from .. import epilogue
 from .._threads import get_num_threads
 from ..schema import (_int, check_array_contents, check_conv_args, check_linear_args, conv2d_bsr, conv_out_size,
-                      linear_bitmask, linear_bsr)
+                      linear_bitmask, linear_bsr, linear_rowgroup)
 
-__all__ = ["linear_bsr_cpu", "linear_bitmask_cpu", "conv2d_bsr_cpu", "check_bitmask_arrays", "bitmask_kernels",
+__all__ = ["linear_bsr_cpu", "linear_bitmask_cpu", "linear_rowgroup_cpu", "check_rowgroup_arrays", "rowgroup_kernels", "conv2d_bsr_cpu", "check_bitmask_arrays", "bitmask_kernels",
            "eager_cpu_call", "check_weight_arrays", "kernels",
            "conv_kernels", "best_isa", "available"]
 
@@ -63,6 +64,11 @@ def conv_kernels() -> list:
 def bitmask_kernels() -> list:
     """Every native bitmask kernel of this build (name, isa, kind, supported)."""
     return _native().bitmask_kernels()
+
+
+def rowgroup_kernels() -> list:
+    """Every native row-group kernel of this build (name, isa, kind, supported)."""
+    return _native().rowgroup_kernels()
 
 
 def best_isa() -> str:
@@ -249,6 +255,32 @@ def check_bitmask_arrays(masks: Tensor, row_offsets: Tensor, values: Tensor, out
     return _remembered(masks, row_offsets, values, ("bitmask", out_features, in_features), validate)
 
 
+def check_rowgroup_arrays(seg_ptr: Tensor, columns: Tensor, values: Tensor, out_features: int,
+                          in_features: int) -> Validated:
+    """Raises ValueError unless the arrays are a valid ``out_features x in_features``
+    row-group matrix as the kernels read it (``RowGroup.kernel_arrays()``: int32 segment
+    offsets, int32 columns in range and once per group, float32 finite values). Like
+    :func:`check_weight_arrays`, the kernel reads private, validated copies of seg_ptr
+    and columns, remembered per array objects and versions."""
+    def validate() -> Validated:
+        for name, t, dtype in (("seg_ptr", seg_ptr, torch.int32), ("columns", columns, torch.int32),
+                               ("values", values, torch.float32)):
+            if not isinstance(t, Tensor) or t.device.type != "cpu" or not t.is_contiguous() or t.dtype != dtype:
+                raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor (build weights with "
+                                 "sparsert.formats.rowgroup.RowGroup)")
+        if seg_ptr.dim() != 1 or columns.dim() != 1:
+            raise ValueError("seg_ptr and columns must be 1-D")
+        private_segments, private_columns = seg_ptr.clone(), columns.clone()
+        check_rowgroup_layout(private_segments, private_columns, values.numel(), out_features, in_features)
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("row-group values must be finite")
+        return Validated((private_segments, private_columns), values,
+                         (private_segments.data_ptr(), private_segments.numel(), private_columns.data_ptr(),
+                          private_columns.numel(), values.data_ptr(), values.numel()))
+
+    return _remembered(seg_ptr, columns, values, ("rowgroup", out_features, in_features), validate)
+
+
 # --------------------------------------------------------------------------- kernels
 def float32_bias(bias: Optional[Tensor], out_features: int) -> int:
     """The address of a float32, contiguous ``bias`` (0 for none), after checking its shape."""
@@ -329,6 +361,20 @@ def linear_bitmask_cpu(x: Tensor, masks: Tensor, row_offsets: Tensor, values: Te
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def linear_rowgroup_cpu(x: Tensor, seg_ptr: Tensor, columns: Tensor, values: Tensor, out_features: int,
+                        bias: Optional[Tensor], activation: int, num_threads: int, kernel: str = "") -> Tensor:
+    """The native CPU path of ``linear_rowgroup``; ``kernel`` forces a row-group registry kernel."""
+    in_features = x.shape[-1]
+    checked = check_rowgroup_arrays(seg_ptr, columns, values, out_features, in_features)
+    x2, tokens, y, bias = token_rows_call(x, bias, out_features)
+    _native().spmm_rowgroup(out_features, in_features, *checked.native, x2.data_ptr(), tokens,
+                            x2.stride(0) if tokens else in_features, y.data_ptr(), out_features,
+                            float32_bias(bias, out_features), epilogue.kernel_code(activation),
+                            num_threads if num_threads > 0 else get_num_threads(), kernel)
+    y = epilogue.finish(y, activation)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 def conv2d_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_channels: int,
                    kernel_size: Sequence[int], block_rows: int, block_cols: int, bias: Optional[Tensor],
                    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
@@ -374,6 +420,11 @@ def _linear_bsr_cpu(x, row_ptr, col_indices, values, out_features, block_rows, b
 @linear_bitmask.register_kernel("cpu")
 def _linear_bitmask_cpu(x, masks, row_offsets, values, out_features, bias, activation, num_threads):
     return linear_bitmask_cpu(x, masks, row_offsets, values, out_features, bias, activation, num_threads)
+
+
+@linear_rowgroup.register_kernel("cpu")
+def _linear_rowgroup_cpu(x, seg_ptr, columns, values, out_features, bias, activation, num_threads):
+    return linear_rowgroup_cpu(x, seg_ptr, columns, values, out_features, bias, activation, num_threads)
 
 
 @conv2d_bsr.register_kernel("cpu")

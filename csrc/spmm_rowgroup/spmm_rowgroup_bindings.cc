@@ -1,0 +1,76 @@
+// The thin binding of the row-group kernels (spmm_rowgroup/spmm_rowgroup.h):
+// sparsert._C.spmm_rowgroup, select_rowgroup_kernel and rowgroup_kernels.
+// Arrays arrive as raw addresses the Python side has validated (columns in
+// range, segments non-decreasing); the facts that are cheap here (lengths,
+// the ends of seg_ptr, the value count) are checked again.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/registry_bindings.h"
+#include "spmm/spmm_bindings.h"
+#include "spmm_rowgroup/spmm_rowgroup.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using sparsert_bindings::ptr;
+
+std::string spmm_rowgroup(int64_t rows, int64_t cols, uintptr_t seg_ptr, int64_t seg_ptr_len, uintptr_t columns,
+                          int64_t columns_len, uintptr_t values, int64_t values_len, uintptr_t x, int64_t tokens,
+                          int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t bias, int activation,
+                          int64_t num_threads, const std::string& kernel) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
+  if (rows < 0 || cols < 0 || tokens < 0) fail("sizes must be non-negative");
+  const sparsert::Epilogue epilogue = sparsert::epilogue_from_code(activation, "activation");
+  sparsert::RowGroupMatrix w;
+  w.rows = rows;
+  w.cols = cols;
+  if (seg_ptr_len != w.group_count() * sparsert::kRowGroupPatterns + 1)
+    fail("seg_ptr must have ceil(rows / 4) * 15 + 1 entries");
+  const auto* segments = ptr<const int32_t>(seg_ptr);
+  if (segments[0] != 0 || segments[seg_ptr_len - 1] != columns_len)
+    fail("seg_ptr must start at 0 and end at the number of columns");
+  for (int64_t s = 0; s + 1 < seg_ptr_len; ++s)
+    if (segments[s + 1] < segments[s]) fail("seg_ptr must be non-decreasing");
+  w.seg_ptr = segments;
+  w.columns = ptr<const int32_t>(columns);
+  w.values = ptr<const float>(values);
+  std::vector<int64_t> offsets;
+  sparsert::rowgroup_value_offsets(w, offsets);
+  if (offsets.back() != values_len)
+    fail("values must hold " + std::to_string(offsets.back()) + " entries, got " + std::to_string(values_len));
+  if (tokens > 0 && (x_row_stride < cols || y_row_stride < rows)) fail("bad row strides");
+  const sparsert::SpmmArgs a =
+      sparsert_bindings::spmm_args(x, tokens, x_row_stride, y, y_row_stride, bias, epilogue, num_threads);
+  const sparsert::RowGroupKernelInfo* k =
+      kernel.empty() ? sparsert::select_rowgroup_kernel(tokens, sparsert::best_isa())
+                     : &sparsert_bindings::forced_kernel(sparsert::rowgroup_kernel_registry(), kernel,
+                                                         "row-group kernel");
+  if (tokens > 0 && rows > 0) {
+    py::gil_scoped_release release;
+    k->fn(w, a);
+  }
+  return k->name;
+}
+
+}  // namespace
+
+void bind_spmm_rowgroup(py::module_& m) {
+  m.def("rowgroup_kernels", [] { return sparsert_bindings::describe_registry(sparsert::rowgroup_kernel_registry()); },
+        "Every row-group kernel in this build: name, isa, kind, group, and whether this CPU runs it.");
+  m.def("select_rowgroup_kernel", [](int64_t tokens, const std::string& isa) {
+    const auto* k = sparsert::select_rowgroup_kernel(tokens, isa.empty() ? sparsert::best_isa() : isa);
+    return k ? k->name : std::string();
+  }, py::arg("tokens"), py::arg("isa") = "");
+  m.def("spmm_rowgroup", &spmm_rowgroup, py::arg("rows"), py::arg("cols"), py::arg("seg_ptr"),
+        py::arg("seg_ptr_len"), py::arg("columns"), py::arg("columns_len"), py::arg("values"),
+        py::arg("values_len"), py::arg("x"), py::arg("tokens"), py::arg("x_row_stride"), py::arg("y"),
+        py::arg("y_row_stride"), py::arg("bias"), py::arg("activation"), py::arg("num_threads"),
+        py::arg("kernel") = "",
+        "y = act(x @ W^T + bias) for a row-group W given as raw addresses; returns the kernel used.");
+}

@@ -1,0 +1,284 @@
+// The row-group kernels (see spmm_rowgroup/spmm_rowgroup.h), written once
+// over a GCC/Clang vector of SPARSERT_VEC_FLOATS floats and compiled per ISA:
+// spmm_rowgroup_{scalar,avx2}.cc define SPARSERT_ISA (a namespace),
+// SPARSERT_VEC_FLOATS and the target, then include this file.
+//
+// x is packed once per call into token panels xp[panel][k][P] (P = NV
+// vectors of tokens). Per row group and panel, each of the 15 pattern
+// segments runs its own loop: per column, NV x vectors are loaded once and
+// each feeds popcount(pattern) FMAs (one per row of the pattern), each value
+// is broadcast once and feeds NV FMAs. Loads per FMA = (NV + rows) / (NV *
+// rows): 0.75 for a 4-row column, 1.5 for a 1-row column (AVX2, NV = 2),
+// ~0.97 on average at 50% density. Small patterns take several accumulator
+// sets so that at least ~8 FMA chains hide the FMA latency. Panels go in
+// L2-sized chunks with the groups inside and the chunk's panels innermost:
+// a group's values (a few KB) stay in L1 across the panels of a chunk.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "spmm_rowgroup/spmm_rowgroup.h"
+#include "common/scratch.h"
+#include "common/thread_pool.h"
+
+#include "common/isa_target_begin.inc"
+
+#ifndef SPARSERT_ISA
+#error "define SPARSERT_ISA before including spmm_rowgroup_impl.h"
+#endif
+
+namespace sparsert {
+namespace SPARSERT_ISA {
+namespace rowgroup {
+
+constexpr int VW = SPARSERT_VEC_FLOATS;
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vf_unaligned __attribute__((vector_size(VW * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+static inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+static inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
+// A broadcast (vf{} + s would cost an add: -0.0 + 0.0 is not -0.0).
+static inline vf splat(float s) {
+  const vf first = {s};
+  return __builtin_shuffle(first, vi{});
+}
+
+constexpr int popcount4(int p) { return (p & 1) + (p >> 1 & 1) + (p >> 2 & 1) + (p >> 3 & 1); }
+
+// Accumulator sets for `chains` = rows * NV chains: at least ~8 chains, at most 12 registers.
+constexpr int sets_for(int chains) {
+  return chains >= 8 ? 1 : ((8 + chains - 1) / chains) * chains > 12 ? 12 / chains : (8 + chains - 1) / chains;
+}
+
+// tile[r][P] += the products of one pattern segment: `count` columns, each
+// followed in v by the values of the pattern's rows.
+template <int PAT, int NV>
+__attribute__((always_inline)) static inline void pattern_segment(const int32_t* col, int32_t count,
+                                                                  const float* v, const float* xp, float* tile) {
+  constexpr int P = NV * VW;
+  constexpr int NR = popcount4(PAT);
+  constexpr int S = sets_for(NR * NV);
+  if (count == 0) return;
+  vf acc[S][NR][NV];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < NR; ++r)
+      for (int u = 0; u < NV; ++u) acc[s][r][u] = vf{};
+  int32_t i = 0;
+  for (; i + S <= count; i += S) {
+    for (int s = 0; s < S; ++s) {
+      const float* xr = xp + static_cast<int64_t>(col[i + s]) * P;
+      const float* vv = v + static_cast<int64_t>(i + s) * NR;
+      vf wv[NR];
+      for (int r = 0; r < NR; ++r) wv[r] = splat(vv[r]);
+      for (int u = 0; u < NV; ++u) {
+        const vf xv = load(xr + u * VW);
+        for (int r = 0; r < NR; ++r) acc[s][r][u] += wv[r] * xv;
+      }
+    }
+  }
+  for (; i < count; ++i) {  // the remainder goes to set 0
+    const float* xr = xp + static_cast<int64_t>(col[i]) * P;
+    const float* vv = v + static_cast<int64_t>(i) * NR;
+    for (int u = 0; u < NV; ++u) {
+      const vf xv = load(xr + u * VW);
+      for (int r = 0; r < NR; ++r) acc[0][r][u] += splat(vv[r]) * xv;
+    }
+  }
+  int ri = 0;
+  for (int r = 0; r < kRowGroup; ++r) {
+    if (!(PAT >> r & 1)) continue;
+    for (int u = 0; u < NV; ++u) {
+      vf sum = load(tile + r * P + u * VW);
+      for (int s = 0; s < S; ++s) sum += acc[s][ri][u];
+      store(tile + r * P + u * VW, sum);
+    }
+    ++ri;
+  }
+}
+
+// The 15 segments of group g over one panel, PAT = 1 .. 15 in order; returns
+// the values consumed.
+template <int NV, int PAT = 1>
+__attribute__((always_inline)) static inline const float* group_segments(const RowGroupMatrix& w, int64_t g,
+                                                                         const float* v, const float* xp,
+                                                                         float* tile) {
+  const int64_t s = g * kRowGroupPatterns + PAT - 1;
+  const int32_t begin = w.seg_ptr[s], count = w.seg_ptr[s + 1] - begin;
+  pattern_segment<PAT, NV>(w.columns + begin, count, v, xp, tile);
+  v += static_cast<int64_t>(count) * popcount4(PAT);
+  if constexpr (PAT < kRowGroupPatterns) return group_segments<NV, PAT + 1>(w, g, v, xp, tile);
+  return v;
+}
+
+// Splits groups [0, groups) into `parts` contiguous ranges of about equal
+// cost: their values plus a fixed cost per group (15 loops and the tile).
+static void split_groups(const std::vector<int64_t>& offsets, int64_t groups, int parts,
+                         std::vector<int64_t>& bounds) {
+  bounds.assign(parts + 1, groups);
+  bounds[0] = 0;
+  const double per_group = 64.0;
+  const double total = static_cast<double>(offsets[groups]) + per_group * groups;
+  for (int part = 1; part < parts; ++part) {
+    int64_t lo = bounds[part - 1], hi = groups;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (static_cast<double>(offsets[mid]) + per_group * mid < total * part / parts) lo = mid + 1; else hi = mid;
+    }
+    bounds[part] = lo;
+  }
+}
+
+// spmv (1-2 tokens): a panel would leave 15 of 16 lanes idle, so each token
+// runs alone, scalar: per column one x load feeds the pattern's rows, four
+// accumulator sets per row hide the FMA latency.
+template <int PAT>
+__attribute__((always_inline)) static inline void pattern_segment_token(const int32_t* col, int32_t count,
+                                                                        const float* v, const float* x,
+                                                                        float* acc_rows) {
+  constexpr int NR = popcount4(PAT);
+  constexpr int S = 4;
+  float acc[S][NR] = {};
+  int32_t i = 0;
+  for (; i + S <= count; i += S)
+    for (int s = 0; s < S; ++s) {
+      const float xk = x[col[i + s]];
+      for (int r = 0; r < NR; ++r) acc[s][r] += v[(i + s) * NR + r] * xk;
+    }
+  for (; i < count; ++i) {
+    const float xk = x[col[i]];
+    for (int r = 0; r < NR; ++r) acc[0][r] += v[i * NR + r] * xk;
+  }
+  int ri = 0;
+  for (int r = 0; r < kRowGroup; ++r) {
+    if (!(PAT >> r & 1)) continue;
+    acc_rows[r] += (acc[0][ri] + acc[1][ri]) + (acc[2][ri] + acc[3][ri]);
+    ++ri;
+  }
+}
+
+template <int PAT = 1>
+__attribute__((always_inline)) static inline void group_segments_token(const RowGroupMatrix& w, int64_t g,
+                                                                       const float* v, const float* x,
+                                                                       float* acc_rows) {
+  const int64_t s = g * kRowGroupPatterns + PAT - 1;
+  const int32_t begin = w.seg_ptr[s], count = w.seg_ptr[s + 1] - begin;
+  pattern_segment_token<PAT>(w.columns + begin, count, v, x, acc_rows);
+  if constexpr (PAT < kRowGroupPatterns)
+    group_segments_token<PAT + 1>(w, g, v + static_cast<int64_t>(count) * popcount4(PAT), x, acc_rows);
+}
+
+static void spmv_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
+  const int64_t groups = w.group_count();
+  const int threads = std::max(1, a.num_threads);
+  const bool relu = a.epilogue == Epilogue::kRelu;
+  std::vector<int64_t> offsets, bounds;
+  rowgroup_value_offsets(w, offsets);
+  split_groups(offsets, groups, threads, bounds);
+  parallel_run(threads, [&](int tid, int) {
+    for (int64_t t = 0; t < a.tokens; ++t) {
+      const float* x = a.x + t * a.x_row_stride;
+      float* y = a.y + t * a.y_row_stride;
+      for (int64_t g = bounds[tid]; g < bounds[tid + 1]; ++g) {
+        const int64_t row0 = g * kRowGroup;
+        const int nrows = static_cast<int>(std::min<int64_t>(kRowGroup, w.rows - row0));
+        float acc[kRowGroup];
+        for (int r = 0; r < kRowGroup; ++r) acc[r] = a.bias && r < nrows ? a.bias[row0 + r] : 0.0f;
+        group_segments_token(w, g, w.values + offsets[g], x, acc);
+        for (int r = 0; r < nrows; ++r) y[row0 + r] = relu && acc[r] < 0.0f ? 0.0f : acc[r];
+      }
+    }
+  });
+}
+
+// xp[k][t] = x[t0 + t][k] for the P tokens of panel `p` (zero past the last token).
+template <int P>
+static void pack_panel(const SpmmArgs& a, int64_t cols, int64_t p, float* xp) {
+  const int64_t t0 = p * P, valid = std::min<int64_t>(P, a.tokens - t0);
+  for (int64_t t = 0; t < P; ++t) {
+    if (t < valid) {
+      const float* xr = a.x + (t0 + t) * a.x_row_stride;
+      for (int64_t k = 0; k < cols; ++k) xp[k * P + t] = xr[k];
+    } else {
+      for (int64_t k = 0; k < cols; ++k) xp[k * P + t] = 0.0f;
+    }
+  }
+}
+
+template <int NV>
+static void spmm_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
+  constexpr int P = NV * VW;
+  const int64_t groups = w.group_count();
+  const int64_t panels = (a.tokens + P - 1) / P;
+  const int threads = std::max(1, a.num_threads);
+  const bool relu = a.epilogue == Epilogue::kRelu;
+  std::vector<int64_t> offsets;
+  rowgroup_value_offsets(w, offsets);
+  static thread_local Scratch packed;
+  float* xp = packed.get(static_cast<size_t>(panels * w.cols * P));
+  parallel_run(threads, [&](int tid, int nt) {
+    for (int64_t p = tid; p < panels; p += nt) pack_panel<P>(a, w.cols, p, xp + p * w.cols * P);
+  });
+  std::vector<int64_t> bounds;
+  split_groups(offsets, groups, threads, bounds);
+  // Panels go in chunks whose packed x (~256 KB) stays in L2 while the
+  // groups go by: a group's values are read from memory once per chunk and
+  // from L1 for the other panels of the chunk. (Measured on Zen 3: chunks of
+  // 64-256 KB run alike; 1 MB, all of x at 768 x 128 tokens, 13-27% slower;
+  // at 4096 x 4096, 128 tokens, 1-4 MB chunks (x from L3, the 50 MB of
+  // weights read once instead of 8 times) 19-33% slower.
+  // A software prefetch of x rows 8 or 16 columns ahead gained nothing.)
+  const int64_t panel_bytes = std::max<int64_t>(1, w.cols * P * 4);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(panels, (256 << 10) / panel_bytes));
+  parallel_run(threads, [&](int tid, int) {
+    alignas(64) float tile[kRowGroup * P];
+    for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
+      const int64_t p1 = std::min(panels, p0 + chunk);
+      for (int64_t g = bounds[tid]; g < bounds[tid + 1]; ++g) {
+        const int64_t row0 = g * kRowGroup;
+        const int nrows = static_cast<int>(std::min<int64_t>(kRowGroup, w.rows - row0));
+        for (int64_t p = p0; p < p1; ++p) {
+          for (int r = 0; r < kRowGroup; ++r) {
+            const vf b = splat(a.bias && r < nrows ? a.bias[row0 + r] : 0.0f);
+            for (int u = 0; u < NV; ++u) store(tile + r * P + u * VW, b);
+          }
+          group_segments<NV>(w, g, w.values + offsets[g], xp + p * w.cols * P, tile);
+          // tile (rows x P) -> y (tokens x rows), with the activation.
+          const int64_t t0 = p * P, valid = std::min<int64_t>(P, a.tokens - t0);
+          for (int64_t t = 0; t < valid; ++t) {
+            float* yr = a.y + (t0 + t) * a.y_row_stride + row0;
+            for (int r = 0; r < nrows; ++r) {
+              const float v = tile[r * P + t];
+              yr[r] = relu && v < 0.0f ? 0.0f : v;
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace rowgroup
+}  // namespace SPARSERT_ISA
+}  // namespace sparsert
+
+#include "common/isa_target_end.inc"
+
+#define SPARSERT_ROWGROUP_STR2(x) #x
+#define SPARSERT_ROWGROUP_STR(x) SPARSERT_ROWGROUP_STR2(x)
+
+namespace sparsert {
+namespace SPARSERT_ISA {
+
+// Registers this ISA's row-group kernels: spmv (per token) and spmm (panels of NV vectors of tokens).
+template <int NV>
+void add_rowgroup_kernel(std::vector<RowGroupKernelInfo>& out) {
+  const std::string isa = SPARSERT_ROWGROUP_STR(SPARSERT_ISA);
+  out.push_back({"f32_spmv_rowgroup4_" + isa, isa, "spmv", kRowGroup, 1, &rowgroup::spmv_kernel});
+  out.push_back({"f32_spmm_rowgroup4_" + isa, isa, "spmm", kRowGroup, 1, &rowgroup::spmm_kernel<NV>});
+}
+
+}  // namespace SPARSERT_ISA
+}  // namespace sparsert

@@ -1,0 +1,238 @@
+"""The rowgroup4 format and every row-group kernel in the registry, against torch in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsert import nn as snn
+from sparsert import ops
+from sparsert._ext import native
+from sparsert.formats import pack
+from sparsert.formats.rowgroup import GROUP_ROWS, PATTERNS, SEGMENT_MULTIPLE, RowGroup
+from sparsert.ops import epilogue
+from sparsert.ops.backends.cpu import linear_rowgroup_cpu, rowgroup_kernels
+from sparsert.ops.schema import linear_rowgroup_torch
+
+KERNELS = [k["name"] for k in rowgroup_kernels()]
+RUNNABLE = [k["name"] for k in rowgroup_kernels() if k["supported"]]
+
+
+def linear_rowgroup(x, fmt, bias=None, activation=None, *, kernel="", num_threads=0):
+    """The CPU kernel of sparsert::linear_rowgroup, with a forced registry kernel."""
+    seg_ptr, columns, values, _, _ = fmt.kernel_arrays()
+    return linear_rowgroup_cpu(x, seg_ptr, columns, values, fmt.shape[0], bias, epilogue.code_of(activation),
+                               num_threads, kernel)
+
+
+def random_weight(rows, cols, density, gen):
+    keep = torch.rand(rows, cols, generator=gen) < density
+    return torch.randn(rows, cols, generator=gen) * keep
+
+
+def expected(x, w, bias, activation):
+    y = x.double() @ w.double().T
+    if bias is not None:
+        y = y + bias.double()
+    return torch.relu(y) if activation == "relu" else y
+
+
+def assert_close(y, ref, what):
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    err = (y.double() - ref).abs().max().item() if ref.numel() else 0.0
+    assert err <= 1e-4 * max(scale, 1.0), f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+# -- the format ---------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 16), (5, 17), (7, 33), (13, 100), (0, 5), (4, 0), (9, 1)])
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+def test_round_trip(shape, density):
+    gen = torch.Generator().manual_seed(1)
+    w = random_weight(*shape, density, gen)
+    fmt = pack(w, "rowgroup4")
+    assert isinstance(fmt, RowGroup) and fmt.kind == "rowgroup4"
+    assert torch.equal(fmt.to_dense(), w)
+    groups = -(-shape[0] // GROUP_ROWS)
+    assert fmt.seg_ptr.numel() == groups * PATTERNS + 1
+    counts = fmt.seg_ptr[1:] - fmt.seg_ptr[:-1]
+    assert bool((counts % SEGMENT_MULTIPLE == 0).all())
+    # every nonzero stored once, plus the segments' zero padding
+    assert int((fmt.values != 0).sum()) == int((w != 0).sum())
+    again = RowGroup.from_arrays(fmt.seg_ptr, fmt.columns, fmt.values, fmt.shape)
+    assert torch.equal(again.to_dense(), w)
+
+
+def test_columns_sorted_by_pattern():
+    # rows 0 and 2 share column 1; row 3 alone has column 0: segments pattern 5 and 8
+    w = torch.zeros(4, 3)
+    w[0, 1], w[2, 1], w[3, 0] = 1.0, 2.0, 3.0
+    fmt = RowGroup.from_dense(w)
+    counts = (fmt.seg_ptr[1:] - fmt.seg_ptr[:-1]).tolist()
+    assert [p + 1 for p, n in enumerate(counts) if n] == [5, 8]
+    assert fmt.columns.tolist()[:1] == [1] and fmt.values.tolist()[:2] == [1.0, 2.0]
+
+
+def good_arrays():
+    w = random_weight(6, 10, 0.5, torch.Generator().manual_seed(2))
+    fmt = RowGroup.from_dense(w)
+    return fmt.seg_ptr.clone(), fmt.columns.clone(), fmt.values.clone()
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda s, c, v: (s[:-1], c, v), "entries"),
+    (lambda s, c, v: (s.flip(0), c, v), "start at 0"),
+    (lambda s, c, v: (s, c.index_fill(0, torch.tensor([0]), 10), v), r"\[0, 10\)"),
+    (lambda s, c, v: (s, c.index_fill(0, torch.tensor([0]), -1), v), r"\[0, 10\)"),
+    (lambda s, c, v: (s, c, v[:-1]), "values must hold"),
+])
+def test_from_arrays_rejects(breakage, message):
+    s, c, v = breakage(*good_arrays())
+    with pytest.raises(ValueError, match=message):
+        RowGroup.from_arrays(s, c, v, (6, 10))
+
+
+def test_rejects_decreasing_segments():
+    seg = torch.zeros(PATTERNS + 1, dtype=torch.int32)
+    seg[1], seg[2:] = 2, 1  # segment 1 would end before it starts
+    with pytest.raises(ValueError, match="non-decreasing"):
+        RowGroup.from_arrays(seg, torch.tensor([0], dtype=torch.int32), torch.ones(2), (4, 10))
+
+
+def test_rejects_rows_past_the_end():
+    # 6 rows: the second group has rows 4, 5 only; pattern 4 (its third row, row 6) is rejected
+    seg = torch.zeros(2 * PATTERNS + 1, dtype=torch.int32)
+    seg[PATTERNS + 4:] = 1  # segment PATTERNS + 3 = group 1, pattern 4
+    with pytest.raises(ValueError, match="past the last row"):
+        RowGroup.from_arrays(seg, torch.tensor([0], dtype=torch.int32), torch.ones(1), (6, 10))
+
+
+# -- the kernels --------------------------------------------------------------
+
+def test_registry_has_a_reference_and_portable_kernels():
+    kinds = {(k["isa"], k["kind"]) for k in rowgroup_kernels()}
+    assert {("reference", "reference"), ("scalar", "spmv"), ("scalar", "spmm")} <= kinds
+    # one token runs per token, many in panels
+    assert "spmv" in native().select_rowgroup_kernel(1) and "spmm" in native().select_rowgroup_kernel(16)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 17), (7, 33), (33, 70), (130, 257)])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 17, 40])
+def test_kernel_matches_torch(kernel, shape, density, tokens):
+    if kernel not in RUNNABLE:
+        pytest.skip(f"{kernel} needs an ISA this CPU lacks")
+    gen = torch.Generator().manual_seed(hash((shape, density, tokens)) % 2**31)
+    w = random_weight(*shape, density, gen)
+    w[shape[0] // 2] = 0.0  # an empty row
+    fmt = RowGroup.from_dense(w)
+    x = torch.randn(tokens, shape[1], generator=gen)
+    bias = torch.randn(shape[0], generator=gen)
+    for b, act in ((None, None), (bias, "relu")):
+        y = linear_rowgroup(x, fmt, b, act, kernel=kernel)
+        assert_close(y, expected(x, w, b, act), f"{kernel} {shape} density {density} tokens {tokens}")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kernel_threads_and_many_panels(kernel, threads):
+    if kernel not in RUNNABLE:
+        pytest.skip(f"{kernel} needs an ISA this CPU lacks")
+    gen = torch.Generator().manual_seed(3)
+    w = random_weight(203, 1500, 0.3, gen)  # wide: more than one chunk of panels at 129 tokens
+    fmt = RowGroup.from_dense(w)
+    x = torch.randn(129, 1500, generator=gen)
+    bias = torch.randn(203, generator=gen)
+    y = linear_rowgroup(x, fmt, bias, kernel=kernel, num_threads=threads)
+    assert_close(y, expected(x, w, bias, None), f"{kernel} {threads} threads")
+
+
+def test_strided_tokens_and_dtypes():
+    gen = torch.Generator().manual_seed(4)
+    w = random_weight(12, 40, 0.5, gen)
+    fmt = RowGroup.from_dense(w)
+    x = torch.randn(2, 9, 80, generator=gen)[..., ::2]  # rows 80 floats apart, column stride 2
+    assert_close(ops.linear(x, fmt).reshape(-1, 12), expected(x.reshape(-1, 40), w, None, None), "strided")
+    y = ops.linear(x.double(), fmt)
+    assert y.dtype == torch.float64
+    assert_close(y.reshape(-1, 12), expected(x.reshape(-1, 40), w, None, None), "float64 input")
+
+
+def test_duplicate_columns_add_up():
+    # from_arrays accepts a column twice in a group (the padding does that): the kernels add both
+    seg = torch.zeros(PATTERNS + 1, dtype=torch.int32)
+    seg[1:] = 2  # pattern 1 (row 0): columns 3 and 3
+    fmt = RowGroup.from_arrays(seg, torch.tensor([3, 3], dtype=torch.int32), torch.tensor([1.0, 2.0]), (1, 5))
+    x = torch.randn(17, 5)
+    for kernel in RUNNABLE:
+        assert_close(linear_rowgroup(x, fmt, kernel=kernel), 3.0 * x[:, 3:4].double(), kernel)
+    assert fmt.to_dense()[0, 3] == 3.0
+
+
+def test_op_default_and_module():
+    gen = torch.Generator().manual_seed(5)
+    w = random_weight(10, 30, 0.5, gen)
+    fmt = RowGroup.from_dense(w)
+    x = torch.randn(4, 30, generator=gen)
+    bias = torch.randn(10, generator=gen)
+    seg_ptr, columns, values, _, _ = fmt.kernel_arrays()
+    assert_close(linear_rowgroup_torch(x, seg_ptr, columns, values, 10, bias, 0), expected(x, w, bias, None),
+                 "pure torch")
+    torch.library.opcheck(torch.ops.sparsert.linear_rowgroup.default, (x, seg_ptr, columns, values, 10, bias, 0, 0))
+    layer = torch.nn.Linear(30, 10)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    sparse = snn.SparseLinear.from_dense(layer, "rowgroup4")
+    assert_close(sparse(x), expected(x, w, layer.bias.detach(), None), "SparseLinear")
+
+
+def test_kernel_rejects_malformed_arrays():
+    gen = torch.Generator().manual_seed(6)
+    fmt = RowGroup.from_dense(random_weight(8, 20, 0.5, gen))
+    x = torch.randn(3, 20)
+    bad_columns = fmt.columns.clone()
+    bad_columns[0] = 20
+    with pytest.raises(ValueError):
+        linear_rowgroup_cpu(x, fmt.seg_ptr, bad_columns, fmt.values, 8, None, 0, 1)
+    with pytest.raises(ValueError):
+        linear_rowgroup_cpu(x, fmt.seg_ptr.long(), fmt.columns, fmt.values, 8, None, 0, 1)
+    with pytest.raises(ValueError):
+        linear_rowgroup_cpu(x, fmt.seg_ptr, fmt.columns, fmt.values[:-1].clone(), 8, None, 0, 1)
+
+
+def test_index_writes_behind_the_validation_do_not_reach_the_kernel():
+    # like the other formats: the kernel reads private, validated copies of seg_ptr and columns
+    gen = torch.Generator().manual_seed(7)
+    w = random_weight(9, 40, 0.5, gen)
+    fmt = RowGroup.from_dense(w)
+    x = torch.randn(20, 40, generator=gen)
+    y = ops.linear(x, fmt)
+    fmt.columns.data.fill_(10**6)
+    fmt.seg_ptr.data[1] = 10**6
+    assert torch.equal(ops.linear(x, fmt), y)
+    fresh = RowGroup(fmt.seg_ptr.clone(), fmt.columns.clone(), fmt.values, fmt.shape)
+    with pytest.raises(ValueError):
+        ops.linear(x, fresh)
+
+
+def test_sparsify_save_and_load(tmp_path):
+    import sparsert
+
+    gen = torch.Generator().manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.ReLU(), torch.nn.Linear(30, 10))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(torch.rand(layer.weight.shape, generator=gen) > 0.5)
+    x = torch.randn(20, 40, generator=gen)
+    with torch.no_grad():
+        ref = model(x)
+    sparse = sparsert.sparsify(model, format="rowgroup4")
+    assert sparse[0].packed.kind == "rowgroup4"
+    path = tmp_path / "m.sparsert"
+    sparsert.save(sparse, path)
+    skeleton = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.ReLU(), torch.nn.Linear(30, 10))
+    loaded = sparsert.load(path, skeleton)
+    assert loaded[0].packed.kind == "rowgroup4"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref, rtol=1e-5, atol=1e-5)
