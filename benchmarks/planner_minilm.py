@@ -1,59 +1,108 @@
-"""MiniLM and the planner: requested vs predicted vs measured speedup (vs the best dense path), and
-the planner against uniform sparsity with one pattern at about the same predicted speed. One process;
-quality = embedding cosine to the dense model on held-out numpy/scipy/torch prose (calibration: stdlib).
+"""MiniLM and the planner: requested vs predicted vs measured speedup (vs the best dense path), quality
+kept (embedding cosine to the dense model on held-out numpy/scipy/torch prose, another source than the
+calibration and training text), and the planner against uniform sparsity with one pattern at about the
+same predicted speed, both sides pruned with the same criterion and given the same recovery. One process.
 
-    python benchmarks/planner_minilm.py THREADS 1.5,2,3
+    python benchmarks/planner_minilm.py THREADS 1.5,2,3                       # wanda one-shot (the first runs)
+    python benchmarks/planner_minilm.py 1 1.5,2 --importance sparsegpt --recover-minutes 4 --uniform
+
+Each plan runs the same code as ``sparsert prune --target-speedup`` and the demo
+(:func:`sparsert.planner.workflow.prune_to_speedup`); the sensitivity tables are measured once and reused.
+With ``--recover-minutes`` the one-shot quality is printed before recovery, so one run gives both rows.
 """
-import os, sys, time, copy, json
+import argparse
+import copy
+import json
+import os
+import time
 
 from sparsert import models
-from sparsert.bench import benchmark, best_dense_model
-from sparsert.planner import Pruner, sparsify_planned
-from sparsert.planner.workflow import calibration_batches, quality
+from sparsert.bench import benchmark
+from sparsert.planner import sparsify_planned, time_tables
+from sparsert.planner.workflow import (calibration_batches, prune_to_speedup, quality, recover_pruned,
+                                       reference_embeddings)
 from sparsert.prune import Pruner as KFPruner
 
-threads = int(sys.argv[1]); targets = [float(t) for t in sys.argv[2].split(",")]
-wl = models.build("minilm"); dense = wl.model.eval()
+ap = argparse.ArgumentParser()
+ap.add_argument("threads", type=int)
+ap.add_argument("targets")
+ap.add_argument("--importance", default="wanda", choices=["wanda", "sparsegpt"])
+ap.add_argument("--recover-minutes", type=float, default=0.0)
+ap.add_argument("--recover-lr", type=float, default=1e-4)
+ap.add_argument("--calib-batches", type=int, default=8)
+ap.add_argument("--calib-split", default=None, help="default: train for sparsegpt, calibration for wanda")
+ap.add_argument("--sensitivity-method", default="wanda", choices=["wanda", "sparsegpt"])
+ap.add_argument("--uniform", action="store_true", help="also uniform sparsity, one pattern, nearest each plan")
+ap.add_argument("--json", help="write the numbers here")
+args = ap.parse_args()
+targets = [float(t) for t in args.targets.split(",")]
+split = args.calib_split or ("train" if args.importance == "sparsegpt" else "calibration")
+print(f"importance {args.importance}, calibration {args.calib_batches}x32 {split}-split sentences, recovery "
+      f"{args.recover_minutes:g} min (lr {args.recover_lr:g}), sensitivity {args.sensitivity_method}, "
+      f"{args.threads} thread(s); load {os.getloadavg()}", flush=True)
+
+wl = models.build("minilm")
+dense = copy.deepcopy(wl.model.eval())
 x = wl.example_inputs((1, 128))
-batches = calibration_batches(wl, 8)
-res = {}
-t = time.perf_counter()
-p0 = Pruner(copy.deepcopy(dense), "wanda", target_speedup=1.1, example_inputs=x, threads=threads, exclude=["pooler"])
-print(f"tables: {time.perf_counter()-t:.2f} s, hits {p0.tables.cache_hits} misses {p0.tables.cache_misses}", flush=True)
-tab = p0.tables
-built = {}
-t = time.perf_counter()
-p0.calibrate(batches); _ = p0.plan
-sens = p0.sensitivity_tables
-print(f"sensitivity tables: {time.perf_counter()-t:.1f} s", flush=True)
+ref_emb = reference_embeddings(wl, dense)
+train = wl.train_batches() if args.recover_minutes else None
+res, sens = {}, None
+t_all = time.perf_counter()
+
+
+def row(name, **kw):
+    res[name] = kw
+    print("RESULT", name, json.dumps(kw, default=str), flush=True)
+
+
 for tgt in targets:
-    m = copy.deepcopy(dense)
+    wl.model = copy.deepcopy(dense)
     try:
-        p = Pruner(m, "wanda", target_speedup=tgt, example_inputs=x, threads=threads, exclude=["pooler"], sensitivity=sens)
+        r = prune_to_speedup(wl, tgt, importance=args.importance, example_inputs=x, threads=args.threads,
+                             calib_batches=args.calib_batches, calib_split=split, exclude=["pooler"],
+                             reconstruct=False, recover_minutes=args.recover_minutes, recover_lr=args.recover_lr,
+                             sensitivity_method=args.sensitivity_method, sensitivity=sens, repeats=30)
     except ValueError as e:
-        print(f"target {tgt}: {e}", flush=True); continue
-    p.calibrate(batches)
-    plan = p.plan
-    print(plan.table().splitlines()[-1], flush=True)
-    p.step()
-    built[f"plan{tgt:g}"] = (p.sparsify(x), plan.predicted_speedup, plan)
-# uniform single pattern at the planner's predicted speed for the 2x plan
-if "plan2" in built:
-    plan = built["plan2"][2]
-    label, sp, loss = min(plan.uniform, key=lambda u: abs(u[1] - plan.predicted_speedup) if u[1] >= plan.predicted_speedup * 0.97 else 1e9)
+        print(f"target {tgt}: {e}", flush=True)
+        continue
+    sens = r["sensitivity_tables"]
+    plan = r["plan"]
+    row(f"plan {tgt:g}", predicted=plan.predicted_speedup, measured=r["measured_speedup"],
+        best_ms=r["best_dense_ms"], sparse_ms=r["sparse_ms"], oneshot=r["quality_oneshot"], quality=r["quality"],
+        recovery=r["recovery"], steps=r["steps"], loss=plan.loss)
+    if not args.uniform:
+        continue
+    # uniform: every planned layer one pattern and sparsity, the option nearest the plan's predicted speed
+    label, sp, loss = min(plan.uniform, key=lambda u: abs(u[1] - plan.predicted_speedup)
+                          if u[1] >= plan.predicted_speedup * 0.97 else 1e9)
     pat, s = label.split("@")
-    print(f"uniform nearest the 2x plan: {label} predicted {sp:.2f}x loss {loss:.3f} (plan loss {plan.loss:.3f})", flush=True)
+    print(f"uniform nearest the {tgt:g}x plan: {label} predicted {sp:.2f}x, estimated loss {loss:.3f} "
+          f"(plan {plan.loss:.3f})", flush=True)
+    t0 = time.perf_counter()
     m = copy.deepcopy(dense)
-    kp = KFPruner(m, "wanda", pattern=pat, sparsity=float(s), exclude=["pooler"]); kp.calibrate(batches); kp.step()
+    kp = KFPruner(m, args.importance, pattern=pat, sparsity=float(s), include=[lp.name for lp in plan.layers])
+    kp.calibrate(calibration_batches(wl, args.calib_batches, None, split))
+    kp.step()
+    prune_s = time.perf_counter() - t0
+    q_one = quality(wl, m, dense, ref_emb)
+    print(f"uniform one-shot ({prune_s:.0f} s): {q_one}", flush=True)
+    rec = None
+    if args.recover_minutes:
+        rr = recover_pruned(m, dense, train, args.recover_minutes, lr=args.recover_lr)
+        rec = {"step": rr.step, "steps": rr.steps, "seconds": rr.elapsed}
+    m.eval()
+    # each layer packed in the format its option was timed with (the tables come from the cache)
+    tab = time_tables(dense, [lp.name for lp in plan.layers], x, threads=args.threads)
     uplan = copy.deepcopy(plan)
     for lp in uplan.layers:
-        lp.pattern, lp.sparsity, lp.format = pat, float(s), (tab.layers[lp.name].options[pat][float(s)][1])
-    built[f"uniform {label}"] = (sparsify_planned(m, uplan, x), sp, None)
-base = best_dense_model(dense)
-for name, (model, pred, plan) in built.items():
-    r = benchmark(dense, model, x, threads=threads, repeats=30, rounds=5, per_layer=False, verbose=False)
-    q = quality(wl, model, dense)
-    meas = r.best_dense.median / r.sparse.median
-    res[name] = dict(predicted=pred, measured=meas, eager_ms=r.dense.median*1e3, best_ms=r.best_dense.median*1e3, sparse_ms=r.sparse.median*1e3, **q)
-    print(name, json.dumps(res[name]), flush=True)
-print("load", os.getloadavg())
+        lp.pattern, lp.sparsity = pat, float(s)
+        lp.format = tab.layers[lp.name].options[pat][float(s)][1]
+    fast = sparsify_planned(m, uplan, x)
+    b = benchmark(dense, fast, x, threads=args.threads, repeats=30, per_layer=False, verbose=False)
+    row(f"uniform {label} (near {tgt:g})", predicted=sp, measured=b.best_dense.median / b.sparse.median,
+        best_ms=b.best_dense.median * 1e3, sparse_ms=b.sparse.median * 1e3, oneshot=q_one if rec else None,
+        quality=quality(wl, fast, dense, ref_emb), recovery=rec, loss=loss)
+print(f"total {time.perf_counter() - t_all:.0f} s; load {os.getloadavg()}", flush=True)
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=1, default=str)

@@ -2,7 +2,7 @@
 
 ```
 sparsert prune    MODEL --sparsity 0.9 --importance taylor --pattern 4x1 [--calib DATA] -o OUT
-sparsert prune    MODEL --target-speedup 2 [--baseline best_dense|torch] -o OUT   (planned per layer)
+sparsert prune    MODEL --target-speedup 2 [--baseline best_dense|torch] [--recover-minutes 5] -o OUT   (planned)
 sparsert prune    minilm --sparsity 0.8 --importance wanda --recover-minutes 30 --checkpoint DIR -o OUT
 sparsert sparsify MODEL --example-shape 1x128 -o OUT          (OUT.pt2: a torch.export program)
 sparsert bench    MODEL [--dense DENSE] [--threads N] [--plot speedup.png]
@@ -359,17 +359,23 @@ def cmd_prune_to_speedup(args) -> int:
 
     if args.sparsity is not None:
         raise CliError("--target-speedup picks each layer's sparsity: drop --sparsity")
-    # recovery fine-tuning is not wired into the planned path (yet): refuse it instead of ignoring it
-    recovery = [flag for flag, given in (("--recover-minutes", args.recover_minutes > 0),
-                                         ("--checkpoint", args.checkpoint is not None),
-                                         ("--recover-steps", args.recover_steps != 2000),
-                                         ("--recover-prune-frac", args.recover_prune_frac != 0.5),
-                                         ("--recover-lr", args.recover_lr != 1e-4),
-                                         ("--checkpoint-every", args.checkpoint_every != 100),
-                                         ("--finetune-epochs", args.finetune_epochs > 0)) if given]
-    if recovery:
-        raise CliError(f"{', '.join(recovery)}: recovery fine-tuning is not available with --target-speedup yet; "
-                       "use --sparsity for a recovered model, or drop these options")
+    # recovery after planned one-shot pruning: the schedule and checkpoint flags of gradual recovery do not apply
+    refused = [flag for flag, given in (("--recover-prune-frac", args.recover_prune_frac is not None),
+                                        ("--checkpoint-every", args.checkpoint_every is not None),
+                                        ("--finetune-epochs", args.finetune_epochs > 0),
+                                        ("--allocation", args.allocation != "uniform")) if given]
+    if refused:
+        raise CliError(f"{', '.join(refused)}: not used with --target-speedup (the plan fixes each layer's sparsity "
+                       "and pattern; recovery there is --recover-minutes after one-shot pruning); drop "
+                       + ("it" if len(refused) == 1 else "them"))
+    recovering = args.recover_minutes > 0
+    needs = [flag for flag, given in (("--recover-steps", args.recover_steps is not None),
+                                      ("--recover-lr", args.recover_lr is not None),
+                                      ("--checkpoint", args.checkpoint is not None)) if given]
+    if needs and not recovering:
+        raise CliError(f"{', '.join(needs)}: for a recovery run; give --recover-minutes too")
+    if args.checkpoint is not None and args.recover_steps is None:
+        raise CliError("--checkpoint with --target-speedup continues a run of a fixed length: give --recover-steps too")
     out = _check_output(args.output)
     if args.plot_plan:
         _check_plot(args.plot_plan)
@@ -377,13 +383,16 @@ def cmd_prune_to_speedup(args) -> int:
     if _has_sparse(wl.model):
         wl.model = densify(wl.model)
     inputs = _inputs(wl, args.example_shape)
-    importance = "wanda" if args.importance == "magnitude" and wl.family == "hf" else args.importance
+    importance = args.importance  # None: the workflow's default (sparsegpt for Hugging Face models)
     quiet = args.json
     try:
         r = prune_to_speedup(wl, args.target_speedup, baseline=args.baseline, importance=importance,
                              patterns=[p.strip() for p in args.patterns.split(",") if p.strip()],
                              example_inputs=inputs, threads=args.threads, calib_batches=args.calib_batches,
                              calib=args.calib, exclude=args.exclude or (), reconstruct=args.reconstruct,
+                             recover_minutes=args.recover_minutes, recover_steps=args.recover_steps,
+                             recover_lr=1e-4 if args.recover_lr is None else args.recover_lr,
+                             checkpoint=Path(args.checkpoint) / "recover.pt" if args.checkpoint else None,
                              output=out, plot=args.plot_plan,
                              progress=_show_progress(args), log=(lambda s: None) if quiet else print)
     except ValueError as e:
@@ -395,7 +404,9 @@ def cmd_prune_to_speedup(args) -> int:
         f"speedup vs {base}: predicted {r['predicted_speedup']:.2f}x, measured {r['measured_speedup']:.2f}x "
         f"(asked {args.target_speedup:g}x; torch eager {r['eager_ms']:.2f} ms, best dense {r['best_dense_ms']:.2f} ms, "
         f"sparse {r['sparse_ms']:.2f} ms, {r['threads']} threads)",
-        f"quality kept: {_q(r['quality'])} (dense: {_q(r['quality_dense'])})",
+        f"quality kept: {_q(r['quality'])} (dense: {_q(r['quality_dense'])}; pruned with {r['importance']}"
+        + (f"; one-shot before recovery: {_q(r['quality_oneshot'])}" if r["quality_oneshot"] else "") + ")",
+        *([_recovery_line(_Recovered(**r["recovery"]), args)] if r["recovery"] else []),
         f"wrote {out}: {_fmt_bytes(r['file_bytes'])}",
     ])
     _emit(args, data, text)
@@ -409,6 +420,12 @@ def cmd_prune(args) -> int:
         return cmd_prune_to_speedup(args)
     if args.sparsity is None:
         args.sparsity = 0.9
+    if args.importance is None:
+        args.importance = "magnitude"
+    args.recover_steps = 2000 if args.recover_steps is None else args.recover_steps
+    args.recover_prune_frac = 0.5 if args.recover_prune_frac is None else args.recover_prune_frac
+    args.recover_lr = 1e-4 if args.recover_lr is None else args.recover_lr
+    args.checkpoint_every = 100 if args.checkpoint_every is None else args.checkpoint_every
 
     from . import io
     from .convert import sparsify
@@ -531,6 +548,14 @@ def cmd_prune(args) -> int:
     ])
     _emit(args, data, text)
     return 0
+
+
+class _Recovered:
+    """A recovery result read back from the planned path's numbers (for :func:`_recovery_line`)."""
+
+    def __init__(self, step, steps, done, seconds, resumed_from, first_loss, last_loss):
+        self.step, self.steps, self.done, self.elapsed, self.resumed_from = step, steps, done, seconds, resumed_from
+        self.losses = [] if first_loss is None else [first_loss, last_loss]
 
 
 def _recovery_line(r, args) -> str:
@@ -707,8 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"Prune MODEL ({models}) and write its pruned layers, packed, to OUT.")
     s.add_argument("model", metavar="MODEL")
     s.add_argument("--sparsity", type=_sparsity, default=None, help="fraction of weights removed (default 0.9)")
-    s.add_argument("--importance", default="magnitude",
-                   help="magnitude, gradient, taylor, activation, hessian, fisher, wanda (default magnitude)")
+    s.add_argument("--importance", default=None,
+                   help="magnitude, gradient, taylor, activation, hessian, fisher, wanda, sparsegpt (default "
+                        "magnitude; with --target-speedup: sparsegpt for Hugging Face models, else magnitude)")
     s.add_argument("--pattern", default="unstructured",
                    help="unstructured, RxC blocks (e.g. 4x1), N:M (e.g. 2:4) or channel (default unstructured)")
     s.add_argument("--scope", choices=["layer", "global", "row"], default=None,
@@ -726,17 +752,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the sparsity is spread over the layers: the same everywhere, OWL (outlier-weighted) "
                         "or by measured sensitivity; the mean stays --sparsity (default uniform)")
     s.add_argument("--recover-minutes", type=_nonneg_float, default=0.0,
-                   help="recovery: prune gradually while distilling from the dense model on the example's training "
+                   help="recovery: prune gradually (with --target-speedup: after one-shot pruning to the plan) "
+                        "while distilling from the dense model on the example's training "
                         "text, for at most this many minutes (default 0: one-shot pruning)")
-    s.add_argument("--recover-steps", type=_positive_int, default=2000,
-                   help="recovery optimizer steps in all (the schedules span them; default 2000)")
-    s.add_argument("--recover-prune-frac", type=_fraction, default=0.5,
+    s.add_argument("--recover-steps", type=_positive_int, default=None,
+                   help="recovery optimizer steps in all (the schedules span them; default 2000; with "
+                        "--target-speedup: as many as fit --recover-minutes, from a timed probe)")
+    s.add_argument("--recover-prune-frac", type=_fraction, default=None,
                    help="share of the recovery steps over which the sparsity ramps up (default 0.5)")
-    s.add_argument("--recover-lr", type=_positive_float, default=1e-4, help="recovery learning rate (default 1e-4)")
+    s.add_argument("--recover-lr", type=_positive_float, default=None, help="recovery learning rate (default 1e-4)")
     s.add_argument("--checkpoint", metavar="DIR", default=None,
                    help="recovery checkpoint folder: written as the run goes; the same command again continues "
                         "where the last one stopped")
-    s.add_argument("--checkpoint-every", type=_positive_int, default=100,
+    s.add_argument("--checkpoint-every", type=_positive_int, default=None,
                    help="recovery steps between checkpoints (default 100)")
     s.add_argument("-o", "--output", required=True, metavar="OUT", help="sparsert file to write (.sparsert)")
     # the latency-budget planner (sparsert.planner): instead of --sparsity and --pattern

@@ -3,16 +3,19 @@
 ```
 python -m sparsert.demo                          # all-MiniLM-L6-v2, 2x faster than the best dense path
 python -m sparsert.demo --target-speedup 3       # ask for more
+python -m sparsert.demo --recover-minutes 10     # more recovery, more quality kept
 python -m sparsert.demo --model digits-cnn       # a small CNN (trained in seconds)
 python -m sparsert.demo --model minilm --sparsity 0.5   # one sparsity for every layer (no planner)
 ```
 
 By default the demo asks the planner (:mod:`sparsert.planner`) for a target
 speedup: it times every layer of the model on this machine, plans per-layer
-sparsity and pattern, prunes (``--reconstruct``: and refits the kept weights,
-slower), packs each layer in its planned format, saves, reloads and measures,
-printing each step's seconds. With ``--sparsity`` it runs the fixed-sparsity
-story instead (as with any of ``--pattern``, ``--importance``, ``--epochs``):
+sparsity and pattern, prunes (MiniLM: SparseGPT, then ``--recover-minutes``
+(default 2.5) of distillation from the dense model with the masks kept;
+``--reconstruct``: a least-squares refit, slower), packs each layer in its
+planned format, saves, reloads and measures, printing each step's seconds.
+With ``--sparsity`` it runs the fixed-sparsity story instead (as with any of
+``--pattern``, ``--epochs``):
 
 1. train (digits) or load (MiniLM) the dense model and measure its quality;
 2. prune it with :mod:`sparsert.prune` (importance scores on calibration data);
@@ -169,13 +172,19 @@ def run(model_name: str = "digits-cnn", *, sparsity=None, pattern=None, importan
             "sparse_ms": result.sparse.median * 1e3, "sizes": sizes, "load_seconds": load_s, "path": str(path)}
 
 
+#: minutes of recovery (distillation after planned one-shot pruning) the planned demo gives MiniLM
+DEMO_RECOVER_MINUTES = 2.5
+
+
 def run_planned(model_name: str = "minilm", target: float = 2.0, *, baseline: str = "best_dense", threads: int = 2,
                 out_dir: str | None = None, shape: str | None = None, reconstruct: bool = False,
-                calib_batches: int = 4) -> dict:
+                calib_batches: int = 8, importance: str | None = None,
+                recover_minutes: float | None = None) -> dict:
     """The planner's story: ask for ``target`` x vs ``baseline``; returns the numbers it printed.
 
-    Kept short for a first run: 4 calibration batches and no refit (``reconstruct``, the slowest
-    optional step); quality is still measured on the held-out eval split."""
+    Kept short for a first run: 8 calibration batches, no refit (``reconstruct``), and for
+    MiniLM SparseGPT plus ``recover_minutes`` (default :data:`DEMO_RECOVER_MINUTES`; 0 for the
+    digits examples) of recovery; quality is measured on the held-out eval split."""
     from sparsert import models
     from sparsert.models import parse_shape
     from sparsert.planner.workflow import prune_to_speedup
@@ -189,21 +198,30 @@ def run_planned(model_name: str = "minilm", target: float = 2.0, *, baseline: st
     inputs = wl.example_inputs(parse_shape(shape))
     _done(t)
     base = "the best dense path" if baseline == "best_dense" else "torch eager"
+    if recover_minutes is None:
+        recover_minutes = DEMO_RECOVER_MINUTES if wl.family == "hf" else 0.0
     t = _step(f"2. plan for {target:g}x faster than {base} (input {shape}, {threads} threads), prune, "
-              + ("refit, " if reconstruct else "") + "pack per plan, save, reload, measure")
+              + ("refit, " if reconstruct else "")
+              + (f"recover ({recover_minutes:g} min), " if recover_minutes else "")
+              + "pack per plan, save, reload, measure")
     path = out / f"{model_name}.sparsert"
     from safetensors.torch import save_file
 
     dense_st = out / f"{model_name}-dense.safetensors"  # before pruning (the model is pruned in place)
     save_file({k: v.contiguous() for k, v in wl.model.state_dict().items()}, str(dense_st))
     exclude = ["pooler"] if wl.family == "hf" else ["classifier"]
-    importance = "wanda" if wl.family == "hf" else "magnitude"
     r = prune_to_speedup(wl, target, baseline=baseline, importance=importance, example_inputs=inputs,
                          threads=threads, exclude=exclude, output=path, plot=None, reconstruct=reconstruct,
-                         calib_batches=calib_batches)
+                         calib_batches=calib_batches, recover_minutes=recover_minutes)
     _done(t)
     q = r["quality"]
-    qtext = (f"cosine mean {q['cosine_mean']:.4f}, min {q['cosine_min']:.4f}" if "cosine_mean" in q else _q(q))
+
+    def qtext_of(q):
+        return f"cosine mean {q['cosine_mean']:.4f}, min {q['cosine_min']:.4f}" if "cosine_mean" in q else _q(q)
+
+    qtext = qtext_of(q) + f" ({r['importance']}" + (
+        f", one-shot {qtext_of(r['quality_oneshot'])} before {r['recovery']['step']} recovery steps"
+        if r["recovery"] else ", one-shot") + ")"
     print("\n== summary (quality on held-out text of another source than the calibration text)"
           if "cosine_mean" in q else "\n== summary")
     rows = [("latency, torch eager", f"{r['eager_ms']:.2f} ms"),
@@ -217,9 +235,10 @@ def run_planned(model_name: str = "minilm", target: float = 2.0, *, baseline: st
     for a, b in rows:
         print(f"{a:{w}}  {b}")
     print(f"(files in {out}; total {time.perf_counter() - start:.0f} s; inspect with: python -m sparsert inspect {path})")
-    print("\nnext: python -m sparsert.demo --target-speedup 3   (more speed, less quality)\n"
-          "      python -m sparsert.demo --model digits-cnn   (a CNN: conv layers planned too)\n"
-          f"      sparsert prune {model_name} --target-speedup {target:g} --baseline torch -o out.sparsert")
+    print("\nnext: python -m sparsert.demo --target-speedup 3      (more speed, less quality)\n"
+          "      python -m sparsert.demo --recover-minutes 10    (longer recovery, more quality kept)\n"
+          "      python -m sparsert.demo --model digits-cnn      (a CNN: conv layers planned too)\n"
+          f"      sparsert prune {model_name} --target-speedup {target:g} --recover-minutes 5 -o out.sparsert")
     return {k: v for k, v in r.items() if k != "sparse_model"}
 
 
@@ -236,16 +255,24 @@ def main(argv=None) -> int:
     p.add_argument("--shape", help="benchmark input shape (default: 256x1x8x8 digits, 8x128 MiniLM)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="directory for the files (default: a temporary directory)")
+    p.add_argument("--recover-minutes", type=float, default=None,
+                   help=f"planned demo: minutes of recovery (distillation from the dense model, masks kept) after "
+                        f"one-shot pruning (default {DEMO_RECOVER_MINUTES:g} for minilm, 0 for digits; 0: off)")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="refit the kept weights after pruning (sparsert.prune.reconstruct; default: off for the "
                         "planned demo, on for minilm with --sparsity)")
     args = p.parse_args(argv)
     try:
-        fixed = (args.sparsity, args.pattern, args.importance, args.epochs)
+        fixed = (args.sparsity, args.pattern, args.epochs)
+        if args.recover_minutes is not None and args.recover_minutes < 0:
+            raise ValueError("--recover-minutes must be >= 0")
         if all(v is None for v in fixed):  # no fixed-sparsity option given: the planner's story
             run_planned(args.model, args.target_speedup, baseline=args.baseline, threads=args.threads,
-                        out_dir=args.out, shape=args.shape, reconstruct=bool(args.reconstruct))
+                        out_dir=args.out, shape=args.shape, reconstruct=bool(args.reconstruct),
+                        importance=args.importance, recover_minutes=args.recover_minutes)
             return 0
+        if args.recover_minutes is not None:
+            raise ValueError("--recover-minutes is for the planned demo (drop --sparsity/--pattern/--epochs)")
         run(args.model, sparsity=args.sparsity, pattern=args.pattern, importance=args.importance,
             epochs=args.epochs, threads=args.threads, out_dir=args.out, shape=args.shape,
             reconstruct=args.reconstruct)

@@ -259,6 +259,91 @@ def test_tiny_model_end_to_end(cache, tmp_path):
     assert path.is_file()
 
 
+def _wider_mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32),
+                         nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+def _planned_sparsegpt(cache, layout):
+    """A planned SparseGPT pruner over ``_wider_mlp`` whose plan is overridden by ``layout``
+    ({layer: (pattern or None, sparsity)}), so each layer's target is known to the test."""
+    model, x = _wider_mlp(), torch.randn(4, 32)
+    pruner = sparsert.Pruner(model, "sparsegpt", target_speedup=1.01, example_inputs=x, threads=1,
+                             sparsities=(0.5, 0.75), timing=TINY_TIMING)
+    pruner.calibrate([torch.randn(16, 32) for _ in range(4)])
+    plan = pruner.plan
+    for lp in plan.layers:
+        lp.pattern, lp.sparsity = layout[lp.name]
+        lp.format = "dense" if lp.pattern is None else ("nm2:4" if lp.pattern == "2:4" else "csr")
+    return model, x, pruner, plan
+
+
+def test_sparsegpt_planned_path_prunes_each_layer_to_its_own_sparsity_and_pattern(cache):
+    from sparsert.prune import parse_pattern
+
+    layout = {"0": ("unstructured", 0.75), "2": ("4x1", 0.5), "4": ("2:4", 0.5), "6": (None, 0.0)}
+    model, x, pruner, plan = _planned_sparsegpt(cache, layout)
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in layout}
+    pruner.step()
+    for name, (pattern, sparsity) in layout.items():
+        w = model.get_submodule(name).weight.detach()
+        if pattern is None:  # planned dense: untouched, bit for bit
+            assert torch.equal(w, before[name])
+            continue
+        assert parse_pattern(pattern).conforms(w != 0), name
+        assert int((w == 0).sum()) == round(sparsity * w.numel()), name  # exactly the planned count
+        kept = w != 0
+        # SparseGPT moved the kept weights to make up for the removed ones (wanda would only mask)
+        assert not torch.equal(w[kept], before[name][kept]), name
+    fast = pruner.sparsify(x)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_recovery_after_planned_pruning_keeps_every_mask_and_pattern(cache):
+    from sparsert.planner.workflow import recover_pruned
+    from sparsert.prune import parse_pattern
+    from sparsert.prune.masks import get_mask
+
+    layout = {"0": ("unstructured", 0.75), "2": ("4x1", 0.5), "4": ("2:4", 0.5), "6": (None, 0.0)}
+    model, x, pruner, plan = _planned_sparsegpt(cache, layout)
+    dense = _wider_mlp()  # the same seed: the unpruned teacher
+    pruner.step()
+    masks = {n: get_mask(model.get_submodule(n)).clone() for n, (p, _) in layout.items() if p}
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in layout}
+    batches = [torch.randn(16, 32) for _ in range(4)]
+    mse = lambda: float(sum(((model(b) - dense(b)) ** 2).mean() for b in batches))  # noqa: E731
+    with torch.no_grad():
+        err_before = mse()
+    logs = []
+    result = recover_pruned(model, dense, batches, 1.0, steps=40, lr=1e-2, log=logs.append)
+    assert result.done and result.step == 40 and any("40/40 steps" in line for line in logs)
+    with torch.no_grad():
+        assert mse() < err_before  # it learned something
+    for name, (pattern, sparsity) in layout.items():
+        module = model.get_submodule(name)
+        w = module.weight.detach()
+        assert not torch.equal(w, weights[name]), name  # trained
+        if pattern is None:
+            assert get_mask(module) is None and bool((w != 0).all()), name
+            continue
+        assert torch.equal(get_mask(module), masks[name]), name  # the very same mask
+        assert torch.equal(w != 0, masks[name]), name  # zeros exactly where pruned, nowhere else
+        assert parse_pattern(pattern).conforms(w != 0)
+    fast = pruner.sparsify(x)  # still packs in the planned formats
+    for lp in plan.pruned:
+        assert fast.get_submodule(lp.name).format == lp.format
+
+
+def test_recovery_steps_fit_the_budget():
+    from sparsert.planner.workflow import recovery_steps_for
+
+    assert recovery_steps_for(150.0, 1.5) == 90 and recovery_steps_for(1.0, 10.0) == 1
+    with pytest.raises(ValueError):
+        recovery_steps_for(10.0, 0.0)
+
+
 # ---------------------------------------------------------------- the command line
 
 
@@ -288,11 +373,23 @@ def test_cli_prune_to_a_target_speedup(tmp_path, cache):
     again = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--sparsity", "0.5", "-o", out,
                  cache=cache)
     assert again.returncode == 1 and "drop --sparsity" in again.stderr
-    for extra in (["--recover-minutes", "1"], ["--checkpoint", tmp_path / "ck"], ["--finetune-epochs", "1"]):
+    for extra, says in ((["--recover-prune-frac", "0.3"], "--target-speedup"),
+                        (["--checkpoint-every", "5"], "--target-speedup"),
+                        (["--finetune-epochs", "1"], "--target-speedup"),
+                        (["--allocation", "owl"], "--target-speedup"),
+                        (["--checkpoint", tmp_path / "ck"], "--recover-minutes"),
+                        (["--recover-lr", "1e-3"], "--recover-minutes"),
+                        (["--checkpoint", tmp_path / "ck", "--recover-minutes", "1"], "--recover-steps")):
         refused = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", *extra, "-o", out,
                        cache=cache)  # refused, not silently ignored
-        assert refused.returncode == 1 and extra[0] in refused.stderr and "--target-speedup" in refused.stderr, extra
-        assert "Traceback" not in refused.stderr
+        assert refused.returncode == 1 and extra[0] in refused.stderr and says in refused.stderr, extra
+        assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    rec = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--recover-minutes", "0.2",
+               "--recover-steps", "5", "--json", "-o", out, cache=cache)
+    assert rec.returncode == 0, rec.stderr[-3000:]
+    data = json.loads(rec.stdout)
+    assert data["recovery"]["step"] == 5 and data["recovery"]["done"] and data["quality_oneshot"] is not None
+    assert data["importance"] == "magnitude"  # the digits examples' default; hf models get sparsegpt
     far = _cli("prune", "digits-mlp", "--target-speedup", "1000", "--threads", "1", "-o", out, cache=cache)
     assert far.returncode == 1 and "best reachable speedup" in far.stderr and "Traceback" not in far.stderr
 
@@ -307,14 +404,16 @@ def test_demo_plans_for_a_speedup(tmp_path, cache):
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "SPARSERT_CACHE_DIR": str(cache)}
     r = subprocess.run([sys.executable, "-m", "sparsert.demo", "--model", "digits-mlp", "--target-speedup", "1.2",
-                        "--threads", "1", "--shape", "64x1x8x8", "--out", str(tmp_path)], capture_output=True,
-                       text=True, cwd=root, env=env, timeout=900)
+                        "--threads", "1", "--shape", "64x1x8x8", "--recover-minutes", "0.1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=root, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     for row in ("latency, torch eager", "latency, best dense path", "latency, sparse (planned)", "quality kept",
                 "file size", "predicted end to end", "next:"):
         assert row in r.stdout, row
     for step in ("dense quality", "time tables", "calibrate", "sensitivity tables + plan", "prune", "pack",
-                 "save + reload", "quality (eval split)", "benchmark"):  # where the time went, step by step
+                 "one-shot quality", "recover", "save + reload", "quality (eval split)",
+                 "benchmark"):  # where the time went, step by step
         assert re.search(rf"\[{re.escape(step)}: \d+\.\d s\]", r.stdout), step
     assert "[reconstruct:" not in r.stdout  # the refit is opt-in in the planned demo
+    assert re.search(r"recovery: \d+/\d+ steps", r.stdout) and "recovery steps" in r.stdout
     assert (tmp_path / "digits-mlp.sparsert").is_file()

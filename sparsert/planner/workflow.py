@@ -1,10 +1,13 @@
 """The whole job for a target speedup, as the command line and the demo run it:
-plan, prune, refit, pack per plan, save, reload, measure, judge quality.
+plan, prune (SparseGPT by default for Hugging Face models), optionally refit and
+recover (distillation from the dense model, masks kept), pack per plan, save,
+reload, measure, judge quality.
 
 Quality is judged on held-out text of *another source* than the calibration
-text for sentence embedders (calibration: Python standard-library prose,
-evaluation: numpy/scipy/torch prose, :mod:`sparsert.data.corpus`), as mean and
-worst cosine similarity of the embeddings to the dense model's.
+and training text for sentence embedders (calibration: Python standard-library
+prose, or the whole ``"train"`` split for SparseGPT; evaluation: numpy/scipy/torch
+prose, :mod:`sparsert.data.corpus`), as mean and worst cosine similarity of the
+embeddings to the dense model's.
 """
 
 from __future__ import annotations
@@ -19,22 +22,79 @@ import torch
 from .pruner import Pruner
 from .tables import DEFAULT_PATTERNS
 
-__all__ = ["prune_to_speedup", "calibration_batches", "quality", "reference_embeddings"]
+__all__ = ["prune_to_speedup", "calibration_batches", "default_importance", "quality", "reference_embeddings",
+           "recover_pruned", "recovery_steps_for"]
 
 #: held-out evaluation sentences (corpus "eval" split) and calibration sentences
 EVAL_SENTENCES = 256
 CALIB_SENTENCES = 256
 
 
-def calibration_batches(wl, limit: int = 8, data: Optional[str] = None) -> list:
-    """Calibration batches: for a model with a tokenizer, standard-library prose from the
-    offline corpus (never the evaluation source); otherwise the workload's own."""
+def calibration_batches(wl, limit: int = 8, data: Optional[str] = None, split: str = "calibration") -> list:
+    """Calibration batches: for a model with a tokenizer, sentences of the offline corpus's
+    ``split`` (``"calibration"``: standard-library prose; ``"train"``: five sources, shuffled;
+    never the evaluation source); otherwise the workload's own."""
     if data is None and wl.family == "hf" and wl.tokenizer is not None:
         from ..data import corpus
         from ..models import minilm
 
-        return minilm.tokenize(wl.tokenizer, corpus.split("calibration", n=32 * limit), 32)[:limit]
+        sentences = (corpus.split(split, n=32 * limit) if split == "calibration"
+                     else corpus.split(split, n=32 * limit, shuffled=True, seed=1))
+        return minilm.tokenize(wl.tokenizer, sentences, 32)[:limit]
     return wl.calibration(data, limit=limit)
+
+
+def default_importance(wl) -> str:
+    """The criterion the planned path prunes with unless told: SparseGPT (masks and a
+    compensating weight update, layer after layer) for Hugging Face models, whose quality
+    one-shot magnitude/wanda pruning loses at the sparsities a speedup needs; magnitude
+    for the small built-in examples."""
+    return "sparsegpt" if wl.family == "hf" else "magnitude"
+
+
+def recovery_steps_for(seconds: float, step_seconds: float) -> int:
+    """Optimizer steps that fit ``seconds`` at ``step_seconds`` each (10% kept for the last
+    checkpoint and the clock's noise), at least 1: the learning-rate schedule then decays
+    to its end inside the budget instead of being cut off at its peak."""
+    if step_seconds <= 0:
+        raise ValueError("step_seconds must be > 0")
+    return max(1, int(0.9 * seconds / step_seconds))
+
+
+def _time_steps(student, teacher, batches, lr: float, probe_steps: int = 3) -> float:
+    """Seconds per recovery step here: :func:`sparsert.prune.recover` run for ``probe_steps``
+    on a copy of ``student`` (so the probe times exactly the recipe the real run uses,
+    first-step warm-up included: a slight over-estimate, which keeps the run inside its budget)."""
+    from ..prune import recover
+
+    probe = recover(copy.deepcopy(student), teacher, batches, steps=probe_steps, pruner=None, lr=lr)
+    return probe.elapsed / max(1, probe.step)
+
+
+def recover_pruned(model, dense, train: Sequence, minutes: float, *, steps: Optional[int] = None, lr: float = 1e-4,
+                   checkpoint: "str | Path | None" = None, progress: bool = False,
+                   log: Callable[[str], None] = print):
+    """Distils ``dense`` into the pruned ``model`` (in place) on ``train`` for at most ``minutes``,
+    with :func:`sparsert.prune.recover` and no pruner: the masks, hence every layer's sparsity
+    and pattern, stay exactly as they are. ``steps`` (default: as many as a timed 3-step probe
+    on a copy says fit the budget, the probe's time included) sets the LR schedule's length.
+    Returns the :class:`~sparsert.prune.RecoveryResult`."""
+    from ..prune import recover
+
+    budget = minutes * 60.0
+    if steps is None:
+        t_probe = time.perf_counter()
+        step_s = _time_steps(model, dense, train, lr)
+        budget = max(0.0, budget - (time.perf_counter() - t_probe))  # the probe is part of the budget
+        steps = recovery_steps_for(budget, step_s)
+        log(f"recovery: one distillation step takes {step_s:.2f} s here: {steps} steps in the "
+            f"{budget:.0f} s left of {minutes:g} min")
+    result = recover(model, dense, train, steps=steps, pruner=None, lr=lr, checkpoint=checkpoint,
+                     time_budget=budget, progress=progress)
+    log(f"recovery: {result.step}/{result.steps} steps in {result.elapsed:.0f} s"
+        + (f", distillation loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}" if result.losses else "")
+        + ("" if result.done else " (time budget spent)"))
+    return result
 
 
 def _embedder(wl) -> bool:
@@ -70,18 +130,55 @@ def quality(wl, model, reference, reference_emb: Optional[torch.Tensor] = None) 
     return wl.quality(model, reference)
 
 
-def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importance: str = "wanda",
+def _q(q: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in q.items())
+
+
+def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importance: Optional[str] = None,
                      patterns: Sequence[str] = DEFAULT_PATTERNS, example_inputs: Any = None,
                      threads: Optional[int] = None, calib_batches: int = 8, calib: Optional[str] = None,
-                     exclude: Sequence[str] = (), reconstruct: bool = True, output: "str | Path | None" = None,
+                     calib_split: Optional[str] = None, sensitivity_method: str = "wanda",
+                     exclude: Sequence[str] = (), reconstruct: bool = True, recover_minutes: float = 0.0,
+                     recover_steps: Optional[int] = None, recover_lr: float = 1e-4,
+                     checkpoint: "str | Path | None" = None, output: "str | Path | None" = None,
                      plot: Optional[str] = None, repeats: int = 30, progress: bool = False,
-                     log: Callable[[str], None] = print, timing: Optional[dict] = None) -> dict:
+                     log: Callable[[str], None] = print, timing: Optional[dict] = None,
+                     sensitivity: Optional[dict] = None) -> dict:
     """Plans, prunes ``wl.model`` (in place), packs per plan, optionally saves and reloads it,
     and measures it against torch eager and the best dense path. Returns the numbers, with
-    ``steps``: ``{step: seconds}`` in the order run (each also logged as it ends)."""
+    ``steps``: ``{step: seconds}`` in the order run (each also logged as it ends).
+
+    ``importance``: the pruning criterion (default :func:`default_importance`: SparseGPT for
+    Hugging Face models). ``calib_split``: the corpus split the calibration sentences come
+    from (default ``"train"`` for SparseGPT, which profits from varied text, else
+    ``"calibration"``). ``sensitivity_method``: the per-layer loss estimate the plan is solved
+    with (``"wanda"``: masks alone, ~5x cheaper; ``"sparsegpt"``: the error left after
+    SparseGPT's update). ``recover_minutes`` > 0: after one-shot pruning, distil the dense
+    model into the pruned one on the workload's training text for at most that long
+    (:func:`sparsert.prune.recover`; the masks, hence the plan's sparsity and patterns,
+    are kept; :func:`recover_pruned`); ``recover_steps`` (default: as many as fit the budget),
+    ``recover_lr`` and ``checkpoint`` (a file: a stopped run continues) are passed on.
+    ``sensitivity``: ready sensitivity tables (``result["sensitivity_tables"]`` of an earlier
+    run on the same model and data) instead of measuring them.
+    """
     from .. import io
     from ..bench import benchmark
     from ..prune import reconstruct as refit
+
+    if recover_minutes < 0 or (recover_steps is not None and recover_steps < 1):
+        raise ValueError("recover_minutes must be >= 0 and recover_steps >= 1")
+    if (recover_steps is not None or checkpoint is not None) and not recover_minutes:
+        raise ValueError("recover_steps and checkpoint are for a recovery run: give recover_minutes too")
+    if checkpoint is not None and recover_steps is None:
+        raise ValueError("a recovery checkpoint continues a run of a fixed length: give recover_steps too")
+    train = None
+    if recover_minutes:
+        train = wl.train_batches()
+        if not train:
+            raise ValueError(f"{wl.name}: no training data for recovery with this model")
+    importance = default_importance(wl) if importance is None else importance
+    if calib_split is None:
+        calib_split = "train" if importance == "sparsegpt" else "calibration"
 
     t0 = time.perf_counter()
     steps: dict = {}
@@ -101,13 +198,14 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     lap("dense quality")
 
     pruner = Pruner(model, importance, target_speedup=target, baseline=baseline, example_inputs=inputs,
-                    patterns=patterns, threads=threads, exclude=list(exclude), progress=progress, timing=timing)
+                    patterns=patterns, threads=threads, exclude=list(exclude), progress=progress, timing=timing,
+                    sensitivity_method=sensitivity_method, sensitivity=sensitivity)
     tables = pruner.tables
     table_s = time.perf_counter() - clock[0]
     log(f"time tables: {len(tables.layers)} layers, {table_s:.1f} s ({tables.cache_hits} from the cache, "
         f"{tables.cache_misses} measured; {tables.threads} threads)")
     lap("time tables")
-    batches = calibration_batches(wl, calib_batches, calib)
+    batches = calibration_batches(wl, calib_batches, calib, calib_split)
     pruner.calibrate(batches, wl.loss_fn())
     lap("calibrate")
     plan = pruner.plan
@@ -131,6 +229,15 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
         log(f"refit the kept weights of {n} layers to the dense outputs (mean output error {before:.3f} -> "
             f"{after:.3f})")
         lap("reconstruct")
+    q_oneshot = None
+    recovered = None
+    if recover_minutes and plan.pruned:
+        q_oneshot = quality(wl, model, dense, ref_emb)
+        log(f"quality after one-shot pruning: {_q(q_oneshot)}")
+        lap("one-shot quality")
+        recovered = recover_pruned(model, dense, train, recover_minutes, steps=recover_steps, lr=recover_lr,
+                                   checkpoint=checkpoint, progress=progress, log=log)
+        lap("recover")
     model.eval()
     sparse = pruner.sparsify(inputs)
     lap("pack")
@@ -153,7 +260,14 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
             "eager_ms": result.dense.median * 1e3,
             "best_dense_ms": None if result.best_dense is None else result.best_dense.median * 1e3,
             "sparse_ms": result.sparse.median * 1e3, "quality_dense": q_dense, "quality": q_sparse,
+            "quality_oneshot": q_oneshot, "importance": importance, "calib_split": calib_split,
+            "sensitivity_method": sensitivity_method,
+            "recovery": None if recovered is None else {
+                "step": recovered.step, "steps": recovered.steps, "done": recovered.done,
+                "seconds": recovered.elapsed, "resumed_from": recovered.resumed_from,
+                "first_loss": recovered.losses[0] if recovered.losses else None,
+                "last_loss": recovered.losses[-1] if recovered.losses else None},
             "file_bytes": file_bytes, "table_seconds": table_s, "cache_hits": tables.cache_hits,
             "cache_misses": tables.cache_misses, "threads": result.threads, "refit": refit_errors,
             "sparse_model": loaded, "seconds": time.perf_counter() - t0, "machine": result.machine,
-            "steps": steps}
+            "steps": steps, "sensitivity_tables": pruner.sensitivity_tables}
