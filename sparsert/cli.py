@@ -453,7 +453,11 @@ def cmd_prune(args) -> int:
             raise CliError("--checkpoint keeps a recovery run: give --recover-minutes too")
         recovery_steps = args.recover_steps
         schedule: Any = "oneshot"
-        if recovering:
+        # SparseGPT prunes one-shot (its weight update needs the whole mask at once); recovery then
+        # distils with the masks fixed
+        oneshot_then_recover = recovering and args.importance == "sparsegpt"
+        ckpt = Path(args.checkpoint) / "recover.pt" if recovering and args.checkpoint else None
+        if recovering and not oneshot_then_recover:
             from .prune import Gradual
 
             # prune along the cubic schedule over the first half, distil all along
@@ -465,23 +469,36 @@ def cmd_prune(args) -> int:
                             allocation=args.allocation, schedule=schedule, progress=show)
         except ValueError as e:
             raise CliError(str(e)) from None
-        if pruner.criterion.needs_data or args.calib or args.allocation != "uniform":
+        resuming = oneshot_then_recover and ckpt is not None and ckpt.is_file()  # weights and masks are in it
+        if not resuming and (pruner.criterion.needs_data or args.calib or args.allocation != "uniform"):
             steps.start(f"calibrating ({args.importance})")
             pruner.calibrate(wl.calibration(args.calib, limit=args.calib_batches), wl.loss_fn())
         recovered = None
         if recovering:
-            data = wl.train_batches()
+            from .models.catalogue import RECOVERY_SENTENCES
+
+            data = wl.train_batches(RECOVERY_SENTENCES)
             if data is None:
                 raise CliError(f"{wl.name}: no training data for recovery with this model")
             from .prune import recover
 
-            steps.start(f"gradual pruning to {args.sparsity:g} ({args.pattern}) with distillation "
-                        f"(at most {args.recover_minutes:g} min)")
-            ckpt = Path(args.checkpoint) / "recover.pt" if args.checkpoint else None
+            if oneshot_then_recover and not resuming:
+                steps.start(f"pruning to {args.sparsity:g} ({args.pattern})")
+                while not pruner.done:
+                    pruner.step()
+            steps.start(("distilling with the masks fixed" if oneshot_then_recover else
+                         f"gradual pruning to {args.sparsity:g} ({args.pattern}) with distillation")
+                        + f" (at most {args.recover_minutes:g} min)")
+            # sentence encoders (measured on MiniLM at 70%): distil the pooled embeddings
+            # too, without dropout, training only the pruned layers (embeddings and norms stay the teacher's)
+            encoder = wl.family == "hf" and not wl.extra.get("causal_lm")
             try:
-                recovered = recover(wl.model, dense, data, steps=recovery_steps, pruner=pruner, lr=args.recover_lr,
+                recovered = recover(wl.model, dense, data, steps=recovery_steps,
+                                    pruner=None if oneshot_then_recover else pruner, lr=args.recover_lr,
                                     checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
-                                    time_budget=args.recover_minutes * 60.0, progress=show)
+                                    time_budget=args.recover_minutes * 60.0, progress=show,
+                                    **({"embedding_weight": 1.0, "dropout": False, "train": "pruned"}
+                                       if encoder else {}))
             except ValueError as e:  # e.g. a checkpoint of a run with other settings
                 raise CliError(f"--checkpoint {args.checkpoint}: {e}") from None
         else:
@@ -530,6 +547,7 @@ def cmd_prune(args) -> int:
             "compression": summ["compression"], "sizes": sizes, "size_note": size_note(sizes),
             "seconds": time.perf_counter() - t0, "allocation": args.allocation,
             "recovery": None if recovered is None else {
+                "start": "oneshot" if oneshot_then_recover else "gradual",
                 "step": recovered.step, "steps": recovered.steps, "done": recovered.done,
                 "resumed_from": recovered.resumed_from, "seconds": recovered.elapsed,
                 "first_loss": recovered.losses[0] if recovered.losses else None,

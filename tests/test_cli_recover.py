@@ -65,3 +65,22 @@ def test_recovery_beats_one_shot_and_a_stopped_run_continues_from_its_checkpoint
     r = cli("prune", "digits-mlp", "--exclude", "classifier", "--sparsity", "0.95", "--recover-steps", "61",
             "--recover-minutes", "1", "--checkpoint", ck, "-o", tmp_path / "y.sparsert")
     one_line_error(r, 1, "sparsert prune: error:", "60-step")
+
+
+def test_sparsegpt_recovery_prunes_one_shot_then_distils_with_the_masks_fixed(tmp_path):
+    ck = tmp_path / "ck"
+    common = ("--sparsity", "0.9", "--importance", "sparsegpt", "--recover-steps", "40", "--recover-lr", "1e-2",
+              "--checkpoint", ck, "--checkpoint-every", "5")
+    # stopped after a step or so: the masks are already at the target (one-shot), so the model is written
+    first = _prune(tmp_path, *common, "--recover-minutes", "0.00001", out="a.sparsert")
+    rec = first["recovery"]
+    assert rec["start"] == "oneshot" and not rec["done"] and 1 <= rec["step"] < 40
+    layers = {l["layer"]: l["sparsity"] for l in first["layers"]}
+    assert layers["fc1"] == pytest.approx(0.9, abs=0.01), layers
+    masks = torch.load(ck / "recover.pt", weights_only=True)["masks"]
+    second = _prune(tmp_path, *common, "--recover-minutes", "10", out="b.sparsert")
+    rec = second["recovery"]
+    assert rec["done"] and rec["resumed_from"] == first["recovery"]["step"]
+    assert second["quality_after"]["agreement"] >= first["quality_after"]["agreement"] - 0.01
+    for name, keep in torch.load(ck / "recover.pt", weights_only=True)["masks"].items():
+        assert torch.equal(keep, masks[name]), name  # the one-shot masks, kept exactly

@@ -103,3 +103,63 @@ def test_distill_loss_uses_logits_and_hidden_states():
     assert float(distill_loss(s, t3, {"attention_mask": mask})) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError):
         distill_loss(s, t, logit_weight=0.0, hidden_weight=0.0)
+
+
+def test_embedding_loss_is_one_minus_cosine_of_the_mean_over_real_tokens():
+    h = torch.randn(2, 4, 8)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    t = h.clone()
+    t[0, 3] += 100.0  # padding: ignored
+    t[1, 2:] -= 50.0
+    kw = dict(hidden_weight=0.0, logit_weight=0.0, embedding_weight=1.0)
+    assert float(distill_loss({"last_hidden_state": h}, {"last_hidden_state": t}, {"attention_mask": mask},
+                              **kw)) == pytest.approx(0.0, abs=1e-6)
+    s = h.clone()
+    s[1, :2] = -s[1, :2]  # the second sentence's embedding reversed: cosine -1, loss 2 for it
+    got = float(distill_loss({"last_hidden_state": s}, {"last_hidden_state": h}, {"attention_mask": mask}, **kw))
+    assert got == pytest.approx(1.0, abs=1e-5)  # mean of 0 and 2
+    # scale does not matter to a cosine, it does to the hidden-state MSE
+    assert float(distill_loss({"last_hidden_state": 3 * h}, {"last_hidden_state": h}, {"attention_mask": mask},
+                              **kw)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_loss(3 * h, h, {"attention_mask": mask}, embedding_weight=1.0)) > 1.0
+
+
+def _fixed_mask_student(teacher, data, sparsity=0.8):
+    student = copy.deepcopy(teacher)
+    Pruner(student, importance="wanda", sparsity=sparsity, progress=False).calibrate(data).step()
+    return student
+
+
+def test_fixed_masks_are_kept_exactly_and_only_the_pruned_layers_train():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.Linear(64, 8))
+    train = _data(6, 7)
+    student = _fixed_mask_student(teacher, train)
+    zeros = {n: (student.get_submodule(n).weight == 0).clone() for n in ("0", "2")}
+    norm = {k: v.clone() for k, v in student[1].state_dict().items()}
+    before = _error(student, teacher, train)
+    result = recover(student, teacher, train, steps=60, lr=3e-3, train="pruned", dropout=False,
+                     embedding_weight=1.0, progress=False)
+    assert result.done
+    for n, z in zeros.items():  # the same weights are zero, no more, no fewer
+        assert torch.equal(student.get_submodule(n).weight == 0, z), n
+    for k, v in student[1].state_dict().items():  # the LayerNorm is not a pruned layer: untouched
+        assert torch.equal(v, norm[k]), k
+    assert all(p.requires_grad for p in student.parameters())  # frozen only during the run
+    assert _error(student, teacher, train) < 0.7 * before
+    with pytest.raises(ValueError, match="train"):
+        recover(copy.deepcopy(teacher), teacher, train, steps=1, train="some", progress=False)
+
+
+def test_dropout_off_trains_the_student_as_it_runs():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 64), nn.Dropout(0.5), nn.Linear(64, 8))
+    data = _data(2, 8)
+    # an unpruned copy of the teacher: without dropout it matches exactly, the loss is 0 and nothing moves
+    same = copy.deepcopy(teacher)
+    r = recover(same, teacher, data, steps=3, lr=1e-2, dropout=False, progress=False)
+    assert max(r.losses) == pytest.approx(0.0, abs=1e-10)
+    assert same.training  # the mode the caller left is restored
+    noisy = copy.deepcopy(teacher)
+    r = recover(noisy, teacher, data, steps=3, lr=1e-2, progress=False)  # default: dropout on
+    assert min(r.losses) > 0.01

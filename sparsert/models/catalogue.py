@@ -45,6 +45,8 @@ EXAMPLES = {
 
 #: held-out sentences / token windows the quality measures use (corpus "eval" split)
 EVAL_SENTENCES = 256
+TRAIN_SENTENCES = 2048  # fine-tuning sentences of the train split (it has ~23k)
+RECOVERY_SENTENCES = 16384  # a long recovery run must not cycle a few thousand
 LM_SEQ_LEN, LM_BATCH, LM_EVAL_BATCHES = 128, 4, 8
 
 
@@ -149,8 +151,8 @@ class Workload:
             return out
         raise ValueError(f"calibration data {data!r}: expected a .txt of sentences or an .npz with x (and y)")
 
-    def train_batches(self) -> list | None:
-        """Fine-tuning data, where the example has some (digits)."""
+    def train_batches(self, sentences: int = TRAIN_SENTENCES) -> list | None:
+        """Fine-tuning data, where the example has some (digits; text: ``sentences`` of the train split)."""
         if self.family == "digits":
             from . import digits
 
@@ -161,7 +163,7 @@ class Workload:
         if self.family == "hf" and self.tokenizer is not None:
             from . import minilm
 
-            return minilm.tokenize(self.tokenizer, _corpus("train", 2048), 32, self._max_tokens())
+            return minilm.length_batches(self.tokenizer, _corpus("train", sentences), 32, self._max_tokens())
         return None
 
     def _max_tokens(self) -> int:

@@ -79,13 +79,35 @@ def _masked_mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> 
     return d.sum() / scale.sum().clamp_min(1e-12)
 
 
+def _pooled(out: Any, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the last hidden state over real tokens (a sentence embedding); 2-D outputs as they are."""
+    h = _get(out, "last_hidden_state")
+    h = (h if isinstance(h, torch.Tensor) else output_tensor(out)).float()
+    if h.dim() != 3:
+        return h.reshape(h.shape[0], -1)
+    if mask is not None and tuple(mask.shape) == tuple(h.shape[:2]):
+        w = mask.to(h.device, torch.float32).unsqueeze(-1)
+        return (h * w).sum(1) / w.sum(1).clamp_min(1e-9)
+    return h.mean(1)
+
+
 def distill_loss(student_out: Any, teacher_out: Any, batch: Any = None, *, logit_weight: float = 1.0,
-                 hidden_weight: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
-    """Distillation loss fitted to what the model returns (see the module docstring)."""
+                 hidden_weight: float = 1.0, temperature: float = 1.0,
+                 embedding_weight: float = 0.0) -> torch.Tensor:
+    """Distillation loss fitted to what the model returns (see the module docstring).
+
+    ``embedding_weight`` adds ``1 - cosine`` between the student's and the teacher's
+    mean-pooled last hidden states (sentence embeddings), the quantity an encoder is
+    judged by.
+    """
     mask = _token_weights(batch)
     loss = None
+    if embedding_weight:
+        cos = F.cosine_similarity(_pooled(student_out, mask), _pooled(teacher_out, mask), dim=-1)
+        loss = embedding_weight * (1.0 - cos).mean()
     s_logits, t_logits = _get(student_out, "logits"), _get(teacher_out, "logits")
-    if logit_weight and isinstance(s_logits, torch.Tensor) and isinstance(t_logits, torch.Tensor):
+    use_logits = bool(logit_weight) and isinstance(s_logits, torch.Tensor) and isinstance(t_logits, torch.Tensor)
+    if use_logits:
         s = F.log_softmax(s_logits.float() / temperature, -1)
         t = F.log_softmax(t_logits.float() / temperature, -1)
         kl = (t.exp() * (t - s)).sum(-1)  # per token
@@ -93,12 +115,13 @@ def distill_loss(student_out: Any, teacher_out: Any, batch: Any = None, *, logit
             kl = (kl * mask.to(kl.device)).sum() / mask.sum().clamp_min(1)
         else:
             kl = kl.mean()
-        loss = logit_weight * temperature**2 * kl
+        kl = logit_weight * temperature**2 * kl
+        loss = kl if loss is None else loss + kl
     if hidden_weight:
         s_h, t_h = _get(student_out, "hidden_states"), _get(teacher_out, "hidden_states")
         if isinstance(s_h, (tuple, list)) and isinstance(t_h, (tuple, list)) and len(s_h) == len(t_h) > 1:
             pairs = list(zip(s_h[1:], t_h[1:]))  # [0] is the embedding output, not pruned
-        elif loss is None:
+        elif not use_logits:
             pairs = [(output_tensor(student_out), output_tensor(teacher_out))]
         else:
             pairs = []
@@ -106,7 +129,8 @@ def distill_loss(student_out: Any, teacher_out: Any, batch: Any = None, *, logit
             h = sum(_masked_mse(s, t, mask) for s, t in pairs) / len(pairs)
             loss = hidden_weight * h if loss is None else loss + hidden_weight * h
     if loss is None:
-        raise ValueError("nothing to distill: no logits and no hidden states (set logit_weight/hidden_weight)")
+        raise ValueError("nothing to distill: no logits and no hidden states "
+                         "(set logit_weight/hidden_weight/embedding_weight)")
     return loss
 
 
@@ -143,7 +167,8 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Sequence, *, steps:
             hidden_weight: float = 1.0, temperature: float = 1.0, hidden_states: bool = True,
             checkpoint: "str | Path | None" = None, checkpoint_every: int = 100, resume: bool = True,
             time_budget: float | None = None, stop_after: int | None = None, max_grad_norm: float | None = 1.0,
-            progress: bool | None = None) -> RecoveryResult:
+            progress: bool | None = None, embedding_weight: float = 0.0, dropout: bool = True,
+            train: str = "all") -> RecoveryResult:
     """Distils ``teacher`` into ``student`` for ``steps`` optimizer steps (AdamW), calling
     ``pruner.step()`` after each one until the pruner's schedule is done.
 
@@ -162,6 +187,12 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Sequence, *, steps:
             (``done=False``).
         stop_after: stop (with a checkpoint) once this step is reached, before ``steps``.
         max_grad_norm: gradient clipping (``None``: off).
+        embedding_weight: weight of the sentence-embedding cosine loss (see :func:`distill_loss`).
+        dropout: train the student in train mode, dropout active (``False``: in eval mode, so it
+            imitates the teacher deterministically, as it will run; batch norm keeps its statistics).
+        train: ``"all"`` trainable parameters, or ``"pruned"``: only the weights and biases
+            of the layers being pruned (the pruner's layers, else the masked ones); the rest
+            (embeddings, norms) stays as the teacher has it.
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
@@ -170,11 +201,21 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Sequence, *, steps:
     if checkpoint_every < 1:
         raise ValueError("checkpoint_every must be >= 1")
     warmup = max(1, steps // 20) if warmup is None else int(warmup)
-    params = [p for p in student.parameters() if p.requires_grad]
+    if train not in ("all", "pruned"):
+        raise ValueError(f"train must be 'all' or 'pruned', not {train!r}")
+    if train == "pruned":
+        layers = list(pruner.layers.values()) if pruner is not None else \
+            [m for m in student.modules() if MASK_BUFFER in m._buffers]
+        if not layers:
+            raise ValueError("train='pruned' needs a pruner or masked layers")
+        params = [p for m in layers for p in m.parameters(recurse=False) if p.requires_grad]
+    else:
+        params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
     loss_fn = loss_fn or (lambda s, t, b: distill_loss(s, t, b, logit_weight=logit_weight,
-                                                       hidden_weight=hidden_weight, temperature=temperature))
+                                                       hidden_weight=hidden_weight, temperature=temperature,
+                                                       embedding_weight=embedding_weight))
     path = Path(checkpoint) if checkpoint is not None else None
     step, losses = 0, []
     if path is not None and resume and path.is_file():
@@ -207,7 +248,12 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Sequence, *, steps:
     t0 = time.perf_counter()
     was_training, teacher_training = student.training, teacher.training
     teacher.eval()
-    student.train()
+    # dropout=False: eval mode (attention modules read their own `training` flag, not only nn.Dropout's)
+    student.train(dropout)
+    trained = {id(p) for p in params}
+    frozen = [p for p in student.parameters() if p.requires_grad and id(p) not in trained]
+    for p in frozen:  # no gradient is computed for what is not trained (e.g. the word embeddings)
+        p.requires_grad_(False)
     end = steps if stop_after is None else min(steps, int(stop_after))
     bar = tqdm(total=steps, initial=step, desc="recover", disable=not progress_enabled(progress))
     try:
@@ -237,6 +283,8 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Sequence, *, steps:
     finally:
         bar.close()
         student.train(was_training)
+        for p in frozen:
+            p.requires_grad_(True)
         teacher.train(teacher_training)
         opt.zero_grad(set_to_none=True)
         apply_masks(student)
