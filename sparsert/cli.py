@@ -391,7 +391,7 @@ def cmd_prune_to_speedup(args) -> int:
                              example_inputs=inputs, threads=args.threads, calib_batches=args.calib_batches,
                              calib=args.calib, exclude=args.exclude or (), reconstruct=args.reconstruct,
                              recover_minutes=args.recover_minutes, recover_steps=args.recover_steps,
-                             recover_lr=1e-4 if args.recover_lr is None else args.recover_lr,
+                             recover_lr=args.recover_lr,
                              checkpoint=Path(args.checkpoint) / "recover.pt" if args.checkpoint else None,
                              output=out, plot=args.plot_plan,
                              progress=_show_progress(args), log=(lambda s: None) if quiet else print)
@@ -424,7 +424,6 @@ def cmd_prune(args) -> int:
         args.importance = "magnitude"
     args.recover_steps = 2000 if args.recover_steps is None else args.recover_steps
     args.recover_prune_frac = 0.5 if args.recover_prune_frac is None else args.recover_prune_frac
-    args.recover_lr = 1e-4 if args.recover_lr is None else args.recover_lr
     args.checkpoint_every = 100 if args.checkpoint_every is None else args.checkpoint_every
 
     from . import io
@@ -475,7 +474,7 @@ def cmd_prune(args) -> int:
             pruner.calibrate(wl.calibration(args.calib, limit=args.calib_batches), wl.loss_fn())
         recovered = None
         if recovering:
-            from .models.catalogue import RECOVERY_SENTENCES
+            from .models.catalogue import RECOVERY_SENTENCES, recovery_recipe
 
             data = wl.train_batches(RECOVERY_SENTENCES)
             if data is None:
@@ -489,16 +488,14 @@ def cmd_prune(args) -> int:
             steps.start(("distilling with the masks fixed" if oneshot_then_recover else
                          f"gradual pruning to {args.sparsity:g} ({args.pattern}) with distillation")
                         + f" (at most {args.recover_minutes:g} min)")
-            # sentence encoders (measured on MiniLM at 70%): distil the pooled embeddings
-            # too, without dropout, training only the pruned layers (embeddings and norms stay the teacher's)
-            encoder = wl.family == "hf" and not wl.extra.get("causal_lm")
+            recipe = recovery_recipe(wl, oneshot=oneshot_then_recover)
+            if args.recover_lr is not None:
+                recipe["lr"] = args.recover_lr
             try:
                 recovered = recover(wl.model, dense, data, steps=recovery_steps,
-                                    pruner=None if oneshot_then_recover else pruner, lr=args.recover_lr,
+                                    pruner=None if oneshot_then_recover else pruner,
                                     checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
-                                    time_budget=args.recover_minutes * 60.0, progress=show,
-                                    **({"embedding_weight": 1.0, "dropout": False, "train": "pruned"}
-                                       if encoder else {}))
+                                    time_budget=args.recover_minutes * 60.0, progress=show, **recipe)
             except ValueError as e:  # e.g. a checkpoint of a run with other settings
                 raise CliError(f"--checkpoint {args.checkpoint}: {e}") from None
         else:
@@ -778,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--target-speedup: as many as fit --recover-minutes, from a timed probe)")
     s.add_argument("--recover-prune-frac", type=_fraction, default=None,
                    help="share of the recovery steps over which the sparsity ramps up (default 0.5)")
-    s.add_argument("--recover-lr", type=_positive_float, default=None, help="recovery learning rate (default 1e-4)")
+    s.add_argument("--recover-lr", type=_positive_float, default=None, help="recovery peak learning rate (default 5e-4 after one-shot pruning, 1e-4 for gradual pruning)")
     s.add_argument("--checkpoint", metavar="DIR", default=None,
                    help="recovery checkpoint folder: written as the run goes; the same command again continues "
                         "where the last one stopped")

@@ -61,36 +61,37 @@ def recovery_steps_for(seconds: float, step_seconds: float) -> int:
     return max(1, int(0.9 * seconds / step_seconds))
 
 
-def _time_steps(student, teacher, batches, lr: float, probe_steps: int = 3) -> float:
+def _time_steps(student, teacher, batches, lr: float, probe_steps: int = 3, **recipe) -> float:
     """Seconds per recovery step here: :func:`sparsert.prune.recover` run for ``probe_steps``
     on a copy of ``student`` (so the probe times exactly the recipe the real run uses,
     first-step warm-up included: a slight over-estimate, which keeps the run inside its budget)."""
     from ..prune import recover
 
-    probe = recover(copy.deepcopy(student), teacher, batches, steps=probe_steps, pruner=None, lr=lr)
+    probe = recover(copy.deepcopy(student), teacher, batches, steps=probe_steps, pruner=None, lr=lr, **recipe)
     return probe.elapsed / max(1, probe.step)
 
 
 def recover_pruned(model, dense, train: Sequence, minutes: float, *, steps: Optional[int] = None, lr: float = 1e-4,
                    checkpoint: "str | Path | None" = None, progress: bool = False,
-                   log: Callable[[str], None] = print):
+                   log: Callable[[str], None] = print, **recipe):
     """Distils ``dense`` into the pruned ``model`` (in place) on ``train`` for at most ``minutes``,
     with :func:`sparsert.prune.recover` and no pruner: the masks, hence every layer's sparsity
     and pattern, stay exactly as they are. ``steps`` (default: as many as a timed 3-step probe
     on a copy says fit the budget, the probe's time included) sets the LR schedule's length.
+    ``recipe``: more options for ``recover`` (:func:`sparsert.models.catalogue.recovery_recipe`).
     Returns the :class:`~sparsert.prune.RecoveryResult`."""
     from ..prune import recover
 
     budget = minutes * 60.0
     if steps is None:
         t_probe = time.perf_counter()
-        step_s = _time_steps(model, dense, train, lr)
+        step_s = _time_steps(model, dense, train, lr, **recipe)
         budget = max(0.0, budget - (time.perf_counter() - t_probe))  # the probe is part of the budget
         steps = recovery_steps_for(budget, step_s)
         log(f"recovery: one distillation step takes {step_s:.2f} s here: {steps} steps in the "
             f"{budget:.0f} s left of {minutes:g} min")
     result = recover(model, dense, train, steps=steps, pruner=None, lr=lr, checkpoint=checkpoint,
-                     time_budget=budget, progress=progress)
+                     time_budget=budget, progress=progress, **recipe)
     log(f"recovery: {result.step}/{result.steps} steps in {result.elapsed:.0f} s"
         + (f", distillation loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}" if result.losses else "")
         + ("" if result.done else " (time budget spent)"))
@@ -139,7 +140,7 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
                      threads: Optional[int] = None, calib_batches: int = 8, calib: Optional[str] = None,
                      calib_split: Optional[str] = None, sensitivity_method: str = "wanda",
                      exclude: Sequence[str] = (), reconstruct: bool = True, recover_minutes: float = 0.0,
-                     recover_steps: Optional[int] = None, recover_lr: float = 1e-4,
+                     recover_steps: Optional[int] = None, recover_lr: Optional[float] = None,
                      checkpoint: "str | Path | None" = None, output: "str | Path | None" = None,
                      plot: Optional[str] = None, repeats: int = 30, progress: bool = False,
                      log: Callable[[str], None] = print, timing: Optional[dict] = None,
@@ -156,8 +157,10 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     SparseGPT's update). ``recover_minutes`` > 0: after one-shot pruning, distil the dense
     model into the pruned one on the workload's training text for at most that long
     (:func:`sparsert.prune.recover`; the masks, hence the plan's sparsity and patterns,
-    are kept; :func:`recover_pruned`); ``recover_steps`` (default: as many as fit the budget),
-    ``recover_lr`` and ``checkpoint`` (a file: a stopped run continues) are passed on.
+    are kept; :func:`recover_pruned` with the workload's
+    :func:`~sparsert.models.catalogue.recovery_recipe`);
+    ``recover_steps`` (default: as many as fit the budget), ``recover_lr`` (default: the
+    recipe's) and ``checkpoint`` (a file: a stopped run continues) are passed on.
     ``sensitivity``: ready sensitivity tables (``result["sensitivity_tables"]`` of an earlier
     run on the same model and data) instead of measuring them.
     """
@@ -173,7 +176,9 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
         raise ValueError("a recovery checkpoint continues a run of a fixed length: give recover_steps too")
     train = None
     if recover_minutes:
-        train = wl.train_batches()
+        from ..models.catalogue import RECOVERY_SENTENCES
+
+        train = wl.train_batches(RECOVERY_SENTENCES)
         if not train:
             raise ValueError(f"{wl.name}: no training data for recovery with this model")
     importance = default_importance(wl) if importance is None else importance
@@ -235,8 +240,13 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
         q_oneshot = quality(wl, model, dense, ref_emb)
         log(f"quality after one-shot pruning: {_q(q_oneshot)}")
         lap("one-shot quality")
-        recovered = recover_pruned(model, dense, train, recover_minutes, steps=recover_steps, lr=recover_lr,
-                                   checkpoint=checkpoint, progress=progress, log=log)
+        from ..models.catalogue import recovery_recipe
+
+        recipe = recovery_recipe(wl)
+        if recover_lr is not None:
+            recipe["lr"] = recover_lr
+        recovered = recover_pruned(model, dense, train, recover_minutes, steps=recover_steps,
+                                   checkpoint=checkpoint, progress=progress, log=log, **recipe)
         lap("recover")
     model.eval()
     sparse = pruner.sparsify(inputs)
