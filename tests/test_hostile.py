@@ -365,6 +365,7 @@ def test_the_remembered_validation_is_reused_only_while_nothing_changed():
     assert cpu.check_weight_arrays(rp2, ci2, v2, 16, 24, r, c) is inference
 
 
+@pytest.mark.python_only
 def test_cli_inspect_dev_zero_is_one_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-m", "sparsert", "inspect", "/dev/zero"], capture_output=True, text=True,
@@ -397,6 +398,7 @@ def _evil_pt2(tmp_path: Path) -> tuple[Path, Path]:
     return path, marker
 
 
+@pytest.mark.python_only
 def test_pt2_with_pickled_parts_is_refused_unless_trusted(tmp_path):
     from sparsert.io.export import PickleRefused, load_program
     path, marker = _evil_pt2(tmp_path)
@@ -415,6 +417,7 @@ def test_pt2_with_pickled_parts_is_refused_unless_trusted(tmp_path):
     assert torch.load is torch.serialization.load  # the guard restored what it replaced
 
 
+@pytest.mark.python_only
 def test_cli_bench_refuses_pickled_pt2(tmp_path):
     path, marker = _evil_pt2(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -425,6 +428,7 @@ def test_cli_bench_refuses_pickled_pt2(tmp_path):
 
 
 # -- item 7: the raw native functions are not part of the public API ------------------------------------
+@pytest.mark.python_only
 def test_raw_native_functions_are_not_reachable_from_the_public_api():
     from sparsert._ext import native
     raw = native()
