@@ -363,6 +363,18 @@ def test_the_remembered_validation_is_reused_only_while_nothing_changed():
         rp2, ci2, v2 = rp.clone(), ci.clone(), v.clone()
     inference = cpu.check_weight_arrays(rp2, ci2, v2, 16, 24, r, c)
     assert cpu.check_weight_arrays(rp2, ci2, v2, 16, 24, r, c) is inference
+    # int8 reads a private copy of unaligned qblocks: still remembered by the caller's array
+    from sparsert.formats.q8bsr import Q8BSR
+    from sparsert.ops.quantized import check_q8_arrays
+
+    q8 = Q8BSR.from_dense(torch.randn(16, 32) * (torch.rand(16, 32) < 0.5))
+    qrp, qci, qb = q8.kernel_arrays()[:3]
+    shifted = torch.zeros(qb.numel() + 1, dtype=torch.int8)
+    shifted[1:] = qb.reshape(-1)
+    unaligned = shifted[1:].view(qb.shape)
+    assert unaligned.data_ptr() % 4
+    q8_checked = check_q8_arrays(qrp, qci, unaligned, q8.scales, 16, 32)
+    assert check_q8_arrays(qrp, qci, unaligned, q8.scales, 16, 32) is q8_checked
 
 
 @pytest.mark.python_only

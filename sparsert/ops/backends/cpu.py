@@ -130,9 +130,8 @@ class Validated:
         if self.storage_ptr + self.storage_bytes < values.data_ptr() + values.numel() * 4:
             raise ValueError("the storage of values is smaller than values (resized under it)")
         self.native = native
-        self.sizes = self.refs = self.versions = None
+        self.sizes = self.refs = self.versions = self.values_ptr = None
         self.versioned = False
-        self.values_ptr = values.data_ptr()
 
     def intact(self) -> bool:
         """False once the values' storage was resized or moved since validation."""
@@ -164,7 +163,7 @@ class Validated:
     def remember(self, a: Tensor, b: Tensor, values: Tensor, sizes: tuple) -> "Validated":
         """Records what this was validated from and files it under ``id(values)``."""
         vid = id(values)
-        self.sizes = sizes
+        self.sizes, self.values_ptr = sizes, values.data_ptr()  # (the caller's values: int8 may read a copy)
         self.refs = (weakref.ref(a), weakref.ref(b), weakref.ref(values, lambda r, vid=vid: _forget(vid, r)))
         self.versions = _versions(a, b, values)
         self.versioned = -1 not in self.versions
@@ -180,7 +179,7 @@ def _forget(vid: int, ref) -> None:
 
 def _version(t: Tensor) -> int:
     """``t``'s version counter; -1 for an inference tensor (it keeps none)."""
-    return -1 if t.is_inference() else t._version
+    return -1 if isinstance(t, Tensor) and t.is_inference() else t._version
 
 
 def _versions(*tensors: Tensor) -> tuple:
