@@ -156,8 +156,8 @@ def main() -> None:
         private = sum(t.nbytes for t in checked.indices)
         arrays = a.nbytes + b.nbytes + v.nbytes
         print(f"| {out_f}x{in_f} | {kind} | {layer[0] * 1e6:.1f} | {layer[1] * 1e6:.1f} | "
-              f"{(layer[2] - 1) * 100:+.1f}% | {(layer[3] - 1) * 100:+.1f}% | {' | '.join(backend)} | {private} | {arrays} "
-              f"({private / arrays:.1%}) |", flush=True)
+              f"{(layer[2] - 1) * 100:+.1f}% | {(layer[3] - 1) * 100:+.1f}% | {' | '.join(backend)} | {private} | "
+              f"{arrays} ({private / arrays:.1%}) |", flush=True)
 
 
 if __name__ == "__main__":

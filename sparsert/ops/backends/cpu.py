@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..._ext import native as _native  # (private: the raw functions take addresses)
-from ...formats._common import decode_indices, index_bits
+from ...formats._common import index_bits
 from ...formats.bitmask import GROUP, VALUE_PADDING, masks_to_bits
 from .. import epilogue
 from .._threads import get_num_threads
