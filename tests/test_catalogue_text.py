@@ -3,6 +3,7 @@ splits, quality on its eval split (another source), SmolLM2 skipped cleanly with
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from sparsert import models
 from sparsert.data import corpus
-from sparsert.models import minilm, smollm2
+from sparsert.models import catalogue, minilm, smollm2
 
 
 def test_smollm2_is_in_the_catalogue_and_says_how_to_install_it(monkeypatch):
@@ -25,7 +26,9 @@ def test_smollm2_is_in_the_catalogue_and_says_how_to_install_it(monkeypatch):
 
 
 @pytest.mark.skipif(not minilm.available(), reason=minilm.unavailable_reason() or "")
-def test_minilm_calibrates_on_the_calibration_split_and_reports_mean_and_worst_cosine():
+def test_minilm_calibrates_on_the_calibration_split_and_reports_mean_and_worst_cosine(monkeypatch):
+    # 32 of the 256 held-out sentences: the same code path at an eighth of the forward passes
+    monkeypatch.setattr(catalogue, "EVAL_SENTENCES", 32)
     wl = models.build("minilm")
     batches = wl.calibration(limit=1)
     calib = set(corpus.split("calibration"))
@@ -34,7 +37,7 @@ def test_minilm_calibrates_on_the_calibration_split_and_reports_mean_and_worst_c
     assert sum(t.replace(" ", "") in known for t in text) >= len(text) // 2  # lower-cased wordpieces, truncation
     q = wl.quality(wl.model, wl.model)
     assert q["cosine"] == pytest.approx(1.0, abs=1e-5) and q["cosine_min"] == pytest.approx(1.0, abs=1e-5)
-    damaged = models.build("minilm").model
+    damaged = copy.deepcopy(wl.model)  # (a second load would cost as much as the first)
     with torch.no_grad():
         damaged.encoder.layer[0].intermediate.dense.weight.mul_(0.0)
     q = wl.quality(damaged, wl.model)
@@ -43,8 +46,10 @@ def test_minilm_calibrates_on_the_calibration_split_and_reports_mean_and_worst_c
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2.available(), reason=smollm2.unavailable_reason() or "")
-def test_smollm2_workload_prunes_only_attention_and_mlp_and_measures_perplexity():
-    wl = models.build("smollm2")
+def test_smollm2_workload_prunes_only_attention_and_mlp_and_measures_perplexity(smollm2_workload, monkeypatch):
+    wl = smollm2_workload  # models.build("smollm2"), shared for the session
+    # 2 of the 8 held-out batches: the same code path at a quarter of the forward passes (the suite's slowest test)
+    monkeypatch.setattr(catalogue, "LM_EVAL_BATCHES", 2)
     assert wl.extra["causal_lm"] and len(wl.extra["include"]) == 30 * 7
     assert not any("lm_head" in n or "embed" in n for n in wl.extra["include"])
     batches = wl.calibration(limit=2)

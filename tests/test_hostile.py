@@ -148,6 +148,36 @@ case("values_storage_resized", r"^ValueError: the storage of values is smaller",
     w = CSR.from_dense(W); sparsert.ops.linear(X, w)
     w.values.untyped_storage().resize_(4)
     sparsert.ops.linear(X, w)""")
+# The per-call fast path trusts a remembered validation while the objects, their version
+# counters and the values' address and memory are unchanged: each way to change one of them.
+case("values_storage_moved_by_share_memory", "^OK same", """
+    w = CSR.from_dense(W); y = sparsert.ops.linear(X, w)
+    m = SparseLinear.from_dense(linear_of(W), "csr"); ym = m(X)
+    w.values.share_memory_(); m.share_memory()   # swaps the memory under the values: validated again
+    same(sparsert.ops.linear(X, w), y); same(m(X), ym)""")
+case("values_storage_resized_back_to_its_size", "^OK same", """
+    w = CSR.from_dense(W); y = sparsert.ops.linear(X, w)
+    storage = w.values.untyped_storage(); n = storage.nbytes()
+    saved = w.values.clone(); storage.resize_(4); storage.resize_(n)
+    w.values.copy_(saved)
+    same(sparsert.ops.linear(X, w), y)""")
+case("inference_values_update_takes_effect", "^OK same", """
+    with torch.inference_mode():
+        w = CSR.from_dense(W); sparsert.ops.linear(X, w)
+        w.values.mul_(2)                  # values are shared, not copied: no counter needed
+        same(sparsert.ops.linear(X, w), sparsert.ops.linear(X, CSR.from_dense(2 * W)))""")
+case("bitmask_data_fill_and_inference", "^OK same", """
+    from sparsert.formats.bitmask import Bitmask
+    Wb = torch.randn(64, 70) * (torch.rand(64, 70) < 0.5)
+    with torch.inference_mode():
+        m = SparseLinear(Bitmask.from_dense(Wb)); x = torch.randn(3, 70); y = m(x)
+        m.packed_masks.fill_(-1); m.packed_row_offsets.fill_(10**12)   # no counter: the private copies stay
+        same(m(x), y)""")
+case("bitmask_in_place_update_is_checked", r"^ValueError: row_offsets must be the running popcount", """
+    from sparsert.formats.bitmask import Bitmask
+    m = SparseLinear(Bitmask.from_dense(torch.randn(64, 70) * (torch.rand(64, 70) < 0.5))); x = torch.randn(3, 70)
+    m(x); m.packed_row_offsets.fill_(10**12)   # recorded by torch: validated again, and refused
+    m(x)""")
 case("conv2d_data_fill", "^OK same", """
     cw = ConvWeight.from_dense(torch.randn(8, 4, 3, 3) * (torch.rand(8, 4, 3, 3) < 0.4))
     x = torch.randn(1, 4, 9, 9); y = sparsert.ops.conv2d(x, cw)
@@ -310,6 +340,44 @@ def test_hostile_case(outcomes, name):
     assert re.search(CASES[name][1], last), f"{name} (exit {status}) ended with:\n{text[-2000:]}"
 
 
+def test_the_remembered_validation_is_reused_only_while_nothing_changed():
+    """The per-call fast path (``Validated.current``): the same objects, versions and
+    values memory hand back the same validated copies; any change validates again."""
+    from sparsert.ops.backends import cpu
+
+    w = CSR.from_dense(torch.randn(16, 24) * (torch.rand(16, 24) < 0.4))
+    rp, ci, v, r, c = w.kernel_arrays()
+    first = cpu.check_weight_arrays(rp, ci, v, 16, 24, r, c)
+    assert cpu.check_weight_arrays(rp, ci, v, 16, 24, r, c) is first
+    assert cpu.check_weight_arrays(rp, ci, v, 16, 32, r, c) is not first  # other sizes: checked again
+    again = cpu.check_weight_arrays(rp, ci, v, 16, 24, r, c)
+    ci.add_(0)  # recorded by torch
+    bumped = cpu.check_weight_arrays(rp, ci, v, 16, 24, r, c)
+    assert bumped is not again and cpu.check_weight_arrays(rp, ci, v, 16, 24, r, c) is bumped
+    assert cpu.check_weight_arrays(rp.clone(), ci, v, 16, 24, r, c) is not bumped  # another object
+    latest = cpu.check_weight_arrays(rp, ci, v, 16, 24, r, c)
+    v.share_memory_()  # the values' memory moved: validated (and held) again
+    moved = cpu.check_weight_arrays(rp, ci, v, 16, 24, r, c)
+    assert moved is not latest and moved.native[5] == v.data_ptr()
+    with torch.inference_mode():
+        rp2, ci2, v2 = rp.clone(), ci.clone(), v.clone()
+    inference = cpu.check_weight_arrays(rp2, ci2, v2, 16, 24, r, c)
+    assert cpu.check_weight_arrays(rp2, ci2, v2, 16, 24, r, c) is inference
+    # int8 reads a private copy of unaligned qblocks: still remembered by the caller's array
+    from sparsert.formats.q8bsr import Q8BSR
+    from sparsert.ops.quantized import check_q8_arrays
+
+    q8 = Q8BSR.from_dense(torch.randn(16, 32) * (torch.rand(16, 32) < 0.5))
+    qrp, qci, qb = q8.kernel_arrays()[:3]
+    shifted = torch.zeros(qb.numel() + 1, dtype=torch.int8)
+    shifted[1:] = qb.reshape(-1)
+    unaligned = shifted[1:].view(qb.shape)
+    assert unaligned.data_ptr() % 4
+    q8_checked = check_q8_arrays(qrp, qci, unaligned, q8.scales, 16, 32)
+    assert check_q8_arrays(qrp, qci, unaligned, q8.scales, 16, 32) is q8_checked
+
+
+@pytest.mark.python_only
 def test_cli_inspect_dev_zero_is_one_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-m", "sparsert", "inspect", "/dev/zero"], capture_output=True, text=True,
@@ -342,6 +410,7 @@ def _evil_pt2(tmp_path: Path) -> tuple[Path, Path]:
     return path, marker
 
 
+@pytest.mark.python_only
 def test_pt2_with_pickled_parts_is_refused_unless_trusted(tmp_path):
     from sparsert.io.export import PickleRefused, load_program
     path, marker = _evil_pt2(tmp_path)
@@ -360,6 +429,7 @@ def test_pt2_with_pickled_parts_is_refused_unless_trusted(tmp_path):
     assert torch.load is torch.serialization.load  # the guard restored what it replaced
 
 
+@pytest.mark.python_only
 def test_cli_bench_refuses_pickled_pt2(tmp_path):
     path, marker = _evil_pt2(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -370,6 +440,7 @@ def test_cli_bench_refuses_pickled_pt2(tmp_path):
 
 
 # -- item 7: the raw native functions are not part of the public API ------------------------------------
+@pytest.mark.python_only
 def test_raw_native_functions_are_not_reachable_from_the_public_api():
     from sparsert._ext import native
     raw = native()

@@ -21,8 +21,8 @@ def test_missing_package_is_a_clear_error(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2.available(), reason=smollm2.unavailable_reason() or "")
-def test_load_perplexity_decode_and_pruning_targets():
-    model, tok = smollm2.load()
+def test_load_perplexity_decode_and_pruning_targets(smollm2_workload):
+    model, tok = smollm2_workload.model, smollm2_workload.tokenizer  # smollm2.load(), shared for the session
     names = smollm2.linear_names(model)
     assert len(names) == 30 * 7 and not any("lm_head" in n or "embed" in n for n in names)
     text = ["The quick brown fox jumps over the lazy dog near the river bank."] * 20
@@ -32,6 +32,12 @@ def test_load_perplexity_decode_and_pruning_targets():
     assert 1.0 < ppl < 50.0  # repeated text is easy to predict
     speed, ids = smollm2.decode_speed(model, tok, "The capital of France is", new_tokens=4)
     assert speed > 0 and len(ids) == 4
-    with torch.no_grad():
-        model.model.layers[0].mlp.up_proj.weight.zero_()
-    assert smollm2.perplexity(model, batches) != ppl
+    weight = model.model.layers[0].mlp.up_proj.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.zero_()
+        assert smollm2.perplexity(model, batches) != ppl
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..._ext import native as _native  # (private: the raw functions take addresses)
-from ...formats._common import decode_indices, index_bits
+from ...formats._common import index_bits
 from ...formats.bitmask import GROUP, VALUE_PADDING, masks_to_bits
 from ...formats.rowgroup import check_rowgroup_layout
 from .. import epilogue
@@ -102,8 +102,8 @@ def eager_cpu_call(*tensors: Optional[Tensor]) -> bool:
 # --------------------------------------------------------------------------- weight validation
 _INDEX_DTYPES = (torch.int16, torch.int32)
 
-# id(values) -> (weakref values, weakref row_ptr, weakref col_indices, key, Validated)
-_validated: dict[int, tuple] = {}
+# id(values) -> the Validated arrays of (row_ptr, col_indices, values) or (masks, row_offsets, values)
+_validated: dict[int, "Validated"] = {}
 
 
 class Validated:
@@ -118,11 +118,16 @@ class Validated:
     ``values_numel`` floats at the address they had when validated, inside
     ``storage``, which this object holds (the memory cannot be freed and
     reused under it) and which is checked per call not to have been resized
-    (``untyped_storage().resize_`` is the one way to shrink memory under a
-    tensor). ``native`` is the argument tuple for ``sparsert._C``; callers
-    keep this object alive while the kernel runs."""
+    or moved (``untyped_storage().resize_`` and ``share_memory_()`` are the
+    ways to swap the memory under a tensor). ``native`` is the argument tuple
+    for ``sparsert._C``; callers keep this object alive while the kernel runs.
 
-    __slots__ = ("indices", "storage", "storage_bytes", "storage_ptr", "native")
+    It also remembers what it was validated from (:meth:`current`): the
+    three array objects (weakly), their version counters, the values' address
+    and the sizes that were checked."""
+
+    __slots__ = ("indices", "storage", "storage_bytes", "storage_ptr", "native", "sizes", "refs", "versions",
+                 "versioned", "values_ptr")
 
     def __init__(self, indices: tuple, values, native: tuple):
         self.indices = indices  # the private index copies (kept alive: ``native`` holds their addresses)
@@ -131,17 +136,70 @@ class Validated:
         if self.storage_ptr + self.storage_bytes < values.data_ptr() + values.numel() * 4:
             raise ValueError("the storage of values is smaller than values (resized under it)")
         self.native = native
+        self.sizes = self.refs = self.versions = self.values_ptr = None
+        self.versioned = False
 
     def intact(self) -> bool:
-        """False once the values' storage was resized (freed, moved) since validation."""
+        """False once the values' storage was resized or moved since validation."""
         storage = self.storage
         return storage.nbytes() == self.storage_bytes and storage.data_ptr() == self.storage_ptr
 
+    def current(self, a: Tensor, b: Tensor, values: Tensor) -> bool:
+        """True while ``(a, b, values)`` are the objects this was validated from,
+        with the same version counters (torch bumps them on every in-place
+        change it records: such a change is validated and copied again, so it
+        takes effect) and the values at the same address, inside intact memory.
+        The fast path of every call: identities and integer compares only."""
+        ra, rb, rv = self.refs
+        if ra() is not a or rb() is not b or rv() is not values:
+            return False
+        versions = self.versions
+        try:
+            if self.versioned:
+                if a._version != versions[0] or b._version != versions[1] or values._version != versions[2]:
+                    return False
+            elif _versions(a, b, values) != versions:  # inference tensors among them keep no counter
+                return False
+        except RuntimeError:  # (an array's data swapped for an inference tensor's: validate again)
+            return False
+        storage = self.storage
+        return (values.data_ptr() == self.values_ptr and storage.nbytes() == self.storage_bytes
+                and storage.data_ptr() == self.storage_ptr)
+
+    def remember(self, a: Tensor, b: Tensor, values: Tensor, sizes: tuple) -> "Validated":
+        """Records what this was validated from and files it under ``id(values)``."""
+        vid = id(values)
+        self.sizes, self.values_ptr = sizes, values.data_ptr()  # (the caller's values: int8 may read a copy)
+        self.refs = (weakref.ref(a), weakref.ref(b), weakref.ref(values, lambda r, vid=vid: _forget(vid, r)))
+        self.versions = _versions(a, b, values)
+        self.versioned = -1 not in self.versions
+        _validated[vid] = self
+        return self
+
 
 def _forget(vid: int, ref) -> None:
-    entry = _validated.get(vid)
-    if entry is not None and entry[0] is ref:
+    checked = _validated.get(vid)
+    if checked is not None and checked.refs[2] is ref:
         del _validated[vid]
+
+
+def _version(t: Tensor) -> int:
+    """``t``'s version counter; -1 for an inference tensor (it keeps none)."""
+    return -1 if isinstance(t, Tensor) and t.is_inference() else t._version
+
+
+def _versions(*tensors: Tensor) -> tuple:
+    return tuple(map(_version, tensors))
+
+
+def _remembered(a: Tensor, b: Tensor, values: Tensor, sizes: tuple, validate) -> Validated:
+    """``validate()``'s :class:`Validated`, remembered per (a, b, values) objects,
+    versions and the values' address (:meth:`Validated.current`) and ``sizes``
+    (whatever else the validation depended on, compared by equality)."""
+    checked = _validated.get(id(values))
+    if checked is not None and checked.sizes == sizes and checked.current(a, b, values):
+        return checked
+    return validate().remember(a, b, values, sizes)
 
 
 def check_weight_arrays(row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
@@ -153,47 +211,24 @@ def check_weight_arrays(row_ptr: Tensor, col_indices: Tensor, values: Tensor, ou
 
     Returns the :class:`Validated` arrays the kernel must read (private index
     copies). They are remembered per (row_ptr, col_indices, values) objects,
-    version counters and the values' address, so a normal update (an in-place
-    change, new arrays, new buffers after ``load_state_dict``) is validated
-    and copied again; a change of the index arrays that torch does not record
-    (writes through ``.data``, numpy or the storage, ``t.data = other``,
-    in-place changes to inference tensors) leaves the kernel on the last
-    validated indices, which is safe. Kept lean: a layer calls it on every
-    forward."""
-    def validate() -> Validated:
-        _check_layout(row_ptr, col_indices, values, block_rows, block_cols, out_features, in_features)
-        # Copies first, contents checked second: what is checked is exactly what the kernel reads.
-        rp, ci = row_ptr.clone(), col_indices.clone()
-        check_array_contents(rp, ci, values, out_features, in_features, block_rows, block_cols)
-        return Validated((rp, ci), values, (rp.data_ptr(), rp.numel(), ci.data_ptr(), ci.numel(), index_bits(ci),
-                                            values.data_ptr(), values.numel()))
-
-    return _remembered(row_ptr, col_indices, values, (out_features, in_features, block_rows, block_cols), validate)
-
-
-def _remembered(a: Tensor, b: Tensor, values: Tensor, shape_key: tuple, validate) -> Validated:
-    """``validate()``'s :class:`Validated`, remembered per (a, b, values) objects,
-    version counters and the values' address and storage (see check_weight_arrays)."""
-    try:
-        key = (*shape_key, values.data_ptr(), a._version, b._version, values._version)
-    except RuntimeError:
-        # Inference tensors (made under torch.inference_mode) keep no version counter.
-        key = (*shape_key, values.data_ptr(), *(_version(t) for t in (a, b, values)))
-    entry = _validated.get(id(values))
-    if entry is not None and entry[0]() is values and entry[1]() is a and entry[2]() is b and entry[3] == key:
-        checked = entry[4]
-        storage = checked.storage  # (Validated.intact, inlined: this runs on every call)
-        if storage.nbytes() == checked.storage_bytes and storage.data_ptr() == checked.storage_ptr:
-            return checked
-    checked = validate()
-    vid = id(values)
-    ref = weakref.ref(values, lambda r, vid=vid: _forget(vid, r))
-    _validated[vid] = (ref, weakref.ref(a), weakref.ref(b), key, checked)
-    return checked
-
-
-def _version(t) -> int:
-    return -1 if isinstance(t, Tensor) and t.is_inference() else t._version
+    version counters and the values' address (:meth:`Validated.current`), so
+    a normal update (an in-place change, new arrays, new buffers after
+    ``load_state_dict``) is validated and copied again; a change of the index
+    arrays that torch does not record (writes through ``.data``, numpy or the
+    storage, ``t.data = other``, in-place changes to inference tensors)
+    leaves the kernel on the last validated indices, which is safe. Kept
+    lean: a layer calls it on every forward."""
+    checked = _validated.get(id(values))
+    if (checked is not None and checked.sizes == (out_features, in_features, block_rows, block_cols)
+            and checked.current(row_ptr, col_indices, values)):
+        return checked
+    _check_layout(row_ptr, col_indices, values, block_rows, block_cols, out_features, in_features)
+    # Copies first, contents checked second: what is checked is exactly what the kernel reads.
+    rp, ci = row_ptr.clone(), col_indices.clone()
+    check_array_contents(rp, ci, values, out_features, in_features, block_rows, block_cols)
+    checked = Validated((rp, ci), values, (rp.data_ptr(), rp.numel(), ci.data_ptr(), ci.numel(), index_bits(ci),
+                                           values.data_ptr(), values.numel()))
+    return checked.remember(row_ptr, col_indices, values, (out_features, in_features, block_rows, block_cols))
 
 
 def _check_layout(row_ptr, col_indices, values, block_rows, block_cols, out_features, in_features):
@@ -225,6 +260,11 @@ def check_bitmask_arrays(masks: Tensor, row_offsets: Tensor, values: Tensor, out
     equal to the running popcount, float32 values plus their padding. Like
     :func:`check_weight_arrays`, the kernel reads private, validated copies of masks
     and row offsets, remembered per array objects and versions."""
+    checked = _validated.get(id(values))
+    if (checked is not None and checked.sizes == (out_features, in_features, 0, 0)
+            and checked.current(masks, row_offsets, values)):
+        return checked
+
     def validate() -> Validated:
         for name, t, dtype in (("masks", masks, torch.int16), ("row_offsets", row_offsets, torch.int64),
                                ("values", values, torch.float32)):
@@ -252,7 +292,7 @@ def check_bitmask_arrays(masks: Tensor, row_offsets: Tensor, values: Tensor, out
                          (private_masks.data_ptr(), private_masks.numel(), private_offsets.data_ptr(),
                           private_offsets.numel(), values.data_ptr(), values.numel()))
 
-    return _remembered(masks, row_offsets, values, ("bitmask", out_features, in_features), validate)
+    return validate().remember(masks, row_offsets, values, (out_features, in_features, 0, 0))
 
 
 def check_rowgroup_arrays(seg_ptr: Tensor, columns: Tensor, values: Tensor, out_features: int,
@@ -308,10 +348,10 @@ def linear_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
     checked = check_weight_arrays(row_ptr, col_indices, values, out_features, in_features, block_rows,
                                   block_cols)  # (kept alive while the kernel runs)
     x32 = x if x.dtype == torch.float32 else x.float()
-    if x32.dim() == 2 and x32.stride(-1) == 1:
-        x2 = x32  # rows may be strided (a slice): the kernel takes a row stride
-    elif x32.is_contiguous():
+    if x32.is_contiguous():  # (first: the common case, and one cheap query)
         x2 = None  # read in place as tokens x in_features
+    elif x32.dim() == 2 and x32.stride(-1) == 1:
+        x2 = x32  # rows may be strided (a slice): the kernel takes a row stride
     else:
         x2 = x32.reshape(-1, in_features)
         if x2.stride(-1) != 1:
