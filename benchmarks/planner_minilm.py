@@ -17,6 +17,7 @@ import os
 import time
 
 from sparsert import models
+from sparsert.models.catalogue import RECOVERY_SENTENCES, recovery_recipe
 from sparsert.bench import benchmark
 from sparsert.planner import sparsify_planned, time_tables
 from sparsert.planner.workflow import (calibration_batches, prune_to_speedup, quality, recover_pruned,
@@ -28,7 +29,7 @@ ap.add_argument("threads", type=int)
 ap.add_argument("targets")
 ap.add_argument("--importance", default="wanda", choices=["wanda", "sparsegpt"])
 ap.add_argument("--recover-minutes", type=float, default=0.0)
-ap.add_argument("--recover-lr", type=float, default=1e-4)
+ap.add_argument("--recover-lr", type=float, default=None, help="default: the workload's recovery recipe")
 ap.add_argument("--calib-batches", type=int, default=8)
 ap.add_argument("--calib-split", default=None, help="default: train for sparsegpt, calibration for wanda")
 ap.add_argument("--sensitivity-method", default="wanda", choices=["wanda", "sparsegpt"])
@@ -38,14 +39,17 @@ args = ap.parse_args()
 targets = [float(t) for t in args.targets.split(",")]
 split = args.calib_split or ("train" if args.importance == "sparsegpt" else "calibration")
 print(f"importance {args.importance}, calibration {args.calib_batches}x32 {split}-split sentences, recovery "
-      f"{args.recover_minutes:g} min (lr {args.recover_lr:g}), sensitivity {args.sensitivity_method}, "
+      f"{args.recover_minutes:g} min (lr {args.recover_lr or 'recipe'}), sensitivity {args.sensitivity_method}, "
       f"{args.threads} thread(s); load {os.getloadavg()}", flush=True)
 
 wl = models.build("minilm")
 dense = copy.deepcopy(wl.model.eval())
 x = wl.example_inputs((1, 128))
 ref_emb = reference_embeddings(wl, dense)
-train = wl.train_batches() if args.recover_minutes else None
+train = wl.train_batches(RECOVERY_SENTENCES) if args.recover_minutes else None
+recipe = recovery_recipe(wl)  # the same recovery as the planned path's, for the uniform models
+if args.recover_lr is not None:
+    recipe["lr"] = args.recover_lr
 res, sens = {}, None
 t_all = time.perf_counter()
 
@@ -88,7 +92,7 @@ for tgt in targets:
     print(f"uniform one-shot ({prune_s:.0f} s): {q_one}", flush=True)
     rec = None
     if args.recover_minutes:
-        rr = recover_pruned(m, dense, train, args.recover_minutes, lr=args.recover_lr)
+        rr = recover_pruned(m, dense, train, args.recover_minutes, **recipe)
         rec = {"step": rr.step, "steps": rr.steps, "seconds": rr.elapsed}
     m.eval()
     # each layer packed in the format its option was timed with (the tables come from the cache)

@@ -48,7 +48,8 @@ if [ $# -eq 0 ]; then
   # bindings, hostile inputs and threading; not the tests marked python_only
   # (they drive no C++, so ASan has nothing to check in them).
   set -- tests/test_native_epilogues.py tests/test_native_hostile.py tests/test_hostile.py \
-    tests/test_linear.py tests/test_bitmask.py tests/test_conv.py tests/test_threading.py -q -x \
+    tests/test_linear.py tests/test_bitmask.py tests/test_rowgroup.py tests/test_int8.py tests/test_conv.py \
+    tests/test_threading.py -q -x \
     -m "not python_only"
 fi
 cd "$TREE"

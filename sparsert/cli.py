@@ -775,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--target-speedup: as many as fit --recover-minutes, from a timed probe)")
     s.add_argument("--recover-prune-frac", type=_fraction, default=None,
                    help="share of the recovery steps over which the sparsity ramps up (default 0.5)")
-    s.add_argument("--recover-lr", type=_positive_float, default=None, help="recovery peak learning rate (default 5e-4 after one-shot pruning, 1e-4 for gradual pruning)")
+    s.add_argument("--recover-lr", type=_positive_float, default=None, help="recovery peak learning rate (default 1e-3 after one-shot pruning, 1e-4 for gradual pruning)")
     s.add_argument("--checkpoint", metavar="DIR", default=None,
                    help="recovery checkpoint folder: written as the run goes; the same command again continues "
                         "where the last one stopped")
