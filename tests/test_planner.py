@@ -301,6 +301,27 @@ def test_sparsegpt_planned_path_prunes_each_layer_to_its_own_sparsity_and_patter
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_recovery_recipe_options_reach_recover(cache):
+    # the encoder recipe passes train="pruned" and dropout=False through recover_pruned to recover
+    from sparsert.models.catalogue import recovery_recipe
+    from sparsert.planner.workflow import recover_pruned
+
+    layout = {"0": ("unstructured", 0.75), "2": ("4x1", 0.5), "4": ("2:4", 0.5), "6": (None, 0.0)}
+    model, x, pruner, plan = _planned_sparsegpt(cache, layout)
+    dense = _wider_mlp()
+    pruner.step()
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in layout}
+    encoder = type("Workload", (), {"family": "hf", "extra": {}})()
+    recipe = recovery_recipe(encoder)
+    assert recipe["train"] == "pruned" and recipe["dropout"] is False and recipe["lr"] == 1e-3
+    recipe.pop("embedding_weight")  # an MLP has no token embeddings to pool
+    batches = [torch.randn(16, 32) for _ in range(4)]
+    result = recover_pruned(model, dense, batches, 1.0, steps=5, log=lambda line: None, **recipe)
+    assert result.done
+    assert torch.equal(model.get_submodule("6").weight, before["6"])  # not pruned: not trained
+    assert all(not torch.equal(model.get_submodule(n).weight, before[n]) for n in ("0", "2", "4"))
+
+
 def test_recovery_after_planned_pruning_keeps_every_mask_and_pattern(cache):
     from sparsert.planner.workflow import recover_pruned
     from sparsert.prune import parse_pattern

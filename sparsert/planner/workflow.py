@@ -71,10 +71,10 @@ def _time_steps(student, teacher, batches, lr: float, probe_steps: int = 3, **re
     return probe.elapsed / max(1, probe.step)
 
 
-def recover_pruned(model, dense, train: Sequence, minutes: float, *, steps: Optional[int] = None, lr: float = 1e-4,
+def recover_pruned(model, dense, data: Sequence, minutes: float, *, steps: Optional[int] = None, lr: float = 1e-4,
                    checkpoint: "str | Path | None" = None, progress: bool = False,
                    log: Callable[[str], None] = print, **recipe):
-    """Distils ``dense`` into the pruned ``model`` (in place) on ``train`` for at most ``minutes``,
+    """Distils ``dense`` into the pruned ``model`` (in place) on ``data`` for at most ``minutes``,
     with :func:`sparsert.prune.recover` and no pruner: the masks, hence every layer's sparsity
     and pattern, stay exactly as they are. ``steps`` (default: as many as a timed 3-step probe
     on a copy says fit the budget, the probe's time included) sets the LR schedule's length.
@@ -85,12 +85,12 @@ def recover_pruned(model, dense, train: Sequence, minutes: float, *, steps: Opti
     budget = minutes * 60.0
     if steps is None:
         t_probe = time.perf_counter()
-        step_s = _time_steps(model, dense, train, lr, **recipe)
+        step_s = _time_steps(model, dense, data, lr, **recipe)
         budget = max(0.0, budget - (time.perf_counter() - t_probe))  # the probe is part of the budget
         steps = recovery_steps_for(budget, step_s)
         log(f"recovery: one distillation step takes {step_s:.2f} s here: {steps} steps in the "
             f"{budget:.0f} s left of {minutes:g} min")
-    result = recover(model, dense, train, steps=steps, pruner=None, lr=lr, checkpoint=checkpoint,
+    result = recover(model, dense, data, steps=steps, pruner=None, lr=lr, checkpoint=checkpoint,
                      time_budget=budget, progress=progress, **recipe)
     log(f"recovery: {result.step}/{result.steps} steps in {result.elapsed:.0f} s"
         + (f", distillation loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}" if result.losses else "")
