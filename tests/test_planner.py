@@ -213,9 +213,16 @@ def test_pruner_rejects_bad_arguments_before_timing(cache):
 
 
 def test_pruner_unreachable_target_says_the_best(cache):
-    with pytest.raises(ValueError, match=r"not reachable: the best reachable speedup for this model is \d+\.\d\dx"):
+    from sparsert.planner.plan import TargetUnreachable
+
+    with pytest.raises(ValueError, match=r"not reachable: the best reachable speedup for this model is \d+\.\d\dx") as err:
         sparsert.Pruner(_mlp(), target_speedup=1e6, example_inputs=torch.randn(4, 32), threads=1,
                         timing=TINY_TIMING)
+    # the demo plans for 95% of err.best instead: it must be the number the message says, and reachable
+    assert isinstance(err.value, TargetUnreachable) and err.value.target == 1e6
+    assert f"{err.value.best:.2f}x" in str(err.value) and 1.0 < err.value.best < 1e6
+    sparsert.Pruner(_mlp(), target_speedup=0.95 * err.value.best, example_inputs=torch.randn(4, 32), threads=1,
+                    timing=TINY_TIMING)
 
 
 def test_tiny_model_end_to_end(cache, tmp_path):

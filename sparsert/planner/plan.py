@@ -12,7 +12,7 @@ from ..prune.allocation import SensitivityTable
 from .solver import Option, solve
 from .tables import TimeTables
 
-__all__ = ["LayerPlan", "Plan", "build_plan", "check_target", "check_reachable", "best_speedup"]
+__all__ = ["LayerPlan", "Plan", "build_plan", "check_target", "check_reachable", "best_speedup", "TargetUnreachable"]
 
 
 def check_target(target) -> float:
@@ -150,6 +150,14 @@ def best_speedup(tables: TimeTables, options: Optional[list] = None) -> float:
     return tables.model_seconds / (tables.remainder + fastest)
 
 
+class TargetUnreachable(ValueError):
+    """A target speedup above what this model can reach here; ``best`` is the best reachable one."""
+
+    def __init__(self, message: str, target: float, best: float):
+        super().__init__(message)
+        self.target, self.best = target, best
+
+
 def check_reachable(tables: TimeTables, target: float, best: Optional[float] = None) -> None:
     """ValueError, saying the best reachable speedup, for a target <= 1 or beyond it."""
     target = check_target(target)
@@ -159,10 +167,10 @@ def check_reachable(tables: TimeTables, target: float, best: Optional[float] = N
         raise ValueError(f"target_speedup must be greater than 1, got {target:g} (this model can reach up to "
                          f"{best:.2f}x vs {base} here)")
     if target > best * (1 - 1e-9):
-        raise ValueError(f"target_speedup {target:g}x is not reachable: the best reachable speedup for this model "
-                         f"is {best:.2f}x vs {base} on this machine ({tables.threads} threads; the rest of the "
-                         f"model takes {tables.remainder * 1e3:.2f} of {tables.model_seconds * 1e3:.2f} ms and no "
-                         f"pruning changes it)")
+        raise TargetUnreachable(f"target_speedup {target:g}x is not reachable: the best reachable speedup for this "
+                                f"model is {best:.2f}x vs {base} on this machine ({tables.threads} threads; the rest "
+                                f"of the model takes {tables.remainder * 1e3:.2f} of {tables.model_seconds * 1e3:.2f} "
+                                f"ms and no pruning changes it)", target, best)
 
 
 def _loss(table: Optional[SensitivityTable], name: str, sparsity: float) -> Optional[float]:
