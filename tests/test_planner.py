@@ -178,6 +178,29 @@ def test_tables_hold_every_pattern_and_sparsity_with_a_format(cache):
     assert tab.model_seconds > 0 and tab.remainder >= 0
 
 
+def test_remainder_is_timed_directly_and_the_layers_add_up_to_the_model(cache):
+    model, x = _mlp(), torch.randn(4, 32)
+    tab = T.time_tables(model, ["0", "2"], x, threads=1, patterns=("unstructured",), sparsities=(0.5,),
+                        **TINY_TIMING)
+    lo, hi = T._SCALE_BOUNDS
+    assert lo <= tab.layer_scale <= hi
+    if lo < tab.layer_scale < hi:  # not clamped: scaled layers + measured remainder = measured model
+        assert tab.remainder + tab.layer_seconds == pytest.approx(tab.model_seconds, rel=1e-9)
+    # the second run reads the same numbers back (model and remainder are both cached)
+    again = T.time_tables(model, ["0", "2"], x, threads=1, patterns=("unstructured",), sparsities=(0.5,),
+                          **TINY_TIMING)
+    assert again.cache_misses == 0 and again.model_seconds == tab.model_seconds
+    assert again.remainder == pytest.approx(tab.remainder) and again.layer_scale == tab.layer_scale
+
+
+def test_stub_layer_keeps_the_output_shape():
+    stub = T._ZerosLike(torch.Size([4, 7]), torch.float32, linear_out=7)
+    out = stub(torch.randn(2, 3, 5))
+    assert out.shape == (2, 3, 7) and out.dtype == torch.float32 and not out.any()
+    conv = T._ZerosLike(torch.Size([1, 8, 3, 3]), torch.float64, linear_out=None)
+    assert conv(torch.randn(1, 2, 5, 5)).shape == (1, 8, 3, 3) and conv(torch.randn(1)).dtype == torch.float64
+
+
 def test_random_pattern_weight_follows_the_pattern():
     from sparsert.prune import parse_pattern
 
