@@ -14,6 +14,8 @@ from sparsert.formats.bitmask import GROUP, VALUE_PADDING, Bitmask
 from sparsert.ops import epilogue
 from sparsert.ops.backends.cpu import bitmask_kernels, linear_bitmask_cpu
 
+from kernel_util import assert_close, expected, random_weight
+
 KERNELS = [k["name"] for k in bitmask_kernels()]
 RUNNABLE = [k["name"] for k in bitmask_kernels() if k["supported"]]
 
@@ -24,24 +26,6 @@ def linear_bitmask(x, fmt, bias=None, activation=None, *, kernel="", num_threads
     return linear_bitmask_cpu(x, masks, offsets, values, fmt.shape[0], bias, epilogue.code_of(activation),
                               num_threads, kernel)
 
-
-def random_weight(rows, cols, density, gen):
-    keep = torch.rand(rows, cols, generator=gen) < density
-    return torch.randn(rows, cols, generator=gen) * keep
-
-
-def expected(x, w, bias, activation):
-    y = x.double() @ w.double().T
-    if bias is not None:
-        y = y + bias.double()
-    return torch.relu(y) if activation == "relu" else y
-
-
-def assert_close(y, ref, what):
-    # float32 sums of up to a few hundred products: the error grows with the row's magnitude.
-    scale = ref.abs().max().item() if ref.numel() else 0.0
-    err = (y.double() - ref).abs().max().item() if ref.numel() else 0.0
-    assert err <= 1e-5 * max(scale, 1.0) * 10, f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
 # -- the format ---------------------------------------------------------------

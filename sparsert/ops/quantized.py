@@ -18,8 +18,7 @@ from ..formats._common import decode_indices, index_bits
 from ..formats.base import dense_from_blocks
 from ..formats.q8bsr import BLOCK_COLS, MAX_COLS, QMAX
 from . import epilogue
-from ._threads import get_num_threads
-from .backends.cpu import Validated, _remembered, _version, eager_cpu_call, float32_bias, token_rows_call
+from .backends.cpu import Validated, _remembered, _version, eager_cpu_call, run_token_rows_kernel
 from .schema import _activation, _int, _tensor
 
 __all__ = ["linear_q8bsr", "linear_q8bsr_torch", "linear_q8_arrays", "quantize_tokens", "check_q8_arrays",
@@ -148,15 +147,9 @@ def linear_q8bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, qblocks: T
 
     if x.dim() == 0:
         raise ValueError(f"{_OP}: x must have at least 1 dimension(s), got shape ()")
-    in_features = x.shape[-1]
-    checked = check_q8_arrays(row_ptr, col_indices, qblocks, scales, out_features, in_features)
-    x2, tokens, y, bias = token_rows_call(x, bias, out_features)
-    native().spmm_int8(out_features, in_features, *checked.native, x2.data_ptr(), tokens,
-                       x2.stride(0) if tokens else in_features, y.data_ptr(), out_features,
-                       float32_bias(bias, out_features), epilogue.kernel_code(activation),
-                       num_threads if num_threads > 0 else get_num_threads(), kernel)
-    y = epilogue.finish(y, activation)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    checked = check_q8_arrays(row_ptr, col_indices, qblocks, scales, out_features, x.shape[-1])
+    return run_token_rows_kernel(native().spmm_int8, checked.native, x, bias, out_features, activation,
+                                 num_threads, kernel)
 
 
 @linear_q8bsr.register_kernel("cpu")

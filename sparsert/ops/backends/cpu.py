@@ -387,32 +387,34 @@ def token_rows_call(x: Tensor, bias: Optional[Tensor], out_features: int) -> tup
     return x2, x2.shape[0], y, bias
 
 
+def run_token_rows_kernel(native_fn, arrays: tuple, x: Tensor, bias: Optional[Tensor], out_features: int,
+                          activation: int, num_threads: int, kernel: str) -> Tensor:
+    """Calls a native kernel of the token-rows signature (out, in, *validated arrays, x, tokens,
+    x row stride, y, y row stride, bias, epilogue, threads, forced kernel) and finishes the
+    epilogue: the one body of the bitmask, row-group and int8 ops."""
+    in_features = x.shape[-1]
+    x2, tokens, y, bias = token_rows_call(x, bias, out_features)
+    native_fn(out_features, in_features, *arrays, x2.data_ptr(), tokens, x2.stride(0) if tokens else in_features,
+              y.data_ptr(), out_features, float32_bias(bias, out_features), epilogue.kernel_code(activation),
+              num_threads if num_threads > 0 else get_num_threads(), kernel)
+    y = epilogue.finish(y, activation)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 def linear_bitmask_cpu(x: Tensor, masks: Tensor, row_offsets: Tensor, values: Tensor, out_features: int,
                        bias: Optional[Tensor], activation: int, num_threads: int, kernel: str = "") -> Tensor:
     """The native CPU path of ``linear_bitmask``; ``kernel`` forces a bitmask registry kernel."""
-    in_features = x.shape[-1]
-    checked = check_bitmask_arrays(masks, row_offsets, values, out_features, in_features)
-    x2, tokens, y, bias = token_rows_call(x, bias, out_features)
-    _native().spmm_bitmask(out_features, in_features, *checked.native, x2.data_ptr(), tokens,
-                          x2.stride(0) if tokens else in_features, y.data_ptr(), out_features,
-                          float32_bias(bias, out_features), epilogue.kernel_code(activation),
-                          num_threads if num_threads > 0 else get_num_threads(), kernel)
-    y = epilogue.finish(y, activation)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    checked = check_bitmask_arrays(masks, row_offsets, values, out_features, x.shape[-1])
+    return run_token_rows_kernel(_native().spmm_bitmask, checked.native, x, bias, out_features, activation,
+                                 num_threads, kernel)
 
 
 def linear_rowgroup_cpu(x: Tensor, seg_ptr: Tensor, columns: Tensor, values: Tensor, out_features: int,
                         bias: Optional[Tensor], activation: int, num_threads: int, kernel: str = "") -> Tensor:
     """The native CPU path of ``linear_rowgroup``; ``kernel`` forces a row-group registry kernel."""
-    in_features = x.shape[-1]
-    checked = check_rowgroup_arrays(seg_ptr, columns, values, out_features, in_features)
-    x2, tokens, y, bias = token_rows_call(x, bias, out_features)
-    _native().spmm_rowgroup(out_features, in_features, *checked.native, x2.data_ptr(), tokens,
-                            x2.stride(0) if tokens else in_features, y.data_ptr(), out_features,
-                            float32_bias(bias, out_features), epilogue.kernel_code(activation),
-                            num_threads if num_threads > 0 else get_num_threads(), kernel)
-    y = epilogue.finish(y, activation)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    checked = check_rowgroup_arrays(seg_ptr, columns, values, out_features, x.shape[-1])
+    return run_token_rows_kernel(_native().spmm_rowgroup, checked.native, x, bias, out_features, activation,
+                                 num_threads, kernel)
 
 
 def conv2d_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_channels: int,
