@@ -89,13 +89,19 @@ def _default_input(module: nn.Module) -> Optional[Tensor]:
     return None  # a conv's spatial size cannot be guessed
 
 
+def _dense_decision(name: str, module: nn.Module, x: Optional[Tensor], reason: str = "") -> LayerDecision:
+    """The one place a layer's record starts: shape, density and bytes, left dense until a
+    timed candidate wins."""
+    w2d = module.weight.detach().reshape(module.weight.shape[0], -1)
+    density = float((w2d != 0).sum()) / max(w2d.numel(), 1)
+    nbytes = w2d.numel() * w2d.element_size()
+    return LayerDecision(name, type(module).__name__.replace("NonDynamicallyQuantizable", ""), tuple(w2d.shape),
+                         None if x is None else tuple(x.shape), density, {}, "dense", None, reason, nbytes, nbytes)
+
+
 def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, strict: bool,
             min_time: float, rounds: int, input_note: str, precision: str = "fp32") -> tuple:
     """Times ``kinds`` for one layer; returns (decision, new module or None)."""
-    w = module.weight.detach()
-    w2d = w.reshape(w.shape[0], -1)
-    density = float((w2d != 0).sum()) / max(w2d.numel(), 1)
-    dense_bytes = w2d.numel() * w2d.element_size()
     built: dict = {}
     for kind in kinds:
         if kind == "dense":
@@ -106,9 +112,8 @@ def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, stri
         except (ValueError, TypeError) as err:
             if strict:  # a named format: the user asked for exactly this one
                 raise ValueError(f"layer {name!r}: cannot pack its weight as {kind!r}: {err}") from err
-    decision = LayerDecision(name, type(module).__name__.replace("NonDynamicallyQuantizable", ""),
-                             tuple(w2d.shape), None if x is None else tuple(x.shape), density,
-                             {k: None for k in built}, "dense", None, "", dense_bytes, dense_bytes)
+    decision = _dense_decision(name, module, x)
+    decision.candidates = {k: None for k in built}
     if x is None:
         return decision, built
     with torch.no_grad():
@@ -279,12 +284,7 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
         w = module.weight.detach()
         kinds = candidate_formats(w.reshape(w.shape[0], -1), linear=isinstance(module, nn.Linear))
     if forced is None and x is None:
-        w = module.weight.detach()
-        w2d = w.reshape(w.shape[0], -1)
-        dens = float((w2d != 0).sum()) / max(w2d.numel(), 1)
-        nbytes = w2d.numel() * w2d.element_size()
-        plan.append(LayerDecision(name, type(module).__name__, tuple(w2d.shape), None, dens, {}, "dense",
-                                  None, note, nbytes, nbytes))
+        plan.append(_dense_decision(name, module, None, note))
         return
     decision, built = _decide(name, module, x if (forced is None or example_inputs is not None) else None,
                               kinds, forced is not None, min_time, rounds, note, "int8" if int8 else "fp32")
@@ -300,15 +300,12 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
 def _nearly_dense(model, name, module, plan, precision, undo) -> bool:
     """Under ``"auto"``, a layer above :data:`MAX_SPARSE_DENSITY` stays dense untimed (a Linear on
     the best dense path); returns whether it did."""
-    w2d = module.weight.detach().reshape(module.weight.shape[0], -1)
-    density = float((w2d != 0).sum()) / max(w2d.numel(), 1)
-    if density <= MAX_SPARSE_DENSITY:
+    decision = _dense_decision(name, module, None)
+    if decision.density <= MAX_SPARSE_DENSITY:
         return False
-    nbytes = w2d.numel() * w2d.element_size()
-    plan.append(LayerDecision(name, type(module).__name__.replace("NonDynamicallyQuantizable", ""),
-                              tuple(w2d.shape), None, density, {}, "dense", None,
-                              f"nearly dense ({density:.0%} nonzero): a sparse format cannot beat dense above "
-                              f"{MAX_SPARSE_DENSITY:.0%}", nbytes, nbytes))
+    decision.reason = (f"nearly dense ({decision.density:.0%} nonzero): a sparse format cannot beat dense above "
+                       f"{MAX_SPARSE_DENSITY:.0%}")
+    plan.append(decision)
     if isinstance(module, nn.Linear):  # left dense = the best dense path, as for a timed layer
         swap(model, name, _fresh_dense(module, "int8" if precision == "int8" else "fp32"), undo)
     return True
