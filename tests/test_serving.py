@@ -243,6 +243,19 @@ def test_model_workers_run_niced_below_the_http_process(servers):
     assert tree and all(n == root for n in tree), (root, tree)  # --worker-nice 0
 
 
+def test_worker_answers_are_the_bytes_fastapi_would_send():
+    from fastapi.responses import JSONResponse
+
+    from sparsert.serving.litserve_app import encode_answer
+
+    answer = {"object": "list", "data": [{"embedding": [0.1, -2.5e-08, 1 / 3], "index": 0}], "model": "näive ✓",
+              "usage": {"prompt_tokens": 3}}
+    assert encode_answer(answer) == JSONResponse(answer).body
+    assert encode_answer({"error": {"status": 422, "message": "x"}}).startswith(b'{"error":')  # what the edge checks
+    with pytest.raises(ValueError):
+        encode_answer({"x": float("nan")})
+
+
 def test_health_and_info(servers):
     status, body = servers["bert"].get("/health")
     assert (status, body) == (200, b"ok")
