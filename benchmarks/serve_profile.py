@@ -126,7 +126,13 @@ def layer_table(engines, front, sentences, batch: int, rounds: int) -> list:
     prepared = [front.parse("embeddings", {"input": s}) for s in sentences[:batch]]
     inputs: dict = {}
     modules = {name: dict(e.model.named_modules()) for name, e in engines.items()}
-    handles = [m.register_forward_hook(lambda mod, a, out, n=n: inputs.setdefault(n, a[0].detach().clone()))
+
+    def keep(name):
+        def hook(mod, args, out):  # (returns None: a hook's return value would replace the output)
+            inputs.setdefault(name, args[0].detach().clone())
+        return hook
+
+    handles = [m.register_forward_hook(keep(n))
                for n, m in modules["pruned"].items() if n.startswith("encoder.") and hasattr(m, "in_features")]
     engines["pruned"].run(prepared)
     for h in handles:
