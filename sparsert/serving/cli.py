@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .engine import DENSE_PATHS, MINILM_TOKENIZER, SMOLLM2_TOKENIZER, TOKENIZER_SUFFIX
-from .threads import RULE, usable_cores
+from .threads import DEFAULT_WORKER_NICE, RULE, usable_cores
 
 __all__ = ["add_serve_parser", "cmd_serve"]
 
@@ -68,8 +68,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--dense-path", choices=DENSE_PATHS, default="best",
                    help="plain dense Linear layers run on sparsert's best dense path (prepacked oneDNN, "
                         "default) or torch eager")
-    s.add_argument("--worker-nice", type=int, choices=range(0, 20), default=5, metavar="0..19",
-                   help="lower the model workers' CPU priority by this much (default 5), so the HTTP process "
+    s.add_argument("--worker-nice", type=int, choices=range(0, 20), default=DEFAULT_WORKER_NICE, metavar="0..19",
+                   help=f"lower the model workers' CPU priority by this much (default {DEFAULT_WORKER_NICE}), so the HTTP process "
                         "answers overload (503) and relays answers without waiting behind a running batch; "
                         "0 keeps them equal (LitServe only)")
     s.add_argument("--name", default=None, help="model name in answers and metrics (default: FILE's stem)")

@@ -32,12 +32,11 @@ from pathlib import Path
 from .engine import Engine, EngineSpec
 from .http import ServingMiddleware
 from .metrics import Metrics
-from .threads import ThreadPlan, plan_threads
+from .threads import DEFAULT_WORKER_NICE, ThreadPlan, plan_threads
 
 __all__ = ["build_server", "serve", "INNER_PATH", "DEFAULT_WORKER_NICE"]
 
 INNER_PATH = "/_sparsert/run"  # where the workers listen; only the middleware may call it
-DEFAULT_WORKER_NICE = 5  # the workers' priority below the HTTP process's (os.nice increment)
 
 
 try:
