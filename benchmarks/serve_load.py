@@ -1,21 +1,27 @@
 """Load test: dense vs pruned all-MiniLM-L6-v2 behind the same `sparsert serve`, with locust.
 
-Builds (once, into --workdir) the dense MiniLM and a wanda-pruned, sparsified one as sparsert
-files, serves each with `sparsert serve` on a free loopback port (127.0.0.1 only; one server at
-a time) and drives it with locust headless (closed loop, short sentences, POST /v1/embeddings)
-at each concurrency, alternating dense and pruned rounds. Reports the pruned model's embedding
+Builds (once, into --workdir) the dense MiniLM and a pruned, sparsified one as sparsert files
+(default: SparseGPT one-shot, 70% unstructured, which keeps quality; `format="auto"` times each
+layer on --example-batch of the test's short sentences with one worker's threads: the server's
+shape), serves each with `sparsert serve` on a free loopback port (127.0.0.1 only; one server at a
+time) and drives it with locust headless (closed loop, short sentences, POST /v1/embeddings) at each
+concurrency, alternating dense and pruned rounds. Reports the pruned model's embedding
 cosine to the dense one on held-out sentences (what the speed costs), requests/s, p50/p95/p99
 latency (ms) and failures; `--overload N` times the 503s of N simultaneous requests;
 `--ray --replicas N` serves through Ray Serve (N replicas, one thread each) instead of LitServe;
-`--models pruned` runs one model only. The soak (every answer checked, RSS, overload latency)
+`--models pruned` runs one server only (default: dense on the best dense path, the same dense file on
+torch eager, and pruned; the ratio is against the faster dense server). The soak (every answer checked, RSS, overload latency)
 is benchmarks/serve_soak.py.
 
-    python benchmarks/serve_load.py [--seconds 20] [--concurrency 1 8 32] [--sparsity 0.8] [--reconstruct]
-                                    [--pattern unstructured] [--rounds 1] [--ray [--replicas 2]]
-                                    [--models dense pruned] [--json out.json]
+    python benchmarks/serve_load.py [--seconds 20] [--concurrency 1 8 32] [--sparsity 0.7] [--reconstruct]
+                                    [--importance sparsegpt] [--pattern unstructured] [--example-batch 8]
+                                    [--rounds 1] [--ray [--replicas 2]] [--overload N]
+                                    [--models dense eager pruned] [--json out.json]
 
-Every run is bounded by --seconds (locust -t) and loopback only. Numbers from a shared or busy
-machine are not comparable with an idle one's.
+Every run is bounded by --seconds (locust -t) and loopback only. Both servers run the same
+`sparsert serve` (dense layers on sparsert's best dense path, workers niced below the HTTP process).
+Numbers from a shared or busy machine are not comparable with an idle one's; on one, only the
+pruned/dense ratio of interleaved rounds (--rounds 3 or more) means something.
 """
 
 from __future__ import annotations
@@ -37,16 +43,22 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # sparsert from this checkout; 
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # for servers
 
 
-def build_files(workdir: Path, sparsity: float, pattern: str, fmt: str, refit: bool) -> tuple[Path, Path, dict]:
+def build_files(workdir: Path, sparsity: float, pattern: str, fmt: str, refit: bool,
+                importance: str = "sparsegpt", example_batch: int = 8, threads: int = 1) -> tuple[Path, Path, dict]:
     """The dense and the pruned MiniLM files, and the quality the pruning cost (embedding cosine to the
-    dense model on held-out sentences, disjoint from the calibration ones)."""
+    dense model on held-out sentences, disjoint from the calibration ones).
+
+    ``format="auto"`` times each layer's formats on what the server runs: ``example_batch`` of the
+    load test's short sentences padded to the longest (e.g. 8 x 19 tokens), not long calibration text,
+    with one server worker's ``threads``."""
     import torch
 
     import sparsert
     from sparsert.models import minilm
     from sparsert.prune import Pruner, reconstruct
 
-    tag = f"{pattern.replace(':', 'of')}-{sparsity:g}{'-refit' if refit else ''}-{fmt.replace(':', 'of')}"
+    tag = (f"{importance}-{pattern.replace(':', 'of')}-{sparsity:g}{'-refit' if refit else ''}"
+           f"-{fmt.replace(':', 'of')}-b{example_batch}-t{threads}")
     dense_file, pruned_file = workdir / "minilm-dense.sparsert", workdir / f"minilm-{tag}.sparsert"
     quality_file = pruned_file.with_suffix(".quality.json")
     if dense_file.exists() and pruned_file.exists() and quality_file.exists():
@@ -55,21 +67,52 @@ def build_files(workdir: Path, sparsity: float, pattern: str, fmt: str, refit: b
     sparsert.save(model, dense_file)
     pruned = copy.deepcopy(model)
     calib = minilm.tokenize(tok, minilm.calibration_sentences(128), batch_size=32)
-    p = Pruner(pruned, importance="wanda", pattern=pattern, sparsity=sparsity, include=["encoder"])
+    names = minilm.encoder_linear_names(model)
+    # SparseGPT prunes one layer at a time with its update of the kept weights (the quality-keeping
+    # one-shot method); wanda scores |w| x |x| and keeps the rest unchanged.
+    extra = {"scope": "layer"} if importance == "sparsegpt" else {}
+    p = Pruner(pruned, importance=importance, pattern=pattern, sparsity=sparsity, include=names, **extra)
     p.calibrate(calib)
     p.step()
     if refit:
-        reconstruct(pruned, model, calib, include=minilm.encoder_linear_names(model))
-    example = dict(minilm.tokenize(tok, minilm.heldout_sentences(8), batch_size=8)[0])
+        reconstruct(pruned, model, calib, include=names)
+    served = short_sentences(workdir / "sentences.txt").read_text(encoding="utf-8").splitlines()[:example_batch]
+    example = dict(minilm.tokenize(tok, served, batch_size=example_batch)[0])
     with torch.no_grad():
-        sparse = sparsert.sparsify(pruned, format=fmt, example_inputs=example)
+        sparse = sparsert.sparsify(pruned, format=fmt, example_inputs=example, threads=threads)
     sparsert.save(sparse, pruned_file)
     held = minilm.heldout_sentences(200)
     cos = (minilm.embed(sparse, tok, held) * minilm.embed(model, tok, held)).sum(-1)
     quality = {"cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(), "heldout": len(held),
-               "importance": "wanda" + ("+reconstruct" if refit else ""), "pattern": pattern, "sparsity": sparsity}
+               "importance": importance + ("+reconstruct" if refit else ""), "pattern": pattern,
+               "sparsity": sparsity, "timed_shape": list(example["input_ids"].shape), "timed_threads": threads}
     quality_file.write_text(json.dumps(quality))
     return dense_file, pruned_file, quality
+
+
+def build_files_for(args) -> tuple[Path, Path, dict]:
+    """:func:`build_files` with this script's parsed arguments."""
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return build_files(workdir, args.sparsity, args.pattern, args.format, args.reconstruct, args.importance,
+                       args.example_batch, worker_threads(args))
+
+
+def worker_threads(args) -> int:
+    """The threads of one model worker (one Ray replica) under ``args``' server arguments."""
+    from sparsert.serving import plan_threads
+
+    if args.ray:
+        return 1
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--workers", type=int)
+    server.add_argument("--threads-per-worker", type=int)
+    known, _ = server.parse_known_args(args.server_args.split())
+    return plan_threads(known.workers, known.threads_per_worker).threads_per_worker
+
+
+# the servers a run can load-test: name -> extra `sparsert serve` arguments
+MODELS = {"dense": [], "eager": ["--dense-path", "eager"], "pruned": []}
 
 
 def short_sentences(path: Path) -> Path:
@@ -115,12 +158,15 @@ def overload_probe(server, requests: int, sentences: Path) -> dict:
             "refusal_ms_max": refused[-1] if refused else None}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sparsert-serve-load"))
     ap.add_argument("--seconds", type=int, default=20, help="length of each locust run")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--sparsity", type=float, default=0.7)
+    ap.add_argument("--importance", default="sparsegpt", help="pruning criterion (default sparsegpt; wanda, ...)")
+    ap.add_argument("--example-batch", type=int, default=8,
+                    help="format='auto' times layers on this many short sentences in one batch (default 8)")
     ap.add_argument("--pattern", default="unstructured", help="unstructured, 4x1, 2:4, ...")
     ap.add_argument("--reconstruct", action="store_true", help="refit the kept weights after pruning (quality)")
     ap.add_argument("--format", default="auto", help="sparsify format: auto (timed per layer) or csr, bsr4x1, ...")
@@ -133,17 +179,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="dense/pruned rounds (medians are reported)")
     ap.add_argument("--ray", action="store_true", help="serve through Ray Serve instead of LitServe")
     ap.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas, one thread each (default 2)")
-    ap.add_argument("--models", nargs="+", choices=["dense", "pruned"], default=["dense", "pruned"],
-                    help="which models to load-test (default both)")
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                    help="which servers to load-test (default all): dense = the dense file on sparsert's best "
+                         "dense path, eager = the same file with --dense-path eager (torch's F.linear, faster "
+                         "than the prepacked path at some small shapes), pruned = the pruned file")
     ap.add_argument("--overload", type=int, default=0, metavar="N",
                     help="also fire N requests at once at the pruned model behind --max-queue 4 and time the 503s")
     ap.add_argument("--json", help="also write the results here")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     from serving_util import Server
 
     workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    dense_file, pruned_file, quality = build_files(workdir, args.sparsity, args.pattern, args.format, args.reconstruct)
+    dense_file, pruned_file, quality = build_files_for(args)
     print(f"pruned model: {quality['importance']} {quality['pattern']} {quality['sparsity']:g}; embedding cosine to "
           f"dense on {quality['heldout']} held-out sentences: mean {quality['cosine_mean']:.3f}, "
           f"min {quality['cosine_min']:.3f}", flush=True)
@@ -151,13 +202,13 @@ def main() -> None:
     extra = args.server_args.split() + ["--tokenizer", "minilm"]
     if args.ray:  # (--workers does not apply to Ray: each replica is one Ray actor with its threads)
         extra += ["--ray", "--replicas", str(args.replicas), "--threads-per-worker", "1"]
-    files = {m: f for m, f in (("dense", dense_file), ("pruned", pruned_file)) if m in args.models}
+    files = {m: (dense_file if m in ("dense", "eager") else pruned_file, MODELS[m]) for m in args.models}
     rows = []
     # One server at a time: an idle LitServe worker still polls its queue, which would tax the other.
     # Rounds alternate dense and pruned, so slow drifts of a shared machine hit both alike.
     for rnd in range(args.rounds):
-        for name, path in files.items():
-            server = Server(path, *extra, "--name", name)
+        for name, (path, model_args) in files.items():
+            server = Server(path, *extra, *model_args, "--name", name)
             try:
                 server.wait_ready(600)
                 for users in args.concurrency:
@@ -179,12 +230,15 @@ def main() -> None:
             server.stop()
     import statistics
 
-    for users in args.concurrency if len(files) == 2 else []:
+    dense_runs = [m for m in ("dense", "eager") if m in files]
+    for users in args.concurrency if "pruned" in files and dense_runs else []:
         med = {m: {k: statistics.median(r[k] for r in rows if r["model"] == m and r["concurrency"] == users)
                    for k in ("rps", "p99_ms")} for m in files}
-        print(f"c={users}: pruned/dense requests/s = {med['pruned']['rps'] / med['dense']['rps']:.2f}x "
-              f"(medians of {args.rounds} round(s); p99 dense {med['dense']['p99_ms']:.0f} ms, "
-              f"pruned {med['pruned']['p99_ms']:.0f} ms)")
+        best = max(dense_runs, key=lambda m: med[m]["rps"])  # the target is against the faster dense server
+        print(f"c={users}: pruned/dense requests/s = {med['pruned']['rps'] / med[best]['rps']:.2f}x against the "
+              f"faster dense server ({best}; medians of {args.rounds} round(s); p99 {best} "
+              f"{med[best]['p99_ms']:.0f} ms, pruned {med['pruned']['p99_ms']:.0f} ms)"
+              + "".join(f"; vs {m} {med['pruned']['rps'] / med[m]['rps']:.2f}x" for m in dense_runs if m != best))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "overload": overload, "quality": quality, "args": vars(args)}, indent=2))
 

@@ -213,7 +213,7 @@ def main() -> int:
     import psutil
 
     import sparsert
-    from serve_load import build_files, short_sentences
+    from serve_load import build_files_for, parser, short_sentences
     from serving_util import Server
     from sparsert.models import minilm
     from sparsert.serving import load_tokenizer
@@ -221,7 +221,9 @@ def main() -> int:
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    model_file = Path(args.file) if args.file else build_files(workdir, 0.8, "unstructured", "auto", False)[1]
+    # (the default: serve_load.py's default pruned model, timed for this server's worker threads)
+    model_file = Path(args.file) if args.file else \
+        build_files_for(parser().parse_args(["--workdir", str(workdir), "--server-args", args.server_args]))[1]
     texts = short_sentences(workdir / "sentences.txt").read_text(encoding="utf-8").splitlines()
     tok = load_tokenizer(_resolve_tokenizer(args.tokenizer, model_file))
     refs = minilm.embed(sparsert.load(model_file), tok, texts).tolist()  # the offline model's answers

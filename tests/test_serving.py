@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import sys
 import threading
 import time
 
@@ -49,11 +50,13 @@ MLP_INPUT = {"inputs": {"x": {"shape": [1, 64], "dtype": "float32", "data": [0.0
 
 @pytest.fixture(scope="module")
 def servers(files):
+    # the BERT's workers run at the HTTP process's priority and on the best dense path (the default);
+    # the MLP's are niced by the default and run its dense layers on torch eager
     bert = Server(files["bert"], "--workers", "1", "--threads-per-worker", "1", "--max-batch-size", "4",
-                  "--batch-timeout-ms", "5", "--max-body-bytes", "4096", "--max-tokens", "16")
+                  "--batch-timeout-ms", "5", "--max-body-bytes", "4096", "--max-tokens", "16", "--worker-nice", "0")
     # the MLP waits up to 1.5 s to fill a batch of 64: requests stay queued, so a queue of 2 overflows on cue
     mlp = Server(files["mlp"], "--workers", "2", "--threads-per-worker", "1", "--max-batch-size", "64",
-                 "--batch-timeout-ms", "1500", "--max-queue", "2")
+                 "--batch-timeout-ms", "1500", "--max-queue", "2", "--dense-path", "eager")
     try:
         bert.wait_ready()
         mlp.wait_ready()
@@ -105,6 +108,27 @@ def test_engine_predict_matches_module(files):
         want = model(x)
     assert out["shape"] == [3, 10]
     assert (torch.tensor(out["data"]).reshape(3, 10) - want).abs().max().item() <= 1e-5
+
+
+def test_engine_runs_plain_linears_on_the_best_dense_path():
+    from sparsert.nn import DenseLinear
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 5)).eval()
+    best, eager = Engine(module), Engine(module, dense_path="eager")
+    assert [type(m) for m in best.model if not isinstance(m, torch.nn.ReLU)] == [DenseLinear, DenseLinear]
+    assert [type(m) for m in eager.model if not isinstance(m, torch.nn.ReLU)] == [torch.nn.Linear] * 2
+    assert all(type(m) is not DenseLinear for m in module)  # the caller's module is left as it was
+    x = torch.randn(7, 24)
+    tensor = {"shape": [7, 24], "dtype": "float32", "data": x.reshape(-1).tolist()}
+    body = {"inputs": {best.spec.inputs[0].name: tensor}}
+    with torch.no_grad():
+        want = module(x)
+    for engine in (best, eager):
+        out = engine.handle("predict", body)["outputs"]["output"]
+        assert (torch.tensor(out["data"]).reshape(7, 5) - want).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="dense_path"):
+        Engine(module, dense_path="fast")
 
 
 def test_engine_refuses_a_corrupt_file_with_the_loaders_error(files, tmp_path):
@@ -170,6 +194,66 @@ def test_serve_refuses_oversubscribed_threads(files):
     r = subprocess.run([sys.executable, "-m", "sparsert", "serve", str(files["mlp"]), "--workers", str(n + 1),
                         "--threads-per-worker", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "oversubscribe" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--worker-nice", "20"], "--worker-nice"), (["--worker-nice", "-1"], "--worker-nice"),
+    (["--dense-path", "fast"], "--dense-path"),
+])
+def test_serve_refuses_bad_worker_options(files, args, message):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "sparsert", "serve", str(files["mlp"]), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "invalid choice" in r.stderr
+
+
+def _process_tree_nice(root_pid: int) -> tuple[int, list[int]]:
+    """The nice value of ``root_pid`` and those of all its descendants (Linux /proc)."""
+    import os
+
+    parent, nice = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parent[int(entry)], nice[int(entry)] = int(fields[1]), int(fields[16])
+    seen, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == pid]
+        seen += kids
+        todo += kids
+    return nice[root_pid], [nice[p] for p in seen]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process priorities from /proc")
+def test_model_workers_run_niced_below_the_http_process(servers):
+    root, tree = _process_tree_nice(servers["mlp"].proc.pid)
+    if root > 14:
+        pytest.skip(f"the tests run at nice {root}: no room below it to check")
+    assert sorted(tree).count(min(root + 5, 19)) == 2, (root, tree)  # its 2 workers, at the default --worker-nice 5
+    assert all(n in (root, min(root + 5, 19)) for n in tree), (root, tree)
+    root, tree = _process_tree_nice(servers["bert"].proc.pid)
+    assert tree and all(n == root for n in tree), (root, tree)  # --worker-nice 0
+
+
+def test_worker_answers_are_the_bytes_fastapi_would_send():
+    from fastapi.responses import JSONResponse
+
+    from sparsert.serving.litserve_app import encode_answer
+
+    answer = {"object": "list", "data": [{"embedding": [0.1, -2.5e-08, 1 / 3], "index": 0}], "model": "näive ✓",
+              "usage": {"prompt_tokens": 3}}
+    assert encode_answer(answer) == JSONResponse(answer).body
+    assert encode_answer({"error": {"status": 422, "message": "x"}}).startswith(b'{"error":')  # what the edge checks
+    with pytest.raises(ValueError):
+        encode_answer({"x": float("nan")})
 
 
 def test_health_and_info(servers):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .engine import MINILM_TOKENIZER, SMOLLM2_TOKENIZER, TOKENIZER_SUFFIX
-from .threads import RULE, usable_cores
+from .engine import DENSE_PATHS, MINILM_TOKENIZER, SMOLLM2_TOKENIZER, TOKENIZER_SUFFIX
+from .threads import DEFAULT_WORKER_NICE, RULE, usable_cores
 
 __all__ = ["add_serve_parser", "cmd_serve"]
 
@@ -65,6 +65,13 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help=f"tokenizer directory for /v1/embeddings and /v1/completions, {MINILM_TOKENIZER!r} for "
                         f"all-MiniLM-L6-v2's or {SMOLLM2_TOKENIZER!r} for SmolLM2-135M's "
                         f"(default: FILE{TOKENIZER_SUFFIX}/ beside FILE if it exists)")
+    s.add_argument("--dense-path", choices=DENSE_PATHS, default="best",
+                   help="plain dense Linear layers run on sparsert's best dense path (prepacked oneDNN, "
+                        "default) or torch eager")
+    s.add_argument("--worker-nice", type=int, choices=range(0, 20), default=DEFAULT_WORKER_NICE, metavar="0..19",
+                   help=f"lower the model workers' CPU priority by this much (default {DEFAULT_WORKER_NICE}), so the HTTP process "
+                        "answers overload (503) and relays answers without waiting behind a running batch; "
+                        "0 keeps them equal (LitServe only)")
     s.add_argument("--name", default=None, help="model name in answers and metrics (default: FILE's stem)")
     s.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of LitServe")
     s.add_argument("--replicas", type=_positive, default=1, help="Ray Serve replicas (with --ray; default 1)")
@@ -75,7 +82,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
 def cmd_serve(args) -> int:
     common = dict(tokenizer=args.tokenizer, max_tokens=args.max_tokens, name=args.name,
                   max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
-                  max_queue=args.max_queue, max_completion_tokens=args.max_completion_tokens)
+                  max_queue=args.max_queue, max_completion_tokens=args.max_completion_tokens,
+                  dense_path=args.dense_path)
     if args.ray:
         from .ray_serve import run_ray
 
@@ -85,5 +93,5 @@ def cmd_serve(args) -> int:
     from .litserve_app import serve
 
     serve(args.file, host=args.host, port=args.port, workers=args.workers, threads_per_worker=args.threads_per_worker,
-          max_body_bytes=args.max_body_bytes, **common)
+          max_body_bytes=args.max_body_bytes, worker_nice=args.worker_nice, **common)
     return 0

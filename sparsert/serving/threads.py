@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["ThreadPlan", "plan_threads", "usable_cores", "RULE"]
+__all__ = ["ThreadPlan", "plan_threads", "usable_cores", "RULE", "DEFAULT_WORKER_NICE"]
+
+DEFAULT_WORKER_NICE = 5  # the model workers' priority below the HTTP process's (an os.nice increment)
 
 RULE = ("workers x threads-per-worker must not exceed the usable cores (C); by default one worker uses all C "
         "cores, and given one of the two the other is C divided by it; each worker is pinned to its own "
