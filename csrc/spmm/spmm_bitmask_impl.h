@@ -196,8 +196,8 @@ static void spmv_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
 // (the masks are read as bytes: no shifts or masking), popcnt, the pointer
 // add, vpmovsxbd of the 8-byte permute row (table[m] sits at m * 8, a scaled
 // index: no shift; 2 KB), vpermps with the values as its memory operand, one
-// vblendvps on the index's sign that zeroes the clear
-// lanes (their index is -128) and the FMA; the earlier version's 32-byte
+// vblendvps on the index's sign that zeroes the clear lanes (their index is
+// -128) and the FMA; the earlier version's 32-byte
 // table (a shift per lookup), 16-bit mask split (shift, mask, two movzx) and
 // compiler-lowered blend (vpcmpgtd + vandnps) took ~10.5. The prefetch of
 // each row's values (4 streams plus the masks: more than the L2 prefetcher
@@ -205,7 +205,7 @@ static void spmv_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
 // group for all RT rows. The pointer chains of the RT rows are independent
 // (an add per 8 weights each), so they overlap; the lo and hi halves of a
 // group go into the same accumulator (RT chains of 2 FMAs per group). Sums
-// are folded once per RT rows (a hadd tree), bias and activation vectorised.
+// are folded once per RT rows (one hadd tree).
 struct ExpandTableI8 {
   alignas(64) int8_t idx[256][8];
   ExpandTableI8() {
@@ -243,8 +243,8 @@ static inline float sum8(__m256 a) {
 // apart from m0 (m0 = the first row's masks + 2g: one pointer, not RT: RT
 // value pointers already hold most of the 16 registers); x16 = x + 16g.
 template <int RT, int PF = 0>
-static inline void spmv_avx2_group(const int8_t (*table)[8], const uint8_t* m0, int64_t stride, const float** p,
-                               __m256* acc, const float* x16) {
+static inline void spmv_avx2_group(const int8_t (*table)[8], const uint8_t* m0, int64_t stride,
+                                   const float** p, __m256* acc, const float* x16) {
   const __m256 xlo = _mm256_loadu_ps(x16), xhi = _mm256_loadu_ps(x16 + 8);
   for (int r = 0; r < RT; ++r) {
     if constexpr (PF > 0) __builtin_prefetch(p[r] + PF);
@@ -265,7 +265,7 @@ static inline __m128 fold4_rows(const __m256* a) {
 // Rows [r0, r1) for one token; x holds group_count() * 16 floats (zero padded).
 template <int RT, int PF>
 static void spmv_avx2_rows(const BitmaskMatrix& w, const float* x, float* y, int64_t r0, int64_t r1,
-                       const float* bias, bool relu) {
+                           const float* bias, bool relu) {
   static_assert(RT == 4, "fold4_rows sums 4 rows");
   const int64_t groups = w.group_count();
   const int64_t stride = groups * 2;  // mask bytes per row
