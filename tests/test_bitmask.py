@@ -124,6 +124,62 @@ def test_kernel_matches_torch(kernel, rows, cols, density, tokens):
                                                     f"bias={b is not None} act={act} threads={threads}")
 
 
+SPMV = [k["name"] for k in bitmask_kernels() if k["supported"] and k["kind"] == "spmv"]
+
+
+@pytest.mark.parametrize("kernel", SPMV)
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 8, 9, 13])
+@pytest.mark.parametrize("cols", [1, 8, 15, 16, 17, 40, 129])
+def test_spmv_row_tails_and_thread_splits(kernel, rows, cols):
+    """The decode kernels run rows in blocks of 4 plus a tail, over each thread's own row range,
+    walking 8-column halves of the masks: every row count mod 4, columns around 8 and 16, densities
+    from empty to dense (a full mask byte reads 8 values), and 1-3 threads (ranges that start
+    mid-block)."""
+    gen = torch.Generator().manual_seed(rows * 100 + cols)
+    for density in (0.0, 0.3, 0.5, 0.7, 1.0):
+        w = random_weight(rows, cols, density, gen)
+        if rows > 2:
+            w[1] = torch.randn(cols, generator=gen)  # one dense row among sparse ones
+        fmt = Bitmask.from_dense(w)
+        bias = torch.randn(rows, generator=gen)
+        for tokens in (1, 2):
+            x = torch.randn(tokens, cols, generator=gen)
+            for threads in (1, 2, 3):
+                for b, act in ((None, None), (bias, "relu")):
+                    y = linear_bitmask(x, fmt, b, act, kernel=kernel, num_threads=threads)
+                    assert_close(y, expected(x, w, b, act), f"{kernel} {rows}x{cols} d={density} T={tokens} "
+                                                            f"threads={threads} bias={b is not None} act={act}")
+
+
+@pytest.mark.parametrize("kernel", SPMV)
+def test_spmv_decode_shapes_against_float64(kernel):
+    """The benchmark's decode shapes (768->3072, 3072->768) at 50% and 70%, 2 threads: long rows
+    whose value pointers run through many groups."""
+    gen = torch.Generator().manual_seed(13)
+    for rows, cols in ((3072, 768), (768, 3072)):
+        for density in (0.5, 0.3):
+            w = random_weight(rows, cols, density, gen)
+            fmt = Bitmask.from_dense(w)
+            x = torch.randn(1, cols, generator=gen)
+            y = linear_bitmask(x, fmt, kernel=kernel, num_threads=2)
+            assert_close(y, expected(x, w, None, None), f"{kernel} {rows}x{cols} d={density}")
+
+
+def test_spmv_check_can_fail():
+    """The decode check above catches a wrong weight: a value changed after packing."""
+    gen = torch.Generator().manual_seed(5)
+    w = random_weight(9, 40, 0.5, gen)
+    fmt = Bitmask.from_dense(w)
+    masks, offsets, values, _, _ = fmt.kernel_arrays()
+    values = values.clone()
+    values[int(offsets[4])] += 1.0  # row 4's first stored weight
+    x = torch.randn(1, 40, generator=gen)
+    for kernel in SPMV:
+        y = linear_bitmask_cpu(x, masks, offsets, values, 9, None, 0, 1, kernel)
+        with pytest.raises(AssertionError):
+            assert_close(y, expected(x, w, None, None), kernel)
+
+
 @pytest.mark.parametrize("kernel", RUNNABLE)
 def test_kernel_reads_strided_x_and_leading_dims(kernel):
     gen = torch.Generator().manual_seed(7)

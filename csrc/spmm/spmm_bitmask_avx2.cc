@@ -10,7 +10,7 @@ namespace sparsert {
 namespace avx2 {
 
 void register_bitmask_kernels(std::vector<BitmaskKernelInfo>& out) {
-  //                  RT NVMAX    spmv: 4 rows per x load (8 ymm accumulators);
+  //                  RT NVMAX    spmv: spmv_avx2_kernel (4 rows per x load; RT is unused here);
   add_bitmask_kernels<4, 8>(out);  // spmm: panels of up to 64 tokens
 }
 

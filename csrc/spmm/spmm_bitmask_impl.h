@@ -8,13 +8,14 @@
 //         values are expanded into a 16-lane weight vector in registers (zero
 //         where the mask bit is clear) and multiplied with 16 contiguous x:
 //         AVX-512 does it with one vexpandps load (exactly popcount floats
-//         read), AVX2 with a permute from a 256-entry index table and a
-//         blend that zeroes the clear lanes. Four rows share each x load.
+//         read), AVX2 (spmv_avx2_kernel) with a permute from a 256-entry
+//         index table and a blend that zeroes the clear lanes: 7
+//         instructions per 8 weights. Four rows share each x load.
 //         The FMAs include the zeros (dense work): the format pays where the
 //         layer is bound by the bytes it reads (at 50%: 2.125 instead of 4
-//         per weight). With AVX-512 that is the case; AVX2's expansion costs
-//         ~11 instructions per 8 weights, which only DRAM-bound layers hide
-//         (benchmarks/RESULTS.md).
+//         per weight); on AVX2 the 7 instructions per 8 weights against
+//         dense's one FMA leave it at about the speed of a dense GEMV that
+//         streams from L3 (benchmarks/RESULTS.md).
 //   spmm  Many tokens. x is packed into token panels xp[k][P] (P tokens per
 //         column k), and each stored value is broadcast and multiplied with
 //         the panel row of its column: only the nonzeros cost FMAs. Columns
@@ -111,50 +112,6 @@ static inline float w16_sum(const W16& a) {
   q = _mm_add_ss(q, _mm_movehdup_ps(q));
   return _mm_cvtss_f32(q);
 }
-struct ExpandContext {};
-#elif defined(SPARSERT_BITMASK_AVX2)
-struct W16 { __m256 lo, hi; };
-static inline W16 w16_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
-static inline W16 w16_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-// For each 8-bit mask: lane j takes packed value number rank(j) (the set bits
-// below j); clear lanes hold INT32_MIN, whose sign bit the blend turns into
-// a zero and whose low bits (0) keep the permute in range.
-struct ExpandTable {
-  alignas(32) int32_t idx[256][8];
-  ExpandTable() {
-    for (int m = 0; m < 256; ++m) {
-      int rank = 0;
-      for (int j = 0; j < 8; ++j) idx[m][j] = (m >> j & 1) ? rank++ : INT32_MIN;
-    }
-  }
-};
-static const ExpandTable& expand_table() {
-  static const ExpandTable table;
-  return table;
-}
-struct ExpandContext {
-  const ExpandTable& table = expand_table();
-};
-static inline __m256 expand8(const ExpandTable& t, unsigned m8, const float* p) {
-  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.idx[m8]));
-  const __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx);
-  return _mm256_blendv_ps(w, _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
-}
-static inline int fma_expanded(const ExpandContext& c, W16& acc, unsigned mask, const float* p,
-                               const W16& x) {
-  const unsigned lo = mask & 0xFF, hi = mask >> 8;
-  const int nlo = __builtin_popcount(lo);
-  acc.lo = _mm256_fmadd_ps(expand8(c.table, lo, p), x.lo, acc.lo);
-  acc.hi = _mm256_fmadd_ps(expand8(c.table, hi, p + nlo), x.hi, acc.hi);
-  return nlo + __builtin_popcount(hi);
-}
-static inline float w16_sum(const W16& a) {
-  const __m256 s = _mm256_add_ps(a.lo, a.hi);
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_add_ss(q, _mm_movehdup_ps(q));
-  return _mm_cvtss_f32(q);
-}
 #else
 // Portable: 16 floats as a vector the compiler lowers to what the target has.
 typedef float v16 __attribute__((vector_size(64)));
@@ -174,14 +131,10 @@ static inline float w16_sum(const W16& a) {
   for (int j = 0; j < 16; ++j) s += a.v[j];
   return s;
 }
-struct ExpandContext {};
 #endif
 
-#if defined(SPARSERT_BITMASK_AVX2)
-#define SPARSERT_FMA_EXPANDED(acc, mask, p, x) fma_expanded(ctx, acc, mask, p, x)
-#else
+// (AVX2 has its own spmv below: spmv_avx2_kernel.)
 #define SPARSERT_FMA_EXPANDED(acc, mask, p, x) fma_expanded(acc, mask, p, x)
-#endif
 
 // Rows [r0, r1) for one token; x holds group_count() * 16 floats (zero padded).
 // RT rows at a time share every x load.
@@ -189,7 +142,6 @@ template <int RT>
 static void spmv_rows(const BitmaskMatrix& w, const float* x, float* y, int64_t r0, int64_t r1,
                       const float* bias, bool relu) {
   const int64_t groups = w.group_count();
-  [[maybe_unused]] const ExpandContext ctx;
   int64_t n = r0;
   for (; n + RT <= r1; n += RT) {
     const uint16_t* masks[RT];
@@ -235,6 +187,135 @@ static void spmv_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
     }
   });
 }
+
+#if defined(SPARSERT_BITMASK_AVX2)
+// ---------------------------------------------------------------------------
+// spmv on AVX2: RT rows at a time with one accumulator each
+// ---------------------------------------------------------------------------
+// Per 8 weights of a row it issues 7 instructions: a byte load of the mask
+// (the masks are read as bytes: no shifts or masking), popcnt, the pointer
+// add, vpmovsxbd of the 8-byte permute row (table[m] sits at m * 8, a scaled
+// index: no shift; 2 KB), vpermps with the values as its memory operand, one
+// vblendvps on the index's sign that zeroes the clear lanes (their index is
+// -128) and the FMA; the earlier version's 32-byte
+// table (a shift per lookup), 16-bit mask split (shift, mask, two movzx) and
+// compiler-lowered blend (vpcmpgtd + vandnps) took ~10.5. The prefetch of
+// each row's values (4 streams plus the masks: more than the L2 prefetcher
+// keeps ahead of) gained ~10%. The x vectors are loaded once per
+// group for all RT rows. The pointer chains of the RT rows are independent
+// (an add per 8 weights each), so they overlap; the lo and hi halves of a
+// group go into the same accumulator (RT chains of 2 FMAs per group). Sums
+// are folded once per RT rows (one hadd tree).
+struct ExpandTableI8 {
+  alignas(64) int8_t idx[256][8];
+  ExpandTableI8() {
+    for (int m = 0; m < 256; ++m) {
+      int rank = 0;
+      for (int j = 0; j < 8; ++j) idx[m][j] = static_cast<int8_t>((m >> j & 1) ? rank++ : -128);
+    }
+  }
+};
+static const ExpandTableI8& expand_table_i8() {
+  static const ExpandTableI8 table;
+  return table;
+}
+static inline __m256 expand8_i8(const int8_t (*table)[8], unsigned m8, const float* p) {
+  const __m256i idx = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(table[m8])));
+  const __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx);
+#if defined(__GNUC__)
+  // One vblendvps (1 uop on Zen 3) that takes idx's sign bit as the lane
+  // mask; GCC's own lowering of the blend to zero is vpcmpgtd + vandnps (2).
+  __m256 out;
+  __asm__("vblendvps %3, %2, %1, %0" : "=x"(out) : "x"(w), "x"(_mm256_setzero_ps()), "x"(idx));
+  return out;
+#else
+  return _mm256_blendv_ps(w, _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
+#endif
+}
+static inline float sum8(__m256 a) {
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+
+// acc[r] += group g of row r, for RT rows whose masks are `stride` bytes
+// apart from m0 (m0 = the first row's masks + 2g: one pointer, not RT: RT
+// value pointers already hold most of the 16 registers); x16 = x + 16g.
+template <int RT, int PF = 0>
+static inline void spmv_avx2_group(const int8_t (*table)[8], const uint8_t* m0, int64_t stride,
+                                   const float** p, __m256* acc, const float* x16) {
+  const __m256 xlo = _mm256_loadu_ps(x16), xhi = _mm256_loadu_ps(x16 + 8);
+  for (int r = 0; r < RT; ++r) {
+    if constexpr (PF > 0) __builtin_prefetch(p[r] + PF);
+    const unsigned lo = m0[r * stride], hi = m0[r * stride + 1];
+    acc[r] = _mm256_fmadd_ps(expand8_i8(table, lo, p[r]), xlo, acc[r]);
+    p[r] += __builtin_popcount(lo);
+    acc[r] = _mm256_fmadd_ps(expand8_i8(table, hi, p[r]), xhi, acc[r]);
+    p[r] += __builtin_popcount(hi);
+  }
+}
+
+// The 4 row sums of acc[0..4) in lanes 0-3 (two hadd levels and one add).
+static inline __m128 fold4_rows(const __m256* a) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// Rows [r0, r1) for one token; x holds group_count() * 16 floats (zero padded).
+template <int RT, int PF>
+static void spmv_avx2_rows(const BitmaskMatrix& w, const float* x, float* y, int64_t r0, int64_t r1,
+                           const float* bias, bool relu) {
+  static_assert(RT == 4, "fold4_rows sums 4 rows");
+  const int64_t groups = w.group_count();
+  const int64_t stride = groups * 2;  // mask bytes per row
+  const int8_t (*table)[8] = expand_table_i8().idx;
+  // The masks as bytes: byte 2g holds columns 16g..16g+7 (little-endian).
+  const auto* mask_bytes = reinterpret_cast<const uint8_t*>(w.masks);
+  int64_t n = r0;
+  for (; n + RT <= r1; n += RT) {
+    const float* p[RT];
+    __m256 acc[RT];
+    for (int r = 0; r < RT; ++r) {
+      p[r] = w.values + w.row_offsets[n + r];
+      acc[r] = _mm256_setzero_ps();
+    }
+    const uint8_t* m0 = mask_bytes + n * stride;
+    for (int64_t g = 0; g < groups; ++g)
+      spmv_avx2_group<RT, PF>(table, m0 + 2 * g, stride, p, acc, x + g * kBitmaskGroup);
+    float out[4];
+    _mm_storeu_ps(out, fold4_rows(acc));
+    for (int r = 0; r < RT; ++r) y[n + r] = activate(out[r] + (bias ? bias[n + r] : 0.0f), relu);
+  }
+  for (; n < r1; ++n) {  // the last < RT rows, one at a time
+    const float* p[1] = {w.values + w.row_offsets[n]};
+    __m256 acc[1] = {_mm256_setzero_ps()};
+    const uint8_t* m0 = mask_bytes + n * stride;
+    for (int64_t g = 0; g < groups; ++g)
+      spmv_avx2_group<1>(table, m0 + 2 * g, stride, p, acc, x + g * kBitmaskGroup);
+    y[n] = activate(sum8(acc[0]) + (bias ? bias[n] : 0.0f), relu);
+  }
+}
+
+// RT rows per x load; PF: how many floats ahead each row's values are prefetched.
+template <int RT, int PF>
+static void spmv_avx2_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
+  const int threads = std::max(1, a.num_threads);
+  const int64_t padded = w.group_count() * kBitmaskGroup;
+  const bool relu = a.epilogue == Epilogue::kRelu;
+  std::vector<int64_t> bounds;
+  balanced_rows(w, threads, bounds);
+  parallel_run(threads, [&](int tid, int) {
+    static thread_local Scratch xpad_scratch;
+    float* xpad = xpad_scratch.get(static_cast<size_t>(padded));
+    for (int64_t t = 0; t < a.tokens; ++t) {
+      std::memcpy(xpad, a.x + t * a.x_row_stride, sizeof(float) * w.cols);
+      std::memset(xpad + w.cols, 0, sizeof(float) * (padded - w.cols));
+      spmv_avx2_rows<RT, PF>(w, xpad, a.y + t * a.y_row_stride, bounds[tid], bounds[tid + 1], a.bias, relu);
+    }
+  });
+}
+#endif  // SPARSERT_BITMASK_AVX2
 
 // ---------------------------------------------------------------------------
 // spmm: token panels, one broadcast FMA per stored value and vector of tokens
@@ -466,7 +547,12 @@ namespace SPARSERT_ISA {
 template <int RT, int NVMAX>
 void add_bitmask_kernels(std::vector<BitmaskKernelInfo>& out) {
   const std::string isa = SPARSERT_BITMASK_STR(SPARSERT_ISA);
+#if defined(SPARSERT_BITMASK_AVX2)
+  // AVX2: 4 rows per x load, values prefetched 64 floats (256 B) ahead per row.
+  out.push_back({"f32_spmv_bitmask16_" + isa, isa, "spmv", 1, kBitmaskGroup, &bitmask::spmv_avx2_kernel<4, 64>});
+#else
   out.push_back({"f32_spmv_bitmask16_" + isa, isa, "spmv", 1, kBitmaskGroup, &bitmask::spmv_kernel<RT>});
+#endif
   out.push_back({"f32_spmm_bitmask16_" + isa, isa, "spmm", 1, kBitmaskGroup, &bitmask::spmm_kernel<NVMAX>});
 }
 
