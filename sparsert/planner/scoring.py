@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
 
@@ -53,6 +54,7 @@ class Candidate:
     mse: Optional[float] = None           # summed squared output error / summed squared dense output
     metric: str = "cosine"
     chosen: bool = False
+    seconds: float = 0.0                  # what pruning and scoring this candidate cost
 
     @property
     def error(self) -> Optional[float]:
@@ -61,7 +63,8 @@ class Candidate:
 
     def as_dict(self) -> dict:
         return {"label": self.label, "predicted_speedup": self.plan.predicted_speedup, "loss": self.plan.loss,
-                "cosine_error": self.cosine_error, "mse": self.mse, "metric": self.metric, "chosen": self.chosen}
+                "cosine_error": self.cosine_error, "mse": self.mse, "metric": self.metric, "chosen": self.chosen,
+                "seconds": self.seconds}
 
 
 def _signature(plan: Plan) -> tuple:
@@ -173,11 +176,12 @@ def score_candidates(model: nn.Module, candidates: Sequence, prune: Callable[[nn
         bar = tqdm(total=len(candidates), desc="score candidate plans end to end", leave=False)
     try:
         for label, plan in candidates:
+            t0 = time.perf_counter()
             trial = copy.deepcopy(model)
             prune(trial, plan)
             cos_err, mse = output_error(trial, ref, batches)
             del trial
-            scored.append(Candidate(label, plan, cos_err, mse, metric))
+            scored.append(Candidate(label, plan, cos_err, mse, metric, seconds=time.perf_counter() - t0))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"{label}: 1-cos {cos_err:.4f}")
@@ -205,5 +209,6 @@ def candidates_table(candidates: Sequence[Candidate]) -> list:
     lines += _format_table(head, rows)
     if chosen is not None:
         lines.append(f"chosen: {chosen.label} (least end-to-end error among {len(candidates)} candidates that "
-                     f"reach the target)")
+                     f"reach the target; scoring took {sum(c.seconds for c in candidates):.0f} s, "
+                     f"score_candidates=0 skips it)")
     return lines
