@@ -119,11 +119,12 @@ def _token_weights(batch: Any, out: torch.Tensor) -> Optional[torch.Tensor]:
 
 @torch.no_grad()
 def reference_outputs(model: nn.Module, batches: Sequence) -> list:
-    """The model's outputs (:func:`sparsert.prune._data.output_tensor`) on ``batches``, in float64."""
+    """The model's outputs (:func:`sparsert.prune._data.output_tensor`) on ``batches``, in float32
+    (a causal LM's logits are large: float64 copies would double what is held)."""
     was = model.training
     model.eval()
     try:
-        return [output_tensor(run(model, b)[0]).detach().double() for b in batches]
+        return [output_tensor(run(model, b)[0]).detach().float() for b in batches]
     finally:
         model.train(was)
 
@@ -138,18 +139,19 @@ def output_error(model: nn.Module, reference: Sequence[torch.Tensor], batches: S
     try:
         cos_sum = cos_n = num = den = 0.0
         for b, ref in zip(batches, reference):
-            out = output_tensor(run(model, b)[0]).double()
+            out = output_tensor(run(model, b)[0]).float()
             if out.shape != ref.shape:
                 raise ValueError(f"output shape {tuple(out.shape)} differs from the reference's {tuple(ref.shape)}")
             w = _token_weights(b, ref)
-            a, r = out.reshape(-1, out.shape[-1]) if out.dim() else out.reshape(1, 1), \
-                ref.reshape(-1, ref.shape[-1]) if ref.dim() else ref.reshape(1, 1)
+            width = out.shape[-1] if out.dim() else 1
+            a, r = out.reshape(-1, width), ref.float().reshape(-1, width)
             wt = torch.ones(a.shape[0], dtype=torch.float64) if w is None else w.reshape(-1)
-            cos = torch.nn.functional.cosine_similarity(a, r, dim=-1, eps=1e-12)
+            # per-vector terms in float32, sums over vectors in float64
+            cos = torch.nn.functional.cosine_similarity(a, r, dim=-1, eps=1e-12).double()
             cos_sum += float((cos * wt).sum())
             cos_n += float(wt.sum())
-            num += float((((a - r) ** 2).sum(-1) * wt).sum())
-            den += float(((r ** 2).sum(-1) * wt).sum())
+            num += float((((a - r) ** 2).sum(-1).double() * wt).sum())
+            den += float(((r * r).sum(-1).double() * wt).sum())
     finally:
         model.train(was)
     return (1.0 - cos_sum / cos_n if cos_n > 0 else math.nan), (num / den if den > 0 else math.nan)
