@@ -172,6 +172,10 @@ def _pruner(n, **kw):
     x = torch.randn(4, 32)
     p = sparsert.Pruner(_mlp(), "wanda", target_speedup=1.05, example_inputs=x, threads=1, sparsities=(0.5, 0.9),
                         timing=TINY_TIMING, **kw)
+    # fixed times instead of this machine's (the candidates must not depend on the load): every pattern pays
+    opts = {"unstructured": {0.5: (2.0, "csr"), 0.9: (0.8, "csr")}, "4x1": {0.5: (2.2, "bsr4x1"), 0.9: (0.9, "bsr4x1")},
+            "2:4": {0.5: (2.4, "nm2:4")}}
+    p.tables = _tables(names=("0", "2", "4"), total=12.0, opts=opts)  # remainder 3 s, layers 3 x 3 s
     torch.manual_seed(n)
     p.calibrate([torch.randn(8, 32) for _ in range(4)])
     return p
@@ -188,7 +192,9 @@ def test_pruner_chooses_the_scored_candidate_and_off_is_the_solver_plan(cache):
     on = _pruner(0, score_candidates=5, sensitivity=off.sensitivity_tables)
     plan = on.plan
     cands = plan.candidates
-    assert 2 <= len(cands) <= 5, [c.label for c in cands]
+    # plan, uniform unstructured@0.5, uniform 4x1@0.5, uniform 2:4, then a single-pattern plan (limit 5)
+    assert len(cands) == 5, [c.label for c in cands]
+    assert [c.label for c in cands[1:4]] == ["uniform 2:4@0.5", "uniform 4x1@0.5", "uniform unstructured@0.5"]
     assert cands[0].label == "plan"
     assert [(l.pattern, l.sparsity) for l in cands[0].plan.layers] == [(l.pattern, l.sparsity) for l in solver.layers]
     chosen = [c for c in cands if c.chosen]
