@@ -9,11 +9,17 @@ same predicted speed, both sides pruned with the same criterion and given the sa
 Each plan runs the same code as ``sparsert prune --target-speedup`` and the demo
 (:func:`sparsert.planner.workflow.prune_to_speedup`); the sensitivity tables are measured once and reused.
 With ``--recover-minutes`` the one-shot quality is printed before recovery, so one run gives both rows.
+``--score-candidates 0`` gives the solver's plan unscored (before end-to-end scoring); ``--eval-candidates``
+prunes every scored candidate and prints its eval-split quality next to its calibration output error
+(the solver's plan and the uniform plans that reach the same target are among them):
+
+    python benchmarks/planner_minilm.py 2 1.5,2 --importance sparsegpt --eval-candidates --uniform --json F
 """
 import argparse
 import copy
 import json
 import os
+import re
 import time
 
 from sparsert import models
@@ -34,13 +40,18 @@ ap.add_argument("--calib-batches", type=int, default=8)
 ap.add_argument("--calib-split", default=None, help="default: train for sparsegpt, calibration for wanda")
 ap.add_argument("--sensitivity-method", default="wanda", choices=["wanda", "sparsegpt"])
 ap.add_argument("--uniform", action="store_true", help="also uniform sparsity, one pattern, nearest each plan")
+ap.add_argument("--score-candidates", type=int, default=4,
+                help="candidate plans scored end to end before choosing (0: the solver's plan, as before)")
+ap.add_argument("--eval-candidates", action="store_true",
+                help="also prune every other scored candidate (all calibration batches, one-shot) and measure its "
+                     "eval-split quality: does the calibration output error rank them as the eval cosine does?")
 ap.add_argument("--json", help="write the numbers here")
 args = ap.parse_args()
 targets = [float(t) for t in args.targets.split(",")]
 split = args.calib_split or ("train" if args.importance == "sparsegpt" else "calibration")
 print(f"importance {args.importance}, calibration {args.calib_batches}x32 {split}-split sentences, recovery "
       f"{args.recover_minutes:g} min (lr {args.recover_lr or 'recipe'}), sensitivity {args.sensitivity_method}, "
-      f"{args.threads} thread(s); load {os.getloadavg()}", flush=True)
+      f"{args.threads} thread(s), {args.score_candidates} candidates scored; load {os.getloadavg()}", flush=True)
 
 wl = models.build("minilm")
 dense = copy.deepcopy(wl.model.eval())
@@ -65,7 +76,8 @@ for tgt in targets:
         r = prune_to_speedup(wl, tgt, importance=args.importance, example_inputs=x, threads=args.threads,
                              calib_batches=args.calib_batches, calib_split=split, exclude=["pooler"],
                              reconstruct=False, recover_minutes=args.recover_minutes, recover_lr=args.recover_lr,
-                             sensitivity_method=args.sensitivity_method, sensitivity=sens, repeats=30)
+                             sensitivity_method=args.sensitivity_method, sensitivity=sens, repeats=30,
+                             score_candidates=args.score_candidates)
     except ValueError as e:
         print(f"target {tgt}: {e}", flush=True)
         continue
@@ -73,7 +85,25 @@ for tgt in targets:
     plan = r["plan"]
     row(f"plan {tgt:g}", predicted=plan.predicted_speedup, measured=r["measured_speedup"],
         best_ms=r["best_dense_ms"], sparse_ms=r["sparse_ms"], oneshot=r["quality_oneshot"], quality=r["quality"],
-        recovery=r["recovery"], steps=r["steps"], loss=plan.loss)
+        recovery=r["recovery"], steps=r["steps"], loss=plan.loss, label=plan.label,
+        candidates=[c.as_dict() for c in plan.candidates])
+    done = {plan.label: r["quality_oneshot"] or r["quality"]}  # one-shot eval quality per candidate label
+    if args.eval_candidates:
+        for c in plan.candidates:
+            if c.label in done:
+                continue
+            m = copy.deepcopy(dense)
+            kp = KFPruner(m, args.importance, include=[lp.name for lp in c.plan.pruned],
+                          overrides={re.escape(lp.name): {"sparsity": lp.sparsity, "pattern": lp.pattern}
+                                     for lp in c.plan.pruned})
+            kp.calibrate(calibration_batches(wl, args.calib_batches, None, split))
+            kp.step()
+            done[c.label] = quality(wl, m, dense, ref_emb)
+            print(f"candidate {c.label}: calibration 1-cos {c.cosine_error:.4f}, eval {done[c.label]}", flush=True)
+        row(f"candidates {tgt:g}", **{c.label: {"predicted": c.plan.predicted_speedup, "loss": c.plan.loss,
+                                                "calib_cosine_error": c.cosine_error, "calib_mse": c.mse,
+                                                "chosen": c.chosen, "eval_oneshot": done.get(c.label)}
+                                      for c in plan.candidates})
     if not args.uniform:
         continue
     # uniform: every planned layer one pattern and sparsity, the option nearest the plan's predicted speed

@@ -376,6 +376,8 @@ def cmd_prune_to_speedup(args) -> int:
         raise CliError(f"{', '.join(needs)}: for a recovery run; give --recover-minutes too")
     if args.checkpoint is not None and args.recover_steps is None:
         raise CliError("--checkpoint with --target-speedup continues a run of a fixed length: give --recover-steps too")
+    if args.score_candidates < 0:
+        raise CliError("--score-candidates must be >= 0 (0: the solver's plan, unscored)")
     out = _check_output(args.output)
     if args.plot_plan:
         _check_plot(args.plot_plan)
@@ -393,7 +395,7 @@ def cmd_prune_to_speedup(args) -> int:
                              recover_minutes=args.recover_minutes, recover_steps=args.recover_steps,
                              recover_lr=args.recover_lr,
                              checkpoint=Path(args.checkpoint) / "recover.pt" if args.checkpoint else None,
-                             output=out, plot=args.plot_plan,
+                             output=out, plot=args.plot_plan, score_candidates=args.score_candidates,
                              progress=_show_progress(args), log=(lambda s: None) if quiet else print)
     except ValueError as e:
         raise CliError(str(e)) from None
@@ -792,6 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--example-shape", metavar="SHAPE", help="input shape the planner times (default: the model's)")
     s.add_argument("--threads", type=_positive_int, default=None, help="threads for timing and measuring")
     s.add_argument("--plot-plan", metavar="PNG", help="write the planner's speed/quality frontier")
+    s.add_argument("--score-candidates", type=int, default=4, metavar="N",
+                   help="candidate plans the planner prunes on a copy and scores by the model's output error on "
+                        "held-out calibration batches before choosing (default 4; 0: the solver's plan unscored)")
     s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("sparsify", parents=[common], help="choose each layer's fastest format and save it",

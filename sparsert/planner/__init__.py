@@ -8,6 +8,8 @@ and conversion (:mod:`sparsert.convert`, :mod:`sparsert.nn`, which know them):
 * :mod:`~sparsert.planner.solver` — a multiple-choice knapsack over those times
   minimising the summed sensitivity (from ``sparsert.prune.allocation``);
 * :mod:`~sparsert.planner.plan` — the plan as a table and a frontier plot;
+* :mod:`~sparsert.planner.scoring` — candidate plans that reach the target (the solver's,
+  uniform per pattern, ...) pruned on a copy and scored by the model's output error;
 * :mod:`~sparsert.planner.pruner` — ``sparsert.Pruner(..., target_speedup=2)``.
 
 ```python

@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 from ..prune.allocation import SensitivityTable
 from .solver import Option, solve
 from .tables import TimeTables
 
-__all__ = ["LayerPlan", "Plan", "build_plan", "check_target", "check_reachable", "best_speedup", "TargetUnreachable"]
+__all__ = ["LayerPlan", "Plan", "build_plan", "uniform_plan", "uniform_points", "layer_options", "check_target", "check_reachable", "best_speedup", "TargetUnreachable"]
 
 
 def check_target(target) -> float:
@@ -51,6 +51,10 @@ class Plan:
     frontier: list              # [(predicted speedup, least loss)] the solver explored
     uniform: list               # [(label, predicted speedup, loss)]: every layer one pattern and sparsity
     sensitivity_note: str = ""
+    #: the candidate plans scored end to end before this one was chosen (empty: not scored);
+    #: see :mod:`sparsert.planner.scoring`
+    candidates: list = dataclasses.field(default_factory=list)
+    label: str = "plan"         # which candidate this is ("plan", "uniform 4x1@0.8", "plan 4x1 only", ...)
 
     @property
     def predicted_seconds(self) -> float:
@@ -87,6 +91,7 @@ class Plan:
         return {"target": self.target, "baseline": self.baseline, "model_seconds": self.model_seconds,
                 "remainder_seconds": self.remainder, "predicted_seconds": self.predicted_seconds,
                 "predicted_speedup": self.predicted_speedup, "best_speedup": self.best_speedup, "loss": self.loss,
+                "label": self.label, "candidates": [c.as_dict() for c in self.candidates],
                 "layers": [dataclasses.asdict(l) for l in self.layers]}
 
     def table(self) -> str:
@@ -105,6 +110,10 @@ class Plan:
                      f"= {self.predicted_speedup:.2f}x vs {base} (asked {self.target:g}x; best reachable "
                      f"{self.best_speedup:.2f}x); summed squared error {self.loss:.4f}"
                      + (f"; {self.sensitivity_note}" if self.sensitivity_note else ""))
+        if self.candidates:
+            from .scoring import candidates_table
+
+            lines.extend(candidates_table(self.candidates))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -179,46 +188,47 @@ def _loss(table: Optional[SensitivityTable], name: str, sparsity: float) -> Opti
     return table.error(name, sparsity) ** 2
 
 
-def build_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], target: float, *,
-               bins: int = 4000, sensitivity_note: str = "") -> Plan:
-    """Solves for the per-layer choice (see :mod:`sparsert.planner.solver`).
-
-    Raises ``ValueError`` for a target <= 1 or beyond the best reachable speedup (saying it).
-    """
-    target = check_target(target)
+def layer_options(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable],
+                  patterns: Optional[Sequence[str]] = None) -> tuple:
+    """``(names, [[Option]] per layer)``: dense plus every timed (pattern, sparsity) that is
+    faster than dense and has a quality estimate; ``patterns`` limits the patterns."""
     names = list(tables.layers)
     options: list = []
     for name in names:
         lt = tables.layers[name]
         opts = [Option(lt.dense, 0.0, (None, 0.0, "dense"))]
         for pattern, pts in lt.options.items():
+            if patterns is not None and pattern not in patterns:
+                continue
             for s, (seconds, kind) in pts.items():
                 loss = _loss(sensitivity.get(pattern), name, s)
                 if loss is None or seconds >= lt.dense:
                     continue  # no quality estimate, or no faster than dense: never worth it
                 opts.append(Option(seconds, loss, (pattern, s, kind)))
         options.append(opts)
-    remainder, total = tables.remainder, tables.model_seconds
-    check_reachable(tables, target, best_speedup(tables, options))
-    budget = total / target - remainder
-    sol = solve(options, budget, bins=bins)
+    return names, options
+
+
+def _layer_plans(tables: TimeTables, names: Sequence[str], chosen: Sequence[Option]) -> list:
     layers = []
-    for name, opts, j in zip(names, options, sol.choice):
-        o = opts[j]
+    for name, o in zip(names, chosen):
         pattern, s, kind = o.label
         lt = tables.layers[name]
         layers.append(LayerPlan(name, pattern, float(s), kind, o.seconds, lt.baseline(tables.baseline),
                                 0.0 if pattern is None else math.sqrt(o.loss)))
-    frontier = [(total / (remainder + t), loss) for t, loss in sol.frontier if remainder + t > 0]
-    uniform = []
-    patterns = sorted({p for lt in tables.layers.values() for p in lt.options})
-    for pattern in patterns:
-        points = sorted({s for lt in tables.layers.values() for s in lt.options.get(pattern, {})})
-        for s in points:
-            t, loss, ok = remainder, 0.0, True
+    return layers
+
+
+def uniform_points(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable]) -> list:
+    """``[(pattern, sparsity, predicted speedup, summed loss)]``: every timed layer at one
+    pattern and sparsity (only the points every layer was timed and scored at)."""
+    names = list(tables.layers)
+    out = []
+    for pattern in sorted({p for lt in tables.layers.values() for p in lt.options}):
+        for s in sorted({s for lt in tables.layers.values() for s in lt.options.get(pattern, {})}):
+            t, loss, ok = tables.remainder, 0.0, True
             for name in names:
-                lt = tables.layers[name]
-                pt = lt.options.get(pattern, {}).get(s)
+                pt = tables.layers[name].options.get(pattern, {}).get(s)
                 l = _loss(sensitivity.get(pattern), name, s)
                 if pt is None or l is None:
                     ok = False
@@ -226,6 +236,42 @@ def build_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], 
                 t += pt[0]
                 loss += l
             if ok:
-                uniform.append((f"{pattern}@{s:g}", total / t, loss))
-    return Plan(layers, target, tables.baseline, total, remainder, best_speedup(tables, options), sol.loss, frontier, uniform,
-                sensitivity_note)
+                out.append((pattern, float(s), tables.model_seconds / t, loss))
+    return out
+
+
+def uniform_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], target: float, pattern: str,
+                 sparsity: float, *, sensitivity_note: str = "") -> Plan:
+    """Every layer of the tables at ``pattern`` and ``sparsity`` (a timed point), as a Plan
+    (the solver's frontier left empty); ``KeyError`` if a layer was not timed or scored there."""
+    names = list(tables.layers)
+    chosen = []
+    for name in names:
+        seconds, kind = tables.layers[name].options[pattern][sparsity]
+        loss = _loss(sensitivity.get(pattern), name, sparsity)
+        if loss is None:
+            raise KeyError(f"{name}: no {pattern} sensitivity")
+        chosen.append(Option(seconds, loss, (pattern, sparsity, kind)))
+    return Plan(_layer_plans(tables, names, chosen), float(target), tables.baseline, tables.model_seconds,
+                tables.remainder, best_speedup(tables), sum(o.loss for o in chosen), [],
+                [(f"{p}@{s:g}", sp, l) for p, s, sp, l in uniform_points(tables, sensitivity)], sensitivity_note)
+
+
+def build_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], target: float, *,
+               bins: int = 4000, sensitivity_note: str = "", patterns: Optional[Sequence[str]] = None) -> Plan:
+    """Solves for the per-layer choice (see :mod:`sparsert.planner.solver`); ``patterns``
+    limits the patterns the solver may give a layer (default: every timed one).
+
+    Raises ``ValueError`` for a target <= 1 or beyond the best reachable speedup (saying it).
+    """
+    target = check_target(target)
+    names, options = layer_options(tables, sensitivity, patterns)
+    remainder, total = tables.remainder, tables.model_seconds
+    check_reachable(tables, target, best_speedup(tables, options))
+    budget = total / target - remainder
+    sol = solve(options, budget, bins=bins)
+    layers = _layer_plans(tables, names, [opts[j] for opts, j in zip(options, sol.choice)])
+    frontier = [(total / (remainder + t), loss) for t, loss in sol.frontier if remainder + t > 0]
+    uniform = [(f"{p}@{s:g}", sp, l) for p, s, sp, l in uniform_points(tables, sensitivity)]
+    return Plan(layers, target, tables.baseline, total, remainder, best_speedup(tables, options), sol.loss, frontier,
+                uniform, sensitivity_note)

@@ -16,11 +16,16 @@ the plan is solved when first needed (``pruner.plan`` or the first ``step``),
 from the sensitivity of each layer to each pattern on the calibration data
 (:func:`sparsert.prune.allocation.sensitivity_tables`; without data, the
 relative weight error) and handed to the kernel-free Pruner as its per-layer
-settings.
+settings. With calibration data and ``score_candidates`` > 0 (default 4), a few
+candidate plans that reach the target (the solver's, uniform sparsity per pattern,
+the solver limited to one pattern) are first pruned on a copy with the pruner's
+criterion and scored by the model's output error on held-out calibration batches;
+the least error is the plan (:mod:`~sparsert.planner.scoring`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -33,6 +38,8 @@ from ..prune import Pruner as _KernelFreePruner
 from ..prune.allocation import sensitivity_tables
 from ..prune.patterns import parse_pattern
 from .plan import Plan, build_plan, check_reachable, check_target
+from . import scoring
+from .scoring import METRICS, candidate_plans
 from .tables import BASELINES, DEFAULT_PATTERNS, DEFAULT_SPARSITIES, time_tables
 
 __all__ = ["Pruner", "sparsify_planned", "plannable_layers"]
@@ -64,6 +71,17 @@ class Pruner(_KernelFreePruner):
         bins: time grid of the solver.
         sensitivity: ready ``{pattern: SensitivityTable}`` (e.g. another pruner's
             ``sensitivity_tables`` for the same model and data) instead of measuring them.
+        score_candidates: how many candidate plans that reach the target (the solver's plan,
+            uniform sparsity with each pattern, the solver limited to each pattern; see
+            :func:`~sparsert.planner.scoring.candidate_plans`) to prune on a copy of the model
+            with this pruner's criterion and score by their error at the model's output on
+            held-out calibration batches; the least error is the plan. ``0``: the solver's plan,
+            unscored (as does a pruner without calibration data). Each candidate costs one
+            pruning of the model (on the calibration batches not held out).
+        score_batches: calibration batches held out for that score (default a quarter, at least
+            one; the candidates are pruned with the rest; with a single batch, that batch).
+        score_metric: ``"cosine"`` (1 - mean cosine of the output vectors, e.g. tokens' hidden
+            states or logits) or ``"mse"`` (relative squared error of the outputs).
     """
 
     def __init__(self, model: nn.Module, importance: Any = "magnitude", pattern: Any = "unstructured",
@@ -72,7 +90,8 @@ class Pruner(_KernelFreePruner):
                  patterns: Sequence[str] = DEFAULT_PATTERNS, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
                  threads: Optional[int] = None, sensitivity_method: str = "wanda",
                  timing: Optional[Mapping[str, Any]] = None, bins: int = 4000,
-                 sensitivity: Optional[Mapping[str, Any]] = None, **kwargs: Any):
+                 sensitivity: Optional[Mapping[str, Any]] = None, score_candidates: int = 4,
+                 score_batches: Optional[int] = None, score_metric: str = "cosine", **kwargs: Any):
         self.target_speedup = None
         self._plan: Optional[Plan] = None
         self._applied = False
@@ -96,6 +115,13 @@ class Pruner(_KernelFreePruner):
             raise ValueError("target_speedup plans each layer's sparsity itself: leave allocation='uniform'")
         if sensitivity_method not in ("wanda", "sparsegpt"):
             raise ValueError("sensitivity_method must be 'wanda' or 'sparsegpt'")
+        if isinstance(score_candidates, bool) or not isinstance(score_candidates, int) or score_candidates < 0:
+            raise ValueError(f"score_candidates must be an int >= 0 (0: no end-to-end scoring), got {score_candidates!r}")
+        if score_batches is not None and (isinstance(score_batches, bool) or not isinstance(score_batches, int)
+                                          or score_batches < 1):
+            raise ValueError(f"score_batches must be an int >= 1, got {score_batches!r}")
+        if score_metric not in METRICS:
+            raise ValueError(f"score_metric must be one of {METRICS}, got {score_metric!r}")
         pats = tuple(str(parse_pattern(p)) for p in ([patterns] if isinstance(patterns, str) else patterns))
         if not pats:
             raise ValueError("patterns must name at least one pattern")
@@ -109,6 +135,7 @@ class Pruner(_KernelFreePruner):
         self.sparsities = tuple(sorted({float(s) for s in sparsities}))
         self.sensitivity_method = sensitivity_method
         self.bins = bins
+        self.score_candidates, self.score_batches, self.score_metric = score_candidates, score_batches, score_metric
         names = plannable_layers(model, list(self.layers))
         for n in [n for n in self.layers if n not in names]:  # not plannable: left as they are
             del self.layers[n], self.settings[n]
@@ -142,8 +169,44 @@ class Pruner(_KernelFreePruner):
                 self.sensitivity_tables = tables
             note = ("" if self._data is not None or sensitivity_given
                     else "no calibration data: sensitivity = relative weight error")
-            self._plan = build_plan(self.tables, tables, self.target_speedup, bins=self.bins, sensitivity_note=note)
+            self._plan = self._choose(tables, note)
         return self._plan
+
+    def _choose(self, sensitivity: Mapping[str, Any], note: str) -> Plan:
+        """The solver's plan, or (``score_candidates`` > 0, with calibration data) the candidate
+        plan with the least end-to-end output error (see :mod:`~sparsert.planner.scoring`)."""
+        if not self.score_candidates or self._data is None:
+            return build_plan(self.tables, sensitivity, self.target_speedup, bins=self.bins, sensitivity_note=note)
+        candidates = candidate_plans(self.tables, sensitivity, self.target_speedup, bins=self.bins,
+                                     limit=self.score_candidates, sensitivity_note=note)
+        if len(candidates) == 1:
+            return candidates[0][1]  # nothing to choose between: skip the cost
+        data = list(self._data)
+        held = min(len(data) - 1, self.score_batches or max(1, len(data) // 4))
+        prune_data, score_data = (data, data) if held < 1 else (data[:-held], data[-held:])
+        if self.scope == "global":  # cannot be: target_speedup refuses it; the copies prune per layer
+            raise ValueError("scope='global' does not apply with target_speedup")
+
+        def prune_copy(model: nn.Module, plan: Plan) -> None:
+            pruned = plan.pruned
+            if not pruned:
+                return
+            kp = _KernelFreePruner(model, self.criterion, sparsity=0.5, scope=self.scope,
+                                   include=[l.name for l in pruned], progress=False,
+                                   overrides={re.escape(l.name): {"sparsity": l.sparsity, "pattern": l.pattern}
+                                              for l in pruned})
+            kp.calibrate(prune_data, self._loss_fn)
+            while not kp.done:
+                kp.step()
+
+        scored = scoring.score_candidates(self.model, candidates, prune_copy, score_data, metric=self.score_metric,
+                                  progress=self.progress)
+        chosen = next(c for c in scored if c.chosen)
+        plan = chosen.plan
+        if not plan.frontier:  # a uniform plan: plot the solver's frontier with it
+            plan.frontier = candidates[0][1].frontier
+        plan.candidates = scored
+        return plan
 
     def _apply_plan(self) -> None:
         if self._applied or self.target_speedup is None:

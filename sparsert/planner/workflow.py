@@ -144,7 +144,7 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
                      checkpoint: "str | Path | None" = None, output: "str | Path | None" = None,
                      plot: Optional[str] = None, repeats: int = 30, progress: bool = False,
                      log: Callable[[str], None] = print, timing: Optional[dict] = None,
-                     sensitivity: Optional[dict] = None) -> dict:
+                     sensitivity: Optional[dict] = None, score_candidates: int = 4) -> dict:
     """Plans, prunes ``wl.model`` (in place), packs per plan, optionally saves and reloads it,
     and measures it against torch eager and the best dense path. Returns the numbers, with
     ``steps``: ``{step: seconds}`` in the order run (each also logged as it ends).
@@ -162,7 +162,9 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     ``recover_steps`` (default: as many as fit the budget), ``recover_lr`` (default: the
     recipe's) and ``checkpoint`` (a file: a stopped run continues) are passed on.
     ``sensitivity``: ready sensitivity tables (``result["sensitivity_tables"]`` of an earlier
-    run on the same model and data) instead of measuring them.
+    run on the same model and data) instead of measuring them. ``score_candidates``: how many
+    candidate plans to prune on a copy and score by the error at the model's output before
+    choosing (0: the solver's plan as is; see :class:`~sparsert.planner.Pruner`).
     """
     from .. import io
     from ..bench import benchmark
@@ -204,7 +206,8 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
 
     pruner = Pruner(model, importance, target_speedup=target, baseline=baseline, example_inputs=inputs,
                     patterns=patterns, threads=threads, exclude=list(exclude), progress=progress, timing=timing,
-                    sensitivity_method=sensitivity_method, sensitivity=sensitivity)
+                    sensitivity_method=sensitivity_method, sensitivity=sensitivity,
+                    score_candidates=score_candidates)
     tables = pruner.tables
     table_s = time.perf_counter() - clock[0]
     log(f"time tables: {len(tables.layers)} layers, {table_s:.1f} s ({tables.cache_hits} from the cache, "
@@ -215,7 +218,7 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     lap("calibrate")
     plan = pruner.plan
     log(plan.table())
-    lap("sensitivity tables + plan")
+    lap("sensitivity tables + plan")  # the candidates' end-to-end scoring, when on, is part of it
     if plot:
         plan.plot(plot)
         log(f"frontier plot: {plot}")

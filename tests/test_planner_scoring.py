@@ -1,0 +1,230 @@
+"""End-to-end scoring of candidate plans: candidates, the measured output error, the choice."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import sparsert
+from sparsert.planner import scoring
+from sparsert.planner import tables as T
+from sparsert.planner.plan import build_plan
+from sparsert.prune import Pruner as KernelFreePruner
+from sparsert.prune.allocation import SensitivityTable
+
+TINY_TIMING = dict(min_time=0.002, rounds=1, model_min_time=0.01)
+
+
+class _LoudAndQuiet(nn.Module):
+    """``loud(x) + 1e-3 * quiet(x)``: pruning ``quiet`` barely moves the output, pruning ``loud`` does."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.loud, self.quiet = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.loud(x) + 1e-3 * self.quiet(x)
+
+
+def _tables(names=("loud", "quiet"), total=10.0, dense=3.0, opts=None):
+    """Two layers of 3 s in a 10 s model (remainder 4 s)."""
+    opts = opts or {"unstructured": {0.5: (1.5, "csr"), 0.9: (0.6, "csr")}, "4x1": {0.5: (1.4, "bsr4x1")}}
+    layers = {n: T.LayerTimes(n, "Linear", (16, 16), (1, 16), dense, dense * 1.5, {p: dict(v) for p, v in opts.items()})
+              for n in names}
+    return T.TimeTables(layers, "best_dense", total, 1, {})
+
+
+def _sens(errors):
+    """``{pattern: {layer: (err@0.5, err@0.9)}}`` -> sensitivity tables."""
+    return {p: SensitivityTable([0.5, 0.9], {n: list(e) for n, e in errs.items()}, {n: 256 for n in errs}, p)
+            for p, errs in errors.items()}
+
+
+# the per-layer estimate is wrong on purpose: it calls "loud" cheap and "quiet" expensive with
+# unstructured masks, but (with 4x1) "quiet" cheap and "loud" expensive
+MISLEADING = _sens({"unstructured": {"loud": (0.01, 0.05), "quiet": (0.5, 0.9)},
+                    "4x1": {"loud": (0.9, 0.9), "quiet": (0.02, 0.02)}})
+
+
+def _magnitude_prune(model, plan):
+    pruned = plan.pruned
+    if not pruned:
+        return
+    kp = KernelFreePruner(model, "magnitude", include=[l.name for l in pruned],
+                          overrides={re.escape(l.name): {"sparsity": l.sparsity, "pattern": l.pattern} for l in pruned})
+    kp.step()
+
+
+def test_candidates_reach_the_target_and_uniform_takes_the_least_sparsity_that_does():
+    tables = _tables()
+    target = 10 / 8.6  # 1.5 s to save: one layer at 50%, or both (budget 4.6 s of layers)
+    cands = scoring.candidate_plans(tables, MISLEADING, target, bins=1000)
+    labels = [label for label, _ in cands]
+    assert labels[0] == "plan"
+    # uniform unstructured: 0.5 on both layers saves 3 s >= 1.4 s, so 0.5 (not 0.9) is the least that fits
+    assert "uniform unstructured@0.5" in labels and "uniform unstructured@0.9" not in labels
+    assert "uniform 4x1@0.5" in labels
+    for label, plan in cands:
+        assert plan.label == label
+        assert plan.predicted_speedup >= target * (1 - 1e-9), label
+        assert plan.predicted_seconds <= tables.model_seconds / target * (1 + 1e-9), label
+        if label.startswith("uniform"):
+            pattern, s = label.split()[1].split("@")
+            assert all(l.pattern == pattern and l.sparsity == float(s) for l in plan.layers), label
+            assert plan.loss == pytest.approx(sum(MISLEADING[pattern].error(l.name, float(s)) ** 2
+                                                  for l in plan.layers))
+    # distinct choices only: "plan unstructured only" is the same as "plan" here and is left out
+    sigs = [tuple((l.name, l.pattern, l.sparsity) for l in p.layers) for _, p in cands]
+    assert len(set(sigs)) == len(sigs)
+    assert [label for label, _ in scoring.candidate_plans(tables, MISLEADING, target, bins=1000, limit=2)] \
+        == labels[:2]
+
+
+def test_a_pattern_that_cannot_reach_the_target_gives_no_uniform_candidate():
+    tables = _tables()
+    target = 10 / 6.0  # 4 s to save: only unstructured 0.9 on both layers (1.2 s of layers) does it
+    labels = [label for label, _ in scoring.candidate_plans(tables, MISLEADING, target, bins=1000)]
+    assert "uniform unstructured@0.9" in labels
+    assert not any("4x1" in label for label in labels)  # 4x1 at 0.5 saves at most 3.2 s
+
+
+def test_scoring_picks_the_candidate_with_the_least_measured_error():
+    model = _LoudAndQuiet().eval()
+    tables = _tables()
+    target = 10 / 8.6
+    cands = scoring.candidate_plans(tables, MISLEADING, target, bins=1000)
+    # the solver trusts the misleading estimate and prunes "loud"
+    assert cands[0][1]["loud"].pattern == "unstructured" and cands[0][1]["quiet"].pattern is None
+    batches = [torch.randn(8, 16) for _ in range(2)]
+    scored = scoring.score_candidates(model, cands, _magnitude_prune, batches, metric="mse")
+    chosen = [c for c in scored if c.chosen]
+    assert len(chosen) == 1
+    # the answer is known: only the candidate that leaves "loud" dense keeps the output
+    assert chosen[0].plan["loud"].pattern is None and chosen[0].plan["quiet"].pattern is not None
+    assert chosen[0].label == "plan 4x1 only"
+    assert chosen[0].mse == min(c.mse for c in scored) and chosen[0].mse < 1e-4
+    assert all(c.mse > 1e-3 for c in scored if not c.chosen)
+    # the errors are the real output errors of each pruned copy, and the model itself is untouched
+    ref = scoring.reference_outputs(model, batches)
+    for c in scored:
+        trial = _LoudAndQuiet().eval()
+        trial.load_state_dict(model.state_dict())
+        _magnitude_prune(trial, c.plan)
+        with torch.no_grad():
+            num = sum(float(((trial(b).double() - r) ** 2).sum()) for b, r in zip(batches, ref))
+            den = sum(float((r ** 2).sum()) for r in ref)
+            cos = torch.cat([nn.functional.cosine_similarity(trial(b).double(), r, dim=-1)
+                             for b, r in zip(batches, ref)])
+        assert c.mse == pytest.approx(num / den, rel=1e-4)
+        assert c.cosine_error == pytest.approx(1 - float(cos.mean()), rel=1e-4, abs=1e-6)
+    assert not bool((model.loud.weight == 0).any()) and not bool((model.quiet.weight == 0).any())
+    text = "\n".join(scoring.candidates_table(scored))
+    assert "<- chosen" in text and "plan 4x1 only" in text and "uniform unstructured@0.5" in text
+
+
+def test_output_error_leaves_padded_tokens_out():
+    ref = [torch.randn(2, 3, 4)]
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    out = ref[0].clone()
+    out[0, 2] += 100.0  # a padded position: must not count
+    out[1, 1] *= -1.0   # padded too
+
+    class Fixed(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return {"last_hidden_state": out.float()}
+
+    cos_err, mse = scoring.output_error(Fixed(), ref, [{"input_ids": torch.zeros(2, 3), "attention_mask": mask}])
+    assert cos_err == pytest.approx(0.0, abs=1e-6) and mse == pytest.approx(0.0, abs=1e-12)
+    cos_err, _ = scoring.output_error(Fixed(), ref, [{"input_ids": torch.zeros(2, 3),
+                                                     "attention_mask": torch.ones(2, 3)}])
+    assert cos_err > 0.1
+
+
+def test_score_candidates_rejects_bad_input():
+    model = _LoudAndQuiet().eval()
+    cands = scoring.candidate_plans(_tables(), MISLEADING, 10 / 8.6, bins=1000)
+    with pytest.raises(ValueError, match="metric"):
+        scoring.score_candidates(model, cands, _magnitude_prune, [torch.randn(2, 16)], metric="l1")
+    with pytest.raises(ValueError, match="held-out batch"):
+        scoring.score_candidates(model, cands, _magnitude_prune, [])
+
+
+# ---------------------------------------------------------------- through sparsert.Pruner
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _pruner(n, **kw):
+    x = torch.randn(4, 32)
+    p = sparsert.Pruner(_mlp(), "wanda", target_speedup=1.05, example_inputs=x, threads=1, sparsities=(0.5, 0.9),
+                        timing=TINY_TIMING, **kw)
+    # fixed times instead of this machine's (the candidates must not depend on the load): every pattern pays
+    opts = {"unstructured": {0.5: (2.0, "csr"), 0.9: (0.8, "csr")}, "4x1": {0.5: (2.2, "bsr4x1"), 0.9: (0.9, "bsr4x1")},
+            "2:4": {0.5: (2.4, "nm2:4")}}
+    p.tables = _tables(names=("0", "2", "4"), total=12.0, opts=opts)  # remainder 3 s, layers 3 x 3 s
+    torch.manual_seed(n)
+    p.calibrate([torch.randn(8, 32) for _ in range(4)])
+    return p
+
+
+def test_pruner_chooses_the_scored_candidate_and_off_is_the_solver_plan(cache):
+    off = _pruner(0, score_candidates=0)
+    plan_off = off.plan
+    solver = build_plan(off.tables, off.sensitivity_tables, 1.05, bins=off.bins)
+    assert plan_off.candidates == [] and plan_off.label == "plan"
+    assert [(l.pattern, l.sparsity) for l in plan_off.layers] == [(l.pattern, l.sparsity) for l in solver.layers]
+    assert "chosen" not in plan_off.table()
+
+    on = _pruner(0, score_candidates=5, sensitivity=off.sensitivity_tables)
+    plan = on.plan
+    cands = plan.candidates
+    # plan, uniform unstructured@0.5, uniform 4x1@0.5, uniform 2:4, then a single-pattern plan (limit 5)
+    assert len(cands) == 5, [c.label for c in cands]
+    assert [c.label for c in cands[1:4]] == ["uniform 2:4@0.5", "uniform 4x1@0.5", "uniform unstructured@0.5"]
+    assert cands[0].label == "plan"
+    assert [(l.pattern, l.sparsity) for l in cands[0].plan.layers] == [(l.pattern, l.sparsity) for l in solver.layers]
+    chosen = [c for c in cands if c.chosen]
+    assert len(chosen) == 1 and chosen[0].plan is plan and plan.label == chosen[0].label
+    assert chosen[0].cosine_error == min(c.cosine_error for c in cands)
+    assert all(c.plan.predicted_speedup >= 1.05 * (1 - 1e-9) for c in cands)
+    assert any(c.label.startswith("uniform") for c in cands)
+    text = plan.table()
+    assert "<- chosen" in text and f"chosen: {plan.label}" in text
+    assert plan.as_dict()["candidates"][0]["label"] == "plan"
+    # the scoring pruned copies: the pruner's model is untouched until step()
+    assert not any(bool((m.weight == 0).any()) for m in on.model if isinstance(m, nn.Linear))
+    on.step()
+    for lp in plan.layers:
+        w = on.model.get_submodule(lp.name).weight
+        assert bool((w == 0).any()) == (lp.pattern is not None), lp.name
+
+
+def test_pruner_without_calibration_data_does_not_score(cache):
+    x = torch.randn(4, 32)
+    p = sparsert.Pruner(_mlp(), "magnitude", target_speedup=1.05, example_inputs=x, threads=1, sparsities=(0.5, 0.9),
+                        timing=TINY_TIMING)
+    assert p.plan.candidates == []
+
+
+@pytest.mark.parametrize("kw, match", [(dict(score_candidates=-1), "score_candidates"),
+                                       (dict(score_candidates=True), "score_candidates"),
+                                       (dict(score_batches=0), "score_batches"),
+                                       (dict(score_metric="l1"), "score_metric")])
+def test_pruner_rejects_bad_scoring_options(cache, kw, match):
+    with pytest.raises(ValueError, match=match):
+        sparsert.Pruner(_mlp(), "wanda", target_speedup=1.05, example_inputs=torch.randn(4, 32), threads=1,
+                        sparsities=(0.5, 0.9), timing=TINY_TIMING, **kw)
