@@ -1,11 +1,16 @@
-"""Recovery on all-MiniLM-L6-v2: pruning + distillation from the dense model, on unlabeled text.
+"""Recovery: pruning + distillation from the dense model, on unlabeled text (MiniLM or SmolLM2).
 
 Training text: the corpus' "train" split (stdlib, sympy, networkx, sklearn,
-matplotlib docstrings); calibration: its "calibration" split (stdlib);
-evaluation: the "eval" split (numpy / scipy / torch docstrings) — a
-different source, never seen in training. Quality: cosine between the pruned
-and the dense model's mean-pooled embeddings (mean / min) on held-out
-sentences, before and after recovery.
+matplotlib docstrings); calibration: its "train" split too by default
+(``--calib-split calibration``: stdlib only); evaluation: the "eval" split
+(numpy / scipy / torch docstrings) — a different source, never seen in
+training. Quality, before and after recovery:
+
+* ``--model minilm`` (all-MiniLM-L6-v2): cosine between the pruned and the
+  dense model's mean-pooled embeddings (mean / min) on held-out sentences;
+* ``--model smollm2`` (SmolLM2-135M-Instruct): perplexity on held-out token
+  windows and its ratio to the dense model's, with the calibration and
+  held-out windows of ``prune_quality.py`` (so the one-shot numbers match).
 
 Two ways to reach the target:
 
@@ -15,16 +20,21 @@ Two ways to reach the target:
   with the masks fixed (the default: it won on short budgets, see RESULTS.md).
 
 The default recipe: the student in eval mode (no dropout), only the pruned
-Linear layers trained (embeddings and norms stay the teacher's), loss = every
-layer's hidden-state MSE + (1 - cosine) of the mean-pooled embeddings, training
-sentences batched by length. ``--oneshot-cache FILE`` keeps the one-shot model
-(weights and masks) so that several runs start from the same one-shot.
+Linear layers trained (embeddings, norms and SmolLM2's tied lm_head stay the
+teacher's). Loss: every layer's hidden-state MSE, plus for MiniLM
+(1 - cosine) of the mean-pooled embeddings (training sentences batched by
+length), for SmolLM2 the KL divergence of the next-token distributions
+(training windows of 128 tokens). ``--oneshot-cache FILE`` keeps the one-shot
+model (weights and masks) so that several runs start from the same one-shot.
 
 The run is resumable (``--checkpoint``, every ``--checkpoint-every`` steps)
 and stops after ``--time-budget`` seconds (a partial run: run the same
-command again to continue).
+command again to continue). ``--eval-every N`` measures the quality every N
+steps (a quality-vs-steps table).
 
     python benchmarks/prune_recover.py --sparsity 0.8 --steps 2000 --time-budget 600 --checkpoint /tmp/r.pt
+    python benchmarks/prune_recover.py --model smollm2 --sparsity 0.5 --steps 400 --lr 1e-4 \
+        --eval-every 50 --time-budget 1500 --checkpoint /tmp/s.pt --oneshot-cache /tmp/s50.pt
 """
 
 from __future__ import annotations
@@ -42,32 +52,11 @@ from sparsert.models import minilm
 from sparsert.prune import Gradual, Pruner, apply_mask, get_mask, recover
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sparsity", type=float, default=0.8)
-    ap.add_argument("--pattern", default="unstructured")
-    ap.add_argument("--start", choices=["gradual", "sparsegpt"], default="sparsegpt")
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--prune-frac", type=float, default=0.5, help="gradual: share of the steps that prune")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--train", type=int, default=20000, help="training sentences")
-    ap.add_argument("--calib", type=int, default=512)
-    ap.add_argument("--calib-split", choices=["calibration", "train"], default="train")
-    ap.add_argument("--max-length", type=int, default=64, help="training sentences cut to this many tokens")
-    ap.add_argument("--embedding-weight", type=float, default=1.0, help="weight of the pooled-embedding cosine loss")
-    ap.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state MSE")
-    ap.add_argument("--dropout", action="store_true", help="train with dropout (default: eval mode)")
-    ap.add_argument("--train-params", choices=["all", "pruned"], default="pruned")
-    ap.add_argument("--oneshot-cache", default=None, help="sparsegpt: load the one-shot model from / save it to")
-    ap.add_argument("--heldout", type=int, default=400)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--time-budget", type=float, default=300.0, help="seconds of training in this call")
-    ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--checkpoint-every", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--progress", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+LM_EVAL_WINDOW = 256  # held-out windows as in prune_quality.py, so the perplexities compare
+
+
+def _minilm(args):
+    """Teacher, calibration, training batches, pruned layer names, quality(model) -> (value, worst), labels."""
     reason = minilm.unavailable_reason()
     if reason:
         raise SystemExit(reason)
@@ -82,8 +71,95 @@ def main() -> None:
         c = (minilm.embed(m, tok, held) * dense).sum(-1)
         return c.mean().item(), c.min().item()
 
+    about = (f"all-MiniLM-L6-v2; training: {len(train_s)} sentences of the train split, batch {args.batch}; "
+             f"evaluation: {len(held)} eval-split sentences")
+    return teacher, calib, train, minilm.encoder_linear_names(teacher), cosine, ("cosine", "min"), about
+
+
+def _smollm2(args):
+    """As :func:`_minilm` for SmolLM2-135M: quality is the held-out perplexity and its ratio to dense."""
+    from sparsert.models import smollm2
+
+    reason = smollm2.unavailable_reason()
+    if reason:
+        raise SystemExit(reason)
+    teacher, tok = smollm2.load()
+    # calibration and held-out windows exactly as prune_quality.py builds them (same one-shot, same dense ppl)
+    calib = smollm2.token_batches(tok, corpus.split(args.calib_split), LM_EVAL_WINDOW, 4,
+                                  max_batches=max(1, args.calib_tokens // (LM_EVAL_WINDOW * 4)))
+    held = smollm2.token_batches(tok, corpus.split("eval"), LM_EVAL_WINDOW, 4,
+                                 max_batches=max(1, args.eval_tokens // (LM_EVAL_WINDOW * 4)))
+    # training: every window of the train split, batches in a seeded random order (one docstring's
+    # sentences stay together inside a window)
+    train = smollm2.token_batches(tok, corpus.split("train"), args.max_length, args.batch)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(2)).tolist()
+    train = [train[i] for i in order]
+    dense_ppl = smollm2.perplexity(teacher, held)
+
+    def perplexity(m):
+        ppl = smollm2.perplexity(m, held)
+        return ppl, ppl / dense_ppl
+
+    tokens = sum(b["input_ids"].numel() for b in train)
+    about = (f"SmolLM2-135M-Instruct (Q4_1 GGUF in fp32); training: {tokens} train-split tokens in windows of "
+             f"{args.max_length}, batch {args.batch}; evaluation: {sum(b['input_ids'].numel() for b in held)} "
+             f"eval-split tokens, dense perplexity {dense_ppl:.2f}")
+    return teacher, calib, train, smollm2.linear_names(teacher), perplexity, ("perplexity", "x dense"), about
+
+
+# per-model defaults: MiniLM's were measured in RESULTS.md; SmolLM2 distils logits (KL) and hidden states,
+# with the sparsegpt objective that won there one-shot (target="pruned")
+DEFAULTS = {
+    "minilm": {"batch": 32, "max_length": 64, "lr": 1e-4, "embedding_weight": 1.0, "target": None},
+    "smollm2": {"batch": 4, "max_length": 128, "lr": 1e-4, "embedding_weight": 0.0, "target": "pruned"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(DEFAULTS), default="minilm")
+    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--pattern", default="unstructured")
+    ap.add_argument("--start", choices=["gradual", "sparsegpt"], default="sparsegpt")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--prune-frac", type=float, default=0.5, help="gradual: share of the steps that prune")
+    ap.add_argument("--batch", type=int, default=None, help="training batch (default: minilm 32, smollm2 4)")
+    ap.add_argument("--train", type=int, default=20000, help="training sentences (minilm)")
+    ap.add_argument("--calib", type=int, default=512, help="calibration sentences (minilm)")
+    ap.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (smollm2)")
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens (smollm2)")
+    ap.add_argument("--calib-split", choices=["calibration", "train"], default="train")
+    ap.add_argument("--max-length", type=int, default=None,
+                    help="training sentences cut to (minilm, default 64) / training windows of (smollm2, 128) tokens")
+    ap.add_argument("--embedding-weight", type=float, default=None,
+                    help="weight of the pooled-embedding cosine loss (default: minilm 1, smollm2 0)")
+    ap.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state MSE")
+    ap.add_argument("--logit-weight", type=float, default=1.0, help="weight of the logits' KL divergence (LMs)")
+    ap.add_argument("--target", choices=["dense", "pruned"], default=None,
+                    help="SparseGPT objective (default: minilm the criterion's, smollm2 pruned)")
+    ap.add_argument("--dropout", action="store_true", help="train with dropout (default: eval mode)")
+    ap.add_argument("--train-params", choices=["all", "pruned"], default="pruned")
+    ap.add_argument("--oneshot-cache", default=None, help="sparsegpt: load the one-shot model from / save it to")
+    ap.add_argument("--heldout", type=int, default=400, help="held-out sentences (minilm)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4)")
+    ap.add_argument("--time-budget", type=float, default=300.0, help="seconds of training in this call")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="measure the quality every N steps too (a quality-vs-steps curve; needs --checkpoint)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args()
+    for key, value in DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.eval_every and args.checkpoint is None:
+        raise SystemExit("--eval-every continues the run from its checkpoint between measurements: give --checkpoint")
+    torch.set_num_threads(args.threads)
+    teacher, calib, train, names, quality, labels, about = (_minilm if args.model == "minilm" else _smollm2)(args)
+    sparsegpt_options = {} if args.target is None else {"target": args.target}
+
     student = copy.deepcopy(teacher)
-    names = minilm.encoder_linear_names(teacher)
     t0 = time.perf_counter()
     resuming = args.checkpoint is not None and Path(args.checkpoint).is_file()  # weights and masks are in it
     if args.start == "sparsegpt":
@@ -96,7 +172,7 @@ def main() -> None:
                 apply_mask(modules[name], keep)
         elif not resuming:
             Pruner(student, importance="sparsegpt", pattern=args.pattern, sparsity=args.sparsity, include=names,
-                   scope="layer", progress=args.progress).calibrate(calib).step()
+                   scope="layer", progress=args.progress, **sparsegpt_options).calibrate(calib).step()
             if cache is not None:
                 modules = dict(student.named_modules())
                 torch.save({"state": student.state_dict(),
@@ -107,26 +183,51 @@ def main() -> None:
         pruner = Pruner(student, importance="wanda", pattern=args.pattern, sparsity=args.sparsity, include=names,
                         schedule=Gradual(begin_step=0, end_step=end, frequency=max(1, end // 20)),
                         progress=args.progress).calibrate(calib)
-    before = cosine(student) if args.start == "sparsegpt" and not resuming else None
+    before = quality(student) if args.start == "sparsegpt" and not resuming else None
     t_prune = time.perf_counter() - t0
-    result = recover(student, teacher, train, steps=args.steps, pruner=pruner, lr=args.lr,
-                     checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                     time_budget=args.time_budget, progress=args.progress, embedding_weight=args.embedding_weight,
-                     hidden_weight=args.hidden_weight, dropout=args.dropout, train=args.train_params)
+    if before:
+        print(f"# step 0: {labels[0]} {before[0]:.4f} ({labels[1]} {before[1]:.4f}), one-shot {t_prune:.0f} s",
+              flush=True)
+    options = dict(pruner=pruner, lr=args.lr, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                   progress=args.progress, embedding_weight=args.embedding_weight, hidden_weight=args.hidden_weight,
+                   logit_weight=args.logit_weight, dropout=args.dropout, train=args.train_params)
+    budget_end = time.perf_counter() + args.time_budget
+    curve, elapsed, first = [], 0.0, None
+    done_steps = int(torch.load(args.checkpoint, weights_only=True)["step"]) if resuming and args.eval_every else 0
+    while True:  # one call, or one per --eval-every steps (each continues from the checkpoint)
+        stop = (done_steps // args.eval_every + 1) * args.eval_every if args.eval_every else None
+        result = recover(student, teacher, train, steps=args.steps, stop_after=stop,
+                         time_budget=max(0.0, budget_end - time.perf_counter()), **options)
+        first = result if first is None else first
+        done_steps = result.step
+        elapsed += result.elapsed
+        if not args.eval_every or result.done or result.step < (stop or 0) or result.step == result.resumed_from:
+            break
+        q = quality(student)
+        curve.append((result.step, elapsed, q))
+        print(f"# step {result.step}: {labels[0]} {q[0]:.4f} ({labels[1]} {q[1]:.4f}), {elapsed:.0f} s of training, "
+              f"loss {result.losses[-1]:.4g}", flush=True)
     layers = dict(student.named_modules())
     sparsity = sum(int((layers[n].weight == 0).sum()) for n in names) / sum(layers[n].weight.numel() for n in names)
-    after = cosine(student)
+    after = quality(student)
+    if curve and curve[-1][0] != result.step:
+        curve.append((result.step, elapsed, after))
     state = "complete" if result.done else f"PARTIAL ({result.step}/{result.steps} steps)"
-    print(f"all-MiniLM-L6-v2, {args.pattern} target {args.sparsity:.0%} ({args.start}); reached encoder sparsity "
-          f"{sparsity:.1%}; training: {len(train_s)} sentences of the train split, batch {args.batch}, lr {args.lr}; "
-          f"evaluation: {len(held)} eval-split sentences; {args.threads} thread(s); "
-          f"load average {os.getloadavg()[0]:.1f}.")
+    print(f"{about}; {args.pattern} target {args.sparsity:.0%} ({args.start}); reached sparsity {sparsity:.1%}; "
+          f"lr {args.lr}; {args.threads} thread(s); load average {os.getloadavg()[0]:.1f}.")
     if before:
-        print(f"- one-shot {args.start}: cosine {before[0]:.4f} (min {before[1]:.4f}), {t_prune:.0f} s")
-    ran = max(1, result.step - result.resumed_from)
-    print(f"- after recovery, {state}, {result.elapsed:.0f} s = {result.elapsed / ran:.2f} s/step "
-          f"(resumed from step {result.resumed_from}): "
-          f"cosine {after[0]:.4f} (min {after[1]:.4f}); loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}"
+        print(f"- one-shot {args.start}: {labels[0]} {before[0]:.4f} ({labels[1]} {before[1]:.4f}), {t_prune:.0f} s")
+    if curve:
+        print(f"\n| step | training s | {labels[0]} | {labels[1]} |\n| ---: | ---: | ---: | ---: |")
+        if before:
+            print(f"| 0 | 0 | {before[0]:.4f} | {before[1]:.4f} |")
+        for step, secs, q in curve:
+            print(f"| {step} | {secs:.0f} | {q[0]:.4f} | {q[1]:.4f} |")
+        print()
+    ran = max(1, result.step - first.resumed_from)
+    print(f"- after recovery, {state}, {elapsed:.0f} s = {elapsed / ran:.2f} s/step "
+          f"(resumed from step {first.resumed_from}): "
+          f"{labels[0]} {after[0]:.4f} ({labels[1]} {after[1]:.4f}); loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}"
           if result.losses else "- no training step was run")
 
 

@@ -61,6 +61,10 @@ def recovery_recipe(wl, *, oneshot: bool = True) -> dict:
     recipe: dict = {"lr": 1e-3 if oneshot else 1e-4}
     if wl.family == "hf" and not wl.extra.get("causal_lm"):
         recipe.update(embedding_weight=1.0, dropout=False, train="pruned")
+    elif wl.extra.get("causal_lm"):
+        # language models distil the next-token distributions (KL of the logits) and the hidden states;
+        # only the pruned Linears train: SmolLM2's lm_head is its token embedding (tied), which is kept
+        recipe.update(dropout=False, train="pruned")
     return recipe
 
 
