@@ -184,7 +184,7 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Sequence, *, steps:
         checkpoint: file to write every ``checkpoint_every`` steps and at the end;
             with ``resume=True`` an existing file is loaded first and the run continues.
         time_budget: seconds; when spent, a checkpoint is written and the run stops
-            (``done=False``).
+            (``done=False``). Every call makes at least one step, however small the budget.
         stop_after: stop (with a checkpoint) once this step is reached, before ``steps``.
         max_grad_norm: gradient clipping (``None``: off).
         embedding_weight: weight of the sentence-embedding cosine loss (see :func:`distill_loss`).
@@ -257,9 +257,12 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Sequence, *, steps:
     end = steps if stop_after is None else min(steps, int(stop_after))
     bar = tqdm(total=steps, initial=step, desc="recover", disable=not progress_enabled(progress))
     try:
+        first = True
         while step < end:
-            if time_budget is not None and time.perf_counter() - t0 > time_budget:
+            # every call makes at least one step, so a tiny budget still moves a resumed run on
+            if not first and time_budget is not None and time.perf_counter() - t0 > time_budget:
                 break
+            first = False
             batch = batches[step % len(batches)]
             with torch.no_grad():
                 t_out = _forward(teacher, batch, hidden_states)
