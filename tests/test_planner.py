@@ -18,6 +18,7 @@ from sparsert.planner.plan import build_plan
 from sparsert.planner.solver import Option, solve
 from sparsert.prune import Pruner as KernelFreePruner
 from sparsert.prune.allocation import SensitivityTable
+from planner_util import cache, tiny_mlp  # noqa: F401  (cache is a fixture)
 
 TINY_TIMING = dict(min_time=0.002, rounds=1, model_min_time=0.01)
 
@@ -128,19 +129,10 @@ def test_plan_plot_writes_an_image(tmp_path):
 # ---------------------------------------------------------------- real tables and the cache
 
 
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def test_tables_are_cached_and_invalidated_by_cpu_and_version(cache, monkeypatch):
-    model, x = _mlp(), torch.randn(4, 32)
+    model, x = tiny_mlp(), torch.randn(4, 32)
     names = ["0", "2", "4"]
     first = T.time_tables(model, names, x, threads=1, **TINY_TIMING)
     assert first.cache_misses > 0 and first.cache_hits == 0
@@ -166,7 +158,7 @@ def test_tables_are_cached_and_invalidated_by_cpu_and_version(cache, monkeypatch
 
 
 def test_tables_hold_every_pattern_and_sparsity_with_a_format(cache):
-    model, x = _mlp(), torch.randn(4, 32)
+    model, x = tiny_mlp(), torch.randn(4, 32)
     tab = T.time_tables(model, ["0", "2"], x, threads=1, patterns=("unstructured", "4x1", "2:4"),
                         sparsities=(0.5, 0.9), **TINY_TIMING)
     lt = tab.layers["2"]
@@ -179,7 +171,7 @@ def test_tables_hold_every_pattern_and_sparsity_with_a_format(cache):
 
 
 def test_remainder_is_timed_directly_and_the_layers_add_up_to_the_model(cache):
-    model, x = _mlp(), torch.randn(4, 32)
+    model, x = tiny_mlp(), torch.randn(4, 32)
     tab = T.time_tables(model, ["0", "2"], x, threads=1, patterns=("unstructured",), sparsities=(0.5,),
                         **TINY_TIMING)
     lo, hi = T._SCALE_BOUNDS
@@ -214,13 +206,13 @@ def test_random_pattern_weight_follows_the_pattern():
 
 
 def test_sparsity_usage_is_unchanged():
-    m = _mlp()
+    m = tiny_mlp()
     p = sparsert.Pruner(m, "magnitude", "unstructured", 0.5)
     assert isinstance(p, KernelFreePruner) and p.plan is None
     p.step()
     assert float((m[2].weight == 0).float().mean()) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="target_speedup"):
-        sparsert.Pruner(_mlp(), sparsity=0.5, example_inputs=torch.randn(2, 32))
+        sparsert.Pruner(tiny_mlp(), sparsity=0.5, example_inputs=torch.randn(2, 32))
 
 
 def test_pruner_rejects_bad_arguments_before_timing(cache):
@@ -231,7 +223,7 @@ def test_pruner_rejects_bad_arguments_before_timing(cache):
                           (dict(target_speedup=2, example_inputs=x, baseline="onnx"), "baseline"),
                           (dict(target_speedup=2, example_inputs=x, scope="global"), "global")]:
         with pytest.raises(ValueError, match=match):
-            sparsert.Pruner(_mlp(), **kwargs)
+            sparsert.Pruner(tiny_mlp(), **kwargs)
     assert not (cache / "planner").exists()  # nothing was timed
 
 
@@ -239,19 +231,19 @@ def test_pruner_unreachable_target_says_the_best(cache):
     from sparsert.planner.plan import TargetUnreachable
 
     with pytest.raises(ValueError, match=r"not reachable: the best reachable speedup for this model is \d+\.\d\dx") as err:
-        sparsert.Pruner(_mlp(), target_speedup=1e6, example_inputs=torch.randn(4, 32), threads=1,
+        sparsert.Pruner(tiny_mlp(), target_speedup=1e6, example_inputs=torch.randn(4, 32), threads=1,
                         timing=TINY_TIMING)
     # the demo plans for 95% of err.best instead: it must be the number the message says, and reachable
     assert isinstance(err.value, TargetUnreachable) and err.value.target == 1e6
     assert f"{err.value.best:.2f}x" in str(err.value) and 1.0 < err.value.best < 1e6
-    sparsert.Pruner(_mlp(), target_speedup=0.95 * err.value.best, example_inputs=torch.randn(4, 32), threads=1,
+    sparsert.Pruner(tiny_mlp(), target_speedup=0.95 * err.value.best, example_inputs=torch.randn(4, 32), threads=1,
                     timing=TINY_TIMING)
 
 
 def test_tiny_model_end_to_end(cache, tmp_path):
     from sparsert.nn import DenseLinear, SparseLinear
 
-    model, x = _mlp(), torch.randn(4, 32)
+    model, x = tiny_mlp(), torch.randn(4, 32)
     dense = [p.detach().clone() for p in model.parameters()]
     pruner = sparsert.Pruner(model, "wanda", target_speedup=1.05, example_inputs=x, threads=1,
                              sparsities=(0.5, 0.9), timing=TINY_TIMING)
@@ -262,7 +254,7 @@ def test_tiny_model_end_to_end(cache, tmp_path):
     assert plan.predicted_speedup >= 1.05 * (1 - 1e-9)
     assert pruner.sensitivity_tables is not None and set(pruner.sensitivity_tables) == {"unstructured", "4x1",
                                                                                         "2:4"}
-    reuse = sparsert.Pruner(_mlp(), "wanda", target_speedup=1.05, example_inputs=x, threads=1, sparsities=(0.5, 0.9),
+    reuse = sparsert.Pruner(tiny_mlp(), "wanda", target_speedup=1.05, example_inputs=x, threads=1, sparsities=(0.5, 0.9),
                             timing=TINY_TIMING, sensitivity=pruner.sensitivity_tables)
     # without calibration data nothing is scored: the solver's plan, the first candidate the other scored
     solver_plan = plan.candidates[0].plan if plan.candidates else plan
@@ -293,7 +285,7 @@ def test_tiny_model_end_to_end(cache, tmp_path):
     assert path.is_file()
 
 
-def _wider_mlp():
+def _widertiny_mlp():
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32),
                          nn.ReLU(), nn.Linear(32, 8)).eval()
@@ -302,7 +294,7 @@ def _wider_mlp():
 def _planned_sparsegpt(cache, layout):
     """A planned SparseGPT pruner over ``_wider_mlp`` whose plan is overridden by ``layout``
     ({layer: (pattern or None, sparsity)}), so each layer's target is known to the test."""
-    model, x = _wider_mlp(), torch.randn(4, 32)
+    model, x = _widertiny_mlp(), torch.randn(4, 32)
     pruner = sparsert.Pruner(model, "sparsegpt", target_speedup=1.01, example_inputs=x, threads=1,
                              sparsities=(0.5, 0.75), timing=TINY_TIMING)
     pruner.calibrate([torch.randn(16, 32) for _ in range(4)])
@@ -342,7 +334,7 @@ def test_recovery_recipe_options_reach_recover(cache):
 
     layout = {"0": ("unstructured", 0.75), "2": ("4x1", 0.5), "4": ("2:4", 0.5), "6": (None, 0.0)}
     model, x, pruner, plan = _planned_sparsegpt(cache, layout)
-    dense = _wider_mlp()
+    dense = _widertiny_mlp()
     pruner.step()
     before = {n: model.get_submodule(n).weight.detach().clone() for n in layout}
     encoder = type("Workload", (), {"family": "hf", "extra": {}})()
@@ -363,7 +355,7 @@ def test_recovery_after_planned_pruning_keeps_every_mask_and_pattern(cache):
 
     layout = {"0": ("unstructured", 0.75), "2": ("4x1", 0.5), "4": ("2:4", 0.5), "6": (None, 0.0)}
     model, x, pruner, plan = _planned_sparsegpt(cache, layout)
-    dense = _wider_mlp()  # the same seed: the unpruned teacher
+    dense = _widertiny_mlp()  # the same seed: the unpruned teacher
     pruner.step()
     masks = {n: get_mask(model.get_submodule(n)).clone() for n, (p, _) in layout.items() if p}
     weights = {n: model.get_submodule(n).weight.detach().clone() for n in layout}

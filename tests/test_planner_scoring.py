@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
@@ -15,6 +14,7 @@ from sparsert.planner import tables as T
 from sparsert.planner.plan import build_plan
 from sparsert.prune import Pruner as KernelFreePruner
 from sparsert.prune.allocation import SensitivityTable
+from planner_util import cache, tiny_mlp  # noqa: F401  (cache is a fixture)
 
 TINY_TIMING = dict(min_time=0.002, rounds=1, model_min_time=0.01)
 
@@ -157,20 +157,11 @@ def test_score_candidates_rejects_bad_input():
 # ---------------------------------------------------------------- through sparsert.Pruner
 
 
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def _pruner(n, **kw):
     x = torch.randn(4, 32)
-    p = sparsert.Pruner(_mlp(), "wanda", target_speedup=1.05, example_inputs=x, threads=1, sparsities=(0.5, 0.9),
+    p = sparsert.Pruner(tiny_mlp(), "wanda", target_speedup=1.05, example_inputs=x, threads=1, sparsities=(0.5, 0.9),
                         timing=TINY_TIMING, **kw)
     # fixed times instead of this machine's (the candidates must not depend on the load): every pattern pays
     opts = {"unstructured": {0.5: (2.0, "csr"), 0.9: (0.8, "csr")}, "4x1": {0.5: (2.2, "bsr4x1"), 0.9: (0.9, "bsr4x1")},
@@ -215,7 +206,7 @@ def test_pruner_chooses_the_scored_candidate_and_off_is_the_solver_plan(cache):
 
 def test_pruner_without_calibration_data_does_not_score(cache):
     x = torch.randn(4, 32)
-    p = sparsert.Pruner(_mlp(), "magnitude", target_speedup=1.05, example_inputs=x, threads=1, sparsities=(0.5, 0.9),
+    p = sparsert.Pruner(tiny_mlp(), "magnitude", target_speedup=1.05, example_inputs=x, threads=1, sparsities=(0.5, 0.9),
                         timing=TINY_TIMING)
     assert p.plan.candidates == []
 
@@ -226,5 +217,5 @@ def test_pruner_without_calibration_data_does_not_score(cache):
                                        (dict(score_metric="l1"), "score_metric")])
 def test_pruner_rejects_bad_scoring_options(cache, kw, match):
     with pytest.raises(ValueError, match=match):
-        sparsert.Pruner(_mlp(), "wanda", target_speedup=1.05, example_inputs=torch.randn(4, 32), threads=1,
+        sparsert.Pruner(tiny_mlp(), "wanda", target_speedup=1.05, example_inputs=torch.randn(4, 32), threads=1,
                         sparsities=(0.5, 0.9), timing=TINY_TIMING, **kw)

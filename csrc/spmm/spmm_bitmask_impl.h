@@ -169,22 +169,31 @@ static void spmv_rows(const BitmaskMatrix& w, const float* x, float* y, int64_t 
   }
 }
 
-template <int RT>
-static void spmv_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
+// The 1-2 token driver every spmv variant shares: each thread takes a balanced row range and,
+// per token, calls rows(x, y, first_row, end_row) on a zero-padded copy of x (the last group
+// may reach past the last column).
+template <class Rows>
+static void spmv_per_token(const BitmaskMatrix& w, const SpmmArgs& a, Rows rows) {
   const int threads = std::max(1, a.num_threads);
   const int64_t padded = w.group_count() * kBitmaskGroup;
-  const bool relu = a.epilogue == Epilogue::kRelu;
   std::vector<int64_t> bounds;
   balanced_rows(w, threads, bounds);
   parallel_run(threads, [&](int tid, int) {
     static thread_local Scratch xpad_scratch;
     float* xpad = xpad_scratch.get(static_cast<size_t>(padded));
     for (int64_t t = 0; t < a.tokens; ++t) {
-      // A zero-padded copy: the last group may reach past the last column.
       std::memcpy(xpad, a.x + t * a.x_row_stride, sizeof(float) * w.cols);
       std::memset(xpad + w.cols, 0, sizeof(float) * (padded - w.cols));
-      spmv_rows<RT>(w, xpad, a.y + t * a.y_row_stride, bounds[tid], bounds[tid + 1], a.bias, relu);
+      rows(xpad, a.y + t * a.y_row_stride, bounds[tid], bounds[tid + 1]);
     }
+  });
+}
+
+template <int RT>
+static void spmv_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
+  const bool relu = a.epilogue == Epilogue::kRelu;
+  spmv_per_token(w, a, [&](const float* x, float* y, int64_t r0, int64_t r1) {
+    spmv_rows<RT>(w, x, y, r0, r1, a.bias, relu);
   });
 }
 
@@ -300,19 +309,9 @@ static void spmv_avx2_rows(const BitmaskMatrix& w, const float* x, float* y, int
 // RT rows per x load; PF: how many floats ahead each row's values are prefetched.
 template <int RT, int PF>
 static void spmv_avx2_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
-  const int threads = std::max(1, a.num_threads);
-  const int64_t padded = w.group_count() * kBitmaskGroup;
   const bool relu = a.epilogue == Epilogue::kRelu;
-  std::vector<int64_t> bounds;
-  balanced_rows(w, threads, bounds);
-  parallel_run(threads, [&](int tid, int) {
-    static thread_local Scratch xpad_scratch;
-    float* xpad = xpad_scratch.get(static_cast<size_t>(padded));
-    for (int64_t t = 0; t < a.tokens; ++t) {
-      std::memcpy(xpad, a.x + t * a.x_row_stride, sizeof(float) * w.cols);
-      std::memset(xpad + w.cols, 0, sizeof(float) * (padded - w.cols));
-      spmv_avx2_rows<RT, PF>(w, xpad, a.y + t * a.y_row_stride, bounds[tid], bounds[tid + 1], a.bias, relu);
-    }
+  spmv_per_token(w, a, [&](const float* x, float* y, int64_t r0, int64_t r1) {
+    spmv_avx2_rows<RT, PF>(w, x, y, r0, r1, a.bias, relu);
   });
 }
 #endif  // SPARSERT_BITMASK_AVX2
