@@ -114,3 +114,23 @@ def best_dense(times: dict) -> tuple:
     """(name, seconds) of the fastest dense path in ``times`` (keys of :data:`DENSE_METHODS`)."""
     name = min((n for n in DENSE_METHODS if n in times), key=times.get)
     return name, times[name]
+
+
+#: the language-model quality windows (tokens per window, windows per batch) both
+#: prune_quality.py and prune_recover.py use, so their perplexities compare
+LM_QUALITY_WINDOW, LM_QUALITY_BATCH = 256, 4
+
+
+def lm_quality_windows(smollm2, tokenizer, calib_split: str, calib_tokens: int, eval_tokens: int,
+                       seq_len: int = LM_QUALITY_WINDOW) -> tuple:
+    """``(calibration batches, held-out batches)`` of a causal LM: about ``calib_tokens`` of the
+    ``calib_split`` split and ``eval_tokens`` of the "eval" split (another source), in windows of
+    ``seq_len`` tokens, ``LM_QUALITY_BATCH`` windows per batch (``smollm2``: the model module)."""
+    from sparsert.data import corpus
+
+    def windows(split: str, tokens: int) -> list:
+        return smollm2.token_batches(tokenizer, corpus.split(split), seq_len, LM_QUALITY_BATCH,
+                                     max_batches=max(1, tokens // (seq_len * LM_QUALITY_BATCH)))
+
+    return windows(calib_split, calib_tokens), windows("eval", eval_tokens)
+

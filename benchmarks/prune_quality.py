@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from harness import lm_quality_windows
+
 from sparsert.data import corpus
 from sparsert.prune import Pruner, parse_pattern, reconstruct
 
@@ -109,11 +111,8 @@ def main() -> None:
                      f"{args.calib_split}-split sentences; evaluation: {len(held_s)} numpy/scipy/torch sentences")
     else:
         # extraction order keeps neighbouring sentences of one docstring together (context for the LM)
-        bs = 4
-        calib = mod.token_batches(tok, corpus.split(args.calib_split), args.seq_len, bs,
-                                  max_batches=max(1, args.calib_tokens // (args.seq_len * bs)))
-        held = mod.token_batches(tok, corpus.split("eval"), args.seq_len, bs,
-                                 max_batches=max(1, args.eval_tokens // (args.seq_len * bs)))
+        calib, held = lm_quality_windows(mod, tok, args.calib_split, args.calib_tokens, args.eval_tokens,
+                                         args.seq_len)
         names = mod.linear_names(model)
         dense_ppl = mod.perplexity(model, held)
 

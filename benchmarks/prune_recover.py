@@ -47,12 +47,13 @@ from pathlib import Path
 
 import torch
 
+from harness import lm_quality_windows
+
 from sparsert.data import corpus
 from sparsert.models import minilm
 from sparsert.prune import Gradual, Pruner, apply_mask, get_mask, recover
 
 
-LM_EVAL_WINDOW = 256  # held-out windows as in prune_quality.py, so the perplexities compare
 
 
 def _minilm(args):
@@ -84,11 +85,8 @@ def _smollm2(args):
     if reason:
         raise SystemExit(reason)
     teacher, tok = smollm2.load()
-    # calibration and held-out windows exactly as prune_quality.py builds them (same one-shot, same dense ppl)
-    calib = smollm2.token_batches(tok, corpus.split(args.calib_split), LM_EVAL_WINDOW, 4,
-                                  max_batches=max(1, args.calib_tokens // (LM_EVAL_WINDOW * 4)))
-    held = smollm2.token_batches(tok, corpus.split("eval"), LM_EVAL_WINDOW, 4,
-                                 max_batches=max(1, args.eval_tokens // (LM_EVAL_WINDOW * 4)))
+    # the calibration and held-out windows of prune_quality.py (same one-shot, same dense perplexity)
+    calib, held = lm_quality_windows(smollm2, tok, args.calib_split, args.calib_tokens, args.eval_tokens)
     # training: every window of the train split, batches in a seeded random order (one docstring's
     # sentences stay together inside a window)
     train = smollm2.token_batches(tok, corpus.split("train"), args.max_length, args.batch)

@@ -134,7 +134,6 @@ static inline float w16_sum(const W16& a) {
 #endif
 
 // (AVX2 has its own spmv below: spmv_avx2_kernel.)
-#define SPARSERT_FMA_EXPANDED(acc, mask, p, x) fma_expanded(acc, mask, p, x)
 
 // Rows [r0, r1) for one token; x holds group_count() * 16 floats (zero padded).
 // RT rows at a time share every x load.
@@ -154,7 +153,7 @@ static void spmv_rows(const BitmaskMatrix& w, const float* x, float* y, int64_t 
     }
     for (int64_t g = 0; g < groups; ++g) {
       const W16 xg = w16_load(x + g * kBitmaskGroup);
-      for (int r = 0; r < RT; ++r) vals[r] += SPARSERT_FMA_EXPANDED(acc[r], masks[r][g], vals[r], xg);
+      for (int r = 0; r < RT; ++r) vals[r] += fma_expanded(acc[r], masks[r][g], vals[r], xg);
     }
     for (int r = 0; r < RT; ++r)
       y[n + r] = activate(w16_sum(acc[r]) + (bias ? bias[n + r] : 0.0f), relu);
@@ -164,7 +163,7 @@ static void spmv_rows(const BitmaskMatrix& w, const float* x, float* y, int64_t 
     const float* vals = w.values + w.row_offsets[n];
     W16 acc = w16_zero();
     for (int64_t g = 0; g < groups; ++g)
-      vals += SPARSERT_FMA_EXPANDED(acc, mask[g], vals, w16_load(x + g * kBitmaskGroup));
+      vals += fma_expanded(acc, mask[g], vals, w16_load(x + g * kBitmaskGroup));
     y[n] = activate(w16_sum(acc) + (bias ? bias[n] : 0.0f), relu);
   }
 }

@@ -184,8 +184,6 @@ class Pruner(_KernelFreePruner):
         data = list(self._data)
         held = min(len(data) - 1, self.score_batches or max(1, len(data) // 4))
         prune_data, score_data = (data, data) if held < 1 else (data[:-held], data[-held:])
-        if self.scope == "global":  # cannot be: target_speedup refuses it; the copies prune per layer
-            raise ValueError("scope='global' does not apply with target_speedup")
 
         def prune_copy(model: nn.Module, plan: Plan) -> None:
             pruned = plan.pruned

@@ -90,9 +90,9 @@ def candidate_plans(tables: TimeTables, sensitivity: Mapping[str, SensitivityTab
 
     add("plan", build_plan(tables, sensitivity, target, bins=bins, sensitivity_note=sensitivity_note))
     patterns = sorted({p for lt in tables.layers.values() for p in lt.options})
+    points = uniform_points(tables, sensitivity)
     for pattern in patterns:
-        fits = sorted((s, sp) for p, s, sp, _ in uniform_points(tables, sensitivity)
-                      if p == pattern and sp >= target * (1 - 1e-9))
+        fits = sorted((s, sp) for p, s, sp, _ in points if p == pattern and sp >= target * (1 - 1e-9))
         if fits:
             s = fits[0][0]
             add(f"uniform {pattern}@{s:g}", uniform_plan(tables, sensitivity, target, pattern, s,
