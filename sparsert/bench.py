@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from . import ops as _ops
 from .convert import call_model, sparsify
+from .convert.timing import capture_layer_inputs
 from .convert.plan import _format_table
 from .nn import DenseLinear, SparseConv2d, SparseLinear
 from .nn.surgery import swap
@@ -272,16 +273,27 @@ def _timed_calls(fn: Callable[[], Any], calls: int) -> list:
     return out
 
 
-def best_dense_model(model: nn.Module) -> nn.Module:
+def best_dense_model(model: nn.Module, example_inputs=None, *, min_time: float = 0.02,
+                     rounds: int = 5) -> nn.Module:
     """A copy of ``model`` with every plain ``nn.Linear`` on the best dense path
     (:class:`~sparsert.nn.DenseLinear`, sharing the weights): the baseline the
-    benchmarks report beside torch eager."""
+    benchmarks report beside torch eager.
+
+    With ``example_inputs`` each of those layers is tuned on the input it gets from them
+    (:meth:`~sparsert.nn.DenseLinear.tune`: oneDNN prepacked or eager ``F.linear``,
+    whichever measures faster at that token count); without, the default rule."""
     out = copy.deepcopy(model)  # shares nothing with the caller's modules
     names = [n for n, m in out.named_modules() if type(m) is nn.Linear]
     skip = [n + "." for n, m in out.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    swapped = []
     for name in names:
         if not any(name.startswith(p) for p in skip):  # MultiheadAttention reads out_proj.weight directly
             swap(out, name, DenseLinear.from_linear(out.get_submodule(name)))
+            swapped.append(name)
+    if example_inputs is not None and swapped:
+        captured, _ = capture_layer_inputs(out, swapped, example_inputs)
+        for name, x in captured.items():
+            out.get_submodule(name).tune(x, min_time=min_time, rounds=rounds)
     return out
 
 
@@ -312,7 +324,7 @@ def benchmark(dense_model: nn.Module, sparse_model: nn.Module, example_inputs, t
     batch = _batch_of(example_inputs)
     run_dense = lambda: call_model(dense_model, example_inputs)
     run_sparse = lambda: call_model(sparse_model, example_inputs)
-    best_model = best_dense_model(dense_model) if best_dense else None
+    best_model = best_dense_model(dense_model, example_inputs) if best_dense else None
     run_best = None if best_model is None else (lambda: call_model(best_model, example_inputs))
     with thread_settings(threads) as n_threads, torch.inference_mode():
         for _ in range(warmup):

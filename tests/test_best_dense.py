@@ -140,3 +140,121 @@ def test_sparsified_model_with_dense_and_sparse_layers_under_torch_compile():
         expected = model(x)
         torch.testing.assert_close(out(x), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- tuned paths: the faster of oneDNN prepacked and eager F.linear per token count --------
+
+def test_path_for_follows_the_nearest_measured_token_count():
+    layer = PackedDenseLinear(torch.randn(8, 16), backend="torch")
+    assert layer.path_for(1) == "torch" and layer.path_for(64) == "torch"  # no packed weight: always torch
+    if not onednn_available():
+        pytest.skip("needs oneDNN")
+    layer = PackedDenseLinear(torch.randn(8, 16), backend="onednn")
+    assert (layer.path_for(1), layer.path_for(2), layer.path_for(512)) == ("torch", "onednn", "onednn")  # the default
+    layer.set_path(16, "torch")
+    layer.set_path(256, "onednn")
+    assert layer.tuned_paths == {16: "torch", 256: "onednn"}
+    # below the first and above the last measured count: theirs; between: the nearer in ratio
+    assert [layer.path_for(r) for r in (1, 16, 63, 65, 256, 4096)] == ["torch", "torch", "torch", "onednn",
+                                                                      "onednn", "onednn"]
+    layer.set_path(16, "onednn")  # measured again: replaced
+    assert layer.tuned_paths == {16: "onednn", 256: "onednn"}
+    with pytest.raises(ValueError, match="path"):
+        layer.set_path(4, "mkl")
+    with pytest.raises(ValueError, match="rows"):
+        layer.set_path(0, "torch")
+    with pytest.raises(ValueError, match="path"):
+        layer(torch.randn(2, 16), path="fast")
+
+
+@pytest.mark.skipif(not onednn_available(), reason="needs oneDNN")
+def test_the_chosen_path_is_the_one_that_runs():
+    # a packed weight that cannot run: any call that takes the oneDNN path fails
+    gen = torch.Generator().manual_seed(3)
+    w, b = torch.randn(5, 12, generator=gen), torch.randn(5, generator=gen)
+    layer = PackedDenseLinear(w, b)
+    layer._packed = torch.zeros(1)
+    x = torch.randn(8, 12, generator=gen)
+    with pytest.raises(RuntimeError):
+        layer(x)  # default rule: 8 tokens take oneDNN
+    layer.set_path(8, "torch")
+    ref = F.linear(x.double(), w.double(), b.double())
+    assert (layer(x).double() - ref).abs().max() < 1e-4
+    with pytest.raises(RuntimeError):
+        layer(x, path="onednn")  # forced
+    assert (layer(torch.randn(1, 12), path="torch")).shape == (1, 5)
+
+
+@pytest.mark.parametrize("tokens", [1, 6, 40])
+def test_dense_linear_tune_keeps_the_faster_path_and_the_same_answer(tokens):
+    import copy
+
+    from torch import nn
+
+    from sparsert.nn import DenseLinear
+    gen = torch.Generator().manual_seed(tokens)
+    lin = nn.Linear(48, 20)
+    layer = DenseLinear.from_linear(lin)
+    x = torch.randn(2, tokens, 48, generator=gen)
+    times = layer.tune(x, min_time=0.002, rounds=2)
+    assert set(times) == ({"onednn", "torch"} if onednn_available() else {"torch"})
+    assert all(t > 0 for t in times.values())
+    assert layer.tuned_paths == {2 * tokens: min(times, key=times.get)}
+    assert "tuned_paths" in repr(layer)
+    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    with torch.no_grad():
+        assert (layer(x).double() - ref).abs().max() < 1e-4
+        layer.weight.mul_(-1)  # re-packed: the measured choice stays
+        assert layer._packed_layer().tuned_paths == layer.tuned_paths
+        twin = copy.deepcopy(layer)
+        assert twin.tuned_paths == layer.tuned_paths
+        flipped = F.linear(x.double(), layer.weight.double(), layer.bias.double())  # shared with lin: flipped too
+        assert (twin(x).double() - flipped).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="features"):
+        layer.tune(torch.randn(3, 47))
+    with pytest.raises(ValueError, match="no tokens"):
+        layer.tune(torch.randn(0, 48))
+
+
+def test_best_dense_model_tunes_every_layer_on_its_own_input():
+    from torch import nn
+
+    from sparsert.bench import best_dense_model
+    from sparsert.nn import DenseLinear
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(3, 5, 16)
+    untuned = best_dense_model(model)
+    assert all(m.tuned_paths == {} for m in untuned if isinstance(m, DenseLinear))
+    tuned = best_dense_model(model, x, min_time=0.002, rounds=1)
+    assert [sorted(m.tuned_paths) for m in tuned if isinstance(m, DenseLinear)] == [[15], [15]]
+    assert type(model[0]) is nn.Linear  # the caller's model is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sparsify_times_a_dense_layer_on_its_faster_path(monkeypatch):
+    from torch import nn
+
+    import sparsert
+    from sparsert.nn import DenseLinear
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        model[0].weight[:, :16] = 0
+        model[2].weight[:, :1] = 0  # nearly dense: left dense untimed, still tuned
+    x = torch.randn(16, 32)
+    out = sparsert.sparsify(model, example_inputs=x, min_speedup=1e9, min_time=0.002, rounds=1)
+    plan = out.sparsity_plan
+    for i, d in ((0, plan[0]), (2, plan[1])):
+        assert isinstance(out[i], DenseLinear) and d.chosen == "dense"
+        assert d.dense_path in ("onednn", "torch") and out[i].tuned_paths == {16: d.dense_path}
+
+    # a layer where eager measures faster says so in the plan
+    def eager_faster(self, x, min_time=0.02, rounds=5):
+        self.__dict__.setdefault("_tuned_paths", {})[x.numel() // self.in_features] = "torch"
+        return {"onednn": 2e-3, "torch": 1e-3}
+    monkeypatch.setattr(DenseLinear, "tune", eager_faster)
+    out = sparsert.sparsify(model, example_inputs=x, min_speedup=1e9, min_time=0.002, rounds=1)
+    d = out.sparsity_plan[0]
+    assert d.dense_path == "torch" and "eager F.linear (2.00x faster than prepacked)" in d.reason
+    assert out[0].tuned_paths == {16: "torch"}

@@ -18,7 +18,7 @@ from sparsert.planner.plan import build_plan
 from sparsert.planner.solver import Option, solve
 from sparsert.prune import Pruner as KernelFreePruner
 from sparsert.prune.allocation import SensitivityTable
-from planner_util import cache, tiny_mlp  # noqa: F401  (cache is a fixture)
+from planner_util import cache, synthetic_timing, tiny_mlp  # noqa: F401  (cache, synthetic_timing: fixtures)
 
 TINY_TIMING = dict(min_time=0.002, rounds=1, model_min_time=0.01)
 
@@ -227,7 +227,7 @@ def test_pruner_rejects_bad_arguments_before_timing(cache):
     assert not (cache / "planner").exists()  # nothing was timed
 
 
-def test_pruner_unreachable_target_says_the_best(cache):
+def test_pruner_unreachable_target_says_the_best(cache, synthetic_timing):
     from sparsert.planner.plan import TargetUnreachable
 
     with pytest.raises(ValueError, match=r"not reachable: the best reachable speedup for this model is \d+\.\d\dx") as err:
@@ -240,7 +240,7 @@ def test_pruner_unreachable_target_says_the_best(cache):
                     timing=TINY_TIMING)
 
 
-def test_tiny_model_end_to_end(cache, tmp_path):
+def test_tiny_model_end_to_end(cache, synthetic_timing, tmp_path):
     from sparsert.nn import DenseLinear, SparseLinear
 
     model, x = tiny_mlp(), torch.randn(4, 32)
@@ -305,7 +305,7 @@ def _planned_sparsegpt(cache, layout):
     return model, x, pruner, plan
 
 
-def test_sparsegpt_planned_path_prunes_each_layer_to_its_own_sparsity_and_pattern(cache):
+def test_sparsegpt_planned_path_prunes_each_layer_to_its_own_sparsity_and_pattern(cache, synthetic_timing):
     from sparsert.prune import parse_pattern
 
     layout = {"0": ("unstructured", 0.75), "2": ("4x1", 0.5), "4": ("2:4", 0.5), "6": (None, 0.0)}
@@ -327,7 +327,7 @@ def test_sparsegpt_planned_path_prunes_each_layer_to_its_own_sparsity_and_patter
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_recovery_recipe_options_reach_recover(cache):
+def test_recovery_recipe_options_reach_recover(cache, synthetic_timing):
     # the encoder recipe passes train="pruned" and dropout=False through recover_pruned to recover
     from sparsert.models.catalogue import recovery_recipe
     from sparsert.planner.workflow import recover_pruned
@@ -348,7 +348,7 @@ def test_recovery_recipe_options_reach_recover(cache):
     assert all(not torch.equal(model.get_submodule(n).weight, before[n]) for n in ("0", "2", "4"))
 
 
-def test_recovery_after_planned_pruning_keeps_every_mask_and_pattern(cache):
+def test_recovery_after_planned_pruning_keeps_every_mask_and_pattern(cache, synthetic_timing):
     from sparsert.planner.workflow import recover_pruned
     from sparsert.prune import parse_pattern
     from sparsert.prune.masks import get_mask

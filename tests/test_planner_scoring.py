@@ -14,7 +14,7 @@ from sparsert.planner import tables as T
 from sparsert.planner.plan import build_plan
 from sparsert.prune import Pruner as KernelFreePruner
 from sparsert.prune.allocation import SensitivityTable
-from planner_util import cache, tiny_mlp  # noqa: F401  (cache is a fixture)
+from planner_util import cache, synthetic_timing, tiny_mlp  # noqa: F401  (cache, synthetic_timing: fixtures)
 
 TINY_TIMING = dict(min_time=0.002, rounds=1, model_min_time=0.01)
 
@@ -172,7 +172,7 @@ def _pruner(n, **kw):
     return p
 
 
-def test_pruner_chooses_the_scored_candidate_and_off_is_the_solver_plan(cache):
+def test_pruner_chooses_the_scored_candidate_and_off_is_the_solver_plan(cache, synthetic_timing):
     off = _pruner(0, score_candidates=0)
     plan_off = off.plan
     solver = build_plan(off.tables, off.sensitivity_tables, 1.05, bins=off.bins)
@@ -204,7 +204,7 @@ def test_pruner_chooses_the_scored_candidate_and_off_is_the_solver_plan(cache):
         assert bool((w == 0).any()) == (lp.pattern is not None), lp.name
 
 
-def test_pruner_without_calibration_data_does_not_score(cache):
+def test_pruner_without_calibration_data_does_not_score(cache, synthetic_timing):
     x = torch.randn(4, 32)
     p = sparsert.Pruner(tiny_mlp(), "magnitude", target_speedup=1.05, example_inputs=x, threads=1, sparsities=(0.5, 0.9),
                         timing=TINY_TIMING)
@@ -215,7 +215,7 @@ def test_pruner_without_calibration_data_does_not_score(cache):
                                        (dict(score_candidates=True), "score_candidates"),
                                        (dict(score_batches=0), "score_batches"),
                                        (dict(score_metric="l1"), "score_metric")])
-def test_pruner_rejects_bad_scoring_options(cache, kw, match):
+def test_pruner_rejects_bad_scoring_options(cache, synthetic_timing, kw, match):
     with pytest.raises(ValueError, match=match):
         sparsert.Pruner(tiny_mlp(), "wanda", target_speedup=1.05, example_inputs=torch.randn(4, 32), threads=1,
                         sparsities=(0.5, 0.9), timing=TINY_TIMING, **kw)

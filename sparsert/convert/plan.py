@@ -33,6 +33,7 @@ class LayerDecision:
     reason: str = ""
     dense_bytes: int = 0
     sparse_bytes: int = 0          # bytes of the chosen packed weight (== dense_bytes if dense)
+    dense_path: Optional[str] = None  # the dense Linear's faster path where both were timed: "onednn" | "torch"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

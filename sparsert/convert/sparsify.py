@@ -116,6 +116,7 @@ def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, stri
     decision.candidates = {k: None for k in built}
     if x is None:
         return decision, built
+    _tune_dense(built.get("dense"), x, decision, min_time, rounds)
     with torch.no_grad():
         # int8 candidates are checked against the float layer (the int8 dense one has its own error)
         ref = F.linear(x, module.weight, module.bias) if precision == "int8" else built["dense"](x)
@@ -134,8 +135,22 @@ def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, stri
             for kind, mod in built.items():
                 samples[kind].extend(call_times(lambda: mod(x), min_time / rounds, 3))
     decision.candidates = {k: statistics.median(v) for k, v in samples.items()}
-    decision.reason = input_note
+    decision.reason = "; ".join(r for r in (input_note, decision.reason) if r)
     return decision, built
+
+
+def _tune_dense(dense: Optional[nn.Module], x: Tensor, decision: LayerDecision, min_time: float,
+                rounds: int) -> None:
+    """A Linear's dense baseline runs on whichever dense path measures faster on ``x`` (oneDNN
+    prepacked or eager ``F.linear``: neither wins on every shape), so a sparse format is
+    compared with, and a layer left dense runs on, the faster one."""
+    if not isinstance(dense, DenseLinear):
+        return
+    times = dense.tune(x, min_time=min_time / 2, rounds=rounds)
+    decision.dense_path = min(times, key=times.get)
+    if decision.dense_path == "torch" and "onednn" in times:
+        note = f"dense on eager F.linear ({times['onednn'] / times['torch']:.2f}x faster than prepacked)"
+        decision.reason = f"{decision.reason}; {note}" if decision.reason else note
 
 
 def _choose(decision: LayerDecision, built: dict, min_speedup: float, forced: Optional[str]) -> Optional[nn.Module]:
@@ -274,7 +289,7 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
         x = _default_input(module)
         note = f"timed on {DEFAULT_TOKENS} random rows" if x is not None else "no input shape"
     int8 = precision == "int8" and isinstance(module, nn.Linear)
-    if forced is None and _nearly_dense(model, name, module, plan, precision, undo):
+    if forced is None and _nearly_dense(model, name, module, x, plan, precision, undo, min_time, rounds):
         return
     if int8:
         kinds = ["dense", INT8_SPARSE_FORMAT]
@@ -297,9 +312,9 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
               + (f" ({decision.speedup:.2f}x)" if decision.speedup else ""), flush=True)
 
 
-def _nearly_dense(model, name, module, plan, precision, undo) -> bool:
-    """Under ``"auto"``, a layer above :data:`MAX_SPARSE_DENSITY` stays dense untimed (a Linear on
-    the best dense path); returns whether it did."""
+def _nearly_dense(model, name, module, x, plan, precision, undo, min_time, rounds) -> bool:
+    """Under ``"auto"``, a layer above :data:`MAX_SPARSE_DENSITY` stays dense without timing
+    sparse formats (a Linear on the faster dense path for ``x``); returns whether it did."""
     decision = _dense_decision(name, module, None)
     if decision.density <= MAX_SPARSE_DENSITY:
         return False
@@ -307,7 +322,10 @@ def _nearly_dense(model, name, module, plan, precision, undo) -> bool:
                        f"{MAX_SPARSE_DENSITY:.0%}")
     plan.append(decision)
     if isinstance(module, nn.Linear):  # left dense = the best dense path, as for a timed layer
-        swap(model, name, _fresh_dense(module, "int8" if precision == "int8" else "fp32"), undo)
+        dense = _fresh_dense(module, "int8" if precision == "int8" else "fp32")
+        if x is not None:
+            _tune_dense(dense, x, decision, min_time, rounds)
+        swap(model, name, dense, undo)
     return True
 
 

@@ -36,6 +36,7 @@ no gradient (see :mod:`sparsert.ops.schema`).
 
 from __future__ import annotations
 
+import statistics
 import warnings
 from typing import Optional, Union
 
@@ -362,8 +363,52 @@ class DenseLinear(nn.Linear):
         cached = self.__dict__.get("_packed_cache")
         if cached is None or cached[0] != key:
             cached = (key, PackedDenseLinear(w, b))
+            for rows, path in self.tuned_paths.items():  # measured choices outlive a repack
+                cached[1].set_path(rows, path)
             self.__dict__["_packed_cache"] = cached
         return cached[1]
+
+    def __getstate__(self):
+        # the prepacked oneDNN weight is an opaque tensor that cannot be copied or pickled:
+        # copies (copy.deepcopy, pickle) drop it and re-pack on their first call
+        state = dict(super().__getstate__())
+        state.pop("_packed_cache", None)
+        return state
+
+    @property
+    def tuned_paths(self) -> dict:
+        """{token count: ``"onednn"`` or ``"torch"``}: the path measured faster at that count by
+        :meth:`tune` (other counts follow the nearest one); empty = the default rule."""
+        return dict(self.__dict__.get("_tuned_paths", {}))
+
+    def tune(self, x: Tensor, min_time: float = 0.02, rounds: int = 5) -> dict:
+        """Times both dense paths (oneDNN prepacked, eager ``F.linear``) on ``x``, interleaved,
+        and keeps the faster one for calls with ``x``'s token count. Returns the median seconds
+        per call of each path, ``{"onednn": s, "torch": s}`` (only ``"torch"`` where the packed
+        path cannot run)."""
+        from ..convert.timing import call_times  # timing lives with the converter
+
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must be a tensor with {self.in_features} features in its last dim, got "
+                             f"{getattr(x, 'shape', type(x))}")
+        rows = x.numel() // self.in_features
+        if rows < 1:
+            raise ValueError("x has no tokens to time")
+        layer = self._packed_layer()
+        paths = [p for p in ("onednn", "torch") if p == "torch" or layer.backend == "onednn"]
+        samples: dict = {p: [] for p in paths}
+        with torch.no_grad():
+            for p in paths:  # warm-up: first calls allocate and page the weights in
+                layer(x, path=p)
+            for _ in range(max(1, rounds)):
+                for p in paths:
+                    samples[p].extend(call_times(lambda: layer(x, path=p), min_time / max(1, rounds), 3))
+        times = {p: statistics.median(v) for p, v in samples.items()}
+        best = min(times, key=times.get)
+        tuned = self.__dict__.setdefault("_tuned_paths", {})
+        tuned[int(rows)] = best
+        layer.set_path(rows, best)
+        return times
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
@@ -376,6 +421,10 @@ class DenseLinear(nn.Linear):
         if w.dtype != torch.float32 or not w.is_cpu or w.is_inference() or needs_grad:
             return super().forward(x)
         return self._packed_layer()(x)
+
+    def extra_repr(self) -> str:
+        tuned = self.tuned_paths
+        return super().extra_repr() + (f", tuned_paths={tuned}" if tuned else "")
 
 
 class Int8DenseLinear(nn.Linear):

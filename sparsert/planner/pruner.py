@@ -267,7 +267,7 @@ def sparsify_planned(model: nn.Module, plan: Plan, example_inputs: Any = None, *
             except (ValueError, TypeError):
                 new = build(module, "csr")
             swap(out, lp.name, new)
-        out = best_dense_model(out)  # the layers left dense: on the best dense path
+        out = best_dense_model(out, example_inputs)  # the layers left dense: on the best dense path, tuned
         out.eval()
         if check and example_inputs is not None:
             ref = flatten_tensors(call_model(model, example_inputs))

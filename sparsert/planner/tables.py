@@ -60,7 +60,7 @@ DEFAULT_PATTERNS = ("unstructured", "4x1", "2:4")
 #: sparsities timed per pattern (N:M patterns have their one sparsity)
 DEFAULT_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 BASELINES = ("best_dense", "torch")
-_CACHE_VERSION = 2  # 2: the whole-model entry holds the measured remainder too
+_CACHE_VERSION = 3  # 2: the whole-model entry holds the measured remainder too; 3: the baseline model tuned per layer
 
 
 def cache_dir() -> Path:
@@ -107,7 +107,7 @@ class LayerTimes:
     type: str                    # "Linear" | "Conv2d"
     shape: tuple                 # the 2-D weight shape (out, in[*kh*kw])
     input_shape: tuple
-    dense: float                 # on the best dense path (a layer left dense runs here)
+    dense: float                 # the faster of oneDNN prepacked and eager (where a layer left dense runs)
     torch: float                 # torch eager
     #: {pattern: {sparsity: (seconds, format kind)}} for the fastest format at that point
     options: dict = dataclasses.field(default_factory=dict)
@@ -320,7 +320,8 @@ def _time_model_and_rest(model: nn.Module, names: Sequence[str], example_inputs,
         layer = model.get_submodule(n)
         swap(rest, n, _ZerosLike(out.shape, out.dtype, layer.out_features if isinstance(layer, nn.Linear) else None))
     # stubbed before the baseline conversion: prepacked oneDNN weights cannot be deep-copied
-    on_baseline = best_dense_model if baseline == "best_dense" else copy.deepcopy
+    on_baseline = ((lambda m: best_dense_model(m, example_inputs)) if baseline == "best_dense"
+                   else copy.deepcopy)
     model, rest = on_baseline(model).eval(), on_baseline(rest).eval()
     for _ in range(3):
         call_model(model, example_inputs)
@@ -420,8 +421,9 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
                     pts = {**(pts or {}), **timed["options"].get(str(pat), {})}
                     store.put(pkey, pts)
                 entry[str(pat)] = {float(s): (float(pts[s][0]), str(pts[s][1])) for s in want if s in pts}
-            out[name] = LayerTimes(name, sig["type"], (rows, cols), tuple(x.shape), float(base["dense"]),
-                                   float(base["torch"]), entry)
+            # a layer left dense runs on the faster of the two dense paths (DenseLinear.tune)
+            out[name] = LayerTimes(name, sig["type"], (rows, cols), tuple(x.shape),
+                                   min(float(base["dense"]), float(base["torch"])), float(base["torch"]), entry)
             if progress:
                 print(f"[planner] timed {i + 1}/{len(names)} {name}", flush=True)
         whole = store.get(mkey)
