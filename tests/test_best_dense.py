@@ -155,10 +155,13 @@ def test_path_for_follows_the_nearest_measured_token_count():
     layer.set_path(256, "onednn")
     assert layer.tuned_paths == {16: "torch", 256: "onednn"}
     # below the first and above the last measured count: theirs; between: the nearer in ratio
-    assert [layer.path_for(r) for r in (1, 16, 63, 65, 256, 4096)] == ["torch", "torch", "torch", "onednn",
+    assert [layer.path_for(r) for r in (2, 16, 63, 65, 256, 4096)] == ["torch", "torch", "torch", "onednn",
                                                                       "onednn", "onednn"]
     layer.set_path(16, "onednn")  # measured again: replaced
     assert layer.tuned_paths == {16: "onednn", 256: "onednn"}
+    assert (layer.path_for(1), layer.path_for(2)) == ("torch", "onednn")  # one token: a GEMV, eager unless measured
+    layer.set_path(1, "onednn")
+    assert layer.path_for(1) == "onednn"
     with pytest.raises(ValueError, match="path"):
         layer.set_path(4, "mkl")
     with pytest.raises(ValueError, match="rows"):

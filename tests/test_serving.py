@@ -129,6 +129,14 @@ def test_engine_runs_plain_linears_on_the_best_dense_path():
         assert (torch.tensor(out["data"]).reshape(7, 5) - want).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="dense_path"):
         Engine(module, dense_path="fast")
+    # warm-up tunes each dense layer at the worker's token counts (eager: nothing to tune)
+    assert all(m.tuned_paths == {} for m in best.model if isinstance(m, DenseLinear))
+    best.warmup()
+    eager.warmup()
+    from sparsert.serving.engine import DENSE_TUNE_ROWS
+    assert [sorted(m.tuned_paths) for m in best.model if isinstance(m, DenseLinear)] == [sorted(DENSE_TUNE_ROWS)] * 2
+    out = best.handle("predict", body)["outputs"]["output"]
+    assert (torch.tensor(out["data"]).reshape(7, 5) - want).abs().max().item() <= 1e-5
 
 
 def test_engine_refuses_a_corrupt_file_with_the_loaders_error(files, tmp_path):

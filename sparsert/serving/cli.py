@@ -66,8 +66,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                         f"all-MiniLM-L6-v2's or {SMOLLM2_TOKENIZER!r} for SmolLM2-135M's "
                         f"(default: FILE{TOKENIZER_SUFFIX}/ beside FILE if it exists)")
     s.add_argument("--dense-path", choices=DENSE_PATHS, default="best",
-                   help="plain dense Linear layers run on sparsert's best dense path (prepacked oneDNN, "
-                        "default) or torch eager")
+                   help="plain dense Linear layers run on sparsert's best dense path (default: per layer the "
+                        "faster of prepacked oneDNN and eager F.linear, timed at start-up) or torch eager")
     s.add_argument("--worker-nice", type=int, choices=range(0, 20), default=DEFAULT_WORKER_NICE, metavar="0..19",
                    help=f"lower the model workers' CPU priority by this much (default {DEFAULT_WORKER_NICE}), so the HTTP process "
                         "answers overload (503) and relays answers without waiting behind a running batch; "

@@ -64,6 +64,9 @@ MAX_ELEMENTS = 1 << 22    # elements per predict tensor (16 MiB as float32)
 MAX_STOP_STRINGS = 4      # OpenAI's limit on 'stop'
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default 'max_tokens' for /v1/completions
 DENSE_PATHS = ("best", "eager")  # how an Engine runs the plain nn.Linear layers of its model
+#: token counts at which Engine.warmup times the two dense paths of each layer ("best"): a worker's
+#: batches (a few short sentences) and a full one; other counts follow the nearest
+DENSE_TUNE_ROWS = (16, 128)
 
 
 class RequestError(ValueError):
@@ -501,7 +504,8 @@ class Engine:
     completion's ``max_tokens`` (causal LMs). ``dense_path``: ``"best"`` (default) runs every plain
     ``nn.Linear`` of the model (a dense model's, and a sparsified model's layers left dense, which a
     file loads as plain Linears) on sparsert's best dense path (:class:`~sparsert.nn.DenseLinear`,
-    a prepacked oneDNN weight), ``"eager"`` leaves them on torch's ``F.linear``. One lock serialises
+    a prepacked oneDNN weight, or eager where :meth:`warmup` measures that faster for the layer),
+    ``"eager"`` leaves them on torch's ``F.linear``. One lock serialises
     the forward passes of one engine, so threads sharing it (Ray Serve replicas) interleave by step and never interfere.
     """
 
@@ -526,6 +530,7 @@ class Engine:
 
             model = best_dense_model(model)  # a copy: a module passed in is never changed
         self.model = model.eval()
+        self.dense_path = dense_path
         self.max_batch_rows = max_batch_rows
         if max_completion_tokens < 1:
             raise ValueError(f"max_completion_tokens must be >= 1, got {max_completion_tokens}")
@@ -565,13 +570,31 @@ class Engine:
         return self.run([self.frontend.parse(op, body)])[0]
 
     def warmup(self) -> None:
-        """One request of each kind the model serves, so the first real one pays no start-up costs."""
+        """Tunes the dense layers (``dense_path="best"``), then one request of each kind the model
+        serves, so the first real one pays no start-up costs."""
+        if self.dense_path == "best":
+            self.tune_dense_layers()
         if self.spec.embeddings:
             self.handle("embeddings", {"input": ["warm up the sparse kernels", "hello"]})
         if self.spec.completions:
             self.completion(self.frontend.completions({"prompt": "Hello", "max_tokens": 2, "temperature": 0}))
         example = {s.name: self._example(s) for s in self.spec.inputs if s.required}
         self.run([{"op": "predict", "inputs": example}])
+
+    def tune_dense_layers(self, rows: Sequence[int] = DENSE_TUNE_ROWS) -> int:
+        """Times both dense paths of every :class:`~sparsert.nn.DenseLinear` of the model at
+        ``rows`` tokens with this engine's threads, keeping the faster per token count (neither
+        oneDNN prepacked nor eager ``F.linear`` wins everywhere: at a worker's small batches on
+        one thread eager was up to 25% faster here). Returns the number of layers tuned."""
+        from sparsert.nn import DenseLinear
+
+        layers = [m for m in self.model.modules() if isinstance(m, DenseLinear)]
+        gen = torch.Generator().manual_seed(0)
+        with self._lock, torch.no_grad():
+            for m in layers:
+                for n in rows:
+                    m.tune(torch.randn(int(n), m.in_features, generator=gen), min_time=0.005, rounds=3)
+        return len(layers)
 
     @staticmethod
     def _example(s: TensorSpec) -> dict:
