@@ -85,3 +85,16 @@ def test_sparsegpt_then_distillation_improves_a_tiny_causal_lm_and_keeps_its_mas
     for k, v in student.state_dict().items():
         if k in frozen:
             assert torch.equal(v, frozen[k]), k
+
+
+def test_the_planned_workflow_judges_a_causal_lm_by_its_own_measure_not_embeddings(monkeypatch):
+    # `sparsert prune smollm2 --target-speedup` used to take a tokenizer to mean a sentence
+    # encoder and crashed pooling a CausalLMOutput; a causal LM is judged by wl.quality (perplexity)
+    from sparsert.planner import workflow
+
+    wl = Workload("tiny", _tiny_llama(), "hf", tokenizer=object(), extra={"causal_lm": True})
+    calls = []
+    monkeypatch.setattr(Workload, "quality", lambda self, model, reference=None: calls.append(model) or
+                        {"perplexity": 2.0})
+    assert workflow.reference_embeddings(wl, wl.model) is None
+    assert workflow.quality(wl, wl.model, wl.model) == {"perplexity": 2.0} and calls == [wl.model]

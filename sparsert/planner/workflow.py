@@ -99,7 +99,8 @@ def recover_pruned(model, dense, data: Sequence, minutes: float, *, steps: Optio
 
 
 def _embedder(wl) -> bool:
-    return wl.family == "hf" and wl.tokenizer is not None
+    """A sentence encoder (quality = embedding cosine); causal LMs are measured by perplexity."""
+    return wl.family == "hf" and wl.tokenizer is not None and not wl.extra.get("causal_lm")
 
 
 @torch.no_grad()
