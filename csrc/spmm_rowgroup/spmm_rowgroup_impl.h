@@ -48,10 +48,12 @@ static inline vf splat(float s) {
 
 constexpr int popcount4(int p) { return (p & 1) + (p >> 1 & 1) + (p >> 2 & 1) + (p >> 3 & 1); }
 
-// Accumulator sets for `chains` = rows * NV chains: at least ~8 chains, at most 12 registers.
-constexpr int sets_for(int chains) {
-  return chains >= 8 ? 1 : ((8 + chains - 1) / chains) * chains > 12 ? 12 / chains : (8 + chains - 1) / chains;
-}
+// Accumulator sets for `chains` = rows * NV chains: ~8+ chains hide the FMA
+// latency, at most 12 registers; 4, 2 or 1 sets, so that the padding of
+// RowGroup.from_dense (SEGMENT_MULTIPLES: 4, 2, 2, 1 columns for 1-4 rows)
+// is a multiple of the sets for every panel width (NV = 2 on AVX2, 4 portable; a 24-token
+// AVX2 panel, NV = 3, measured no faster at 128-512 tokens).
+constexpr int sets_for(int chains) { return chains >= 8 ? 1 : 4 * chains <= 12 ? 4 : 2; }
 
 // tile[r][P] += the products of one pattern segment: `count` columns, each
 // followed in v by the values of the pattern's rows.
@@ -99,18 +101,30 @@ __attribute__((always_inline)) static inline void pattern_segment(const int32_t*
   }
 }
 
-// The 15 segments of group g over one panel, PAT = 1 .. 15 in order; returns
-// the values consumed.
+// The 15 segments of one unit (a group in one K-block, RowGroupMatrix::unit)
+// over one panel, PAT = 1 .. 15 in order; returns the values consumed.
 template <int NV, int PAT = 1>
-__attribute__((always_inline)) static inline const float* group_segments(const RowGroupMatrix& w, int64_t g,
+__attribute__((always_inline)) static inline const float* group_segments(const RowGroupMatrix& w, int64_t unit,
                                                                          const float* v, const float* xp,
                                                                          float* tile) {
-  const int64_t s = g * kRowGroupPatterns + PAT - 1;
+  const int64_t s = unit * kRowGroupPatterns + PAT - 1;
   const int32_t begin = w.seg_ptr[s], count = w.seg_ptr[s + 1] - begin;
   pattern_segment<PAT, NV>(w.columns + begin, count, v, xp, tile);
   v += static_cast<int64_t>(count) * popcount4(PAT);
-  if constexpr (PAT < kRowGroupPatterns) return group_segments<NV, PAT + 1>(w, g, v, xp, tile);
+  if constexpr (PAT < kRowGroupPatterns) return group_segments<NV, PAT + 1>(w, unit, v, xp, tile);
   return v;
+}
+
+// Values of each group over all its K-blocks, as a prefix sum (groups + 1 entries).
+static void group_value_prefix(const RowGroupMatrix& w, const std::vector<int64_t>& unit_offsets,
+                               std::vector<int64_t>& out) {
+  const int64_t groups = w.group_count();
+  out.assign(groups + 1, 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t n = 0;
+    for (int64_t kb = 0; kb < w.kblocks; ++kb) n += unit_offsets[w.unit(kb, g) + 1] - unit_offsets[w.unit(kb, g)];
+    out[g + 1] = out[g] + n;
+  }
 }
 
 // Splits groups [0, groups) into `parts` contiguous ranges of about equal
@@ -160,23 +174,24 @@ __attribute__((always_inline)) static inline void pattern_segment_token(const in
 }
 
 template <int PAT = 1>
-__attribute__((always_inline)) static inline void group_segments_token(const RowGroupMatrix& w, int64_t g,
+__attribute__((always_inline)) static inline void group_segments_token(const RowGroupMatrix& w, int64_t unit,
                                                                        const float* v, const float* x,
                                                                        float* acc_rows) {
-  const int64_t s = g * kRowGroupPatterns + PAT - 1;
+  const int64_t s = unit * kRowGroupPatterns + PAT - 1;
   const int32_t begin = w.seg_ptr[s], count = w.seg_ptr[s + 1] - begin;
   pattern_segment_token<PAT>(w.columns + begin, count, v, x, acc_rows);
   if constexpr (PAT < kRowGroupPatterns)
-    group_segments_token<PAT + 1>(w, g, v + static_cast<int64_t>(count) * popcount4(PAT), x, acc_rows);
+    group_segments_token<PAT + 1>(w, unit, v + static_cast<int64_t>(count) * popcount4(PAT), x, acc_rows);
 }
 
 static void spmv_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
   const int64_t groups = w.group_count();
   const int threads = std::max(1, a.num_threads);
   const bool relu = a.epilogue == Epilogue::kRelu;
-  std::vector<int64_t> offsets, bounds;
+  std::vector<int64_t> offsets, group_values, bounds;
   rowgroup_value_offsets(w, offsets);
-  split_groups(offsets, groups, threads, bounds);
+  group_value_prefix(w, offsets, group_values);
+  split_groups(group_values, groups, threads, bounds);
   parallel_run(threads, [&](int tid, int) {
     for (int64_t t = 0; t < a.tokens; ++t) {
       const float* x = a.x + t * a.x_row_stride;
@@ -186,7 +201,8 @@ static void spmv_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
         const int nrows = static_cast<int>(std::min<int64_t>(kRowGroup, w.rows - row0));
         float acc[kRowGroup];
         for (int r = 0; r < kRowGroup; ++r) acc[r] = a.bias && r < nrows ? a.bias[row0 + r] : 0.0f;
-        group_segments_token(w, g, w.values + offsets[g], x, acc);
+        for (int64_t kb = 0; kb < w.kblocks; ++kb)
+          group_segments_token(w, w.unit(kb, g), w.values + offsets[w.unit(kb, g)], x, acc);
         for (int r = 0; r < nrows; ++r) y[row0 + r] = relu && acc[r] < 0.0f ? 0.0f : acc[r];
       }
     }
@@ -207,52 +223,82 @@ static void pack_panel(const SpmmArgs& a, int64_t cols, int64_t p, float* xp) {
   }
 }
 
+// Loop order (GotoBLAS-like), per thread over its range of groups:
+//   K-block -> chunk of panels (their x rows of the K-block, <= kChunkBytes,
+//   stay in L2) -> row block (consecutive groups whose values in this K-block,
+//   <= kBlockWeightBytes, stay in L2) -> panel of the chunk -> group -> its 15
+//   pattern segments.
+// One panel's x rows of a K-block (cols / kblocks x 64 B) are read from L2 by
+// the first group of a row block and from L1 by the others; the row block's
+// weights are read from memory once per chunk and from L2 by its panels. The
+// 4 x P output tiles of all groups and panels live in a scratch (tokens x rows
+// floats) across the K-blocks: one tile load and store per group, panel and
+// K-block (a few % of the segments' work). With kblocks = 1 (files saved
+// before column blocks) a chunk is what fits in L2 of whole x panels, as before.
+// Measured on Zen 3, 1 thread, 128-512 tokens: K-blocks of 256-512 columns
+// 5-40% faster than unblocked (x from L1 instead of L2; the larger the cols
+// and the token count, the larger the gain).
+constexpr int64_t kChunkBytes = 256 << 10;
+constexpr int64_t kBlockWeightBytes = 128 << 10;
+
 template <int NV>
 static void spmm_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
   constexpr int P = NV * VW;
+  constexpr int64_t T = kRowGroup * P;  // floats per tile
   const int64_t groups = w.group_count();
   const int64_t panels = (a.tokens + P - 1) / P;
   const int threads = std::max(1, a.num_threads);
   const bool relu = a.epilogue == Epilogue::kRelu;
-  std::vector<int64_t> offsets;
+  std::vector<int64_t> offsets, group_values, bounds;
   rowgroup_value_offsets(w, offsets);
-  static thread_local Scratch packed;
+  group_value_prefix(w, offsets, group_values);
+  static thread_local Scratch packed, accumulators;
   float* xp = packed.get(static_cast<size_t>(panels * w.cols * P));
+  float* tiles = accumulators.get(static_cast<size_t>(panels * groups * T));  // [panel][group][row][P]
   parallel_run(threads, [&](int tid, int nt) {
     for (int64_t p = tid; p < panels; p += nt) pack_panel<P>(a, w.cols, p, xp + p * w.cols * P);
   });
-  std::vector<int64_t> bounds;
-  split_groups(offsets, groups, threads, bounds);
-  // Panels go in chunks whose packed x (~256 KB) stays in L2 while the
-  // groups go by: a group's values are read from memory once per chunk and
-  // from L1 for the other panels of the chunk. (Measured on Zen 3: chunks of
-  // 64-256 KB run alike; 1 MB, all of x at 768 x 128 tokens, 13-27% slower;
-  // at 4096 x 4096, 128 tokens, 1-4 MB chunks (x from L3, the 50 MB of
-  // weights read once instead of 8 times) 19-33% slower.
-  // A software prefetch of x rows 8 or 16 columns ahead gained nothing.)
-  const int64_t panel_bytes = std::max<int64_t>(1, w.cols * P * 4);
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(panels, (256 << 10) / panel_bytes));
+  split_groups(group_values, groups, threads, bounds);
   parallel_run(threads, [&](int tid, int) {
-    alignas(64) float tile[kRowGroup * P];
-    for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
-      const int64_t p1 = std::min(panels, p0 + chunk);
-      for (int64_t g = bounds[tid]; g < bounds[tid + 1]; ++g) {
+    const int64_t g_begin = bounds[tid], g_end = bounds[tid + 1];
+    for (int64_t p = 0; p < panels; ++p)
+      for (int64_t g = g_begin; g < g_end; ++g) {
+        float* tile = tiles + (p * groups + g) * T;
+        for (int r = 0; r < kRowGroup; ++r) {
+          const vf bv = splat(a.bias && g * kRowGroup + r < w.rows ? a.bias[g * kRowGroup + r] : 0.0f);
+          for (int u = 0; u < NV; ++u) store(tile + r * P + u * VW, bv);
+        }
+      }
+    const int64_t block_cols = (w.cols + w.kblocks - 1) / w.kblocks;
+    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, block_cols * P * 4));
+    for (int64_t kb = 0; kb < w.kblocks; ++kb)
+      for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
+        const int64_t p1 = std::min(panels, p0 + chunk);
+        for (int64_t b0 = g_begin, b1; b0 < g_end; b0 = b1) {
+          // ~6 bytes per value: the value and its share of the column index (2+ rows per column).
+          b1 = b0 + 1;
+          while (b1 < g_end && (offsets[w.unit(kb, b1) + 1] - offsets[w.unit(kb, b0)]) * 6 <= kBlockWeightBytes) ++b1;
+          for (int64_t p = p0; p < p1; ++p) {
+            const float* xpp = xp + p * w.cols * P;
+            for (int64_t g = b0; g < b1; ++g) {
+              const int64_t unit = w.unit(kb, g);
+              group_segments<NV>(w, unit, w.values + offsets[unit], xpp, tiles + (p * groups + g) * T);
+            }
+          }
+        }
+      }
+    // tiles (rows x P) -> y (tokens x rows), with the activation.
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t t0 = p * P, valid = std::min<int64_t>(P, a.tokens - t0);
+      for (int64_t g = g_begin; g < g_end; ++g) {
         const int64_t row0 = g * kRowGroup;
         const int nrows = static_cast<int>(std::min<int64_t>(kRowGroup, w.rows - row0));
-        for (int64_t p = p0; p < p1; ++p) {
-          for (int r = 0; r < kRowGroup; ++r) {
-            const vf b = splat(a.bias && r < nrows ? a.bias[row0 + r] : 0.0f);
-            for (int u = 0; u < NV; ++u) store(tile + r * P + u * VW, b);
-          }
-          group_segments<NV>(w, g, w.values + offsets[g], xp + p * w.cols * P, tile);
-          // tile (rows x P) -> y (tokens x rows), with the activation.
-          const int64_t t0 = p * P, valid = std::min<int64_t>(P, a.tokens - t0);
-          for (int64_t t = 0; t < valid; ++t) {
-            float* yr = a.y + (t0 + t) * a.y_row_stride + row0;
-            for (int r = 0; r < nrows; ++r) {
-              const float v = tile[r * P + t];
-              yr[r] = relu && v < 0.0f ? 0.0f : v;
-            }
+        const float* tile = tiles + (p * groups + g) * T;
+        for (int64_t t = 0; t < valid; ++t) {
+          float* yr = a.y + (t0 + t) * a.y_row_stride + row0;
+          for (int r = 0; r < nrows; ++r) {
+            const float v = tile[r * P + t];
+            yr[r] = relu && v < 0.0f ? 0.0f : v;
           }
         }
       }

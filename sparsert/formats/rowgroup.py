@@ -21,8 +21,14 @@ from .base import ROW_PTR, VALUES, SparseFormat
 GROUP_ROWS = 4
 #: nonempty row patterns per group: segment ``g * 15 + pattern - 1``
 PATTERNS = (1 << GROUP_ROWS) - 1
-#: ``from_dense`` pads every segment to a multiple of this many columns (zero values)
-SEGMENT_MULTIPLE = 4
+#: ``from_dense`` pads every segment of a pattern with this many rows to a multiple of
+#: this many columns (zero values): the AVX2 kernel's accumulator sets for the pattern
+#: (1 row: 4 sets, 2-3 rows: 2, 4 rows: 1; sets_for in spmm_rowgroup_impl.h), so its
+#: unrolled loop never takes the remainder
+SEGMENT_MULTIPLES = {1: 4, 2: 2, 3: 2, 4: 1}
+#: ``from_dense``'s column block (K-block) width: a 16-token panel of x over this many
+#: columns is 16 KB, half of a 32 KB L1
+KBLOCK = 256
 
 _ROW_BITS = 1 << torch.arange(GROUP_ROWS, dtype=torch.int64)
 
@@ -32,12 +38,29 @@ def pattern_counts() -> torch.Tensor:
     return ((torch.arange(1, PATTERNS + 1)[:, None] & _ROW_BITS) != 0).sum(1)
 
 
-def segment_entries(seg_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(group, pattern) of every stored column, in storage order."""
+def kblock_count(seg_ptr_numel: int, rows: int) -> int:
+    """Column blocks of a ``rows``-row layout whose ``seg_ptr`` has ``seg_ptr_numel`` entries
+    (``kblocks * ceil(rows / 4) * 15 + 1``), or 0 when no count fits."""
+    per_block = -(-rows // GROUP_ROWS) * PATTERNS
+    if per_block == 0:
+        return 1 if seg_ptr_numel == 1 else 0
+    blocks, rest = divmod(seg_ptr_numel - 1, per_block)
+    return blocks if blocks >= 1 and rest == 0 else 0
+
+
+def segment_multiples() -> torch.Tensor:
+    """The padding multiple of each pattern 1..15 (:data:`SEGMENT_MULTIPLES`), int64 ``(15,)``."""
+    return torch.tensor([SEGMENT_MULTIPLES[int(n)] for n in pattern_counts()], dtype=torch.int64)
+
+
+def segment_entries(seg_ptr: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group, pattern) of every stored column, in storage order (segment
+    ``(kb * groups + g) * 15 + pattern - 1``)."""
+    groups = max(1, -(-rows // GROUP_ROWS))
     counts = (seg_ptr[1:] - seg_ptr[:-1]).to(torch.int64)
     seg = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
                                   output_size=int(seg_ptr[-1]) if seg_ptr.numel() else 0)
-    return seg // PATTERNS, seg % PATTERNS + 1
+    return seg // PATTERNS % groups, seg % PATTERNS + 1
 
 
 def dense_from_rowgroup(seg_ptr: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, rows: int,
@@ -46,7 +69,7 @@ def dense_from_rowgroup(seg_ptr: torch.Tensor, columns: torch.Tensor, values: to
     groups = -(-rows // GROUP_ROWS)
     out = values.new_zeros(groups * GROUP_ROWS, cols)
     if columns.numel():
-        group, pattern = segment_entries(seg_ptr.to(columns.device))
+        group, pattern = segment_entries(seg_ptr.to(columns.device), rows)
         bits = (pattern[:, None] & _ROW_BITS.to(pattern.device)) != 0  # (entries, 4), rows of each column
         row = (group[:, None] * GROUP_ROWS + torch.arange(GROUP_ROWS, device=group.device))[bits]
         col = columns.to(torch.int64)[:, None].expand(-1, GROUP_ROWS)[bits]
@@ -80,34 +103,41 @@ class RowGroup(SparseFormat):
 
     # -- building ------------------------------------------------------------
     @classmethod
-    def from_dense(cls, w: torch.Tensor) -> "RowGroup":
+    def from_dense(cls, w: torch.Tensor, kblock: int | None = None) -> "RowGroup":
         """Stores every nonzero of ``w`` (any sparsity; zeros are dropped), plus the zero
-        padding of each segment."""
+        padding of each segment, in column blocks of ``kblock`` columns (default
+        :data:`KBLOCK`; 0 = one block of all columns)."""
+        kblock = KBLOCK if kblock is None else int(kblock)
+        if kblock < 0:
+            raise ValueError(f"kblock must be >= 0, got {kblock}")
         w = c.check_dense(w).detach().to(torch.float32)
         if w.numel() and not bool(torch.isfinite(w).all()):
             raise ValueError("weight contains NaN or infinity")
         rows, cols = w.shape
         groups = -(-rows // GROUP_ROWS)
+        kblocks = max(1, -(-cols // kblock)) if kblock else 1
+        width = -(-cols // kblocks) if cols else 1  # equal blocks: no short last block
         grouped = torch.nn.functional.pad(w, (0, 0, 0, groups * GROUP_ROWS - rows)).reshape(groups, GROUP_ROWS, cols)
         pattern = ((grouped != 0).to(torch.int64) * _ROW_BITS[:, None]).sum(1)  # (groups, cols)
         group, col = torch.nonzero(pattern, as_tuple=True)
         pat = pattern[group, col]
-        seg = group * PATTERNS + pat - 1
+        units = kblocks * groups
+        seg = ((col // width) * groups + group) * PATTERNS + pat - 1
         wvals = grouped[group, :, col]  # (entries, 4)
-        # Each segment is padded to a multiple of SEGMENT_MULTIPLE entries with zero values
+        # Each segment is padded to a multiple of its SEGMENT_MULTIPLES entries with zero values
         # at its last column: the kernel's unrolled loop then never takes its remainder
         # (an unpredictable branch per segment otherwise).
-        counts = torch.bincount(seg, minlength=groups * PATTERNS)
-        pad = (-counts) % SEGMENT_MULTIPLE
-        pad_seg = torch.repeat_interleave(torch.arange(groups * PATTERNS), pad)
-        last_col = torch.zeros(groups * PATTERNS, dtype=torch.int64)
+        counts = torch.bincount(seg, minlength=units * PATTERNS)
+        pad = (-counts) % segment_multiples().repeat(units)
+        pad_seg = torch.repeat_interleave(torch.arange(units * PATTERNS), pad)
+        last_col = torch.zeros(units * PATTERNS, dtype=torch.int64)
         last_col.scatter_reduce_(0, seg, col, reduce="amax")
         seg = torch.cat([seg, pad_seg])
         col = torch.cat([col, last_col[pad_seg]])
         wvals = torch.cat([wvals, wvals.new_zeros(pad_seg.numel(), GROUP_ROWS)])
         order = torch.argsort(seg * max(cols, 1) + col, stable=True)
         seg, col, wvals = seg[order], col[order], wvals[order]
-        seg_ptr = torch.zeros(groups * PATTERNS + 1, dtype=torch.int64)
+        seg_ptr = torch.zeros(units * PATTERNS + 1, dtype=torch.int64)
         torch.cumsum(counts + pad, 0, out=seg_ptr[1:])
         if int(seg_ptr[-1]) > c.INT32_MAX:
             raise ValueError(f"too many stored columns ({int(seg_ptr[-1])}); at most {c.INT32_MAX} are supported")
@@ -164,9 +194,9 @@ def check_rowgroup_layout(seg_ptr: torch.Tensor, columns: torch.Tensor, values_n
     """ValueError unless (seg_ptr, columns) describe a valid ``rows x cols`` row-group
     matrix holding ``values_numel`` values (the format's and the kernels' one check)."""
     groups = -(-rows // GROUP_ROWS)
-    if seg_ptr.numel() != groups * PATTERNS + 1:
-        raise ValueError(f"seg_ptr must have {groups * PATTERNS + 1} entries (ceil(rows / 4) * 15 + 1) for "
-                         f"{rows} rows, got {seg_ptr.numel()}")
+    if not kblock_count(seg_ptr.numel(), rows):
+        raise ValueError(f"seg_ptr must have kblocks * {groups * PATTERNS} + 1 entries (kblocks >= 1 column "
+                         f"blocks of ceil(rows / 4) * 15 segments) for {rows} rows, got {seg_ptr.numel()}")
     sp = seg_ptr.to(torch.int64)
     if int(sp[0]) != 0 or int(sp[-1]) != columns.numel():
         raise ValueError(f"seg_ptr must start at 0 and end at the number of columns ({columns.numel()})")
@@ -177,7 +207,7 @@ def check_rowgroup_layout(seg_ptr: torch.Tensor, columns: torch.Tensor, values_n
         col = columns.to(torch.int64)
         if int(col.min()) < 0 or int(col.max()) >= cols:
             raise ValueError(f"columns must lie in [0, {cols})")
-        group, pattern = segment_entries(sp)
+        group, pattern = segment_entries(sp, rows)
         tail = groups * GROUP_ROWS - rows
         if tail:
             past = (pattern[group == groups - 1] >> (GROUP_ROWS - tail)) != 0
