@@ -39,7 +39,7 @@ def test_round_trip(shape, density):
     assert isinstance(fmt, RowGroup) and fmt.kind == "rowgroup4"
     assert torch.equal(fmt.to_dense(), w)
     groups = -(-shape[0] // GROUP_ROWS)
-    assert fmt.seg_ptr.numel() == max(1, -(-shape[1] // KBLOCK)) * groups * PATTERNS + 1
+    assert fmt.seg_ptr.numel() == groups * PATTERNS + 1 and fmt.kblocks == 1  # "rowgroup4": one column block
     counts = (fmt.seg_ptr[1:] - fmt.seg_ptr[:-1]).reshape(-1, PATTERNS)
     assert bool((counts % segment_multiples() == 0).all())
     # every nonzero stored once, plus the segments' zero padding
@@ -70,6 +70,51 @@ def test_column_blocks(shape, kblock, density):
     assert all(int(v) >= n for v, n in zip(values_per_block, nonzeros_per_block))
     again = RowGroup.from_arrays(fmt.seg_ptr, fmt.columns, fmt.values, fmt.shape)
     assert torch.equal(again.to_dense(), w)
+
+
+def test_blocked_kind_names_and_files(tmp_path):
+    import sparsert
+    from sparsert.formats import format_class, parse_kind
+
+    assert parse_kind("rowgroup4") == ("rowgroup",) and parse_kind("RowGroup4k384") == ("rowgroup", 384)
+    for bad in ("rowgroup4k0", "rowgroup4k", "rowgroup4k-3", "rowgroup8"):
+        with pytest.raises(ValueError, match="unknown format"):
+            parse_kind(bad)
+    w = random_weight(10, 50, 0.5, torch.Generator().manual_seed(15))
+    fmt = pack(w, "rowgroup4k16")
+    assert fmt.kind == "rowgroup4k16" and fmt.kblock == 16 and fmt.kblocks == 4
+    assert fmt.to("cpu").kind == "rowgroup4k16"
+    cls, params = format_class("rowgroup4k16")
+    arrays = dict(fmt.tensors())
+    assert torch.equal(cls.from_saved(arrays, fmt.shape, params).to_dense(), w)
+    # arrays whose number of column blocks disagrees with the kind are refused
+    with pytest.raises(ValueError, match="column block"):
+        cls.from_saved(arrays, fmt.shape, ())
+    with pytest.raises(ValueError, match="column block"):
+        cls.from_saved(dict(pack(w, "rowgroup4").tensors()), fmt.shape, params)
+    # through a model file
+    model = torch.nn.Sequential(torch.nn.Linear(50, 10))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    x = torch.randn(33, 50)
+    sparse = sparsert.sparsify(model, format="rowgroup4k16")
+    assert sparse[0].packed.kind == "rowgroup4k16"
+    path = tmp_path / "k.sparsert"
+    sparsert.save(sparse, path)
+    loaded = sparsert.load(path, torch.nn.Sequential(torch.nn.Linear(50, 10)))
+    assert loaded[0].packed.kind == "rowgroup4k16" and loaded[0].packed.kblocks == 4
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_times_the_blocked_layout_only_where_it_differs():
+    from sparsert.convert.plan import candidate_formats
+
+    gen = torch.Generator().manual_seed(16)
+    wide = random_weight(8, KBLOCK + 1, 0.5, gen)
+    narrow = random_weight(8, KBLOCK, 0.5, gen)
+    assert {"rowgroup4", f"rowgroup4k{KBLOCK}"} <= set(candidate_formats(wide))
+    assert "rowgroup4" in candidate_formats(narrow) and f"rowgroup4k{KBLOCK}" not in candidate_formats(narrow)
 
 
 def test_rejects_negative_kblock():

@@ -51,8 +51,11 @@ constexpr int popcount4(int p) { return (p & 1) + (p >> 1 & 1) + (p >> 2 & 1) + 
 // Accumulator sets for `chains` = rows * NV chains: ~8+ chains hide the FMA
 // latency, at most 12 registers; 4, 2 or 1 sets, so that the padding of
 // RowGroup.from_dense (SEGMENT_MULTIPLES: 4, 2, 2, 1 columns for 1-4 rows)
-// is a multiple of the sets for every panel width (NV = 2 on AVX2, 4 portable; a 24-token
-// AVX2 panel, NV = 3, measured no faster at 128-512 tokens).
+// is a multiple of the sets for every panel width (NV = 2 on AVX2, 4 portable).
+// Tried on Zen 3 and measured no faster at 128-512 tokens, so not kept: a 24-token
+// AVX2 panel (NV = 3), and two 16-token panels per pass over a segment (each
+// broadcast value feeding 4 x vectors: 1.25 instead of 1.5 loads per FMA for a
+// 1-row column) - the loads are not what limits this kernel once x is in L1.
 constexpr int sets_for(int chains) { return chains >= 8 ? 1 : 4 * chains <= 12 ? 4 : 2; }
 
 // tile[r][P] += the products of one pattern segment: `count` columns, each
@@ -146,14 +149,14 @@ static void split_groups(const std::vector<int64_t>& offsets, int64_t groups, in
 }
 
 // spmv (1-2 tokens): a panel would leave 15 of 16 lanes idle, so each token
-// runs alone, scalar: per column one x load feeds the pattern's rows, four
-// accumulator sets per row hide the FMA latency.
+// runs alone, scalar: per column one x load feeds the pattern's rows, 4-8
+// accumulator chains (1, 2 or 4 sets) hide the FMA latency.
 template <int PAT>
 __attribute__((always_inline)) static inline void pattern_segment_token(const int32_t* col, int32_t count,
                                                                         const float* v, const float* x,
                                                                         float* acc_rows) {
   constexpr int NR = popcount4(PAT);
-  constexpr int S = 4;
+  constexpr int S = sets_for(NR * 2);  // 4, 2, 2, 1: from_dense's padding, so no remainder loop runs
   float acc[S][NR] = {};
   int32_t i = 0;
   for (; i + S <= count; i += S)
@@ -168,7 +171,9 @@ __attribute__((always_inline)) static inline void pattern_segment_token(const in
   int ri = 0;
   for (int r = 0; r < kRowGroup; ++r) {
     if (!(PAT >> r & 1)) continue;
-    acc_rows[r] += (acc[0][ri] + acc[1][ri]) + (acc[2][ri] + acc[3][ri]);
+    float sum = 0.0f;
+    for (int s = 0; s < S; ++s) sum += acc[s][ri];
+    acc_rows[r] += sum;
     ++ri;
   }
 }
@@ -196,14 +201,18 @@ static void spmv_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
     for (int64_t t = 0; t < a.tokens; ++t) {
       const float* x = a.x + t * a.x_row_stride;
       float* y = a.y + t * a.y_row_stride;
-      for (int64_t g = bounds[tid]; g < bounds[tid + 1]; ++g) {
-        const int64_t row0 = g * kRowGroup;
-        const int nrows = static_cast<int>(std::min<int64_t>(kRowGroup, w.rows - row0));
-        float acc[kRowGroup];
-        for (int r = 0; r < kRowGroup; ++r) acc[r] = a.bias && r < nrows ? a.bias[row0 + r] : 0.0f;
-        for (int64_t kb = 0; kb < w.kblocks; ++kb)
+      // K-blocks outermost, in storage order (one stream of weights, not kblocks);
+      // y holds the partial sums between K-blocks.
+      for (int64_t kb = 0; kb < w.kblocks; ++kb) {
+        const bool first = kb == 0, last = kb + 1 == w.kblocks;
+        for (int64_t g = bounds[tid]; g < bounds[tid + 1]; ++g) {
+          const int64_t row0 = g * kRowGroup;
+          const int nrows = static_cast<int>(std::min<int64_t>(kRowGroup, w.rows - row0));
+          float acc[kRowGroup] = {};
+          for (int r = 0; r < nrows; ++r) acc[r] = !first ? y[row0 + r] : a.bias ? a.bias[row0 + r] : 0.0f;
           group_segments_token(w, w.unit(kb, g), w.values + offsets[w.unit(kb, g)], x, acc);
-        for (int r = 0; r < nrows; ++r) y[row0 + r] = relu && acc[r] < 0.0f ? 0.0f : acc[r];
+          for (int r = 0; r < nrows; ++r) y[row0 + r] = last && relu && acc[r] < 0.0f ? 0.0f : acc[r];
+        }
       }
     }
   });
@@ -230,14 +239,16 @@ static void pack_panel(const SpmmArgs& a, int64_t cols, int64_t p, float* xp) {
 //   pattern segments.
 // One panel's x rows of a K-block (cols / kblocks x 64 B) are read from L2 by
 // the first group of a row block and from L1 by the others; the row block's
-// weights are read from memory once per chunk and from L2 by its panels. The
-// 4 x P output tiles of all groups and panels live in a scratch (tokens x rows
-// floats) across the K-blocks: one tile load and store per group, panel and
-// K-block (a few % of the segments' work). With kblocks = 1 (files saved
-// before column blocks) a chunk is what fits in L2 of whole x panels, as before.
-// Measured on Zen 3, 1 thread, 128-512 tokens: K-blocks of 256-512 columns
-// 5-40% faster than unblocked (x from L1 instead of L2; the larger the cols
-// and the token count, the larger the gain).
+// weights are read from memory once per chunk and from L2 by its panels. Each
+// group's 4 x P output tile is updated in L1 (a stack copy) and kept between
+// K-blocks in a scratch (tokens x rows floats): one tile load and store per
+// group, panel and K-block (a few % of the segments' work). With kblocks = 1
+// (files saved before column blocks) a chunk is what fits in L2 of whole x
+// panels and the tile goes straight to y, as before.
+// Measured on Zen 3, 1 thread, 128-512 tokens (benchmarks/bench_rowgroup.py):
+// K-blocks of 256-512 columns 5-40% faster than unblocked (x from L1 instead of
+// L2; the more columns and tokens, the larger the gain); 192 or fewer columns
+// lose it again to short segments (more loop exits and tile updates per FMA).
 constexpr int64_t kChunkBytes = 256 << 10;
 constexpr int64_t kBlockWeightBytes = 128 << 10;
 
@@ -254,24 +265,19 @@ static void spmm_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
   group_value_prefix(w, offsets, group_values);
   static thread_local Scratch packed, accumulators;
   float* xp = packed.get(static_cast<size_t>(panels * w.cols * P));
-  float* tiles = accumulators.get(static_cast<size_t>(panels * groups * T));  // [panel][group][row][P]
+  // Partial sums between K-blocks: [panel][group][row][P] (none with one K-block).
+  float* partial = w.kblocks > 1 ? accumulators.get(static_cast<size_t>(panels * groups * T)) : nullptr;
   parallel_run(threads, [&](int tid, int nt) {
     for (int64_t p = tid; p < panels; p += nt) pack_panel<P>(a, w.cols, p, xp + p * w.cols * P);
   });
   split_groups(group_values, groups, threads, bounds);
   parallel_run(threads, [&](int tid, int) {
     const int64_t g_begin = bounds[tid], g_end = bounds[tid + 1];
-    for (int64_t p = 0; p < panels; ++p)
-      for (int64_t g = g_begin; g < g_end; ++g) {
-        float* tile = tiles + (p * groups + g) * T;
-        for (int r = 0; r < kRowGroup; ++r) {
-          const vf bv = splat(a.bias && g * kRowGroup + r < w.rows ? a.bias[g * kRowGroup + r] : 0.0f);
-          for (int u = 0; u < NV; ++u) store(tile + r * P + u * VW, bv);
-        }
-      }
     const int64_t block_cols = (w.cols + w.kblocks - 1) / w.kblocks;
     const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, block_cols * P * 4));
-    for (int64_t kb = 0; kb < w.kblocks; ++kb)
+    alignas(64) float tile[T];  // the segments update this L1 copy
+    for (int64_t kb = 0; kb < w.kblocks; ++kb) {
+      const bool first = kb == 0, last = kb + 1 == w.kblocks;
       for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
         const int64_t p1 = std::min(panels, p0 + chunk);
         for (int64_t b0 = g_begin, b1; b0 < g_end; b0 = b1) {
@@ -281,24 +287,29 @@ static void spmm_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
           for (int64_t p = p0; p < p1; ++p) {
             const float* xpp = xp + p * w.cols * P;
             for (int64_t g = b0; g < b1; ++g) {
-              const int64_t unit = w.unit(kb, g);
-              group_segments<NV>(w, unit, w.values + offsets[unit], xpp, tiles + (p * groups + g) * T);
+              const int64_t unit = w.unit(kb, g), row0 = g * kRowGroup;
+              float* saved = first && last ? nullptr : partial + (p * groups + g) * T;
+              for (int r = 0; r < kRowGroup; ++r)
+                for (int u = 0; u < NV; ++u)
+                  store(tile + r * P + u * VW,
+                        !first ? load(saved + r * P + u * VW)
+                               : splat(a.bias && row0 + r < w.rows ? a.bias[row0 + r] : 0.0f));
+              group_segments<NV>(w, unit, w.values + offsets[unit], xpp, tile);
+              if (!last) {
+                for (int64_t f = 0; f < T; f += VW) store(saved + f, load(tile + f));
+                continue;
+              }
+              // tile (rows x P) -> y (tokens x rows), with the activation.
+              const int64_t t0 = p * P, valid = std::min<int64_t>(P, a.tokens - t0);
+              const int nrows = static_cast<int>(std::min<int64_t>(kRowGroup, w.rows - row0));
+              for (int64_t t = 0; t < valid; ++t) {
+                float* yr = a.y + (t0 + t) * a.y_row_stride + row0;
+                for (int r = 0; r < nrows; ++r) {
+                  const float v = tile[r * P + t];
+                  yr[r] = relu && v < 0.0f ? 0.0f : v;
+                }
+              }
             }
-          }
-        }
-      }
-    // tiles (rows x P) -> y (tokens x rows), with the activation.
-    for (int64_t p = 0; p < panels; ++p) {
-      const int64_t t0 = p * P, valid = std::min<int64_t>(P, a.tokens - t0);
-      for (int64_t g = g_begin; g < g_end; ++g) {
-        const int64_t row0 = g * kRowGroup;
-        const int nrows = static_cast<int>(std::min<int64_t>(kRowGroup, w.rows - row0));
-        const float* tile = tiles + (p * groups + g) * T;
-        for (int64_t t = 0; t < valid; ++t) {
-          float* yr = a.y + (t0 + t) * a.y_row_stride + row0;
-          for (int r = 0; r < nrows; ++r) {
-            const float v = tile[r * P + t];
-            yr[r] = relu && v < 0.0f ? 0.0f : v;
           }
         }
       }
