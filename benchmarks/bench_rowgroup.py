@@ -8,7 +8,7 @@ One process, 1 thread by default (the clock is then this thread's CPU time,
 robust on a shared machine), every method timed round-robin, medians. Methods:
 torch eager ``F.linear``, oneDNN with a prepacked weight (the best dense path
 sparsert has), and rowgroup4 packed with each ``--kblocks`` width (0: one
-block of all columns, the layout before column blocks). ``--old-ext`` also
+block of all columns, kind ``rowgroup4``; N: kind ``rowgroup4kN``). ``--old-ext`` also
 times another build's ``spmm_rowgroup`` (e.g. main's, before this kernel) on
 the unblocked arrays. Each row reports GFLOP/s of useful multiply-adds
 (2 x nonzeros x tokens per call) and every method's speed over oneDNN.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sparsert import ops  # noqa: E402
 from sparsert.bench import random_pruned_weight  # noqa: E402
-from sparsert.formats.rowgroup import RowGroup, pattern_counts, PATTERNS  # noqa: E402
+from sparsert.formats.rowgroup import KBLOCK, PATTERNS, RowGroup, pattern_counts  # noqa: E402
 from sparsert.ops.backends.best_dense import PackedDenseLinear  # noqa: E402
 from sparsert.ops.backends.cpu import linear_rowgroup_cpu  # noqa: E402
 
@@ -125,7 +125,7 @@ def main(argv=None):
                     help="in_features x out_features (default: %(default)s)")
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7])
     ap.add_argument("--tokens", nargs="+", type=int, default=[128, 512])
-    ap.add_argument("--kblocks", nargs="+", type=int, default=[0, 256],
+    ap.add_argument("--kblocks", nargs="+", type=int, default=[0, KBLOCK],
                     help="rowgroup4 column-block widths to time (0 = unblocked; default: %(default)s)")
     ap.add_argument("--kernels", nargs="+", default=[""],
                     help="row-group registry kernels to force (default: the one sparsert selects)")
