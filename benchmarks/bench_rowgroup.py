@@ -11,8 +11,8 @@ which CPU time does not remove). Methods:
 torch eager ``F.linear``, oneDNN with a prepacked weight (the best dense path
 sparsert has), and rowgroup4 packed with each ``--kblocks`` width (0: one
 block of all columns, kind ``rowgroup4``; N: kind ``rowgroup4kN``). ``--old-ext`` also
-times another build's ``spmm_rowgroup`` (e.g. main's, before this kernel) on
-the unblocked arrays. Each row reports GFLOP/s of useful multiply-adds
+times another build's ``spmm_rowgroup`` on the same arrays (a build from before
+column blocks: add ``--old-unblocked-only``). Each row reports GFLOP/s of useful multiply-adds
 (2 x nonzeros x tokens per call; dense: 2 x rows x cols x tokens) and every
 method's speed over oneDNN.
 """
@@ -124,9 +124,11 @@ def run(args):
                         label = f"rowgroup4 kblock={kb}" + (f" {kernel}" if kernel else "")
                         methods[label] = (lambda f=fmt, k=kernel: linear_rowgroup_cpu(
                             x, f.seg_ptr, f.columns, f.values, f.shape[0], None, 0, args.threads, k))
-                if old is not None and 0 in formats:
-                    call = old_call(old, formats[0], args.threads)
-                    methods["rowgroup4 old build"] = lambda: call(x)
+                if old is not None:  # builds before column blocks take only kblock=0 (one block)
+                    for kb in [0] if args.old_unblocked_only else formats:
+                        if kb in formats:
+                            call = old_call(old, formats[kb], args.threads)
+                            methods[f"rowgroup4 kblock={kb} other build"] = (lambda c=call: c(x))
                 ref = x.double() @ w.double().T
                 for name, fn in methods.items():  # same answer first
                     err = (torch.as_tensor(fn()).double() - ref).abs().max().item()
@@ -161,6 +163,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--old-ext", default="", help="path of another build's _C extension to time beside")
+    ap.add_argument("--old-unblocked-only", action="store_true",
+                    help="time --old-ext on the unblocked layout only (builds before column blocks)")
     args = ap.parse_args(argv)
     args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
     run(args)

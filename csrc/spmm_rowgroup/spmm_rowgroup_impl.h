@@ -58,17 +58,28 @@ constexpr int popcount4(int p) { return (p & 1) + (p >> 1 & 1) + (p >> 2 & 1) + 
 // 1-row column) - the loads are not what limits this kernel once x is in L1.
 constexpr int sets_for(int chains) { return chains >= 8 ? 1 : 4 * chains <= 12 ? 4 : 2; }
 
-// tile[r][P] += the products of one pattern segment: `count` columns, each
-// followed in v by the values of the pattern's rows.
+// tile[r] += the products of one pattern segment: `count` columns, each
+// followed in v by the values of the pattern's rows. The tile is a value
+// (registers once inlined), and it is the first accumulator set: a segment
+// adds into it without a tile load and store.
 template <int PAT, int NV>
 __attribute__((always_inline)) static inline void pattern_segment(const int32_t* col, int32_t count,
-                                                                  const float* v, const float* xp, float* tile) {
+                                                                  const float* v, const float* xp,
+                                                                  vf (&tile)[kRowGroup][NV]) {
   constexpr int P = NV * VW;
   constexpr int NR = popcount4(PAT);
   constexpr int S = sets_for(NR * NV);
   if (count == 0) return;
+  int rows[NR] = {};
+  {
+    int ri = 0;
+    for (int r = 0; r < kRowGroup; ++r)
+      if (PAT >> r & 1) rows[ri++] = r;
+  }
   vf acc[S][NR][NV];
-  for (int s = 0; s < S; ++s)
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < NV; ++u) acc[0][r][u] = tile[rows[r]][u];
+  for (int s = 1; s < S; ++s)
     for (int r = 0; r < NR; ++r)
       for (int u = 0; u < NV; ++u) acc[s][r][u] = vf{};
   int32_t i = 0;
@@ -92,16 +103,12 @@ __attribute__((always_inline)) static inline void pattern_segment(const int32_t*
       for (int r = 0; r < NR; ++r) acc[0][r][u] += splat(vv[r]) * xv;
     }
   }
-  int ri = 0;
-  for (int r = 0; r < kRowGroup; ++r) {
-    if (!(PAT >> r & 1)) continue;
+  for (int r = 0; r < NR; ++r)
     for (int u = 0; u < NV; ++u) {
-      vf sum = load(tile + r * P + u * VW);
-      for (int s = 0; s < S; ++s) sum += acc[s][ri][u];
-      store(tile + r * P + u * VW, sum);
+      vf sum = acc[0][r][u];
+      for (int s = 1; s < S; ++s) sum += acc[s][r][u];
+      tile[rows[r]][u] = sum;
     }
-    ++ri;
-  }
 }
 
 // The 15 segments of one unit (a group in one K-block, RowGroupMatrix::unit)
@@ -109,7 +116,7 @@ __attribute__((always_inline)) static inline void pattern_segment(const int32_t*
 template <int NV, int PAT = 1>
 __attribute__((always_inline)) static inline const float* group_segments(const RowGroupMatrix& w, int64_t unit,
                                                                          const float* v, const float* xp,
-                                                                         float* tile) {
+                                                                         vf (&tile)[kRowGroup][NV]) {
   const int64_t s = unit * kRowGroupPatterns + PAT - 1;
   const int32_t begin = w.seg_ptr[s], count = w.seg_ptr[s + 1] - begin;
   pattern_segment<PAT, NV>(w.columns + begin, count, v, xp, tile);
@@ -275,7 +282,7 @@ static void spmm_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
     const int64_t g_begin = bounds[tid], g_end = bounds[tid + 1];
     const int64_t block_cols = (w.cols + w.kblocks - 1) / w.kblocks;
     const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, block_cols * P * 4));
-    alignas(64) float tile[T];  // the segments update this L1 copy
+    alignas(64) float tile[T];  // the finished tile, for its transpose into y
     for (int64_t kb = 0; kb < w.kblocks; ++kb) {
       const bool first = kb == 0, last = kb + 1 == w.kblocks;
       for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
@@ -289,16 +296,19 @@ static void spmm_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
             for (int64_t g = b0; g < b1; ++g) {
               const int64_t unit = w.unit(kb, g), row0 = g * kRowGroup;
               float* saved = first && last ? nullptr : partial + (p * groups + g) * T;
+              vf acc[kRowGroup][NV];
               for (int r = 0; r < kRowGroup; ++r)
                 for (int u = 0; u < NV; ++u)
-                  store(tile + r * P + u * VW,
-                        !first ? load(saved + r * P + u * VW)
-                               : splat(a.bias && row0 + r < w.rows ? a.bias[row0 + r] : 0.0f));
-              group_segments<NV>(w, unit, w.values + offsets[unit], xpp, tile);
+                  acc[r][u] = !first ? load(saved + r * P + u * VW)
+                                     : splat(a.bias && row0 + r < w.rows ? a.bias[row0 + r] : 0.0f);
+              group_segments<NV>(w, unit, w.values + offsets[unit], xpp, acc);
               if (!last) {
-                for (int64_t f = 0; f < T; f += VW) store(saved + f, load(tile + f));
+                for (int r = 0; r < kRowGroup; ++r)
+                  for (int u = 0; u < NV; ++u) store(saved + r * P + u * VW, acc[r][u]);
                 continue;
               }
+              for (int r = 0; r < kRowGroup; ++r)
+                for (int u = 0; u < NV; ++u) store(tile + r * P + u * VW, acc[r][u]);
               // tile (rows x P) -> y (tokens x rows), with the activation.
               const int64_t t0 = p * P, valid = std::min<int64_t>(P, a.tokens - t0);
               const int nrows = static_cast<int>(std::min<int64_t>(kRowGroup, w.rows - row0));
