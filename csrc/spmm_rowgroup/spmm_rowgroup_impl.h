@@ -10,9 +10,9 @@
 // is broadcast once and feeds NV FMAs. Loads per FMA = (NV + rows) / (NV *
 // rows): 0.75 for a 4-row column, 1.5 for a 1-row column (AVX2, NV = 2),
 // ~0.97 on average at 50% density. Small patterns take several accumulator
-// sets so that at least ~8 FMA chains hide the FMA latency. Panels go in
-// L2-sized chunks with the groups inside and the chunk's panels innermost:
-// a group's values (a few KB) stay in L1 across the panels of a chunk.
+// sets so that at least ~8 FMA chains hide the FMA latency. The loop order
+// over K-blocks, panels and groups (what stays in L1 and L2) is described at
+// spmm_kernel.
 #pragma once
 
 #include <algorithm>
