@@ -33,6 +33,7 @@ import sparsert  # noqa: E402
 from sparsert import ops  # noqa: E402
 from sparsert.bench import random_pruned_weight  # noqa: E402
 from sparsert.formats import pack  # noqa: E402
+from sparsert.formats.rowgroup import KBLOCK  # noqa: E402
 
 from harness import DENSE_METHODS, best_dense, cpu_name, dense_linear_methods, git_commit, time_methods  # noqa: E402
 
@@ -48,10 +49,11 @@ pruned_weight = random_pruned_weight
 
 
 def sparsert_kinds(sparsity, block):
-    """The formats timed: CSR, the case's BSR block, and bitmask16 and rowgroup4 at moderate sparsity."""
+    """The formats timed: CSR, the case's BSR block, and bitmask16 and rowgroup4 (unblocked and
+    in column blocks) at moderate sparsity."""
     if block is not None:
         return [f"bsr{block[0]}x{block[1]}", "csr"]
-    return ["csr", "bitmask16", "rowgroup4"] if 0.2 <= sparsity <= 0.8 else ["csr"]
+    return ["csr", "bitmask16", "rowgroup4", f"rowgroup4k{KBLOCK}"] if 0.2 <= sparsity <= 0.8 else ["csr"]
 
 
 def run(quick: bool, threads: int, shapes, tokens_list, cases):

@@ -172,7 +172,7 @@ def test_every_registered_format_describes_itself_consistently():
     from sparsert.formats import format_class, formats, kind_name, parse_kind
 
     kinds = {"csr": ["csr"], "bsr": ["bsr4x1", "bsr2x3"], "nm": ["nm2:4", "nm1:8"], "bitmask": ["bitmask16"],
-             "rowgroup": ["rowgroup4"]}
+             "rowgroup": ["rowgroup4", "rowgroup4k8"]}
     assert set(formats()) >= set(kinds)
     g = torch.Generator().manual_seed(3)
     for family, cls in formats().items():

@@ -9,7 +9,7 @@ from sparsert import nn as snn
 from sparsert import ops
 from sparsert._ext import native
 from sparsert.formats import pack
-from sparsert.formats.rowgroup import GROUP_ROWS, PATTERNS, SEGMENT_MULTIPLE, RowGroup
+from sparsert.formats.rowgroup import GROUP_ROWS, KBLOCK, PATTERNS, RowGroup, pattern_counts, segment_multiples
 from sparsert.ops import epilogue
 from sparsert.ops.backends.cpu import linear_rowgroup_cpu, rowgroup_kernels
 from sparsert.ops.schema import linear_rowgroup_torch
@@ -39,13 +39,87 @@ def test_round_trip(shape, density):
     assert isinstance(fmt, RowGroup) and fmt.kind == "rowgroup4"
     assert torch.equal(fmt.to_dense(), w)
     groups = -(-shape[0] // GROUP_ROWS)
-    assert fmt.seg_ptr.numel() == groups * PATTERNS + 1
-    counts = fmt.seg_ptr[1:] - fmt.seg_ptr[:-1]
-    assert bool((counts % SEGMENT_MULTIPLE == 0).all())
+    assert fmt.seg_ptr.numel() == groups * PATTERNS + 1 and fmt.kblocks == 1  # "rowgroup4": one column block
+    counts = (fmt.seg_ptr[1:] - fmt.seg_ptr[:-1]).reshape(-1, PATTERNS)
+    assert bool((counts % segment_multiples() == 0).all())
     # every nonzero stored once, plus the segments' zero padding
     assert int((fmt.values != 0).sum()) == int((w != 0).sum())
     again = RowGroup.from_arrays(fmt.seg_ptr, fmt.columns, fmt.values, fmt.shape)
     assert torch.equal(again.to_dense(), w)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 17), (9, 100), (13, 257), (0, 5), (4, 0)])
+@pytest.mark.parametrize("kblock", [0, 1, 7, 64])
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+def test_column_blocks(shape, kblock, density):
+    # kblocks equal blocks of <= kblock columns, K-block major; each block's segments hold only its columns
+    w = random_weight(*shape, density, torch.Generator().manual_seed(11))
+    fmt = RowGroup.from_dense(w, kblock=kblock)
+    rows, cols = shape
+    groups = -(-rows // GROUP_ROWS)
+    kblocks = max(1, -(-cols // kblock)) if kblock else 1
+    width = -(-cols // kblocks) if cols else 1
+    assert fmt.seg_ptr.numel() == kblocks * groups * PATTERNS + 1
+    assert torch.equal(fmt.to_dense(), w)
+    counts = (fmt.seg_ptr[1:] - fmt.seg_ptr[:-1]).to(torch.int64)
+    assert bool((counts.reshape(-1, PATTERNS) % segment_multiples() == 0).all())
+    block_of_entry = torch.repeat_interleave(torch.arange(counts.numel()), counts) // (groups * PATTERNS)
+    assert torch.equal(fmt.columns.long() // width, block_of_entry)
+    values_per_block = (counts.reshape(kblocks, -1, PATTERNS) * pattern_counts()).sum((1, 2))
+    nonzeros_per_block = [int((w[:, k * width:(k + 1) * width] != 0).sum()) for k in range(kblocks)]
+    assert all(int(v) >= n for v, n in zip(values_per_block, nonzeros_per_block))
+    again = RowGroup.from_arrays(fmt.seg_ptr, fmt.columns, fmt.values, fmt.shape)
+    assert torch.equal(again.to_dense(), w)
+
+
+def test_blocked_kind_names_and_files(tmp_path):
+    import sparsert
+    from sparsert.formats import format_class, parse_kind
+
+    assert parse_kind("rowgroup4") == ("rowgroup",) and parse_kind("RowGroup4k384") == ("rowgroup", 384)
+    for bad in ("rowgroup4k0", "rowgroup4k", "rowgroup4k-3", "rowgroup8"):
+        with pytest.raises(ValueError, match="unknown format"):
+            parse_kind(bad)
+    w = random_weight(10, 50, 0.5, torch.Generator().manual_seed(15))
+    fmt = pack(w, "rowgroup4k16")
+    assert fmt.kind == "rowgroup4k16" and fmt.kblock == 16 and fmt.kblocks == 4
+    assert fmt.to("cpu").kind == "rowgroup4k16"
+    cls, params = format_class("rowgroup4k16")
+    arrays = dict(fmt.tensors())
+    assert torch.equal(cls.from_saved(arrays, fmt.shape, params).to_dense(), w)
+    # arrays whose number of column blocks disagrees with the kind are refused
+    with pytest.raises(ValueError, match="column block"):
+        cls.from_saved(arrays, fmt.shape, ())
+    with pytest.raises(ValueError, match="column block"):
+        cls.from_saved(dict(pack(w, "rowgroup4").tensors()), fmt.shape, params)
+    # through a model file
+    model = torch.nn.Sequential(torch.nn.Linear(50, 10))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    x = torch.randn(33, 50)
+    sparse = sparsert.sparsify(model, format="rowgroup4k16")
+    assert sparse[0].packed.kind == "rowgroup4k16"
+    path = tmp_path / "k.sparsert"
+    sparsert.save(sparse, path)
+    loaded = sparsert.load(path, torch.nn.Sequential(torch.nn.Linear(50, 10)))
+    assert loaded[0].packed.kind == "rowgroup4k16" and loaded[0].packed.kblocks == 4
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_times_the_blocked_layout_only_where_it_differs():
+    from sparsert.convert.plan import candidate_formats
+
+    gen = torch.Generator().manual_seed(16)
+    wide = random_weight(8, KBLOCK + 1, 0.5, gen)
+    narrow = random_weight(8, KBLOCK, 0.5, gen)
+    assert {"rowgroup4", f"rowgroup4k{KBLOCK}"} <= set(candidate_formats(wide))
+    assert "rowgroup4" in candidate_formats(narrow) and f"rowgroup4k{KBLOCK}" not in candidate_formats(narrow)
+
+
+def test_rejects_negative_kblock():
+    with pytest.raises(ValueError, match="kblock"):
+        RowGroup.from_dense(torch.ones(4, 4), kblock=-1)
 
 
 def test_columns_sorted_by_pattern():
@@ -92,6 +166,24 @@ def test_rejects_rows_past_the_end():
         RowGroup.from_arrays(seg, torch.tensor([0], dtype=torch.int32), torch.ones(1), (6, 10))
 
 
+def test_rejects_rows_past_the_end_in_a_later_column_block():
+    # 2 column blocks of 2 groups (6 rows): block 1, group 1, pattern 4 is row 6
+    seg = torch.zeros(2 * 2 * PATTERNS + 1, dtype=torch.int32)
+    seg[3 * PATTERNS + 4:] = 1
+    with pytest.raises(ValueError, match="past the last row"):
+        RowGroup.from_arrays(seg, torch.tensor([0], dtype=torch.int32), torch.ones(1), (6, 10))
+    seg = torch.zeros(2 * 2 * PATTERNS + 1, dtype=torch.int32)
+    seg[2 * PATTERNS + 4:] = 1  # block 1, group 0, pattern 4: row 2, fine
+    RowGroup.from_arrays(seg, torch.tensor([0], dtype=torch.int32), torch.ones(1), (6, 10))
+
+
+@pytest.mark.parametrize("length", [2 * PATTERNS, 2 * PATTERNS + 2, 3 * PATTERNS + 1, 1])
+def test_rejects_seg_ptr_not_whole_column_blocks(length):
+    seg = torch.zeros(length, dtype=torch.int32)
+    with pytest.raises(ValueError, match="entries"):
+        RowGroup.from_arrays(seg, torch.zeros(0, dtype=torch.int32), torch.zeros(0), (8, 10))
+
+
 # -- the kernels --------------------------------------------------------------
 
 def test_registry_has_a_reference_and_portable_kernels():
@@ -131,6 +223,89 @@ def test_kernel_threads_and_many_panels(kernel, threads):
     bias = torch.randn(203, generator=gen)
     y = linear_rowgroup(x, fmt, bias, kernel=kernel, num_threads=threads)
     assert_close(y, expected(x, w, bias, None), f"{kernel} {threads} threads")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("shape", [(5, 17), (33, 70), (130, 257)])
+@pytest.mark.parametrize("kblock", [7, 16])
+@pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
+def test_kernel_column_blocks_match_torch(kernel, shape, kblock, density):
+    # K not a multiple of the block, rows not a multiple of 4, an empty group, tokens
+    # not a multiple of the panel, bias and relu
+    if kernel not in RUNNABLE:
+        pytest.skip(f"{kernel} needs an ISA this CPU lacks")
+    gen = torch.Generator().manual_seed(hash((shape, kblock, density)) % 2**31)
+    w = random_weight(*shape, density, gen)
+    w[:4] = 0.0  # an empty group
+    fmt = RowGroup.from_dense(w, kblock=kblock)
+    assert fmt.seg_ptr.numel() > -(-shape[0] // GROUP_ROWS) * PATTERNS + 1  # really blocked
+    bias = torch.randn(shape[0], generator=gen)
+    for tokens in (1, 2, 3, 17, 40):
+        x = torch.randn(tokens, shape[1], generator=gen)
+        for b, act in ((None, None), (bias, "relu")):
+            y = linear_rowgroup(x, fmt, b, act, kernel=kernel)
+            assert_close(y, expected(x, w, b, act), f"{kernel} {shape} kblock {kblock} tokens {tokens}")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kblock", [0, 100])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kernel_column_blocks_threads(kernel, kblock, threads):
+    if kernel not in RUNNABLE:
+        pytest.skip(f"{kernel} needs an ISA this CPU lacks")
+    gen = torch.Generator().manual_seed(12)
+    w = random_weight(70, 1100, 0.4, gen)
+    fmt = RowGroup.from_dense(w, kblock=kblock)
+    x = torch.randn(77, 1100, generator=gen)
+    bias = torch.randn(70, generator=gen)
+    y = linear_rowgroup(x, fmt, bias, "relu", kernel=kernel, num_threads=threads)
+    assert_close(y, expected(x, w, bias, "relu"), f"{kernel} kblock {kblock} {threads} threads")
+
+
+def test_kernels_do_not_assume_which_columns_a_block_holds():
+    # a K-block's segments may list any columns (the blocking is only for speed):
+    # move every entry's column to another K-block's range and compare with torch
+    gen = torch.Generator().manual_seed(13)
+    w = random_weight(9, 40, 0.5, gen)
+    fmt = RowGroup.from_dense(w, kblock=10)
+    columns = (fmt.columns + 17) % 40
+    moved = RowGroup.from_arrays(fmt.seg_ptr, columns, fmt.values, fmt.shape)
+    dense = moved.to_dense()
+    assert not torch.equal(dense, w)
+    x = torch.randn(33, 40, generator=gen)
+    for kernel in RUNNABLE:
+        assert_close(linear_rowgroup(x, moved, kernel=kernel), expected(x, dense, None, None), kernel)
+
+
+def test_unblocked_arrays_of_older_files_still_run():
+    # files saved before column blocks: one block, every segment padded to 4 columns
+    gen = torch.Generator().manual_seed(14)
+    w = random_weight(11, 300, 0.5, gen)
+    rows, cols = w.shape
+    entries = []  # (segment, column, values of the pattern's rows)
+    for g in range(-(-rows // GROUP_ROWS)):
+        block = w[g * GROUP_ROWS:(g + 1) * GROUP_ROWS]
+        for col in range(cols):
+            pattern = sum(1 << r for r in range(block.shape[0]) if block[r, col] != 0)
+            if pattern:
+                entries.append((g * PATTERNS + pattern - 1, col,
+                                [float(block[r, col]) for r in range(GROUP_ROWS) if pattern >> r & 1]))
+    seg_ptr, columns, values = [0], [], []
+    for s in range(-(-rows // GROUP_ROWS) * PATTERNS):
+        mine = [e for e in entries if e[0] == s]
+        while len(mine) % 4:
+            mine.append((s, mine[-1][1], [0.0] * len(mine[-1][2])))
+        for _, col, vals in mine:
+            columns.append(col)
+            values.extend(vals)
+        seg_ptr.append(len(columns))
+    old = RowGroup.from_arrays(torch.tensor(seg_ptr, dtype=torch.int32), torch.tensor(columns, dtype=torch.int32),
+                               torch.tensor(values), (rows, cols))
+    assert torch.equal(old.to_dense(), w)
+    x = torch.randn(50, cols, generator=gen)
+    for kernel in RUNNABLE:
+        assert_close(linear_rowgroup(x, old, kernel=kernel), expected(x, w, None, None), kernel)
+    assert_close(ops.linear(x, old), expected(x, w, None, None), "ops.linear")
 
 
 def test_strided_tokens_and_dtypes():

@@ -12,6 +12,16 @@
 // pattern: at 50% density a column feeds 2.1 rows on average, so a 4 x 16
 // register tile (rows x tokens) does ~0.97 vector loads per FMA instead of
 // CSR's 1.25-1.5 (an index, a broadcast and an x vector per nonzero and NV FMAs).
+//
+// Column blocks: the columns may be split into `kblocks` contiguous blocks
+// (K-blocks) and each group's segments stored once per K-block, K-block
+// major: segment s = (kb * groups + g) * 15 + (pattern - 1). A kernel then
+// runs every group of a row block over one K-block before the next, so the
+// x rows of that K-block (a few KB per token panel) stay in L1 instead of
+// streaming a whole x panel from L2 once per group. kblocks = 1 is the
+// unblocked layout. The kernels read a K-block's columns from its segments
+// only (they never assume which columns a K-block holds), so any kblocks >= 1
+// gives the same result; the blocking only changes the speed.
 #pragma once
 
 #include <cstdint>
@@ -28,8 +38,9 @@ constexpr int kRowGroupPatterns = (1 << kRowGroup) - 1;  // nonempty row pattern
 struct RowGroupMatrix {
   int64_t rows = 0;
   int64_t cols = 0;
-  // group_count() * 15 + 1 entries, non-decreasing from 0: segment s lists
-  // columns [seg_ptr[s], seg_ptr[s + 1]) of `columns`.
+  int64_t kblocks = 1;  // column blocks (>= 1)
+  // kblocks * group_count() * 15 + 1 entries, non-decreasing from 0: segment s
+  // lists columns [seg_ptr[s], seg_ptr[s + 1]) of `columns`.
   const int32_t* seg_ptr = nullptr;
   // seg_ptr[last] column indices in [0, cols) (a column twice in a group adds up).
   const int32_t* columns = nullptr;
@@ -37,6 +48,8 @@ struct RowGroupMatrix {
   const float* values = nullptr;
 
   int64_t group_count() const { return (rows + kRowGroup - 1) / kRowGroup; }
+  // The unit (kb, g): its 15 segments start at segment unit(kb, g) * 15.
+  int64_t unit(int64_t kb, int64_t g) const { return kb * group_count() + g; }
 };
 
 using RowGroupSpmmFn = void (*)(const RowGroupMatrix& w, const SpmmArgs& args);
@@ -56,8 +69,8 @@ const std::vector<RowGroupKernelInfo>& rowgroup_kernel_registry();
 // reference when none matches).
 const RowGroupKernelInfo* select_rowgroup_kernel(int64_t tokens, const std::string& isa);
 
-// Values stored by each group's segments before `group` (for splitting work): out has
-// group_count() + 1 entries.
+// Values stored before each unit (kb, g) (see RowGroupMatrix::unit): out has
+// kblocks * group_count() + 1 entries.
 void rowgroup_value_offsets(const RowGroupMatrix& w, std::vector<int64_t>& out);
 
 }  // namespace sparsert

@@ -30,8 +30,11 @@ std::string spmm_rowgroup(int64_t rows, int64_t cols, uintptr_t seg_ptr, int64_t
   sparsert::RowGroupMatrix w;
   w.rows = rows;
   w.cols = cols;
-  if (seg_ptr_len != w.group_count() * sparsert::kRowGroupPatterns + 1)
-    fail("seg_ptr must have ceil(rows / 4) * 15 + 1 entries");
+  // kblocks follows from the length: kblocks * ceil(rows / 4) * 15 + 1 entries.
+  const int64_t per_block = w.group_count() * sparsert::kRowGroupPatterns;
+  if (per_block == 0 ? seg_ptr_len != 1 : (seg_ptr_len < per_block + 1 || (seg_ptr_len - 1) % per_block != 0))
+    fail("seg_ptr must have kblocks * ceil(rows / 4) * 15 + 1 entries");
+  w.kblocks = per_block == 0 ? 1 : (seg_ptr_len - 1) / per_block;
   const auto* segments = ptr<const int32_t>(seg_ptr);
   if (segments[0] != 0 || segments[seg_ptr_len - 1] != columns_len)
     fail("seg_ptr must start at 0 and end at the number of columns");

@@ -10,9 +10,9 @@
 // is broadcast once and feeds NV FMAs. Loads per FMA = (NV + rows) / (NV *
 // rows): 0.75 for a 4-row column, 1.5 for a 1-row column (AVX2, NV = 2),
 // ~0.97 on average at 50% density. Small patterns take several accumulator
-// sets so that at least ~8 FMA chains hide the FMA latency. Panels go in
-// L2-sized chunks with the groups inside and the chunk's panels innermost:
-// a group's values (a few KB) stay in L1 across the panels of a chunk.
+// sets so that at least ~8 FMA chains hide the FMA latency. The loop order
+// over K-blocks, panels and groups (what stays in L1 and L2) is described at
+// spmm_kernel.
 #pragma once
 
 #include <algorithm>
@@ -48,22 +48,38 @@ static inline vf splat(float s) {
 
 constexpr int popcount4(int p) { return (p & 1) + (p >> 1 & 1) + (p >> 2 & 1) + (p >> 3 & 1); }
 
-// Accumulator sets for `chains` = rows * NV chains: at least ~8 chains, at most 12 registers.
-constexpr int sets_for(int chains) {
-  return chains >= 8 ? 1 : ((8 + chains - 1) / chains) * chains > 12 ? 12 / chains : (8 + chains - 1) / chains;
-}
+// Accumulator sets for `chains` = rows * NV chains: ~8+ chains hide the FMA
+// latency, at most 12 registers; 4, 2 or 1 sets, so that the padding of
+// RowGroup.from_dense (SEGMENT_MULTIPLES: 4, 2, 2, 1 columns for 1-4 rows)
+// is a multiple of the sets for every panel width (NV = 2 on AVX2, 4 portable).
+// Tried on Zen 3 and measured no faster at 128-512 tokens, so not kept: a 24-token
+// AVX2 panel (NV = 3), and two 16-token panels per pass over a segment (each
+// broadcast value feeding 4 x vectors: 1.25 instead of 1.5 loads per FMA for a
+// 1-row column) - the loads are not what limits this kernel once x is in L1.
+constexpr int sets_for(int chains) { return chains >= 8 ? 1 : 4 * chains <= 12 ? 4 : 2; }
 
-// tile[r][P] += the products of one pattern segment: `count` columns, each
-// followed in v by the values of the pattern's rows.
+// tile[r] += the products of one pattern segment: `count` columns, each
+// followed in v by the values of the pattern's rows. The tile is a value
+// (registers once inlined), and it is the first accumulator set: a segment
+// adds into it without a tile load and store.
 template <int PAT, int NV>
 __attribute__((always_inline)) static inline void pattern_segment(const int32_t* col, int32_t count,
-                                                                  const float* v, const float* xp, float* tile) {
+                                                                  const float* v, const float* xp,
+                                                                  vf (&tile)[kRowGroup][NV]) {
   constexpr int P = NV * VW;
   constexpr int NR = popcount4(PAT);
   constexpr int S = sets_for(NR * NV);
   if (count == 0) return;
+  int rows[NR] = {};
+  {
+    int ri = 0;
+    for (int r = 0; r < kRowGroup; ++r)
+      if (PAT >> r & 1) rows[ri++] = r;
+  }
   vf acc[S][NR][NV];
-  for (int s = 0; s < S; ++s)
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < NV; ++u) acc[0][r][u] = tile[rows[r]][u];
+  for (int s = 1; s < S; ++s)
     for (int r = 0; r < NR; ++r)
       for (int u = 0; u < NV; ++u) acc[s][r][u] = vf{};
   int32_t i = 0;
@@ -87,30 +103,38 @@ __attribute__((always_inline)) static inline void pattern_segment(const int32_t*
       for (int r = 0; r < NR; ++r) acc[0][r][u] += splat(vv[r]) * xv;
     }
   }
-  int ri = 0;
-  for (int r = 0; r < kRowGroup; ++r) {
-    if (!(PAT >> r & 1)) continue;
+  for (int r = 0; r < NR; ++r)
     for (int u = 0; u < NV; ++u) {
-      vf sum = load(tile + r * P + u * VW);
-      for (int s = 0; s < S; ++s) sum += acc[s][ri][u];
-      store(tile + r * P + u * VW, sum);
+      vf sum = acc[0][r][u];
+      for (int s = 1; s < S; ++s) sum += acc[s][r][u];
+      tile[rows[r]][u] = sum;
     }
-    ++ri;
-  }
 }
 
-// The 15 segments of group g over one panel, PAT = 1 .. 15 in order; returns
-// the values consumed.
+// The 15 segments of one unit (a group in one K-block, RowGroupMatrix::unit)
+// over one panel, PAT = 1 .. 15 in order; returns the values consumed.
 template <int NV, int PAT = 1>
-__attribute__((always_inline)) static inline const float* group_segments(const RowGroupMatrix& w, int64_t g,
+__attribute__((always_inline)) static inline const float* group_segments(const RowGroupMatrix& w, int64_t unit,
                                                                          const float* v, const float* xp,
-                                                                         float* tile) {
-  const int64_t s = g * kRowGroupPatterns + PAT - 1;
+                                                                         vf (&tile)[kRowGroup][NV]) {
+  const int64_t s = unit * kRowGroupPatterns + PAT - 1;
   const int32_t begin = w.seg_ptr[s], count = w.seg_ptr[s + 1] - begin;
   pattern_segment<PAT, NV>(w.columns + begin, count, v, xp, tile);
   v += static_cast<int64_t>(count) * popcount4(PAT);
-  if constexpr (PAT < kRowGroupPatterns) return group_segments<NV, PAT + 1>(w, g, v, xp, tile);
+  if constexpr (PAT < kRowGroupPatterns) return group_segments<NV, PAT + 1>(w, unit, v, xp, tile);
   return v;
+}
+
+// Values of each group over all its K-blocks, as a prefix sum (groups + 1 entries).
+static void group_value_prefix(const RowGroupMatrix& w, const std::vector<int64_t>& unit_offsets,
+                               std::vector<int64_t>& out) {
+  const int64_t groups = w.group_count();
+  out.assign(groups + 1, 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t n = 0;
+    for (int64_t kb = 0; kb < w.kblocks; ++kb) n += unit_offsets[w.unit(kb, g) + 1] - unit_offsets[w.unit(kb, g)];
+    out[g + 1] = out[g] + n;
+  }
 }
 
 // Splits groups [0, groups) into `parts` contiguous ranges of about equal
@@ -132,14 +156,14 @@ static void split_groups(const std::vector<int64_t>& offsets, int64_t groups, in
 }
 
 // spmv (1-2 tokens): a panel would leave 15 of 16 lanes idle, so each token
-// runs alone, scalar: per column one x load feeds the pattern's rows, four
-// accumulator sets per row hide the FMA latency.
+// runs alone, scalar: per column one x load feeds the pattern's rows, 4-8
+// accumulator chains (1, 2 or 4 sets) hide the FMA latency.
 template <int PAT>
 __attribute__((always_inline)) static inline void pattern_segment_token(const int32_t* col, int32_t count,
                                                                         const float* v, const float* x,
                                                                         float* acc_rows) {
   constexpr int NR = popcount4(PAT);
-  constexpr int S = 4;
+  constexpr int S = sets_for(NR * 2);  // 4, 2, 2, 1: from_dense's padding, so no remainder loop runs
   float acc[S][NR] = {};
   int32_t i = 0;
   for (; i + S <= count; i += S)
@@ -154,40 +178,48 @@ __attribute__((always_inline)) static inline void pattern_segment_token(const in
   int ri = 0;
   for (int r = 0; r < kRowGroup; ++r) {
     if (!(PAT >> r & 1)) continue;
-    acc_rows[r] += (acc[0][ri] + acc[1][ri]) + (acc[2][ri] + acc[3][ri]);
+    float sum = 0.0f;
+    for (int s = 0; s < S; ++s) sum += acc[s][ri];
+    acc_rows[r] += sum;
     ++ri;
   }
 }
 
 template <int PAT = 1>
-__attribute__((always_inline)) static inline void group_segments_token(const RowGroupMatrix& w, int64_t g,
+__attribute__((always_inline)) static inline void group_segments_token(const RowGroupMatrix& w, int64_t unit,
                                                                        const float* v, const float* x,
                                                                        float* acc_rows) {
-  const int64_t s = g * kRowGroupPatterns + PAT - 1;
+  const int64_t s = unit * kRowGroupPatterns + PAT - 1;
   const int32_t begin = w.seg_ptr[s], count = w.seg_ptr[s + 1] - begin;
   pattern_segment_token<PAT>(w.columns + begin, count, v, x, acc_rows);
   if constexpr (PAT < kRowGroupPatterns)
-    group_segments_token<PAT + 1>(w, g, v + static_cast<int64_t>(count) * popcount4(PAT), x, acc_rows);
+    group_segments_token<PAT + 1>(w, unit, v + static_cast<int64_t>(count) * popcount4(PAT), x, acc_rows);
 }
 
 static void spmv_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
   const int64_t groups = w.group_count();
   const int threads = std::max(1, a.num_threads);
   const bool relu = a.epilogue == Epilogue::kRelu;
-  std::vector<int64_t> offsets, bounds;
+  std::vector<int64_t> offsets, group_values, bounds;
   rowgroup_value_offsets(w, offsets);
-  split_groups(offsets, groups, threads, bounds);
+  group_value_prefix(w, offsets, group_values);
+  split_groups(group_values, groups, threads, bounds);
   parallel_run(threads, [&](int tid, int) {
     for (int64_t t = 0; t < a.tokens; ++t) {
       const float* x = a.x + t * a.x_row_stride;
       float* y = a.y + t * a.y_row_stride;
-      for (int64_t g = bounds[tid]; g < bounds[tid + 1]; ++g) {
-        const int64_t row0 = g * kRowGroup;
-        const int nrows = static_cast<int>(std::min<int64_t>(kRowGroup, w.rows - row0));
-        float acc[kRowGroup];
-        for (int r = 0; r < kRowGroup; ++r) acc[r] = a.bias && r < nrows ? a.bias[row0 + r] : 0.0f;
-        group_segments_token(w, g, w.values + offsets[g], x, acc);
-        for (int r = 0; r < nrows; ++r) y[row0 + r] = relu && acc[r] < 0.0f ? 0.0f : acc[r];
+      // K-blocks outermost, in storage order (one stream of weights, not kblocks);
+      // y holds the partial sums between K-blocks.
+      for (int64_t kb = 0; kb < w.kblocks; ++kb) {
+        const bool first = kb == 0, last = kb + 1 == w.kblocks;
+        for (int64_t g = bounds[tid]; g < bounds[tid + 1]; ++g) {
+          const int64_t row0 = g * kRowGroup;
+          const int nrows = static_cast<int>(std::min<int64_t>(kRowGroup, w.rows - row0));
+          float acc[kRowGroup] = {};
+          for (int r = 0; r < nrows; ++r) acc[r] = !first ? y[row0 + r] : a.bias ? a.bias[row0 + r] : 0.0f;
+          group_segments_token(w, w.unit(kb, g), w.values + offsets[w.unit(kb, g)], x, acc);
+          for (int r = 0; r < nrows; ++r) y[row0 + r] = last && relu && acc[r] < 0.0f ? 0.0f : acc[r];
+        }
       }
     }
   });
@@ -207,51 +239,86 @@ static void pack_panel(const SpmmArgs& a, int64_t cols, int64_t p, float* xp) {
   }
 }
 
+// Loop order (GotoBLAS-like), per thread over its range of groups:
+//   K-block -> chunk of panels (their x rows of the K-block, <= kChunkBytes,
+//   stay in L2) -> row block (consecutive groups whose values in this K-block,
+//   <= kBlockWeightBytes, stay in L2) -> panel of the chunk -> group -> its 15
+//   pattern segments.
+// One panel's x rows of a K-block (cols / kblocks x 64 B) are read from L2 by
+// the first group of a row block and from L1 by the others; the row block's
+// weights are read from memory once per chunk and from L2 by its panels. Each
+// group's 4 x P output tile is updated in L1 (a stack copy) and kept between
+// K-blocks in a scratch (tokens x rows floats): one tile load and store per
+// group, panel and K-block (a few % of the segments' work). With kblocks = 1
+// (files saved before column blocks) a chunk is what fits in L2 of whole x
+// panels and the tile goes straight to y, as before.
+// Measured on Zen 3, 1 thread, 128-512 tokens (benchmarks/bench_rowgroup.py):
+// K-blocks of 256-512 columns 5-40% faster than unblocked (x from L1 instead of
+// L2; the more columns and tokens, the larger the gain); 192 or fewer columns
+// lose it again to short segments (more loop exits and tile updates per FMA).
+constexpr int64_t kChunkBytes = 256 << 10;
+constexpr int64_t kBlockWeightBytes = 128 << 10;
+
 template <int NV>
 static void spmm_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
   constexpr int P = NV * VW;
+  constexpr int64_t T = kRowGroup * P;  // floats per tile
   const int64_t groups = w.group_count();
   const int64_t panels = (a.tokens + P - 1) / P;
   const int threads = std::max(1, a.num_threads);
   const bool relu = a.epilogue == Epilogue::kRelu;
-  std::vector<int64_t> offsets;
+  std::vector<int64_t> offsets, group_values, bounds;
   rowgroup_value_offsets(w, offsets);
-  static thread_local Scratch packed;
+  group_value_prefix(w, offsets, group_values);
+  static thread_local Scratch packed, accumulators;
   float* xp = packed.get(static_cast<size_t>(panels * w.cols * P));
+  // Partial sums between K-blocks: [panel][group][row][P] (none with one K-block).
+  float* partial = w.kblocks > 1 ? accumulators.get(static_cast<size_t>(panels * groups * T)) : nullptr;
   parallel_run(threads, [&](int tid, int nt) {
     for (int64_t p = tid; p < panels; p += nt) pack_panel<P>(a, w.cols, p, xp + p * w.cols * P);
   });
-  std::vector<int64_t> bounds;
-  split_groups(offsets, groups, threads, bounds);
-  // Panels go in chunks whose packed x (~256 KB) stays in L2 while the
-  // groups go by: a group's values are read from memory once per chunk and
-  // from L1 for the other panels of the chunk. (Measured on Zen 3: chunks of
-  // 64-256 KB run alike; 1 MB, all of x at 768 x 128 tokens, 13-27% slower;
-  // at 4096 x 4096, 128 tokens, 1-4 MB chunks (x from L3, the 50 MB of
-  // weights read once instead of 8 times) 19-33% slower.
-  // A software prefetch of x rows 8 or 16 columns ahead gained nothing.)
-  const int64_t panel_bytes = std::max<int64_t>(1, w.cols * P * 4);
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(panels, (256 << 10) / panel_bytes));
+  split_groups(group_values, groups, threads, bounds);
   parallel_run(threads, [&](int tid, int) {
-    alignas(64) float tile[kRowGroup * P];
-    for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
-      const int64_t p1 = std::min(panels, p0 + chunk);
-      for (int64_t g = bounds[tid]; g < bounds[tid + 1]; ++g) {
-        const int64_t row0 = g * kRowGroup;
-        const int nrows = static_cast<int>(std::min<int64_t>(kRowGroup, w.rows - row0));
-        for (int64_t p = p0; p < p1; ++p) {
-          for (int r = 0; r < kRowGroup; ++r) {
-            const vf b = splat(a.bias && r < nrows ? a.bias[row0 + r] : 0.0f);
-            for (int u = 0; u < NV; ++u) store(tile + r * P + u * VW, b);
-          }
-          group_segments<NV>(w, g, w.values + offsets[g], xp + p * w.cols * P, tile);
-          // tile (rows x P) -> y (tokens x rows), with the activation.
-          const int64_t t0 = p * P, valid = std::min<int64_t>(P, a.tokens - t0);
-          for (int64_t t = 0; t < valid; ++t) {
-            float* yr = a.y + (t0 + t) * a.y_row_stride + row0;
-            for (int r = 0; r < nrows; ++r) {
-              const float v = tile[r * P + t];
-              yr[r] = relu && v < 0.0f ? 0.0f : v;
+    const int64_t g_begin = bounds[tid], g_end = bounds[tid + 1];
+    const int64_t block_cols = (w.cols + w.kblocks - 1) / w.kblocks;
+    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, block_cols * P * 4));
+    alignas(64) float tile[T];  // the finished tile, for its transpose into y
+    for (int64_t kb = 0; kb < w.kblocks; ++kb) {
+      const bool first = kb == 0, last = kb + 1 == w.kblocks;
+      for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
+        const int64_t p1 = std::min(panels, p0 + chunk);
+        for (int64_t b0 = g_begin, b1; b0 < g_end; b0 = b1) {
+          // ~6 bytes per value: the value and its share of the column index (2+ rows per column).
+          b1 = b0 + 1;
+          while (b1 < g_end && (offsets[w.unit(kb, b1) + 1] - offsets[w.unit(kb, b0)]) * 6 <= kBlockWeightBytes) ++b1;
+          for (int64_t p = p0; p < p1; ++p) {
+            const float* xpp = xp + p * w.cols * P;
+            for (int64_t g = b0; g < b1; ++g) {
+              const int64_t unit = w.unit(kb, g), row0 = g * kRowGroup;
+              float* saved = first && last ? nullptr : partial + (p * groups + g) * T;
+              vf acc[kRowGroup][NV];
+              for (int r = 0; r < kRowGroup; ++r)
+                for (int u = 0; u < NV; ++u)
+                  acc[r][u] = !first ? load(saved + r * P + u * VW)
+                                     : splat(a.bias && row0 + r < w.rows ? a.bias[row0 + r] : 0.0f);
+              group_segments<NV>(w, unit, w.values + offsets[unit], xpp, acc);
+              if (!last) {
+                for (int r = 0; r < kRowGroup; ++r)
+                  for (int u = 0; u < NV; ++u) store(saved + r * P + u * VW, acc[r][u]);
+                continue;
+              }
+              for (int r = 0; r < kRowGroup; ++r)
+                for (int u = 0; u < NV; ++u) store(tile + r * P + u * VW, acc[r][u]);
+              // tile (rows x P) -> y (tokens x rows), with the activation.
+              const int64_t t0 = p * P, valid = std::min<int64_t>(P, a.tokens - t0);
+              const int nrows = static_cast<int>(std::min<int64_t>(kRowGroup, w.rows - row0));
+              for (int64_t t = 0; t < valid; ++t) {
+                float* yr = a.y + (t0 + t) * a.y_row_stride + row0;
+                for (int r = 0; r < nrows; ++r) {
+                  const float v = tile[r * P + t];
+                  yr[r] = relu && v < 0.0f ? 0.0f : v;
+                }
+              }
             }
           }
         }

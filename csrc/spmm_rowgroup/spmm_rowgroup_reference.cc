@@ -19,13 +19,15 @@ static void rowgroup_reference_kernel(const RowGroupMatrix& w, const SpmmArgs& a
         const int64_t n = g * kRowGroup + r;
         acc[r] = a.bias && n < w.rows ? a.bias[n] : 0.0;
       }
-      const float* v = w.values + offsets[g];
-      for (int p = 1; p <= kRowGroupPatterns; ++p) {
-        const int64_t s = g * kRowGroupPatterns + p - 1;
-        for (int32_t i = w.seg_ptr[s]; i < w.seg_ptr[s + 1]; ++i) {
-          const double xk = x[w.columns[i]];
-          for (int r = 0; r < kRowGroup; ++r)
-            if (p >> r & 1) acc[r] += static_cast<double>(*v++) * xk;
+      for (int64_t kb = 0; kb < w.kblocks; ++kb) {
+        const float* v = w.values + offsets[w.unit(kb, g)];
+        for (int p = 1; p <= kRowGroupPatterns; ++p) {
+          const int64_t s = w.unit(kb, g) * kRowGroupPatterns + p - 1;
+          for (int32_t i = w.seg_ptr[s]; i < w.seg_ptr[s + 1]; ++i) {
+            const double xk = x[w.columns[i]];
+            for (int r = 0; r < kRowGroup; ++r)
+              if (p >> r & 1) acc[r] += static_cast<double>(*v++) * xk;
+          }
         }
       }
       for (int r = 0; r < kRowGroup; ++r) {

@@ -42,17 +42,17 @@ const RowGroupKernelInfo* select_rowgroup_kernel(int64_t tokens, const std::stri
 }
 
 void rowgroup_value_offsets(const RowGroupMatrix& w, std::vector<int64_t>& out) {
-  const int64_t groups = w.group_count();
-  out.assign(groups + 1, 0);
+  const int64_t units = w.kblocks * w.group_count();
+  out.assign(units + 1, 0);
   int64_t total = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    out[g] = total;
+  for (int64_t u = 0; u < units; ++u) {
+    out[u] = total;
     for (int p = 1; p <= kRowGroupPatterns; ++p) {
-      const int64_t s = g * kRowGroupPatterns + p - 1;
+      const int64_t s = u * kRowGroupPatterns + p - 1;
       total += static_cast<int64_t>(w.seg_ptr[s + 1] - w.seg_ptr[s]) * __builtin_popcount(p);
     }
   }
-  out[groups] = total;
+  out[units] = total;
 }
 
 }  // namespace sparsert

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import ops as _ops
 from ..formats import kind_name, parse_kind
+from ..formats.rowgroup import KBLOCK
 
 __all__ = ["LayerDecision", "SparsityPlan", "candidate_formats", "NM_CANDIDATES", "MAX_SPARSE_DENSITY"]
 
@@ -151,7 +152,8 @@ def candidate_formats(w2d: Tensor, *, max_fill: float = 1.1, linear: bool = True
     shape the zero pattern actually has (stored / nonzero <= ``max_fill``),
     N:M patterns the weight satisfies (when they store at most half the weight and
     at most 1.25x its nonzeros) and, for a Linear layer at moderate density
-    (:data:`BITMASK_DENSITIES`), the bitmask16 and rowgroup4 formats."""
+    (:data:`BITMASK_DENSITIES`), the bitmask16 and rowgroup4 formats (and rowgroup4 in
+    column blocks of :data:`~sparsert.formats.rowgroup.KBLOCK` when there are more columns)."""
     w = w2d.detach()
     nnz = int((w != 0).sum())
     kinds = ["dense", "csr"]
@@ -175,4 +177,6 @@ def candidate_formats(w2d: Tensor, *, max_fill: float = 1.1, linear: bool = True
     low, high = BITMASK_DENSITIES
     if linear and low <= nnz / w.numel() <= high and _ops.cpu_available():
         kinds += ["bitmask16", "rowgroup4"]
+        if cols > KBLOCK:  # column blocks (x in L1 at many tokens); one block otherwise, = rowgroup4
+            kinds.append(kind_name("rowgroup", KBLOCK))
     return kinds
