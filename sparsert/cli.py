@@ -396,7 +396,7 @@ def cmd_prune_to_speedup(args) -> int:
                              recover_lr=args.recover_lr,
                              checkpoint=Path(args.checkpoint) / "recover.pt" if args.checkpoint else None,
                              output=out, plot=args.plot_plan, score_candidates=args.score_candidates,
-                             progress=_show_progress(args), log=(lambda s: None) if quiet else print)
+                             calibrate_groups=args.calibrate_groups, progress=_show_progress(args), log=(lambda s: None) if quiet else print)
     except ValueError as e:
         raise CliError(str(e)) from None
     base = "best dense" if args.baseline == "best_dense" else "torch eager"
@@ -797,6 +797,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--score-candidates", type=int, default=4, metavar="N",
                    help="candidate plans the planner prunes on a copy and scores by the model's output error on "
                         "held-out calibration batches before choosing (default 4; 0: the solver's plan unscored)")
+    s.add_argument("--no-calibrate-groups", dest="calibrate_groups", action="store_false",
+                   help="with --score-candidates: do not probe each layer group (the same layer of every block) "
+                        "pruned alone to weight the per-layer losses end to end and score the solver's plans on "
+                        "them as two more candidates")
     s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("sparsify", parents=[common], help="choose each layer's fastest format and save it",
