@@ -57,6 +57,8 @@ ap.add_argument("--eval-candidates", action="store_true",
                      "eval-split quality: does the calibration output error rank them as the eval cosine does?")
 ap.add_argument("--no-calibrate", action="store_true",
                 help="no end-to-end calibrated candidates (per layer group probes): the candidates as before")
+ap.add_argument("--measure-candidates", action="store_true",
+                help="the planner packs and times each candidate; one measured below 90%% of the target does not win")
 ap.add_argument("--sparsities", default=None, help="the planner's grid (default: DEFAULT_SPARSITIES)")
 ap.add_argument("--compare-uniform", default="", help="sparsities of uniform models timed interleaved with the plans")
 ap.add_argument("--compare-patterns", default="unstructured,4x1")
@@ -112,7 +114,7 @@ for tgt in targets:
                              reconstruct=False, recover_minutes=args.recover_minutes, recover_lr=args.recover_lr,
                              sensitivity_method=args.sensitivity_method, sensitivity=sens, repeats=30,
                              score_candidates=args.score_candidates, calibrate_groups=not args.no_calibrate,
-                             sparsities=grid.get("sparsities"))
+                             sparsities=grid.get("sparsities"), measure_candidates=args.measure_candidates)
     except ValueError as e:
         print(f"target {tgt}: {e}", flush=True)
         continue

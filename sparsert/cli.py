@@ -396,7 +396,8 @@ def cmd_prune_to_speedup(args) -> int:
                              recover_lr=args.recover_lr,
                              checkpoint=Path(args.checkpoint) / "recover.pt" if args.checkpoint else None,
                              output=out, plot=args.plot_plan, score_candidates=args.score_candidates,
-                             calibrate_groups=args.calibrate_groups, progress=_show_progress(args), log=(lambda s: None) if quiet else print)
+                             calibrate_groups=args.calibrate_groups, measure_candidates=args.measure_candidates,
+                             progress=_show_progress(args), log=(lambda s: None) if quiet else print)
     except ValueError as e:
         raise CliError(str(e)) from None
     base = "best dense" if args.baseline == "best_dense" else "torch eager"
@@ -801,6 +802,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --score-candidates: do not probe each layer group (the same layer of every block) "
                         "pruned alone to weight the per-layer losses end to end and score the solver's plans on "
                         "them as two more candidates")
+    s.add_argument("--measure-candidates", action="store_true",
+                   help="with --score-candidates: also pack and time each candidate end to end; one measured "
+                        "below 90%% of the target does not win (use on an idle machine)")
     s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("sparsify", parents=[common], help="choose each layer's fastest format and save it",

@@ -504,3 +504,6 @@ def test_cli_prune_can_turn_the_group_calibration_off():
     assert parse(["prune", "minilm", "--target-speedup", "2", "-o", "x.sparsert"]).calibrate_groups is True
     assert parse(["prune", "minilm", "--target-speedup", "2", "--no-calibrate-groups",
                   "-o", "x.sparsert"]).calibrate_groups is False
+    assert parse(["prune", "minilm", "--target-speedup", "2", "-o", "x.sparsert"]).measure_candidates is False
+    assert parse(["prune", "minilm", "--target-speedup", "2", "--measure-candidates",
+                  "-o", "x.sparsert"]).measure_candidates is True

@@ -219,7 +219,8 @@ def test_pruner_without_calibration_data_does_not_score(cache):
                                        (dict(score_metric="l1"), "score_metric"),
                                        (dict(calibrate_groups="yes"), "calibrate_groups"),
                                        (dict(max_groups=0), "max_groups"),
-                                       (dict(max_groups=True), "max_groups")])
+                                       (dict(max_groups=True), "max_groups"),
+                                       (dict(measure_candidates=1), "measure_candidates")])
 def test_pruner_rejects_bad_scoring_options(cache, kw, match):
     with pytest.raises(ValueError, match=match):
         sparsert.Pruner(tiny_mlp(), "wanda", target_speedup=1.05, example_inputs=torch.randn(4, 32), threads=1,
@@ -414,3 +415,51 @@ def test_pruner_calibrates_per_group_and_chooses_among_all_candidates(cache):
     few.tables = p.tables
     few.calibrate([torch.randn(8, 16) for _ in range(4)])
     assert few.plan.probes == []
+
+
+def test_a_candidate_measured_too_slow_does_not_win():
+    plan = build_plan(_tables(), MISLEADING, 10 / 8.6, bins=1000)
+    cs = [scoring.Candidate("best but slow", plan, 0.1, 0.1, measured_speedup=1.5),
+          scoring.Candidate("worse, fast", plan, 0.2, 0.2, measured_speedup=1.9),
+          scoring.Candidate("unmeasured", plan, 0.3, 0.3)]
+    assert [c.chosen for c in scoring.choose(cs, target=2.0)] == [False, True, False]  # 1.9 >= 0.9 * 2
+    assert [c.chosen for c in scoring.choose(cs, target=2.0, tolerance=0.01)] == [False, False, True]
+    assert [c.chosen for c in scoring.choose(cs[:2], target=3.0)] == [True, False]  # none fast enough: least error
+    assert [c.chosen for c in scoring.choose(cs)] == [True, False, False]  # no target: least error
+
+
+def test_score_candidates_hands_the_pruned_copy_to_measure():
+    model = _LoudAndQuiet().eval()
+    cands = scoring.candidate_plans(_tables(), MISLEADING, 10 / 8.6, bins=1000)
+    seen = []
+
+    def measure(trial, plan):  # a known answer: the pruned copy's share of zero weights
+        assert trial is not model
+        zeros = sum(int((m.weight == 0).sum()) for m in (trial.loud, trial.quiet))
+        seen.append(plan.label)
+        return zeros / (2 * 16 * 16)
+
+    scored = scoring.score_candidates(model, cands, _magnitude_prune, [torch.randn(4, 16)], measure=measure)
+    assert seen == [label for label, _ in cands]
+    for c in scored:
+        want = sum(l.sparsity for l in c.plan.layers) / 2
+        assert c.measured_speedup == pytest.approx(want, abs=0.02), c.label
+    assert "measured" in "\n".join(scoring.candidates_table(scored))
+    assert scored[0].as_dict()["measured_speedup"] == scored[0].measured_speedup
+
+
+def test_pruner_measures_candidates_when_asked(cache):
+    x = torch.randn(4, 16)
+    p = sparsert.Pruner(_Blocks().eval(), "wanda", target_speedup=1.05, example_inputs=x, threads=1,
+                        sparsities=(0.5, 0.9), timing=TINY_TIMING, score_candidates=2, calibrate_groups=False,
+                        measure_candidates=True)
+    opts = {"unstructured": {0.5: (0.6, "csr"), 0.9: (0.25, "csr")}, "4x1": {0.5: (0.65, "bsr4x1"),
+                                                                           0.9: (0.3, "bsr4x1")}}
+    p.tables = _tables(names=list(p.tables.layers), total=8.0, dense=1.0, opts=opts)  # fixed: 2 candidates
+    p.calibrate([torch.randn(8, 16) for _ in range(4)])
+    cands = p.plan.candidates
+    assert len(cands) == 2 and all(c.measured_speedup is not None and c.measured_speedup > 0 for c in cands)
+    fast = [c for c in cands if c.measured_speedup >= 1.05 * 0.9]
+    chosen = next(c for c in cands if c.chosen)
+    if fast:  # the rule, whatever this machine measured
+        assert chosen in fast and chosen.error == min(c.error for c in fast)

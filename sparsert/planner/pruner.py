@@ -90,6 +90,10 @@ class Pruner(_KernelFreePruner):
             error that left, and score the solver's plans on the weighted losses (per layer and
             per group) as two more candidates. Each probe costs one pruning of a group. Skipped
             when there are more than ``max_groups`` groups (a model without repeated blocks).
+        measure_candidates: also pack each scored candidate and time it end to end against the
+            baseline (a few seconds each); a candidate measured below 90% of the target does not
+            win unless none measures above. Off by default: on a loaded machine one short
+            measurement says little.
     """
 
     def __init__(self, model: nn.Module, importance: Any = "magnitude", pattern: Any = "unstructured",
@@ -100,7 +104,7 @@ class Pruner(_KernelFreePruner):
                  timing: Optional[Mapping[str, Any]] = None, bins: int = 4000,
                  sensitivity: Optional[Mapping[str, Any]] = None, score_candidates: int = 4,
                  score_batches: Optional[int] = None, score_metric: str = "cosine", calibrate_groups: bool = True,
-                 max_groups: int = 12, **kwargs: Any):
+                 max_groups: int = 12, measure_candidates: bool = False, **kwargs: Any):
         self.target_speedup = None
         self._plan: Optional[Plan] = None
         self._applied = False
@@ -135,6 +139,8 @@ class Pruner(_KernelFreePruner):
             raise ValueError(f"calibrate_groups must be True or False, got {calibrate_groups!r}")
         if isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1:
             raise ValueError(f"max_groups must be an int >= 1, got {max_groups!r}")
+        if not isinstance(measure_candidates, bool):
+            raise ValueError(f"measure_candidates must be True or False, got {measure_candidates!r}")
         pats = tuple(str(parse_pattern(p)) for p in ([patterns] if isinstance(patterns, str) else patterns))
         if not pats:
             raise ValueError("patterns must name at least one pattern")
@@ -150,6 +156,7 @@ class Pruner(_KernelFreePruner):
         self.bins = bins
         self.score_candidates, self.score_batches, self.score_metric = score_candidates, score_batches, score_metric
         self.calibrate_groups, self.max_groups = calibrate_groups, max_groups
+        self.measure_candidates = measure_candidates
         names = plannable_layers(model, list(self.layers))
         for n in [n for n in self.layers if n not in names]:  # not plannable: left as they are
             del self.layers[n], self.settings[n]
@@ -211,9 +218,10 @@ class Pruner(_KernelFreePruner):
             while not kp.done:
                 kp.step()
 
+        measure = self._measure_speedup if self.measure_candidates else None
         reference = scoring.reference_outputs(self.model, score_data)
         scored = scoring.score_candidates(self.model, candidates, prune_copy, score_data, metric=self.score_metric,
-                                          progress=self.progress, reference=reference)
+                                          progress=self.progress, reference=reference, measure=measure)
         probes: list = []
         uniform = [c for c in scored if c.label.startswith("uniform") and c.error is not None
                    and math.isfinite(c.error)]
@@ -229,9 +237,10 @@ class Pruner(_KernelFreePruner):
                 self.tables, sensitivity, self.target_speedup, probes, bins=self.bins, sensitivity_note=note)
                 if scoring._signature(p) not in seen]
             if extra:
-                scored = scoring.choose(scored + scoring.score_candidates(
+                scored = scored + scoring.score_candidates(
                     self.model, extra, prune_copy, score_data, metric=self.score_metric, progress=self.progress,
-                    reference=reference))
+                    reference=reference, measure=measure)
+        scored = scoring.choose(scored, self.target_speedup if self.measure_candidates else None)
         chosen = next(c for c in scored if c.chosen)
         plan = chosen.plan
         if not plan.frontier:  # a uniform plan: plot the solver's frontier with it
@@ -239,6 +248,17 @@ class Pruner(_KernelFreePruner):
         plan.candidates = scored
         plan.probes = probes
         return plan
+
+    def _measure_speedup(self, pruned: nn.Module, plan: Plan) -> float:
+        """``pruned`` (a pruned copy) packed per ``plan`` and timed end to end against the
+        baseline, interleaved (medians)."""
+        from ..bench import benchmark
+
+        sparse = sparsify_planned(pruned, plan, check=False)
+        r = benchmark(self.model, sparse, self.example_inputs, threads=self.tables.threads, warmup=2, repeats=15,
+                      rounds=5, per_layer=False, best_dense=self.baseline == "best_dense", verbose=False)
+        base = r.best_dense if self.baseline == "best_dense" else r.dense
+        return base.median / r.sparse.median
 
     def _apply_plan(self) -> None:
         if self._applied or self.target_speedup is None:

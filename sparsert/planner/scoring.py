@@ -67,6 +67,7 @@ class Candidate:
     metric: str = "cosine"
     chosen: bool = False
     seconds: float = 0.0                  # what pruning and scoring this candidate cost
+    measured_speedup: Optional[float] = None  # the pruned copy packed and timed end to end (``measure``)
 
     @property
     def error(self) -> Optional[float]:
@@ -76,7 +77,7 @@ class Candidate:
     def as_dict(self) -> dict:
         return {"label": self.label, "predicted_speedup": self.plan.predicted_speedup, "loss": self.plan.loss,
                 "cosine_error": self.cosine_error, "mse": self.mse, "metric": self.metric, "chosen": self.chosen,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "measured_speedup": self.measured_speedup}
 
 
 def _signature(plan: Plan) -> tuple:
@@ -171,13 +172,14 @@ def output_error(model: nn.Module, reference: Sequence[torch.Tensor], batches: S
 
 def score_candidates(model: nn.Module, candidates: Sequence, prune: Callable[[nn.Module, Plan], None],
                      batches: Sequence, *, metric: str = "cosine", progress: Optional[bool] = None,
-                     reference: Optional[Sequence[torch.Tensor]] = None, desc: str = "score candidate plans end to end"
-                     ) -> list:
+                     reference: Optional[Sequence[torch.Tensor]] = None, desc: str = "score candidate plans end to end",
+                     measure: Optional[Callable[[nn.Module, Plan], float]] = None) -> list:
     """Prunes a copy of ``model`` per candidate plan (``prune(copy, plan)``, in place), measures
     :func:`output_error` on ``batches`` against ``model``'s outputs (or ``reference``, from
     :func:`reference_outputs`), and marks the candidate with the least error (``metric``:
     ``"cosine"`` or ``"mse"``) as chosen (:func:`choose`). ``candidates``: ``[(label, Plan)]``
-    (:func:`candidate_plans`). Returns ``[Candidate]``."""
+    (:func:`candidate_plans`). ``measure(pruned copy, plan)``: its measured end-to-end speedup
+    (the caller packs and times it; this module knows no kernel). Returns ``[Candidate]``."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if not candidates:
@@ -197,8 +199,10 @@ def score_candidates(model: nn.Module, candidates: Sequence, prune: Callable[[nn
             trial = copy.deepcopy(model)
             prune(trial, plan)
             cos_err, mse = output_error(trial, ref, batches)
+            speed = None if measure is None else float(measure(trial, plan))
             del trial
-            scored.append(Candidate(label, plan, cos_err, mse, metric, seconds=time.perf_counter() - t0))
+            scored.append(Candidate(label, plan, cos_err, mse, metric, seconds=time.perf_counter() - t0,
+                                    measured_speedup=speed))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"{label}: 1-cos {cos_err:.4f}")
@@ -208,13 +212,20 @@ def score_candidates(model: nn.Module, candidates: Sequence, prune: Callable[[nn
     return choose(scored)
 
 
-def choose(scored: Sequence[Candidate]) -> list:
+def choose(scored: Sequence[Candidate], target: Optional[float] = None, tolerance: float = 0.1) -> list:
     """Marks the candidate with the least error as chosen (ties: the earlier one; a NaN error
-    never wins) and only it; returns the list."""
+    never wins) and only it; returns the list. With ``target``, only candidates whose
+    ``measured_speedup`` is at least ``target * (1 - tolerance)`` compete, if any is (a
+    prediction that the measurement contradicts does not win; unmeasured ones compete)."""
     if not scored:
         raise ValueError("no candidate to choose from")
-    best = min(range(len(scored)), key=lambda i: (math.inf if scored[i].error is None or
-                                                  not math.isfinite(scored[i].error) else scored[i].error, i))
+    pool = list(range(len(scored)))
+    if target is not None:
+        fast = [i for i in pool if scored[i].measured_speedup is None
+                or scored[i].measured_speedup >= target * (1 - tolerance)]
+        pool = fast or pool
+    best = min(pool, key=lambda i: (math.inf if scored[i].error is None or
+                                    not math.isfinite(scored[i].error) else scored[i].error, i))
     for i, c in enumerate(scored):
         c.chosen = i == best
     return list(scored)
@@ -225,10 +236,13 @@ def candidates_table(candidates: Sequence[Candidate]) -> list:
     measured end-to-end error, the chosen one marked."""
     from ..convert.plan import _format_table
 
-    head = ["candidate", "predicted", "summed loss", "1 - cosine", "rel. sq. error", ""]
-    rows = [[c.label, f"{c.plan.predicted_speedup:.2f}x", f"{c.plan.loss:.3f}",
-             "-" if c.cosine_error is None else f"{c.cosine_error:.4f}", "-" if c.mse is None else f"{c.mse:.4f}",
-             "<- chosen" if c.chosen else ""] for c in candidates]
+    measured = any(c.measured_speedup is not None for c in candidates)
+    head = ["candidate", "predicted"] + (["measured"] if measured else []) + ["summed loss", "1 - cosine",
+                                                                            "rel. sq. error", ""]
+    rows = [[c.label, f"{c.plan.predicted_speedup:.2f}x"]
+            + ([("-" if c.measured_speedup is None else f"{c.measured_speedup:.2f}x")] if measured else [])
+            + [f"{c.plan.loss:.3f}", "-" if c.cosine_error is None else f"{c.cosine_error:.4f}",
+               "-" if c.mse is None else f"{c.mse:.4f}", "<- chosen" if c.chosen else ""] for c in candidates]
     chosen = next((c for c in candidates if c.chosen), None)
     lines = ["", f"candidate plans pruned with the criterion and scored end to end (output error vs the dense "
                  f"model on held-out calibration batches; chosen by {candidates[0].metric if candidates else '-'}):"]
@@ -327,10 +341,11 @@ def calibrated_candidates(tables: TimeTables, sensitivity: Mapping[str, Sensitiv
     group)]``, those that reach the target. The plans' ``loss`` is the weighted one (an
     estimate of the output error)."""
     scaled = scaled_sensitivity(sensitivity, group_weights(probes))
+    note = "; ".join(n for n in (sensitivity_note, "sensitivity weighted end to end per layer group") if n)
     out = []
     for label, groups in (("plan calibrated", None), ("plan calibrated per group", {p.group: p.layers for p in probes})):
         try:
-            plan = build_plan(tables, scaled, target, bins=bins, sensitivity_note=sensitivity_note, groups=groups)
+            plan = build_plan(tables, scaled, target, bins=bins, sensitivity_note=note, groups=groups)
         except ValueError:  # not reachable with one choice per group
             continue
         if plan.predicted_speedup >= target * (1 - 1e-9):

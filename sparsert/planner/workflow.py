@@ -145,7 +145,8 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
                      plot: Optional[str] = None, repeats: int = 30, progress: bool = False,
                      log: Callable[[str], None] = print, timing: Optional[dict] = None,
                      sensitivity: Optional[dict] = None, score_candidates: int = 4,
-                     calibrate_groups: bool = True, sparsities: Optional[Sequence[float]] = None) -> dict:
+                     calibrate_groups: bool = True, sparsities: Optional[Sequence[float]] = None,
+                     measure_candidates: bool = False) -> dict:
     """Plans, prunes ``wl.model`` (in place), packs per plan, optionally saves and reloads it,
     and measures it against torch eager and the best dense path. Returns the numbers, with
     ``steps``: ``{step: seconds}`` in the order run (each also logged as it ends).
@@ -168,7 +169,8 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     choosing (0: the solver's plan as is; see :class:`~sparsert.planner.Pruner`);
     ``calibrate_groups``: also score the solver's plans on losses calibrated end to end per
     layer group (see there). ``sparsities``: the grid timed and scored per pattern (default
-    :data:`~sparsert.planner.tables.DEFAULT_SPARSITIES`).
+    :data:`~sparsert.planner.tables.DEFAULT_SPARSITIES`). ``measure_candidates``: pack and time
+    each scored candidate end to end; one measured below 90% of the target does not win.
     """
     from .. import io
     from ..bench import benchmark
@@ -212,6 +214,7 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
                     patterns=patterns, threads=threads, exclude=list(exclude), progress=progress, timing=timing,
                     sensitivity_method=sensitivity_method, sensitivity=sensitivity,
                     score_candidates=score_candidates, calibrate_groups=calibrate_groups,
+                    measure_candidates=measure_candidates,
                     sparsities=DEFAULT_SPARSITIES if sparsities is None else sparsities)
     tables = pruner.tables
     table_s = time.perf_counter() - clock[0]
