@@ -55,8 +55,8 @@ ap.add_argument("--score-candidates", type=int, default=4,
 ap.add_argument("--eval-candidates", action="store_true",
                 help="also prune every other scored candidate (all calibration batches, one-shot) and measure its "
                      "eval-split quality: does the calibration output error rank them as the eval cosine does?")
-ap.add_argument("--no-calibrate", action="store_true",
-                help="no end-to-end calibrated candidates (per layer group probes): the candidates as before")
+ap.add_argument("--calibrate-groups", action="store_true",
+                help="also the candidates from per-layer losses calibrated end to end per layer group")
 ap.add_argument("--measure-candidates", action="store_true",
                 help="the planner packs and times each candidate; one measured below 90%% of the target does not win")
 ap.add_argument("--sparsities", default=None, help="the planner's grid (default: DEFAULT_SPARSITIES)")
@@ -113,7 +113,7 @@ for tgt in targets:
                              calib_batches=args.calib_batches, calib_split=split, exclude=["pooler"],
                              reconstruct=False, recover_minutes=args.recover_minutes, recover_lr=args.recover_lr,
                              sensitivity_method=args.sensitivity_method, sensitivity=sens, repeats=30,
-                             score_candidates=args.score_candidates, calibrate_groups=not args.no_calibrate,
+                             score_candidates=args.score_candidates, calibrate_groups=args.calibrate_groups,
                              sparsities=grid.get("sparsities"), measure_candidates=args.measure_candidates)
     except ValueError as e:
         print(f"target {tgt}: {e}", flush=True)

@@ -798,10 +798,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--score-candidates", type=int, default=4, metavar="N",
                    help="candidate plans the planner prunes on a copy and scores by the model's output error on "
                         "held-out calibration batches before choosing (default 4; 0: the solver's plan unscored)")
-    s.add_argument("--no-calibrate-groups", dest="calibrate_groups", action="store_false",
-                   help="with --score-candidates: do not probe each layer group (the same layer of every block) "
-                        "pruned alone to weight the per-layer losses end to end and score the solver's plans on "
-                        "them as two more candidates")
+    s.add_argument("--calibrate-groups", action="store_true",
+                   help="with --score-candidates: also probe each layer group (the same layer of every block) "
+                        "pruned alone, weight the per-layer losses by the output error that left, and score the "
+                        "solver's plans on them as two more candidates")
     s.add_argument("--measure-candidates", action="store_true",
                    help="with --score-candidates: also pack and time each candidate end to end; one measured "
                         "below 90%% of the target does not win (use on an idle machine)")

@@ -497,13 +497,13 @@ def test_demo_plans_for_a_speedup(tmp_path, cache):
     assert (tmp_path / "digits-mlp.sparsert").is_file()
 
 
-def test_cli_prune_can_turn_the_group_calibration_off():
+def test_cli_prune_can_turn_the_group_calibration_on():
     from sparsert.cli import build_parser
 
     parse = build_parser().parse_args
-    assert parse(["prune", "minilm", "--target-speedup", "2", "-o", "x.sparsert"]).calibrate_groups is True
-    assert parse(["prune", "minilm", "--target-speedup", "2", "--no-calibrate-groups",
-                  "-o", "x.sparsert"]).calibrate_groups is False
+    assert parse(["prune", "minilm", "--target-speedup", "2", "-o", "x.sparsert"]).calibrate_groups is False
+    assert parse(["prune", "minilm", "--target-speedup", "2", "--calibrate-groups",
+                  "-o", "x.sparsert"]).calibrate_groups is True
     assert parse(["prune", "minilm", "--target-speedup", "2", "-o", "x.sparsert"]).measure_candidates is False
     assert parse(["prune", "minilm", "--target-speedup", "2", "--measure-candidates",
                   "-o", "x.sparsert"]).measure_candidates is True

@@ -381,7 +381,7 @@ class _Blocks(nn.Module):
 def test_pruner_calibrates_per_group_and_chooses_among_all_candidates(cache):
     x = torch.randn(4, 16)
     p = sparsert.Pruner(_Blocks().eval(), "wanda", target_speedup=1.05, example_inputs=x, threads=1,
-                        sparsities=(0.5, 0.9), timing=TINY_TIMING, score_candidates=4)
+                        sparsities=(0.5, 0.9), timing=TINY_TIMING, score_candidates=4, calibrate_groups=True)
     names = list(p.tables.layers)
     opts = {"unstructured": {0.5: (0.6, "csr"), 0.9: (0.25, "csr")}, "4x1": {0.5: (0.65, "bsr4x1"),
                                                                            0.9: (0.3, "bsr4x1")}}
@@ -401,9 +401,9 @@ def test_pruner_calibrates_per_group_and_chooses_among_all_candidates(cache):
     assert chosen[0].error == min(c.error for c in plan.candidates)
     assert all(c.plan.predicted_speedup >= 1.05 * (1 - 1e-9) for c in plan.candidates)
     assert "calibrated end to end" in plan.table() and len(plan.as_dict()["probes"]) == 2
-    # off: the same candidates as before, no probes
+    # off (the default): the same candidates as before, no probes
     off = sparsert.Pruner(_Blocks().eval(), "wanda", target_speedup=1.05, example_inputs=x, threads=1,
-                          sparsities=(0.5, 0.9), timing=TINY_TIMING, score_candidates=4, calibrate_groups=False,
+                          sparsities=(0.5, 0.9), timing=TINY_TIMING, score_candidates=4,
                           sensitivity=p.sensitivity_tables)
     off.tables = p.tables
     off.calibrate([torch.randn(8, 16) for _ in range(4)])
@@ -411,6 +411,7 @@ def test_pruner_calibrates_per_group_and_chooses_among_all_candidates(cache):
     # more groups than max_groups: not calibrated
     few = sparsert.Pruner(_Blocks().eval(), "wanda", target_speedup=1.05, example_inputs=x, threads=1,
                           sparsities=(0.5, 0.9), timing=TINY_TIMING, score_candidates=4, max_groups=1,
+                          calibrate_groups=True,
                           sensitivity=p.sensitivity_tables)
     few.tables = p.tables
     few.calibrate([torch.randn(8, 16) for _ in range(4)])

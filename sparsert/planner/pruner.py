@@ -87,9 +87,13 @@ class Pruner(_KernelFreePruner):
             end: prune each group of layers that play one part in the repeated blocks (all
             queries, all FFN inputs, ...; :func:`~sparsert.planner.scoring.layer_groups`) alone
             at the best uniform candidate's point, weight each group's losses by the output
-            error that left, and score the solver's plans on the weighted losses (per layer and
-            per group) as two more candidates. Each probe costs one pruning of a group. Skipped
-            when there are more than ``max_groups`` groups (a model without repeated blocks).
+            error that left (on the calibration batches the candidates are pruned with, not the
+            held-out ones that choose: a candidate built from the choosing batches would be
+            favoured by them), and score the solver's plans on the weighted losses (per layer
+            and per group) as two more candidates. Each probe costs one pruning of a group.
+            Skipped when there are more than ``max_groups`` groups (a model without repeated
+            blocks). Off by default: on MiniLM at 2x it tied the other candidates (see
+            benchmarks/RESULTS.md) for ~80 s more.
         measure_candidates: also pack each scored candidate and time it end to end against the
             baseline (a few seconds each); a candidate measured below 90% of the target does not
             win unless none measures above. Off by default: on a loaded machine one short
@@ -103,7 +107,7 @@ class Pruner(_KernelFreePruner):
                  threads: Optional[int] = None, sensitivity_method: str = "wanda",
                  timing: Optional[Mapping[str, Any]] = None, bins: int = 4000,
                  sensitivity: Optional[Mapping[str, Any]] = None, score_candidates: int = 4,
-                 score_batches: Optional[int] = None, score_metric: str = "cosine", calibrate_groups: bool = True,
+                 score_batches: Optional[int] = None, score_metric: str = "cosine", calibrate_groups: bool = False,
                  max_groups: int = 12, measure_candidates: bool = False, **kwargs: Any):
         self.target_speedup = None
         self._plan: Optional[Plan] = None
@@ -229,9 +233,9 @@ class Pruner(_KernelFreePruner):
         if self.calibrate_groups and uniform and 1 < len(groups) <= self.max_groups:
             # probe each group at the best uniform candidate's point: its losses are then right there
             best = min(uniform, key=lambda c: c.error).plan.layers[0]
-            probes = scoring.probe_groups(self.model, self.tables, sensitivity, prune_copy, score_data, groups,
+            probes = scoring.probe_groups(self.model, self.tables, sensitivity, prune_copy, prune_data, groups,
                                           best.pattern, best.sparsity, metric=self.score_metric,
-                                          progress=self.progress, reference=reference)
+                                          progress=self.progress)
             seen = {scoring._signature(c.plan) for c in scored}
             extra = [(label, p) for label, p in scoring.calibrated_candidates(
                 self.tables, sensitivity, self.target_speedup, probes, bins=self.bins, sensitivity_note=note)

@@ -145,7 +145,7 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
                      plot: Optional[str] = None, repeats: int = 30, progress: bool = False,
                      log: Callable[[str], None] = print, timing: Optional[dict] = None,
                      sensitivity: Optional[dict] = None, score_candidates: int = 4,
-                     calibrate_groups: bool = True, sparsities: Optional[Sequence[float]] = None,
+                     calibrate_groups: bool = False, sparsities: Optional[Sequence[float]] = None,
                      measure_candidates: bool = False) -> dict:
     """Plans, prunes ``wl.model`` (in place), packs per plan, optionally saves and reloads it,
     and measures it against torch eager and the best dense path. Returns the numbers, with
