@@ -14,6 +14,12 @@ prunes every scored candidate and prints its eval-split quality next to its cali
 (the solver's plan and the uniform plans that reach the same target are among them):
 
     python benchmarks/planner_minilm.py 2 1.5,2 --importance sparsegpt --eval-candidates --uniform --json F
+
+``--compare-uniform 0.7,0.75,0.8,0.85,0.9`` prunes uniform models (each pattern of ``--compare-patterns``
+at each sparsity; same criterion and calibration batches) and, at the end, times them and every plan's
+sparse model in one interleaved loop against one best-dense baseline, so the planner and uniform sparsity
+are compared at the speed *measured* in the same minute (a baseline measured minutes apart drifted by 15%
+on a shared machine); for each plan it prints the uniform cosine interpolated at the plan's measured speedup.
 """
 import argparse
 import copy
@@ -22,10 +28,14 @@ import os
 import re
 import time
 
+import torch
+
 from sparsert import models
 from sparsert.models.catalogue import RECOVERY_SENTENCES, recovery_recipe
-from sparsert.bench import benchmark
+from sparsert.bench import benchmark, best_dense_model, thread_settings
+from sparsert.convert.timing import call_model, call_times
 from sparsert.planner import sparsify_planned, time_tables
+from sparsert.planner.plan import fixed_plan
 from sparsert.planner.workflow import (calibration_batches, prune_to_speedup, quality, recover_pruned,
                                        reference_embeddings)
 from sparsert.prune import Pruner as KFPruner
@@ -45,9 +55,17 @@ ap.add_argument("--score-candidates", type=int, default=4,
 ap.add_argument("--eval-candidates", action="store_true",
                 help="also prune every other scored candidate (all calibration batches, one-shot) and measure its "
                      "eval-split quality: does the calibration output error rank them as the eval cosine does?")
+ap.add_argument("--calibrate-groups", action="store_true",
+                help="also the candidates from per-layer losses calibrated end to end per layer group")
+ap.add_argument("--measure-candidates", action="store_true",
+                help="the planner packs and times each candidate; one measured below 90%% of the target does not win")
+ap.add_argument("--sparsities", default=None, help="the planner's grid (default: DEFAULT_SPARSITIES)")
+ap.add_argument("--compare-uniform", default="", help="sparsities of uniform models timed interleaved with the plans")
+ap.add_argument("--compare-patterns", default="unstructured,4x1")
 ap.add_argument("--json", help="write the numbers here")
 args = ap.parse_args()
 targets = [float(t) for t in args.targets.split(",")]
+grid = {"sparsities": [float(v) for v in args.sparsities.split(",")]} if args.sparsities else {}
 split = args.calib_split or ("train" if args.importance == "sparsegpt" else "calibration")
 print(f"importance {args.importance}, calibration {args.calib_batches}x32 {split}-split sentences, recovery "
       f"{args.recover_minutes:g} min (lr {args.recover_lr or 'recipe'}), sensitivity {args.sensitivity_method}, "
@@ -62,7 +80,25 @@ recipe = recovery_recipe(wl)  # the same recovery as the planned path's, for the
 if args.recover_lr is not None:
     recipe["lr"] = args.recover_lr
 res, sens = {}, None
+sparse_models = {}  # label -> (sparse model, eval quality, predicted speedup), timed together at the end
 t_all = time.perf_counter()
+calib = calibration_batches(wl, args.calib_batches, None, split)
+pruned = {}  # ((layer, pattern, sparsity), ...) -> (one-shot pruned model, eval quality): each pruned once
+
+
+def prune_fixed(choice):
+    """``dense`` pruned one-shot with the criterion on all calibration batches, ``{layer: (pattern, s)}``."""
+    key = tuple(sorted((n, p, round(float(sp), 6)) for n, (p, sp) in choice.items()))
+    if key not in pruned:
+        m = copy.deepcopy(dense)
+        kp = KFPruner(m, args.importance, include=list(choice),
+                      overrides={re.escape(n): {"sparsity": float(sp), "pattern": p} for n, (p, sp) in choice.items()})
+        kp.calibrate(calib)
+        kp.step()
+        m.eval()
+        pruned[key] = (m, quality(wl, m, dense, ref_emb))
+    return pruned[key]
+
 
 
 def row(name, **kw):
@@ -77,7 +113,8 @@ for tgt in targets:
                              calib_batches=args.calib_batches, calib_split=split, exclude=["pooler"],
                              reconstruct=False, recover_minutes=args.recover_minutes, recover_lr=args.recover_lr,
                              sensitivity_method=args.sensitivity_method, sensitivity=sens, repeats=30,
-                             score_candidates=args.score_candidates)
+                             score_candidates=args.score_candidates, calibrate_groups=args.calibrate_groups,
+                             sparsities=grid.get("sparsities"), measure_candidates=args.measure_candidates)
     except ValueError as e:
         print(f"target {tgt}: {e}", flush=True)
         continue
@@ -86,19 +123,15 @@ for tgt in targets:
     row(f"plan {tgt:g}", predicted=plan.predicted_speedup, measured=r["measured_speedup"],
         best_ms=r["best_dense_ms"], sparse_ms=r["sparse_ms"], oneshot=r["quality_oneshot"], quality=r["quality"],
         recovery=r["recovery"], steps=r["steps"], loss=plan.loss, label=plan.label,
-        candidates=[c.as_dict() for c in plan.candidates])
+        candidates=[c.as_dict() for c in plan.candidates], probes=[p.as_dict() for p in plan.probes],
+        layers=[(lp.name, lp.pattern, lp.sparsity) for lp in plan.layers])
+    sparse_models[f"plan {tgt:g}: {plan.label}"] = (r["sparse_model"], r["quality"], plan.predicted_speedup)
     done = {plan.label: r["quality_oneshot"] or r["quality"]}  # one-shot eval quality per candidate label
     if args.eval_candidates:
         for c in plan.candidates:
             if c.label in done:
                 continue
-            m = copy.deepcopy(dense)
-            kp = KFPruner(m, args.importance, include=[lp.name for lp in c.plan.pruned],
-                          overrides={re.escape(lp.name): {"sparsity": lp.sparsity, "pattern": lp.pattern}
-                                     for lp in c.plan.pruned})
-            kp.calibrate(calibration_batches(wl, args.calib_batches, None, split))
-            kp.step()
-            done[c.label] = quality(wl, m, dense, ref_emb)
+            done[c.label] = prune_fixed({lp.name: (lp.pattern, lp.sparsity) for lp in c.plan.pruned})[1]
             print(f"candidate {c.label}: calibration 1-cos {c.cosine_error:.4f}, eval {done[c.label]}", flush=True)
         row(f"candidates {tgt:g}", **{c.label: {"predicted": c.plan.predicted_speedup, "loss": c.plan.loss,
                                                 "calib_cosine_error": c.cosine_error, "calib_mse": c.mse,
@@ -126,7 +159,7 @@ for tgt in targets:
         rec = {"step": rr.step, "steps": rr.steps, "seconds": rr.elapsed}
     m.eval()
     # each layer packed in the format its option was timed with (the tables come from the cache)
-    tab = time_tables(dense, [lp.name for lp in plan.layers], x, threads=args.threads)
+    tab = time_tables(dense, [lp.name for lp in plan.layers], x, threads=args.threads, **grid)
     uplan = copy.deepcopy(plan)
     for lp in uplan.layers:
         lp.pattern, lp.sparsity = pat, float(s)
@@ -136,6 +169,59 @@ for tgt in targets:
     row(f"uniform {label} (near {tgt:g})", predicted=sp, measured=b.best_dense.median / b.sparse.median,
         best_ms=b.best_dense.median * 1e3, sparse_ms=b.sparse.median * 1e3, oneshot=q_one if rec else None,
         quality=quality(wl, fast, dense, ref_emb), recovery=rec, loss=loss)
+if args.compare_uniform and sens is not None:
+    names = [lp.name for lp in plan.layers]
+    tab = time_tables(dense, names, x, threads=args.threads, **grid)  # cached: the formats the plans were timed in
+    for pat in args.compare_patterns.split(","):
+        for s in [float(v) for v in args.compare_uniform.split(",")]:
+            if s not in tab.layers[names[0]].options.get(pat, {}):
+                print(f"uniform {pat}@{s:g}: not a timed point, skipped", flush=True)
+                continue
+            choice = {n: (pat, s) for n in names}
+            t0 = time.perf_counter()
+            m, q = prune_fixed(choice)
+            up = fixed_plan(tab, sens, 1.0, choice)
+            sparse_models[f"uniform {pat}@{s:g}"] = (sparsify_planned(m, up, x), q, up.predicted_speedup)
+            print(f"uniform {pat}@{s:g}: predicted {up.predicted_speedup:.2f}x, {q} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    # every sparse model and the best dense baseline timed in the same rounds, interleaved
+    runs = {"best dense": best_dense_model(dense).eval(), **{k: v[0] for k, v in sparse_models.items()}}
+    samples = {k: [] for k in runs}
+    with thread_settings(args.threads), torch.inference_mode():
+        for m in runs.values():
+            for _ in range(3):
+                call_model(m, x)
+        for _ in range(9):
+            for k, m in runs.items():
+                samples[k].extend(call_times(lambda: call_model(m, x), 0.15, 3))
+    med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+    base = med["best dense"]
+    print(f"\nmeasured interleaved ({args.threads} threads, 9 rounds, load {os.getloadavg()}): best dense "
+          f"{base * 1e3:.2f} ms", flush=True)
+    table = {}
+    for k, (m, q, pred) in sparse_models.items():
+        table[k] = {"predicted": pred, "measured": base / med[k], "ms": med[k] * 1e3, **q}
+        print(f"  {k:45s} predicted {pred:.2f}x measured {base / med[k]:.2f}x ({med[k] * 1e3:.2f} ms)  "
+              f"cos {q['cosine_mean']:.4f} / {q['cosine_min']:.4f}", flush=True)
+
+    def uniform_at(pattern, speed):
+        """The uniform cosine (mean, min) linearly interpolated at a measured speedup (None outside)."""
+        pts = sorted((v["measured"], v["cosine_mean"], v["cosine_min"]) for k, v in table.items()
+                     if k.startswith(f"uniform {pattern}@"))
+        for (s0, m0, n0), (s1, m1, n1) in zip(pts, pts[1:]):
+            if s0 <= speed <= s1 and s1 > s0:
+                t = (speed - s0) / (s1 - s0)
+                return m0 + t * (m1 - m0), n0 + t * (n1 - n0)
+        return None
+
+    for k, v in table.items():
+        if k.startswith("plan"):
+            v["uniform_at_measured"] = {p: uniform_at(p, v["measured"]) for p in args.compare_patterns.split(",")}
+            print(f"  {k}: measured {v['measured']:.2f}x cos {v['cosine_mean']:.4f} / {v['cosine_min']:.4f}; uniform "
+                  f"at that measured speed: " + ", ".join(
+                      f"{p} {u[0]:.4f} / {u[1]:.4f}" if u else f"{p} out of range"
+                      for p, u in v["uniform_at_measured"].items()), flush=True)
+    row("interleaved", best_dense_ms=base * 1e3, models=table)
 print(f"total {time.perf_counter() - t_all:.0f} s; load {os.getloadavg()}", flush=True)
 if args.json:
     with open(args.json, "w") as f:

@@ -396,6 +396,7 @@ def cmd_prune_to_speedup(args) -> int:
                              recover_lr=args.recover_lr,
                              checkpoint=Path(args.checkpoint) / "recover.pt" if args.checkpoint else None,
                              output=out, plot=args.plot_plan, score_candidates=args.score_candidates,
+                             calibrate_groups=args.calibrate_groups, measure_candidates=args.measure_candidates,
                              progress=_show_progress(args), log=(lambda s: None) if quiet else print)
     except ValueError as e:
         raise CliError(str(e)) from None
@@ -797,6 +798,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--score-candidates", type=int, default=4, metavar="N",
                    help="candidate plans the planner prunes on a copy and scores by the model's output error on "
                         "held-out calibration batches before choosing (default 4; 0: the solver's plan unscored)")
+    s.add_argument("--calibrate-groups", action="store_true",
+                   help="with --score-candidates: also probe each layer group (the same layer of every block) "
+                        "pruned alone, weight the per-layer losses by the output error that left, and score the "
+                        "solver's plans on them as two more candidates")
+    s.add_argument("--measure-candidates", action="store_true",
+                   help="with --score-candidates: also pack and time each candidate end to end; one measured "
+                        "below 90%% of the target does not win (use on an idle machine)")
     s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("sparsify", parents=[common], help="choose each layer's fastest format and save it",

@@ -157,6 +157,37 @@ def test_tables_are_cached_and_invalidated_by_cpu_and_version(cache, monkeypatch
     assert T.time_tables(model, names, torch.randn(9, 32), threads=1, **TINY_TIMING).cache_hits == 0
 
 
+def test_a_grid_point_added_later_retimes_the_row_with_its_dense_baseline(cache, monkeypatch):
+    model, x = tiny_mlp(), torch.randn(4, 32)
+    calls = []
+
+    def fake(module, x, patterns, sparsities, min_time, rounds):  # known times: dense 1 ms, then 2 ms
+        dense = 1e-3 * (1 + len(calls))
+        calls.append((tuple(str(p) for p in patterns), tuple(sparsities)))
+        opts = {str(p): {str(s): [dense * (1 - s), "csr"] for s in sparsities} for p in patterns}
+        return {"dense": dense, "torch": dense, "options": opts}
+
+    monkeypatch.setattr(T, "_time_layer", fake)
+    kw = dict(threads=1, patterns=("unstructured",), **TINY_TIMING)
+    first = T.time_tables(model, ["2"], x, sparsities=(0.5,), **kw)
+    assert calls == [(("unstructured",), (0.5,))]
+    assert first.layers["2"].options["unstructured"][0.5][0] == pytest.approx(0.5e-3 * first.layer_scale)
+    wider = T.time_tables(model, ["2"], x, sparsities=(0.5, 0.75), **kw)
+    # the whole row again, with the baseline, in one interleaved measurement (not the new point alone)
+    assert calls[1] == (("unstructured",), (0.5, 0.75))
+    lt, k = wider.layers["2"], wider.layer_scale
+    assert lt.dense == pytest.approx(2e-3 * k)
+    assert lt.options["unstructured"][0.5][0] == pytest.approx(1e-3 * k)
+    assert lt.options["unstructured"][0.75][0] == pytest.approx(0.5e-3 * k)
+    again = T.time_tables(model, ["2"], x, sparsities=(0.5, 0.75), **kw)
+    assert len(calls) == 2 and again.cache_misses == 0  # now cached
+    assert T.time_tables(model, ["2"], x, sparsities=(0.75,), **kw).cache_misses == 0  # a subset: cached
+
+
+def test_default_grid_has_the_steps_between_70_and_90_percent():
+    assert {0.75, 0.85} <= set(T.DEFAULT_SPARSITIES) and list(T.DEFAULT_SPARSITIES) == sorted(T.DEFAULT_SPARSITIES)
+
+
 def test_tables_hold_every_pattern_and_sparsity_with_a_format(cache):
     model, x = tiny_mlp(), torch.randn(4, 32)
     tab = T.time_tables(model, ["0", "2"], x, threads=1, patterns=("unstructured", "4x1", "2:4"),
@@ -464,3 +495,15 @@ def test_demo_plans_for_a_speedup(tmp_path, cache):
     assert "[reconstruct:" not in r.stdout  # the refit is opt-in in the planned demo
     assert re.search(r"recovery: \d+/\d+ steps", r.stdout) and "recovery steps" in r.stdout
     assert (tmp_path / "digits-mlp.sparsert").is_file()
+
+
+def test_cli_prune_can_turn_the_group_calibration_on():
+    from sparsert.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["prune", "minilm", "--target-speedup", "2", "-o", "x.sparsert"]).calibrate_groups is False
+    assert parse(["prune", "minilm", "--target-speedup", "2", "--calibrate-groups",
+                  "-o", "x.sparsert"]).calibrate_groups is True
+    assert parse(["prune", "minilm", "--target-speedup", "2", "-o", "x.sparsert"]).measure_candidates is False
+    assert parse(["prune", "minilm", "--target-speedup", "2", "--measure-candidates",
+                  "-o", "x.sparsert"]).measure_candidates is True

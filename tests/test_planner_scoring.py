@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 import sparsert
 from sparsert.planner import scoring
 from sparsert.planner import tables as T
-from sparsert.planner.plan import build_plan
+from sparsert.planner.plan import build_plan, fixed_plan
 from sparsert.prune import Pruner as KernelFreePruner
 from sparsert.prune.allocation import SensitivityTable
 from planner_util import cache, synthetic_timing, tiny_mlp  # noqa: F401  (cache, synthetic_timing: fixtures)
@@ -180,9 +181,10 @@ def test_pruner_chooses_the_scored_candidate_and_off_is_the_solver_plan(cache, s
     assert [(l.pattern, l.sparsity) for l in plan_off.layers] == [(l.pattern, l.sparsity) for l in solver.layers]
     assert "chosen" not in plan_off.table()
 
-    on = _pruner(0, score_candidates=5, sensitivity=off.sensitivity_tables)
+    on = _pruner(0, score_candidates=5, sensitivity=off.sensitivity_tables, calibrate_groups=False)
     plan = on.plan
     cands = plan.candidates
+    assert plan.probes == []
     # plan, uniform unstructured@0.5, uniform 4x1@0.5, uniform 2:4, then a single-pattern plan (limit 5)
     assert len(cands) == 5, [c.label for c in cands]
     assert [c.label for c in cands[1:4]] == ["uniform 2:4@0.5", "uniform 4x1@0.5", "uniform unstructured@0.5"]
@@ -214,8 +216,251 @@ def test_pruner_without_calibration_data_does_not_score(cache, synthetic_timing)
 @pytest.mark.parametrize("kw, match", [(dict(score_candidates=-1), "score_candidates"),
                                        (dict(score_candidates=True), "score_candidates"),
                                        (dict(score_batches=0), "score_batches"),
-                                       (dict(score_metric="l1"), "score_metric")])
+                                       (dict(score_metric="l1"), "score_metric"),
+                                       (dict(calibrate_groups="yes"), "calibrate_groups"),
+                                       (dict(max_groups=0), "max_groups"),
+                                       (dict(max_groups=True), "max_groups"),
+                                       (dict(measure_candidates=1), "measure_candidates")])
 def test_pruner_rejects_bad_scoring_options(cache, synthetic_timing, kw, match):
     with pytest.raises(ValueError, match=match):
         sparsert.Pruner(tiny_mlp(), "wanda", target_speedup=1.05, example_inputs=torch.randn(4, 32), threads=1,
                         sparsities=(0.5, 0.9), timing=TINY_TIMING, **kw)
+
+
+# ---------------------------------------------------------------- losses calibrated end to end
+
+
+def test_layer_groups_join_the_same_layer_of_every_block():
+    names = ["encoder.layer.0.attention.self.query", "encoder.layer.0.output.dense",
+             "encoder.layer.11.attention.self.query", "encoder.layer.11.output.dense", "pooler.dense", "0", "2",
+             "blocks.3.conv.1"]
+    assert scoring.layer_groups(names) == {
+        "encoder.layer.*.attention.self.query": ["encoder.layer.0.attention.self.query",
+                                                 "encoder.layer.11.attention.self.query"],
+        "encoder.layer.*.output.dense": ["encoder.layer.0.output.dense", "encoder.layer.11.output.dense"],
+        "pooler.dense": ["pooler.dense"], "0": ["0"], "2": ["2"],  # a Sequential's layers are not blocks
+        "blocks.*.conv.1": ["blocks.3.conv.1"]}
+    assert scoring.layer_groups([]) == {}
+
+
+def test_fixed_plan_prunes_the_named_layers_and_leaves_the_rest_dense():
+    tables = _tables()
+    plan = fixed_plan(tables, MISLEADING, 1.1, {"quiet": ("4x1", 0.5)})
+    assert plan["loud"].pattern is None and plan["loud"].seconds == 3.0
+    assert (plan["quiet"].pattern, plan["quiet"].sparsity, plan["quiet"].format) == ("4x1", 0.5, "bsr4x1")
+    assert plan.predicted_seconds == pytest.approx(4.0 + 3.0 + 1.4)
+    assert plan.loss == pytest.approx(0.02 ** 2)
+    with pytest.raises(KeyError, match="not in the time tables"):
+        fixed_plan(tables, MISLEADING, 1.1, {"nope": ("4x1", 0.5)})
+    with pytest.raises(KeyError):
+        fixed_plan(tables, MISLEADING, 1.1, {"quiet": ("4x1", 0.9)})  # not a timed point
+
+
+def _four_layer_tables():
+    """Layers a0, a1 (group a) and b0, b1 (group b), 2 s each dense in a 10 s model."""
+    opts = {"unstructured": {0.5: (1.2, "csr"), 0.9: (0.5, "csr")}}
+    return _tables(names=("a0", "a1", "b0", "b1"), total=10.0, dense=2.0, opts=opts)
+
+
+def test_build_plan_with_groups_is_the_exact_optimum_over_group_choices():
+    import itertools
+
+    tables = _four_layer_tables()
+    sens = _sens({"unstructured": {"a0": (0.1, 0.3), "a1": (0.2, 0.9), "b0": (0.3, 0.4), "b1": (0.05, 0.5)}})
+    groups = {"a": ["a0", "a1"], "b": ["b0", "b1"]}
+    target = 10 / 7.0  # 3 s of the 8 s of layers to save
+    plan = build_plan(tables, sens, target, bins=1000, groups=groups)
+    for members in groups.values():  # one choice per group
+        assert len({(plan[n].pattern, plan[n].sparsity) for n in members}) == 1
+    # brute force over the group choices: dense, 0.5 or 0.9 for each group
+    best = None
+    for ca, cb in itertools.product([None, 0.5, 0.9], repeat=2):
+        choice = {n: ("unstructured", s) for g, s in (("a", ca), ("b", cb)) if s is not None for n in groups[g]}
+        p = fixed_plan(tables, sens, target, choice)
+        if p.predicted_speedup >= target * (1 - 1e-9) and (best is None or p.loss < best.loss - 1e-12):
+            best = p
+    assert [(l.pattern, l.sparsity) for l in plan.layers] == [(l.pattern, l.sparsity) for l in best.layers]
+    assert plan.loss == pytest.approx(best.loss)
+    # per layer the solver can do better than (or as well as) one choice per group
+    assert build_plan(tables, sens, target, bins=1000).loss <= plan.loss + 1e-12
+    # a layer left out of every group is a group of its own
+    part = build_plan(tables, sens, target, bins=1000, groups={"a": ["a0", "a1"]})
+    assert part.predicted_speedup >= target * (1 - 1e-9)
+
+
+def test_build_plan_rejects_bad_groups():
+    tables = _four_layer_tables()
+    sens = _sens({"unstructured": {n: (0.1, 0.3) for n in ("a0", "a1", "b0", "b1")}})
+    with pytest.raises(ValueError, match="not in the tables"):
+        build_plan(tables, sens, 1.2, groups={"a": ["a0", "zz"]})
+    with pytest.raises(ValueError, match="more than one group"):
+        build_plan(tables, sens, 1.2, groups={"a": ["a0", "a1"], "b": ["a1", "b0"]})
+    with pytest.raises(ValueError, match="not reachable"):
+        build_plan(tables, sens, 100.0, groups={"a": ["a0", "a1"]})
+
+
+def test_scaled_sensitivity_multiplies_the_losses_and_leaves_the_input_alone():
+    scaled = scoring.scaled_sensitivity(MISLEADING, {"loud": 4.0})
+    for pattern in MISLEADING:
+        for s in (0.5, 0.9, 0.7):
+            assert scaled[pattern].error("loud", s) ** 2 == pytest.approx(4.0 * MISLEADING[pattern].error("loud", s) ** 2)
+            assert scaled[pattern].error("quiet", s) == MISLEADING[pattern].error("quiet", s)
+    assert MISLEADING["unstructured"].errors["loud"] == [0.01, 0.05]
+
+
+def test_group_weights_are_error_per_loss_and_a_zero_loss_takes_the_median():
+    probes = [scoring.GroupProbe("a", ["a0", "a1"], "unstructured", 0.5, 2.0, 0.2),
+              scoring.GroupProbe("b", ["b0"], "unstructured", 0.5, 0.5, 0.5),
+              scoring.GroupProbe("c", ["c0"], "unstructured", 0.5, 1.0, 0.3),
+              scoring.GroupProbe("z", ["z0"], "unstructured", 0.5, 0.0, 0.1)]
+    w = scoring.group_weights(probes)
+    assert w == pytest.approx({"a0": 0.1, "a1": 0.1, "b0": 1.0, "c0": 0.3, "z0": 0.3})
+    assert math.isnan(probes[3].weight)
+    assert scoring.group_weights([scoring.GroupProbe("z", ["z0"], "4x1", 0.5, 0.0, 0.1)]) == {"z0": 1.0}
+
+
+def test_probes_measure_each_group_alone_and_the_calibrated_plan_follows_them():
+    model = _LoudAndQuiet().eval()
+    tables = _tables()
+    target = 10 / 8.6
+    batches = [torch.randn(8, 16) for _ in range(2)]
+    groups = scoring.layer_groups(list(tables.layers))
+    assert groups == {"loud": ["loud"], "quiet": ["quiet"]}
+    probes = scoring.probe_groups(model, tables, MISLEADING, _magnitude_prune, batches, groups, "unstructured", 0.5,
+                                  metric="mse")
+    by = {p.group: p for p in probes}
+    # each probe is the output error with only its group pruned, recomputed here independently
+    ref = scoring.reference_outputs(model, batches)
+    for g, p in by.items():
+        trial = _LoudAndQuiet().eval()
+        trial.load_state_dict(model.state_dict())
+        _magnitude_prune(trial, fixed_plan(tables, MISLEADING, 1.0, {g: ("unstructured", 0.5)}))
+        assert p.error == pytest.approx(scoring.output_error(trial, ref, batches)[1], rel=1e-6)
+        assert p.loss == pytest.approx(MISLEADING["unstructured"].error(g, 0.5) ** 2)
+    assert by["loud"].error > 100 * by["quiet"].error  # the estimate said the opposite
+    assert by["loud"].weight > 1e4 * by["quiet"].weight
+    assert not bool((model.loud.weight == 0).any())
+    cands = dict(scoring.calibrated_candidates(tables, MISLEADING, target, probes, bins=1000))
+    assert set(cands) == {"plan calibrated", "plan calibrated per group"}
+    solver = build_plan(tables, MISLEADING, target, bins=1000)
+    assert solver["loud"].pattern is not None and solver["quiet"].pattern is None  # fooled
+    for label, plan in cands.items():
+        assert plan.label == label and plan.predicted_speedup >= target * (1 - 1e-9)
+        assert plan["loud"].pattern is None and plan["quiet"].pattern is not None, label  # not fooled
+    text = "\n".join(scoring.probes_table(probes))
+    assert "loud" in text and "weight" in text and "unstructured@0.5" in text
+    with pytest.raises(ValueError, match="no group"):
+        scoring.probe_groups(model, tables, MISLEADING, _magnitude_prune, batches, {}, "unstructured", 0.5)
+
+
+def test_scoring_ties_and_nan_errors():
+    plan = build_plan(_tables(), MISLEADING, 10 / 8.6, bins=1000)
+    cs = [scoring.Candidate("a", plan, math.nan, math.nan), scoring.Candidate("b", plan, 0.2, 0.1),
+          scoring.Candidate("c", plan, 0.2, 0.1)]
+    out = scoring.choose(cs)
+    assert [c.chosen for c in out] == [False, True, False]
+    with pytest.raises(ValueError):
+        scoring.choose([])
+
+
+class _Blocks(nn.Module):
+    """Three residual blocks of two Linears each: ``blocks.*.inp`` and ``blocks.*.out`` are the groups."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"inp": nn.Linear(16, 32), "out": nn.Linear(32, 16)})
+                                    for _ in range(3))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b["out"](torch.relu(b["inp"](x)))
+        return x
+
+
+def test_pruner_calibrates_per_group_and_chooses_among_all_candidates(cache, synthetic_timing):
+    x = torch.randn(4, 16)
+    p = sparsert.Pruner(_Blocks().eval(), "wanda", target_speedup=1.05, example_inputs=x, threads=1,
+                        sparsities=(0.5, 0.9), timing=TINY_TIMING, score_candidates=4, calibrate_groups=True)
+    names = list(p.tables.layers)
+    opts = {"unstructured": {0.5: (0.6, "csr"), 0.9: (0.25, "csr")}, "4x1": {0.5: (0.65, "bsr4x1"),
+                                                                           0.9: (0.3, "bsr4x1")}}
+    p.tables = _tables(names=names, total=8.0, dense=1.0, opts=opts)  # fixed times: 6 layers of 1 s, remainder 2 s
+    torch.manual_seed(1)
+    p.calibrate([torch.randn(8, 16) for _ in range(4)])
+    plan = p.plan
+    probes = plan.probes
+    assert sorted(pr.group for pr in probes) == ["blocks.*.inp", "blocks.*.out"]
+    best_uniform = min((c for c in plan.candidates if c.label.startswith("uniform")), key=lambda c: c.error)
+    assert all((pr.pattern, pr.sparsity) == (best_uniform.plan.layers[0].pattern, best_uniform.plan.layers[0].sparsity)
+               for pr in probes)
+    labels = [c.label for c in plan.candidates]
+    assert labels[0] == "plan" and len(labels) == len(set(labels))
+    chosen = [c for c in plan.candidates if c.chosen]
+    assert len(chosen) == 1 and chosen[0].plan is plan
+    assert chosen[0].error == min(c.error for c in plan.candidates)
+    assert all(c.plan.predicted_speedup >= 1.05 * (1 - 1e-9) for c in plan.candidates)
+    assert "calibrated end to end" in plan.table() and len(plan.as_dict()["probes"]) == 2
+    # off (the default): the same candidates as before, no probes
+    off = sparsert.Pruner(_Blocks().eval(), "wanda", target_speedup=1.05, example_inputs=x, threads=1,
+                          sparsities=(0.5, 0.9), timing=TINY_TIMING, score_candidates=4,
+                          sensitivity=p.sensitivity_tables)
+    off.tables = p.tables
+    off.calibrate([torch.randn(8, 16) for _ in range(4)])
+    assert off.plan.probes == [] and not any("calibrated" in c.label for c in off.plan.candidates)
+    # more groups than max_groups: not calibrated
+    few = sparsert.Pruner(_Blocks().eval(), "wanda", target_speedup=1.05, example_inputs=x, threads=1,
+                          sparsities=(0.5, 0.9), timing=TINY_TIMING, score_candidates=4, max_groups=1,
+                          calibrate_groups=True,
+                          sensitivity=p.sensitivity_tables)
+    few.tables = p.tables
+    few.calibrate([torch.randn(8, 16) for _ in range(4)])
+    assert few.plan.probes == []
+
+
+def test_a_candidate_measured_too_slow_does_not_win():
+    plan = build_plan(_tables(), MISLEADING, 10 / 8.6, bins=1000)
+    cs = [scoring.Candidate("best but slow", plan, 0.1, 0.1, measured_speedup=1.5),
+          scoring.Candidate("worse, fast", plan, 0.2, 0.2, measured_speedup=1.9),
+          scoring.Candidate("unmeasured", plan, 0.3, 0.3)]
+    assert [c.chosen for c in scoring.choose(cs, target=2.0)] == [False, True, False]  # 1.9 >= 0.9 * 2
+    assert [c.chosen for c in scoring.choose(cs, target=2.0, tolerance=0.01)] == [False, False, True]
+    assert [c.chosen for c in scoring.choose(cs[:2], target=3.0)] == [True, False]  # none fast enough: least error
+    assert [c.chosen for c in scoring.choose(cs)] == [True, False, False]  # no target: least error
+
+
+def test_score_candidates_hands_the_pruned_copy_to_measure():
+    model = _LoudAndQuiet().eval()
+    cands = scoring.candidate_plans(_tables(), MISLEADING, 10 / 8.6, bins=1000)
+    seen = []
+
+    def measure(trial, plan):  # a known answer: the pruned copy's share of zero weights
+        assert trial is not model
+        zeros = sum(int((m.weight == 0).sum()) for m in (trial.loud, trial.quiet))
+        seen.append(plan.label)
+        return zeros / (2 * 16 * 16)
+
+    scored = scoring.score_candidates(model, cands, _magnitude_prune, [torch.randn(4, 16)], measure=measure)
+    assert seen == [label for label, _ in cands]
+    for c in scored:
+        want = sum(l.sparsity for l in c.plan.layers) / 2
+        assert c.measured_speedup == pytest.approx(want, abs=0.02), c.label
+    assert "measured" in "\n".join(scoring.candidates_table(scored))
+    assert scored[0].as_dict()["measured_speedup"] == scored[0].measured_speedup
+
+
+def test_pruner_measures_candidates_when_asked(cache, synthetic_timing):
+    x = torch.randn(4, 16)
+    p = sparsert.Pruner(_Blocks().eval(), "wanda", target_speedup=1.05, example_inputs=x, threads=1,
+                        sparsities=(0.5, 0.9), timing=TINY_TIMING, score_candidates=2, calibrate_groups=False,
+                        measure_candidates=True)
+    opts = {"unstructured": {0.5: (0.6, "csr"), 0.9: (0.25, "csr")}, "4x1": {0.5: (0.65, "bsr4x1"),
+                                                                           0.9: (0.3, "bsr4x1")}}
+    p.tables = _tables(names=list(p.tables.layers), total=8.0, dense=1.0, opts=opts)  # fixed: 2 candidates
+    p.calibrate([torch.randn(8, 16) for _ in range(4)])
+    cands = p.plan.candidates
+    assert len(cands) == 2 and all(c.measured_speedup is not None and c.measured_speedup > 0 for c in cands)
+    fast = [c for c in cands if c.measured_speedup >= 1.05 * 0.9]
+    chosen = next(c for c in cands if c.chosen)
+    if fast:  # the rule, whatever this machine measured
+        assert chosen in fast and chosen.error == min(c.error for c in fast)

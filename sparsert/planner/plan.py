@@ -12,7 +12,8 @@ from ..prune.allocation import SensitivityTable
 from .solver import Option, solve
 from .tables import TimeTables
 
-__all__ = ["LayerPlan", "Plan", "build_plan", "uniform_plan", "uniform_points", "layer_options", "check_target", "check_reachable", "best_speedup", "TargetUnreachable"]
+__all__ = ["LayerPlan", "Plan", "build_plan", "uniform_plan", "fixed_plan", "uniform_points", "layer_options",
+           "check_target", "check_reachable", "best_speedup", "TargetUnreachable"]
 
 
 def check_target(target) -> float:
@@ -55,6 +56,9 @@ class Plan:
     #: see :mod:`sparsert.planner.scoring`
     candidates: list = dataclasses.field(default_factory=list)
     label: str = "plan"         # which candidate this is ("plan", "uniform 4x1@0.8", "plan 4x1 only", ...)
+    #: the layer groups pruned alone to calibrate the losses end to end (empty: not calibrated);
+    #: see :func:`sparsert.planner.scoring.probe_groups`
+    probes: list = dataclasses.field(default_factory=list)
 
     @property
     def predicted_seconds(self) -> float:
@@ -92,6 +96,7 @@ class Plan:
                 "remainder_seconds": self.remainder, "predicted_seconds": self.predicted_seconds,
                 "predicted_speedup": self.predicted_speedup, "best_speedup": self.best_speedup, "loss": self.loss,
                 "label": self.label, "candidates": [c.as_dict() for c in self.candidates],
+                "probes": [p.as_dict() for p in self.probes],
                 "layers": [dataclasses.asdict(l) for l in self.layers]}
 
     def table(self) -> str:
@@ -111,8 +116,9 @@ class Plan:
                      f"{self.best_speedup:.2f}x); summed squared error {self.loss:.4f}"
                      + (f"; {self.sensitivity_note}" if self.sensitivity_note else ""))
         if self.candidates:
-            from .scoring import candidates_table
+            from .scoring import candidates_table, probes_table
 
+            lines.extend(probes_table(self.probes))
             lines.extend(candidates_table(self.candidates))
         return "\n".join(lines)
 
@@ -240,14 +246,24 @@ def uniform_points(tables: TimeTables, sensitivity: Mapping[str, SensitivityTabl
     return out
 
 
-def uniform_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], target: float, pattern: str,
-                 sparsity: float, *, sensitivity_note: str = "") -> Plan:
-    """Every layer of the tables at ``pattern`` and ``sparsity`` (a timed point), as a Plan
-    (the solver's frontier left empty); ``KeyError`` if a layer was not timed or scored there."""
+def fixed_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], target: float,
+               choice: Mapping[str, Optional[tuple]], *, sensitivity_note: str = "") -> Plan:
+    """Each layer of the tables at the timed ``(pattern, sparsity)`` that ``choice`` gives it, or
+    dense (``None`` or absent), as a Plan (the solver's frontier left empty); ``KeyError`` if a
+    chosen point was not timed or scored for that layer."""
     names = list(tables.layers)
+    unknown = [n for n in choice if n not in tables.layers]
+    if unknown:
+        raise KeyError(f"not in the time tables: {unknown[:5]}")
     chosen = []
     for name in names:
-        seconds, kind = tables.layers[name].options[pattern][sparsity]
+        lt = tables.layers[name]
+        point = choice.get(name)
+        if point is None:
+            chosen.append(Option(lt.dense, 0.0, (None, 0.0, "dense")))
+            continue
+        pattern, sparsity = point
+        seconds, kind = lt.options[pattern][sparsity]
         loss = _loss(sensitivity.get(pattern), name, sparsity)
         if loss is None:
             raise KeyError(f"{name}: no {pattern} sensitivity")
@@ -257,16 +273,65 @@ def uniform_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable]
                 [(f"{p}@{s:g}", sp, l) for p, s, sp, l in uniform_points(tables, sensitivity)], sensitivity_note)
 
 
+def uniform_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], target: float, pattern: str,
+                 sparsity: float, *, sensitivity_note: str = "") -> Plan:
+    """Every layer of the tables at ``pattern`` and ``sparsity`` (a timed point), as a Plan
+    (the solver's frontier left empty); ``KeyError`` if a layer was not timed or scored there."""
+    return fixed_plan(tables, sensitivity, target, {n: (pattern, sparsity) for n in tables.layers},
+                      sensitivity_note=sensitivity_note)
+
+
+def _group_options(names: Sequence[str], options: list, groups: Mapping[str, Sequence[str]]) -> tuple:
+    """Options per group of layers that must share one (pattern, sparsity) or stay dense
+    together: the points every member has, their times and losses summed. Layers in no group
+    are groups of one. Returns ``(members per group, [[Option]] per group)``."""
+    index = {n: i for i, n in enumerate(names)}
+    grouped = [list(m) for m in groups.values()]
+    seen = {n for m in grouped for n in m}
+    unknown = sorted(seen - set(index))
+    if unknown:
+        raise ValueError(f"groups name layers that are not in the tables: {unknown[:5]}")
+    if sum(len(m) for m in grouped) != len(seen):
+        raise ValueError("a layer is in more than one group")
+    grouped += [[n] for n in names if n not in seen]
+    out = []
+    for members in grouped:
+        by_point = [{o.label[:2]: o for o in options[index[n]]} for n in members]
+        common = set(by_point[0]).intersection(*by_point[1:])
+        opts = []
+        for point in sorted(common, key=lambda p: (p[0] is not None, p[0] or "", p[1])):
+            parts = [bp[point] for bp in by_point]
+            opts.append(Option(sum(o.seconds for o in parts), sum(o.loss for o in parts), (point, parts)))
+        out.append((members, opts))
+    return [m for m, _ in out], [o for _, o in out]
+
+
 def build_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], target: float, *,
-               bins: int = 4000, sensitivity_note: str = "", patterns: Optional[Sequence[str]] = None) -> Plan:
+               bins: int = 4000, sensitivity_note: str = "", patterns: Optional[Sequence[str]] = None,
+               groups: Optional[Mapping[str, Sequence[str]]] = None) -> Plan:
     """Solves for the per-layer choice (see :mod:`sparsert.planner.solver`); ``patterns``
-    limits the patterns the solver may give a layer (default: every timed one).
+    limits the patterns the solver may give a layer (default: every timed one); ``groups``
+    (``{name: [layer, ...]}``) makes the layers of each group share one pattern and sparsity
+    (or stay dense together): the solver then chooses per group, e.g. per kind of layer of a
+    transformer block (:func:`sparsert.planner.scoring.layer_groups`).
 
     Raises ``ValueError`` for a target <= 1 or beyond the best reachable speedup (saying it).
     """
     target = check_target(target)
     names, options = layer_options(tables, sensitivity, patterns)
     remainder, total = tables.remainder, tables.model_seconds
+    if groups is not None:
+        members, group_opts = _group_options(names, options, groups)
+        check_reachable(tables, target, best_speedup(tables, group_opts))
+        sol = solve(group_opts, total / target - remainder, bins=bins)
+        picked = {}
+        for m, opts, j in zip(members, group_opts, sol.choice):
+            picked.update(zip(m, opts[j].label[1]))
+        layers = _layer_plans(tables, names, [picked[n] for n in names])
+        frontier = [(total / (remainder + t), loss) for t, loss in sol.frontier if remainder + t > 0]
+        uniform = [(f"{p}@{s:g}", sp, l) for p, s, sp, l in uniform_points(tables, sensitivity)]
+        return Plan(layers, target, tables.baseline, total, remainder, best_speedup(tables, group_opts), sol.loss,
+                    frontier, uniform, sensitivity_note)
     check_reachable(tables, target, best_speedup(tables, options))
     budget = total / target - remainder
     sol = solve(options, budget, bins=bins)

@@ -25,6 +25,7 @@ the least error is the plan (:mod:`~sparsert.planner.scoring`).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Mapping, Optional, Sequence
 
@@ -82,6 +83,21 @@ class Pruner(_KernelFreePruner):
             one; the candidates are pruned with the rest; with a single batch, that batch).
         score_metric: ``"cosine"`` (1 - mean cosine of the output vectors, e.g. tokens' hidden
             states or logits) or ``"mse"`` (relative squared error of the outputs).
+        calibrate_groups: when candidates are scored, also calibrate the per-layer losses end to
+            end: prune each group of layers that play one part in the repeated blocks (all
+            queries, all FFN inputs, ...; :func:`~sparsert.planner.scoring.layer_groups`) alone
+            at the best uniform candidate's point, weight each group's losses by the output
+            error that left (on the calibration batches the candidates are pruned with, not the
+            held-out ones that choose: a candidate built from the choosing batches would be
+            favoured by them), and score the solver's plans on the weighted losses (per layer
+            and per group) as two more candidates. Each probe costs one pruning of a group.
+            Skipped when there are more than ``max_groups`` groups (a model without repeated
+            blocks). Off by default: on MiniLM at 2x it tied the other candidates (see
+            benchmarks/RESULTS.md) for ~80 s more.
+        measure_candidates: also pack each scored candidate and time it end to end against the
+            baseline (a few seconds each); a candidate measured below 90% of the target does not
+            win unless none measures above. Off by default: on a loaded machine one short
+            measurement says little.
     """
 
     def __init__(self, model: nn.Module, importance: Any = "magnitude", pattern: Any = "unstructured",
@@ -91,7 +107,8 @@ class Pruner(_KernelFreePruner):
                  threads: Optional[int] = None, sensitivity_method: str = "wanda",
                  timing: Optional[Mapping[str, Any]] = None, bins: int = 4000,
                  sensitivity: Optional[Mapping[str, Any]] = None, score_candidates: int = 4,
-                 score_batches: Optional[int] = None, score_metric: str = "cosine", **kwargs: Any):
+                 score_batches: Optional[int] = None, score_metric: str = "cosine", calibrate_groups: bool = False,
+                 max_groups: int = 12, measure_candidates: bool = False, **kwargs: Any):
         self.target_speedup = None
         self._plan: Optional[Plan] = None
         self._applied = False
@@ -122,6 +139,12 @@ class Pruner(_KernelFreePruner):
             raise ValueError(f"score_batches must be an int >= 1, got {score_batches!r}")
         if score_metric not in METRICS:
             raise ValueError(f"score_metric must be one of {METRICS}, got {score_metric!r}")
+        if not isinstance(calibrate_groups, bool):
+            raise ValueError(f"calibrate_groups must be True or False, got {calibrate_groups!r}")
+        if isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1:
+            raise ValueError(f"max_groups must be an int >= 1, got {max_groups!r}")
+        if not isinstance(measure_candidates, bool):
+            raise ValueError(f"measure_candidates must be True or False, got {measure_candidates!r}")
         pats = tuple(str(parse_pattern(p)) for p in ([patterns] if isinstance(patterns, str) else patterns))
         if not pats:
             raise ValueError("patterns must name at least one pattern")
@@ -136,6 +159,8 @@ class Pruner(_KernelFreePruner):
         self.sensitivity_method = sensitivity_method
         self.bins = bins
         self.score_candidates, self.score_batches, self.score_metric = score_candidates, score_batches, score_metric
+        self.calibrate_groups, self.max_groups = calibrate_groups, max_groups
+        self.measure_candidates = measure_candidates
         names = plannable_layers(model, list(self.layers))
         for n in [n for n in self.layers if n not in names]:  # not plannable: left as they are
             del self.layers[n], self.settings[n]
@@ -197,14 +222,47 @@ class Pruner(_KernelFreePruner):
             while not kp.done:
                 kp.step()
 
+        measure = self._measure_speedup if self.measure_candidates else None
+        reference = scoring.reference_outputs(self.model, score_data)
         scored = scoring.score_candidates(self.model, candidates, prune_copy, score_data, metric=self.score_metric,
-                                  progress=self.progress)
+                                          progress=self.progress, reference=reference, measure=measure)
+        probes: list = []
+        uniform = [c for c in scored if c.label.startswith("uniform") and c.error is not None
+                   and math.isfinite(c.error)]
+        groups = scoring.layer_groups(list(self.tables.layers))
+        if self.calibrate_groups and uniform and 1 < len(groups) <= self.max_groups:
+            # probe each group at the best uniform candidate's point: its losses are then right there
+            best = min(uniform, key=lambda c: c.error).plan.layers[0]
+            probes = scoring.probe_groups(self.model, self.tables, sensitivity, prune_copy, prune_data, groups,
+                                          best.pattern, best.sparsity, metric=self.score_metric,
+                                          progress=self.progress)
+            seen = {scoring._signature(c.plan) for c in scored}
+            extra = [(label, p) for label, p in scoring.calibrated_candidates(
+                self.tables, sensitivity, self.target_speedup, probes, bins=self.bins, sensitivity_note=note)
+                if scoring._signature(p) not in seen]
+            if extra:
+                scored = scored + scoring.score_candidates(
+                    self.model, extra, prune_copy, score_data, metric=self.score_metric, progress=self.progress,
+                    reference=reference, measure=measure)
+        scored = scoring.choose(scored, self.target_speedup if self.measure_candidates else None)
         chosen = next(c for c in scored if c.chosen)
         plan = chosen.plan
         if not plan.frontier:  # a uniform plan: plot the solver's frontier with it
             plan.frontier = candidates[0][1].frontier
         plan.candidates = scored
+        plan.probes = probes
         return plan
+
+    def _measure_speedup(self, pruned: nn.Module, plan: Plan) -> float:
+        """``pruned`` (a pruned copy) packed per ``plan`` and timed end to end against the
+        baseline, interleaved (medians)."""
+        from ..bench import benchmark
+
+        sparse = sparsify_planned(pruned, plan, check=False)
+        r = benchmark(self.model, sparse, self.example_inputs, threads=self.tables.threads, warmup=2, repeats=15,
+                      rounds=5, per_layer=False, best_dense=self.baseline == "best_dense", verbose=False)
+        base = r.best_dense if self.baseline == "best_dense" else r.dense
+        return base.median / r.sparse.median
 
     def _apply_plan(self) -> None:
         if self._applied or self.target_speedup is None:

@@ -17,6 +17,16 @@ least end-to-end error is the plan. With the uniform plans among the candidates
 the planner loses to uniform sparsity only when the calibration error mispredicts
 the quality on the evaluation data.
 
+The candidates' per-layer losses can be calibrated end to end too
+(:func:`probe_groups`, :func:`calibrated_candidates`): each group of layers that
+play the same part in the repeated blocks (all queries, all FFN inputs, ...) is
+pruned alone, at the point of the best uniform candidate, and the error that
+leaves at the model's output, divided by the group's summed per-layer loss, is
+that group's weight; the solver run on the weighted losses (per layer, and with
+one choice per group) gives two more candidates. The weight corrects what the
+per-layer loss cannot see: how a layer's error carries to the output, and what
+the criterion's weight update recovers.
+
 The pruning is passed in (``prune(model, plan)``): this module knows no criterion
 and no kernel.
 """
@@ -26,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
@@ -35,11 +46,12 @@ from torch import nn
 
 from ..prune._data import output_tensor, progress_enabled, run
 from ..prune.allocation import SensitivityTable
-from .plan import Plan, build_plan, uniform_plan, uniform_points
+from .plan import Plan, build_plan, fixed_plan, uniform_plan, uniform_points
 from .tables import TimeTables
 
-__all__ = ["Candidate", "METRICS", "candidate_plans", "output_error", "reference_outputs", "score_candidates",
-           "candidates_table"]
+__all__ = ["Candidate", "GroupProbe", "METRICS", "candidate_plans", "output_error", "reference_outputs",
+           "score_candidates", "choose", "candidates_table", "layer_groups", "probe_groups", "group_weights",
+           "scaled_sensitivity", "calibrated_candidates", "probes_table"]
 
 METRICS = ("cosine", "mse")
 
@@ -55,6 +67,7 @@ class Candidate:
     metric: str = "cosine"
     chosen: bool = False
     seconds: float = 0.0                  # what pruning and scoring this candidate cost
+    measured_speedup: Optional[float] = None  # the pruned copy packed and timed end to end (``measure``)
 
     @property
     def error(self) -> Optional[float]:
@@ -64,7 +77,7 @@ class Candidate:
     def as_dict(self) -> dict:
         return {"label": self.label, "predicted_speedup": self.plan.predicted_speedup, "loss": self.plan.loss,
                 "cosine_error": self.cosine_error, "mse": self.mse, "metric": self.metric, "chosen": self.chosen,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "measured_speedup": self.measured_speedup}
 
 
 def _signature(plan: Plan) -> tuple:
@@ -158,42 +171,64 @@ def output_error(model: nn.Module, reference: Sequence[torch.Tensor], batches: S
 
 
 def score_candidates(model: nn.Module, candidates: Sequence, prune: Callable[[nn.Module, Plan], None],
-                     batches: Sequence, *, metric: str = "cosine", progress: Optional[bool] = None) -> list:
+                     batches: Sequence, *, metric: str = "cosine", progress: Optional[bool] = None,
+                     reference: Optional[Sequence[torch.Tensor]] = None, desc: str = "score candidate plans end to end",
+                     measure: Optional[Callable[[nn.Module, Plan], float]] = None) -> list:
     """Prunes a copy of ``model`` per candidate plan (``prune(copy, plan)``, in place), measures
-    :func:`output_error` on ``batches`` against ``model``'s outputs, and marks the candidate with
-    the least error (``metric``: ``"cosine"`` or ``"mse"``) as chosen; ties go to the earlier one.
-    ``candidates``: ``[(label, Plan)]`` (:func:`candidate_plans`). Returns ``[Candidate]``."""
+    :func:`output_error` on ``batches`` against ``model``'s outputs (or ``reference``, from
+    :func:`reference_outputs`), and marks the candidate with the least error (``metric``:
+    ``"cosine"`` or ``"mse"``) as chosen (:func:`choose`). ``candidates``: ``[(label, Plan)]``
+    (:func:`candidate_plans`). ``measure(pruned copy, plan)``: its measured end-to-end speedup
+    (the caller packs and times it; this module knows no kernel). Returns ``[Candidate]``."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if not candidates:
         raise ValueError("no candidate plan to score")
     if not batches:
         raise ValueError("scoring needs at least one held-out batch")
-    ref = reference_outputs(model, batches)
+    ref = reference_outputs(model, batches) if reference is None else reference
     scored = []
     bar = None
     if progress_enabled(progress):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(candidates), desc="score candidate plans end to end", leave=False)
+        bar = tqdm(total=len(candidates), desc=desc, leave=False)
     try:
         for label, plan in candidates:
             t0 = time.perf_counter()
             trial = copy.deepcopy(model)
             prune(trial, plan)
             cos_err, mse = output_error(trial, ref, batches)
+            speed = None if measure is None else float(measure(trial, plan))
             del trial
-            scored.append(Candidate(label, plan, cos_err, mse, metric, seconds=time.perf_counter() - t0))
+            scored.append(Candidate(label, plan, cos_err, mse, metric, seconds=time.perf_counter() - t0,
+                                    measured_speedup=speed))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"{label}: 1-cos {cos_err:.4f}")
     finally:
         if bar is not None:
             bar.close()
-    best = min(range(len(scored)), key=lambda i: (math.inf if not math.isfinite(scored[i].error) else
-                                                  scored[i].error, i))
-    scored[best].chosen = True
-    return scored
+    return choose(scored)
+
+
+def choose(scored: Sequence[Candidate], target: Optional[float] = None, tolerance: float = 0.1) -> list:
+    """Marks the candidate with the least error as chosen (ties: the earlier one; a NaN error
+    never wins) and only it; returns the list. With ``target``, only candidates whose
+    ``measured_speedup`` is at least ``target * (1 - tolerance)`` compete, if any is (a
+    prediction that the measurement contradicts does not win; unmeasured ones compete)."""
+    if not scored:
+        raise ValueError("no candidate to choose from")
+    pool = list(range(len(scored)))
+    if target is not None:
+        fast = [i for i in pool if scored[i].measured_speedup is None
+                or scored[i].measured_speedup >= target * (1 - tolerance)]
+        pool = fast or pool
+    best = min(pool, key=lambda i: (math.inf if scored[i].error is None or
+                                    not math.isfinite(scored[i].error) else scored[i].error, i))
+    for i, c in enumerate(scored):
+        c.chosen = i == best
+    return list(scored)
 
 
 def candidates_table(candidates: Sequence[Candidate]) -> list:
@@ -201,10 +236,13 @@ def candidates_table(candidates: Sequence[Candidate]) -> list:
     measured end-to-end error, the chosen one marked."""
     from ..convert.plan import _format_table
 
-    head = ["candidate", "predicted", "summed loss", "1 - cosine", "rel. sq. error", ""]
-    rows = [[c.label, f"{c.plan.predicted_speedup:.2f}x", f"{c.plan.loss:.3f}",
-             "-" if c.cosine_error is None else f"{c.cosine_error:.4f}", "-" if c.mse is None else f"{c.mse:.4f}",
-             "<- chosen" if c.chosen else ""] for c in candidates]
+    measured = any(c.measured_speedup is not None for c in candidates)
+    head = ["candidate", "predicted"] + (["measured"] if measured else []) + ["summed loss", "1 - cosine",
+                                                                            "rel. sq. error", ""]
+    rows = [[c.label, f"{c.plan.predicted_speedup:.2f}x"]
+            + ([("-" if c.measured_speedup is None else f"{c.measured_speedup:.2f}x")] if measured else [])
+            + [f"{c.plan.loss:.3f}", "-" if c.cosine_error is None else f"{c.cosine_error:.4f}",
+               "-" if c.mse is None else f"{c.mse:.4f}", "<- chosen" if c.chosen else ""] for c in candidates]
     chosen = next((c for c in candidates if c.chosen), None)
     lines = ["", f"candidate plans pruned with the criterion and scored end to end (output error vs the dense "
                  f"model on held-out calibration batches; chosen by {candidates[0].metric if candidates else '-'}):"]
@@ -214,3 +252,118 @@ def candidates_table(candidates: Sequence[Candidate]) -> list:
                      f"reach the target; scoring took {sum(c.seconds for c in candidates):.0f} s, "
                      f"score_candidates=0 skips it)")
     return lines
+
+
+# ---------------------------------------------------------------- end-to-end calibrated losses
+
+#: a name part that is a block's number, followed by the layer's name inside the block
+#: (``encoder.layer.3.attention`` -> ``encoder.layer.*.attention``; ``0`` of a Sequential stays)
+_BLOCK_NUMBER = re.compile(r"(?<![^.])\d+(?=\.)")
+
+
+def layer_groups(names: Sequence[str]) -> dict:
+    """``{group: [layer, ...]}``: the layers whose names differ only in block numbers
+    (``encoder.layer.0.attention.self.query`` and ``encoder.layer.5.attention.self.query``:
+    group ``encoder.layer.*.attention.self.query``), in the order first seen. A layer outside
+    repeated blocks (``fc1``, or ``2`` in an ``nn.Sequential``) is a group of its own."""
+    out: dict = {}
+    for n in names:
+        out.setdefault(_BLOCK_NUMBER.sub("*", n), []).append(n)
+    return out
+
+
+@dataclasses.dataclass
+class GroupProbe:
+    """One group of layers pruned alone at one point, and what that did at the model's output."""
+
+    group: str
+    layers: list
+    pattern: str
+    sparsity: float
+    loss: float              # the group's summed per-layer loss there (what the solver believed)
+    error: float             # measured: the model's output error (the scoring metric) with only it pruned
+    seconds: float = 0.0
+
+    @property
+    def weight(self) -> float:
+        """Output error per unit of per-layer loss (what the group's losses are multiplied by)."""
+        return self.error / self.loss if self.loss > 0 else math.nan
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "weight": self.weight}
+
+
+def probe_groups(model: nn.Module, tables: TimeTables, sensitivity: Mapping[str, SensitivityTable],
+                 prune: Callable[[nn.Module, Plan], None], batches: Sequence, groups: Mapping[str, Sequence[str]],
+                 pattern: str, sparsity: float, *, metric: str = "cosine", progress: Optional[bool] = None,
+                 reference: Optional[Sequence[torch.Tensor]] = None) -> list:
+    """Prunes each group of layers alone (the rest dense) at ``pattern`` and ``sparsity`` (a
+    timed point of every member) on a copy with ``prune`` and measures the output error on
+    ``batches`` (see :func:`score_candidates`). Returns ``[GroupProbe]``."""
+    if not groups:
+        raise ValueError("no group of layers to probe")
+    plans = [(g, fixed_plan(tables, sensitivity, 1.0, {n: (pattern, sparsity) for n in members}))
+             for g, members in groups.items()]
+    scored = score_candidates(model, plans, prune, batches, metric=metric, progress=progress, reference=reference,
+                              desc="probe layer groups end to end")
+    return [GroupProbe(g, list(groups[g]), pattern, float(sparsity), plan.loss, float(c.error), c.seconds)
+            for (g, plan), c in zip(plans, scored)]
+
+
+def group_weights(probes: Sequence[GroupProbe]) -> dict:
+    """``{layer: weight}`` from the probes: each layer takes its group's measured output error
+    per unit of summed per-layer loss. A group whose per-layer loss was 0 (or whose error is
+    not finite) takes the median weight of the others (1.0 if there are none)."""
+    good = sorted(p.weight for p in probes if math.isfinite(p.weight) and p.weight >= 0)
+    fallback = good[len(good) // 2] if good else 1.0
+    out = {}
+    for p in probes:
+        w = p.weight if math.isfinite(p.weight) and p.weight >= 0 else fallback
+        out.update({n: w for n in p.layers})
+    return out
+
+
+def scaled_sensitivity(sensitivity: Mapping[str, SensitivityTable], weights: Mapping[str, float]) -> dict:
+    """The tables with each layer's loss (the squared error) multiplied by ``weights[layer]``
+    (layers not named: unchanged), for every pattern."""
+    out = {}
+    for pattern, table in sensitivity.items():
+        errors = {n: [e * math.sqrt(weights[n]) if n in weights else e for e in errs]
+                  for n, errs in table.errors.items()}
+        out[pattern] = dataclasses.replace(table, errors=errors, meta={**table.meta, "scaled": "end to end"})
+    return out
+
+
+def calibrated_candidates(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], target: float,
+                          probes: Sequence[GroupProbe], *, bins: int = 4000, sensitivity_note: str = "") -> list:
+    """The solver run on the per-layer losses weighted by the probes (:func:`group_weights`):
+    ``[("plan calibrated", per layer), ("plan calibrated per group", one choice per probed
+    group)]``, those that reach the target. The plans' ``loss`` is the weighted one (an
+    estimate of the output error)."""
+    scaled = scaled_sensitivity(sensitivity, group_weights(probes))
+    note = "; ".join(n for n in (sensitivity_note, "sensitivity weighted end to end per layer group") if n)
+    out = []
+    for label, groups in (("plan calibrated", None), ("plan calibrated per group", {p.group: p.layers for p in probes})):
+        try:
+            plan = build_plan(tables, scaled, target, bins=bins, sensitivity_note=note, groups=groups)
+        except ValueError:  # not reachable with one choice per group
+            continue
+        if plan.predicted_speedup >= target * (1 - 1e-9):
+            plan.label = label
+            out.append((label, plan))
+    return out
+
+
+def probes_table(probes: Sequence[GroupProbe]) -> list:
+    """Lines for the plan's table: each probed group's summed per-layer loss, measured output
+    error and weight."""
+    from ..convert.plan import _format_table
+
+    if not probes:
+        return []
+    p0 = probes[0]
+    head = ["layer group", "layers", "summed loss", "output error", "weight"]
+    rows = [[p.group, str(len(p.layers)), f"{p.loss:.3f}", f"{p.error:.4f}", f"{p.weight:.4f}"] for p in probes]
+    return (["", f"per-layer losses calibrated end to end: each group pruned alone at {p0.pattern}@{p0.sparsity:g}, "
+                 f"the rest dense (output error on the held-out calibration batches)"] + _format_table(head, rows)
+            + [f"sum of the groups' errors {sum(p.error for p in probes):.4f} (took {sum(p.seconds for p in probes):.0f} s)"])

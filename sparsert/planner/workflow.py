@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .pruner import Pruner
-from .tables import DEFAULT_PATTERNS
+from .tables import DEFAULT_PATTERNS, DEFAULT_SPARSITIES
 
 __all__ = ["prune_to_speedup", "calibration_batches", "default_importance", "quality", "reference_embeddings",
            "recover_pruned", "recovery_steps_for"]
@@ -145,7 +145,9 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
                      checkpoint: "str | Path | None" = None, output: "str | Path | None" = None,
                      plot: Optional[str] = None, repeats: int = 30, progress: bool = False,
                      log: Callable[[str], None] = print, timing: Optional[dict] = None,
-                     sensitivity: Optional[dict] = None, score_candidates: int = 4) -> dict:
+                     sensitivity: Optional[dict] = None, score_candidates: int = 4,
+                     calibrate_groups: bool = False, sparsities: Optional[Sequence[float]] = None,
+                     measure_candidates: bool = False) -> dict:
     """Plans, prunes ``wl.model`` (in place), packs per plan, optionally saves and reloads it,
     and measures it against torch eager and the best dense path. Returns the numbers, with
     ``steps``: ``{step: seconds}`` in the order run (each also logged as it ends).
@@ -165,7 +167,11 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     ``sensitivity``: ready sensitivity tables (``result["sensitivity_tables"]`` of an earlier
     run on the same model and data) instead of measuring them. ``score_candidates``: how many
     candidate plans to prune on a copy and score by the error at the model's output before
-    choosing (0: the solver's plan as is; see :class:`~sparsert.planner.Pruner`).
+    choosing (0: the solver's plan as is; see :class:`~sparsert.planner.Pruner`);
+    ``calibrate_groups``: also score the solver's plans on losses calibrated end to end per
+    layer group (see there). ``sparsities``: the grid timed and scored per pattern (default
+    :data:`~sparsert.planner.tables.DEFAULT_SPARSITIES`). ``measure_candidates``: pack and time
+    each scored candidate end to end; one measured below 90% of the target does not win.
     """
     from .. import io
     from ..bench import benchmark
@@ -208,7 +214,9 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     pruner = Pruner(model, importance, target_speedup=target, baseline=baseline, example_inputs=inputs,
                     patterns=patterns, threads=threads, exclude=list(exclude), progress=progress, timing=timing,
                     sensitivity_method=sensitivity_method, sensitivity=sensitivity,
-                    score_candidates=score_candidates)
+                    score_candidates=score_candidates, calibrate_groups=calibrate_groups,
+                    measure_candidates=measure_candidates,
+                    sparsities=DEFAULT_SPARSITIES if sparsities is None else sparsities)
     tables = pruner.tables
     table_s = time.perf_counter() - clock[0]
     log(f"time tables: {len(tables.layers)} layers, {table_s:.1f} s ({tables.cache_hits} from the cache, "
