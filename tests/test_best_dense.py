@@ -199,7 +199,14 @@ def test_dense_linear_tune_keeps_the_faster_path_and_the_same_answer(tokens):
     lin = nn.Linear(48, 20)
     layer = DenseLinear.from_linear(lin)
     x = torch.randn(2, tokens, 48, generator=gen)
+    with torch.no_grad():
+        layer(x)  # memoises the default rule's path for this token count
+    assert layer.__dict__["_path_memo"] == {2 * tokens: layer._packed_layer().path_for(2 * tokens)}
     times = layer.tune(x, min_time=0.002, rounds=2)
+    assert layer.__dict__["_path_memo"] == {}  # a new measurement: the memo starts over
+    with torch.no_grad():
+        layer(x)
+    assert layer.__dict__["_path_memo"] == {2 * tokens: min(times, key=times.get)}
     assert set(times) == ({"onednn", "torch"} if onednn_available() else {"torch"})
     assert all(t > 0 for t in times.values())
     assert layer.tuned_paths == {2 * tokens: min(times, key=times.get)}

