@@ -424,9 +424,8 @@ class DenseLinear(nn.Linear):
             return super().forward(x)
         if x.dtype != torch.float32 or not self.in_features:
             return self._packed_layer()(x)
-        # The path per token count is memoised and the eager path calls F.linear directly: going
-        # through the packed layer's checks cost ~20-40 us per call (measured), 15-40% of a
-        # 384->384 layer at 16-64 tokens.
+        # The path per token count is memoised and the eager path calls F.linear directly: the
+        # packed layer's checks cost ~10 us per call (measured), ~10% of a 384->384 layer at 16 tokens.
         rows = x.numel() // self.in_features
         memo = self.__dict__.setdefault("_path_memo", {})
         path = memo.get(rows)
