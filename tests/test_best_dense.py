@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsert.ops.backends.best_dense import PackedDenseLinear, onednn_available
+from sparsert.ops.backends.best_dense import PackedDenseLinear, onednn_available, path_for
 
 BACKENDS = ["torch"] + (["onednn"] if onednn_available() else [])
 
@@ -145,47 +145,58 @@ def test_sparsified_model_with_dense_and_sparse_layers_under_torch_compile():
 # -- tuned paths: the faster of oneDNN prepacked and eager F.linear per token count --------
 
 def test_path_for_follows_the_nearest_measured_token_count():
-    layer = PackedDenseLinear(torch.randn(8, 16), backend="torch")
-    assert layer.path_for(1) == "torch" and layer.path_for(64) == "torch"  # no packed weight: always torch
-    if not onednn_available():
-        pytest.skip("needs oneDNN")
-    layer = PackedDenseLinear(torch.randn(8, 16), backend="onednn")
-    assert (layer.path_for(1), layer.path_for(2), layer.path_for(512)) == ("torch", "onednn", "onednn")  # the default
-    layer.set_path(16, "torch")
-    layer.set_path(256, "onednn")
-    assert layer.tuned_paths == {16: "torch", 256: "onednn"}
+    assert (path_for({}, 1), path_for({}, 2), path_for({}, 512)) == ("torch", "onednn", "onednn")  # the default
+    tuned = {16: "torch", 256: "onednn"}
     # below the first and above the last measured count: theirs; between: the nearer in ratio
-    assert [layer.path_for(r) for r in (2, 16, 63, 65, 256, 4096)] == ["torch", "torch", "torch", "onednn",
-                                                                      "onednn", "onednn"]
-    layer.set_path(16, "onednn")  # measured again: replaced
-    assert layer.tuned_paths == {16: "onednn", 256: "onednn"}
-    assert (layer.path_for(1), layer.path_for(2)) == ("torch", "onednn")  # one token: a GEMV, eager unless measured
-    layer.set_path(1, "onednn")
-    assert layer.path_for(1) == "onednn"
+    assert [path_for(tuned, r) for r in (2, 16, 63, 65, 256, 4096)] == ["torch", "torch", "torch", "onednn",
+                                                                        "onednn", "onednn"]
+    tuned[16] = "onednn"  # measured again: replaced
+    assert (path_for(tuned, 1), path_for(tuned, 2)) == ("torch", "onednn")  # one token: a GEMV, eager unless measured
+    tuned[1] = "onednn"
+    assert path_for(tuned, 1) == "onednn"
     with pytest.raises(ValueError, match="path"):
-        layer.set_path(4, "mkl")
+        path_for({4: "mkl"}, 8)
     with pytest.raises(ValueError, match="rows"):
-        layer.set_path(0, "torch")
+        path_for({0: "torch"}, 8)
     with pytest.raises(ValueError, match="path"):
-        layer(torch.randn(2, 16), path="fast")
+        PackedDenseLinear(torch.randn(8, 16))(torch.randn(2, 16), path="fast")
 
 
-@pytest.mark.skipif(not onednn_available(), reason="needs oneDNN")
 def test_the_chosen_path_is_the_one_that_runs():
-    # a packed weight that cannot run: any call that takes the oneDNN path fails
+    from torch import nn
+
+    from sparsert.nn import DenseLinear
     gen = torch.Generator().manual_seed(3)
     w, b = torch.randn(5, 12, generator=gen), torch.randn(5, generator=gen)
+    x = torch.randn(8, 12, generator=gen)
+    ref = F.linear(x.double(), w.double(), b.double())
+    # no packed weight: the oneDNN path, even forced, runs F.linear
+    plain = PackedDenseLinear(w, b, backend="torch")
+    assert (plain(x, path="onednn").double() - ref).abs().max() < 1e-4
+    if not onednn_available():
+        pytest.skip("needs oneDNN")
+    # a packed weight that cannot run: any call that takes the oneDNN path fails
     layer = PackedDenseLinear(w, b)
     layer._packed = torch.zeros(1)
-    x = torch.randn(8, 12, generator=gen)
     with pytest.raises(RuntimeError):
         layer(x)  # default rule: 8 tokens take oneDNN
-    layer.set_path(8, "torch")
-    ref = F.linear(x.double(), w.double(), b.double())
-    assert (layer(x).double() - ref).abs().max() < 1e-4
     with pytest.raises(RuntimeError):
         layer(x, path="onednn")  # forced
+    assert (layer(x, path="torch").double() - ref).abs().max() < 1e-4
     assert (layer(torch.randn(1, 12), path="torch")).shape == (1, 5)
+    # DenseLinear takes the path its measurement chose for the token count
+    lin = nn.Linear(12, 5)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    dense = DenseLinear.from_linear(lin)
+    dense._packed_layer()._packed = torch.zeros(1)
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        dense(x)
+    dense.__dict__["_tuned_paths"] = {8: "torch"}
+    dense.__dict__["_path_memo"] = {}
+    with torch.no_grad():
+        assert (dense(x).double() - ref).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("tokens", [1, 6, 40])
@@ -201,7 +212,7 @@ def test_dense_linear_tune_keeps_the_faster_path_and_the_same_answer(tokens):
     x = torch.randn(2, tokens, 48, generator=gen)
     with torch.no_grad():
         layer(x)  # memoises the default rule's path for this token count
-    assert layer.__dict__["_path_memo"] == {2 * tokens: layer._packed_layer().path_for(2 * tokens)}
+    assert layer.__dict__["_path_memo"] == {2 * tokens: path_for({}, 2 * tokens) if onednn_available() else "torch"}
     times = layer.tune(x, min_time=0.002, rounds=2)
     assert layer.__dict__["_path_memo"] == {}  # a new measurement: the memo starts over
     with torch.no_grad():
@@ -215,7 +226,9 @@ def test_dense_linear_tune_keeps_the_faster_path_and_the_same_answer(tokens):
     with torch.no_grad():
         assert (layer(x).double() - ref).abs().max() < 1e-4
         layer.weight.mul_(-1)  # re-packed: the measured choice stays
-        assert layer._packed_layer().tuned_paths == layer.tuned_paths
+        layer(x)
+        assert layer.tuned_paths == {2 * tokens: min(times, key=times.get)}
+        assert layer.__dict__["_path_memo"] == {2 * tokens: min(times, key=times.get)}
         twin = copy.deepcopy(layer)
         assert twin.tuned_paths == layer.tuned_paths
         flipped = F.linear(x.double(), layer.weight.double(), layer.bias.double())  # shared with lin: flipped too

@@ -48,7 +48,7 @@ from .. import ops as _ops
 from ..formats import SparseFormat, pack
 from ..formats._common import IdentityCache
 from ..ops import epilogue
-from ..ops.backends.best_dense import PackedDenseLinear
+from ..ops.backends.best_dense import PackedDenseLinear, path_for
 from ..ops.conv import conv_padding, pair
 
 __all__ = ["SparseLinear", "SparseConv2d", "DenseLinear", "Int8DenseLinear"]
@@ -364,8 +364,6 @@ class DenseLinear(nn.Linear):
         cached = self.__dict__.get("_packed_cache")
         if cached is None or cached[0] != key:
             cached = (key, PackedDenseLinear(w, b))
-            for rows, path in self.tuned_paths.items():  # measured choices outlive a repack
-                cached[1].set_path(rows, path)
             self.__dict__["_packed_cache"] = cached
         return cached[1]
 
@@ -408,7 +406,6 @@ class DenseLinear(nn.Linear):
         best = min(times, key=times.get)
         tuned = self.__dict__.setdefault("_tuned_paths", {})
         tuned[int(rows)] = best
-        layer.set_path(rows, best)
         self.__dict__["_path_memo"] = {}  # the nearest-count choices may have moved
         return times
 
@@ -430,7 +427,8 @@ class DenseLinear(nn.Linear):
         memo = self.__dict__.setdefault("_path_memo", {})
         path = memo.get(rows)
         if path is None:
-            path = memo[rows] = self._packed_layer().path_for(rows)
+            packed = self._packed_layer().backend == "onednn"
+            path = memo[rows] = path_for(self.__dict__.get("_tuned_paths", {}), rows) if packed else "torch"
         if path == "torch":
             return F.linear(x, w, b)
         return self._packed_layer()(x, path=path)

@@ -18,15 +18,15 @@ That rule of thumb is not always right: on small layers (384->384,
 1536->384 at 16-512 tokens) eager ``F.linear`` measured 0-25% faster than the
 packed weight. So a layer can be *tuned*: both paths timed at the token
 counts it will see (``sparsert.nn.DenseLinear.tune``), the faster one kept
-per token count (:meth:`PackedDenseLinear.set_path`); a token count not
-measured takes the choice of the nearest measured one.
+per token count (:func:`path_for`); a token count not measured takes the choice
+of the nearest measured one.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,28 @@ from torch import Tensor
 _ACTIVATIONS = {None: "none", "none": "none", "relu": "relu"}
 #: the two dense paths a call can take
 PATHS = ("onednn", "torch")
+
+
+def path_for(tuned: Mapping[int, str], rows: int) -> str:
+    """The dense path (``"onednn"`` or ``"torch"``) for a call of ``rows`` tokens, given the
+    measured choices ``tuned`` ({token count: path}): the nearest measured count's (in ratio);
+    with nothing measured the default rule, packed from 2 tokens; one token (a GEMV, where eager
+    measured 1.3-2.8x faster) stays on ``F.linear`` unless one token itself was measured."""
+    for count, path in tuned.items():
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if int(count) < 1:
+            raise ValueError(f"rows must be >= 1, got {count}")
+    if not tuned or (rows <= 1 and 1 not in tuned):
+        return "torch" if rows <= 1 else "onednn"
+    counts = sorted(tuned)
+    i = bisect.bisect_left(counts, rows)
+    if i == len(counts):
+        return tuned[counts[-1]]
+    if i == 0 or counts[i] == rows:
+        return tuned[counts[i]]
+    lo, hi = counts[i - 1], counts[i]
+    return tuned[lo if math.log(rows / lo) <= math.log(hi / rows) else hi]
 
 
 def onednn_available() -> bool:
@@ -77,49 +99,10 @@ class PackedDenseLinear:
         self.backend = "onednn" if use_onednn and w.numel() else "torch"
         self.weight = w  # the plain (out, in) layout
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None) if self.backend == "onednn" else None
-        # measured choices: token counts (sorted) and the faster path at each
-        self._tuned_rows: list = []
-        self._tuned_paths: list = []
-
-    def set_path(self, rows: int, path: str) -> None:
-        """Runs calls of about ``rows`` tokens on ``path`` (``"onednn"`` or ``"torch"``), as measured
-        faster there; calls of other token counts follow the nearest measured count (in ratio),
-        except one token, which stays on ``F.linear`` unless one token itself was measured."""
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        if int(rows) < 1:
-            raise ValueError(f"rows must be >= 1, got {rows}")
-        rows = int(rows)
-        i = bisect.bisect_left(self._tuned_rows, rows)
-        if i < len(self._tuned_rows) and self._tuned_rows[i] == rows:
-            self._tuned_paths[i] = path
-        else:
-            self._tuned_rows.insert(i, rows)
-            self._tuned_paths.insert(i, path)
-
-    @property
-    def tuned_paths(self) -> dict:
-        """{token count: path} as measured (empty: the default rule, packed from 2 tokens)."""
-        return dict(zip(self._tuned_rows, self._tuned_paths))
-
-    def path_for(self, rows: int) -> str:
-        """The path a call of ``rows`` tokens takes (when the packed path can take it at all)."""
-        if self._packed is None:
-            return "torch"
-        if not self._tuned_rows or (rows <= 1 and self._tuned_rows[0] != 1):
-            # one token is a GEMV: eager measured 1.3-2.8x faster unless measured otherwise here
-            return "torch" if rows <= 1 else "onednn"
-        i = bisect.bisect_left(self._tuned_rows, rows)
-        if i == len(self._tuned_rows):
-            return self._tuned_paths[-1]
-        if i == 0 or self._tuned_rows[i] == rows:
-            return self._tuned_paths[i]
-        lo, hi = self._tuned_rows[i - 1], self._tuned_rows[i]
-        return self._tuned_paths[i - 1 if math.log(rows / lo) <= math.log(hi / rows) else i]
 
     def __call__(self, x: Tensor, activation: Optional[str] = None, path: Optional[str] = None) -> Tensor:
-        """``path`` forces ``"onednn"`` or ``"torch"`` for this call (``None``: :meth:`path_for`);
-        a call the packed path cannot take runs ``F.linear`` whatever ``path`` says."""
+        """``path`` forces ``"onednn"`` or ``"torch"`` for this call (``None``: the default rule of
+        :func:`path_for`); a call the packed path cannot take runs ``F.linear`` whatever ``path`` says."""
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be None, 'none' or 'relu'; got {activation!r}")
         if x.shape[-1] != self.in_features:
@@ -131,7 +114,7 @@ class PackedDenseLinear:
             raise ValueError(f"path must be None or one of {PATHS}, got {path!r}")
         rows = x.numel() // max(x.shape[-1], 1)
         if (self._packed is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-                and (path or self.path_for(rows)) == "onednn" and x.numel()
+                and (path or path_for({}, rows)) == "onednn" and x.numel()
                 and not (torch.is_grad_enabled() and x.requires_grad)
                 and not torch.compiler.is_compiling()):
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, _ACTIVATIONS[activation], [], "")
