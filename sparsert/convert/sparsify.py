@@ -147,7 +147,7 @@ def _tune_dense(dense: Optional[nn.Module], x: Tensor, decision: LayerDecision, 
     if not isinstance(dense, DenseLinear):
         return
     times = dense.tune(x, min_time=min_time / 2, rounds=rounds)
-    decision.dense_path = min(times, key=times.get)
+    decision.dense_path = dense.tuned_paths[x.numel() // x.shape[-1]]
     if decision.dense_path == "torch" and "onednn" in times:
         note = f"dense on eager F.linear ({times['onednn'] / times['torch']:.2f}x faster than prepacked)"
         decision.reason = f"{decision.reason}; {note}" if decision.reason else note

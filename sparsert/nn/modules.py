@@ -380,11 +380,15 @@ class DenseLinear(nn.Linear):
         :meth:`tune` (other counts follow the nearest one); empty = the default rule."""
         return dict(self.__dict__.get("_tuned_paths", {}))
 
-    def tune(self, x: Tensor, min_time: float = 0.02, rounds: int = 5) -> dict:
+    def tune(self, x: Tensor, min_time: float = 0.02, rounds: int = 5, margin: float = 0.05) -> dict:
         """Times both dense paths (oneDNN prepacked, eager ``F.linear``) on ``x``, interleaved,
-        and keeps the faster one for calls with ``x``'s token count. Returns the median seconds
-        per call of each path, ``{"onednn": s, "torch": s}`` (only ``"torch"`` where the packed
-        path cannot run)."""
+        and keeps one for calls with ``x``'s token count: the default rule's path
+        (:func:`~sparsert.ops.backends.best_dense.path_for` with nothing measured) unless the
+        other measures more than ``margin`` (a share, 0.05 = 5%) faster. On ~100 us layers the
+        two paths often differ by less than their run-to-run spread, and without a margin the
+        choice flipped with the noise. Returns the median seconds per call of each path,
+        ``{"onednn": s, "torch": s}`` (only ``"torch"`` where the packed path cannot run); the
+        choice is in :attr:`tuned_paths`."""
         from ..convert.timing import call_times  # timing lives with the converter
 
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
@@ -393,6 +397,8 @@ class DenseLinear(nn.Linear):
         rows = x.numel() // self.in_features
         if rows < 1:
             raise ValueError("x has no tokens to time")
+        if not 0 <= margin < 1:
+            raise ValueError(f"margin must be in [0, 1), got {margin}")
         layer = self._packed_layer()
         paths = [p for p in ("onednn", "torch") if p == "torch" or layer.backend == "onednn"]
         samples: dict = {p: [] for p in paths}
@@ -404,6 +410,9 @@ class DenseLinear(nn.Linear):
                     samples[p].extend(call_times(lambda: layer(x, path=p), min_time / max(1, rounds), 3))
         times = {p: statistics.median(v) for p, v in samples.items()}
         best = min(times, key=times.get)
+        default = path_for({}, rows) if layer.backend == "onednn" else "torch"
+        if times[best] > times[default] * (1 - margin):
+            best = default
         tuned = self.__dict__.setdefault("_tuned_paths", {})
         tuned[int(rows)] = best
         self.__dict__["_path_memo"] = {}  # the nearest-count choices may have moved
