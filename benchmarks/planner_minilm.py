@@ -50,6 +50,9 @@ ap.add_argument("--calib-batches", type=int, default=8)
 ap.add_argument("--calib-split", default=None, help="default: train for sparsegpt, calibration for wanda")
 ap.add_argument("--sensitivity-method", default="wanda", choices=["wanda", "sparsegpt"])
 ap.add_argument("--uniform", action="store_true", help="also uniform sparsity, one pattern, nearest each plan")
+ap.add_argument("--score-batches", type=int, default=8,
+                help="batches of 32 train-split sentences (none calibrating) that score the candidates (0: hold "
+                     "a quarter of the calibration batches out, as before)")
 ap.add_argument("--score-candidates", type=int, default=4,
                 help="candidate plans scored end to end before choosing (0: the solver's plan, as before)")
 ap.add_argument("--eval-candidates", action="store_true",
@@ -113,7 +116,8 @@ for tgt in targets:
                              calib_batches=args.calib_batches, calib_split=split, exclude=["pooler"],
                              reconstruct=False, recover_minutes=args.recover_minutes, recover_lr=args.recover_lr,
                              sensitivity_method=args.sensitivity_method, sensitivity=sens, repeats=30,
-                             score_candidates=args.score_candidates, calibrate_groups=args.calibrate_groups,
+                             score_candidates=args.score_candidates, score_batches=args.score_batches,
+                             calibrate_groups=args.calibrate_groups,
                              sparsities=grid.get("sparsities"), measure_candidates=args.measure_candidates)
     except ValueError as e:
         print(f"target {tgt}: {e}", flush=True)

@@ -378,6 +378,8 @@ def cmd_prune_to_speedup(args) -> int:
         raise CliError("--checkpoint with --target-speedup continues a run of a fixed length: give --recover-steps too")
     if args.score_candidates < 0:
         raise CliError("--score-candidates must be >= 0 (0: the solver's plan, unscored)")
+    if args.score_batches < 0:
+        raise CliError("--score-batches must be >= 0 (0: hold calibration batches out instead)")
     out = _check_output(args.output)
     if args.plot_plan:
         _check_plot(args.plot_plan)
@@ -396,6 +398,7 @@ def cmd_prune_to_speedup(args) -> int:
                              recover_lr=args.recover_lr,
                              checkpoint=Path(args.checkpoint) / "recover.pt" if args.checkpoint else None,
                              output=out, plot=args.plot_plan, score_candidates=args.score_candidates,
+                             score_batches=args.score_batches,
                              calibrate_groups=args.calibrate_groups, measure_candidates=args.measure_candidates,
                              progress=_show_progress(args), log=(lambda s: None) if quiet else print)
     except ValueError as e:
@@ -797,7 +800,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot-plan", metavar="PNG", help="write the planner's speed/quality frontier")
     s.add_argument("--score-candidates", type=int, default=4, metavar="N",
                    help="candidate plans the planner prunes on a copy and scores by the model's output error on "
-                        "held-out calibration batches before choosing (default 4; 0: the solver's plan unscored)")
+                        "held-out text before choosing (default 4; 0: the solver's plan unscored)")
+    s.add_argument("--score-batches", type=int, default=8, metavar="N",
+                   help="batches of 32 training-split sentences, none used for calibration, that score the "
+                        "candidates (default 8; 0 or a model without a tokenizer: a quarter of the calibration "
+                        "batches is held out instead)")
     s.add_argument("--calibrate-groups", action="store_true",
                    help="with --score-candidates: also probe each layer group (the same layer of every block) "
                         "pruned alone, weight the per-layer losses by the output error that left, and score the "

@@ -206,6 +206,27 @@ def test_pruner_chooses_the_scored_candidate_and_off_is_the_solver_plan(cache, s
         assert bool((w == 0).any()) == (lp.pattern is not None), lp.name
 
 
+@pytest.mark.parametrize("own", [False, True])
+def test_pruner_scores_on_its_own_batches_or_on_held_out_calibration_ones(cache, synthetic_timing, monkeypatch, own):
+    seen = {}
+    real = scoring.reference_outputs
+
+    def spy(model, batches):
+        seen["score"] = list(batches)
+        return real(model, batches)
+
+    monkeypatch.setattr(scoring, "reference_outputs", spy)
+    torch.manual_seed(7)
+    own_batches = [torch.randn(8, 32) for _ in range(3)]
+    p = _pruner(1, score_candidates=3, **(dict(score_data=own_batches) if own else {}))
+    calib = list(p._data)
+    assert p.plan.candidates
+    if own:  # every calibration batch prunes; the given ones choose
+        assert [b is o for b, o in zip(seen["score"], own_batches)] == [True] * 3
+    else:  # a quarter of the 4 calibration batches held out: the last one
+        assert len(seen["score"]) == 1 and seen["score"][0] is calib[-1]
+
+
 def test_pruner_without_calibration_data_does_not_score(cache, synthetic_timing):
     x = torch.randn(4, 32)
     p = sparsert.Pruner(tiny_mlp(), "magnitude", target_speedup=1.05, example_inputs=x, threads=1, sparsities=(0.5, 0.9),
@@ -216,6 +237,8 @@ def test_pruner_without_calibration_data_does_not_score(cache, synthetic_timing)
 @pytest.mark.parametrize("kw, match", [(dict(score_candidates=-1), "score_candidates"),
                                        (dict(score_candidates=True), "score_candidates"),
                                        (dict(score_batches=0), "score_batches"),
+                                       (dict(score_data=[]), "score_data is empty"),
+                                       (dict(score_data=[torch.randn(2, 32)], score_batches=1), "not both"),
                                        (dict(score_metric="l1"), "score_metric"),
                                        (dict(calibrate_groups="yes"), "calibrate_groups"),
                                        (dict(max_groups=0), "max_groups"),
@@ -464,3 +487,34 @@ def test_pruner_measures_candidates_when_asked(cache, synthetic_timing):
     chosen = next(c for c in cands if c.chosen)
     if fast:  # the rule, whatever this machine measured
         assert chosen in fast and chosen.error == min(c.error for c in fast)
+
+
+# ---------------------------------------------------------------- the planned path's scoring text
+
+
+@pytest.mark.parametrize("calib_split", ["calibration", "train"])
+def test_scoring_batches_are_training_text_that_neither_calibrates_nor_evaluates(monkeypatch, calib_split):
+    from types import SimpleNamespace
+
+    from sparsert.data import corpus
+    from sparsert.models import minilm
+    from sparsert.planner import workflow
+
+    # sentences instead of token ids: what was chosen is then visible
+    monkeypatch.setattr(minilm, "tokenize", lambda tok, s, bs: [s[i:i + bs] for i in range(0, len(s), bs)])
+    wl = SimpleNamespace(family="hf", tokenizer=object(), extra={})
+    batches = workflow.scoring_batches(wl, 3, 8, calib_split)
+    assert len(batches) == 3 and all(len(b) == 32 for b in batches)
+    chosen = [s for b in batches for s in b]
+    assert len(set(chosen)) == 96
+    calib = {s for b in workflow.calibration_batches(wl, 8, None, calib_split) for s in b}
+    assert len(calib) == 256 and not calib & set(chosen)
+    assert set(chosen) <= set(corpus.split("train"))
+    assert not set(chosen) & set(corpus.split("eval"))
+    # nothing to score with: the planner holds calibration batches out instead
+    assert workflow.scoring_batches(wl, 0, 8, calib_split) is None
+    assert workflow.scoring_batches(wl, 3, 8, calib_split, data="my_text.txt") is None
+    assert workflow.scoring_batches(SimpleNamespace(family="hf", tokenizer=object(), extra={"causal_lm": True}),
+                                    3, 8, calib_split) is None
+    assert workflow.scoring_batches(SimpleNamespace(family="digits", tokenizer=None, extra={}), 3, 8,
+                                    calib_split) is None

@@ -81,6 +81,11 @@ class Pruner(_KernelFreePruner):
             pruning of the model (on the calibration batches not held out).
         score_batches: calibration batches held out for that score (default a quarter, at least
             one; the candidates are pruned with the rest; with a single batch, that batch).
+        score_data: batches of their own to score the candidates on, instead of holding
+            calibration batches out (the candidates are then pruned with every calibration
+            batch). More text than calibration can spare: on MiniLM, 64 held-out sentences
+            ranked two 2x candidates 0.0005 apart, the reverse of their order on evaluation text.
+            Must not be the text the model is evaluated on.
         score_metric: ``"cosine"`` (1 - mean cosine of the output vectors, e.g. tokens' hidden
             states or logits) or ``"mse"`` (relative squared error of the outputs).
         calibrate_groups: when candidates are scored, also calibrate the per-layer losses end to
@@ -107,7 +112,8 @@ class Pruner(_KernelFreePruner):
                  threads: Optional[int] = None, sensitivity_method: str = "wanda",
                  timing: Optional[Mapping[str, Any]] = None, bins: int = 4000,
                  sensitivity: Optional[Mapping[str, Any]] = None, score_candidates: int = 4,
-                 score_batches: Optional[int] = None, score_metric: str = "cosine", calibrate_groups: bool = False,
+                 score_batches: Optional[int] = None, score_data: Optional[Sequence] = None,
+                 score_metric: str = "cosine", calibrate_groups: bool = False,
                  max_groups: int = 12, measure_candidates: bool = False, **kwargs: Any):
         self.target_speedup = None
         self._plan: Optional[Plan] = None
@@ -137,6 +143,13 @@ class Pruner(_KernelFreePruner):
         if score_batches is not None and (isinstance(score_batches, bool) or not isinstance(score_batches, int)
                                           or score_batches < 1):
             raise ValueError(f"score_batches must be an int >= 1, got {score_batches!r}")
+        if score_data is not None:
+            if score_batches is not None:
+                raise ValueError("give score_batches (calibration batches held out) or score_data (batches of "
+                                 "their own), not both")
+            score_data = list(score_data)
+            if not score_data:
+                raise ValueError("score_data is empty: give at least one batch, or leave it None")
         if score_metric not in METRICS:
             raise ValueError(f"score_metric must be one of {METRICS}, got {score_metric!r}")
         if not isinstance(calibrate_groups, bool):
@@ -159,6 +172,7 @@ class Pruner(_KernelFreePruner):
         self.sensitivity_method = sensitivity_method
         self.bins = bins
         self.score_candidates, self.score_batches, self.score_metric = score_candidates, score_batches, score_metric
+        self.score_data = score_data
         self.calibrate_groups, self.max_groups = calibrate_groups, max_groups
         self.measure_candidates = measure_candidates
         names = plannable_layers(model, list(self.layers))
@@ -207,8 +221,11 @@ class Pruner(_KernelFreePruner):
         if len(candidates) == 1:
             return candidates[0][1]  # nothing to choose between: skip the cost
         data = list(self._data)
-        held = min(len(data) - 1, self.score_batches or max(1, len(data) // 4))
-        prune_data, score_data = (data, data) if held < 1 else (data[:-held], data[-held:])
+        if self.score_data is not None:
+            prune_data, score_data = data, self.score_data
+        else:
+            held = min(len(data) - 1, self.score_batches or max(1, len(data) // 4))
+            prune_data, score_data = (data, data) if held < 1 else (data[:-held], data[-held:])
 
         def prune_copy(model: nn.Module, plan: Plan) -> None:
             pruned = plan.pruned

@@ -30,18 +30,38 @@ EVAL_SENTENCES = 256
 CALIB_SENTENCES = 256
 
 
+def _calibration_sentences(split: str, limit: int) -> list:
+    from ..data import corpus
+
+    return (corpus.split(split, n=32 * limit) if split == "calibration"
+            else corpus.split(split, n=32 * limit, shuffled=True, seed=1))
+
+
 def calibration_batches(wl, limit: int = 8, data: Optional[str] = None, split: str = "calibration") -> list:
     """Calibration batches: for a model with a tokenizer, sentences of the offline corpus's
     ``split`` (``"calibration"``: standard-library prose; ``"train"``: five sources, shuffled;
     never the evaluation source); otherwise the workload's own."""
     if data is None and wl.family == "hf" and wl.tokenizer is not None:
-        from ..data import corpus
         from ..models import minilm
 
-        sentences = (corpus.split(split, n=32 * limit) if split == "calibration"
-                     else corpus.split(split, n=32 * limit, shuffled=True, seed=1))
-        return minilm.tokenize(wl.tokenizer, sentences, 32)[:limit]
+        return minilm.tokenize(wl.tokenizer, _calibration_sentences(split, limit), 32)[:limit]
     return wl.calibration(data, limit=limit)
+
+
+def scoring_batches(wl, limit: int, calib_limit: int, calib_split: str, data: Optional[str] = None) -> Optional[list]:
+    """Batches (32 sentences each) that score the planner's candidates: train-split sentences
+    that are not among the calibration ones (``calib_limit`` batches of ``calib_split``), so
+    neither the pruning nor the evaluation text chooses the plan. ``None`` (the planner then
+    holds calibration batches out) for a model without a tokenizer, a causal LM (scored on its
+    workload's text), or custom calibration ``data``."""
+    if limit < 1 or data is not None or wl.family != "hf" or wl.tokenizer is None or wl.extra.get("causal_lm"):
+        return None
+    from ..data import corpus
+    from ..models import minilm
+
+    calib = set(_calibration_sentences(calib_split, calib_limit))
+    sentences = [s for s in corpus.split("train", shuffled=True, seed=2) if s not in calib][:32 * limit]
+    return minilm.tokenize(wl.tokenizer, sentences, 32)[:limit]
 
 
 def default_importance(wl) -> str:
@@ -147,7 +167,7 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
                      log: Callable[[str], None] = print, timing: Optional[dict] = None,
                      sensitivity: Optional[dict] = None, score_candidates: int = 4,
                      calibrate_groups: bool = False, sparsities: Optional[Sequence[float]] = None,
-                     measure_candidates: bool = False) -> dict:
+                     measure_candidates: bool = False, score_batches: int = 8) -> dict:
     """Plans, prunes ``wl.model`` (in place), packs per plan, optionally saves and reloads it,
     and measures it against torch eager and the best dense path. Returns the numbers, with
     ``steps``: ``{step: seconds}`` in the order run (each also logged as it ends).
@@ -172,6 +192,9 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     layer group (see there). ``sparsities``: the grid timed and scored per pattern (default
     :data:`~sparsert.planner.tables.DEFAULT_SPARSITIES`). ``measure_candidates``: pack and time
     each scored candidate end to end; one measured below 90% of the target does not win.
+    ``score_batches``: batches of 32 train-split sentences, none used for calibration, that
+    score the candidates (:func:`scoring_batches`; 0, or a workload without a tokenizer: a
+    quarter of the calibration batches is held out instead).
     """
     from .. import io
     from ..bench import benchmark
@@ -211,10 +234,11 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     q_dense = quality(wl, dense, dense, ref_emb)
     lap("dense quality")
 
+    score_data = scoring_batches(wl, score_batches, calib_batches, calib_split, calib) if score_candidates else None
     pruner = Pruner(model, importance, target_speedup=target, baseline=baseline, example_inputs=inputs,
                     patterns=patterns, threads=threads, exclude=list(exclude), progress=progress, timing=timing,
                     sensitivity_method=sensitivity_method, sensitivity=sensitivity,
-                    score_candidates=score_candidates, calibrate_groups=calibrate_groups,
+                    score_candidates=score_candidates, score_data=score_data, calibrate_groups=calibrate_groups,
                     measure_candidates=measure_candidates,
                     sparsities=DEFAULT_SPARSITIES if sparsities is None else sparsities)
     tables = pruner.tables
