@@ -33,7 +33,7 @@ def synthetic_timing(monkeypatch):
     def layer_seconds(rows, cols, tokens, density=1.0):
         return per_mac * rows * cols * tokens * density + per_call
 
-    def fake_time_layer(module, x, patterns, sparsities, min_time, rounds):
+    def fake_time_layer(module, x, patterns, sparsities, min_time, rounds, cold_bytes=0):
         rows, cols = weight_2d_shape(module.weight)
         tokens = x.numel() // x.shape[-1]
         options = {}

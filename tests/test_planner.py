@@ -161,7 +161,7 @@ def test_a_grid_point_added_later_retimes_the_row_with_its_dense_baseline(cache,
     model, x = tiny_mlp(), torch.randn(4, 32)
     calls = []
 
-    def fake(module, x, patterns, sparsities, min_time, rounds):  # known times: dense 1 ms, then 2 ms
+    def fake(module, x, patterns, sparsities, min_time, rounds, cold_bytes=0):  # known times: dense 1 ms, then 2 ms
         dense = 1e-3 * (1 + len(calls))
         calls.append((tuple(str(p) for p in patterns), tuple(sparsities)))
         opts = {str(p): {str(s): [dense * (1 - s), "csr"] for s in sparsities} for p in patterns}
@@ -182,6 +182,54 @@ def test_a_grid_point_added_later_retimes_the_row_with_its_dense_baseline(cache,
     again = T.time_tables(model, ["2"], x, sparsities=(0.5, 0.75), **kw)
     assert len(calls) == 2 and again.cache_misses == 0  # now cached
     assert T.time_tables(model, ["2"], x, sparsities=(0.75,), **kw).cache_misses == 0  # a subset: cached
+
+
+def test_layers_of_a_model_larger_than_the_cache_are_timed_with_their_weights_evicted(cache, monkeypatch):
+    model, x = tiny_mlp(), torch.randn(4, 32)
+    seen = []
+    real = T._time_layer
+
+    def spy(module, x, patterns, sparsities, min_time, rounds, cold_bytes=0):
+        seen.append(cold_bytes)
+        return real(module, x, patterns, sparsities, min_time, rounds, cold_bytes)
+
+    monkeypatch.setattr(T, "_time_layer", spy)
+    kw = dict(threads=1, patterns=("unstructured",), sparsities=(0.5,), **TINY_TIMING)
+    T.time_tables(model, ["0", "2"], x, **kw)  # ~25 KB of weights: fits any cache, timed hot
+    assert seen == [0, 0]
+    monkeypatch.setattr(T, "last_level_cache_bytes", lambda: 4096)  # now the weights do not fit
+    cold = T.time_tables(model, ["0", "2"], x, **kw)
+    assert seen[2:] == [8192, 8192] and cold.cache_misses > 0  # hot entries are not reused for cold ones
+    assert all(t > 0 for lt in cold.layers.values() for t, _ in lt.options["unstructured"].values())
+    assert T.time_tables(model, ["0", "2"], x, **kw).cache_misses == 0
+
+
+def test_cold_copies_hold_the_bytes_asked_in_separate_storage_and_timing_cycles_through_them(monkeypatch):
+    lin = nn.Linear(32, 16)  # 2,112 bytes of parameters
+    copies = T._cold_copies(lin, 10_000)
+    assert len(copies) == 5 and copies[0] is lin
+    assert len({c.weight.data_ptr() for c in copies}) == 5
+    assert all(torch.equal(c.weight, lin.weight) for c in copies)
+    assert len(T._cold_copies(lin, 10 ** 9, limit=7)) == 7 and len(T._cold_copies(lin, 1)) == 1
+    assert T.last_level_cache_bytes() >= 1 << 20
+
+    called = []
+    real = T._cold_copies
+
+    def counted(module, cold_bytes, limit=4096):
+        out = real(module, cold_bytes, limit)
+        for c in out:
+            c.register_forward_pre_hook(lambda m, a: called.append(id(m)))
+        called.append(("set", [id(c) for c in out]))
+        return out
+
+    monkeypatch.setattr(T, "_cold_copies", counted)
+    T._time_layer(lin, torch.randn(3, 32), [], [], min_time=0.001, rounds=2, cold_bytes=10_000)
+    sets = [ids for c in called if isinstance(c, tuple) for ids in [c[1]]]
+    calls = [c for c in called if not isinstance(c, tuple)]
+    assert len(sets) == 2  # the two baselines (eager, best dense); no pattern asked
+    for ids in sets:  # every copy ran: the warm-up and the timing cycle over all of them
+        assert all(calls.count(i) >= 2 for i in ids), [calls.count(i) for i in ids]
 
 
 def test_default_grid_has_the_steps_between_70_and_90_percent():

@@ -23,6 +23,12 @@ idle runs. The isolated layer times are then scaled so that the layers and
 the remainder add up to the measured model (layers in a model run a little
 faster or slower than alone, with other data in the caches).
 
+A model whose prunable weights exceed the last-level cache runs each layer
+with its weights evicted by the layers before it; its layers are timed that
+way too, each candidate cycling through copies of itself that hold twice the
+cache (hot, a 1-token GEMV reads its weights from L3 at several times the
+memory's speed, and the planner saw no gain in pruning it).
+
 Entries are cached on disk as JSON under ``$SPARSERT_CACHE_DIR`` (else
 ``$XDG_CACHE_HOME/sparsert``, else ``~/.cache/sparsert``), in a file per
 machine key: CPU model, kernel ISA, thread count, sparsert and torch versions.
@@ -34,6 +40,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -62,7 +69,8 @@ DEFAULT_PATTERNS = ("unstructured", "4x1", "2:4")
 #: uniform sparsity reaching 1.5x or 2x overshot the target by up to 12%
 DEFAULT_SPARSITIES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 BASELINES = ("best_dense", "torch")
-_CACHE_VERSION = 3  # 2: the whole-model entry holds the measured remainder too; 3: the baseline model tuned per layer
+_CACHE_VERSION = 4  # 2: the whole-model entry holds the measured remainder too; 3: the baseline model tuned per layer;
+# 4: layers of models whose weights exceed the last-level cache timed with their weights out of the cache
 
 
 def cache_dir() -> Path:
@@ -198,10 +206,36 @@ def _points(pattern: Pattern, sparsities: Sequence[float]) -> list:
     return [round(pattern.fixed_sparsity, 6)] if pattern.kind == "nm" else [float(s) for s in sparsities]
 
 
+def last_level_cache_bytes() -> int:
+    """The CPU's last-level cache in bytes (Linux sysfs; 32 MiB where it cannot be read)."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            best = max(best, int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
+        except (OSError, ValueError, IndexError):
+            continue
+    return best or 32 << 20
+
+
+def _module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _cold_copies(module: nn.Module, cold_bytes: int, limit: int = 4096) -> list:
+    """``module`` and enough deep copies that cycling through them streams ``cold_bytes``
+    (at most ``limit`` in all): each call then finds its weights evicted, as in a model whose
+    weights do not fit the cache."""
+    n = min(limit, max(1, -(-cold_bytes // max(1, _module_bytes(module)))))
+    return [module] + [copy.deepcopy(module) for _ in range(n - 1)]
+
+
 @torch.no_grad()
 def _time_layer(module: nn.Module, x: Tensor, patterns: Sequence[Pattern], sparsities: Sequence[float],
-                min_time: float, rounds: int) -> dict:
-    """Times one layer shape: baselines and every (pattern, sparsity, format); returns a cache entry."""
+                min_time: float, rounds: int, cold_bytes: int = 0) -> dict:
+    """Times one layer shape: baselines and every (pattern, sparsity, format); returns a cache entry.
+    ``cold_bytes`` > 0: each candidate is timed cycling through copies of itself that hold that
+    many bytes (:func:`_cold_copies`), so its weights come from memory, not the cache."""
     rows, cols = weight_2d_shape(module.weight)
     g = torch.Generator().manual_seed(rows * 131 + cols)
     dense_w = torch.randn(rows, cols, generator=g) / max(cols, 1) ** 0.5
@@ -224,12 +258,17 @@ def _time_layer(module: nn.Module, x: Tensor, patterns: Sequence[Pattern], spars
                 except (ValueError, TypeError):
                     continue  # this format cannot hold this weight
     samples: dict = {k: [] for k in built}
-    for mod in built.values():  # warm-up: first calls allocate and page the weights in
+    calls = {}
+    for key, mod in built.items():
+        copies = _cold_copies(mod, cold_bytes) if cold_bytes > 0 else [mod]
+        for c in copies:  # warm-up: first calls allocate, pack and page the weights in
+            c(x)
         mod(x)
-        mod(x)
+        turn = itertools.cycle(copies)
+        calls[key] = lambda turn=turn: next(turn)(x)
     for _ in range(rounds):  # interleaved so drifting load hits every candidate alike
-        for key, mod in built.items():
-            samples[key].extend(call_times(lambda: mod(x), min_time / rounds, 3))
+        for key, call in calls.items():
+            samples[key].extend(call_times(call, min_time / rounds, 3))
     med = {k: statistics.median(v) for k, v in samples.items()}
     options: dict = {}
     for key, t in med.items():
@@ -384,6 +423,12 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
 
         if shapes is None or any(n not in shapes for n in names):
             capture()
+        # A model whose prunable weights exceed the last-level cache runs each layer with its weights
+        # evicted by the layers before it: time the layers that way too. Hot isolated timing put
+        # SmolLM2's 210 decode Linears at 15.6 ms where the model spent ~60 ms in them (the whole
+        # difference was then taken for the remainder, which no pruning shrinks).
+        weight_bytes = sum(model.get_submodule(n).weight.numel() * 4 for n in names)
+        cold_bytes = 2 * last_level_cache_bytes() if weight_bytes > last_level_cache_bytes() else 0
         hits = misses = 0
         out: dict = {}
         for i, name in enumerate(names):
@@ -394,6 +439,7 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
                 shape, dtype = shapes[name]
                 x = torch.empty(shape, dtype=getattr(torch, dtype.replace("torch.", "")), device="meta")
             sig = _signature(name, module, x)
+            sig["cold"] = bool(cold_bytes)
             rows, cols = sig["shape"]
             entry = {}
             base_key = json.dumps({"layer": sig}, sort_keys=True)
@@ -401,7 +447,7 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
             if base is None:
                 misses += 1
                 x = capture()[name]
-                timed = _time_layer(module, x, pats, grid, min_time, rounds)
+                timed = _time_layer(module, x, pats, grid, min_time, rounds, cold_bytes)
                 base = {"dense": timed["dense"], "torch": timed["torch"]}
                 store.put(base_key, base)
                 for p, pts in timed["options"].items():
@@ -423,7 +469,7 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
                     # threads far more than the sparse kernels)
                     misses += 1
                     x = capture()[name]
-                    timed = _time_layer(module, x, [pat], grid, min_time, rounds)
+                    timed = _time_layer(module, x, [pat], grid, min_time, rounds, cold_bytes)
                     pts = {**(pts or {}), **timed["options"].get(str(pat), {})}
                     store.put(pkey, pts)
                     base = {"dense": timed["dense"], "torch": timed["torch"]}
