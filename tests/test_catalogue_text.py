@@ -56,6 +56,9 @@ def test_smollm2_workload_prunes_only_attention_and_mlp_and_measures_perplexity(
     assert len(batches) == 2 and batches[0]["input_ids"].shape == (4, 128)
     train = wl.train_batches()
     assert len(train) >= 8 and not torch.equal(train[0]["input_ids"], batches[0]["input_ids"])
+    few, more = wl.train_batches(256), wl.train_batches(1024)  # the size asked is the size given
+    assert 1 <= len(few) < len(more) < len(wl.train_batches(16384))
+    assert torch.equal(few[0]["input_ids"], more[0]["input_ids"])  # the same text, from its start
     q = wl.quality(wl.model, wl.model)
     assert 1.0 < q["perplexity"] < 200.0 and q["perplexity_ratio"] == 1.0
     with torch.no_grad():

@@ -170,14 +170,15 @@ class Workload:
         raise ValueError(f"calibration data {data!r}: expected a .txt of sentences or an .npz with x (and y)")
 
     def train_batches(self, sentences: int = TRAIN_SENTENCES) -> list | None:
-        """Fine-tuning data, where the example has some (digits; text: ``sentences`` of the train split)."""
+        """Fine-tuning data, where the example has some (digits; text: ``sentences`` of the train
+        split, as length-bucketed batches for an encoder or token windows for a causal LM)."""
         if self.family == "digits":
             from . import digits
 
             d = digits.load_data()
             return digits.batches(d.x_train, d.y_train, 64, shuffle=True, seed=1)
         if self.family == "hf" and self.extra.get("causal_lm"):
-            return self._lm_batches("train", 64)
+            return self._lm_batches("train", None, sentences)
         if self.family == "hf" and self.tokenizer is not None:
             from . import minilm
 
@@ -189,13 +190,16 @@ class Workload:
         positions = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         return min(128, positions) if isinstance(positions, int) and positions > 0 else 128
 
-    def _lm_batches(self, split: str, limit: int) -> list:
-        """Token windows of a corpus split (sentences in extraction order: one docstring's
-        sentences stay together, the context a language model needs)."""
+    def _lm_batches(self, split: str, limit: int | None, sentences: int | None = None) -> list:
+        """Token windows of a corpus split's first ``sentences`` sentences (all by default), at
+        most ``limit`` batches (sentences in extraction order: one docstring's sentences stay
+        together, the context a language model needs)."""
         from ..data import corpus
         from . import smollm2
 
-        return smollm2.token_batches(self.tokenizer, corpus.split(split), LM_SEQ_LEN, LM_BATCH, max_batches=limit)
+        texts = corpus.split(split)
+        return smollm2.token_batches(self.tokenizer, texts if sentences is None else texts[:sentences], LM_SEQ_LEN,
+                                     LM_BATCH, max_batches=limit)
 
     # -- quality ----------------------------------------------------------------
     @torch.no_grad()
