@@ -206,15 +206,15 @@ def test_layers_of_a_model_larger_than_the_cache_are_timed_with_their_weights_ev
 
 def test_cold_copies_hold_the_bytes_asked_in_separate_storage_and_timing_cycles_through_them(monkeypatch):
     lin = nn.Linear(32, 16)  # 2,112 bytes of parameters
-    copies = T._cold_copies(lin, 10_000)
+    copies = T.cold_copies(lin, 10_000)
     assert len(copies) == 5 and copies[0] is lin
     assert len({c.weight.data_ptr() for c in copies}) == 5
     assert all(torch.equal(c.weight, lin.weight) for c in copies)
-    assert len(T._cold_copies(lin, 10 ** 9, limit=7)) == 7 and len(T._cold_copies(lin, 1)) == 1
+    assert len(T.cold_copies(lin, 10 ** 9, limit=7)) == 7 and len(T.cold_copies(lin, 1)) == 1
     assert T.last_level_cache_bytes() >= 1 << 20
 
     called = []
-    real = T._cold_copies
+    real = T.cold_copies
 
     def counted(module, cold_bytes, limit=4096):
         out = real(module, cold_bytes, limit)
@@ -223,7 +223,7 @@ def test_cold_copies_hold_the_bytes_asked_in_separate_storage_and_timing_cycles_
         called.append(("set", [id(c) for c in out]))
         return out
 
-    monkeypatch.setattr(T, "_cold_copies", counted)
+    monkeypatch.setattr(T, "cold_copies", counted)
     T._time_layer(lin, torch.randn(3, 32), [], [], min_time=0.001, rounds=2, cold_bytes=10_000)
     sets = [ids for c in called if isinstance(c, tuple) for ids in [c[1]]]
     calls = [c for c in called if not isinstance(c, tuple)]

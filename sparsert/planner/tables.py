@@ -61,7 +61,7 @@ from ..nn.surgery import swap
 from ..prune.patterns import Pattern, parse_pattern, weight_2d_shape
 
 __all__ = ["DEFAULT_PATTERNS", "DEFAULT_SPARSITIES", "BASELINES", "LayerTimes", "TimeTables", "time_tables",
-           "cache_dir", "machine_key", "random_pattern_weight"]
+           "cache_dir", "machine_key", "random_pattern_weight", "cold_copies", "last_level_cache_bytes"]
 
 DEFAULT_PATTERNS = ("unstructured", "4x1", "2:4")
 #: sparsities timed per pattern (N:M patterns have their one sparsity); 0.75 and 0.85 because
@@ -222,7 +222,7 @@ def _module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _cold_copies(module: nn.Module, cold_bytes: int, limit: int = 4096) -> list:
+def cold_copies(module: nn.Module, cold_bytes: int, limit: int = 4096) -> list:
     """``module`` and enough deep copies that cycling through them streams ``cold_bytes``
     (at most ``limit`` in all): each call then finds its weights evicted, as in a model whose
     weights do not fit the cache."""
@@ -235,7 +235,7 @@ def _time_layer(module: nn.Module, x: Tensor, patterns: Sequence[Pattern], spars
                 min_time: float, rounds: int, cold_bytes: int = 0) -> dict:
     """Times one layer shape: baselines and every (pattern, sparsity, format); returns a cache entry.
     ``cold_bytes`` > 0: each candidate is timed cycling through copies of itself that hold that
-    many bytes (:func:`_cold_copies`), so its weights come from memory, not the cache."""
+    many bytes (:func:`cold_copies`), so its weights come from memory, not the cache."""
     rows, cols = weight_2d_shape(module.weight)
     g = torch.Generator().manual_seed(rows * 131 + cols)
     dense_w = torch.randn(rows, cols, generator=g) / max(cols, 1) ** 0.5
@@ -260,7 +260,7 @@ def _time_layer(module: nn.Module, x: Tensor, patterns: Sequence[Pattern], spars
     samples: dict = {k: [] for k in built}
     calls = {}
     for key, mod in built.items():
-        copies = _cold_copies(mod, cold_bytes) if cold_bytes > 0 else [mod]
+        copies = cold_copies(mod, cold_bytes) if cold_bytes > 0 else [mod]
         for c in copies:  # warm-up: first calls allocate, pack and page the weights in
             c(x)
         mod(x)
