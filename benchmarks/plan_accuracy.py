@@ -8,9 +8,9 @@ One process; the sparse model and the dense model on the best dense path are cal
 (interleaved rounds, medians) with forward hooks timing every prunable layer inside the model;
 then each sparse layer is timed alone on the input it got in the model, hot (the same module over
 and over: weights in the cache) and cold (cycling through copies that hold twice the last-level
-cache, as the planner times layers of models larger than the cache). Columns, per layer:
-in-model, alone hot, alone cold (ms); last lines: the totals and each model's remainder (its time
-minus its layers' in-model time).
+cache, as the planner times layers of models larger than the cache). Columns, per sparse layer:
+in-model, alone hot, alone cold (ms); last lines: the totals, the layers left dense, and each model's
+remainder (its time minus all its Linear / Conv2d layers' in-model time).
 """
 
 from __future__ import annotations
@@ -72,8 +72,11 @@ def hooked(model: nn.Module, kinds: tuple) -> tuple:
     return names, per_layer, inputs
 
 
-s_names, s_layers, s_inputs = hooked(sparse, (SparseLinear, SparseConv2d))
-d_names, d_layers, _ = hooked(dense, (DenseLinear, nn.Linear))
+# every Linear / Conv2d is hooked in both models, so each remainder is what lies outside all of them
+s_names, s_layers, s_inputs = hooked(sparse, (SparseLinear, SparseConv2d, nn.Linear, nn.Conv2d))
+d_names, d_layers, _ = hooked(dense, (SparseLinear, SparseConv2d, nn.Linear, nn.Conv2d))
+dense_left = [n for n in s_names if not isinstance(sparse.get_submodule(n), (SparseLinear, SparseConv2d))]
+s_names = [n for n in s_names if n not in dense_left]
 totals: dict = {"sparse": [], "dense": []}
 rests: dict = {"sparse": [], "dense": []}
 with torch.inference_mode():
@@ -118,5 +121,7 @@ with torch.inference_mode():
 ms = {k: statistics.median(v) * 1e3 for k, v in totals.items()}
 rest = {k: statistics.median(v) * 1e3 for k, v in rests.items()}
 print(f"sparse layers: in model {sums[0] * 1e3:.2f} ms, alone hot {sums[1] * 1e3:.2f} ms, alone cold {sums[2] * 1e3:.2f} ms")
+if dense_left:
+    print(f"layers left dense: {len(dense_left)}, in model {sum(statistics.median(s_layers[n]) for n in dense_left) * 1e3:.2f} ms")
 print(f"sparse model {ms['sparse']:.2f} ms (remainder {rest['sparse']:.2f} ms); dense model on the best dense "
       f"path {ms['dense']:.2f} ms (remainder {rest['dense']:.2f} ms); speedup {ms['dense'] / ms['sparse']:.2f}x")

@@ -555,3 +555,22 @@ def test_cli_prune_can_turn_the_group_calibration_on():
     assert parse(["prune", "minilm", "--target-speedup", "2", "-o", "x.sparsert"]).measure_candidates is False
     assert parse(["prune", "minilm", "--target-speedup", "2", "--measure-candidates",
                   "-o", "x.sparsert"]).measure_candidates is True
+
+
+def test_plannable_layers_leave_out_a_head_tied_to_the_embedding_and_attention_internals():
+    from sparsert.planner.pruner import plannable_layers
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.mlp = nn.Linear(16, 16)
+            self.attn = nn.MultiheadAttention(16, 2)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.embed.weight  # tied, as in SmolLM2 / GPT-2
+
+    lm = TinyLM()
+    names = ["mlp", "attn.out_proj", "head"]
+    assert plannable_layers(lm, names) == ["mlp"]
+    lm.head.weight = nn.Parameter(lm.embed.weight.detach().clone())  # untied: its own weight, plannable
+    assert plannable_layers(lm, names) == ["mlp", "head"]

@@ -19,8 +19,8 @@ relative weight error) and handed to the kernel-free Pruner as its per-layer
 settings. With calibration data and ``score_candidates`` > 0 (default 4), a few
 candidate plans that reach the target (the solver's, uniform sparsity per pattern,
 the solver limited to one pattern) are first pruned on a copy with the pruner's
-criterion and scored by the model's output error on held-out calibration batches;
-the least error is the plan (:mod:`~sparsert.planner.scoring`).
+criterion and scored by the model's output error on held-out batches (``score_data``,
+else calibration batches held out); the least error is the plan (:mod:`~sparsert.planner.scoring`).
 """
 
 from __future__ import annotations
@@ -48,11 +48,18 @@ __all__ = ["Pruner", "sparsify_planned", "plannable_layers"]
 
 def plannable_layers(model: nn.Module, names: Sequence[str]) -> list:
     """The names among ``names`` the planner can time and pack: Linear / Conv2d outside
-    ``nn.MultiheadAttention`` (which reads its ``out_proj.weight`` directly)."""
+    ``nn.MultiheadAttention`` (which reads its ``out_proj.weight`` directly) whose weight no
+    other module holds (a language model's ``lm_head`` tied to its token embedding: pruning
+    it would prune the embedding too; SmolLM2 planned so lost all quality)."""
     skip = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    holders: dict = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            holders.setdefault(id(p), set()).add(mod_name)
     return [n for n in names if isinstance(model.get_submodule(n), (nn.Linear, nn.Conv2d))
             and not isinstance(model.get_submodule(n), (SparseLinear, SparseConv2d))
-            and not any(n.startswith(p) for p in skip)]
+            and not any(n.startswith(p) for p in skip)
+            and len(holders.get(id(model.get_submodule(n).weight), ())) <= 1]
 
 
 class Pruner(_KernelFreePruner):
@@ -76,9 +83,10 @@ class Pruner(_KernelFreePruner):
             uniform sparsity with each pattern, the solver limited to each pattern; see
             :func:`~sparsert.planner.scoring.candidate_plans`) to prune on a copy of the model
             with this pruner's criterion and score by their error at the model's output on
-            held-out calibration batches; the least error is the plan. ``0``: the solver's plan,
-            unscored (as does a pruner without calibration data). Each candidate costs one
-            pruning of the model (on the calibration batches not held out).
+            held-out batches (``score_data``, else calibration batches held out); the least error
+            is the plan. ``0``: the solver's plan, unscored (as does a pruner without calibration
+            data). Each candidate costs one pruning of the model (on the calibration batches not
+            held out).
         score_batches: calibration batches held out for that score (default a quarter, at least
             one; the candidates are pruned with the rest; with a single batch, that batch).
         score_data: batches of their own to score the candidates on, instead of holding

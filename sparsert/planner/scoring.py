@@ -245,7 +245,7 @@ def candidates_table(candidates: Sequence[Candidate]) -> list:
                "-" if c.mse is None else f"{c.mse:.4f}", "<- chosen" if c.chosen else ""] for c in candidates]
     chosen = next((c for c in candidates if c.chosen), None)
     lines = ["", f"candidate plans pruned with the criterion and scored end to end (output error vs the dense "
-                 f"model on held-out calibration batches; chosen by {candidates[0].metric if candidates else '-'}):"]
+                 f"model on held-out text; chosen by {candidates[0].metric if candidates else '-'}):"]
     lines += _format_table(head, rows)
     if chosen is not None:
         lines.append(f"chosen: {chosen.label} (least end-to-end error among {len(candidates)} candidates that "

@@ -236,7 +236,8 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
 
     score_data = scoring_batches(wl, score_batches, calib_batches, calib_split, calib) if score_candidates else None
     pruner = Pruner(model, importance, target_speedup=target, baseline=baseline, example_inputs=inputs,
-                    patterns=patterns, threads=threads, exclude=list(exclude), progress=progress, timing=timing,
+                    patterns=patterns, threads=threads, exclude=list(exclude), include=wl.extra.get("include"),
+                    progress=progress, timing=timing,
                     sensitivity_method=sensitivity_method, sensitivity=sensitivity,
                     score_candidates=score_candidates, score_data=score_data, calibrate_groups=calibrate_groups,
                     measure_candidates=measure_candidates,
