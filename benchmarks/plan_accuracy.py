@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sparsert  # noqa: E402
 from sparsert.bench import best_dense_model  # noqa: E402
-from sparsert.convert.timing import call_model  # noqa: E402
+from sparsert.convert.timing import call_model, call_times  # noqa: E402
 from sparsert.models import build, parse_shape  # noqa: E402
-from sparsert.nn import DenseLinear, SparseConv2d, SparseLinear  # noqa: E402
+from sparsert.nn import SparseConv2d, SparseLinear  # noqa: E402
 from sparsert.planner.tables import cold_copies, last_level_cache_bytes  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,25 +87,18 @@ with torch.inference_mode():
         d.clear()
     for _ in range(args.rounds):
         for label, model, layers in (("sparse", sparse, s_layers), ("dense", dense, d_layers)):
-            before = sum(len(v) for v in layers.values())
             t0 = time.perf_counter()
             call_model(model, x)
             total = time.perf_counter() - t0
             totals[label].append(total)
-            new = sum(v[-1] for v in layers.values()) if sum(len(v) for v in layers.values()) > before else 0.0
-            rests[label].append(total - new)
+            # each hooked layer runs once per call: its last sample is this call's
+            rests[label].append(total - sum(v[-1] for v in layers.values() if v))
 
     def alone(mods, xi, calls=30):
+        for m in mods:  # warm-up
+            m(xi)
         turn = itertools.cycle(mods)
-        for m in mods:
-            m(xi)
-        out = []
-        for _ in range(calls):
-            m = next(turn)
-            t0 = time.perf_counter()
-            m(xi)
-            out.append(time.perf_counter() - t0)
-        return statistics.median(out)
+        return statistics.median(call_times(lambda: next(turn)(xi), 0.0, calls))
 
     cold = 2 * last_level_cache_bytes()
     print(f"{args.file}: {args.model} {args.shape}, {args.threads} threads, {args.rounds} rounds; "

@@ -208,13 +208,15 @@ def _points(pattern: Pattern, sparsities: Sequence[float]) -> list:
 
 def last_level_cache_bytes() -> int:
     """The CPU's last-level cache in bytes (Linux sysfs; 32 MiB where it cannot be read)."""
+    units = {"K": 1 << 10, "M": 1 << 20}
     best = 0
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
-            text = (index / "size").read_text().strip().upper()
-            best = max(best, int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
-        except (OSError, ValueError, IndexError):
+            text = (index / "size").read_text().strip().upper()  # e.g. "32768K"
+            size = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+        except (OSError, ValueError):
             continue
+        best = max(best, size)
     return best or 32 << 20
 
 
@@ -427,8 +429,9 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
         # evicted by the layers before it: time the layers that way too. Hot isolated timing put
         # SmolLM2's 210 decode Linears at 15.6 ms where the model spent ~60 ms in them (the whole
         # difference was then taken for the remainder, which no pruning shrinks).
-        weight_bytes = sum(model.get_submodule(n).weight.numel() * 4 for n in names)
-        cold_bytes = 2 * last_level_cache_bytes() if weight_bytes > last_level_cache_bytes() else 0
+        weights = [model.get_submodule(n).weight for n in names]
+        llc = last_level_cache_bytes()
+        cold_bytes = 2 * llc if sum(w.numel() * w.element_size() for w in weights) > llc else 0
         hits = misses = 0
         out: dict = {}
         for i, name in enumerate(names):
