@@ -94,6 +94,23 @@ def test_a_pattern_that_cannot_reach_the_target_gives_no_uniform_candidate():
     assert not any("4x1" in label for label in labels)  # 4x1 at 0.5 saves at most 3.2 s
 
 
+def test_a_uniform_candidate_that_overshoots_is_split_over_two_grid_steps():
+    tables = _tables()
+    target = 10 / 6.5  # 2.5 s of layers: 0.5 on both (3.0 s) misses, 0.9 on both (1.2 s) overshoots to 1.92x
+    cands = dict(scoring.candidate_plans(tables, MISLEADING, target, bins=1000))
+    assert "uniform unstructured@0.9" not in cands
+    split = cands["uniform unstructured@0.5/0.9"]
+    # the solver lifts the layer whose 0.9 costs least (loud: 0.05^2 against quiet's 0.9^2) and keeps the other at 0.5
+    assert {l.name: (l.pattern, l.sparsity) for l in split.layers} == {"loud": ("unstructured", 0.9),
+                                                                      "quiet": ("unstructured", 0.5)}
+    assert split.predicted_speedup == pytest.approx(10 / 6.1)  # 1.64x: still reaches 1.54x, no longer 1.92x
+    assert split.loss == pytest.approx(0.05 ** 2 + 0.5 ** 2)
+    # within 2% of the target, the plain uniform point stays (here it is the solver's plan too, so listed once)
+    near = dict(scoring.candidate_plans(tables, MISLEADING, 10 / 5.22, bins=1000))
+    assert not any("/" in label for label in near)
+    assert [(l.pattern, l.sparsity) for l in near["plan"].layers] == [("unstructured", 0.9)] * 2
+
+
 def test_scoring_picks_the_candidate_with_the_least_measured_error():
     model = _LoudAndQuiet().eval()
     tables = _tables()

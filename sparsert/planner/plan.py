@@ -12,7 +12,7 @@ from ..prune.allocation import SensitivityTable
 from .solver import Option, solve
 from .tables import TimeTables
 
-__all__ = ["LayerPlan", "Plan", "build_plan", "uniform_plan", "fixed_plan", "uniform_points", "layer_options",
+__all__ = ["LayerPlan", "Plan", "build_plan", "uniform_plan", "two_level_plan", "fixed_plan", "uniform_points", "layer_options",
            "check_target", "check_reachable", "best_speedup", "TargetUnreachable"]
 
 
@@ -278,6 +278,31 @@ def uniform_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable]
     """Every layer of the tables at ``pattern`` and ``sparsity`` (a timed point), as a Plan
     (the solver's frontier left empty); ``KeyError`` if a layer was not timed or scored there."""
     return fixed_plan(tables, sensitivity, target, {n: (pattern, sparsity) for n in tables.layers},
+                      sensitivity_note=sensitivity_note)
+
+
+def two_level_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], target: float, pattern: str,
+                   low: float, high: float, *, bins: int = 4000, sensitivity_note: str = "") -> Plan:
+    """Every layer at ``pattern`` and one of two adjacent timed sparsities: ``high`` (whose uniform
+    plan reaches ``target``) where the solver needs it and ``low`` elsewhere, so the plan lands on
+    the target instead of overshooting it by a step of the grid (one step between 0.75 and 0.8
+    moves MiniLM's predicted speedup by ~8%). ``KeyError`` if a layer lacks either point;
+    ``ValueError`` if uniform ``high`` does not reach the target."""
+    target = check_target(target)
+    names = list(tables.layers)
+    options = []
+    for name in names:
+        opts = []
+        for s in (low, high):
+            seconds, kind = tables.layers[name].options[pattern][s]
+            loss = _loss(sensitivity.get(pattern), name, s)
+            if loss is None:
+                raise KeyError(f"{name}: no {pattern} sensitivity")
+            opts.append(Option(seconds, loss, (pattern, s)))
+        options.append(opts)
+    sol = solve(options, tables.model_seconds / target - tables.remainder, bins=bins)
+    return fixed_plan(tables, sensitivity, target,
+                      {n: opts[j].label for n, opts, j in zip(names, options, sol.choice)},
                       sensitivity_note=sensitivity_note)
 
 

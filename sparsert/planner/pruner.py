@@ -257,9 +257,10 @@ class Pruner(_KernelFreePruner):
         groups = scoring.layer_groups(list(self.tables.layers))
         if self.calibrate_groups and uniform and 1 < len(groups) <= self.max_groups:
             # probe each group at the best uniform candidate's point: its losses are then right there
-            best = min(uniform, key=lambda c: c.error).plan.layers[0]
+            best = min(uniform, key=lambda c: c.error).plan.layers
+            # (a two-level uniform candidate holds two sparsities: probe at the higher)
             probes = scoring.probe_groups(self.model, self.tables, sensitivity, prune_copy, prune_data, groups,
-                                          best.pattern, best.sparsity, metric=self.score_metric,
+                                          best[0].pattern, max(l.sparsity for l in best), metric=self.score_metric,
                                           progress=self.progress)
             seen = {scoring._signature(c.plan) for c in scored}
             extra = [(label, p) for label, p in scoring.calibrated_candidates(
