@@ -3,6 +3,7 @@
 Builds (once, into --workdir) the dense MiniLM and a pruned, sparsified one as sparsert files
 (default: SparseGPT one-shot, 70% unstructured, which keeps quality; `format="auto"` times each
 layer on --example-batch of the test's short sentences with one worker's threads: the server's
+shape; `--target-speedup X` instead lets the planner prune to X times the best dense path at that
 shape), serves each with `sparsert serve` on a free loopback port (127.0.0.1 only; one server at a
 time) and drives it with locust headless (closed loop, short sentences, POST /v1/embeddings) at each
 concurrency, alternating dense and pruned rounds. Reports the pruned model's embedding
@@ -14,6 +15,7 @@ torch eager, and pruned; the ratio is against the faster dense server). The soak
 is benchmarks/serve_soak.py.
 
     python benchmarks/serve_load.py [--seconds 20] [--concurrency 1 8 32] [--sparsity 0.7] [--reconstruct]
+                                    [--target-speedup 2 [--recover-minutes 4]]
                                     [--importance sparsegpt] [--pattern unstructured] [--example-batch 8]
                                     [--rounds 1] [--ray [--replicas 2]] [--overload N]
                                     [--models dense eager pruned] [--json out.json]
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -90,10 +93,54 @@ def build_files(workdir: Path, sparsity: float, pattern: str, fmt: str, refit: b
     return dense_file, pruned_file, quality
 
 
+def build_planned_files(workdir: Path, target: float, importance: str = "sparsegpt", example_batch: int = 8,
+                        threads: int = 1, recover_minutes: float = 0.0) -> tuple[Path, Path, dict]:
+    """The dense MiniLM file and one pruned by the planner to ``target`` x the best dense path,
+    planned and timed at the server's shape (``example_batch`` of the load test's short sentences,
+    one worker's ``threads``): :func:`sparsert.planner.workflow.prune_to_speedup`, optionally with
+    ``recover_minutes`` of distillation. The quality is measured as :func:`build_files` does."""
+    import torch
+
+    import sparsert
+    from sparsert.models import catalogue, minilm
+    from sparsert.planner.workflow import prune_to_speedup
+
+    tag = f"plan{target:g}-{importance}-r{recover_minutes:g}-b{example_batch}-t{threads}"
+    dense_file, pruned_file = workdir / "minilm-dense.sparsert", workdir / f"minilm-{tag}.sparsert"
+    quality_file = pruned_file.with_suffix(".quality.json")
+    if dense_file.exists() and pruned_file.exists() and quality_file.exists():
+        return dense_file, pruned_file, json.loads(quality_file.read_text())
+    wl = catalogue.build("minilm")
+    dense = copy.deepcopy(wl.model).eval()
+    sparsert.save(dense, dense_file)
+    served = short_sentences(workdir / "sentences.txt").read_text(encoding="utf-8").splitlines()[:example_batch]
+    example = dict(minilm.tokenize(wl.tokenizer, served, batch_size=example_batch)[0])
+    res = prune_to_speedup(wl, target, importance=importance, example_inputs=example, threads=threads,
+                           recover_minutes=recover_minutes, output=pruned_file)
+    sparse = res["sparse_model"]
+    held = minilm.heldout_sentences(200)
+    with torch.no_grad():
+        cos = (minilm.embed(sparse, wl.tokenizer, held) * minilm.embed(dense, wl.tokenizer, held)).sum(-1)
+    plan = res["plan"]
+    quality = {"cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(), "heldout": len(held),
+               "importance": importance, "target_speedup": target, "plan": plan.label,
+               "predicted_speedup": plan.predicted_speedup, "measured_speedup_in_process": res["measured_speedup"],
+               "recover_minutes": recover_minutes, "timed_shape": list(example["input_ids"].shape),
+               "timed_threads": threads,
+               "layers": dict(Counter("dense" if l.pattern is None else f"{l.pattern}@{l.sparsity:g}"
+                                      for l in plan.layers))}
+    quality_file.write_text(json.dumps(quality))
+    return dense_file, pruned_file, quality
+
+
 def build_files_for(args) -> tuple[Path, Path, dict]:
-    """:func:`build_files` with this script's parsed arguments."""
+    """:func:`build_files` (or, with ``--target-speedup``, :func:`build_planned_files`) with this
+    script's parsed arguments."""
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.target_speedup:
+        return build_planned_files(workdir, args.target_speedup, args.importance, args.example_batch,
+                                   worker_threads(args), args.recover_minutes)
     return build_files(workdir, args.sparsity, args.pattern, args.format, args.reconstruct, args.importance,
                        args.example_batch, worker_threads(args))
 
@@ -164,6 +211,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seconds", type=int, default=20, help="length of each locust run")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--sparsity", type=float, default=0.7)
+    ap.add_argument("--target-speedup", type=float, default=None,
+                    help="instead of --sparsity/--pattern: let the planner prune to this speedup over the best dense "
+                         "path, timed at the server's shape")
+    ap.add_argument("--recover-minutes", type=float, default=0.0,
+                    help="with --target-speedup: distil the dense model into the pruned one for this long")
     ap.add_argument("--importance", default="sparsegpt", help="pruning criterion (default sparsegpt; wanda, ...)")
     ap.add_argument("--example-batch", type=int, default=8,
                     help="format='auto' times layers on this many short sentences in one batch (default 8)")
