@@ -247,7 +247,10 @@ def main() -> None:
 
     workdir = Path(args.workdir)
     dense_file, pruned_file, quality = build_files_for(args)
-    print(f"pruned model: {quality['importance']} {quality['pattern']} {quality['sparsity']:g}; embedding cosine to "
+    what = (f"planned for {quality['target_speedup']:g}x ({quality['plan']}, predicted "
+            f"{quality['predicted_speedup']:.2f}x, {quality['recover_minutes']:g} min recovery)"
+            if "target_speedup" in quality else f"{quality['pattern']} {quality['sparsity']:g}")
+    print(f"pruned model: {quality['importance']} {what}; embedding cosine to "
           f"dense on {quality['heldout']} held-out sentences: mean {quality['cosine_mean']:.3f}, "
           f"min {quality['cosine_min']:.3f}", flush=True)
     sentences = short_sentences(workdir / "sentences.txt")
