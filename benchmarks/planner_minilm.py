@@ -136,9 +136,10 @@ for tgt in targets:
             if c.label in done:
                 continue
             done[c.label] = prune_fixed({lp.name: (lp.pattern, lp.sparsity) for lp in c.plan.pruned})[1]
-            print(f"candidate {c.label}: calibration 1-cos {c.cosine_error:.4f}, eval {done[c.label]}", flush=True)
+            print(f"candidate {c.label}: scoring {c.metric} error {c.error:.4f}, eval {done[c.label]}", flush=True)
         row(f"candidates {tgt:g}", **{c.label: {"predicted": c.plan.predicted_speedup, "loss": c.plan.loss,
                                                 "calib_cosine_error": c.cosine_error, "calib_mse": c.mse,
+                                                "calib_pooled_cosine_error": c.pooled_cosine_error,
                                                 "chosen": c.chosen, "eval_oneshot": done.get(c.label)}
                                       for c in plan.candidates})
     if not args.uniform:

@@ -163,6 +163,41 @@ def test_output_error_leaves_padded_tokens_out():
     assert cos_err > 0.1
 
 
+def test_pooled_cosine_is_the_cosine_of_each_sample_s_token_average():
+    torch.manual_seed(3)
+    ref, out = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+
+    class Fixed(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return out
+
+    errors = scoring.output_errors(Fixed(), [ref], [{"input_ids": torch.zeros(2, 3), "attention_mask": mask}])
+    m = mask[..., None].double()
+    expected = nn.functional.cosine_similarity((out.double() * m).sum(1) / m.sum(1),
+                                               (ref.double() * m).sum(1) / m.sum(1), dim=-1)
+    assert errors["pooled_cosine"] == pytest.approx(1 - float(expected.mean()), rel=1e-5)
+    # the token average is not the average of the tokens' cosines
+    assert errors["pooled_cosine"] != pytest.approx(errors["cosine"], rel=1e-3)
+    assert (errors["cosine"], errors["mse"]) == scoring.output_error(
+        Fixed(), [ref], [{"input_ids": torch.zeros(2, 3), "attention_mask": mask}])
+    # one vector per sample (logits, a classifier's output): pooling changes nothing
+    flat = scoring.output_errors(nn.Identity(), [ref[:, 0]], [out[:, 0]])
+    assert flat["pooled_cosine"] == pytest.approx(flat["cosine"], rel=1e-6)
+
+
+def test_the_choice_follows_the_metric():
+    model = _LoudAndQuiet().eval()
+    cands = scoring.candidate_plans(_tables(), MISLEADING, 10 / 8.6, bins=1000)
+    batches = [torch.randn(8, 16) for _ in range(2)]
+    for metric in scoring.METRICS:
+        scored = scoring.score_candidates(model, cands, _magnitude_prune, batches, metric=metric)
+        chosen = next(c for c in scored if c.chosen)
+        assert chosen.metric == metric and chosen.error == min(c.error for c in scored)
+        assert all(c.pooled_cosine_error is not None for c in scored)
+    assert "1 - pooled cos" in "\n".join(scoring.candidates_table(scored))
+
+
 def test_score_candidates_rejects_bad_input():
     model = _LoudAndQuiet().eval()
     cands = scoring.candidate_plans(_tables(), MISLEADING, 10 / 8.6, bins=1000)

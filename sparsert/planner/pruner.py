@@ -95,7 +95,9 @@ class Pruner(_KernelFreePruner):
             ranked two 2x candidates 0.0005 apart, the reverse of their order on evaluation text.
             Must not be the text the model is evaluated on.
         score_metric: ``"cosine"`` (1 - mean cosine of the output vectors, e.g. tokens' hidden
-            states or logits) or ``"mse"`` (relative squared error of the outputs).
+            states or logits), ``"pooled_cosine"`` (1 - mean cosine of each sample's outputs
+            averaged over its tokens: a sentence embedding; what to use for an encoder whose
+            users pool) or ``"mse"`` (relative squared error of the outputs).
         calibrate_groups: when candidates are scored, also calibrate the per-layer losses end to
             end: prune each group of layers that play one part in the repeated blocks (all
             queries, all FFN inputs, ...; :func:`~sparsert.planner.scoring.layer_groups`) alone

@@ -167,7 +167,8 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
                      log: Callable[[str], None] = print, timing: Optional[dict] = None,
                      sensitivity: Optional[dict] = None, score_candidates: int = 4,
                      calibrate_groups: bool = False, sparsities: Optional[Sequence[float]] = None,
-                     measure_candidates: bool = False, score_batches: int = 8) -> dict:
+                     measure_candidates: bool = False, score_batches: int = 8,
+                     score_metric: Optional[str] = None) -> dict:
     """Plans, prunes ``wl.model`` (in place), packs per plan, optionally saves and reloads it,
     and measures it against torch eager and the best dense path. Returns the numbers, with
     ``steps``: ``{step: seconds}`` in the order run (each also logged as it ends).
@@ -194,7 +195,10 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     each scored candidate end to end; one measured below 90% of the target does not win.
     ``score_batches``: batches of 32 train-split sentences, none used for calibration, that
     score the candidates (:func:`scoring_batches`; 0, or a workload without a tokenizer: a
-    quarter of the calibration batches is held out instead).
+    quarter of the calibration batches is held out instead). ``score_metric``: what the
+    candidates are chosen by (:data:`~sparsert.planner.scoring.METRICS`; default
+    ``"pooled_cosine"`` for a sentence encoder, whose quality is its pooled embedding's,
+    else ``"cosine"``).
     """
     from .. import io
     from ..bench import benchmark
@@ -240,6 +244,7 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
                     progress=progress, timing=timing,
                     sensitivity_method=sensitivity_method, sensitivity=sensitivity,
                     score_candidates=score_candidates, score_data=score_data, calibrate_groups=calibrate_groups,
+                    score_metric=score_metric or ("pooled_cosine" if _embedder(wl) else "cosine"),
                     measure_candidates=measure_candidates,
                     sparsities=DEFAULT_SPARSITIES if sparsities is None else sparsities)
     tables = pruner.tables
