@@ -398,7 +398,7 @@ def cmd_prune_to_speedup(args) -> int:
                              recover_lr=args.recover_lr,
                              checkpoint=Path(args.checkpoint) / "recover.pt" if args.checkpoint else None,
                              output=out, plot=args.plot_plan, score_candidates=args.score_candidates,
-                             score_batches=args.score_batches,
+                             score_batches=args.score_batches, score_metric=args.score_metric,
                              calibrate_groups=args.calibrate_groups, measure_candidates=args.measure_candidates,
                              progress=_show_progress(args), log=(lambda s: None) if quiet else print)
     except ValueError as e:
@@ -805,6 +805,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches of 32 training-split sentences, none used for calibration, that score the "
                         "candidates (default 8; 0 or a model without a tokenizer: a quarter of the calibration "
                         "batches is held out instead)")
+    s.add_argument("--score-metric", choices=["cosine", "pooled_cosine", "mse"], default=None,
+                   help="what the candidates are chosen by: 1 - cosine of the output vectors (tokens' hidden states, "
+                        "logits), of each sample's outputs averaged over its tokens (a sentence embedding), or the "
+                        "relative squared error (default: pooled_cosine for sentence encoders, else cosine)")
     s.add_argument("--calibrate-groups", action="store_true",
                    help="with --score-candidates: also probe each layer group (the same layer of every block) "
                         "pruned alone, weight the per-layer losses by the output error that left, and score the "

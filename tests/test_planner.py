@@ -496,6 +496,15 @@ def test_cli_prune_to_a_target_speedup(tmp_path, cache):
     assert data["predicted_speedup"] >= 1.2 * (1 - 1e-9)
     assert data["measured_speedup"] > 0 and "accuracy" in data["quality"]
     assert any(l["pattern"] for l in data["plan"]["layers"]) and out.is_file()
+    # the digits MLP is no sentence encoder: its candidates are chosen by the per-vector cosine, unless told
+    assert data["plan"]["candidates"] and {c["metric"] for c in data["plan"]["candidates"]} == {"cosine"}
+    mse = json.loads(_cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--score-metric", "mse",
+                          "--json", "-o", out, cache=cache).stdout)
+    chosen = [c for c in mse["plan"]["candidates"] if c["chosen"]]
+    assert {c["metric"] for c in mse["plan"]["candidates"]} == {"mse"} and len(chosen) == 1
+    assert chosen[0]["mse"] == min(c["mse"] for c in mse["plan"]["candidates"])
+    bad = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--score-metric", "l1", "-o", out, cache=cache)
+    assert bad.returncode == 2 and "--score-metric" in bad.stderr
     again = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--sparsity", "0.5", "-o", out,
                  cache=cache)
     assert again.returncode == 1 and "drop --sparsity" in again.stderr
