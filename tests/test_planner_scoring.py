@@ -184,6 +184,11 @@ def test_pooled_cosine_is_the_cosine_of_each_sample_s_token_average():
     # one vector per sample (logits, a classifier's output): pooling changes nothing
     flat = scoring.output_errors(nn.Identity(), [ref[:, 0]], [out[:, 0]])
     assert flat["pooled_cosine"] == pytest.approx(flat["cosine"], rel=1e-6)
+    # a feature map (batch, channels, h, w) is one vector per sample, not averaged over channels
+    fmap_ref, fmap = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    fm = scoring.output_errors(nn.Identity(), [fmap_ref], [fmap])
+    whole = nn.functional.cosine_similarity(fmap.reshape(2, -1).double(), fmap_ref.reshape(2, -1).double(), dim=-1)
+    assert fm["pooled_cosine"] == pytest.approx(1 - float(whole.mean()), rel=1e-6)
 
 
 def test_the_choice_follows_the_metric():

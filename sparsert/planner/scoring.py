@@ -55,8 +55,9 @@ __all__ = ["Candidate", "GroupProbe", "METRICS", "candidate_plans", "output_erro
 
 #: what the candidates are chosen by: ``"cosine"`` (1 - mean cosine of the output vectors: each
 #: token's hidden state, each sample's logits), ``"pooled_cosine"`` (1 - mean cosine of each
-#: sample's output vectors averaged over its tokens, padding left out: a sentence encoder's
-#: embedding) or ``"mse"`` (relative squared error)
+#: sample's ``(tokens, width)`` output averaged over its tokens, padding left out: a sentence
+#: encoder's embedding; an output of another rank is one vector per sample) or ``"mse"``
+#: (relative squared error)
 METRICS = ("cosine", "pooled_cosine", "mse")
 
 
@@ -175,13 +176,12 @@ def output_error(model: nn.Module, reference: Sequence[torch.Tensor], batches: S
 
 
 def _pooled(out: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
-    """``(batch, width)``: a ``(batch, tokens, ..., width)`` output averaged over its tokens (weights
-    ``w``: the attention mask); an output of fewer dims is already one vector per sample."""
-    if out.dim() < 3:
-        return out.reshape(out.shape[0] if out.dim() else 1, -1)
-    x = out.reshape(out.shape[0], out.shape[1], -1, out.shape[-1]).double()
-    wt = torch.ones(x.shape[:2], dtype=torch.float64) if w is None else w
-    return (x * wt[:, :, None, None]).sum(1).reshape(out.shape[0], -1) / wt.sum(1, keepdim=True).clamp_min(1e-12)
+    """One vector per sample: a ``(batch, tokens, width)`` output averaged over its tokens (weights
+    ``w``: the attention mask); any other output (logits, a feature map) flattened per sample."""
+    if out.dim() != 3:
+        return out.reshape(out.shape[0] if out.dim() else 1, -1).double()
+    wt = torch.ones(out.shape[:2], dtype=torch.float64) if w is None else w
+    return (out.double() * wt[:, :, None]).sum(1) / wt.sum(1, keepdim=True).clamp_min(1e-12)
 
 
 @torch.no_grad()
