@@ -12,8 +12,8 @@ from ..prune.allocation import SensitivityTable
 from .solver import Option, solve
 from .tables import TimeTables
 
-__all__ = ["LayerPlan", "Plan", "build_plan", "uniform_plan", "two_level_plan", "fixed_plan", "uniform_points", "layer_options",
-           "check_target", "check_reachable", "best_speedup", "TargetUnreachable"]
+__all__ = ["LayerPlan", "Plan", "build_plan", "uniform_plan", "two_level_plan", "fixed_plan", "uniform_points",
+           "layer_options", "check_target", "check_reachable", "best_speedup", "TargetUnreachable"]
 
 
 def check_target(target) -> float:

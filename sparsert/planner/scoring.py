@@ -49,9 +49,9 @@ from ..prune.allocation import SensitivityTable
 from .plan import Plan, build_plan, fixed_plan, two_level_plan, uniform_plan, uniform_points
 from .tables import TimeTables
 
-__all__ = ["Candidate", "GroupProbe", "METRICS", "candidate_plans", "output_error", "output_errors",
-           "reference_outputs", "score_candidates", "choose", "candidates_table", "layer_groups", "probe_groups", "group_weights",
-           "scaled_sensitivity", "calibrated_candidates", "probes_table"]
+__all__ = ["Candidate", "GroupProbe", "METRICS", "UNIFORM_OVERSHOOT", "candidate_plans", "output_error",
+           "output_errors", "reference_outputs", "score_candidates", "choose", "candidates_table", "layer_groups",
+           "probe_groups", "group_weights", "scaled_sensitivity", "calibrated_candidates", "probes_table"]
 
 #: what the candidates are chosen by: ``"cosine"`` (1 - mean cosine of the output vectors: each
 #: token's hidden state, each sample's logits), ``"pooled_cosine"`` (1 - mean cosine of each
