@@ -246,6 +246,17 @@ def uniform_points(tables: TimeTables, sensitivity: Mapping[str, SensitivityTabl
     return out
 
 
+def _point_option(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], name: str, pattern: str,
+                  sparsity: float) -> Option:
+    """Layer ``name`` at one timed ``(pattern, sparsity)`` as a solver option labelled
+    ``(pattern, sparsity, format)``; ``KeyError`` if that point was not timed or scored."""
+    seconds, kind = tables.layers[name].options[pattern][sparsity]
+    loss = _loss(sensitivity.get(pattern), name, sparsity)
+    if loss is None:
+        raise KeyError(f"{name}: no {pattern} sensitivity")
+    return Option(seconds, loss, (pattern, sparsity, kind))
+
+
 def fixed_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], target: float,
                choice: Mapping[str, Optional[tuple]], *, sensitivity_note: str = "") -> Plan:
     """Each layer of the tables at the timed ``(pattern, sparsity)`` that ``choice`` gives it, or
@@ -262,12 +273,7 @@ def fixed_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], 
         if point is None:
             chosen.append(Option(lt.dense, 0.0, (None, 0.0, "dense")))
             continue
-        pattern, sparsity = point
-        seconds, kind = lt.options[pattern][sparsity]
-        loss = _loss(sensitivity.get(pattern), name, sparsity)
-        if loss is None:
-            raise KeyError(f"{name}: no {pattern} sensitivity")
-        chosen.append(Option(seconds, loss, (pattern, sparsity, kind)))
+        chosen.append(_point_option(tables, sensitivity, name, *point))
     return Plan(_layer_plans(tables, names, chosen), float(target), tables.baseline, tables.model_seconds,
                 tables.remainder, best_speedup(tables), sum(o.loss for o in chosen), [],
                 [(f"{p}@{s:g}", sp, l) for p, s, sp, l in uniform_points(tables, sensitivity)], sensitivity_note)
@@ -290,19 +296,10 @@ def two_level_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTabl
     ``ValueError`` if uniform ``high`` does not reach the target."""
     target = check_target(target)
     names = list(tables.layers)
-    options = []
-    for name in names:
-        opts = []
-        for s in (low, high):
-            seconds, kind = tables.layers[name].options[pattern][s]
-            loss = _loss(sensitivity.get(pattern), name, s)
-            if loss is None:
-                raise KeyError(f"{name}: no {pattern} sensitivity")
-            opts.append(Option(seconds, loss, (pattern, s)))
-        options.append(opts)
+    options = [[_point_option(tables, sensitivity, n, pattern, s) for s in (low, high)] for n in names]
     sol = solve(options, tables.model_seconds / target - tables.remainder, bins=bins)
     return fixed_plan(tables, sensitivity, target,
-                      {n: opts[j].label for n, opts, j in zip(names, options, sol.choice)},
+                      {n: opts[j].label[:2] for n, opts, j in zip(names, options, sol.choice)},
                       sensitivity_note=sensitivity_note)
 
 
