@@ -46,6 +46,32 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # sparsert from this checkout; 
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # for servers
 
 
+def _files(workdir: Path, tag: str) -> tuple[Path, Path, Path]:
+    """The dense file, the pruned file named by ``tag`` and the pruned file's quality JSON."""
+    pruned_file = workdir / f"minilm-{tag}.sparsert"
+    return workdir / "minilm-dense.sparsert", pruned_file, pruned_file.with_suffix(".quality.json")
+
+
+def _served_example(workdir: Path, tokenizer, example_batch: int) -> dict:
+    """``example_batch`` of the load test's short sentences as one padded batch: the server's shape."""
+    from sparsert.models import minilm
+
+    served = short_sentences(workdir / "sentences.txt").read_text(encoding="utf-8").splitlines()[:example_batch]
+    return dict(minilm.tokenize(tokenizer, served, batch_size=example_batch)[0])
+
+
+def _heldout_cosine(model, dense, tokenizer) -> dict:
+    """Embedding cosine of ``model`` to ``dense`` on 200 held-out sentences (mean, min)."""
+    import torch
+
+    from sparsert.models import minilm
+
+    held = minilm.heldout_sentences(200)
+    with torch.no_grad():
+        cos = (minilm.embed(model, tokenizer, held) * minilm.embed(dense, tokenizer, held)).sum(-1)
+    return {"cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(), "heldout": len(held)}
+
+
 def build_files(workdir: Path, sparsity: float, pattern: str, fmt: str, refit: bool,
                 importance: str = "sparsegpt", example_batch: int = 8, threads: int = 1) -> tuple[Path, Path, dict]:
     """The dense and the pruned MiniLM files, and the quality the pruning cost (embedding cosine to the
@@ -62,8 +88,7 @@ def build_files(workdir: Path, sparsity: float, pattern: str, fmt: str, refit: b
 
     tag = (f"{importance}-{pattern.replace(':', 'of')}-{sparsity:g}{'-refit' if refit else ''}"
            f"-{fmt.replace(':', 'of')}-b{example_batch}-t{threads}")
-    dense_file, pruned_file = workdir / "minilm-dense.sparsert", workdir / f"minilm-{tag}.sparsert"
-    quality_file = pruned_file.with_suffix(".quality.json")
+    dense_file, pruned_file, quality_file = _files(workdir, tag)
     if dense_file.exists() and pruned_file.exists() and quality_file.exists():
         return dense_file, pruned_file, json.loads(quality_file.read_text())
     model, tok = minilm.load()
@@ -79,14 +104,11 @@ def build_files(workdir: Path, sparsity: float, pattern: str, fmt: str, refit: b
     p.step()
     if refit:
         reconstruct(pruned, model, calib, include=names)
-    served = short_sentences(workdir / "sentences.txt").read_text(encoding="utf-8").splitlines()[:example_batch]
-    example = dict(minilm.tokenize(tok, served, batch_size=example_batch)[0])
+    example = _served_example(workdir, tok, example_batch)
     with torch.no_grad():
         sparse = sparsert.sparsify(pruned, format=fmt, example_inputs=example, threads=threads)
     sparsert.save(sparse, pruned_file)
-    held = minilm.heldout_sentences(200)
-    cos = (minilm.embed(sparse, tok, held) * minilm.embed(model, tok, held)).sum(-1)
-    quality = {"cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(), "heldout": len(held),
+    quality = {**_heldout_cosine(sparse, model, tok),
                "importance": importance + ("+reconstruct" if refit else ""), "pattern": pattern,
                "sparsity": sparsity, "timed_shape": list(example["input_ids"].shape), "timed_threads": threads}
     quality_file.write_text(json.dumps(quality))
@@ -99,32 +121,23 @@ def build_planned_files(workdir: Path, target: float, importance: str = "sparseg
     planned and timed at the server's shape (``example_batch`` of the load test's short sentences,
     one worker's ``threads``): :func:`sparsert.planner.workflow.prune_to_speedup`, optionally with
     ``recover_minutes`` of distillation. The quality is measured as :func:`build_files` does."""
-    import torch
-
     import sparsert
-    from sparsert.models import catalogue, minilm
+    from sparsert.models import catalogue
     from sparsert.planner.workflow import prune_to_speedup
 
     tag = f"plan{target:g}-{importance}-r{recover_minutes:g}-b{example_batch}-t{threads}"
-    dense_file, pruned_file = workdir / "minilm-dense.sparsert", workdir / f"minilm-{tag}.sparsert"
-    quality_file = pruned_file.with_suffix(".quality.json")
+    dense_file, pruned_file, quality_file = _files(workdir, tag)
     if dense_file.exists() and pruned_file.exists() and quality_file.exists():
         return dense_file, pruned_file, json.loads(quality_file.read_text())
     wl = catalogue.build("minilm")
     dense = copy.deepcopy(wl.model).eval()
     sparsert.save(dense, dense_file)
-    served = short_sentences(workdir / "sentences.txt").read_text(encoding="utf-8").splitlines()[:example_batch]
-    example = dict(minilm.tokenize(wl.tokenizer, served, batch_size=example_batch)[0])
+    example = _served_example(workdir, wl.tokenizer, example_batch)
     res = prune_to_speedup(wl, target, importance=importance, example_inputs=example, threads=threads,
                            recover_minutes=recover_minutes, output=pruned_file)
-    sparse = res["sparse_model"]
-    held = minilm.heldout_sentences(200)
-    with torch.no_grad():
-        cos = (minilm.embed(sparse, wl.tokenizer, held) * minilm.embed(dense, wl.tokenizer, held)).sum(-1)
     plan = res["plan"]
-    quality = {"cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(), "heldout": len(held),
-               "importance": importance, "target_speedup": target, "plan": plan.label,
-               "predicted_speedup": plan.predicted_speedup, "measured_speedup_in_process": res["measured_speedup"],
+    quality = {**_heldout_cosine(res["sparse_model"], dense, wl.tokenizer), "importance": importance,
+               "target_speedup": target, "plan": plan.label, "predicted_speedup": plan.predicted_speedup, "measured_speedup_in_process": res["measured_speedup"],
                "recover_minutes": recover_minutes, "timed_shape": list(example["input_ids"].shape),
                "timed_threads": threads,
                "layers": dict(Counter("dense" if l.pattern is None else f"{l.pattern}@{l.sparsity:g}"
