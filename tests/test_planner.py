@@ -564,6 +564,12 @@ def test_cli_prune_can_turn_the_group_calibration_on():
     assert parse(["prune", "minilm", "--target-speedup", "2", "-o", "x.sparsert"]).measure_candidates is False
     assert parse(["prune", "minilm", "--target-speedup", "2", "--measure-candidates",
                   "-o", "x.sparsert"]).measure_candidates is True
+    # the CLI spells the metrics out (it imports no torch to parse): they must stay the scorer's
+    from sparsert.planner.scoring import METRICS
+
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["prune"]._actions
+                  if a.dest == "score_metric")
+    assert tuple(action.choices) == METRICS
 
 
 def test_plannable_layers_leave_out_a_head_tied_to_the_embedding_and_attention_internals():
