@@ -1,7 +1,8 @@
 """Recovery: pruning + distillation from the dense model, on unlabeled text (MiniLM or SmolLM2).
 
 Training text: the corpus' "train" split (stdlib, sympy, networkx, sklearn,
-matplotlib docstrings); calibration: its "train" split too by default
+matplotlib docstrings; ``--train-split recovery``: those and eleven more
+packages' docstrings, ~37,000 sentences); calibration: its "train" split too by default
 (``--calib-split calibration``: stdlib only); evaluation: the "eval" split
 (numpy / scipy / torch docstrings) — a different source, never seen in
 training. Quality, before and after recovery:
@@ -63,7 +64,8 @@ def _minilm(args):
         raise SystemExit(reason)
     teacher, tok = minilm.load()
     calib = minilm.tokenize(tok, corpus.split(args.calib_split, args.calib, shuffled=True, seed=0), batch_size=32)
-    train_s = corpus.split("train", min(args.train, len(corpus.split("train"))), shuffled=True, seed=1)
+    train_s = corpus.split(args.train_split, min(args.train, len(corpus.split(args.train_split))),
+                           shuffled=True, seed=1)
     train = minilm.length_batches(tok, train_s, args.batch, args.max_length, seed=2)
     held = corpus.split("eval", args.heldout, shuffled=True, seed=0)
     dense = minilm.embed(teacher, tok, held)
@@ -72,7 +74,8 @@ def _minilm(args):
         c = (minilm.embed(m, tok, held) * dense).sum(-1)
         return c.mean().item(), c.min().item()
 
-    about = (f"all-MiniLM-L6-v2; training: {len(train_s)} sentences of the train split, batch {args.batch}; "
+    about = (f"all-MiniLM-L6-v2; training: {len(train_s)} sentences of the {args.train_split} split, "
+             f"batch {args.batch}; "
              f"evaluation: {len(held)} eval-split sentences")
     return teacher, calib, train, minilm.encoder_linear_names(teacher), cosine, ("cosine", "min"), about
 
@@ -89,7 +92,7 @@ def _smollm2(args):
     calib, held = lm_quality_windows(smollm2, tok, args.calib_split, args.calib_tokens, args.eval_tokens)
     # training: every window of the train split, batches in a seeded random order (one docstring's
     # sentences stay together inside a window)
-    train = smollm2.token_batches(tok, corpus.split("train"), args.max_length, args.batch)
+    train = smollm2.token_batches(tok, corpus.split(args.train_split), args.max_length, args.batch)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(2)).tolist()
     train = [train[i] for i in order]
     dense_ppl = smollm2.perplexity(teacher, held)
@@ -127,6 +130,8 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (smollm2)")
     ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens (smollm2)")
     ap.add_argument("--calib-split", choices=["calibration", "train"], default="train")
+    ap.add_argument("--train-split", choices=["train", "recovery"], default="train",
+                    help="training text: the train split, or the larger recovery split (train + 11 more packages)")
     ap.add_argument("--max-length", type=int, default=None,
                     help="training sentences cut to (minilm, default 64) / training windows of (smollm2, 128) tokens")
     ap.add_argument("--embedding-weight", type=float, default=None,

@@ -20,8 +20,13 @@ def test_the_sources_of_training_and_evaluation_do_not_overlap():
 
 def test_eval_never_contains_a_training_sentence(splits):
     norm = lambda s: " ".join(s.lower().split())  # noqa: E731
-    train = {norm(s) for s in splits["train"]} | {norm(s) for s in splits["calibration"]}
+    train = {norm(s) for name in ("train", "calibration", "recovery") for s in splits[name]}
     assert not any(norm(s) in train for s in splits["eval"])
+    # the extra recovery text gives way to the evaluation *sources*: a recovery sentence that the
+    # numpy/scipy/torch docs also carry can only have come from "train"
+    held = {norm(s) for src in corpus.SPLITS["eval"] for s in corpus.sentences(src)}
+    from_train = {norm(s) for s in splits["train"]}
+    assert all(norm(s) in from_train for s in splits["recovery"] if norm(s) in held)
     for name, sents in splits.items():
         assert len({norm(s) for s in sents}) == len(sents), f"{name} has duplicates"
 
@@ -31,6 +36,15 @@ def test_sizes_tens_of_thousands(splits):
     assert len(splits["train"]) >= 10_000
     assert len(splits["eval"]) >= 2000
     assert sum(len(v) for v in splits.values()) >= 20_000
+
+
+def test_recovery_is_train_and_more(splits):
+    assert corpus.SPLITS["recovery"][:len(corpus.SPLITS["train"])] == corpus.SPLITS["train"]
+    norm = lambda s: " ".join(s.lower().split())  # noqa: E731
+    recovery = {norm(s) for s in splits["recovery"]}
+    assert all(norm(s) in recovery for s in splits["train"])
+    if any(corpus.sentences(src) for src in corpus.SPLITS["recovery"] if src not in corpus.SPLITS["train"]):
+        assert len(splits["recovery"]) > len(splits["train"])
 
 
 def test_sentences_are_prose(splits):

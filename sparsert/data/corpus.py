@@ -5,21 +5,25 @@ evaluation needs text from a *different source* than either. This builder
 takes prose sentences from documentation that ships with installed
 packages — no download:
 
-| source   | where the text comes from                                             | split   |
-| -------- | --------------------------------------------------------------------- | ------- |
-| `stdlib` | docstrings of the Python standard library, and its language reference | `train` |
-|          | (``pydoc_data.topics``, the text behind ``help("topic")``)            |         |
-| `numpy`  | docstrings of numpy and its sub-packages                              | `eval`  |
-| `scipy`  | docstrings of scipy's sub-packages                                    | `eval`  |
-| `torch`  | docstrings of torch, ``torch.nn``, ``torch.optim``, ...               | `eval`  |
+| source | where the text comes from | split |
+| ------ | ------------------------- | ----- |
+| `stdlib` | docstrings of the Python standard library, and its language reference (``pydoc_data.topics``, the text behind ``help("topic")``) | `calibration`, `train`, `recovery` |
+| `sympy`, `networkx`, `sklearn`, `matplotlib` | docstrings of those packages, where installed | `train`, `recovery` |
+| `transformers`, `ray`, `IPython`, `hypothesis`, `pydantic`, `docutils`, `jinja2`, `click`, `pygments`, `rich`, `fastapi` | docstrings of those packages, where installed | `recovery` |
+| `numpy`, `scipy`, `torch` | docstrings of numpy's and scipy's sub-packages, torch, ``torch.nn``, ... | `eval` |
 
-The split is **by source**: calibration and training text (``"train"``)
-comes only from the standard library, evaluation text (``"eval"``) only from
-numpy/scipy/torch, and any evaluation sentence that also occurs in the
-training text (case- and space-insensitive) is dropped, so the two never
-overlap. Within a split, sentences keep their extraction order (sentences
-of one docstring stay together, which language-model perplexity needs);
-``shuffled=True`` gives a seeded shuffle.
+The split is **by source**: calibration text comes only from the standard
+library, training text (``"train"``) from the standard library and four
+scientific packages, and evaluation text (``"eval"``) only from
+numpy/scipy/torch. Any evaluation sentence that also occurs in the
+calibration or training text (case- and space-insensitive) is dropped from
+``"eval"``. ``"recovery"`` is the larger training text for long distillation
+runs: ``"train"`` plus eleven more packages' docs; any sentence of those
+eleven that occurs in the evaluation sources is dropped (so ``"eval"`` stays
+exactly what it was, and the two never overlap). Within a split, sentences
+keep their extraction order (sentences of one docstring stay together, which
+language-model perplexity needs); ``shuffled=True`` gives a seeded shuffle.
+A source whose package is not installed contributes nothing.
 
 A sentence is kept when it is prose: 6–60 words, starts with a capital
 letter, ends with ``.``/``!``/``?``, and has few code characters. Extraction
@@ -29,7 +33,8 @@ the versions.
 
 ```python
 from sparsert.data import corpus
-train = corpus.split("train")            # tens of thousands of stdlib sentences
+train = corpus.split("train")            # ~25,000 sentences
+more = corpus.split("recovery")          # ~43,000: "train" and eleven more packages' docs
 held = corpus.split("eval", n=400, shuffled=True, seed=0)
 corpus.describe()                        # {source: count}
 ```
@@ -37,11 +42,14 @@ corpus.describe()                        # {source: count}
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import io
 import json
+import logging
 import os
 import random
 import re
@@ -56,6 +64,10 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "train": ("stdlib", "sympy", "networkx", "sklearn", "matplotlib"),
     "eval": ("numpy", "scipy", "torch"),
 }
+#: more packages' prose for long recovery runs (a source is named as its module is imported)
+_RECOVERY_EXTRA = ("transformers", "ray", "IPython", "hypothesis", "pydantic", "docutils", "jinja2", "click",
+                   "pygments", "rich", "fastapi")
+SPLITS["recovery"] = SPLITS["train"] + _RECOVERY_EXTRA
 #: the splits that evaluation text must never overlap
 _TRAINING_SPLITS = ("calibration", "train")
 
@@ -125,6 +137,7 @@ SOURCES: dict[str, "callable"] = {
     "numpy": lambda: _NUMPY,
     "scipy": lambda: _SCIPY,
     "torch": lambda: _TORCH,
+    **{name: (lambda root=name: _package_modules(root)) for name in _RECOVERY_EXTRA},
 }
 
 _SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -244,15 +257,26 @@ def _versions(source: str) -> str:
 
 
 def _build_source(source: str) -> list[str]:
+    # importing every sub-module makes some packages (transformers) log and print pages of warnings
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            out = _extract_all(source)
+    finally:
+        logging.disable(logging.NOTSET)
+    return out
+
+
+def _extract_all(source: str) -> list[str]:
+    """The source's sentences, deduplicated, in extraction order."""
     seen, out = set(), []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for text in _texts(source):
-            for s in extract_sentences(text):
-                k = _key(s)
-                if k not in seen:
-                    seen.add(k)
-                    out.append(s)
+    for text in _texts(source):
+        for s in extract_sentences(text):
+            k = _key(s)
+            if k not in seen:
+                seen.add(k)
+                out.append(s)
     return out
 
 
@@ -281,9 +305,10 @@ def sentences(source: str, *, cache: bool = True) -> list[str]:
 
 def split(name: str, n: int | None = None, *, shuffled: bool = False, seed: int = 0,
           cache: bool = True) -> list[str]:
-    """The sentences of a split (``"train"`` or ``"eval"``), first ``n`` of them.
+    """The sentences of a split (one of :data:`SPLITS`), first ``n`` of them.
 
-    ``"eval"`` never contains a sentence of ``"train"``. Sources are
+    ``"eval"`` never contains a sentence of ``"calibration"``, ``"train"`` or
+    ``"recovery"`` (see the module docstring for how). Sources are
     interleaved round-robin so that a prefix mixes all of a split's sources.
     """
     if name not in SPLITS:
@@ -292,6 +317,11 @@ def split(name: str, n: int | None = None, *, shuffled: bool = False, seed: int 
     if name == "eval":
         train = {_key(s) for sp in _TRAINING_SPLITS for src in SPLITS[sp] for s in sentences(src, cache=cache)}
         lists = [[s for s in lst if _key(s) not in train] for lst in lists]
+    elif name not in _TRAINING_SPLITS:  # sources beyond the training splits' give way to the evaluation text
+        trained = {src for sp in _TRAINING_SPLITS for src in SPLITS[sp]}
+        held = {_key(s) for src in SPLITS["eval"] for s in sentences(src, cache=cache)}
+        lists = [lst if src in trained else [s for s in lst if _key(s) not in held]
+                 for src, lst in zip(SPLITS[name], lists)]
     # interleave in runs of 8 so that neighbouring sentences stay together
     out, seen = [], set()
     pos = [0] * len(lists)
