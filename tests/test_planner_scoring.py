@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import sparsert
+from sparsert.planner import pruner as pruner_mod
 from sparsert.planner import scoring
 from sparsert.planner import tables as T
 from sparsert.planner.plan import build_plan, fixed_plan
@@ -544,6 +545,61 @@ def test_pruner_measures_candidates_when_asked(cache, synthetic_timing):
     chosen = next(c for c in cands if c.chosen)
     if fast:  # the rule, whatever this machine measured
         assert chosen in fast and chosen.error == min(c.error for c in fast)
+
+
+def _measured_slower(total=8.0, factor=0.8, target=1.5, score_candidates=2):
+    """A Pruner over _Blocks whose every candidate measures ``factor`` x its prediction (the tables
+    mispredict the model by a constant, as a remainder measured wrong would)."""
+    # (built with a target the tiny model's real tables reach, then given the synthetic ones and the target)
+    p = sparsert.Pruner(_Blocks().eval(), "wanda", target_speedup=1.05, example_inputs=torch.randn(4, 16),
+                        threads=1, sparsities=(0.5, 0.7, 0.9), timing=TINY_TIMING, score_candidates=score_candidates,
+                        measure_candidates=True)
+    opts = {"unstructured": {0.5: (0.6, "csr"), 0.7: (0.45, "csr"), 0.9: (0.25, "csr")}}
+    p.tables = _tables(names=list(p.tables.layers), total=total, dense=1.0, opts=opts)  # 6 layers, remainder 2
+    p.target_speedup = target
+    measured = []
+
+    def measure(pruned, plan):
+        measured.append(plan.predicted_speedup)
+        return plan.predicted_speedup * factor
+
+    p._measure_speedup = measure
+    p.calibrate([torch.randn(8, 16) for _ in range(4)])
+    return p, measured
+
+
+@pytest.mark.parametrize("score_candidates", [0, 2])
+def test_a_plan_measured_off_target_is_solved_again_with_the_aim_corrected(cache, synthetic_timing,
+                                                                          score_candidates):
+    p, measured = _measured_slower(score_candidates=score_candidates)
+    cands = p.plan.candidates
+    first = cands[0]
+    assert first.measured_speedup == pytest.approx(first.plan.predicted_speedup * 0.8)
+    assert first.measured_speedup < 1.5 * 0.95  # off by ~20%: corrected
+    aimed = [c for c in cands if "aimed" in c.label]
+    assert aimed, [c.label for c in cands]
+    chosen = next(c for c in cands if c.chosen)
+    assert chosen in aimed
+    assert abs(chosen.measured_speedup / 1.5 - 1) <= pruner_mod.MEASURED_TOLERANCE
+    # the corrected aim is the first prediction scaled by the measured error
+    aim = float(aimed[0].label.split("aimed ")[1].rstrip("x)"))
+    assert aim == pytest.approx(first.plan.predicted_speedup * 1.5 / first.measured_speedup, abs=0.006)
+    assert p.plan is chosen.plan and sum(c.chosen for c in cands) == 1
+
+
+def test_a_plan_measured_on_target_is_not_solved_again(cache, synthetic_timing):
+    p, measured = _measured_slower(factor=1.0)
+    assert not any("aimed" in c.label for c in p.plan.candidates)
+    assert len(measured) == len(p.plan.candidates)
+
+
+def test_corrections_stop_when_the_corrected_aim_is_out_of_reach(cache, synthetic_timing):
+    p, measured = _measured_slower(factor=0.5, target=2.0)  # best reachable 8 / 3.5 = 2.29x: never 4x
+    cands = p.plan.candidates
+    aimed = [c for c in cands if "aimed" in c.label]
+    # aimed at the best reachable (every layer at 90%), once: aiming there again finds nothing new
+    assert len(aimed) == 1 and aimed[0].plan.predicted_speedup == pytest.approx(8 / 3.5, rel=1e-3)
+    assert len(measured) == len(cands) and sum(c.chosen for c in cands) == 1
 
 
 # ---------------------------------------------------------------- the planned path's scoring text
