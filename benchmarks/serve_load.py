@@ -198,19 +198,44 @@ def locust_run(url: str, users: int, seconds: int, sentences: Path, out: Path) -
 
 
 def overload_probe(server, requests: int, sentences: Path) -> dict:
-    """Fires `requests` at once at a server with a small --max-queue: how fast do the refusals come?"""
-    import concurrent.futures as cf
+    """Fires `requests` at once at a server with a small --max-queue: how fast do the refusals come?
+
+    Every connection is opened first, then every request is sent from one thread and the answers are
+    read as they come (select): all of them are in flight together, and the time is the server's, not
+    that of client threads queueing for the GIL (a pool of urllib threads let some requests start
+    after earlier ones were answered, so how many were refused varied from run to run)."""
+    import select
+    import socket
+    from urllib.parse import urlsplit
 
     text = sentences.read_text(encoding="utf-8").splitlines()[0]
     body = json.dumps({"input": text}).encode()
-
-    def one(_):
-        t0 = time.perf_counter()
-        status, _ = server.request("POST", "/v1/embeddings", body)
-        return status, (time.perf_counter() - t0) * 1e3
-
-    with cf.ThreadPoolExecutor(requests) as pool:
-        results = list(pool.map(one, range(requests)))
+    host, port = urlsplit(server.url).hostname, urlsplit(server.url).port
+    head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    socks = [socket.create_connection((host, port), timeout=60) for _ in range(requests)]
+    sent: dict = {}
+    try:
+        for sock in socks:
+            sent[sock] = time.perf_counter()
+            sock.sendall(head + body)
+        answers: dict = {}  # socket -> (status, ms at the status line)
+        buffers = {sock: b"" for sock in socks}
+        open_ = set(socks)
+        deadline = time.monotonic() + 60
+        while open_ and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(open_), [], [], 1.0)
+            for sock in ready:
+                data = sock.recv(65536)
+                buffers[sock] += data
+                if sock not in answers and b"\r\n" in buffers[sock]:
+                    answers[sock] = (int(buffers[sock].split(b" ", 2)[1]), (time.perf_counter() - sent[sock]) * 1e3)
+                if not data:
+                    open_.discard(sock)
+    finally:
+        for sock in socks:
+            sock.close()
+    results = [answers.get(sock, (0, None)) for sock in socks]  # 0: no answer within a minute
     refused = sorted(ms for status, ms in results if status in (429, 503))
     return {"requests": requests, "ok": sum(s == 200 for s, _ in results), "refused": len(refused),
             "other": sum(s not in (200, 429, 503) for s, _ in results),
