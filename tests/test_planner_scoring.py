@@ -540,10 +540,15 @@ def test_pruner_measures_candidates_when_asked(cache, synthetic_timing):
     p.tables = _tables(names=list(p.tables.layers), total=8.0, dense=1.0, opts=opts)  # fixed: 2 candidates
     p.calibrate([torch.randn(8, 16) for _ in range(4)])
     cands = p.plan.candidates
-    assert len(cands) == 2 and all(c.measured_speedup is not None and c.measured_speedup > 0 for c in cands)
+    # 2 candidates, and more when the chosen one measured > 5% off the target (a correction round)
+    assert len(cands) >= 2 and all(c.measured_speedup is not None and c.measured_speedup > 0 for c in cands)
     fast = [c for c in cands if c.measured_speedup >= 1.05 * 0.9]
+    close = [c for c in cands if abs(c.measured_speedup / 1.05 - 1) <= pruner_mod.MEASURED_TOLERANCE]
     chosen = next(c for c in cands if c.chosen)
-    if fast:  # the rule, whatever this machine measured
+    # the rule, whatever this machine measured
+    if any("aimed" in c.label for c in cands) and close:
+        assert chosen in close and chosen.error == min(c.error for c in close)
+    elif fast:
         assert chosen in fast and chosen.error == min(c.error for c in fast)
 
 
@@ -564,7 +569,8 @@ def _measured_slower(total=8.0, factor=0.8, target=1.5, score_candidates=2):
         return plan.predicted_speedup * factor
 
     p._measure_speedup = measure
-    p.calibrate([torch.randn(8, 16) for _ in range(4)])
+    gen = torch.Generator().manual_seed(1)  # the same calibration batches whatever the timing drew
+    p.calibrate([torch.randn(8, 16, generator=gen) for _ in range(4)])
     return p, measured
 
 
@@ -596,9 +602,13 @@ def test_a_plan_measured_on_target_is_not_solved_again(cache, synthetic_timing):
 def test_corrections_stop_when_the_corrected_aim_is_out_of_reach(cache, synthetic_timing):
     p, measured = _measured_slower(factor=0.5, target=2.0)  # best reachable 8 / 3.5 = 2.29x: never 4x
     cands = p.plan.candidates
+    best = 8 / 3.5
+    # the fastest plan (every layer at 90%) gets measured: among the first candidates (uniform 90%) or
+    # aimed at once (the aim is clipped to the best reachable); aiming there again finds nothing new
+    assert any(c.plan.predicted_speedup == pytest.approx(best, rel=1e-3) for c in cands)
     aimed = [c for c in cands if "aimed" in c.label]
-    # aimed at the best reachable (every layer at 90%), once: aiming there again finds nothing new
-    assert len(aimed) == 1 and aimed[0].plan.predicted_speedup == pytest.approx(8 / 3.5, rel=1e-3)
+    assert len(aimed) <= 1 and all(c.plan.predicted_speedup == pytest.approx(best, rel=1e-3) for c in aimed)
+    assert all(c.plan.predicted_speedup <= best * (1 + 1e-6) for c in cands)
     assert len(measured) == len(cands) and sum(c.chosen for c in cands) == 1
 
 

@@ -311,7 +311,9 @@ class Pruner(_KernelFreePruner):
             got = chosen.measured_speedup
             if not got or abs(got / target - 1) <= MEASURED_TOLERANCE:
                 break
-            aim = min(chosen.plan.predicted_speedup * target / got, best * (1 - 1e-6))
+            # (clipped a few of the solver's time bins below the best reachable: its rounding
+            # finds no plan exactly at the best)
+            aim = min(chosen.plan.predicted_speedup * target / got, best * (1 - 4.0 / self.bins))
             if aim <= 1.0:
                 break
             try:
