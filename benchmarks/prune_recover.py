@@ -65,8 +65,8 @@ def _minilm(args):
         raise SystemExit(reason)
     teacher, tok = minilm.load()
     calib = minilm.tokenize(tok, corpus.split(args.calib_split, args.calib, shuffled=True, seed=0), batch_size=32)
-    train_s = corpus.split(args.train_split, min(args.train, len(corpus.split(args.train_split))),
-                           shuffled=True, seed=1)
+    # the first --train of the shuffled split (as split(n=...) gives, without building the split twice)
+    train_s = corpus.split(args.train_split, shuffled=True, seed=1)[:args.train]
     train = minilm.length_batches(tok, train_s, args.batch, args.max_length, seed=2)
     held = corpus.split("eval", args.heldout, shuffled=True, seed=0)
     dense = minilm.embed(teacher, tok, held)
@@ -157,6 +157,8 @@ def main() -> None:
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.train < 1:
+        raise SystemExit("--train must be at least 1 sentence")
     if args.eval_every and args.checkpoint is None:
         raise SystemExit("--eval-every continues the run from its checkpoint between measurements: give --checkpoint")
     torch.set_num_threads(args.threads)

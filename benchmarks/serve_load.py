@@ -137,7 +137,8 @@ def build_planned_files(workdir: Path, target: float, importance: str = "sparseg
                            recover_minutes=recover_minutes, output=pruned_file)
     plan = res["plan"]
     quality = {**_heldout_cosine(res["sparse_model"], dense, wl.tokenizer), "importance": importance,
-               "target_speedup": target, "plan": plan.label, "predicted_speedup": plan.predicted_speedup, "measured_speedup_in_process": res["measured_speedup"],
+               "target_speedup": target, "plan": plan.label, "predicted_speedup": plan.predicted_speedup,
+               "measured_speedup_in_process": res["measured_speedup"],
                "recover_minutes": recover_minutes, "timed_shape": list(example["input_ids"].shape),
                "timed_threads": threads,
                "layers": dict(Counter("dense" if l.pattern is None else f"{l.pattern}@{l.sparsity:g}"
@@ -210,7 +211,8 @@ def overload_probe(server, requests: int, sentences: Path) -> dict:
 
     text = sentences.read_text(encoding="utf-8").splitlines()[0]
     body = json.dumps({"input": text}).encode()
-    host, port = urlsplit(server.url).hostname, urlsplit(server.url).port
+    url = urlsplit(server.url)
+    host, port = url.hostname, url.port
     head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     socks = [socket.create_connection((host, port), timeout=60) for _ in range(requests)]

@@ -7,6 +7,11 @@ import pytest
 from sparsert.data import corpus
 
 
+def _norm(s: str) -> str:
+    """Case- and space-insensitive, as the corpus compares sentences (written out, not its own helper)."""
+    return " ".join(s.lower().split())
+
+
 @pytest.fixture(scope="module")
 def splits():
     return {name: corpus.split(name) for name in corpus.SPLITS}
@@ -19,16 +24,15 @@ def test_the_sources_of_training_and_evaluation_do_not_overlap():
 
 
 def test_eval_never_contains_a_training_sentence(splits):
-    norm = lambda s: " ".join(s.lower().split())  # noqa: E731
-    train = {norm(s) for name in ("train", "calibration", "recovery") for s in splits[name]}
-    assert not any(norm(s) in train for s in splits["eval"])
+    train = {_norm(s) for name in ("train", "calibration", "recovery") for s in splits[name]}
+    assert not any(_norm(s) in train for s in splits["eval"])
     # the extra recovery text gives way to the evaluation *sources*: a recovery sentence that the
     # numpy/scipy/torch docs also carry can only have come from "train"
-    held = {norm(s) for src in corpus.SPLITS["eval"] for s in corpus.sentences(src)}
-    from_train = {norm(s) for s in splits["train"]}
-    assert all(norm(s) in from_train for s in splits["recovery"] if norm(s) in held)
+    held = {_norm(s) for src in corpus.SPLITS["eval"] for s in corpus.sentences(src)}
+    from_train = {_norm(s) for s in splits["train"]}
+    assert all(_norm(s) in from_train for s in splits["recovery"] if _norm(s) in held)
     for name, sents in splits.items():
-        assert len({norm(s) for s in sents}) == len(sents), f"{name} has duplicates"
+        assert len({_norm(s) for s in sents}) == len(sents), f"{name} has duplicates"
 
 
 def test_sizes_tens_of_thousands(splits):
@@ -40,9 +44,8 @@ def test_sizes_tens_of_thousands(splits):
 
 def test_recovery_is_train_and_more(splits):
     assert corpus.SPLITS["recovery"][:len(corpus.SPLITS["train"])] == corpus.SPLITS["train"]
-    norm = lambda s: " ".join(s.lower().split())  # noqa: E731
-    recovery = {norm(s) for s in splits["recovery"]}
-    assert all(norm(s) in recovery for s in splits["train"])
+    recovery = {_norm(s) for s in splits["recovery"]}
+    assert all(_norm(s) in recovery for s in splits["train"])
     if any(corpus.sentences(src) for src in corpus.SPLITS["recovery"] if src not in corpus.SPLITS["train"]):
         assert len(splits["recovery"]) > len(splits["train"])
 

@@ -33,8 +33,8 @@ the versions.
 
 ```python
 from sparsert.data import corpus
-train = corpus.split("train")            # ~25,000 sentences
-more = corpus.split("recovery")          # ~43,000: "train" and eleven more packages' docs
+train = corpus.split("train")            # ~23,000 sentences
+more = corpus.split("recovery")          # ~37,000: "train" and eleven more packages' docs
 held = corpus.split("eval", n=400, shuffled=True, seed=0)
 corpus.describe()                        # {source: count}
 ```
