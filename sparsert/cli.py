@@ -355,22 +355,22 @@ def _check_plot(path: str) -> None:
 
 def cmd_prune_to_speedup(args) -> int:
     """``prune --target-speedup X``: plan, prune, refit, pack per plan, save, measure (sparsert.planner)."""
-    from .planner.workflow import prune_to_speedup
+    from .planner.workflow import GRADUAL_PRUNE_FRACTION, prune_to_speedup
 
     if args.sparsity is not None:
         raise CliError("--target-speedup picks each layer's sparsity: drop --sparsity")
-    # recovery after planned one-shot pruning: the schedule and checkpoint flags of gradual recovery do not apply
-    refused = [flag for flag, given in (("--recover-prune-frac", args.recover_prune_frac is not None),
-                                        ("--checkpoint-every", args.checkpoint_every is not None),
-                                        ("--finetune-epochs", args.finetune_epochs > 0),
+    refused = [flag for flag, given in (("--finetune-epochs", args.finetune_epochs > 0),
                                         ("--allocation", args.allocation != "uniform")) if given]
     if refused:
         raise CliError(f"{', '.join(refused)}: not used with --target-speedup (the plan fixes each layer's sparsity "
-                       "and pattern; recovery there is --recover-minutes after one-shot pruning); drop "
+                       "and pattern; recovery there is --recover-minutes); drop "
                        + ("it" if len(refused) == 1 else "them"))
     recovering = args.recover_minutes > 0
     needs = [flag for flag, given in (("--recover-steps", args.recover_steps is not None),
                                       ("--recover-lr", args.recover_lr is not None),
+                                      ("--recover-start", args.recover_start is not None),
+                                      ("--recover-prune-frac", args.recover_prune_frac is not None),
+                                      ("--checkpoint-every", args.checkpoint_every is not None),
                                       ("--checkpoint", args.checkpoint is not None)) if given]
     if needs and not recovering:
         raise CliError(f"{', '.join(needs)}: for a recovery run; give --recover-minutes too")
@@ -395,8 +395,11 @@ def cmd_prune_to_speedup(args) -> int:
                              example_inputs=inputs, threads=args.threads, calib_batches=args.calib_batches,
                              calib=args.calib, exclude=args.exclude or (), reconstruct=args.reconstruct,
                              recover_minutes=args.recover_minutes, recover_steps=args.recover_steps,
-                             recover_lr=args.recover_lr,
+                             recover_lr=args.recover_lr, recover_start=args.recover_start or "auto",
+                             recover_prune_frac=(GRADUAL_PRUNE_FRACTION if args.recover_prune_frac is None
+                                                 else args.recover_prune_frac),
                              checkpoint=Path(args.checkpoint) / "recover.pt" if args.checkpoint else None,
+                             checkpoint_every=args.checkpoint_every or 100,
                              output=out, plot=args.plot_plan, score_candidates=args.score_candidates,
                              score_batches=args.score_batches, score_metric=args.score_metric,
                              calibrate_groups=args.calibrate_groups, measure_candidates=args.measure_candidates,
@@ -428,6 +431,9 @@ def cmd_prune(args) -> int:
         args.sparsity = 0.9
     if args.importance is None:
         args.importance = "magnitude"
+    if args.recover_start is not None:
+        raise CliError("--recover-start chooses how a planned (--target-speedup) recovery starts; without it the "
+                       "start follows --importance (sparsegpt: one-shot, others: gradual): drop --recover-start")
     args.recover_steps = 2000 if args.recover_steps is None else args.recover_steps
     args.recover_prune_frac = 0.5 if args.recover_prune_frac is None else args.recover_prune_frac
     args.checkpoint_every = 100 if args.checkpoint_every is None else args.checkpoint_every
@@ -574,13 +580,15 @@ def cmd_prune(args) -> int:
 class _Recovered:
     """A recovery result read back from the planned path's numbers (for :func:`_recovery_line`)."""
 
-    def __init__(self, step, steps, done, seconds, resumed_from, first_loss, last_loss):
+    def __init__(self, step, steps, done, seconds, resumed_from, first_loss, last_loss, start=None):
         self.step, self.steps, self.done, self.elapsed, self.resumed_from = step, steps, done, seconds, resumed_from
+        self.start = start
         self.losses = [] if first_loss is None else [first_loss, last_loss]
 
 
 def _recovery_line(r, args) -> str:
-    line = (f"recovery: {r.step}/{r.steps} steps in {r.elapsed:.0f} s"
+    start = getattr(r, "start", None)
+    line = (f"recovery{' (' + start + ')' if start else ''}: {r.step}/{r.steps} steps in {r.elapsed:.0f} s"
             + (f" (resumed from step {r.resumed_from})" if r.resumed_from else ""))
     if r.losses:
         line += f", distillation loss {r.losses[0]:.4g} -> {r.losses[-1]:.4g}"
@@ -773,15 +781,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the sparsity is spread over the layers: the same everywhere, OWL (outlier-weighted) "
                         "or by measured sensitivity; the mean stays --sparsity (default uniform)")
     s.add_argument("--recover-minutes", type=_nonneg_float, default=0.0,
-                   help="recovery: prune gradually (with --target-speedup: after one-shot pruning to the plan) "
+                   help="recovery: prune gradually (with --target-speedup: see --recover-start) "
                         "while distilling from the dense model on the example's training "
                         "text, for at most this many minutes (default 0: one-shot pruning)")
+    s.add_argument("--recover-start", choices=["auto", "oneshot", "gradual"], default=None,
+                   help="with --target-speedup: oneshot = prune to the plan at once, then distil with the masks "
+                        "fixed; gradual = raise each layer to its planned sparsity while distilling; auto "
+                        "(default) = gradual when the budget holds 1500 steps or more (about 20 min for MiniLM "
+                        "on 2 cores), else oneshot")
     s.add_argument("--recover-steps", type=_positive_int, default=None,
                    help="recovery optimizer steps in all (the schedules span them; default 2000; with "
                         "--target-speedup: as many as fit --recover-minutes, from a timed probe)")
     s.add_argument("--recover-prune-frac", type=_fraction, default=None,
                    help="share of the recovery steps over which the sparsity ramps up (default 0.5)")
-    s.add_argument("--recover-lr", type=_positive_float, default=None, help="recovery peak learning rate (default 1e-3 after one-shot pruning, 1e-4 for gradual pruning)")
+    s.add_argument("--recover-lr", type=_positive_float, default=None,
+                   help="recovery peak learning rate (default 1e-3 for sentence encoders and after one-shot "
+                        "pruning, else 1e-4)")
     s.add_argument("--checkpoint", metavar="DIR", default=None,
                    help="recovery checkpoint folder: written as the run goes; the same command again continues "
                         "where the last one stopped")

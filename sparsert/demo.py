@@ -230,9 +230,14 @@ def run_planned(model_name: str = "minilm", target: float = 2.0, *, baseline: st
     def qtext_of(q):
         return f"cosine mean {q['cosine_mean']:.4f}, min {q['cosine_min']:.4f}" if "cosine_mean" in q else _q(q)
 
-    qtext = qtext_of(q) + f" ({r['importance']}" + (
-        f", one-shot {qtext_of(r['quality_oneshot'])} before {r['recovery']['step']} recovery steps"
-        if r["recovery"] else ", one-shot") + ")"
+    rec = r["recovery"]
+    if rec and rec.get("start") == "gradual":
+        how = f", pruned gradually over {rec['step']} recovery steps"
+    elif rec:
+        how = f", one-shot {qtext_of(r['quality_oneshot'])} before {rec['step']} recovery steps"
+    else:
+        how = ", one-shot"
+    qtext = qtext_of(q) + f" ({r['importance']}{how})"
     print("\n== summary (quality on held-out text of another source than the calibration text)"
           if "cosine_mean" in q else "\n== summary")
     rows = [("latency, torch eager", f"{r['eager_ms']:.2f} ms"),

@@ -462,6 +462,107 @@ def test_recovery_after_planned_pruning_keeps_every_mask_and_pattern(cache, synt
         assert fast.get_submodule(lp.name).format == lp.format
 
 
+class _MLPWorkload:
+    """Just what the gradual recovery asks of a workload."""
+
+    def loss_fn(self):
+        return None
+
+
+def _gradual(cache, budget: float, steps: int = 40):
+    from sparsert.planner.workflow import _recover_gradually
+
+    layout = {"0": ("unstructured", 0.75), "2": ("4x1", 0.5), "4": ("2:4", 0.5), "6": (None, 0.0)}
+    model, x, pruner, plan = _planned_sparsegpt(cache, layout)
+    dense = _widertiny_mlp()  # the same seed: the unpruned teacher
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in layout}
+    torch.manual_seed(3)
+    calib = [torch.randn(16, 32) for _ in range(4)]
+    train = [torch.randn(16, 32) for _ in range(4)]
+    logs: list = []
+    result = _recover_gradually(_MLPWorkload(), model, dense, plan, "sparsegpt", calib, train, steps, budget, 0.5,
+                                None, 100, False, logs.append, {"lr": 1e-2, "train": "pruned"})
+    return layout, model, x, pruner, plan, before, result, logs
+
+
+def test_gradual_recovery_reaches_every_planned_sparsity_and_pattern(cache, synthetic_timing):
+    from sparsert.prune import parse_pattern
+    from sparsert.prune.masks import get_mask
+
+    layout, model, x, pruner, plan, before, result, logs = _gradual(cache, budget=1e9)
+    assert result.done and result.step == 40
+    assert any("gradual pruning of 3 layers" in line and "wanda" in line for line in logs)  # sparsegpt -> wanda masks
+    assert not any("pruned at once" in line for line in logs)
+    for name, (pattern, sparsity) in layout.items():
+        module = model.get_submodule(name)
+        w = module.weight.detach()
+        if pattern is None:  # planned dense: neither pruned nor trained
+            assert get_mask(module) is None and torch.equal(w, before[name]), name
+            continue
+        assert int((~get_mask(module)).sum()) == round(sparsity * w.numel()), name  # exactly the planned count
+        assert torch.equal(w != 0, get_mask(module)), name
+        assert parse_pattern(pattern).conforms(w != 0), name
+        assert not torch.equal(w[w != 0], before[name][w != 0]), name  # trained
+    fast = pruner.sparsify(x)  # packs in the planned formats
+    for lp in plan.pruned:
+        assert fast.get_submodule(lp.name).format == lp.format
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_gradual_recovery_ramps_the_sparsity_over_the_first_half_of_the_run(cache, synthetic_timing, monkeypatch):
+    import sparsert.prune as prune_pkg
+    from sparsert.prune.masks import get_mask
+
+    real, seen = prune_pkg.recover, []
+
+    def spy(student, teacher, batches, *, pruner, **kw):  # records layer "0"'s sparsity after each pruning step
+        step = pruner.step
+
+        def recorded():
+            out = step()
+            mask = get_mask(student.get_submodule("0"))
+            seen.append(0.0 if mask is None else float((~mask).float().mean()))
+            return out
+
+        pruner.step = recorded
+        return real(student, teacher, batches, pruner=pruner, **kw)
+
+    monkeypatch.setattr(prune_pkg, "recover", spy)
+    *_, result, logs = _gradual(cache, budget=1e9, steps=40)
+    assert result.done and result.step == 40
+    # 40 steps, ramp over the first 20 (the schedule's steps 0..20): rising, final at the ramp's end
+    assert len(seen) == 21 and all(a <= b for a, b in zip(seen, seen[1:]))
+    assert seen[1] < 0.2 and seen[10] < 0.75 - 0.05 and seen[-1] == pytest.approx(0.75, abs=1 / 2048)
+
+
+def test_gradual_recovery_stopped_by_its_budget_still_meets_the_plan(cache, synthetic_timing):
+    from sparsert.prune import parse_pattern
+    from sparsert.prune.masks import get_mask
+
+    layout, model, x, pruner, plan, before, result, logs = _gradual(cache, budget=0.0)
+    assert not result.done and result.step < 20  # stopped inside the ramp
+    assert any("pruned at once" in line for line in logs)  # and says what that means
+    for name, (pattern, sparsity) in layout.items():
+        if pattern is None:
+            continue
+        w = model.get_submodule(name).weight.detach()
+        assert int((~get_mask(model.get_submodule(name))).sum()) == round(sparsity * w.numel()), name
+        assert parse_pattern(pattern).conforms(w != 0), name
+
+
+def test_recovery_start_is_gradual_for_long_budgets_only():
+    from sparsert.planner.workflow import GRADUAL_MIN_STEPS, gradual_checkpoint, recovery_start
+
+    assert recovery_start("auto", GRADUAL_MIN_STEPS) == "gradual"
+    assert recovery_start("auto", GRADUAL_MIN_STEPS - 1) == "oneshot"
+    assert recovery_start("oneshot", 10 ** 6) == "oneshot" and recovery_start("gradual", 1) == "gradual"
+    with pytest.raises(ValueError, match="recover_start"):
+        recovery_start("slow", 10)
+    assert gradual_checkpoint(None) is None
+    assert str(gradual_checkpoint("ck/recover.pt")).endswith("recover-gradual.pt")
+
+
 def test_recovery_steps_fit_the_budget():
     from sparsert.planner.workflow import recovery_steps_for
 
@@ -508,8 +609,9 @@ def test_cli_prune_to_a_target_speedup(tmp_path, cache):
     again = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--sparsity", "0.5", "-o", out,
                  cache=cache)
     assert again.returncode == 1 and "drop --sparsity" in again.stderr
-    for extra, says in ((["--recover-prune-frac", "0.3"], "--target-speedup"),
-                        (["--checkpoint-every", "5"], "--target-speedup"),
+    for extra, says in ((["--recover-prune-frac", "0.3"], "--recover-minutes"),
+                        (["--checkpoint-every", "5"], "--recover-minutes"),
+                        (["--recover-start", "gradual"], "--recover-minutes"),
                         (["--finetune-epochs", "1"], "--target-speedup"),
                         (["--allocation", "owl"], "--target-speedup"),
                         (["--checkpoint", tmp_path / "ck"], "--recover-minutes"),
@@ -524,7 +626,28 @@ def test_cli_prune_to_a_target_speedup(tmp_path, cache):
     assert rec.returncode == 0, rec.stderr[-3000:]
     data = json.loads(rec.stdout)
     assert data["recovery"]["step"] == 5 and data["recovery"]["done"] and data["quality_oneshot"] is not None
+    assert data["recovery"]["start"] == "oneshot"  # auto: 5 steps are too few for a gradual run
     assert data["importance"] == "magnitude"  # the digits examples' default; hf models get sparsegpt
+    grad = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--recover-minutes", "0.5",
+                "--recover-steps", "8", "--recover-start", "gradual", "--json", "-o", out, cache=cache)
+    assert grad.returncode == 0, grad.stderr[-3000:]
+    data = json.loads(grad.stdout)
+    assert data["recovery"]["start"] == "gradual" and data["recovery"]["step"] == 8 and data["recovery"]["done"]
+    assert data["quality_oneshot"] is None  # nothing was pruned at once
+    import sparsert as sr
+
+    saved = sr.load(out)
+    for lp in data["plan"]["layers"]:
+        layer = saved.get_submodule(lp["name"])
+        if lp["pattern"] is not None:  # every planned layer at its planned sparsity, packed as planned
+            assert layer.format == lp["format"]
+            zeros = float((layer.to_dense().weight == 0).float().mean())
+            assert zeros == pytest.approx(lp["sparsity"], abs=0.02), lp["name"]
+    text = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--recover-minutes", "0.5",
+                "--recover-steps", "8", "--recover-start", "gradual", "-o", out, cache=cache)
+    assert text.returncode == 0 and "recovery (gradual): 8/8 steps" in text.stdout, text.stdout[-2000:]
+    nonplanned = _cli("prune", "digits-mlp", "--sparsity", "0.5", "--recover-start", "gradual", "-o", out, cache=cache)
+    assert nonplanned.returncode == 1 and "--recover-start" in nonplanned.stderr
     far = _cli("prune", "digits-mlp", "--target-speedup", "1000", "--threads", "1", "-o", out, cache=cache)
     assert far.returncode == 1 and "best reachable speedup" in far.stderr and "Traceback" not in far.stderr
 
