@@ -111,27 +111,35 @@ def recovery_steps_for(seconds: float, step_seconds: float) -> int:
     return max(1, int(0.9 * seconds / step_seconds))
 
 
-def _time_steps(student, teacher, batches, lr: float, probe_steps: int = 3, **recipe) -> float:
+def _time_steps(student, teacher, batches, lr: float, probe_steps: int = 3, *, unmasked: Sequence[str] = (),
+                **recipe) -> float:
     """Seconds per recovery step here: :func:`sparsert.prune.recover` run for ``probe_steps``
     on a copy of ``student`` (so the probe times exactly the recipe the real run uses,
-    first-step warm-up included: a slight over-estimate, which keeps the run inside its budget)."""
+    first-step warm-up included: a slight over-estimate, which keeps the run inside its budget).
+    ``unmasked``: layers not pruned yet that the run will prune; the copy gives them all-true
+    masks, so it trains what the pruned run trains through the same mask hooks."""
     from ..prune import recover
-
-    probe = recover(copy.deepcopy(student), teacher, batches, steps=probe_steps, pruner=None, lr=lr, **recipe)
-    return probe.elapsed / max(1, probe.step)
-
-
-def _time_planned_steps(model, teacher, batches, layers: Sequence[str], lr: float, **recipe) -> float:
-    """Seconds per recovery step of ``model`` before it is pruned: timed on a copy whose planned
-    ``layers`` carry all-true masks, so the probe trains what a pruned run trains (the masked
-    layers) through the same mask hooks."""
     from ..prune.masks import apply_mask
 
-    probe = copy.deepcopy(model)
-    for name in layers:
-        weight = probe.get_submodule(name).weight
-        apply_mask(probe.get_submodule(name), torch.ones_like(weight, dtype=torch.bool))
-    return _time_steps(probe, teacher, batches, lr, **recipe)
+    probe = copy.deepcopy(student)
+    for name in unmasked:
+        module = probe.get_submodule(name)
+        apply_mask(module, torch.ones_like(module.weight, dtype=torch.bool))
+    result = recover(probe, teacher, batches, steps=probe_steps, pruner=None, lr=lr, **recipe)
+    return result.elapsed / max(1, result.step)
+
+
+def _steps_in_budget(seconds: float, minutes: float, time_step: Callable[[], float],
+                     log: Callable[[str], None]) -> tuple:
+    """``(steps, seconds left)``: the recovery steps that fit what is left of ``seconds`` once
+    ``time_step()`` (the probe, part of the budget) has timed one; logged."""
+    t_probe = time.perf_counter()
+    step_s = time_step()
+    left = max(0.0, seconds - (time.perf_counter() - t_probe))
+    steps = recovery_steps_for(left, step_s)
+    log(f"recovery: one distillation step takes {step_s:.2f} s here: {steps} steps in the "
+        f"{left:.0f} s left of {minutes:g} min")
+    return steps, left
 
 
 def recover_pruned(model, dense, data: Sequence, minutes: float, *, steps: Optional[int] = None, lr: float = 1e-4,
@@ -147,12 +155,7 @@ def recover_pruned(model, dense, data: Sequence, minutes: float, *, steps: Optio
 
     budget = minutes * 60.0
     if steps is None:
-        t_probe = time.perf_counter()
-        step_s = _time_steps(model, dense, data, lr, **recipe)
-        budget = max(0.0, budget - (time.perf_counter() - t_probe))  # the probe is part of the budget
-        steps = recovery_steps_for(budget, step_s)
-        log(f"recovery: one distillation step takes {step_s:.2f} s here: {steps} steps in the "
-            f"{budget:.0f} s left of {minutes:g} min")
+        steps, budget = _steps_in_budget(budget, minutes, lambda: _time_steps(model, dense, data, lr, **recipe), log)
     result = recover(model, dense, data, steps=steps, pruner=None, lr=lr, checkpoint=checkpoint,
                      checkpoint_every=checkpoint_every, time_budget=budget, progress=progress, **recipe)
     _log_recovery(result, log)
@@ -200,9 +203,10 @@ def _recover_gradually(wl, model, dense, plan, importance: str, calib: Sequence,
     result = recover(model, dense, train, steps=steps, pruner=masks, checkpoint=gradual_checkpoint(checkpoint),
                      checkpoint_every=checkpoint_every, time_budget=budget, progress=progress, **recipe)
     _log_recovery(result, log)
-    if not masks.done:
-        while not masks.done:
-            masks.step()
+    stopped_in_ramp = not masks.done
+    while not masks.done:
+        masks.step()
+    if stopped_in_ramp:
         log(f"recovery: the time budget ended the schedule early (step {result.step} of {end}); the rest "
             "was pruned at once, without distillation")
     return result
@@ -371,19 +375,15 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     if recover_minutes and plan.pruned:
         from ..models.catalogue import recovery_recipe
 
-        steps_to_run = recover_steps
-        if steps_to_run is None:  # the start depends on the steps: time a few before pruning anything
-            t_probe = time.perf_counter()
+        if recover_steps is None:  # the start depends on the steps: time a few before pruning anything
             probe_recipe = recovery_recipe(wl, oneshot=True)  # either start's steps cost the same
             default_lr = probe_recipe.pop("lr")
             lr = default_lr if recover_lr is None else recover_lr
-            step_s = _time_planned_steps(model, dense, train, [l.name for l in plan.pruned], lr, **probe_recipe)
-            recovery_budget = max(0.0, recovery_budget - (time.perf_counter() - t_probe))
-            steps_to_run = recovery_steps_for(recovery_budget, step_s)
-            log(f"recovery: one distillation step takes {step_s:.2f} s here: {steps_to_run} steps in the "
-                f"{recovery_budget:.0f} s left of {recover_minutes:g} min")
-        recover_steps = steps_to_run
-        start = recovery_start(recover_start, steps_to_run)
+            planned = [l.name for l in plan.pruned]
+            recover_steps, recovery_budget = _steps_in_budget(
+                recovery_budget, recover_minutes,
+                lambda: _time_steps(model, dense, train, lr, unmasked=planned, **probe_recipe), log)
+        start = recovery_start(recover_start, recover_steps)
         recipe = recovery_recipe(wl, oneshot=start == "oneshot")
         if recover_lr is not None:
             recipe["lr"] = recover_lr
