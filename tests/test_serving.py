@@ -251,6 +251,107 @@ def test_model_workers_run_niced_below_the_http_process(servers):
     assert tree and all(n == root for n in tree), (root, tree)  # --worker-nice 0
 
 
+def _process_tree_cpu_seconds(root_pid: int) -> float:
+    """User + system CPU seconds of ``root_pid`` and all its descendants so far (Linux /proc)."""
+    import os
+
+    parent, ticks = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry)], ticks[int(entry)] = int(fields[1]), int(fields[11]) + int(fields[12])
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo += [p for p, pp in parent.items() if pp == pid]
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads CPU times from /proc")
+def test_an_idle_server_leaves_the_cores_idle(servers):
+    # LitServe's own batched loop polled its (Manager) request queue every millisecond: an idle
+    # 2-worker server burnt ~0.6 of 2 cores. The blocking loop waits instead.
+    time.sleep(0.5)  # let start-up work settle
+    before = _process_tree_cpu_seconds(servers["mlp"].proc.pid)
+    time.sleep(2.0)
+    used = _process_tree_cpu_seconds(servers["mlp"].proc.pid) - before
+    assert used < 0.2, f"an idle server used {used:.2f} CPU seconds in 2 s"
+
+
+class _Transport:
+    """What a LitServe loop sends its START messages to."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, item, consumer_id):
+        self.sent.append((consumer_id, item))
+
+
+def _blocking_loop(max_batch_size=4, batch_timeout=0.05, request_timeout=30.0, idle_wait=0.05):
+    from types import SimpleNamespace
+
+    from sparsert.serving.litserve_app import BlockingBatchLoop
+
+    loop = BlockingBatchLoop()
+    loop.IDLE_WAIT_S = idle_wait
+    api = SimpleNamespace(max_batch_size=max_batch_size, batch_timeout=batch_timeout, request_timeout=request_timeout)
+    return loop, api
+
+
+def test_blocking_batch_loop_takes_a_full_batch_of_what_is_queued():
+    import queue
+
+    loop, api = _blocking_loop(max_batch_size=4, batch_timeout=5.0)
+    q = queue.Queue()
+    for i in range(6):
+        q.put((0, f"u{i}", time.monotonic(), i))
+    t0 = time.monotonic()
+    payloads, timed_out = loop.get_batch_requests(api, q, _Transport())
+    assert time.monotonic() - t0 < 1.0  # a full batch does not wait out batch_timeout
+    assert payloads == [(0, f"u{i}", i) for i in range(4)] and timed_out == []
+    payloads, _ = loop.get_batch_requests(api, q, _Transport())
+    assert [p[2] for p in payloads] == [4, 5]  # the rest, in order, after batch_timeout
+
+
+def test_blocking_batch_loop_waits_batch_timeout_after_the_first_request_only():
+    import queue
+
+    loop, api = _blocking_loop(max_batch_size=8, batch_timeout=0.2, idle_wait=5.0)
+    q = queue.Queue()
+    threading.Timer(0.3, lambda: q.put((0, "first", time.monotonic(), "a"))).start()
+    threading.Timer(0.4, lambda: q.put((0, "second", time.monotonic(), "b"))).start()
+    threading.Timer(1.0, lambda: q.put((0, "late", time.monotonic(), "c"))).start()
+    t0 = time.monotonic()
+    payloads, _ = loop.get_batch_requests(api, q, _Transport())
+    waited = time.monotonic() - t0
+    assert [p[1] for p in payloads] == ["first", "second"]  # "late" comes after the batch closed
+    assert 0.45 < waited < 0.95, waited  # first at 0.3 s + 0.2 s of batch_timeout
+    assert [p[1] for p in loop.get_batch_requests(api, q, _Transport())[0]] == ["late"]
+
+
+def test_blocking_batch_loop_idles_separates_stale_requests_and_stops_on_the_sentinel():
+    import queue
+
+    from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+
+    loop, api = _blocking_loop(batch_timeout=0.0, request_timeout=1.0, idle_wait=0.05)
+    q = queue.Queue()
+    assert loop.get_batch_requests(api, q, _Transport()) == ([], [])  # nothing came within the idle wait
+    q.put((1, "stale", time.monotonic() - 5.0, "x"))
+    q.put((1, "fresh", time.monotonic(), "y"))
+    assert loop.get_batch_requests(api, q, _Transport()) == ([(1, "fresh", "y")], [(1, "stale")])
+    q.put(_SENTINEL_VALUE)
+    with pytest.raises(_StopLoopError):
+        loop.get_batch_requests(api, q, _Transport())
+
+
 def test_worker_answers_are_the_bytes_fastapi_would_send():
     from fastapi.responses import JSONResponse
 
