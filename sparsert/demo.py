@@ -179,7 +179,7 @@ DEMO_RECOVER_MINUTES = 2.5
 def run_planned(model_name: str = "minilm", target: float = 2.0, *, baseline: str = "best_dense", threads: int = 2,
                 out_dir: str | None = None, shape: str | None = None, reconstruct: bool = False,
                 calib_batches: int = 8, importance: str | None = None,
-                recover_minutes: float | None = None) -> dict:
+                recover_minutes: float | None = None, recover_start: str = "auto") -> dict:
     """The planner's story: ask for ``target`` x vs ``baseline``; returns the numbers it printed.
 
     Kept short for a first run: 8 calibration batches, no refit (``reconstruct``), and for
@@ -214,7 +214,8 @@ def run_planned(model_name: str = "minilm", target: float = 2.0, *, baseline: st
     def plan_prune_measure(target):
         return prune_to_speedup(wl, target, baseline=baseline, importance=importance, example_inputs=inputs,
                                 threads=threads, exclude=exclude, output=path, plot=None, reconstruct=reconstruct,
-                                calib_batches=calib_batches, recover_minutes=recover_minutes)
+                                calib_batches=calib_batches, recover_minutes=recover_minutes,
+                                recover_start=recover_start)
 
     try:
         r = plan_prune_measure(target)
@@ -274,6 +275,9 @@ def main(argv=None) -> int:
     p.add_argument("--recover-minutes", type=float, default=None,
                    help=f"planned demo: minutes of recovery (distillation from the dense model, masks kept) after "
                         f"one-shot pruning (default {DEMO_RECOVER_MINUTES:g} for minilm, 0 for digits; 0: off)")
+    p.add_argument("--recover-start", choices=["auto", "oneshot", "gradual"], default="auto",
+                   help="planned demo: prune one-shot then distil, or prune gradually while distilling (default "
+                        "auto: gradual when the budget holds enough steps)")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="refit the kept weights after pruning (sparsert.prune.reconstruct; default: off for the "
                         "planned demo, on for minilm with --sparsity)")
@@ -285,7 +289,8 @@ def main(argv=None) -> int:
         if all(v is None for v in fixed):  # no fixed-sparsity option given: the planner's story
             run_planned(args.model, args.target_speedup, baseline=args.baseline, threads=args.threads,
                         out_dir=args.out, shape=args.shape, reconstruct=bool(args.reconstruct),
-                        importance=args.importance, recover_minutes=args.recover_minutes)
+                        importance=args.importance, recover_minutes=args.recover_minutes,
+                        recover_start=args.recover_start)
             return 0
         if args.recover_minutes is not None:
             raise ValueError("--recover-minutes is for the planned demo (drop --sparsity/--pattern/--epochs)")
