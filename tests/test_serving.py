@@ -217,11 +217,11 @@ def test_serve_refuses_bad_worker_options(files, args, message):
     assert r.returncode == 2 and message in r.stderr and "invalid choice" in r.stderr
 
 
-def _process_tree_nice(root_pid: int) -> tuple[int, list[int]]:
-    """The nice value of ``root_pid`` and those of all its descendants (Linux /proc)."""
+def _process_tree_stats(root_pid: int) -> tuple[list[str], list[list[str]]]:
+    """The /proc/PID/stat fields (after the command name) of ``root_pid`` and of all its descendants."""
     import os
 
-    parent, nice = {}, {}
+    parent, stats = {}, {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -230,14 +230,20 @@ def _process_tree_nice(root_pid: int) -> tuple[int, list[int]]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue  # gone meanwhile
-        parent[int(entry)], nice[int(entry)] = int(fields[1]), int(fields[16])
+        parent[int(entry)], stats[int(entry)] = int(fields[1]), fields
     seen, todo = [], [root_pid]
     while todo:
         pid = todo.pop()
         kids = [p for p, pp in parent.items() if pp == pid]
         seen += kids
         todo += kids
-    return nice[root_pid], [nice[p] for p in seen]
+    return stats[root_pid], [stats[p] for p in seen]
+
+
+def _process_tree_nice(root_pid: int) -> tuple[int, list[int]]:
+    """The nice value of ``root_pid`` and those of all its descendants (Linux /proc)."""
+    root, tree = _process_tree_stats(root_pid)
+    return int(root[16]), [int(fields[16]) for fields in tree]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process priorities from /proc")
@@ -255,22 +261,8 @@ def _process_tree_cpu_seconds(root_pid: int) -> float:
     """User + system CPU seconds of ``root_pid`` and all its descendants so far (Linux /proc)."""
     import os
 
-    parent, ticks = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(entry)], ticks[int(entry)] = int(fields[1]), int(fields[11]) + int(fields[12])
-    total, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        total += ticks.get(pid, 0)
-        todo += [p for p, pp in parent.items() if pp == pid]
-    return total / os.sysconf("SC_CLK_TCK")
+    root, tree = _process_tree_stats(root_pid)
+    return sum(int(fields[11]) + int(fields[12]) for fields in [root, *tree]) / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads CPU times from /proc")
