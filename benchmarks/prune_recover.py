@@ -123,6 +123,10 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--pattern", default="unstructured")
     ap.add_argument("--start", choices=["gradual", "sparsegpt"], default="sparsegpt")
+    ap.add_argument("--allocation", choices=["uniform", "owl", "sensitivity"], default="uniform",
+                    help="how the target spreads over the layers (mean = --sparsity; see sparsert.prune.allocation)")
+    ap.add_argument("--max-shift", type=float, default=0.2,
+                    help="sensitivity allocation: each layer within --sparsity +- this")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--prune-frac", type=float, default=0.5, help="gradual: share of the steps that prune")
     ap.add_argument("--batch", type=int, default=None, help="training batch (default: minilm 32, smollm2 4)")
@@ -164,6 +168,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     teacher, calib, train, names, quality, labels, about = (_minilm if args.model == "minilm" else _smollm2)(args)
     sparsegpt_options = {} if args.target is None else {"target": args.target}
+    allocation = {"allocation": args.allocation}
+    if args.allocation == "sensitivity":
+        allocation["allocation_options"] = {"max_shift": args.max_shift}
 
     student = copy.deepcopy(teacher)
     t0 = time.perf_counter()
@@ -178,7 +185,7 @@ def main() -> None:
                 apply_mask(modules[name], keep)
         elif not resuming:
             Pruner(student, importance="sparsegpt", pattern=args.pattern, sparsity=args.sparsity, include=names,
-                   scope="layer", progress=args.progress, **sparsegpt_options).calibrate(calib).step()
+                   scope="layer", progress=args.progress, **allocation, **sparsegpt_options).calibrate(calib).step()
             if cache is not None:
                 modules = dict(student.named_modules())
                 torch.save({"state": student.state_dict(),
@@ -188,7 +195,7 @@ def main() -> None:
         end = max(1, int(args.steps * args.prune_frac))
         pruner = Pruner(student, importance="wanda", pattern=args.pattern, sparsity=args.sparsity, include=names,
                         schedule=Gradual(begin_step=0, end_step=end, frequency=max(1, end // 20)),
-                        progress=args.progress).calibrate(calib)
+                        progress=args.progress, **allocation).calibrate(calib)
     before = quality(student) if args.start == "sparsegpt" and not resuming else None
     t_prune = time.perf_counter() - t0
     if before:
@@ -219,7 +226,10 @@ def main() -> None:
     if curve and curve[-1][0] != result.step:
         curve.append((result.step, elapsed, after))
     state = "complete" if result.done else f"PARTIAL ({result.step}/{result.steps} steps)"
-    print(f"{about}; {args.pattern} target {args.sparsity:.0%} ({args.start}); reached sparsity {sparsity:.1%}; "
+    if pruner is not None and args.allocation != "uniform":
+        print("# layer sparsities: " + ", ".join(f"{n} {s:.3f}" for n, s in pruner.layer_sparsity.items()))
+    print(f"{about}; {args.pattern} target {args.sparsity:.0%} ({args.start}, {args.allocation} allocation); "
+          f"reached sparsity {sparsity:.1%}; "
           f"lr {args.lr}; {args.threads} thread(s); load average {os.getloadavg()[0]:.1f}.")
     if before:
         print(f"- one-shot {args.start}: {labels[0]} {before[0]:.4f} ({labels[1]} {before[1]:.4f}), {t_prune:.0f} s")

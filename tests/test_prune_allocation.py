@@ -197,3 +197,32 @@ def test_wanda_sensitivity_in_float32_matches_the_float64_error():
             w = layers[n].weight.detach().double()
             ref = [layer_error(w, w * _wanda_rows(w, grams[n], parse_pattern(pat), s), grams[n]) for s in grid]
             assert errs == pytest.approx(ref, rel=1e-4, abs=1e-7), (pat, n)
+
+
+def test_allocation_stays_within_the_measured_grid():
+    # past the grid's last point the table knows no error: a step there must not look free
+    model = _model()
+    layers = {"0": model[0], "2": model[2], "4": model[4]}
+    table = sensitivity_table(model, layers, _data(), sparsities=[0.3, 0.5, 0.7, 0.8], progress=False)
+    alloc = allocate_from_table(table, 0.75, max_shift=0.2)
+    assert max(alloc.values()) <= 0.8 + 1e-9
+    assert sum(round(alloc[k] * table.params[k]) for k in alloc) == round(0.75 * sum(table.params.values()))
+    with pytest.raises(ValueError, match="grid"):
+        allocate_from_table(table, 0.85)
+
+
+def test_the_pruners_table_measures_its_pattern_up_to_the_allocations_reach():
+    from sparsert.prune import sensitivity_grid
+
+    assert sensitivity_grid(0.5) == (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    assert sensitivity_grid(0.9, 0.05)[-1] == pytest.approx(0.95)
+    assert sensitivity_grid(0.9)[-1] == pytest.approx(0.99)
+    model = _model()
+    p = Pruner(model, importance="wanda", pattern="4x1", sparsity=0.9, scope="layer", allocation="sensitivity",
+               progress=False).calibrate(_data())
+    p.step()
+    assert str(p.sensitivity.pattern) == "4x1"
+    assert max(p.sensitivity.sparsities) == pytest.approx(0.99)
+    layers = {"0": model[0], "2": model[2], "4": model[4]}
+    assert _mean_sparsity(layers) == pytest.approx(0.9, abs=2e-3)
+    assert len({round(s, 3) for s in p.layer_sparsity.values()}) > 1  # not uniform

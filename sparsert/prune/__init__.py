@@ -18,8 +18,8 @@ This layer knows nothing about kernels: it leaves exact zeros in the weights
 the zeros.
 """
 
-from .allocation import (SensitivityTable, allocate_from_table, owl_sparsities, sensitivity_table,
-                         sensitivity_tables)
+from .allocation import (SensitivityTable, allocate_from_table, owl_sparsities, sensitivity_grid,
+                         sensitivity_table, sensitivity_tables)
 from .criteria import (
     CRITERIA,
     Activation,
@@ -82,6 +82,7 @@ __all__ = [
     "recover",
     "remove_masks",
     "report",
+    "sensitivity_grid",
     "sensitivity_table",
     "sensitivity_tables",
     "sparsegpt_weight",

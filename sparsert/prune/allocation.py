@@ -48,12 +48,15 @@ __all__ = [
     "block_of",
     "fit_mean",
     "owl_sparsities",
+    "sensitivity_grid",
     "sensitivity_table",
     "sensitivity_tables",
 ]
 
 ALLOCATIONS = ("uniform", "owl", "sensitivity")
 _INDEX = re.compile(r"^(.*?\.\d+)(\.|$)")
+#: the sparsities a sensitivity table measures unless told otherwise
+DEFAULT_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def block_of(name: str) -> str:
@@ -200,7 +203,7 @@ def _wanda_rows(w: torch.Tensor, h: torch.Tensor, pattern, sparsity: float) -> t
 
 @torch.no_grad()
 def sensitivity_table(model: nn.Module, layers: Mapping[str, nn.Module], data: Iterable,
-                      sparsities: Iterable[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), *,
+                      sparsities: Iterable[float] = DEFAULT_GRID, *,
                       pattern: str = "unstructured", method: str = "wanda", damp: float = 0.01,
                       progress: bool | None = None) -> SensitivityTable:
     """Measures each layer's relative output error when pruned alone, on the unpruned
@@ -215,7 +218,7 @@ def sensitivity_table(model: nn.Module, layers: Mapping[str, nn.Module], data: I
 
 @torch.no_grad()
 def sensitivity_tables(model: nn.Module, layers: Mapping[str, nn.Module], data: Iterable | None,
-                       sparsities: Iterable[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), *,
+                       sparsities: Iterable[float] = DEFAULT_GRID, *,
                        patterns: Iterable[str] = ("unstructured",), method: str = "wanda", damp: float = 0.01,
                        progress: bool | None = None) -> dict[str, SensitivityTable]:
     """:func:`sensitivity_table` for several patterns in one pass over the data:
@@ -278,6 +281,18 @@ def sensitivity_tables(model: nn.Module, layers: Mapping[str, nn.Module], data: 
             for p, errs in errors.items()}
 
 
+def sensitivity_grid(target: float, max_shift: float = 0.2, hi: float = 0.99) -> tuple[float, ...]:
+    """The default grid, extended so that it reaches ``min(hi, target + max_shift)``:
+    a table is only trusted where it was measured (see :func:`allocate_from_table`)."""
+    top = min(hi, target + max_shift)
+    grid = set(DEFAULT_GRID)
+    x = DEFAULT_GRID[-1]
+    while x + 1e-9 < top:
+        x = min(top, round(x + 0.025, 4))
+        grid.add(x)
+    return tuple(sorted(g for g in grid if 0 < g < 1))
+
+
 def allocate_from_table(table: SensitivityTable, target: float, names: Iterable[str] | None = None, *,
                         max_shift: float = 0.2, step: float = 0.01, lo: float = 0.0,
                         hi: float = 0.99) -> dict[str, float]:
@@ -286,11 +301,17 @@ def allocate_from_table(table: SensitivityTable, target: float, names: Iterable[
 
     Greedy on a grid of ``step``: start every layer at ``target - max_shift``
     and keep removing the ``step`` that costs the least error per weight.
+    No layer goes beyond the table's last measured sparsity: past it the
+    table knows no error, and an unmeasured step would look free.
     """
     names = list(table.errors if names is None else names)
     missing = [k for k in names if k not in table.errors]
     if missing:
         raise ValueError(f"the sensitivity table has no entry for {missing}")
+    hi = min(hi, max(table.sparsities))
+    if target > hi + 1e-12:
+        raise ValueError(f"target sparsity {target} is beyond the table's measured grid (up to {hi}); "
+                         "measure the table at higher sparsities (sensitivity_grid)")
     lo_l, hi_l = max(lo, target - max_shift), min(hi, target + max_shift)
     size = {k: table.params[k] for k in names}
     total = sum(size.values())

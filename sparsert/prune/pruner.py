@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .allocation import ALLOCATIONS, SensitivityTable, allocate_from_table, owl_sparsities, sensitivity_table
+from .allocation import (ALLOCATIONS, SensitivityTable, allocate_from_table, owl_sparsities, sensitivity_grid,
+                         sensitivity_table)
 from .criteria import Criterion, get_criterion
 from .masks import apply_mask, get_mask
 from .patterns import Pattern, parse_pattern, weight_2d_shape
@@ -78,6 +79,8 @@ class Pruner:
             the allocated layers (weighted by size) is ``sparsity``; layers with
             their own sparsity override or an N:M pattern keep theirs.
             ``pruner.layer_sparsity`` shows the result after the first step.
+            The ``"sensitivity"`` table measures this pruner's pattern on a grid
+            reaching ``sparsity + max_shift`` (:func:`~sparsert.prune.allocation.sensitivity_grid`).
         allocation_options: keyword arguments for the allocation
             (:func:`~sparsert.prune.allocation.owl_sparsities`,
             :func:`~sparsert.prune.allocation.sensitivity_table` and
@@ -265,8 +268,12 @@ class Pruner:
                 table = self.allocation
                 if not isinstance(table, SensitivityTable):
                     keys = ("sparsities", "pattern", "method", "damp")
-                    table = sensitivity_table(self.model, free, self._data, progress=self.progress,
-                                              **{k: opts.pop(k) for k in keys if k in opts})
+                    table_opts = {k: opts.pop(k) for k in keys if k in opts}
+                    # the errors of the masks this pruner will make, measured wherever the allocation may go
+                    table_opts.setdefault("pattern", self.pattern)
+                    table_opts.setdefault("sparsities", sensitivity_grid(self.sparsity, opts.get("max_shift", 0.2),
+                                                                         opts.get("hi", 0.99)))
+                    table = sensitivity_table(self.model, free, self._data, progress=self.progress, **table_opts)
                     self.sensitivity = table
                 alloc = allocate_from_table(table, self.sparsity, list(free), **opts)
         self.layer_sparsity = {**alloc, **fixed}
