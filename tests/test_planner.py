@@ -604,23 +604,6 @@ def test_cli_prune_to_a_target_speedup(tmp_path, cache):
     chosen = [c for c in mse["plan"]["candidates"] if c["chosen"]]
     assert {c["metric"] for c in mse["plan"]["candidates"]} == {"mse"} and len(chosen) == 1
     assert chosen[0]["mse"] == min(c["mse"] for c in mse["plan"]["candidates"])
-    bad = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--score-metric", "l1", "-o", out, cache=cache)
-    assert bad.returncode == 2 and "--score-metric" in bad.stderr
-    again = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--sparsity", "0.5", "-o", out,
-                 cache=cache)
-    assert again.returncode == 1 and "drop --sparsity" in again.stderr
-    for extra, says in ((["--recover-prune-frac", "0.3"], "--recover-minutes"),
-                        (["--checkpoint-every", "5"], "--recover-minutes"),
-                        (["--recover-start", "gradual"], "--recover-minutes"),
-                        (["--finetune-epochs", "1"], "--target-speedup"),
-                        (["--allocation", "owl"], "--target-speedup"),
-                        (["--checkpoint", tmp_path / "ck"], "--recover-minutes"),
-                        (["--recover-lr", "1e-3"], "--recover-minutes"),
-                        (["--checkpoint", tmp_path / "ck", "--recover-minutes", "1"], "--recover-steps")):
-        refused = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", *extra, "-o", out,
-                       cache=cache)  # refused, not silently ignored
-        assert refused.returncode == 1 and extra[0] in refused.stderr and says in refused.stderr, extra
-        assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     rec = _cli("prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", "--recover-minutes", "0.2",
                "--recover-steps", "5", "--json", "-o", out, cache=cache)
     assert rec.returncode == 0, rec.stderr[-3000:]
@@ -650,6 +633,37 @@ def test_cli_prune_to_a_target_speedup(tmp_path, cache):
     assert nonplanned.returncode == 1 and "--recover-start" in nonplanned.stderr
     far = _cli("prune", "digits-mlp", "--target-speedup", "1000", "--threads", "1", "-o", out, cache=cache)
     assert far.returncode == 1 and "best reachable speedup" in far.stderr and "Traceback" not in far.stderr
+
+
+def test_cli_prune_to_a_target_speedup_refuses_what_it_would_ignore(tmp_path, cache, capsys, monkeypatch):
+    # in-process: these are refused while parsing the arguments, before any model is loaded
+    from sparsert.cli import main
+
+    monkeypatch.delenv("SPARSERT_DEBUG", raising=False)
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(cache))
+    out = tmp_path / "mlp.sparsert"
+    capsys.readouterr()
+
+    def run(*args):
+        rc = main(["prune", "digits-mlp", "--target-speedup", "1.2", "--threads", "1", *map(str, args), "-o", str(out)])
+        return rc, capsys.readouterr().err
+
+    rc, err = run("--score-metric", "l1")
+    assert rc == 2 and "--score-metric" in err
+    rc, err = run("--sparsity", "0.5")
+    assert rc == 1 and "drop --sparsity" in err
+    for extra, says in ((["--recover-prune-frac", "0.3"], "--recover-minutes"),
+                        (["--checkpoint-every", "5"], "--recover-minutes"),
+                        (["--recover-start", "gradual"], "--recover-minutes"),
+                        (["--finetune-epochs", "1"], "--target-speedup"),
+                        (["--allocation", "owl"], "--target-speedup"),
+                        (["--checkpoint", tmp_path / "ck"], "--recover-minutes"),
+                        (["--recover-lr", "1e-3"], "--recover-minutes"),
+                        (["--checkpoint", tmp_path / "ck", "--recover-minutes", "1"], "--recover-steps")):
+        rc, err = run(*extra)  # refused, not silently ignored
+        assert rc == 1 and extra[0] in err and says in err, extra
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_demo_plans_for_a_speedup(tmp_path, cache):
