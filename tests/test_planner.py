@@ -677,7 +677,8 @@ def test_demo_plans_for_a_speedup(tmp_path, cache):
            "SPARSERT_CACHE_DIR": str(cache)}
     # oneshot pinned: on a fast machine 6 s hold enough steps for auto to go gradual (no one-shot steps then)
     r = subprocess.run([sys.executable, "-m", "sparsert.demo", "--model", "digits-mlp", "--target-speedup", "1.2",
-                        "--threads", "1", "--shape", "64x1x8x8", "--recover-minutes", "0.1", "--recover-start", "oneshot", "--out", str(tmp_path)],
+                        "--threads", "1", "--shape", "64x1x8x8", "--recover-minutes", "0.1", "--recover-start", "oneshot",
+                        "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=root, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     for row in ("latency, torch eager", "latency, best dense path", "latency, sparse (planned)", "quality kept",

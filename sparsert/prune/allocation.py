@@ -57,6 +57,9 @@ ALLOCATIONS = ("uniform", "owl", "sensitivity")
 _INDEX = re.compile(r"^(.*?\.\d+)(\.|$)")
 #: the sparsities a sensitivity table measures unless told otherwise
 DEFAULT_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: how far a layer may go from the mean target (sensitivity allocation), and no layer above MAX_SPARSITY
+DEFAULT_MAX_SHIFT = 0.2
+MAX_SPARSITY = 0.99
 
 
 def block_of(name: str) -> str:
@@ -67,7 +70,7 @@ def block_of(name: str) -> str:
 
 
 def fit_mean(raw: Mapping[str, float], sizes: Mapping[str, int], target: float,
-             lo: float = 0.0, hi: float = 0.99) -> dict[str, float]:
+             lo: float = 0.0, hi: float = MAX_SPARSITY) -> dict[str, float]:
     """Shifts ``raw`` sparsities by one constant (clipped to ``[lo, hi]``) so that the
     size-weighted mean is ``target``, then rounds to whole weights with the total
     exactly ``round(target * sum(sizes))``. Returns ``{name: pruned / size}``."""
@@ -121,7 +124,7 @@ def _sizes(layers: Mapping[str, nn.Module]) -> dict[str, int]:
 @torch.no_grad()
 def owl_sparsities(model: nn.Module, layers: Mapping[str, nn.Module], data: Iterable, target: float, *,
                    lam: float = 0.08, m: float = 5.0, granularity: str = "block", lo: float = 0.0,
-                   hi: float = 0.99, progress: bool | None = None) -> dict[str, float]:
+                   hi: float = MAX_SPARSITY, progress: bool | None = None) -> dict[str, float]:
     """OWL sparsity per layer (see the module docstring); the weighted mean is ``target``.
 
     ``granularity``: ``"block"`` (one ratio per repeated block, :func:`block_of`)
@@ -281,7 +284,8 @@ def sensitivity_tables(model: nn.Module, layers: Mapping[str, nn.Module], data: 
             for p, errs in errors.items()}
 
 
-def sensitivity_grid(target: float, max_shift: float = 0.2, hi: float = 0.99) -> tuple[float, ...]:
+def sensitivity_grid(target: float, max_shift: float = DEFAULT_MAX_SHIFT,
+                     hi: float = MAX_SPARSITY) -> tuple[float, ...]:
     """The default grid, extended so that it reaches ``min(hi, target + max_shift)``:
     a table is only trusted where it was measured (see :func:`allocate_from_table`)."""
     top = min(hi, target + max_shift)
@@ -294,8 +298,8 @@ def sensitivity_grid(target: float, max_shift: float = 0.2, hi: float = 0.99) ->
 
 
 def allocate_from_table(table: SensitivityTable, target: float, names: Iterable[str] | None = None, *,
-                        max_shift: float = 0.2, step: float = 0.01, lo: float = 0.0,
-                        hi: float = 0.99) -> dict[str, float]:
+                        max_shift: float = DEFAULT_MAX_SHIFT, step: float = 0.01, lo: float = 0.0,
+                        hi: float = MAX_SPARSITY) -> dict[str, float]:
     """Per-layer sparsities with mean ``target`` that minimise the summed squared
     relative error of the table, each within ``target ± max_shift``.
 

@@ -9,8 +9,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .allocation import (ALLOCATIONS, SensitivityTable, allocate_from_table, owl_sparsities, sensitivity_grid,
-                         sensitivity_table)
+from .allocation import (ALLOCATIONS, DEFAULT_MAX_SHIFT, MAX_SPARSITY, SensitivityTable, allocate_from_table,
+                         owl_sparsities, sensitivity_grid, sensitivity_table)
 from .criteria import Criterion, get_criterion
 from .masks import apply_mask, get_mask
 from .patterns import Pattern, parse_pattern, weight_2d_shape
@@ -271,8 +271,9 @@ class Pruner:
                     table_opts = {k: opts.pop(k) for k in keys if k in opts}
                     # the errors of the masks this pruner will make, measured wherever the allocation may go
                     table_opts.setdefault("pattern", self.pattern)
-                    table_opts.setdefault("sparsities", sensitivity_grid(self.sparsity, opts.get("max_shift", 0.2),
-                                                                         opts.get("hi", 0.99)))
+                    reach = sensitivity_grid(self.sparsity, opts.get("max_shift", DEFAULT_MAX_SHIFT),
+                                             opts.get("hi", MAX_SPARSITY))
+                    table_opts.setdefault("sparsities", reach)
                     table = sensitivity_table(self.model, free, self._data, progress=self.progress, **table_opts)
                     self.sensitivity = table
                 alloc = allocate_from_table(table, self.sparsity, list(free), **opts)

@@ -59,10 +59,11 @@ class BlockingBatchLoop(BatchedLoop):
     LitServe's batched loop asks its request queue with a 1 ms timeout, again and again, busy or idle.
     With LitServe's own ``multiprocessing.Manager`` queue (every ``get`` a round trip to the manager
     process; :class:`PlainQueueLitServer` now replaces it) an idle 2-worker server kept ~0.6 of 2 cores
-    busy (each worker ~0.14, the manager ~0.3), cycles the model and the HTTP process lose under load. This loop waits for a batch's first request in
-    one blocking ``get`` (up to 1 s, then an empty batch, as LitServe's loop returns), then gathers
-    the rest until the batch is full or ``batch_timeout`` has passed since that first request, each
-    in one ``get`` for the time left (what is already queued is taken without waiting).
+    busy (each worker ~0.14, the manager ~0.3), cycles the model and the HTTP process lose under load.
+    This loop waits for a batch's first request in one blocking ``get`` (up to 1 s, then an empty
+    batch, as LitServe's loop returns), then gathers the rest until the batch is full or
+    ``batch_timeout`` has passed since that first request, each in one ``get`` for the time left
+    (what is already queued is taken without waiting).
     """
 
     IDLE_WAIT_S = 1.0
