@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import cpu_name, git_commit, time_methods
 from sparsert import ops
+from sparsert._ext import native
 from sparsert.nn import DenseLinear, Int8DenseLinear, SparseLinear
 
 SHAPES = [(768, 3072), (3072, 768)]  # (in, out)
@@ -55,9 +56,21 @@ def prune_1x4(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     return (blocks * (score > cut)[..., None]).reshape(rows, cols)
 
 
+def ort_session(model, threads: int):
+    """An onnxruntime CPU session of `model` (bytes or a path) on `threads` threads."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    # interleaved timing: ORT's threads spin after each run and would steal the cores from
+    # whichever method runs next (measured: sparsert eager 49 ms after ORT vs 17 ms alone)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
 def ort_int8(model_bytes: bytes, threads: int):
     """An onnxruntime session of the dynamically int8-quantised model (quantize_dynamic, QInt8)."""
-    import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as d:
@@ -67,13 +80,7 @@ def ort_int8(model_bytes: bytes, threads: int):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        # interleaved timing: ORT's threads spin after each run and would steal the cores from
-        # whichever method runs next (measured: sparsert eager 49 ms after ORT vs 17 ms alone)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.inter_op_num_threads = 1
-        return ort.InferenceSession(dst, opts, providers=["CPUExecutionProvider"])
+        return ort_session(dst, threads)
 
 
 def ort_int8_linear(w: torch.Tensor, b: torch.Tensor, threads: int):
@@ -188,12 +195,16 @@ def e2e(args, pruned, int8, tok, sentences, s):
             torch.onnx.export(Positional().eval(), tuple(inputs[k] for k in names), buf, input_names=names,
                               dynamo=False)
         sess = ort_int8(buf.getvalue(), args.threads)
+        sess32 = ort_session(buf.getvalue(), args.threads)
         feed = {k: v.numpy() for k, v in inputs.items()}
         with torch.no_grad():
             t = time_methods({"ort int8 dense": lambda: sess.run(None, feed), "sparsert int8": lambda: int8(**inputs),
+                              "ort fp32 dense": lambda: sess32.run(None, feed),
                               "torch fp32 sparse-pruned dense": lambda: pruned(**inputs)}, rounds=args.rounds)
-        print(f"MiniLM {s:.0%} e2e {n}x{seq}: sparsert int8 {t['sparsert int8'] * 1e3:.2f} ms, ort int8 dense "
-              f"{t['ort int8 dense'] * 1e3:.2f} ms ({t['ort int8 dense'] / t['sparsert int8']:.2f}x), torch fp32 "
+        q = t["sparsert int8"]
+        print(f"MiniLM {s:.0%} e2e {n}x{seq}: sparsert int8 {q * 1e3:.2f} ms | ort int8 dense "
+              f"{t['ort int8 dense'] * 1e3:.2f} ms ({t['ort int8 dense'] / q:.2f}x) | ort fp32 dense "
+              f"{t['ort fp32 dense'] * 1e3:.2f} ms ({t['ort fp32 dense'] / q:.2f}x) | torch fp32 "
               f"{t['torch fp32 sparse-pruned dense'] * 1e3:.2f} ms", flush=True)
 
 
@@ -215,7 +226,8 @@ def main() -> None:
     args.clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     ops.set_num_threads(args.threads)
-    print(f"# {cpu_name()}, ISA {ops.cpu_isa()}, {args.threads} threads, commit {git_commit()}, "
+    print(f"# {cpu_name()}, ISA {ops.cpu_isa()}, int8 kernels {native().select_int8_kernel(1)} / "
+          f"{native().select_int8_kernel(64)}, {args.threads} threads, commit {git_commit()}, "
           f"torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}", flush=True)
     if not args.skip_layers:
         per_layer(args)

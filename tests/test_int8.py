@@ -46,9 +46,14 @@ def test_registry_lists_reference_portable_and_selection():
     names = set(KERNELS)
     assert {REFERENCE, "s8_spmv_bsr1x4_scalar", "s8_spmm_bsr1x4_scalar"} <= names
     if native().best_isa() in ("avx2", "avx512"):
-        assert {"s8_spmv_bsr1x4_avx2", "s8_spmm_bsr1x4_avx2"} <= names
-        assert native().select_int8_kernel(1) == "s8_spmv_bsr1x4_avx2"
-        assert native().select_int8_kernel(64) == "s8_spmm_bsr1x4_avx2"
+        assert {"s8_spmv_bsr1x4_avx2", "s8_spmm_bsr1x4_avx2", "s8_spmv_bsr1x4_avx512vnni",
+                "s8_spmm_bsr1x4_avx512vnni"} <= names
+        # an AVX-512 CPU runs the VNNI kernels when it has VNNI, AVX2's otherwise
+        vnni = next(k for k in int8_kernels() if k["name"] == "s8_spmm_bsr1x4_avx512vnni")["supported"]
+        best = "avx512vnni" if native().best_isa() == "avx512" and vnni else "avx2"
+        assert native().select_int8_kernel(1) == f"s8_spmv_bsr1x4_{best}"
+        assert native().select_int8_kernel(64) == f"s8_spmm_bsr1x4_{best}"
+        assert native().select_int8_kernel(64, "avx2") == "s8_spmm_bsr1x4_avx2"
     assert native().select_int8_kernel(64, "scalar") == "s8_spmm_bsr1x4_scalar"
 
 
@@ -88,6 +93,26 @@ def test_extreme_values_do_not_saturate(kernel):
         exact = (x.double() @ signs.double().T).float()
         assert torch.equal(out, run(x, fmt, kernel=REFERENCE))
         torch.testing.assert_close(out, exact, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kernel", RUNNABLE)
+def test_offset_sums_past_int32_stay_exact(kernel):
+    # The VNNI kernels sum (x + 128) * w, which passes 2^31 here (255 * 127 * 70,000 = 2.27e9)
+    # while the true sum (127 * 127 * 70,000 = 1.13e9) fits: int32 lanes must wrap and the
+    # row's offset (128 * sum w) must come off exactly. Every kernel must give the exact sum.
+    cols = 70_000
+    w = torch.ones(2, cols)
+    w[1, ::2] = -1
+    fmt = Q8BSR.from_dense(w)
+    for tokens in (1, 20):
+        x = torch.ones(tokens, cols)
+        x[:, ::2] = -1  # equal to row 1
+        out = run(x, fmt, kernel=kernel)
+        assert torch.equal(out, run(x, fmt, kernel=REFERENCE))
+        # int32 sums 0 on row 0 (alternating signs) and 127 * 127 * cols on row 1, times the
+        # scales 1/127 of weight and token: y = cols
+        torch.testing.assert_close(out[:, 1], torch.full((tokens,), float(cols)), rtol=1e-6, atol=0)
+        assert torch.equal(out[:, 0], torch.zeros(tokens))
 
 
 def test_int32_indices_path():

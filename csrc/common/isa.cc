@@ -12,6 +12,10 @@ bool isa_supported(const std::string& isa) {
   // __builtin_cpu_supports also checks that the OS saves the wide registers.
   if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (isa == "avx512") return __builtin_cpu_supports("avx512f");
+  // int8 kernels only (best_isa never returns it): vpdpbusd plus the byte/word masks they use
+  if (isa == "avx512vnni")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 #endif
   return false;
 }
@@ -21,7 +25,7 @@ std::string best_isa() {
   static const std::string best = [] {
     if (const char* forced = std::getenv("SPARSERT_ISA")) {
       const std::string isa(forced);
-      if (!isa.empty() && isa_supported(isa)) return isa;
+      if ((isa == "scalar" || isa == "avx2" || isa == "avx512") && isa_supported(isa)) return isa;
     }
     for (const char* isa : {"avx512", "avx2"})
       if (isa_supported(isa)) return std::string(isa);

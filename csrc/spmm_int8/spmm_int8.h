@@ -57,7 +57,7 @@ struct Int8BlockMatrix {
 struct Int8Activations {
   const int8_t* xq = nullptr;
   int64_t xq_stride = 0;  // a multiple of 4, >= block_col_count() * 4
-  const float* x_scales = nullptr;  // tokens rounded up to 32 entries (zero past tokens)
+  const float* x_scales = nullptr;  // tokens rounded up to 64 entries (zero past tokens)
   int64_t tokens = 0;
 };
 
@@ -75,7 +75,7 @@ using Int8SpmmFn = void (*)(const Int8BlockMatrix& w, const Int8Activations& x, 
 // One entry per int8 kernel; tests and benchmarks iterate this list.
 struct Int8KernelInfo {
   std::string name;  // e.g. "s8_spmm_bsr1x4_avx2"
-  std::string isa;   // "reference", "scalar", "avx2"
+  std::string isa;   // "reference", "scalar", "avx2", "avx512vnni"
   std::string kind;  // "spmm" (token panels), "spmv" (per token) or "reference"
   int block_rows = 1;
   int block_cols = kInt8BlockCols;

@@ -1,6 +1,6 @@
 // The int8 1x4 kernels (see spmm_int8/spmm_int8.h), written once and compiled
-// per ISA: spmm_int8_{scalar,avx2}.cc define SPARSERT_ISA (a namespace) and
-// the target, then include this file.
+// per ISA: spmm_int8_{scalar,avx2,avx512vnni}.cc define SPARSERT_ISA (a
+// namespace) and the target, then include this file.
 //
 // Two kernel families:
 //   spmv  Few tokens. Per token and row, 8 blocks at a time: the 8 blocks'
@@ -15,6 +15,16 @@
 //         then per 8 tokens one panel load and one dot4 (4 instructions for
 //         32 MACs on AVX2). Reads per MAC: (4 + 2) / (4 * P) bytes of
 //         weight and index, and 1/4 of a 32-byte panel load per token-block.
+//
+// AVX-512 VNNI (SPARSERT_INT8_VNNI): vpdpbusd multiplies u8 by s8 and adds
+// the 4 products of a 32-bit lane into int32 without saturation, so the
+// activations are offset to u8 (x + 128, an xor with 0x80) and the weights
+// stay s8: sum_k (x + 128) * w = sum_k x * w + 128 * sum_k w. The second term
+// (one per row, "the row's offset") is one vpdpbusd of 128s against the
+// row's weights, 64 bytes at a time, and is subtracted in int32. The sums
+// may pass 2^31 before the subtraction; int32 lanes wrap (mod 2^32), and the
+// true result fits (kInt8MaxCols), so the difference is exact. One vpdpbusd
+// does 64 MACs (16 lanes x 4) where AVX2 needs 4 instructions for 32.
 #pragma once
 
 #include <algorithm>
@@ -28,7 +38,7 @@
 #include "common/thread_pool.h"
 #include "spmm_int8/spmm_int8.h"
 
-#if defined(SPARSERT_INT8_AVX2)
+#if defined(SPARSERT_INT8_AVX2) || defined(SPARSERT_INT8_VNNI)
 #include <immintrin.h>
 #endif
 
@@ -95,11 +105,48 @@ static inline __m256i load_indices8(const Index* p) {
 }
 #endif
 
+#if defined(SPARSERT_INT8_VNNI)
+// 16 block-column indices as 32-bit lanes; `mask` keeps the first lanes (the rest read nothing).
+template <typename Index>
+static inline __m512i load_indices16(const Index* p, __mmask16 mask) {
+  if constexpr (sizeof(Index) == 2)
+    return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+  else
+    return _mm512_maskz_loadu_epi32(mask, p);
+}
+
+// 128 * (sum of the weights of blocks [b, e)) in 16 int32 lanes (wrapping): the
+// row's offset, subtracted from sums over u8 = x + 128 activations.
+static inline __m512i row_offset(const int8_t* values, int64_t b, int64_t e) {
+  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i off = _mm512_setzero_si512();
+  const int8_t* p = values + 4 * b;
+  int64_t bytes = 4 * (e - b);
+  for (; bytes >= 64; bytes -= 64, p += 64) off = _mm512_dpbusd_epi32(off, c128, _mm512_loadu_si512(p));
+  if (bytes > 0) off = _mm512_dpbusd_epi32(off, c128, _mm512_maskz_loadu_epi8(~0ull >> (64 - bytes), p));
+  return off;
+}
+#endif
+
 // sum over blocks [b, e) of one row: weights . the token's activations.
 template <typename Index>
 static inline int32_t row_dot(const Int8BlockMatrix& w, const Index* ci, int64_t b, int64_t e, const int8_t* xq) {
   int32_t acc = 0;
-#if defined(SPARSERT_INT8_AVX2)
+#if defined(SPARSERT_INT8_VNNI)
+  // 16 blocks per step: a 16-lane gather of the token's 4-activation lanes (offset to u8) and
+  // one 64-byte weight load; the last partial step masks its lanes (zero weights add nothing)
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i v = _mm512_setzero_si512(), off = _mm512_setzero_si512();
+  const __m512i c128 = flip;
+  for (; b < e; b += 16) {
+    const __mmask16 m = e - b >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (e - b)) - 1);
+    const __m512i xv = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, load_indices16(ci + b, m), xq, 4);
+    const __m512i wv = _mm512_maskz_loadu_epi32(m, w.values + 4 * b);
+    v = _mm512_dpbusd_epi32(v, _mm512_xor_si512(xv, flip), wv);
+    off = _mm512_dpbusd_epi32(off, c128, wv);
+  }
+  return _mm512_reduce_add_epi32(_mm512_sub_epi32(v, off));
+#elif defined(SPARSERT_INT8_AVX2)
   __m256i v = _mm256_setzero_si256();
   for (; b + 8 <= e; b += 8) {
     const __m256i xv = _mm256_i32gather_epi32(reinterpret_cast<const int*>(xq), load_indices8(ci + b), 4);
@@ -144,7 +191,7 @@ static void quantize_row(const float* xr, int64_t cols, int8_t* qr, int64_t q_st
   float amax = 0.0f;
   bool finite = true;
   int64_t k = 0;
-#if defined(SPARSERT_INT8_AVX2)
+#if defined(SPARSERT_INT8_AVX2) || defined(SPARSERT_INT8_VNNI)
   {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     const __m256 big = _mm256_set1_ps(std::numeric_limits<float>::max());
@@ -175,7 +222,7 @@ static void quantize_row(const float* xr, int64_t cols, int8_t* qr, int64_t q_st
   if (amax == 0.0f) return;
   const float inv = 127.0f / amax;
   k = 0;
-#if defined(SPARSERT_INT8_AVX2)
+#if defined(SPARSERT_INT8_AVX2) || defined(SPARSERT_INT8_VNNI)
   {
     // clamp, then round to nearest even (cvtps2dq under the default rounding mode): the
     // bounds are integers, so this equals rounding first and clamping after
@@ -206,26 +253,39 @@ static void quantize_rows(const float* x, int64_t tokens, int64_t cols, int64_t 
   });
 }
 
-// Packs tokens [t0, t0 + valid) into xp[kb * P + t] (32-bit lanes; zero for t >= valid).
+// Tokens per SIMD vector of int32 lanes: a panel holds 8 (AVX2) or 16 (AVX-512) tokens per vector.
+#if defined(SPARSERT_INT8_VNNI)
+constexpr int kLanes = 16;
+// vpdpbusd's u8 operand: activations offset by 128 (see the top of this file)
+constexpr uint32_t kPanelFlip = 0x80808080u;
+#else
+constexpr int kLanes = 8;
+constexpr uint32_t kPanelFlip = 0;
+#endif
+
+// Packs tokens [t0, t0 + valid) into xp[kb * P + t] (32-bit lanes, xor kPanelFlip; zero
+// activations for t >= valid).
 template <int P>
 static void pack_panel(const Int8Activations& x, int64_t blocks, int64_t t0, int64_t valid, int32_t* xp) {
   for (int64_t kb = 0; kb < blocks; ++kb) {
     int32_t* dst = xp + kb * P;
-    for (int t = 0; t < P; ++t) dst[t] = t < valid ? load_lane(x.xq + (t0 + t) * x.xq_stride + 4 * kb) : 0;
+    for (int t = 0; t < P; ++t)
+      dst[t] = static_cast<int32_t>(
+          (t < valid ? static_cast<uint32_t>(load_lane(x.xq + (t0 + t) * x.xq_stride + 4 * kb)) : 0u) ^ kPanelFlip);
   }
 }
 
 constexpr int kTileRows = 64;  // rows whose outputs are transposed through one L1 tile
 
-// Rows [r0, r1) against one panel of P = 8 * NV tokens. Outputs go through a
+// Rows [r0, r1) against one panel of P = kLanes * NV tokens. Outputs go through a
 // tile (kTileRows rows x P tokens, in L1) so that y is written a token row at
 // a time rather than one float per (row, token) at a stride of y_row_stride.
 template <int NV, typename Index>
 static void spmm_panel_rows(const Int8BlockMatrix& w, const Index* ci, const int32_t* xp, const Int8Activations& x,
                             const Int8Output& o, int64_t t0, int64_t valid, int64_t r0, int64_t r1) {
-  constexpr int P = 8 * NV;
+  constexpr int P = kLanes * NV;
   const bool relu = o.epilogue == Epilogue::kRelu;
-  alignas(32) float tile[kTileRows * P];
+  alignas(64) float tile[kTileRows * P];
   for (int64_t rb = r0; rb < r1; rb += kTileRows) {
   const int nr = static_cast<int>(std::min<int64_t>(kTileRows, r1 - rb));
   for (int i = 0; i < nr; ++i) {
@@ -233,7 +293,39 @@ static void spmm_panel_rows(const Int8BlockMatrix& w, const Index* ci, const int
     const int64_t e = w.row_ptr[n + 1];
     const float ws = w.scales[n];
     const float bias = o.bias ? o.bias[n] : 0.0f;
-#if defined(SPARSERT_INT8_AVX2)
+#if defined(SPARSERT_INT8_VNNI)
+    // per block: one 4-byte weight broadcast, then one vpdpbusd per 16 tokens (panel operand from
+    // memory). vpdpbusd's latency (~5 cycles) would bound a single chain per vector, so narrow
+    // panels keep S independent sets of accumulators (blocks round-robin over them): S * NV >= 4.
+    constexpr int S = NV >= 4 ? 1 : 4 / NV;
+    __m512i acc[S][NV];
+    const __m512i off = _mm512_set1_epi32(_mm512_reduce_add_epi32(row_offset(w.values, w.row_ptr[n], e)));
+    for (int s = 0; s < S; ++s)
+      for (int u = 0; u < NV; ++u) acc[s][u] = _mm512_setzero_si512();
+    int64_t b = w.row_ptr[n];
+    for (; b + S <= e; b += S)
+      for (int s = 0; s < S; ++s) {
+        const __m512i wb = _mm512_set1_epi32(load_lane(w.values + 4 * (b + s)));
+        const int32_t* xr = xp + static_cast<int64_t>(ci[b + s]) * P;
+        for (int u = 0; u < NV; ++u)
+          acc[s][u] = _mm512_dpbusd_epi32(acc[s][u], _mm512_loadu_si512(xr + 16 * u), wb);
+      }
+    for (; b < e; ++b) {
+      const __m512i wb = _mm512_set1_epi32(load_lane(w.values + 4 * b));
+      const int32_t* xr = xp + static_cast<int64_t>(ci[b]) * P;
+      for (int u = 0; u < NV; ++u)
+        acc[0][u] = _mm512_dpbusd_epi32(acc[0][u], _mm512_loadu_si512(xr + 16 * u), wb);
+    }
+    for (int s = 1; s < S; ++s)
+      for (int u = 0; u < NV; ++u) acc[0][u] = _mm512_add_epi32(acc[0][u], acc[s][u]);
+    // the dequantisation of spmm_int8.h, 16 tokens at a time (see the AVX2 branch)
+    for (int u = 0; u < NV; ++u) {
+      const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(x.x_scales + t0 + 16 * u), _mm512_set1_ps(ws));
+      __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[0][u], off)), scale, _mm512_set1_ps(bias));
+      if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);
+      _mm512_store_ps(tile + i * P + 16 * u, v);
+    }
+#elif defined(SPARSERT_INT8_AVX2)
     __m256i acc[NV];
     for (int u = 0; u < NV; ++u) acc[u] = _mm256_setzero_si256();
     for (int64_t b = w.row_ptr[n]; b < e; ++b) {
@@ -273,7 +365,7 @@ static void spmm_panel_rows(const Int8BlockMatrix& w, const Index* ci, const int
 
 template <int NV, typename Index>
 static void spmm_run(const Int8BlockMatrix& w, const Int8Activations& x, const Int8Output& o) {
-  constexpr int P = 8 * NV;
+  constexpr int P = kLanes * NV;
   const Index* ci = static_cast<const Index*>(w.col_idx);
   const int64_t blocks = w.block_col_count();
   const int64_t panels = (x.tokens + P - 1) / P;
@@ -293,12 +385,12 @@ static void spmm_run(const Int8BlockMatrix& w, const Int8Activations& x, const I
   });
 }
 
-// The narrowest panel (8, 16 or 32 tokens) that holds every token.
+// The narrowest panel (1, 2 or 4 vectors of kLanes tokens) that holds every token.
 template <int NVMAX, typename Index>
 static void spmm_typed(const Int8BlockMatrix& w, const Int8Activations& x, const Int8Output& o) {
-  if (x.tokens <= 8 || NVMAX == 1) return spmm_run<1, Index>(w, x, o);
+  if (x.tokens <= kLanes || NVMAX == 1) return spmm_run<1, Index>(w, x, o);
   if constexpr (NVMAX >= 2)
-    if (x.tokens <= 16 || NVMAX == 2) return spmm_run<2, Index>(w, x, o);
+    if (x.tokens <= 2 * kLanes || NVMAX == 2) return spmm_run<2, Index>(w, x, o);
   if constexpr (NVMAX >= 4) return spmm_run<4, Index>(w, x, o);
 }
 
