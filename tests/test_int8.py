@@ -51,7 +51,8 @@ def test_registry_lists_reference_portable_and_selection():
         # an AVX-512 CPU runs the VNNI kernels when it has VNNI, AVX2's otherwise
         vnni = next(k for k in int8_kernels() if k["name"] == "s8_spmm_bsr1x4_avx512vnni")["supported"]
         best = "avx512vnni" if native().best_isa() == "avx512" and vnni else "avx2"
-        assert native().select_int8_kernel(1) == f"s8_spmv_bsr1x4_{best}"
+        # (one token: AVX2's per-token kernel, measured faster than VNNI's gathers on Zen 4)
+        assert native().select_int8_kernel(1) == "s8_spmv_bsr1x4_avx2"
         assert native().select_int8_kernel(64) == f"s8_spmm_bsr1x4_{best}"
         assert native().select_int8_kernel(64, "avx2") == "s8_spmm_bsr1x4_avx2"
     assert native().select_int8_kernel(64, "scalar") == "s8_spmm_bsr1x4_scalar"

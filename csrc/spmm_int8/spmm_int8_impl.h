@@ -133,19 +133,27 @@ template <typename Index>
 static inline int32_t row_dot(const Int8BlockMatrix& w, const Index* ci, int64_t b, int64_t e, const int8_t* xq) {
   int32_t acc = 0;
 #if defined(SPARSERT_INT8_VNNI)
-  // 16 blocks per step: a 16-lane gather of the token's 4-activation lanes (offset to u8) and
-  // one 64-byte weight load; the last partial step masks its lanes (zero weights add nothing)
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512i v = _mm512_setzero_si512(), off = _mm512_setzero_si512();
-  const __m512i c128 = flip;
-  for (; b < e; b += 16) {
-    const __mmask16 m = e - b >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (e - b)) - 1);
-    const __m512i xv = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, load_indices16(ci + b, m), xq, 4);
-    const __m512i wv = _mm512_maskz_loadu_epi32(m, w.values + 4 * b);
-    v = _mm512_dpbusd_epi32(v, _mm512_xor_si512(xv, flip), wv);
-    off = _mm512_dpbusd_epi32(off, c128, wv);
+  // 8 blocks per step: an 8-lane gather of the token's 4-activation lanes (offset to u8; Zen 4
+  // gathers 8 lanes at well over half the rate of 16) and one 32-byte weight load; the last
+  // partial step masks its lanes (zero weights add nothing)
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i c128 = flip;
+  __m256i v = _mm256_setzero_si256(), off = _mm256_setzero_si256();
+  for (; b < e; b += 8) {
+    const __mmask8 m = e - b >= 8 ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << (e - b)) - 1);
+    const __m256i idx = sizeof(Index) == 2
+        ? _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(m, ci + b))
+        : _mm256_maskz_loadu_epi32(m, ci + b);
+    const __m256i xv = _mm256_mmask_i32gather_epi32(_mm256_setzero_si256(), m, idx, xq, 4);
+    const __m256i wv = _mm256_maskz_loadu_epi32(m, w.values + 4 * b);
+    v = _mm256_dpbusd_epi32(v, _mm256_xor_si256(xv, flip), wv);
+    off = _mm256_dpbusd_epi32(off, c128, wv);
   }
-  return _mm512_reduce_add_epi32(_mm512_sub_epi32(v, off));
+  const __m256i d = _mm256_sub_epi32(v, off);
+  __m128i r = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
+  r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4E));
+  r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xB1));
+  return _mm_cvtsi128_si32(r);
 #elif defined(SPARSERT_INT8_AVX2)
   __m256i v = _mm256_setzero_si256();
   for (; b + 8 <= e; b += 8) {

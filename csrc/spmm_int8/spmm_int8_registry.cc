@@ -45,8 +45,10 @@ const std::vector<Int8KernelInfo>& int8_kernel_registry() {
 
 // Up to this many tokens the per-token kernel (gathers, no packing) beats the
 // panels (which waste lanes below 8 or 16 tokens). Measured: 2 on Zen 3 (AVX2);
-// on Zen 4 the VNNI panel kernel already wins at 2 tokens (100 vs 175 us on
-// 768->3072 at 50%; its 16-lane gathers are slow), so VNNI keeps 1.
+// on Zen 4 the VNNI panel kernel already wins at 2 tokens (101 vs 153-163 us on
+// 768->3072 at 50%), so VNNI keeps 1. At that one token both per-token kernels
+// are bound by their gathers, and AVX2's measured 3-7% faster than VNNI's on
+// Zen 4 (83 vs 89 us, 82 vs 87 us at 50%), so a VNNI CPU runs AVX2's there.
 constexpr int64_t kInt8SpmvMaxTokens = 2;
 constexpr int64_t kInt8SpmvMaxTokensVnni = 1;
 
@@ -54,7 +56,9 @@ const Int8KernelInfo* select_int8_kernel(int64_t tokens, const std::string& isa)
   // int8 needs more than AVX-512F: an AVX-512 CPU with VNNI runs the VNNI kernels, one without runs AVX2's.
   std::string use = isa;
   if (use == "avx512") use = isa_supported("avx512vnni") ? "avx512vnni" : "avx2";
-  const char* kind = tokens <= (use == "avx512vnni" ? kInt8SpmvMaxTokensVnni : kInt8SpmvMaxTokens) ? "spmv" : "spmm";
+  const bool vnni = use == "avx512vnni";
+  const char* kind = tokens <= (vnni ? kInt8SpmvMaxTokensVnni : kInt8SpmvMaxTokens) ? "spmv" : "spmm";
+  if (vnni && std::string(kind) == "spmv") use = "avx2";
   const Int8KernelInfo* fallback = nullptr;
   for (const auto& k : int8_kernel_registry()) {
     if (k.kind == "reference") fallback = &k;
