@@ -126,6 +126,33 @@ static inline __m512i row_offset(const int8_t* values, int64_t b, int64_t e) {
   if (bytes > 0) off = _mm512_dpbusd_epi32(off, c128, _mm512_maskz_loadu_epi8(~0ull >> (64 - bytes), p));
   return off;
 }
+
+// In place: r[j][i] = old r[i][j] for a 16 x 16 matrix of 32-bit lanes (64 shuffles for 256
+// elements, where scalar moves need a load and a store each). Used to pack token rows into
+// panels and to write the (rows x tokens) output tile as token rows.
+static inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // 2x2 blocks of lanes
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + c], 128-bit lane L: rows i..i+3 of column 4L + c
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4L + c = lane L of r[c], r[4 + c], r[8 + c], r[12 + c]
+    const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+    const __m512i w0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512i w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+    t[8 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
 #endif
 
 // sum over blocks [b, e) of one row: weights . the token's activations.
@@ -221,13 +248,13 @@ static void quantize_row(const float* xr, int64_t cols, int8_t* qr, int64_t q_st
     finite &= a <= std::numeric_limits<float>::max();
     amax = a > amax ? a : amax;
   }
-  std::memset(qr, 0, static_cast<size_t>(q_stride));
-  if (!finite) {
-    *scale = std::nanf("");
+  if (!finite || amax == 0.0f) {
+    std::memset(qr, 0, static_cast<size_t>(q_stride));
+    *scale = finite ? 0.0f : std::nanf("");
     return;
   }
+  std::memset(qr + cols, 0, static_cast<size_t>(q_stride - cols));  // [0, cols) is written below
   *scale = amax / 127.0f;
-  if (amax == 0.0f) return;
   const float inv = 127.0f / amax;
   k = 0;
 #if defined(SPARSERT_INT8_AVX2) || defined(SPARSERT_INT8_VNNI)
@@ -275,6 +302,26 @@ constexpr uint32_t kPanelFlip = 0;
 // activations for t >= valid).
 template <int P>
 static void pack_panel(const Int8Activations& x, int64_t blocks, int64_t t0, int64_t valid, int32_t* xp) {
+#if defined(SPARSERT_INT8_VNNI)
+  // 16 tokens x 16 block columns at a time, transposed in registers
+  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(kPanelFlip));
+  for (int64_t kb0 = 0; kb0 < blocks; kb0 += 16) {
+    const int64_t n = std::min<int64_t>(16, blocks - kb0);
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    for (int u = 0; u < P / 16; ++u) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t t = 16 * u + j;
+        r[j] = t < valid ? _mm512_maskz_loadu_epi32(m, x.xq + (t0 + t) * x.xq_stride + 4 * kb0)
+                         : _mm512_setzero_si512();
+      }
+      transpose16x16(r);
+      for (int64_t j = 0; j < n; ++j)
+        _mm512_storeu_si512(xp + (kb0 + j) * P + 16 * u, _mm512_xor_si512(r[j], flip));
+    }
+  }
+  return;
+#endif
   for (int64_t kb = 0; kb < blocks; ++kb) {
     int32_t* dst = xp + kb * P;
     for (int t = 0; t < P; ++t)
@@ -364,10 +411,27 @@ static void spmm_panel_rows(const Int8BlockMatrix& w, const Index* ci, const int
     for (int t = 0; t < P; ++t) tile[i * P + t] = dequantize(sums[t], x.x_scales[t0 + t] * ws, bias, relu);
 #endif
   }
+#if defined(SPARSERT_INT8_VNNI)
+  // the tile (nr rows x P tokens) to token rows of y, 16 x 16 at a time
+  for (int i0 = 0; i0 < nr; i0 += 16) {
+    const int rows16 = std::min(16, nr - i0);
+    const __mmask16 m = static_cast<__mmask16>((1u << rows16) - 1);
+    for (int u = 0; u < P / 16 && 16 * u < valid; ++u) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j)
+        r[j] = j < rows16 ? _mm512_load_si512(tile + (i0 + j) * P + 16 * u) : _mm512_setzero_si512();
+      transpose16x16(r);
+      const int64_t tokens16 = std::min<int64_t>(16, valid - 16 * u);
+      for (int64_t j = 0; j < tokens16; ++j)
+        _mm512_mask_storeu_epi32(o.y + (t0 + 16 * u + j) * o.y_row_stride + rb + i0, m, r[j]);
+    }
+  }
+#else
   for (int64_t t = 0; t < valid; ++t) {
     float* yr = o.y + (t0 + t) * o.y_row_stride + rb;
     for (int i = 0; i < nr; ++i) yr[i] = tile[i * P + t];
   }
+#endif
   }
 }
 
