@@ -116,6 +116,43 @@ def test_offset_sums_past_int32_stay_exact(kernel):
         assert torch.equal(out[:, 0], torch.zeros(tokens))
 
 
+def test_lanes_layout_holds_every_block_once():
+    # The lanes layout (spmm_int8.h, Int8LaneMatrix) rebuilt into a dense int8 weight must be
+    # the 1x4 weight, and its steps per (16-row group, 32-block chunk) the largest row count.
+    from sparsert.ops.quantized import _lanes_arrays, check_q8_arrays
+
+    gen = torch.Generator().manual_seed(11)
+    rows, cols = 37, 300  # 3 groups (the last of 5 rows), 3 chunks (the last of 11 blocks)
+    fmt = Q8BSR.from_dense(block_weight(rows, cols, 0.4, gen, "empty_rows"))
+    checked = check_q8_arrays(fmt.row_ptr, fmt.col_indices, fmt.qblocks, fmt.scales, rows, cols)
+    _lanes_arrays(checked, rows, cols)
+    step_ptr, lane_cols, lane_w, _ = checked.derived
+    groups, chunks, nbc = 3, 3, 75
+    q = torch.zeros(rows, nbc, 4, dtype=torch.int32)
+    ci = fmt.col_indices.to(torch.int64) & 0xFFFF
+    for n in range(rows):
+        for b in range(int(fmt.row_ptr[n]), int(fmt.row_ptr[n + 1])):
+            q[n, ci[b]] = fmt.qblocks[b].to(torch.int32)
+    counts = torch.zeros(groups * 16, chunks, dtype=torch.int64)
+    for n in range(rows):
+        for b in range(int(fmt.row_ptr[n]), int(fmt.row_ptr[n + 1])):
+            counts[n, ci[b] // 32] += 1
+    expected_steps = counts.view(groups, 16, chunks).amax(1).flatten()
+    assert torch.equal(step_ptr.diff().to(torch.int64), expected_steps)
+    assert int(lane_cols.max()) < 32
+    rebuilt = torch.zeros(groups * 16, nbc, 4, dtype=torch.int32)
+    lw = lane_w.view(-1, 16, 4).to(torch.int32)
+    lc = lane_cols.view(-1, 16).to(torch.int64)
+    for g in range(groups):
+        for c in range(chunks):
+            for s in range(int(step_ptr[g * chunks + c]), int(step_ptr[g * chunks + c + 1])):
+                for r in range(16):
+                    if lw[s, r].abs().sum():
+                        assert not rebuilt[g * 16 + r, c * 32 + lc[s, r]].any(), "a block placed twice"
+                        rebuilt[g * 16 + r, c * 32 + lc[s, r]] = lw[s, r]
+    assert torch.equal(rebuilt[:rows], q)
+
+
 def test_int32_indices_path():
     # from_dense stores int16 indices (the kernels' uint16); a raw call may pass int32
     gen = torch.Generator().manual_seed(5)

@@ -97,6 +97,47 @@ const Int8KernelInfo* select_int8_kernel(int64_t tokens, const std::string& isa)
 void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
                       int64_t q_stride, float* scales, int num_threads, const std::string& isa = "");
 
+// The "lanes" layout of the few-token VNNI kernel, derived from an
+// Int8BlockMatrix (int8_lanes_plan / int8_lanes_fill) and held by the caller.
+// Rows go in groups of 16 (one row per 32-bit lane of a zmm register), columns
+// in chunks of 32 blocks (128 activations: a token's chunk is two registers, and
+// vpermt2d fetches any of its 32 four-byte lanes by a 5-bit index). For group g
+// and chunk c, steps [step_ptr[g * chunks + c], step_ptr[g * chunks + c + 1])
+// hold, per step s and lane r, the next block of row 16 g + r in that chunk:
+// 4 weights at lane_w[64 s + 4 r] and its block column within the chunk at
+// lane_cols[16 s + r] (zero weights where the row has no more blocks there).
+// One step is one vpermt2d and one vpdpbusd for 16 rows: no gather, no
+// horizontal sum. Steps per (g, c) are the largest count of the 16 rows, so
+// lanes idle where rows differ (measured in the layout's `steps`).
+constexpr int kLaneRows = 16;
+constexpr int kLaneChunkBlocks = 32;
+struct Int8LaneMatrix {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const int32_t* step_ptr = nullptr;  // groups() * chunks() + 1 entries
+  const uint8_t* lane_cols = nullptr;  // 16 per step, each < 32
+  const int8_t* lane_w = nullptr;      // 64 per step
+  const float* scales = nullptr;       // rows per-channel weight scales
+
+  int64_t groups() const { return (rows + kLaneRows - 1) / kLaneRows; }
+  int64_t chunks() const {
+    return ((cols + kInt8BlockCols - 1) / kInt8BlockCols + kLaneChunkBlocks - 1) / kLaneChunkBlocks;
+  }
+};
+
+// Fills step_ptr (groups * chunks + 1 entries) for `w`; returns the total steps
+// (throws std::length_error past INT32_MAX).
+int64_t int8_lanes_plan(const Int8BlockMatrix& w, int32_t* step_ptr);
+// Writes the steps' lane_cols and lane_w (both zeroed by the caller).
+void int8_lanes_fill(const Int8BlockMatrix& w, const int32_t* step_ptr, uint8_t* lane_cols, int8_t* lane_w);
+// True when this CPU runs the lanes kernel (AVX-512 VNNI).
+bool int8_lanes_supported();
+// Up to this many tokens a call should take the lanes kernel (measured).
+int64_t int8_lanes_max_tokens();
+// Quantises x and runs the lanes kernel (int8_lanes_supported() must hold).
+void int8_lanes_linear(const Int8LaneMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,
+                       const Int8Output& out);
+
 // Quantises x (tokens x cols, fp32) and runs `kernel` (nullptr: select):
 // the whole int8 Linear. Returns the kernel used.
 const Int8KernelInfo* int8_linear(const Int8BlockMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,

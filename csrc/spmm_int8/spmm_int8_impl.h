@@ -471,6 +471,93 @@ static void spmm_kernel(const Int8BlockMatrix& w, const Int8Activations& x, cons
   if (w.index_bits == 16) spmm_typed<NVMAX, uint16_t>(w, x, o); else spmm_typed<NVMAX, int32_t>(w, x, o);
 }
 
+#if defined(SPARSERT_INT8_VNNI)
+// The lanes kernel (Int8LaneMatrix in spmm_int8.h): T tokens of groups [g0, g1). Per chunk,
+// each token's 128 activations (offset to u8) sit in two registers; per step, one 16-byte
+// index load, one 64-byte weight load, the row offsets' vpdpbusd, and per token one vpermt2d
+// and one vpdpbusd. Two sets of accumulators (even and odd steps) halve the chains' latency.
+template <int T>
+static void lanes_tokens(const Int8LaneMatrix& w, const Int8Activations& x, const Int8Output& o, int64_t t0,
+                         int64_t g0, int64_t g1) {
+  const int64_t chunks = w.chunks();
+  const int64_t qbytes = ((w.cols + kInt8BlockCols - 1) / kInt8BlockCols) * kInt8BlockCols;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const bool relu = o.epilogue == Epilogue::kRelu;
+  for (int64_t g = g0; g < g1; ++g) {
+    __m512i acc[2][T], off[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int t = 0; t < T; ++t) acc[0][t] = acc[1][t] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < chunks; ++c) {
+      int64_t s = w.step_ptr[g * chunks + c];
+      const int64_t e = w.step_ptr[g * chunks + c + 1];
+      if (s == e) continue;
+      const int64_t avail = qbytes - 128 * c;  // activation bytes of this chunk (the rest reads as zero)
+      const __mmask64 m_lo = avail >= 64 ? ~0ull : ~0ull >> (64 - avail);
+      const __mmask64 m_hi = avail >= 128 ? ~0ull : avail > 64 ? ~0ull >> (128 - avail) : 0ull;
+      __m512i lo[T], hi[T];
+      for (int t = 0; t < T; ++t) {
+        const int8_t* xr = x.xq + (t0 + t) * x.xq_stride + 128 * c;
+        lo[t] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m_lo, xr), flip);
+        hi[t] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m_hi, xr + 64), flip);
+      }
+      auto step = [&](int set, int64_t at) {
+        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.lane_cols + 16 * at)));
+        const __m512i wv = _mm512_loadu_si512(w.lane_w + 64 * at);
+        off[set] = _mm512_dpbusd_epi32(off[set], flip, wv);
+        for (int t = 0; t < T; ++t)
+          acc[set][t] = _mm512_dpbusd_epi32(acc[set][t], _mm512_permutex2var_epi32(lo[t], idx, hi[t]), wv);
+      };
+      for (; s + 2 <= e; s += 2) {
+        step(0, s);
+        step(1, s + 1);
+      }
+      if (s < e) step(0, s);
+    }
+    const int64_t n0 = g * kLaneRows;
+    const int nr = static_cast<int>(std::min<int64_t>(kLaneRows, w.rows - n0));
+    const __mmask16 m = static_cast<__mmask16>((1u << nr) - 1);
+    const __m512 ws = _mm512_maskz_loadu_ps(m, w.scales + n0);
+    const __m512 bias = o.bias ? _mm512_maskz_loadu_ps(m, o.bias + n0) : _mm512_setzero_ps();
+    const __m512i offset = _mm512_add_epi32(off[0], off[1]);
+    // the dequantisation of spmm_int8.h, 16 rows at a time (a product, then one fma)
+    for (int t = 0; t < T; ++t) {
+      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(acc[0][t], acc[1][t]), offset);
+      const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(x.x_scales[t0 + t]), ws);
+      __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, bias);
+      if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);
+      _mm512_mask_storeu_ps(o.y + (t0 + t) * o.y_row_stride + n0, m, v);
+    }
+  }
+}
+
+static void lanes_kernel(const Int8LaneMatrix& w, const Int8Activations& x, const Int8Output& o) {
+  const int64_t groups = w.groups(), chunks = w.chunks();
+  // groups split over threads by steps (plus one per group)
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(o.num_threads, groups)));
+  std::vector<int64_t> bounds(parts + 1, groups);
+  bounds[0] = 0;
+  const double total = static_cast<double>(w.step_ptr[groups * chunks]) + static_cast<double>(groups);
+  for (int p = 1; p < parts; ++p) {
+    int64_t lo = bounds[p - 1], hi = groups;
+    const double target = total * p / parts;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (static_cast<double>(w.step_ptr[mid * chunks]) + static_cast<double>(mid) < target) lo = mid + 1; else hi = mid;
+    }
+    bounds[p] = lo;
+  }
+  parallel_run(parts, [&](int tid, int) {
+    int64_t t = 0;
+    for (; t + 4 <= x.tokens; t += 4) lanes_tokens<4>(w, x, o, t, bounds[tid], bounds[tid + 1]);
+    switch (x.tokens - t) {
+      case 3: lanes_tokens<3>(w, x, o, t, bounds[tid], bounds[tid + 1]); break;
+      case 2: lanes_tokens<2>(w, x, o, t, bounds[tid], bounds[tid + 1]); break;
+      case 1: lanes_tokens<1>(w, x, o, t, bounds[tid], bounds[tid + 1]); break;
+      default: break;
+    }
+  });
+}
+#endif
+
 }  // namespace q8
 }  // namespace SPARSERT_ISA
 }  // namespace sparsert
@@ -487,6 +574,12 @@ void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_ro
                              int64_t q_stride, float* scales, int num_threads) {
   q8::quantize_rows(x, tokens, cols, x_row_stride, q, q_stride, scales, num_threads);
 }
+
+#if defined(SPARSERT_INT8_VNNI)
+void spmm_int8_lanes(const Int8LaneMatrix& w, const Int8Activations& x, const Int8Output& o) {
+  q8::lanes_kernel(w, x, o);
+}
+#endif
 
 template <int NVMAX>
 void add_int8_kernels(std::vector<Int8KernelInfo>& out) {

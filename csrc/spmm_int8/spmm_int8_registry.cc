@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -26,7 +27,10 @@ void register_int8_kernels(std::vector<Int8KernelInfo>& out);
 void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride, int8_t* q,
                       int64_t q_stride, float* scales, int num_threads);
 }
-namespace avx512vnni { void register_int8_kernels(std::vector<Int8KernelInfo>& out); }
+namespace avx512vnni {
+void register_int8_kernels(std::vector<Int8KernelInfo>& out);
+void spmm_int8_lanes(const Int8LaneMatrix& w, const Int8Activations& x, const Int8Output& o);
+}
 #endif
 
 const std::vector<Int8KernelInfo>& int8_kernel_registry() {
@@ -51,6 +55,7 @@ const std::vector<Int8KernelInfo>& int8_kernel_registry() {
 // Zen 4 (83 vs 89 us, 82 vs 87 us at 50%), so a VNNI CPU runs AVX2's there.
 constexpr int64_t kInt8SpmvMaxTokens = 2;
 constexpr int64_t kInt8SpmvMaxTokensVnni = 1;
+constexpr int64_t kInt8LanesMaxTokens = 8;
 
 const Int8KernelInfo* select_int8_kernel(int64_t tokens, const std::string& isa) {
   // int8 needs more than AVX-512F: an AVX-512 CPU with VNNI runs the VNNI kernels, one without runs AVX2's.
@@ -77,27 +82,117 @@ void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_ro
   scalar::quantize_rows_s8(x, tokens, cols, x_row_stride, q, q_stride, scales, num_threads);
 }
 
-const Int8KernelInfo* int8_linear(const Int8BlockMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,
-                                  const Int8Output& out, const Int8KernelInfo* kernel) {
-  if (kernel == nullptr) kernel = select_int8_kernel(tokens, best_isa());
-  if (tokens <= 0 || w.rows <= 0) return kernel;
-  // Rows of whole 32-byte lines: the gathers and panel packing read 4-byte lanes up to block_col_count() * 4.
-  const int64_t stride = (w.block_col_count() * kInt8BlockCols + 31) / 32 * 32;
+// x quantised into per-thread scratch, as every int8 kernel reads it.
+static Int8Activations quantize_for_kernels(const float* x, int64_t tokens, int64_t cols, int64_t x_row_stride,
+                                            int num_threads, const std::string& isa) {
+  // Rows of whole 32-byte lines: the gathers and panel packing read 4-byte lanes up to the last block's.
+  const int64_t blocks = (cols + kInt8BlockCols - 1) / kInt8BlockCols;
+  const int64_t stride = (blocks * kInt8BlockCols + 31) / 32 * 32;
   static thread_local Scratch q_scratch, scale_scratch;
   int8_t* xq = reinterpret_cast<int8_t*>(q_scratch.get(static_cast<size_t>((tokens * stride + 3) / 4)));
   // scales of whole 64-token panels (the spmm kernels load 8 or 16 at a time), zero past the tokens
   const int64_t padded_tokens = (tokens + 63) / 64 * 64;
   float* scales = scale_scratch.get(static_cast<size_t>(padded_tokens));
   std::fill(scales + tokens, scales + padded_tokens, 0.0f);
-  quantize_rows_s8(x, tokens, w.cols, x_row_stride, xq, stride, scales, out.num_threads,
-                   kernel->isa == "reference" ? "scalar" : kernel->isa);
+  quantize_rows_s8(x, tokens, cols, x_row_stride, xq, stride, scales, num_threads, isa);
   Int8Activations a;
   a.xq = xq;
   a.xq_stride = stride;
   a.x_scales = scales;
   a.tokens = tokens;
+  return a;
+}
+
+const Int8KernelInfo* int8_linear(const Int8BlockMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,
+                                  const Int8Output& out, const Int8KernelInfo* kernel) {
+  if (kernel == nullptr) kernel = select_int8_kernel(tokens, best_isa());
+  if (tokens <= 0 || w.rows <= 0) return kernel;
+  const Int8Activations a = quantize_for_kernels(x, tokens, w.cols, x_row_stride, out.num_threads,
+                                                 kernel->isa == "reference" ? "scalar" : kernel->isa);
   kernel->fn(w, a, out);
   return kernel;
+}
+
+// ---- the lanes layout (spmm_int8.h) ----
+
+template <typename Index>
+static int64_t lanes_plan_typed(const Int8BlockMatrix& w, const Index* ci, int32_t* step_ptr) {
+  Int8LaneMatrix shape;
+  shape.rows = w.rows;
+  shape.cols = w.cols;
+  const int64_t groups = shape.groups(), chunks = shape.chunks();
+  std::vector<int32_t> most(static_cast<size_t>(chunks)), count(static_cast<size_t>(chunks));
+  int64_t total = 0;
+  step_ptr[0] = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    std::fill(most.begin(), most.end(), 0);
+    for (int64_t n = g * kLaneRows; n < std::min<int64_t>(w.rows, (g + 1) * kLaneRows); ++n) {
+      std::fill(count.begin(), count.end(), 0);
+      for (int64_t b = w.row_ptr[n]; b < w.row_ptr[n + 1]; ++b) ++count[static_cast<size_t>(ci[b] / kLaneChunkBlocks)];
+      for (int64_t c = 0; c < chunks; ++c) most[c] = std::max(most[c], count[c]);
+    }
+    for (int64_t c = 0; c < chunks; ++c) {
+      total += most[c];
+      if (total > std::numeric_limits<int32_t>::max()) throw std::length_error("int8 lanes layout: too many steps");
+      step_ptr[g * chunks + c + 1] = static_cast<int32_t>(total);
+    }
+  }
+  return total;
+}
+
+template <typename Index>
+static void lanes_fill_typed(const Int8BlockMatrix& w, const Index* ci, const int32_t* step_ptr, uint8_t* lane_cols,
+                             int8_t* lane_w) {
+  Int8LaneMatrix shape;
+  shape.rows = w.rows;
+  shape.cols = w.cols;
+  const int64_t chunks = shape.chunks();
+  std::vector<int32_t> next(static_cast<size_t>(chunks));
+  for (int64_t n = 0; n < w.rows; ++n) {
+    const int64_t g = n / kLaneRows, r = n % kLaneRows;
+    for (int64_t c = 0; c < chunks; ++c) next[c] = step_ptr[g * chunks + c];
+    for (int64_t b = w.row_ptr[n]; b < w.row_ptr[n + 1]; ++b) {
+      const int64_t kb = ci[b], c = kb / kLaneChunkBlocks;
+      const int64_t s = next[c]++;
+      lane_cols[16 * s + r] = static_cast<uint8_t>(kb % kLaneChunkBlocks);
+      std::memcpy(lane_w + 64 * s + 4 * r, w.values + 4 * b, 4);
+    }
+  }
+}
+
+int64_t int8_lanes_plan(const Int8BlockMatrix& w, int32_t* step_ptr) {
+  if (w.index_bits == 16) return lanes_plan_typed(w, static_cast<const uint16_t*>(w.col_idx), step_ptr);
+  return lanes_plan_typed(w, static_cast<const int32_t*>(w.col_idx), step_ptr);
+}
+
+void int8_lanes_fill(const Int8BlockMatrix& w, const int32_t* step_ptr, uint8_t* lane_cols, int8_t* lane_w) {
+  if (w.index_bits == 16)
+    return lanes_fill_typed(w, static_cast<const uint16_t*>(w.col_idx), step_ptr, lane_cols, lane_w);
+  lanes_fill_typed(w, static_cast<const int32_t*>(w.col_idx), step_ptr, lane_cols, lane_w);
+}
+
+bool int8_lanes_supported() {
+#if SPARSERT_HAVE_X86_KERNELS
+  return isa_supported("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+// Measured on Zen 4 (benchmarks/RESULTS.md): the lanes kernel re-reads the layout per 4
+// tokens, the panel kernel packs once and reads each block once per 16-64 tokens.
+int64_t int8_lanes_max_tokens() { return kInt8LanesMaxTokens; }
+
+void int8_lanes_linear(const Int8LaneMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,
+                       const Int8Output& out) {
+  if (tokens <= 0 || w.rows <= 0) return;
+#if SPARSERT_HAVE_X86_KERNELS
+  if (!int8_lanes_supported()) throw std::runtime_error("the int8 lanes kernel needs AVX-512 VNNI");
+  const Int8Activations a = quantize_for_kernels(x, tokens, w.cols, x_row_stride, out.num_threads, "avx2");
+  avx512vnni::spmm_int8_lanes(w, a, out);
+#else
+  throw std::runtime_error("the int8 lanes kernel needs AVX-512 VNNI");
+#endif
 }
 
 }  // namespace sparsert

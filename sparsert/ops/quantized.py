@@ -9,6 +9,7 @@ Inference only: the op has no autograd formula (an int8 layer is not trained).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -139,16 +140,48 @@ def check_q8_arrays(row_ptr: Tensor, col_indices: Tensor, qblocks: Tensor, scale
     return _remembered(row_ptr, col_indices, qblocks, key, validate)
 
 
+#: the few-token VNNI kernel over the "lanes" layout (csrc/spmm_int8/spmm_int8.h, Int8LaneMatrix)
+LANES_KERNEL = "s8_lanes16_avx512vnni"
+
+
+def _lanes_arrays(checked: Validated, out_features: int, in_features: int) -> tuple:
+    """The lanes layout's native arguments, built from the validated 1x4 arrays on first
+    use and kept with them (a private copy: rebuilt whenever the arrays are validated again)."""
+    from .._ext import native
+
+    if checked.derived is None:
+        n = native()
+        groups, chunks = n.int8_lanes_groups_chunks(out_features, in_features)
+        block = checked.native[:7]  # row_ptr, its length, col_idx, its length, index bits, values, their length
+        step_ptr = torch.empty(groups * chunks + 1, dtype=torch.int32)
+        steps = n.int8_lanes_plan(out_features, in_features, *block, step_ptr.data_ptr(), step_ptr.numel())
+        lane_cols = torch.zeros(16 * steps, dtype=torch.uint8)
+        lane_w = torch.zeros(64 * steps, dtype=torch.int8)
+        n.int8_lanes_fill(out_features, in_features, *block, step_ptr.data_ptr(), step_ptr.numel(),
+                          lane_cols.data_ptr(), lane_cols.numel(), lane_w.data_ptr(), lane_w.numel())
+        args = (step_ptr.data_ptr(), step_ptr.numel(), lane_cols.data_ptr(), lane_w.data_ptr(), steps,
+                checked.native[7])
+        checked.derived = (step_ptr, lane_cols, lane_w, args)
+    return checked.derived[3]
+
+
 def linear_q8bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, qblocks: Tensor, scales: Tensor,
                      out_features: int, bias: Optional[Tensor], activation: int, num_threads: int,
                      kernel: str = "") -> Tensor:
-    """The native CPU path; ``kernel`` forces an int8 registry kernel (tests, benchmarks)."""
+    """The native CPU path; ``kernel`` forces an int8 kernel (tests, benchmarks): a registry
+    kernel or :data:`LANES_KERNEL`, which up to ``int8_lanes_max_tokens()`` tokens is also the
+    default on CPUs with AVX-512 VNNI."""
     from .._ext import native
 
     if x.dim() == 0:
         raise ValueError(f"{_OP}: x must have at least 1 dimension(s), got shape ()")
     checked = check_q8_arrays(row_ptr, col_indices, qblocks, scales, out_features, x.shape[-1])
-    return run_token_rows_kernel(native().spmm_int8, checked.native, x, bias, out_features, activation,
+    n = native()
+    if kernel == LANES_KERNEL or (not kernel and 0 < math.prod(x.shape[:-1]) <= n.int8_lanes_max_tokens()
+                                  and n.int8_lanes_supported()):
+        return run_token_rows_kernel(n.spmm_int8_lanes, _lanes_arrays(checked, out_features, x.shape[-1]), x,
+                                     bias, out_features, activation, num_threads, kernel)
+    return run_token_rows_kernel(n.spmm_int8, checked.native, x, bias, out_features, activation,
                                  num_threads, kernel)
 
 
@@ -169,6 +202,9 @@ def linear_q8_arrays(x: Tensor, row_ptr: Tensor, col_indices: Tensor, qblocks: T
 
 
 def int8_kernels() -> list:
-    """Every native int8 kernel of this build (name, isa, kind, block, supported)."""
+    """Every native int8 kernel of this build (name, isa, kind, block, supported): the
+    registry's 1x4 kernels and the lanes kernel (:data:`LANES_KERNEL`)."""
     from .._ext import native
-    return native().int8_kernels()
+    lanes = {"name": LANES_KERNEL, "isa": "avx512vnni", "kind": "lanes", "block": (1, BLOCK_COLS),
+             "supported": native().int8_lanes_supported()}
+    return native().int8_kernels() + [lanes]

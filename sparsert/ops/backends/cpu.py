@@ -127,7 +127,7 @@ class Validated:
     and the sizes that were checked."""
 
     __slots__ = ("indices", "storage", "storage_bytes", "storage_ptr", "native", "sizes", "refs", "versions",
-                 "versioned", "values_ptr")
+                 "versioned", "values_ptr", "derived")
 
     def __init__(self, indices: tuple, values, native: tuple):
         self.indices = indices  # the private index copies (kept alive: ``native`` holds their addresses)
@@ -138,6 +138,8 @@ class Validated:
         self.native = native
         self.sizes = self.refs = self.versions = self.values_ptr = None
         self.versioned = False
+        # a kernel's own layout of these arrays, built from them on first use (private, like the indices)
+        self.derived = None
 
     def intact(self) -> bool:
         """False once the values' storage was resized or moved since validation."""
