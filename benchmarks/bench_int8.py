@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import cpu_name, git_commit, time_methods
 from sparsert import ops
 from sparsert._ext import native
-from sparsert.formats.q8bsr import Q8BSR
 from sparsert.nn import DenseLinear, Int8DenseLinear, SparseLinear
 
 SHAPES = [(768, 3072), (3072, 768)]  # (in, out)
@@ -211,7 +210,7 @@ def e2e(args, pruned, int8, tok, sentences, s):
 
 
 def smollm2(args) -> list:
-    """SmolLM2-135M, every attention and MLP Linear magnitude-pruned in 1x4 blocks: perplexity
+    """SmolLM2-135M, every attention and MLP Linear pruned by wanda in 1x4 blocks: perplexity
     of the int8 sparse model against its fp32 pruned model (held-out text of another source
     than any calibration), and greedy decoding at batch 1 (1 token per Linear call) against
     torch's dynamic int8 of the same pruned weights."""
@@ -231,18 +230,9 @@ def smollm2(args) -> list:
         batches = sm.token_batches(tok, corpus.split("eval", args.heldout), seq_len=128, batch_size=4,
                                    max_batches=args.smollm2_batches)
         ppl32 = sm.perplexity(model, batches)
-        # Every layer swapped by hand: sparsify's per-layer guard refuses some of them (an int8 layer
-        # more than 10% off the float one on the example input: measured 12.5% on layers.5 v_proj,
-        # per-token int8 on activations with outlier channels), and this measures what int8 costs.
-        int8 = copy.deepcopy(model)
-        for name in sm.linear_names(int8):
-            layer = int8.get_submodule(name)
-            parent, _, child = name.rpartition(".")
-            setattr(int8.get_submodule(parent), child, SparseLinear(Q8BSR.from_dense(layer.weight), layer.bias))
-        # lm_head int8 too, as torch's quantize_dynamic does, but on sparsert's kernel (per-token activation
-        # scales): Int8DenseLinear (torch's linear_dynamic, one activation scale per call) costs +7% perplexity
-        # there on 512-token calls (measured 40.9 vs 38.2)
-        int8.lm_head = SparseLinear(Q8BSR.from_dense(int8.lm_head.weight), int8.lm_head.bias)
+        # (the GGUF weights hold exact zeros everywhere, lm_head included: every Linear is packed as q8bsr1x4)
+        int8 = sparsert.sparsify(copy.deepcopy(model), format="q8bsr1x4", precision="int8",
+                                 example_inputs=batches[0], min_time=0.01, rounds=1, progress=False)
         ppl8 = sm.perplexity(int8, batches)
         dense8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
         ppl_torch8 = sm.perplexity(dense8, batches)

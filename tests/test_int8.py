@@ -327,6 +327,28 @@ def test_sparsify_int8_every_linear_int8():
     assert set(auto.sparsity_plan["0"].candidates) == {"dense", "q8bsr1x4"}
 
 
+def test_sparsify_int8_dense_baseline_falls_back_to_per_token_scales():
+    # One token's outlier in a pruned input channel: torch's dynamic int8 (one activation scale per
+    # call) rounds every other token to about zero (83% off), which made sparsify raise; the int8
+    # dense baseline is then sparsert's own kernel over the whole weight (one scale per token).
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight[:, ::2] = 0
+    x = torch.randn(32, 64)
+    x[0] = 0
+    x[0, 0] = 500.0
+    ref = lin(x).detach()
+    torch_int8 = Int8DenseLinear.from_linear(lin)(x)
+    assert float((torch_int8 - ref).abs().max() / ref.abs().max()) > 0.5
+    model = sparsert.sparsify(torch.nn.Sequential(lin), format="q8bsr1x4", precision="int8", example_inputs=x,
+                              min_time=0.005, rounds=1)
+    assert "per-token kernel" in model.sparsity_plan["0"].reason
+    assert isinstance(model[0], SparseLinear) and model[0].precision == "int8"
+    with torch.no_grad():
+        assert float((model(x) - ref).abs().max() / ref.abs().max()) < 0.05
+
+
 def test_sparsify_precision_arguments():
     model = _block_pruned_mlp()
     with pytest.raises(ValueError, match="precision must be"):

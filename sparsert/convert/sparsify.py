@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .. import ops as _ops
 from ..formats import parse_kind
+from ..formats.q8bsr import Q8BSR
 from ..nn import DenseLinear, Int8DenseLinear, SparseConv2d, SparseLinear
 from ..nn.surgery import rollback, swap
 from .batchnorm import fold_batchnorm
@@ -34,7 +35,7 @@ INT8_SPARSE_FORMAT = "q8bsr1x4"
 #: largest value; per-token int8 activations lose most on tokens with outlier features)
 #: before sparsify refuses it: a guard against a wrong kernel, not a quality bar (quality
 #: is measured on the model's outputs, benchmarks/bench_int8.py --quality)
-_INT8_RTOL = 0.1
+_INT8_MAX_RMS = 0.25
 
 
 def _prunable(model: nn.Module) -> tuple:
@@ -120,13 +121,21 @@ def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, stri
     with torch.no_grad():
         # int8 candidates are checked against the float layer (the int8 dense one has its own error)
         ref = F.linear(x, module.weight, module.bias) if precision == "int8" else built["dense"](x)
-        for kind, mod in built.items():
+        for kind, mod in list(built.items()):
             if kind == "dense" and precision != "int8":
                 continue
             out = mod(x)
-            if not close(out, ref, rtol=_INT8_RTOL if precision == "int8" else 1e-3):
+            if not (_int8_close(out, ref) if precision == "int8" else close(out, ref, rtol=1e-3)):
+                if kind == "dense" and precision == "int8":
+                    per_token = _int8_dense_per_token(module, x, ref, out)
+                    if per_token is not None:
+                        built["dense"], note = per_token
+                        decision.reason = f"{decision.reason}; {note}" if decision.reason else note
+                        continue
+                error = f"relative RMS error {_rms_rel_err(out, ref):.2e}" if precision == "int8" else \
+                    f"max relative error {max_rel_err(out, ref):.2e}"
                 raise RuntimeError(f"layer {name!r}: the {kind} kernel's output differs from the dense layer "
-                                   f"(max relative error {max_rel_err(out, ref):.2e}); not converting")
+                                   f"({error}); not converting")
         samples: dict = {k: [] for k in built}
         for mod in built.values():  # warm-up (first calls allocate, page in the weights)
             mod(x)
@@ -137,6 +146,33 @@ def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, stri
     decision.candidates = {k: statistics.median(v) for k, v in samples.items()}
     decision.reason = "; ".join(r for r in (input_note, decision.reason) if r)
     return decision, built
+
+
+def _rms_rel_err(out: Tensor, ref: Tensor) -> float:
+    ref64 = ref.detach().double()
+    return float((out.detach().double() - ref64).norm() / ref64.norm().clamp_min(1e-30))
+
+
+def _int8_close(out: Tensor, ref: Tensor) -> bool:
+    """An int8 layer against its float layer: relative RMS error at most ``_INT8_MAX_RMS``, a guard
+    against wrong kernels (indices, scales, offsets: errors of the order of 100%), not a quality
+    bar (the model check is). Rounding costs 1-6% RMS on most layers, but one scale per token
+    cannot resolve the small channels of tokens with outlier channels: SmolLM2's value projections
+    measured 9-13% with sparsert's per-token scales and 13-22% with torch's one scale per call,
+    while the whole model in int8 lost 2.6% perplexity (dense) and 8% (50% pruned)."""
+    return out.shape == ref.shape and _rms_rel_err(out, ref) <= _INT8_MAX_RMS
+
+
+def _int8_dense_per_token(module: nn.Linear, x: Tensor, ref: Tensor, torch_out: Tensor) -> Optional[tuple]:
+    """Where torch's dynamic int8 Linear is too far off (its one activation scale per call, 7-bit,
+    drowns the small tokens of a call with outlier tokens or channels: measured on SmolLM2's
+    value projections), the int8 dense baseline is sparsert's own int8 kernel over every block of
+    the weight (activation scales per token): ``(module, note)``, or None when that is off too."""
+    dense = SparseLinear(Q8BSR.from_dense(module.weight.detach()), module.bias)
+    if not _int8_close(dense(x), ref):
+        return None
+    return dense, (f"int8 dense on sparsert's per-token kernel (torch's dynamic int8 was "
+                   f"{_rms_rel_err(torch_out, ref):.2e} off, RMS)")
 
 
 def _tune_dense(dense: Optional[nn.Module], x: Tensor, decision: LayerDecision, min_time: float,
@@ -173,7 +209,8 @@ def _choose(decision: LayerDecision, built: dict, min_speedup: float, forced: Op
             return None
         decision.speedup = 1.0
         dense = built["dense"]  # a Linear left dense runs through the best dense path it was timed on
-        return dense if isinstance(dense, (DenseLinear, Int8DenseLinear)) else None
+        # (an int8 dense baseline may be a fully dense q8bsr1x4 SparseLinear: _int8_dense_per_token)
+        return dense if isinstance(dense, (DenseLinear, Int8DenseLinear, SparseLinear)) else None
     mod = built[decision.chosen]
     decision.sparse_bytes = mod.packed_nbytes
     if times.get("dense") is not None and times.get(decision.chosen):
@@ -215,7 +252,9 @@ def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_sp
             ``"q8bsr1x4"``) and torch's dynamic int8 dense Linear
             (:class:`~sparsert.nn.Int8DenseLinear`), which every other Linear layer becomes
             too (:func:`int8_dense`). Conv2d layers stay fp32. Each int8 layer is checked
-            against its float layer (within 10% of its largest output) and the model against
+            against its float layer (relative RMS error at most 25%; where torch's dense int8
+            fails it, the layer's int8 dense baseline becomes sparsert's own per-token int8
+            kernel over the whole weight) and the model against
             the original (per-row cosine similarity: mean >= 0.99, worst >= 0.9): guards
             against wrong kernels, not a quality bar.
 
