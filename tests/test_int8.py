@@ -406,3 +406,12 @@ def test_int8_model_guard_uses_row_cosine():
     broken[1, 2] = -ref[1, 2]
     assert not _int8_agree(broken, ref)
     assert not _int8_agree(ref[:, :, :16], ref)
+    # one rare row of 400 at cosine ~0.7 (an int8 LLM's attention-sink position) passes; a garbage row fails
+    torch.manual_seed(1)
+    big = torch.randn(400, 64)
+    rare = big + 0.01 * torch.randn(400, 64)
+    rare[7] = big[7] + 1.0 * torch.randn(64)
+    cos7 = float(torch.nn.functional.cosine_similarity(rare[7], big[7], dim=0))
+    assert 0.5 < cos7 < 0.9 and _int8_agree(rare, big)
+    rare[9] = torch.randn(64)
+    assert not _int8_agree(rare, big)

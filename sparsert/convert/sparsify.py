@@ -255,7 +255,8 @@ def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_sp
             against its float layer (relative RMS error at most 25%; where torch's dense int8
             fails it, the layer's int8 dense baseline becomes sparsert's own per-token int8
             kernel over the whole weight) and the model against
-            the original (per-row cosine similarity: mean >= 0.99, worst >= 0.9): guards
+            the original (per-row cosine similarity: mean >= 0.99, 99% of rows >= 0.9, every
+            row >= 0.5): guards
             against wrong kernels, not a quality bar.
 
     Returns the sparse model with ``.sparsity_plan`` (a :class:`SparsityPlan`; ``print`` it).
@@ -299,8 +300,11 @@ def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_sp
 
 def _int8_agree(out: Tensor, ref: Tensor) -> bool:
     """The whole-model guard for int8: per output row (last dimension) cosine similarity to the
-    float model's, mean >= 0.99 and worst >= 0.9. An element-wise bound does not fit int8:
-    rows the model ignores (padding tokens) and outlier features carry large relative errors."""
+    float model's, mean >= 0.99, 99% of rows >= 0.9 and every row >= 0.5 (a sign-flipped or
+    garbage row, what a wrong kernel gives, is near -1 or 0). An element-wise bound does not fit
+    int8: rows the model ignores (padding tokens) and outlier features carry large relative
+    errors; so can a rare row (SmolLM2 in int8, +2.6% perplexity: one of 512 logit rows at 0.72,
+    the attention-sink position; 1% of rows under 0.94)."""
     if out.shape != ref.shape:
         return False
     if not out.is_floating_point() or out.dim() == 0 or out.numel() == 0:
@@ -309,7 +313,7 @@ def _int8_agree(out: Tensor, ref: Tensor) -> bool:
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     both_zero = (a.abs().amax(-1) == 0) & (b.abs().amax(-1) == 0)
     cos = torch.where(both_zero, torch.ones_like(cos), cos)
-    return bool(cos.mean() >= 0.99 and cos.min() >= 0.9)
+    return bool(cos.mean() >= 0.99 and torch.quantile(cos, 0.01) >= 0.9 and cos.min() >= 0.5)
 
 
 def _excluded(name: str, exclude: Sequence[str]) -> bool:
