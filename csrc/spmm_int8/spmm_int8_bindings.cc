@@ -19,44 +19,62 @@ namespace {
 template <typename T>
 T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
 
-// y = act(dequant(quant(x) @ Wq^T) + bias) for int8 1x4 blocks; returns the kernel used.
-std::string spmm_int8(int64_t rows, int64_t cols, uintptr_t row_ptr, int64_t row_ptr_len, uintptr_t col_idx,
-                      int64_t col_len, int64_t index_bits, uintptr_t values, int64_t values_len, uintptr_t scales,
-                      uintptr_t x, int64_t tokens, int64_t x_row_stride, uintptr_t y, int64_t y_row_stride,
-                      uintptr_t bias, int64_t activation, int64_t num_threads, const std::string& kernel) {
+// The int8 1x4 matrix of the raw arrays (validated by the Python side; O(1) facts here).
+sparsert::Int8BlockMatrix block_matrix(int64_t rows, int64_t cols, uintptr_t row_ptr, int64_t row_ptr_len,
+                                       uintptr_t col_idx, int64_t col_len, int64_t index_bits, uintptr_t values,
+                                       int64_t values_len) {
   auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
   sparsert::size_in_range("rows", rows, 0, INT32_MAX);
   sparsert::size_in_range("cols", cols, 0, sparsert::kInt8MaxCols);
-  sparsert::size_in_range("tokens", tokens, 0, INT64_MAX / 2);
   if (index_bits != 16 && index_bits != 32) fail("index_bits must be 16 or 32; got " + std::to_string(index_bits));
-  const sparsert::Epilogue epilogue = sparsert::epilogue_from_code(activation, "activation");
   if (row_ptr_len != rows + 1) fail("row_ptr must have rows + 1 entries");
-  sparsert::Int8BlockMatrix w;
-  w.rows = rows;
-  w.cols = cols;
   if (rows > 0) {
-    for (auto [name, address] : {std::pair<const char*, uintptr_t>{"row_ptr", row_ptr}, {"scales", scales}})
-      sparsert::require_address(name, address);
+    sparsert::require_address("row_ptr", row_ptr);
     const auto* rp = ptr<const int32_t>(row_ptr);
     if (rp[0] != 0 || rp[rows] < 0 || rp[rows] != col_len) fail("row_ptr must run from 0 to the number of blocks");
     if (values_len != 4 * static_cast<int64_t>(col_len)) fail("values must hold 4 weights per block");
   }
-  if (tokens > 0 && rows > 0) {
-    sparsert::require_address("x", x);
-    sparsert::require_address("y", y);
-    if (x_row_stride < cols || y_row_stride < rows) fail("bad row strides");
-  }
+  sparsert::Int8BlockMatrix w;
+  w.rows = rows;
+  w.cols = cols;
   w.row_ptr = ptr<const int32_t>(row_ptr);
   w.col_idx = reinterpret_cast<const void*>(col_idx);
   w.index_bits = static_cast<int>(index_bits);
   w.values = ptr<const int8_t>(values);
-  w.scales = ptr<const float>(scales);
+  return w;
+}
+
+// The output side of one call, every kernel alike: x and y addresses and strides, bias, epilogue, threads.
+sparsert::Int8Output token_rows_output(int64_t rows, int64_t cols, uintptr_t x, int64_t tokens, int64_t x_row_stride,
+                                       uintptr_t y, int64_t y_row_stride, uintptr_t bias, int64_t activation,
+                                       int64_t num_threads) {
+  sparsert::size_in_range("tokens", tokens, 0, INT64_MAX / 2);
+  const sparsert::Epilogue epilogue = sparsert::epilogue_from_code(activation, "activation");
+  if (tokens > 0 && rows > 0) {
+    sparsert::require_address("x", x);
+    sparsert::require_address("y", y);
+    if (x_row_stride < cols || y_row_stride < rows) throw std::invalid_argument("bad row strides");
+  }
   sparsert::Int8Output o;
   o.y = ptr<float>(y);
   o.y_row_stride = y_row_stride;
   o.bias = bias ? ptr<const float>(bias) : nullptr;
   o.epilogue = epilogue;
   o.num_threads = sparsert::clamp_threads(num_threads);
+  return o;
+}
+
+// y = act(dequant(quant(x) @ Wq^T) + bias) for int8 1x4 blocks; returns the kernel used.
+std::string spmm_int8(int64_t rows, int64_t cols, uintptr_t row_ptr, int64_t row_ptr_len, uintptr_t col_idx,
+                      int64_t col_len, int64_t index_bits, uintptr_t values, int64_t values_len, uintptr_t scales,
+                      uintptr_t x, int64_t tokens, int64_t x_row_stride, uintptr_t y, int64_t y_row_stride,
+                      uintptr_t bias, int64_t activation, int64_t num_threads, const std::string& kernel) {
+  sparsert::Int8BlockMatrix w =
+      block_matrix(rows, cols, row_ptr, row_ptr_len, col_idx, col_len, index_bits, values, values_len);
+  if (rows > 0) sparsert::require_address("scales", scales);
+  w.scales = ptr<const float>(scales);
+  const sparsert::Int8Output o =
+      token_rows_output(rows, cols, x, tokens, x_row_stride, y, y_row_stride, bias, activation, num_threads);
   const sparsert::Int8KernelInfo* k =
       kernel.empty() ? sparsert::select_int8_kernel(tokens, sparsert::best_isa())
                      : &sparsert_bindings::forced_kernel(sparsert::int8_kernel_registry(), kernel, "int8 kernel");
@@ -67,33 +85,15 @@ std::string spmm_int8(int64_t rows, int64_t cols, uintptr_t row_ptr, int64_t row
   return k->name;
 }
 
-// The int8 1x4 matrix of the raw arrays (validated by the Python side; O(1) facts here).
-sparsert::Int8BlockMatrix block_matrix(int64_t rows, int64_t cols, uintptr_t row_ptr, int64_t row_ptr_len,
-                                       uintptr_t col_idx, int64_t col_len, int64_t index_bits, uintptr_t values,
-                                       int64_t values_len) {
-  auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
-  sparsert::size_in_range("rows", rows, 0, INT32_MAX);
-  sparsert::size_in_range("cols", cols, 0, sparsert::kInt8MaxCols);
-  if (index_bits != 16 && index_bits != 32) fail("index_bits must be 16 or 32; got " + std::to_string(index_bits));
-  if (row_ptr_len != rows + 1) fail("row_ptr must have rows + 1 entries");
-  sparsert::require_address("row_ptr", row_ptr);
-  const auto* rp = ptr<const int32_t>(row_ptr);
-  if (rp[0] != 0 || rp[rows] < 0 || rp[rows] != col_len) fail("row_ptr must run from 0 to the number of blocks");
-  if (values_len != 4 * static_cast<int64_t>(col_len)) fail("values must hold 4 weights per block");
-  sparsert::Int8BlockMatrix w;
-  w.rows = rows;
-  w.cols = cols;
-  w.row_ptr = rp;
-  w.col_idx = reinterpret_cast<const void*>(col_idx);
-  w.index_bits = static_cast<int>(index_bits);
-  w.values = ptr<const int8_t>(values);
-  return w;
-}
-
-sparsert::Int8LaneMatrix lane_shape(int64_t rows, int64_t cols) {
+// The lanes layout's shape; step_ptr (at `step_ptr`, `step_ptr_len` entries) must fit it.
+sparsert::Int8LaneMatrix lane_shape(int64_t rows, int64_t cols, uintptr_t step_ptr, int64_t step_ptr_len) {
   sparsert::Int8LaneMatrix w;
   w.rows = rows;
   w.cols = cols;
+  if (step_ptr_len != w.groups() * w.chunks() + 1)
+    throw std::invalid_argument("step_ptr must have groups * chunks + 1 entries");
+  sparsert::require_address("step_ptr", step_ptr);
+  w.step_ptr = ptr<const int32_t>(step_ptr);
   return w;
 }
 
@@ -105,33 +105,17 @@ std::string spmm_int8_lanes(int64_t rows, int64_t cols, uintptr_t step_ptr, int6
   auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
   sparsert::size_in_range("rows", rows, 0, INT32_MAX);
   sparsert::size_in_range("cols", cols, 0, sparsert::kInt8MaxCols);
-  sparsert::size_in_range("tokens", tokens, 0, INT64_MAX / 2);
-  const sparsert::Epilogue epilogue = sparsert::epilogue_from_code(activation, "activation");
   if (!kernel.empty() && kernel != "s8_lanes16_avx512vnni") fail("unknown int8 lanes kernel '" + kernel + "'");
   if (!sparsert::int8_lanes_supported()) fail("the int8 lanes kernel needs a CPU with AVX-512 VNNI");
-  sparsert::Int8LaneMatrix w = lane_shape(rows, cols);
-  if (step_ptr_len != w.groups() * w.chunks() + 1) fail("step_ptr must have groups * chunks + 1 entries");
-  if (rows > 0) {
-    for (auto [name, address] : {std::pair<const char*, uintptr_t>{"step_ptr", step_ptr}, {"scales", scales}})
-      sparsert::require_address(name, address);
-    const auto* sp = ptr<const int32_t>(step_ptr);
-    if (sp[0] != 0 || sp[step_ptr_len - 1] != steps) fail("step_ptr must run from 0 to the number of steps");
-  }
-  if (tokens > 0 && rows > 0) {
-    sparsert::require_address("x", x);
-    sparsert::require_address("y", y);
-    if (x_row_stride < cols || y_row_stride < rows) fail("bad row strides");
-  }
-  w.step_ptr = ptr<const int32_t>(step_ptr);
+  sparsert::Int8LaneMatrix w = lane_shape(rows, cols, step_ptr, step_ptr_len);
+  if (w.step_ptr[0] != 0 || w.step_ptr[step_ptr_len - 1] != steps)
+    fail("step_ptr must run from 0 to the number of steps");
+  if (rows > 0) sparsert::require_address("scales", scales);
+  const sparsert::Int8Output o =
+      token_rows_output(rows, cols, x, tokens, x_row_stride, y, y_row_stride, bias, activation, num_threads);
   w.lane_cols = ptr<const uint8_t>(lane_cols);
   w.lane_w = ptr<const int8_t>(lane_w);
   w.scales = ptr<const float>(scales);
-  sparsert::Int8Output o;
-  o.y = ptr<float>(y);
-  o.y_row_stride = y_row_stride;
-  o.bias = bias ? ptr<const float>(bias) : nullptr;
-  o.epilogue = epilogue;
-  o.num_threads = sparsert::clamp_threads(num_threads);
   {
     py::gil_scoped_release release;
     sparsert::int8_lanes_linear(w, ptr<const float>(x), tokens, x_row_stride, o);
@@ -148,17 +132,16 @@ void bind_spmm_int8(py::module_& m) {
   m.def("int8_lanes_groups_chunks", [](int64_t rows, int64_t cols) {
     sparsert::size_in_range("rows", rows, 0, INT32_MAX);
     sparsert::size_in_range("cols", cols, 0, sparsert::kInt8MaxCols);
-    const auto w = lane_shape(rows, cols);
+    sparsert::Int8LaneMatrix w;
+    w.rows = rows;
+    w.cols = cols;
     return py::make_tuple(w.groups(), w.chunks());
   }, py::arg("rows"), py::arg("cols"));
   m.def("int8_lanes_plan", [](int64_t rows, int64_t cols, uintptr_t row_ptr, int64_t row_ptr_len, uintptr_t col_idx,
                               int64_t col_len, int64_t index_bits, uintptr_t values, int64_t values_len,
                               uintptr_t step_ptr, int64_t step_ptr_len) {
     const auto w = block_matrix(rows, cols, row_ptr, row_ptr_len, col_idx, col_len, index_bits, values, values_len);
-    const auto shape = lane_shape(rows, cols);
-    if (step_ptr_len != shape.groups() * shape.chunks() + 1)
-      throw std::invalid_argument("step_ptr must have groups * chunks + 1 entries");
-    sparsert::require_address("step_ptr", step_ptr);
+    lane_shape(rows, cols, step_ptr, step_ptr_len);
     py::gil_scoped_release release;
     return sparsert::int8_lanes_plan(w, ptr<int32_t>(step_ptr));
   }, "Fills the lanes layout's step_ptr from validated 1x4 arrays (raw addresses); returns the steps.");
@@ -167,10 +150,7 @@ void bind_spmm_int8(py::module_& m) {
                               uintptr_t step_ptr, int64_t step_ptr_len, uintptr_t lane_cols, int64_t lane_cols_len,
                               uintptr_t lane_w, int64_t lane_w_len) {
     const auto w = block_matrix(rows, cols, row_ptr, row_ptr_len, col_idx, col_len, index_bits, values, values_len);
-    const auto shape = lane_shape(rows, cols);
-    if (step_ptr_len != shape.groups() * shape.chunks() + 1)
-      throw std::invalid_argument("step_ptr must have groups * chunks + 1 entries");
-    const int64_t steps = ptr<const int32_t>(step_ptr)[step_ptr_len - 1];
+    const int64_t steps = lane_shape(rows, cols, step_ptr, step_ptr_len).step_ptr[step_ptr_len - 1];
     if (lane_cols_len != 16 * steps || lane_w_len != 64 * steps)
       throw std::invalid_argument("lane_cols and lane_w must hold 16 and 64 bytes per step");
     py::gil_scoped_release release;

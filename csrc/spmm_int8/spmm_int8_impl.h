@@ -500,7 +500,8 @@ static void lanes_tokens(const Int8LaneMatrix& w, const Int8Activations& x, cons
         hi[t] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m_hi, xr + 64), flip);
       }
       auto step = [&](int set, int64_t at) {
-        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.lane_cols + 16 * at)));
+        const auto* cols16 = reinterpret_cast<const __m128i*>(w.lane_cols + 16 * at);
+        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(cols16));
         const __m512i wv = _mm512_loadu_si512(w.lane_w + 64 * at);
         off[set] = _mm512_dpbusd_epi32(off[set], flip, wv);
         for (int t = 0; t < T; ++t)
@@ -541,7 +542,10 @@ static void lanes_kernel(const Int8LaneMatrix& w, const Int8Activations& x, cons
     const double target = total * p / parts;
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
-      if (static_cast<double>(w.step_ptr[mid * chunks]) + static_cast<double>(mid) < target) lo = mid + 1; else hi = mid;
+      if (static_cast<double>(w.step_ptr[mid * chunks]) + static_cast<double>(mid) < target)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
     bounds[p] = lo;
   }
