@@ -9,6 +9,7 @@ Inference only: the op has no autograd formula (an int8 layer is not trained).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -144,6 +145,14 @@ def check_q8_arrays(row_ptr: Tensor, col_indices: Tensor, qblocks: Tensor, scale
 LANES_KERNEL = "s8_lanes16_avx512vnni"
 
 
+@functools.lru_cache(maxsize=None)
+def _lanes_max_tokens() -> int:
+    """Up to how many tokens a call takes the lanes kernel on this CPU (0: it cannot run here)."""
+    from .._ext import native
+
+    return native().int8_lanes_max_tokens() if native().int8_lanes_supported() else 0
+
+
 def _lanes_arrays(checked: Validated, out_features: int, in_features: int) -> tuple:
     """The lanes layout's native arguments, built from the validated 1x4 arrays on first
     use and kept with them (a private copy: rebuilt whenever the arrays are validated again)."""
@@ -177,8 +186,7 @@ def linear_q8bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, qblocks: T
         raise ValueError(f"{_OP}: x must have at least 1 dimension(s), got shape ()")
     checked = check_q8_arrays(row_ptr, col_indices, qblocks, scales, out_features, x.shape[-1])
     n = native()
-    if kernel == LANES_KERNEL or (not kernel and 0 < math.prod(x.shape[:-1]) <= n.int8_lanes_max_tokens()
-                                  and n.int8_lanes_supported()):
+    if kernel == LANES_KERNEL or (not kernel and 0 < math.prod(x.shape[:-1]) <= _lanes_max_tokens()):
         return run_token_rows_kernel(n.spmm_int8_lanes, _lanes_arrays(checked, out_features, x.shape[-1]), x,
                                      bias, out_features, activation, num_threads, kernel)
     return run_token_rows_kernel(n.spmm_int8, checked.native, x, bias, out_features, activation,
