@@ -64,22 +64,31 @@ static inline int32_t load_lane(const int8_t* p) {
   return v;
 }
 
-// Rows [0, rows) split into `parts` ranges of about equal blocks (plus one per row).
-inline void balanced_rows(const Int8BlockMatrix& w, int parts, std::vector<int64_t>& bounds) {
-  bounds.assign(parts + 1, w.rows);
+// [0, n) split into `parts` ranges of about equal work, where cost(i) is the work of
+// [0, i) (non-decreasing, one unit per item included so that empty items still count).
+template <typename Cost>
+inline void balanced_split(int64_t n, int parts, Cost cost, std::vector<int64_t>& bounds) {
+  bounds.assign(parts + 1, n);
   bounds[0] = 0;
-  const double total = static_cast<double>(w.row_ptr[w.rows]) + static_cast<double>(w.rows);
-  int64_t row = 0;
+  const double total = cost(n);
   for (int p = 1; p < parts; ++p) {
     const double target = total * p / parts;
-    int64_t lo = row, hi = w.rows;
+    int64_t lo = bounds[p - 1], hi = n;
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
-      if (static_cast<double>(w.row_ptr[mid]) + static_cast<double>(mid) < target) lo = mid + 1; else hi = mid;
+      if (cost(mid) < target)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
-    row = lo;
-    bounds[p] = row;
+    bounds[p] = lo;
   }
+}
+
+// Rows [0, rows) split into `parts` ranges of about equal blocks (plus one per row).
+inline void balanced_rows(const Int8BlockMatrix& w, int parts, std::vector<int64_t>& bounds) {
+  balanced_split(w.rows, parts, [&](int64_t r) { return static_cast<double>(w.row_ptr[r]) + static_cast<double>(r); },
+                 bounds);
 }
 
 #if defined(SPARSERT_INT8_AVX2)
@@ -90,12 +99,6 @@ static inline __m256i dot4(__m256i acc, __m256i w_abs, __m256i w, __m256i x) {
   const __m256i pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x, w));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
-static inline int32_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
 template <typename Index>
 static inline __m256i load_indices8(const Index* p) {
   if constexpr (sizeof(Index) == 2)
@@ -105,16 +108,16 @@ static inline __m256i load_indices8(const Index* p) {
 }
 #endif
 
-#if defined(SPARSERT_INT8_VNNI)
-// 16 block-column indices as 32-bit lanes; `mask` keeps the first lanes (the rest read nothing).
-template <typename Index>
-static inline __m512i load_indices16(const Index* p, __mmask16 mask) {
-  if constexpr (sizeof(Index) == 2)
-    return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
-  else
-    return _mm512_maskz_loadu_epi32(mask, p);
+#if defined(SPARSERT_INT8_AVX2) || defined(SPARSERT_INT8_VNNI)
+static inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
 }
+#endif
 
+#if defined(SPARSERT_INT8_VNNI)
 // 128 * (sum of the weights of blocks [b, e)) in 16 int32 lanes (wrapping): the
 // row's offset, subtracted from sums over u8 = x + 128 activations.
 static inline __m512i row_offset(const int8_t* values, int64_t b, int64_t e) {
@@ -163,8 +166,7 @@ static inline int32_t row_dot(const Int8BlockMatrix& w, const Index* ci, int64_t
   // 8 blocks per step: an 8-lane gather of the token's 4-activation lanes (offset to u8; Zen 4
   // gathers 8 lanes at well over half the rate of 16) and one 32-byte weight load; the last
   // partial step masks its lanes (zero weights add nothing)
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  const __m256i c128 = flip;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));  // also the u8 128s of the row's offset
   __m256i v = _mm256_setzero_si256(), off = _mm256_setzero_si256();
   for (; b < e; b += 8) {
     const __mmask8 m = e - b >= 8 ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << (e - b)) - 1);
@@ -174,13 +176,9 @@ static inline int32_t row_dot(const Int8BlockMatrix& w, const Index* ci, int64_t
     const __m256i xv = _mm256_mmask_i32gather_epi32(_mm256_setzero_si256(), m, idx, xq, 4);
     const __m256i wv = _mm256_maskz_loadu_epi32(m, w.values + 4 * b);
     v = _mm256_dpbusd_epi32(v, _mm256_xor_si256(xv, flip), wv);
-    off = _mm256_dpbusd_epi32(off, c128, wv);
+    off = _mm256_dpbusd_epi32(off, flip, wv);
   }
-  const __m256i d = _mm256_sub_epi32(v, off);
-  __m128i r = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
-  r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4E));
-  r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xB1));
-  return _mm_cvtsi128_si32(r);
+  return hsum(_mm256_sub_epi32(v, off));
 #elif defined(SPARSERT_INT8_AVX2)
   __m256i v = _mm256_setzero_si256();
   for (; b + 8 <= e; b += 8) {
@@ -320,14 +318,14 @@ static void pack_panel(const Int8Activations& x, int64_t blocks, int64_t t0, int
         _mm512_storeu_si512(xp + (kb0 + j) * P + 16 * u, _mm512_xor_si512(r[j], flip));
     }
   }
-  return;
-#endif
+#else
   for (int64_t kb = 0; kb < blocks; ++kb) {
     int32_t* dst = xp + kb * P;
     for (int t = 0; t < P; ++t)
       dst[t] = static_cast<int32_t>(
           (t < valid ? static_cast<uint32_t>(load_lane(x.xq + (t0 + t) * x.xq_stride + 4 * kb)) : 0u) ^ kPanelFlip);
   }
+#endif
 }
 
 constexpr int kTileRows = 64;  // rows whose outputs are transposed through one L1 tile
@@ -535,21 +533,10 @@ static void lanes_kernel(const Int8LaneMatrix& w, const Int8Activations& x, cons
   // groups split over threads by steps (plus one per group). (A floor of ~4,096 token-steps per thread
   // measured worse: 768->3072 at 90%, 1 token, 22.5 us on one thread vs 17.9 on two; 384x384 gained 0.5 us.)
   const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(o.num_threads, groups)));
-  std::vector<int64_t> bounds(parts + 1, groups);
-  bounds[0] = 0;
-  const double total = static_cast<double>(w.step_ptr[groups * chunks]) + static_cast<double>(groups);
-  for (int p = 1; p < parts; ++p) {
-    int64_t lo = bounds[p - 1], hi = groups;
-    const double target = total * p / parts;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (static_cast<double>(w.step_ptr[mid * chunks]) + static_cast<double>(mid) < target)
-        lo = mid + 1;
-      else
-        hi = mid;
-    }
-    bounds[p] = lo;
-  }
+  std::vector<int64_t> bounds;
+  balanced_split(groups, parts, [&](int64_t g) {
+    return static_cast<double>(w.step_ptr[g * chunks]) + static_cast<double>(g);
+  }, bounds);
   parallel_run(parts, [&](int tid, int) {
     int64_t t = 0;
     for (; t + 4 <= x.tokens; t += 4) lanes_tokens<4>(w, x, o, t, bounds[tid], bounds[tid + 1]);

@@ -20,7 +20,8 @@ from ..nn import DenseLinear, Int8DenseLinear, SparseConv2d, SparseLinear
 from ..nn.surgery import rollback, swap
 from .batchnorm import fold_batchnorm
 from .plan import MAX_SPARSE_DENSITY, LayerDecision, SparsityPlan, candidate_formats
-from .timing import call_model, call_times, capture_layer_inputs, close, flatten_tensors, max_rel_err
+from .timing import (call_model, call_times, capture_layer_inputs, close, flatten_tensors, max_rel_err,
+                     rms_rel_err)
 
 __all__ = ["sparsify", "int8_dense", "DEFAULT_TOKENS", "PRECISIONS", "INT8_SPARSE_FORMAT"]
 
@@ -31,10 +32,9 @@ DEFAULT_TOKENS = 32
 PRECISIONS = ("fp32", "int8")
 #: the int8 sparse format (the one int8 kernel family: 1x4 blocks, see sparsert.formats.q8bsr)
 INT8_SPARSE_FORMAT = "q8bsr1x4"
-#: how far an int8 layer may be from the float layer it replaces (relative to the output's
-#: largest value; per-token int8 activations lose most on tokens with outlier features)
-#: before sparsify refuses it: a guard against a wrong kernel, not a quality bar (quality
-#: is measured on the model's outputs, benchmarks/bench_int8.py --quality)
+#: how far an int8 layer may be from the float layer it replaces (relative RMS error, see
+#: _int8_close) before sparsify refuses it: a guard against a wrong kernel, not a quality bar
+#: (quality is measured on the model's outputs, benchmarks/bench_int8.py --quality)
 _INT8_MAX_RMS = 0.25
 
 
@@ -132,7 +132,7 @@ def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, stri
                         built["dense"], note = per_token
                         decision.reason = f"{decision.reason}; {note}" if decision.reason else note
                         continue
-                error = f"relative RMS error {_rms_rel_err(out, ref):.2e}" if precision == "int8" else \
+                error = f"relative RMS error {rms_rel_err(out, ref):.2e}" if precision == "int8" else \
                     f"max relative error {max_rel_err(out, ref):.2e}"
                 raise RuntimeError(f"layer {name!r}: the {kind} kernel's output differs from the dense layer "
                                    f"({error}); not converting")
@@ -148,11 +148,6 @@ def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, stri
     return decision, built
 
 
-def _rms_rel_err(out: Tensor, ref: Tensor) -> float:
-    ref64 = ref.detach().double()
-    return float((out.detach().double() - ref64).norm() / ref64.norm().clamp_min(1e-30))
-
-
 def _int8_close(out: Tensor, ref: Tensor) -> bool:
     """An int8 layer against its float layer: relative RMS error at most ``_INT8_MAX_RMS``, a guard
     against wrong kernels (indices, scales, offsets: errors of the order of 100%), not a quality
@@ -160,7 +155,7 @@ def _int8_close(out: Tensor, ref: Tensor) -> bool:
     cannot resolve the small channels of tokens with outlier channels: SmolLM2's value projections
     measured 9-13% with sparsert's per-token scales and 13-22% with torch's one scale per call,
     while the whole model in int8 lost 2.6% perplexity (dense) and 8% (50% pruned)."""
-    return out.shape == ref.shape and _rms_rel_err(out, ref) <= _INT8_MAX_RMS
+    return out.shape == ref.shape and rms_rel_err(out, ref) <= _INT8_MAX_RMS
 
 
 def _int8_dense_per_token(module: nn.Linear, x: Tensor, ref: Tensor, torch_out: Tensor) -> Optional[tuple]:
@@ -172,7 +167,7 @@ def _int8_dense_per_token(module: nn.Linear, x: Tensor, ref: Tensor, torch_out: 
     if not _int8_close(dense(x), ref):
         return None
     return dense, (f"int8 dense on sparsert's per-token kernel (torch's dynamic int8 was "
-                   f"{_rms_rel_err(torch_out, ref):.2e} off, RMS)")
+                   f"{rms_rel_err(torch_out, ref):.2e} off, RMS)")
 
 
 def _tune_dense(dense: Optional[nn.Module], x: Tensor, decision: LayerDecision, min_time: float,

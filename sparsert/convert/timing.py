@@ -71,6 +71,12 @@ def max_rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max()) / max(scale, 1e-30) if b.numel() else 0.0
 
 
+def rms_rel_err(a: Tensor, b: Tensor) -> float:
+    """``|a - b| / |b|`` over all elements (root mean square error relative to ``b``'s)."""
+    b64 = b.detach().double()
+    return float((a.detach().double() - b64).norm() / b64.norm().clamp_min(1e-30))
+
+
 def call_times(fn: Callable[[], Any], min_time: float, min_calls: int) -> list:
     """Per-call seconds of ``fn`` over at least ``min_calls`` calls and ``min_time`` seconds."""
     times = []
