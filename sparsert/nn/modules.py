@@ -214,13 +214,17 @@ class SparseLinear(_PackedWeight):
         if self._fmt is None:
             return _ops.linear(x, self.packed_weight, self.bias, self.activation)
         rp, ci, val = self._kernel_arrays()
+        # (nn.Module's __getattr__ costs a microsecond per parameter or buffer: read its dicts)
+        params = self._parameters
+        bias = params["bias"] if "bias" in params else self.bias
         if self._bitmask:
-            return _ops.linear_bitmask_arrays(x, rp, ci, val, self.out_features, self.bias, self._act)
+            return _ops.linear_bitmask_arrays(x, rp, ci, val, self.out_features, bias, self._act)
         if self._rowgroup:
-            return _ops.linear_rowgroup_arrays(x, rp, ci, val, self.out_features, self.bias, self._act)
+            return _ops.linear_rowgroup_arrays(x, rp, ci, val, self.out_features, bias, self._act)
         if self._int8:
-            return _ops.linear_q8_arrays(x, rp, ci, val, self.packed_scales, self.out_features, self.bias, self._act)
-        return _ops.linear_arrays(x, rp, ci, val, self.out_features, self._block[0], self._block[1], self.bias,
+            return _ops.linear_q8_arrays(x, rp, ci, val, self._buffers["packed_scales"], self.out_features, bias,
+                                         self._act)
+        return _ops.linear_arrays(x, rp, ci, val, self.out_features, self._block[0], self._block[1], bias,
                                   self._act)
 
     def extra_repr(self) -> str:

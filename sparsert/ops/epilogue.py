@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Epilogue", "EPILOGUES", "NAMES", "code_of", "name_of", "kernel_code", "finish", "reference", "as_module",
+__all__ = ["Epilogue", "EPILOGUES", "NAMES", "code_of", "name_of", "kernel_code", "split", "finish", "reference", "as_module",
            "grad_before"]
 
 #: the native kernels' own activation codes (csrc: 0 none, 1 relu)
@@ -74,6 +74,16 @@ def name_of(code: int) -> Optional[str]:
 def kernel_code(code: int) -> int:
     """What a native kernel fuses for op code ``code``."""
     return _get(code).kernel
+
+
+_SPLIT = {e.code: (e.kernel, e.after) for e in EPILOGUES}
+
+
+def split(code: int) -> tuple:
+    """(what a native kernel fuses, what then runs in torch or None) for op code
+    ``code``: :func:`kernel_code` and :func:`finish`'s function in one lookup (per call)."""
+    parts = _SPLIT.get(code) if type(code) is int else None
+    return parts if parts is not None else (_get(code).kernel, _get(code).after)
 
 
 def finish(y: Tensor, code: int) -> Tensor:

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._ext import native
 from ..formats._common import decode_indices, index_bits
 from ..formats.base import dense_from_blocks
 from ..formats.q8bsr import BLOCK_COLS, MAX_COLS, QMAX
@@ -148,16 +149,12 @@ LANES_KERNEL = "s8_lanes16_avx512vnni"
 @functools.lru_cache(maxsize=None)
 def _lanes_max_tokens() -> int:
     """Up to how many tokens a call takes the lanes kernel on this CPU (0: it cannot run here)."""
-    from .._ext import native
-
     return native().int8_lanes_max_tokens() if native().int8_lanes_supported() else 0
 
 
 def _lanes_arrays(checked: Validated, out_features: int, in_features: int) -> tuple:
     """The lanes layout's native arguments, built from the validated 1x4 arrays on first
     use and kept with them (a private copy: rebuilt whenever the arrays are validated again)."""
-    from .._ext import native
-
     if checked.derived is None:
         n = native()
         groups, chunks = n.int8_lanes_groups_chunks(out_features, in_features)
@@ -180,16 +177,15 @@ def linear_q8bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, qblocks: T
     """The native CPU path; ``kernel`` forces an int8 kernel (tests, benchmarks): a registry
     kernel or :data:`LANES_KERNEL`, which up to ``int8_lanes_max_tokens()`` tokens is also the
     default on CPUs with AVX-512 VNNI."""
-    from .._ext import native
-
     if x.dim() == 0:
         raise ValueError(f"{_OP}: x must have at least 1 dimension(s), got shape ()")
-    checked = check_q8_arrays(row_ptr, col_indices, qblocks, scales, out_features, x.shape[-1])
-    n = native()
-    if kernel == LANES_KERNEL or (not kernel and 0 < math.prod(x.shape[:-1]) <= _lanes_max_tokens()):
-        return run_token_rows_kernel(n.spmm_int8_lanes, _lanes_arrays(checked, out_features, x.shape[-1]), x,
+    in_features = x.shape[-1]
+    checked = check_q8_arrays(row_ptr, col_indices, qblocks, scales, out_features, in_features)
+    tokens = x.numel() // in_features if in_features else math.prod(x.shape[:-1])
+    if kernel == LANES_KERNEL or (not kernel and 0 < tokens <= _lanes_max_tokens()):
+        return run_token_rows_kernel(native().spmm_int8_lanes, _lanes_arrays(checked, out_features, in_features), x,
                                      bias, out_features, activation, num_threads, kernel)
-    return run_token_rows_kernel(n.spmm_int8, checked.native, x, bias, out_features, activation,
+    return run_token_rows_kernel(native().spmm_int8, checked.native, x, bias, out_features, activation,
                                  num_threads, kernel)
 
 

@@ -84,19 +84,26 @@ def eager_cpu_call(*tensors: Optional[Tensor]) -> bool:
     (dispatch and function modes). Eager CPU calls then skip the dispatcher's
     Python layers, which cost tens of microseconds per call (more than a small
     sparse layer's kernel). ``None`` entries (e.g. no bias) are ignored."""
-    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._len_torch_dispatch_stack() > 0):
+    if _is_compiling() or _function_mode_enabled() or _dispatch_modes() > 0:
         return False
-    grad = torch.is_grad_enabled()
+    grad = _grad_enabled()
     for t in tensors:
         if t is None:
             continue
-        plain = type(t) is Tensor or type(t) is torch.nn.Parameter  # no subclass (fake, functional...)
-        if not plain or not t.is_cpu:  # (is_cpu: t.device.type costs 4x as much, per call)
-            return False
+        kind = type(t)
+        if (kind is not Tensor and kind is not _Parameter) or not t.is_cpu:  # no subclass (fake, functional...)
+            return False  # (is_cpu: t.device.type costs 4x as much, per call)
         if grad and t.requires_grad:
             return False
     return True
+
+
+# (bound once: each attribute lookup through ``torch._C`` costs per call)
+_is_compiling = torch.compiler.is_compiling
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_grad_enabled = torch.is_grad_enabled
+_Parameter = torch.nn.Parameter
 
 
 # --------------------------------------------------------------------------- weight validation
@@ -324,13 +331,55 @@ def check_rowgroup_arrays(seg_ptr: Tensor, columns: Tensor, values: Tensor, out_
 
 
 # --------------------------------------------------------------------------- kernels
-def float32_bias(bias: Optional[Tensor], out_features: int) -> int:
-    """The address of a float32, contiguous ``bias`` (0 for none), after checking its shape."""
+# The per-call glue below runs once per layer per forward, around kernels that take a
+# few microseconds for a token: it uses the cheapest torch queries (``dtype is``,
+# ``is_contiguous``, ``numel``; ``torch.empty`` with positional sizes, half the cost of
+# a tuple) and handles the common case (float32, contiguous) first.
+_F32 = torch.float32
+
+
+def float32_bias(bias: Optional[Tensor], out_features: int) -> Optional[Tensor]:
+    """``bias`` as the kernels read it (float32, contiguous; None for none), after checking its shape."""
     if bias is None:
-        return 0
+        return None
     if bias.shape != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    return bias.data_ptr()
+    if bias.dtype is not _F32 or not bias.is_contiguous():
+        bias = bias.detach().to(_F32).contiguous()
+    return bias
+
+
+def token_rows(x: Tensor) -> tuple:
+    """x's float32 token rows as the row-strided kernels read them (unit column stride,
+    rows at least ``in_features`` apart): (the tensor holding them, its address, the
+    number of tokens, the row stride). A row-strided 2-D x (a slice) is read in place."""
+    in_features = x.shape[-1]
+    if x.dtype is _F32 and x.is_contiguous():  # the common case: no copy, no reshape
+        tokens = x.numel() // in_features if in_features else math.prod(x.shape[:-1])
+        return x, x.data_ptr(), tokens, in_features
+    x32 = x if x.dtype is _F32 else x.float()
+    x2 = x32.reshape(-1, in_features)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
+        x2 = x2.contiguous()
+    tokens = x2.shape[0]
+    return x2, x2.data_ptr(), tokens, x2.stride(0) if tokens else in_features
+
+
+def run_token_rows_kernel(native_fn, arrays: tuple, x: Tensor, bias: Optional[Tensor], out_features: int,
+                          activation: int, num_threads: int, kernel: str) -> Tensor:
+    """Calls a native kernel of the token-rows signature (out, in, *arrays, x, tokens,
+    x row stride, y, y row stride, bias, epilogue, threads, forced kernel) and finishes the
+    epilogue: the one body of every Linear op's CPU path (CSR/BSR, bitmask, row-group, int8)."""
+    rows, x_address, tokens, x_stride = token_rows(x)  # (rows: kept alive while the kernel reads it)
+    y = torch.empty(*x.shape[:-1], out_features, dtype=_F32)
+    bias = float32_bias(bias, out_features)
+    fused, after = epilogue.split(activation)
+    native_fn(out_features, x.shape[-1], *arrays, x_address, tokens, x_stride, y.data_ptr(), out_features,
+              0 if bias is None else bias.data_ptr(), fused,
+              num_threads if num_threads > 0 else get_num_threads(), kernel)
+    if after is not None:
+        y = after(y)
+    return y if x.dtype is _F32 else y.to(x.dtype)
 
 
 def linear_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
@@ -346,61 +395,10 @@ def linear_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
     """
     if x.dim() == 0:
         raise ValueError("sparsert::linear_bsr: x must have at least 1 dimension(s), got shape ()")
-    in_features = x.shape[-1]
-    checked = check_weight_arrays(row_ptr, col_indices, values, out_features, in_features, block_rows,
+    checked = check_weight_arrays(row_ptr, col_indices, values, out_features, x.shape[-1], block_rows,
                                   block_cols)  # (kept alive while the kernel runs)
-    x32 = x if x.dtype == torch.float32 else x.float()
-    if x32.is_contiguous():  # (first: the common case, and one cheap query)
-        x2 = None  # read in place as tokens x in_features
-    elif x32.dim() == 2 and x32.stride(-1) == 1:
-        x2 = x32  # rows may be strided (a slice): the kernel takes a row stride
-    else:
-        x2 = x32.reshape(-1, in_features)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-    if x2 is None:
-        tokens = x32.numel() // in_features if in_features else math.prod(x32.shape[:-1])
-        x_address, x_stride = x32.data_ptr(), in_features
-    else:
-        tokens = x2.shape[0]
-        x_address, x_stride = x2.data_ptr(), x2.stride(0)
-    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.detach().to(torch.float32).contiguous()
-    _native().spmm(out_features, in_features, block_rows, block_cols, *checked.native, x_address, tokens, x_stride,
-                  y.data_ptr(), out_features, float32_bias(bias, out_features), epilogue.kernel_code(activation),
-                  num_threads if num_threads > 0 else get_num_threads(), kernel)
-    y = epilogue.finish(y, activation)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-
-def token_rows_call(x: Tensor, bias: Optional[Tensor], out_features: int) -> tuple:
-    """The float32 token rows a row-strided kernel reads (unit column stride, rows
-    at least ``in_features`` apart), their count, the float32 output to fill and
-    the bias as the kernels take it: (x2, tokens, y, bias)."""
-    in_features = x.shape[-1]
-    x32 = x if x.dtype == torch.float32 else x.float()
-    x2 = x32.reshape(-1, in_features)
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
-        x2 = x2.contiguous()
-    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.detach().to(torch.float32).contiguous()
-    return x2, x2.shape[0], y, bias
-
-
-def run_token_rows_kernel(native_fn, arrays: tuple, x: Tensor, bias: Optional[Tensor], out_features: int,
-                          activation: int, num_threads: int, kernel: str) -> Tensor:
-    """Calls a native kernel of the token-rows signature (out, in, *validated arrays, x, tokens,
-    x row stride, y, y row stride, bias, epilogue, threads, forced kernel) and finishes the
-    epilogue: the one body of the bitmask, row-group and int8 ops."""
-    in_features = x.shape[-1]
-    x2, tokens, y, bias = token_rows_call(x, bias, out_features)
-    native_fn(out_features, in_features, *arrays, x2.data_ptr(), tokens, x2.stride(0) if tokens else in_features,
-              y.data_ptr(), out_features, float32_bias(bias, out_features), epilogue.kernel_code(activation),
-              num_threads if num_threads > 0 else get_num_threads(), kernel)
-    y = epilogue.finish(y, activation)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    return run_token_rows_kernel(_native().spmm, (block_rows, block_cols, *checked.native), x, bias, out_features,
+                                 activation, num_threads, kernel)
 
 
 def linear_bitmask_cpu(x: Tensor, masks: Tensor, row_offsets: Tensor, values: Tensor, out_features: int,
@@ -440,12 +438,11 @@ def conv2d_bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, values: Tens
     x32 = x if x.dtype == torch.float32 else x.float()
     x32 = x32.contiguous()  # NCHW; a channels_last input is converted here
     y = torch.empty(n, out_channels, max(oh, 0), max(ow, 0), dtype=torch.float32)
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.detach().to(torch.float32).contiguous()
+    bias = float32_bias(bias, out_channels)
     _native().conv2d(out_channels, block_rows, block_cols, rp_address, ci_address, index_bits, values_address,
                     x32.data_ptr(),
                     n, cin, h, w, kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0],
-                    dilation[1], groups, y.data_ptr(), float32_bias(bias, out_channels),
+                    dilation[1], groups, y.data_ptr(), 0 if bias is None else bias.data_ptr(),
                     epilogue.kernel_code(activation), num_threads if num_threads > 0 else get_num_threads(),
                     kernel)
     y = epilogue.finish(y, activation)
