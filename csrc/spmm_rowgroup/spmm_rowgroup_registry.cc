@@ -10,6 +10,7 @@ namespace reference { void register_rowgroup_kernels(std::vector<RowGroupKernelI
 namespace scalar { void register_rowgroup_kernels(std::vector<RowGroupKernelInfo>& out); }
 #if SPARSERT_HAVE_X86_KERNELS
 namespace avx2 { void register_rowgroup_kernels(std::vector<RowGroupKernelInfo>& out); }
+namespace avx512 { void register_rowgroup_kernels(std::vector<RowGroupKernelInfo>& out); }
 #endif
 
 const std::vector<RowGroupKernelInfo>& rowgroup_kernel_registry() {
@@ -19,6 +20,7 @@ const std::vector<RowGroupKernelInfo>& rowgroup_kernel_registry() {
     scalar::register_rowgroup_kernels(all);
 #if SPARSERT_HAVE_X86_KERNELS
     avx2::register_rowgroup_kernels(all);
+    avx512::register_rowgroup_kernels(all);
 #endif
     return all;
   }();
@@ -29,9 +31,7 @@ const std::vector<RowGroupKernelInfo>& rowgroup_kernel_registry() {
 constexpr int64_t kRowGroupSpmvMaxTokens = 2;
 
 const RowGroupKernelInfo* select_rowgroup_kernel(int64_t tokens, const std::string& isa) {
-  // No AVX-512 variant: its 16-float vectors would need 32-token panels; an
-  // AVX-512 CPU runs the AVX2 kernel.
-  const std::string want = isa == "avx512" ? "avx2" : isa;
+  const std::string& want = isa;
   const char* kind = tokens <= kRowGroupSpmvMaxTokens ? "spmv" : "spmm";
   const RowGroupKernelInfo* fallback = nullptr;
   for (const auto& k : rowgroup_kernel_registry()) {
