@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import cpu_name, git_commit, time_methods
 from sparsert import ops
 from sparsert._ext import native
-from sparsert.ops.quantized import LANES_KERNEL
+from sparsert.ops.quantized import GROUPS_KERNEL, GROUPS_MIN_DENSITY, LANES_KERNEL
 from sparsert.nn import DenseLinear, Int8DenseLinear, SparseLinear
 
 SHAPES = [(768, 3072), (3072, 768)]  # (in, out)
@@ -275,7 +275,9 @@ def main() -> None:
     ops.set_num_threads(args.threads)
     few = (f"{LANES_KERNEL} up to {native().int8_lanes_max_tokens()} tokens" if native().int8_lanes_supported()
            else native().select_int8_kernel(1))
-    print(f"# {cpu_name()}, ISA {ops.cpu_isa()}, int8 kernels {few} / {native().select_int8_kernel(64)}, "
+    many = (f"{GROUPS_KERNEL} from {GROUPS_MIN_DENSITY:.0%} block density, else {native().select_int8_kernel(64)}"
+            if native().int8_groups_supported() else native().select_int8_kernel(64))
+    print(f"# {cpu_name()}, ISA {ops.cpu_isa()}, int8 kernels {few} / {many}, "
           f"{args.threads} threads, commit {git_commit()}, "
           f"torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}", flush=True)
     if not args.skip_layers:

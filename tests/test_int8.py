@@ -126,7 +126,7 @@ def test_lanes_layout_holds_every_block_once():
     fmt = Q8BSR.from_dense(block_weight(rows, cols, 0.4, gen, "empty_rows"))
     checked = check_q8_arrays(fmt.row_ptr, fmt.col_indices, fmt.qblocks, fmt.scales, rows, cols)
     _lanes_arrays(checked, rows, cols)
-    step_ptr, lane_cols, lane_w, _ = checked.derived
+    step_ptr, lane_cols, lane_w, _ = checked.derived["lanes"]
     groups, chunks, nbc = 3, 3, 75
     q = torch.zeros(rows, nbc, 4, dtype=torch.int32)
     ci = fmt.col_indices.to(torch.int64) & 0xFFFF
@@ -151,6 +151,68 @@ def test_lanes_layout_holds_every_block_once():
                         assert not rebuilt[g * 16 + r, c * 32 + lc[s, r]].any(), "a block placed twice"
                         rebuilt[g * 16 + r, c * 32 + lc[s, r]] = lw[s, r]
     assert torch.equal(rebuilt[:rows], q)
+
+
+def test_groups_layout_holds_every_block_once():
+    # The groups layout (spmm_int8.h, Int8GroupMatrix) rebuilt into a dense int8 weight must be
+    # the 1x4 weight; each group's columns sorted by the pattern of rows holding a block there.
+    from sparsert.ops.quantized import groups_layout
+
+    gen = torch.Generator().manual_seed(12)
+    rows, cols = 23, 70  # 6 groups, the last of 3 rows; 18 block columns
+    fmt = Q8BSR.from_dense(block_weight(rows, cols, 0.4, gen, "empty_rows"))
+    lanes = fmt.qblocks.view(torch.int32).reshape(-1)
+    seg_ptr, columns, blocks, group_ptr, offsets = groups_layout(fmt.row_ptr, fmt.col_indices, lanes, rows, cols)
+    nbc, groups = 18, 6
+    q = torch.zeros(groups * 4, nbc, dtype=torch.int64)
+    ci = fmt.col_indices.to(torch.int64) & 0xFFFF
+    for n in range(rows):
+        for b in range(int(fmt.row_ptr[n]), int(fmt.row_ptr[n + 1])):
+            q[n, ci[b]] = int(lanes[b])
+    rebuilt = torch.zeros_like(q)
+    slot = 0
+    for g in range(groups):
+        assert int(group_ptr[g]) == slot
+        for p in range(1, 16):
+            seg = columns[int(seg_ptr[g * 15 + p - 1]):int(seg_ptr[g * 15 + p])].tolist()
+            assert seg == sorted(set(seg)), "a segment's columns ascend, once each"
+            for c in seg:
+                for r in range(4):
+                    if p >> r & 1:
+                        rebuilt[g * 4 + r, c] = int(blocks[slot])
+                        slot += 1
+                    else:
+                        assert q[g * 4 + r, c] == 0, "a row outside the pattern holds a block"
+    assert slot == lanes.numel() == int(group_ptr[-1])
+    assert torch.equal(rebuilt, q)
+    sums = fmt.qblocks.to(torch.int64).sum(1)
+    expected = torch.zeros(rows, dtype=torch.int64).index_add_(
+        0, torch.repeat_interleave(torch.arange(rows), fmt.row_ptr.diff().to(torch.int64)), sums)
+    assert torch.equal(offsets.to(torch.int64), expected * 128)
+
+
+def test_default_kernel_follows_tokens_and_density():
+    # lanes up to int8_lanes_max_tokens(), then groups where the blocks are dense enough
+    from sparsert.ops import quantized
+
+    if not native().int8_groups_supported():
+        pytest.skip("no AVX-512 VNNI: the groups kernel does not run here")
+    gen = torch.Generator().manual_seed(13)
+    calls = []
+    real = quantized.run_token_rows_kernel
+    for density, tokens, want in ((0.5, 1, quantized.LANES_KERNEL), (0.5, 16, quantized.GROUPS_KERNEL),
+                                  (0.05, 16, "panel")):
+        fmt = Q8BSR.from_dense(block_weight(64, 256, density, gen))
+        calls.clear()
+        quantized.run_token_rows_kernel = lambda fn, *a, **k: calls.append(fn.__name__) or real(fn, *a, **k)
+        try:
+            out = run(torch.randn(tokens, 256, generator=gen), fmt)
+        finally:
+            quantized.run_token_rows_kernel = real
+        name = {"spmm_int8_lanes": quantized.LANES_KERNEL, "spmm_int8_groups": quantized.GROUPS_KERNEL}.get(
+            calls[0], "panel")
+        assert name == want, (density, tokens, calls)
+        assert out.shape == (tokens, 64)
 
 
 def test_int32_indices_path():

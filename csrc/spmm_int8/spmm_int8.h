@@ -138,6 +138,38 @@ int64_t int8_lanes_max_tokens();
 void int8_lanes_linear(const Int8LaneMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,
                        const Int8Output& out);
 
+// The "groups" layout of the many-token VNNI kernel, derived from an Int8BlockMatrix
+// (built by the caller, sparsert/ops/quantized.py) and held by the caller. Rows go in
+// groups of 4; per group, the block columns where any of its rows holds a block are
+// sorted by which rows hold one (the pattern p, a 4-bit mask, 1..15): the columns of
+// group g and pattern p are columns[seg_ptr[15 g + p - 1], seg_ptr[15 g + p]), and each
+// column is followed in `blocks` by popcount(p) 4-weight blocks, one per row of the
+// pattern in increasing row order (group g's blocks start at group_ptr[g]). One load of
+// a panel vector (16 tokens' 4 activations of the column) then feeds a vpdpbusd per row
+// of the pattern: ~2.1 rows per load at 50% block density, where the 1x4 panel kernel
+// loads the panel once per block. row_offsets[n] = 128 * (the sum of row n's weights),
+// wrapping in int32: the u8 offset of the activations, taken off once per row.
+constexpr int kQ8GroupRows = 4;
+constexpr int kQ8GroupPatterns = 15;
+struct Int8GroupMatrix {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const int32_t* seg_ptr = nullptr;      // groups() * 15 + 1 entries
+  const int32_t* columns = nullptr;      // seg_ptr[groups() * 15] block-column indices
+  const int32_t* blocks = nullptr;       // the 4-weight blocks, as 32-bit lanes
+  const int32_t* group_ptr = nullptr;    // groups() + 1 entries: each group's first block
+  const int32_t* row_offsets = nullptr;  // rows entries
+  const float* scales = nullptr;         // rows per-channel weight scales
+
+  int64_t groups() const { return (rows + kQ8GroupRows - 1) / kQ8GroupRows; }
+  int64_t block_col_count() const { return (cols + kInt8BlockCols - 1) / kInt8BlockCols; }
+};
+// True when this CPU runs the groups kernel (AVX-512 VNNI).
+bool int8_groups_supported();
+// Quantises x and runs the groups kernel (int8_groups_supported() must hold).
+void int8_groups_linear(const Int8GroupMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,
+                        const Int8Output& out);
+
 // Quantises x (tokens x cols, fp32) and runs `kernel` (nullptr: select):
 // the whole int8 Linear. Returns the kernel used.
 const Int8KernelInfo* int8_linear(const Int8BlockMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,

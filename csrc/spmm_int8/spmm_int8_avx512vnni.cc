@@ -1,6 +1,6 @@
 // AVX-512 VNNI int8 kernels: one vpdpbusd per 64 MACs on u8-offset activations (see the top of
-// spmm_int8_impl.h), 8-lane gathers for the per-token kernel, panels of 16/32/64 tokens, and the
-// few-token lanes kernel.
+// spmm_int8_impl.h), 8-lane gathers for the per-token kernel, panels of 16/32/64 tokens, the
+// few-token lanes kernel and the many-token groups kernel.
 // GCC 12's AVX-512 headers build masked loads and reductions on _mm512_undefined_*(), which
 // -Wmaybe-uninitialized reports as a use of an uninitialised value (GCC bug 105593).
 #if defined(__GNUC__) && !defined(__clang__)

@@ -123,6 +123,46 @@ std::string spmm_int8_lanes(int64_t rows, int64_t cols, uintptr_t step_ptr, int6
   return "s8_lanes16_avx512vnni";
 }
 
+// y = act(dequant(quant(x) @ Wq^T) + bias) from the groups layout (built by sparsert/ops/quantized.py
+// from validated 1x4 arrays; the O(1) facts are checked here); returns the kernel's name.
+std::string spmm_int8_groups(int64_t rows, int64_t cols, uintptr_t seg_ptr, int64_t seg_ptr_len, uintptr_t columns,
+                             int64_t columns_len, uintptr_t blocks, int64_t blocks_len, uintptr_t group_ptr,
+                             int64_t group_ptr_len, uintptr_t row_offsets, uintptr_t scales, uintptr_t x,
+                             int64_t tokens, int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t bias,
+                             int64_t activation, int64_t num_threads, const std::string& kernel) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
+  sparsert::size_in_range("rows", rows, 0, INT32_MAX);
+  sparsert::size_in_range("cols", cols, 0, sparsert::kInt8MaxCols);
+  if (!kernel.empty() && kernel != "s8_groups4_avx512vnni") fail("unknown int8 groups kernel '" + kernel + "'");
+  if (!sparsert::int8_groups_supported()) fail("the int8 groups kernel needs a CPU with AVX-512 VNNI");
+  sparsert::Int8GroupMatrix w;
+  w.rows = rows;
+  w.cols = cols;
+  if (seg_ptr_len != w.groups() * sparsert::kQ8GroupPatterns + 1) fail("seg_ptr must have groups * 15 + 1 entries");
+  if (group_ptr_len != w.groups() + 1) fail("group_ptr must have groups + 1 entries");
+  sparsert::require_address("seg_ptr", seg_ptr);
+  sparsert::require_address("group_ptr", group_ptr);
+  w.seg_ptr = ptr<const int32_t>(seg_ptr);
+  w.group_ptr = ptr<const int32_t>(group_ptr);
+  if (w.seg_ptr[0] != 0 || w.seg_ptr[seg_ptr_len - 1] != columns_len) fail("seg_ptr must run from 0 to the columns");
+  if (w.group_ptr[0] != 0 || w.group_ptr[group_ptr_len - 1] != blocks_len) fail("group_ptr must run from 0 to the blocks");
+  if (rows > 0) {
+    sparsert::require_address("row_offsets", row_offsets);
+    sparsert::require_address("scales", scales);
+  }
+  const sparsert::Int8Output o =
+      token_rows_output(rows, cols, x, tokens, x_row_stride, y, y_row_stride, bias, activation, num_threads);
+  w.columns = ptr<const int32_t>(columns);
+  w.blocks = ptr<const int32_t>(blocks);
+  w.row_offsets = ptr<const int32_t>(row_offsets);
+  w.scales = ptr<const float>(scales);
+  {
+    py::gil_scoped_release release;
+    sparsert::int8_groups_linear(w, ptr<const float>(x), tokens, x_row_stride, o);
+  }
+  return "s8_groups4_avx512vnni";
+}
+
 }  // namespace
 
 void bind_spmm_int8(py::module_& m) {
@@ -156,6 +196,13 @@ void bind_spmm_int8(py::module_& m) {
     py::gil_scoped_release release;
     sparsert::int8_lanes_fill(w, ptr<const int32_t>(step_ptr), ptr<uint8_t>(lane_cols), ptr<int8_t>(lane_w));
   }, "Writes the lanes layout's zeroed lane_cols and lane_w (raw addresses).");
+  m.def("int8_groups_supported", &sparsert::int8_groups_supported, "True when this CPU runs the int8 groups kernel.");
+  m.def("spmm_int8_groups", &spmm_int8_groups, py::arg("rows"), py::arg("cols"), py::arg("seg_ptr"),
+        py::arg("seg_ptr_len"), py::arg("columns"), py::arg("columns_len"), py::arg("blocks"), py::arg("blocks_len"),
+        py::arg("group_ptr"), py::arg("group_ptr_len"), py::arg("row_offsets"), py::arg("scales"), py::arg("x"),
+        py::arg("tokens"), py::arg("x_row_stride"), py::arg("y"), py::arg("y_row_stride"), py::arg("bias"),
+        py::arg("activation"), py::arg("num_threads"), py::arg("kernel") = "",
+        "y = act(w_scale * x_scale * (quant(x) @ Wq^T) + bias) from the int8 groups layout (raw addresses).");
   m.def("spmm_int8_lanes", &spmm_int8_lanes, py::arg("rows"), py::arg("cols"), py::arg("step_ptr"),
         py::arg("step_ptr_len"), py::arg("lane_cols"), py::arg("lane_w"), py::arg("steps"), py::arg("scales"),
         py::arg("x"), py::arg("tokens"), py::arg("x_row_stride"), py::arg("y"), py::arg("y_row_stride"),

@@ -16,6 +16,11 @@
 //         32 MACs on AVX2). Reads per MAC: (4 + 2) / (4 * P) bytes of
 //         weight and index, and 1/4 of a 32-byte panel load per token-block.
 //
+// Two derived layouts (spmm_int8.h) have VNNI kernels of their own: lanes (few tokens: 16
+// rows per register, no gathers) and groups (many tokens: rows in groups of 4 whose block
+// columns are sorted by which rows hold a block there, so one panel load feeds every row of
+// the group that has the column, ~2.1 at 50% block density, instead of one).
+//
 // AVX-512 VNNI (SPARSERT_INT8_VNNI): vpdpbusd multiplies u8 by s8 and adds
 // the 4 products of a 32-bit lane into int32 without saturation, so the
 // activations are offset to u8 (x + 128, an xor with 0x80) and the weights
@@ -548,6 +553,143 @@ static void lanes_kernel(const Int8LaneMatrix& w, const Int8Activations& x, cons
     }
   });
 }
+
+// ---- the groups kernel (Int8GroupMatrix in spmm_int8.h) ----
+
+constexpr int popcount4(int p) { return (p & 1) + (p >> 1 & 1) + (p >> 2 & 1) + (p >> 3 & 1); }
+// Accumulator sets for `chains` = rows * NV vpdpbusd chains: ~8 hide its latency.
+constexpr int group_sets(int chains) { return chains >= 8 ? 1 : 4 * chains <= 12 ? 4 : 2; }
+
+// acc[r] += one pattern segment: `count` columns, each followed in `blk` by the blocks of the
+// pattern's rows. Per column: NV panel loads, then per row one broadcast and NV vpdpbusd.
+template <int PAT, int NV>
+__attribute__((always_inline)) static inline void group_segment(const int32_t* col, int32_t count,
+                                                                const int32_t* blk, const int32_t* xp,
+                                                                __m512i (&acc)[kQ8GroupRows][NV]) {
+  constexpr int P = kLanes * NV;
+  constexpr int NR = popcount4(PAT);
+  constexpr int S = group_sets(NR * NV);
+  if (count == 0) return;
+  int rows[NR] = {};
+  for (int r = 0, ri = 0; r < kQ8GroupRows; ++r)
+    if (PAT >> r & 1) rows[ri++] = r;
+  __m512i part[S][NR][NV];
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < NV; ++u) {
+      part[0][r][u] = acc[rows[r]][u];
+      for (int s = 1; s < S; ++s) part[s][r][u] = _mm512_setzero_si512();
+    }
+  int32_t i = 0;
+  for (; i + S <= count; i += S)
+    for (int s = 0; s < S; ++s) {
+      const int32_t* xr = xp + static_cast<int64_t>(col[i + s]) * P;
+      __m512i xv[NV];
+      for (int u = 0; u < NV; ++u) xv[u] = _mm512_loadu_si512(xr + 16 * u);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i wb = _mm512_set1_epi32(blk[(i + s) * NR + r]);
+        for (int u = 0; u < NV; ++u) part[s][r][u] = _mm512_dpbusd_epi32(part[s][r][u], xv[u], wb);
+      }
+    }
+  for (; i < count; ++i) {  // the remainder goes to set 0
+    const int32_t* xr = xp + static_cast<int64_t>(col[i]) * P;
+    for (int r = 0; r < NR; ++r) {
+      const __m512i wb = _mm512_set1_epi32(blk[i * NR + r]);
+      for (int u = 0; u < NV; ++u)
+        part[0][r][u] = _mm512_dpbusd_epi32(part[0][r][u], _mm512_loadu_si512(xr + 16 * u), wb);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < NV; ++u) {
+      __m512i sum = part[0][r][u];
+      for (int s = 1; s < S; ++s) sum = _mm512_add_epi32(sum, part[s][r][u]);
+      acc[rows[r]][u] = sum;
+    }
+}
+
+// The 15 segments of group g, PAT = 1 .. 15 in order.
+template <int NV, int PAT = 1>
+__attribute__((always_inline)) static inline void group_segments(const Int8GroupMatrix& w, int64_t g,
+                                                                 const int32_t* blk, const int32_t* xp,
+                                                                 __m512i (&acc)[kQ8GroupRows][NV]) {
+  const int64_t s = g * kQ8GroupPatterns + PAT - 1;
+  const int32_t begin = w.seg_ptr[s], count = w.seg_ptr[s + 1] - begin;
+  group_segment<PAT, NV>(w.columns + begin, count, blk, xp, acc);
+  if constexpr (PAT < kQ8GroupPatterns)
+    group_segments<NV, PAT + 1>(w, g, blk + static_cast<int64_t>(count) * popcount4(PAT), xp, acc);
+}
+
+// Groups [g0, g1) against one panel of P = 16 NV tokens; the outputs of 4 groups (16 rows) go
+// through an L1 tile and one 16 x 16 transpose per 16 tokens into token rows of y.
+template <int NV>
+static void groups_panel(const Int8GroupMatrix& w, const int32_t* xp, const Int8Activations& x, const Int8Output& o,
+                         int64_t t0, int64_t valid, int64_t g0, int64_t g1) {
+  constexpr int P = kLanes * NV;
+  const bool relu = o.epilogue == Epilogue::kRelu;
+  alignas(64) float tile[16 * P];
+  for (int64_t gb = g0; gb < g1; gb += 4) {
+    const int64_t rb = gb * kQ8GroupRows;
+    const int nr = static_cast<int>(std::min<int64_t>(std::min<int64_t>(g1 - gb, 4) * kQ8GroupRows, w.rows - rb));
+    for (int64_t g = gb; g < std::min<int64_t>(g1, gb + 4); ++g) {
+      __m512i acc[kQ8GroupRows][NV];
+      for (int r = 0; r < kQ8GroupRows; ++r)
+        for (int u = 0; u < NV; ++u) acc[r][u] = _mm512_setzero_si512();
+      group_segments<NV>(w, g, w.blocks + w.group_ptr[g], xp, acc);
+      for (int r = 0; r < kQ8GroupRows; ++r) {
+        const int64_t n = g * kQ8GroupRows + r;
+        if (n >= w.rows) break;
+        const __m512i off = _mm512_set1_epi32(w.row_offsets[n]);
+        const float ws = w.scales[n], bias = o.bias ? o.bias[n] : 0.0f;
+        // the dequantisation of spmm_int8.h, as spmm_panel_rows does it
+        for (int u = 0; u < NV; ++u) {
+          const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(x.x_scales + t0 + 16 * u), _mm512_set1_ps(ws));
+          __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][u], off)), scale, _mm512_set1_ps(bias));
+          if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);
+          _mm512_store_ps(tile + (n - rb) * P + 16 * u, v);
+        }
+      }
+    }
+    const __mmask16 m = static_cast<__mmask16>((1u << nr) - 1);
+    for (int u = 0; u < P / 16 && 16 * u < valid; ++u) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) r[j] = j < nr ? _mm512_load_si512(tile + j * P + 16 * u) : _mm512_setzero_si512();
+      transpose16x16(r);
+      const int64_t tokens16 = std::min<int64_t>(16, valid - 16 * u);
+      for (int64_t j = 0; j < tokens16; ++j)
+        _mm512_mask_storeu_epi32(o.y + (t0 + 16 * u + j) * o.y_row_stride + rb, m, r[j]);
+    }
+  }
+}
+
+template <int NV>
+static void groups_run(const Int8GroupMatrix& w, const Int8Activations& x, const Int8Output& o) {
+  constexpr int P = kLanes * NV;
+  const int64_t blocks = w.block_col_count(), groups = w.groups();
+  const int64_t panels = (x.tokens + P - 1) / P;
+  static thread_local Scratch panel_scratch;
+  int32_t* xp = reinterpret_cast<int32_t*>(panel_scratch.get(static_cast<size_t>(panels * blocks * P)));
+  parallel_run(std::min<int64_t>(o.num_threads, panels), [&](int tid, int parts) {
+    for (int64_t p = tid; p < panels; p += parts)
+      pack_panel<P>(x, blocks, p * P, std::min<int64_t>(P, x.tokens - p * P), xp + p * blocks * P);
+  });
+  // groups split over threads by blocks (plus 8 per group: its 15 segment loops and output)
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(o.num_threads, groups)));
+  std::vector<int64_t> bounds;
+  balanced_split(groups, parts, [&](int64_t g) {
+    return static_cast<double>(w.group_ptr[g]) + 8.0 * static_cast<double>(g);
+  }, bounds);
+  parallel_run(parts, [&](int tid, int) {
+    for (int64_t p = 0; p < panels; ++p)
+      groups_panel<NV>(w, xp + p * blocks * P, x, o, p * P, std::min<int64_t>(P, x.tokens - p * P), bounds[tid],
+                       bounds[tid + 1]);
+  });
+}
+
+// The narrowest panel (16, 32 or 64 tokens) that holds every token.
+static void groups_kernel(const Int8GroupMatrix& w, const Int8Activations& x, const Int8Output& o) {
+  if (x.tokens <= kLanes) return groups_run<1>(w, x, o);
+  if (x.tokens <= 2 * kLanes) return groups_run<2>(w, x, o);
+  groups_run<4>(w, x, o);
+}
 #endif
 
 }  // namespace q8
@@ -570,6 +712,9 @@ void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_ro
 #if defined(SPARSERT_INT8_VNNI)
 void spmm_int8_lanes(const Int8LaneMatrix& w, const Int8Activations& x, const Int8Output& o) {
   q8::lanes_kernel(w, x, o);
+}
+void spmm_int8_groups(const Int8GroupMatrix& w, const Int8Activations& x, const Int8Output& o) {
+  q8::groups_kernel(w, x, o);
 }
 #endif
 

@@ -30,6 +30,7 @@ void quantize_rows_s8(const float* x, int64_t tokens, int64_t cols, int64_t x_ro
 namespace avx512vnni {
 void register_int8_kernels(std::vector<Int8KernelInfo>& out);
 void spmm_int8_lanes(const Int8LaneMatrix& w, const Int8Activations& x, const Int8Output& o);
+void spmm_int8_groups(const Int8GroupMatrix& w, const Int8Activations& x, const Int8Output& o);
 }
 #endif
 
@@ -192,6 +193,20 @@ void int8_lanes_linear(const Int8LaneMatrix& w, const float* x, int64_t tokens, 
   avx512vnni::spmm_int8_lanes(w, a, out);
 #else
   throw std::runtime_error("the int8 lanes kernel needs AVX-512 VNNI");
+#endif
+}
+
+bool int8_groups_supported() { return int8_lanes_supported(); }
+
+void int8_groups_linear(const Int8GroupMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,
+                        const Int8Output& out) {
+  if (tokens <= 0 || w.rows <= 0) return;
+#if SPARSERT_HAVE_X86_KERNELS
+  if (!int8_groups_supported()) throw std::runtime_error("the int8 groups kernel needs AVX-512 VNNI");
+  const Int8Activations a = quantize_for_kernels(x, tokens, w.cols, x_row_stride, out.num_threads, "avx2");
+  avx512vnni::spmm_int8_groups(w, a, out);
+#else
+  throw std::runtime_error("the int8 groups kernel needs AVX-512 VNNI");
 #endif
 }
 

@@ -155,7 +155,9 @@ def _lanes_max_tokens() -> int:
 def _lanes_arrays(checked: Validated, out_features: int, in_features: int) -> tuple:
     """The lanes layout's native arguments, built from the validated 1x4 arrays on first
     use and kept with them (a private copy: rebuilt whenever the arrays are validated again)."""
-    if checked.derived is None:
+    derived = checked.derived if checked.derived is not None else {}
+    checked.derived = derived
+    if "lanes" not in derived:
         n = native()
         groups, chunks = n.int8_lanes_groups_chunks(out_features, in_features)
         block = checked.native[:7]  # row_ptr, its length, col_idx, its length, index bits, values, their length
@@ -167,16 +169,92 @@ def _lanes_arrays(checked: Validated, out_features: int, in_features: int) -> tu
                           lane_cols.data_ptr(), lane_cols.numel(), lane_w.data_ptr(), lane_w.numel())
         args = (step_ptr.data_ptr(), step_ptr.numel(), lane_cols.data_ptr(), lane_w.data_ptr(), steps,
                 checked.native[7])
-        checked.derived = (step_ptr, lane_cols, lane_w, args)
-    return checked.derived[3]
+        derived["lanes"] = (step_ptr, lane_cols, lane_w, args)
+    return derived["lanes"][3]
+
+
+#: the many-token VNNI kernel over the "groups" layout (csrc/spmm_int8/spmm_int8.h, Int8GroupMatrix)
+GROUPS_KERNEL = "s8_groups4_avx512vnni"
+_GROUP_ROWS, _PATTERNS = 4, 15
+_POPCOUNT4 = torch.tensor([bin(p).count("1") for p in range(16)], dtype=torch.int64)
+
+
+def groups_layout(row_ptr: Tensor, col_indices: Tensor, lanes: Tensor, out_features: int, in_features: int) -> tuple:
+    """The groups layout (Int8GroupMatrix) of validated 1x4 arrays (``lanes``: the blocks as
+    int32): rows in groups of 4, per group its block columns sorted by which of the 4 rows
+    hold a block there (the pattern, 1..15), each column followed by those rows' blocks.
+    Returns (seg_ptr, columns, blocks, group_ptr, row_offsets), all int32."""
+    rows, nbc = out_features, -(-in_features // BLOCK_COLS)
+    groups = -(-rows // _GROUP_ROWS)
+    rp = row_ptr.to(torch.int64)
+    row_of = torch.repeat_interleave(torch.arange(rows), rp[1:] - rp[:-1])
+    kb = decode_indices(col_indices).to(torch.int64)
+    group, bit = row_of // _GROUP_ROWS, row_of % _GROUP_ROWS
+    key = group * nbc + kb  # one per (group, block column) a block of the group sits in
+    pattern = torch.zeros(groups * nbc, dtype=torch.int64).index_add_(0, key, 1 << bit)  # bits are distinct: a sum is an or
+    occupied = pattern.nonzero().squeeze(1)  # ascending: (group, column) order
+    occ_group, occ_col, occ_pattern = occupied // nbc, occupied % nbc, pattern[occupied]
+    order = torch.argsort((occ_group * 16 + occ_pattern) * nbc + occ_col)
+    s_group, s_pattern, s_col = occ_group[order], occ_pattern[order], occ_col[order]
+    counts = torch.bincount(s_group * _PATTERNS + s_pattern - 1, minlength=groups * _PATTERNS)
+    seg_ptr = torch.zeros(groups * _PATTERNS + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=seg_ptr[1:])
+    # each block's slot: after the blocks of the columns sorted before its own, at its row's rank in the pattern
+    width = _POPCOUNT4[s_pattern]
+    first_slot = torch.cumsum(width, 0) - width
+    sorted_pos = torch.empty_like(order)
+    sorted_pos[order] = torch.arange(order.numel())
+    pos = sorted_pos[torch.searchsorted(occupied, key)]
+    slot = first_slot[pos] + _POPCOUNT4[pattern[key] & ((1 << bit) - 1)]
+    blocks = torch.empty_like(lanes)
+    blocks[slot] = lanes
+    group_ptr = rp[torch.clamp(torch.arange(groups + 1) * _GROUP_ROWS, max=rows)]
+    # 128 * (sum of the row's weights), wrapped to int32 as the kernel's sums wrap
+    sums = torch.zeros(rows, dtype=torch.int64).index_add_(0, row_of, lanes.view(torch.int8).view(-1, 4).to(
+        torch.int64).sum(1))
+    offsets = (sums * 128 + 2**31) % 2**32 - 2**31
+    return (seg_ptr.to(torch.int32), s_col.to(torch.int32), blocks, group_ptr.to(torch.int32),
+            offsets.to(torch.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def _groups_supported() -> bool:
+    return bool(native().int8_groups_supported())
+
+
+#: the groups kernel's default from this block density up (blocks / (rows x block columns)): measured
+#: on Zen 4 at 16-128 tokens, 1.3-1.5x the panel kernel at 0.5, 1.0-1.3x at 0.3, 0.93-1.04x at 0.1
+GROUPS_MIN_DENSITY = 0.2
+
+
+def _groups_pay(checked: Validated, out_features: int, in_features: int) -> bool:
+    """True when a call past the lanes kernel's tokens should take the groups kernel."""
+    blocks = checked.native[3]
+    return (blocks >= GROUPS_MIN_DENSITY * out_features * -(-in_features // BLOCK_COLS) and blocks > 0
+            and _groups_supported())
+
+
+def _groups_arrays(checked: Validated, out_features: int, in_features: int) -> tuple:
+    """The groups layout's native arguments, built from the validated 1x4 arrays on first
+    use and kept with them (like :func:`_lanes_arrays`)."""
+    derived = checked.derived if checked.derived is not None else {}
+    checked.derived = derived
+    if "groups" not in derived:
+        rp, ci, sc, lanes = checked.indices
+        seg_ptr, columns, blocks, group_ptr, offsets = groups_layout(rp, ci, lanes, out_features, in_features)
+        args = (seg_ptr.data_ptr(), seg_ptr.numel(), columns.data_ptr(), columns.numel(), blocks.data_ptr(),
+                blocks.numel(), group_ptr.data_ptr(), group_ptr.numel(), offsets.data_ptr(), sc.data_ptr())
+        derived["groups"] = (seg_ptr, columns, blocks, group_ptr, offsets, args)
+    return derived["groups"][5]
 
 
 def linear_q8bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, qblocks: Tensor, scales: Tensor,
                      out_features: int, bias: Optional[Tensor], activation: int, num_threads: int,
                      kernel: str = "") -> Tensor:
     """The native CPU path; ``kernel`` forces an int8 kernel (tests, benchmarks): a registry
-    kernel or :data:`LANES_KERNEL`, which up to ``int8_lanes_max_tokens()`` tokens is also the
-    default on CPUs with AVX-512 VNNI."""
+    kernel, :data:`LANES_KERNEL` (the default on CPUs with AVX-512 VNNI up to
+    ``int8_lanes_max_tokens()`` tokens) or :data:`GROUPS_KERNEL` (their default past it, for
+    weights of at least :data:`GROUPS_MIN_DENSITY` block density)."""
     if x.dim() == 0:
         raise ValueError(f"{_OP}: x must have at least 1 dimension(s), got shape ()")
     in_features = x.shape[-1]
@@ -185,6 +263,9 @@ def linear_q8bsr_cpu(x: Tensor, row_ptr: Tensor, col_indices: Tensor, qblocks: T
     if kernel == LANES_KERNEL or (not kernel and 0 < tokens <= _lanes_max_tokens()):
         return run_token_rows_kernel(native().spmm_int8_lanes, _lanes_arrays(checked, out_features, in_features), x,
                                      bias, out_features, activation, num_threads, kernel)
+    if kernel == GROUPS_KERNEL or (not kernel and tokens > 0 and _groups_pay(checked, out_features, in_features)):
+        return run_token_rows_kernel(native().spmm_int8_groups, _groups_arrays(checked, out_features, in_features),
+                                     x, bias, out_features, activation, num_threads, kernel)
     return run_token_rows_kernel(native().spmm_int8, checked.native, x, bias, out_features, activation,
                                  num_threads, kernel)
 
@@ -207,8 +288,10 @@ def linear_q8_arrays(x: Tensor, row_ptr: Tensor, col_indices: Tensor, qblocks: T
 
 def int8_kernels() -> list:
     """Every native int8 kernel of this build (name, isa, kind, block, supported): the
-    registry's 1x4 kernels and the lanes kernel (:data:`LANES_KERNEL`)."""
-    from .._ext import native
+    registry's 1x4 kernels, the lanes kernel (:data:`LANES_KERNEL`) and the groups kernel
+    (:data:`GROUPS_KERNEL`)."""
     lanes = {"name": LANES_KERNEL, "isa": "avx512vnni", "kind": "lanes", "block": (1, BLOCK_COLS),
              "supported": native().int8_lanes_supported()}
-    return native().int8_kernels() + [lanes]
+    groups = {"name": GROUPS_KERNEL, "isa": "avx512vnni", "kind": "groups", "block": (1, BLOCK_COLS),
+              "supported": native().int8_groups_supported()}
+    return native().int8_kernels() + [lanes, groups]

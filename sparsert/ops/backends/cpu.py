@@ -145,7 +145,7 @@ class Validated:
         self.native = native
         self.sizes = self.refs = self.versions = self.values_ptr = None
         self.versioned = False
-        # a kernel's own layout of these arrays, built from them on first use (private, like the indices)
+        # kernels' own layouts of these arrays by name, built from them on first use (private, like the indices)
         self.derived = None
 
     def intact(self) -> bool:
