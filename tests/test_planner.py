@@ -153,6 +153,10 @@ def test_tables_are_cached_and_invalidated_by_cpu_and_version(cache, monkeypatch
     assert T.time_tables(model, names, x, threads=1, **TINY_TIMING).cache_hits == 0
     monkeypatch.setattr(T, "_sparsert_version", lambda: sparsert.__version__)
     assert T.time_tables(model, names, x, threads=1, **TINY_TIMING).cache_misses == 0
+    monkeypatch.setattr(T, "_native_build", lambda: "a rebuilt extension")  # same version, other kernels
+    assert T.time_tables(model, names, x, threads=1, **TINY_TIMING).cache_hits == 0
+    monkeypatch.undo()
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(cache))
     # another token count is another layer input shape: timed anew
     assert T.time_tables(model, names, torch.randn(9, 32), threads=1, **TINY_TIMING).cache_hits == 0
 

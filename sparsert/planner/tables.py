@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -103,10 +104,23 @@ def _sparsert_version() -> str:
     return __version__
 
 
+@functools.lru_cache(maxsize=None)
+def _native_build() -> str:
+    """A digest of the native kernels' file: a rebuilt extension (new or faster kernels under
+    the same version number) makes the cached times stale."""
+    try:
+        from .._ext import native
+
+        with open(native().__file__, "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()[:16]
+    except (ImportError, OSError, AttributeError):
+        return "none"
+
+
 def machine_key(threads: int) -> dict:
     """What a time measured here depends on besides the layer: a change in any part is a cache miss."""
     return {"cpu": _cpu_model(), "isa": _isa(), "threads": int(threads), "sparsert": _sparsert_version(),
-            "torch": torch.__version__, "cache_version": _CACHE_VERSION}
+            "build": _native_build(), "torch": torch.__version__, "cache_version": _CACHE_VERSION}
 
 
 @dataclasses.dataclass
