@@ -241,7 +241,7 @@ def cache_dir() -> Path:
     return Path(root) / "corpus"
 
 
-_BUILDER_VERSION = 2
+_BUILDER_VERSION = 3  # 3: each source extracted in a fresh interpreter
 
 
 def _versions(source: str) -> str:
@@ -257,6 +257,25 @@ def _versions(source: str) -> str:
 
 
 def _build_source(source: str) -> list[str]:
+    """The source's sentences, extracted in a fresh interpreter: what a docstring says can depend
+    on what the process imported before (importing SciPy appends an "Array API Standard Support"
+    section to ``numpy.sinc.__doc__``), and the corpus must not. In this process only where a
+    child process cannot run."""
+    import subprocess
+
+    code = ("import json, sys; from sparsert.data.corpus import _build_source_here; "
+            "json.dump(_build_source_here(sys.argv[1]), sys.stdout)")
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding the sparsert package
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    try:
+        done = subprocess.run([sys.executable, "-c", code, source], capture_output=True, env=env, timeout=600,
+                              check=True)
+        return json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return _build_source_here(source)
+
+
+def _build_source_here(source: str) -> list[str]:
     # importing every sub-module makes some packages (transformers) log and print pages of warnings
     logging.disable(logging.CRITICAL)
     try:
