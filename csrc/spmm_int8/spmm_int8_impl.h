@@ -438,19 +438,28 @@ static void spmm_panel_rows(const Int8BlockMatrix& w, const Index* ci, const int
   }
 }
 
+// Every token in panels of P (panel p at xp + p * blocks * P), packed once in per-thread scratch
+// (cheap: one pass over the quantised tokens), the panels split over threads.
+template <int P>
+static const int32_t* pack_panels(const Int8Activations& x, int64_t blocks, int num_threads) {
+  const int64_t panels = (x.tokens + P - 1) / P;
+  static thread_local Scratch panel_scratch;
+  int32_t* xp = reinterpret_cast<int32_t*>(panel_scratch.get(static_cast<size_t>(panels * blocks * P)));
+  parallel_run(std::min<int64_t>(num_threads, panels), [&](int tid, int parts) {
+    for (int64_t p = tid; p < panels; p += parts)
+      pack_panel<P>(x, blocks, p * P, std::min<int64_t>(P, x.tokens - p * P), xp + p * blocks * P);
+  });
+  return xp;
+}
+
 template <int NV, typename Index>
 static void spmm_run(const Int8BlockMatrix& w, const Int8Activations& x, const Int8Output& o) {
   constexpr int P = kLanes * NV;
   const Index* ci = static_cast<const Index*>(w.col_idx);
   const int64_t blocks = w.block_col_count();
   const int64_t panels = (x.tokens + P - 1) / P;
-  // All panels packed once (cheap: one pass over the quantised tokens), then rows split over threads.
-  static thread_local Scratch panel_scratch;
-  int32_t* xp = reinterpret_cast<int32_t*>(panel_scratch.get(static_cast<size_t>(panels * blocks * P)));
-  parallel_run(std::min<int64_t>(o.num_threads, panels), [&](int tid, int parts) {
-    for (int64_t p = tid; p < panels; p += parts)
-      pack_panel<P>(x, blocks, p * P, std::min<int64_t>(P, x.tokens - p * P), xp + p * blocks * P);
-  });
+  // All panels packed once, then rows split over threads.
+  const int32_t* xp = pack_panels<P>(x, blocks, o.num_threads);
   std::vector<int64_t> bounds;
   balanced_rows(w, o.num_threads, bounds);
   parallel_run(o.num_threads, [&](int tid, int) {
@@ -665,12 +674,7 @@ static void groups_run(const Int8GroupMatrix& w, const Int8Activations& x, const
   constexpr int P = kLanes * NV;
   const int64_t blocks = w.block_col_count(), groups = w.groups();
   const int64_t panels = (x.tokens + P - 1) / P;
-  static thread_local Scratch panel_scratch;
-  int32_t* xp = reinterpret_cast<int32_t*>(panel_scratch.get(static_cast<size_t>(panels * blocks * P)));
-  parallel_run(std::min<int64_t>(o.num_threads, panels), [&](int tid, int parts) {
-    for (int64_t p = tid; p < panels; p += parts)
-      pack_panel<P>(x, blocks, p * P, std::min<int64_t>(P, x.tokens - p * P), xp + p * blocks * P);
-  });
+  const int32_t* xp = pack_panels<P>(x, blocks, o.num_threads);
   // groups split over threads by blocks (plus 8 per group: its 15 segment loops and output)
   const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(o.num_threads, groups)));
   std::vector<int64_t> bounds;
