@@ -155,8 +155,7 @@ def _lanes_max_tokens() -> int:
 def _lanes_arrays(checked: Validated, out_features: int, in_features: int) -> tuple:
     """The lanes layout's native arguments, built from the validated 1x4 arrays on first
     use and kept with them (a private copy: rebuilt whenever the arrays are validated again)."""
-    derived = checked.derived if checked.derived is not None else {}
-    checked.derived = derived
+    derived = checked.derived
     if "lanes" not in derived:
         n = native()
         groups, chunks = n.int8_lanes_groups_chunks(out_features, in_features)
@@ -237,8 +236,7 @@ def _groups_pay(checked: Validated, out_features: int, in_features: int) -> bool
 def _groups_arrays(checked: Validated, out_features: int, in_features: int) -> tuple:
     """The groups layout's native arguments, built from the validated 1x4 arrays on first
     use and kept with them (like :func:`_lanes_arrays`)."""
-    derived = checked.derived if checked.derived is not None else {}
-    checked.derived = derived
+    derived = checked.derived
     if "groups" not in derived:
         rp, ci, sc, lanes = checked.indices
         seg_ptr, columns, blocks, group_ptr, offsets = groups_layout(rp, ci, lanes, out_features, in_features)

@@ -146,7 +146,7 @@ class Validated:
         self.sizes = self.refs = self.versions = self.values_ptr = None
         self.versioned = False
         # kernels' own layouts of these arrays by name, built from them on first use (private, like the indices)
-        self.derived = None
+        self.derived: dict = {}
 
     def intact(self) -> bool:
         """False once the values' storage was resized or moved since validation."""
