@@ -29,6 +29,7 @@
 
 #include "common/epilogue.h"
 #include "common/isa.h"
+#include "spmm_rowgroup/spmm_rowgroup.h"
 
 namespace sparsert {
 
@@ -139,8 +140,8 @@ void int8_lanes_linear(const Int8LaneMatrix& w, const float* x, int64_t tokens, 
                        const Int8Output& out);
 
 // The "groups" layout of the many-token VNNI kernel, derived from an Int8BlockMatrix
-// (built by the caller, sparsert/ops/quantized.py) and held by the caller. Rows go in
-// groups of 4; per group, the block columns where any of its rows holds a block are
+// (built by the caller, sparsert/ops/quantized.py) and held by the caller: the row-group
+// layout of spmm_rowgroup.h over block columns. Rows go in groups of kRowGroup (4); per group, the block columns where any of its rows holds a block are
 // sorted by which rows hold one (the pattern p, a 4-bit mask, 1..15): the columns of
 // group g and pattern p are columns[seg_ptr[15 g + p - 1], seg_ptr[15 g + p]), and each
 // column is followed in `blocks` by popcount(p) 4-weight blocks, one per row of the
@@ -149,8 +150,6 @@ void int8_lanes_linear(const Int8LaneMatrix& w, const float* x, int64_t tokens, 
 // of the pattern: ~2.1 rows per load at 50% block density, where the 1x4 panel kernel
 // loads the panel once per block. row_offsets[n] = 128 * (the sum of row n's weights),
 // wrapping in int32: the u8 offset of the activations, taken off once per row.
-constexpr int kQ8GroupRows = 4;
-constexpr int kQ8GroupPatterns = 15;
 struct Int8GroupMatrix {
   int64_t rows = 0;
   int64_t cols = 0;
@@ -161,7 +160,7 @@ struct Int8GroupMatrix {
   const int32_t* row_offsets = nullptr;  // rows entries
   const float* scales = nullptr;         // rows per-channel weight scales
 
-  int64_t groups() const { return (rows + kQ8GroupRows - 1) / kQ8GroupRows; }
+  int64_t groups() const { return (rows + kRowGroup - 1) / kRowGroup; }
   int64_t block_col_count() const { return (cols + kInt8BlockCols - 1) / kInt8BlockCols; }
 };
 // True when this CPU runs the groups kernel (AVX-512 VNNI).

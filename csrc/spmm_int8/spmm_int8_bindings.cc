@@ -97,16 +97,36 @@ sparsert::Int8LaneMatrix lane_shape(int64_t rows, int64_t cols, uintptr_t step_p
   return w;
 }
 
+// The checks every call of a layout kernel (lanes, groups) starts with: sizes, a forced
+// kernel's name, the CPU.
+void check_layout_call(const char* layout, const char* name, bool supported, int64_t rows, int64_t cols,
+                       const std::string& kernel) {
+  sparsert::size_in_range("rows", rows, 0, INT32_MAX);
+  sparsert::size_in_range("cols", cols, 0, sparsert::kInt8MaxCols);
+  if (!kernel.empty() && kernel != name)
+    throw std::invalid_argument(std::string("unknown int8 ") + layout + " kernel '" + kernel + "'");
+  if (!supported) throw std::invalid_argument(std::string("the int8 ") + layout + " kernel needs a CPU with AVX-512 VNNI");
+}
+
+// Runs a layout kernel's whole Linear without the GIL; returns the kernel's name.
+template <typename Matrix>
+std::string run_layout(void (*linear)(const Matrix&, const float*, int64_t, int64_t, const sparsert::Int8Output&),
+                       const char* name, const Matrix& w, uintptr_t x, int64_t tokens, int64_t x_row_stride,
+                       const sparsert::Int8Output& o) {
+  {
+    py::gil_scoped_release release;
+    linear(w, ptr<const float>(x), tokens, x_row_stride, o);
+  }
+  return name;
+}
+
 // y = act(dequant(quant(x) @ Wq^T) + bias) from the lanes layout; returns the kernel's name.
 std::string spmm_int8_lanes(int64_t rows, int64_t cols, uintptr_t step_ptr, int64_t step_ptr_len, uintptr_t lane_cols,
                             uintptr_t lane_w, int64_t steps, uintptr_t scales, uintptr_t x, int64_t tokens,
                             int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t bias,
                             int64_t activation, int64_t num_threads, const std::string& kernel) {
   auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
-  sparsert::size_in_range("rows", rows, 0, INT32_MAX);
-  sparsert::size_in_range("cols", cols, 0, sparsert::kInt8MaxCols);
-  if (!kernel.empty() && kernel != "s8_lanes16_avx512vnni") fail("unknown int8 lanes kernel '" + kernel + "'");
-  if (!sparsert::int8_lanes_supported()) fail("the int8 lanes kernel needs a CPU with AVX-512 VNNI");
+  check_layout_call("lanes", "s8_lanes16_avx512vnni", sparsert::int8_lanes_supported(), rows, cols, kernel);
   sparsert::Int8LaneMatrix w = lane_shape(rows, cols, step_ptr, step_ptr_len);
   if (w.step_ptr[0] != 0 || w.step_ptr[step_ptr_len - 1] != steps)
     fail("step_ptr must run from 0 to the number of steps");
@@ -116,11 +136,7 @@ std::string spmm_int8_lanes(int64_t rows, int64_t cols, uintptr_t step_ptr, int6
   w.lane_cols = ptr<const uint8_t>(lane_cols);
   w.lane_w = ptr<const int8_t>(lane_w);
   w.scales = ptr<const float>(scales);
-  {
-    py::gil_scoped_release release;
-    sparsert::int8_lanes_linear(w, ptr<const float>(x), tokens, x_row_stride, o);
-  }
-  return "s8_lanes16_avx512vnni";
+  return run_layout(&sparsert::int8_lanes_linear, "s8_lanes16_avx512vnni", w, x, tokens, x_row_stride, o);
 }
 
 // y = act(dequant(quant(x) @ Wq^T) + bias) from the groups layout (built by sparsert/ops/quantized.py
@@ -131,14 +147,11 @@ std::string spmm_int8_groups(int64_t rows, int64_t cols, uintptr_t seg_ptr, int6
                              int64_t tokens, int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t bias,
                              int64_t activation, int64_t num_threads, const std::string& kernel) {
   auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
-  sparsert::size_in_range("rows", rows, 0, INT32_MAX);
-  sparsert::size_in_range("cols", cols, 0, sparsert::kInt8MaxCols);
-  if (!kernel.empty() && kernel != "s8_groups4_avx512vnni") fail("unknown int8 groups kernel '" + kernel + "'");
-  if (!sparsert::int8_groups_supported()) fail("the int8 groups kernel needs a CPU with AVX-512 VNNI");
+  check_layout_call("groups", "s8_groups4_avx512vnni", sparsert::int8_groups_supported(), rows, cols, kernel);
   sparsert::Int8GroupMatrix w;
   w.rows = rows;
   w.cols = cols;
-  if (seg_ptr_len != w.groups() * sparsert::kQ8GroupPatterns + 1) fail("seg_ptr must have groups * 15 + 1 entries");
+  if (seg_ptr_len != w.groups() * sparsert::kRowGroupPatterns + 1) fail("seg_ptr must have groups * 15 + 1 entries");
   if (group_ptr_len != w.groups() + 1) fail("group_ptr must have groups + 1 entries");
   sparsert::require_address("seg_ptr", seg_ptr);
   sparsert::require_address("group_ptr", group_ptr);
@@ -156,11 +169,7 @@ std::string spmm_int8_groups(int64_t rows, int64_t cols, uintptr_t seg_ptr, int6
   w.blocks = ptr<const int32_t>(blocks);
   w.row_offsets = ptr<const int32_t>(row_offsets);
   w.scales = ptr<const float>(scales);
-  {
-    py::gil_scoped_release release;
-    sparsert::int8_groups_linear(w, ptr<const float>(x), tokens, x_row_stride, o);
-  }
-  return "s8_groups4_avx512vnni";
+  return run_layout(&sparsert::int8_groups_linear, "s8_groups4_avx512vnni", w, x, tokens, x_row_stride, o);
 }
 
 }  // namespace

@@ -565,22 +565,19 @@ static void lanes_kernel(const Int8LaneMatrix& w, const Int8Activations& x, cons
 
 // ---- the groups kernel (Int8GroupMatrix in spmm_int8.h) ----
 
-constexpr int popcount4(int p) { return (p & 1) + (p >> 1 & 1) + (p >> 2 & 1) + (p >> 3 & 1); }
-// Accumulator sets for `chains` = rows * NV vpdpbusd chains: ~8 hide its latency.
-constexpr int group_sets(int chains) { return chains >= 8 ? 1 : 4 * chains <= 12 ? 4 : 2; }
-
 // acc[r] += one pattern segment: `count` columns, each followed in `blk` by the blocks of the
-// pattern's rows. Per column: NV panel loads, then per row one broadcast and NV vpdpbusd.
+// pattern's rows. Per column: NV panel loads, then per row one broadcast and NV vpdpbusd (the
+// fp32 row-group kernel's pattern_segment, spmm_rowgroup_impl.h, in int32 lanes).
 template <int PAT, int NV>
 __attribute__((always_inline)) static inline void group_segment(const int32_t* col, int32_t count,
                                                                 const int32_t* blk, const int32_t* xp,
-                                                                __m512i (&acc)[kQ8GroupRows][NV]) {
+                                                                __m512i (&acc)[kRowGroup][NV]) {
   constexpr int P = kLanes * NV;
-  constexpr int NR = popcount4(PAT);
-  constexpr int S = group_sets(NR * NV);
+  constexpr int NR = pattern_rows(PAT);
+  constexpr int S = segment_sets(NR * NV);
   if (count == 0) return;
   int rows[NR] = {};
-  for (int r = 0, ri = 0; r < kQ8GroupRows; ++r)
+  for (int r = 0, ri = 0; r < kRowGroup; ++r)
     if (PAT >> r & 1) rows[ri++] = r;
   __m512i part[S][NR][NV];
   for (int r = 0; r < NR; ++r)
@@ -619,12 +616,12 @@ __attribute__((always_inline)) static inline void group_segment(const int32_t* c
 template <int NV, int PAT = 1>
 __attribute__((always_inline)) static inline void group_segments(const Int8GroupMatrix& w, int64_t g,
                                                                  const int32_t* blk, const int32_t* xp,
-                                                                 __m512i (&acc)[kQ8GroupRows][NV]) {
-  const int64_t s = g * kQ8GroupPatterns + PAT - 1;
+                                                                 __m512i (&acc)[kRowGroup][NV]) {
+  const int64_t s = g * kRowGroupPatterns + PAT - 1;
   const int32_t begin = w.seg_ptr[s], count = w.seg_ptr[s + 1] - begin;
   group_segment<PAT, NV>(w.columns + begin, count, blk, xp, acc);
-  if constexpr (PAT < kQ8GroupPatterns)
-    group_segments<NV, PAT + 1>(w, g, blk + static_cast<int64_t>(count) * popcount4(PAT), xp, acc);
+  if constexpr (PAT < kRowGroupPatterns)
+    group_segments<NV, PAT + 1>(w, g, blk + static_cast<int64_t>(count) * pattern_rows(PAT), xp, acc);
 }
 
 // Groups [g0, g1) against one panel of P = 16 NV tokens; the outputs of 4 groups (16 rows) go
@@ -636,15 +633,15 @@ static void groups_panel(const Int8GroupMatrix& w, const int32_t* xp, const Int8
   const bool relu = o.epilogue == Epilogue::kRelu;
   alignas(64) float tile[16 * P];
   for (int64_t gb = g0; gb < g1; gb += 4) {
-    const int64_t rb = gb * kQ8GroupRows;
-    const int nr = static_cast<int>(std::min<int64_t>(std::min<int64_t>(g1 - gb, 4) * kQ8GroupRows, w.rows - rb));
+    const int64_t rb = gb * kRowGroup;
+    const int nr = static_cast<int>(std::min<int64_t>(std::min<int64_t>(g1 - gb, 4) * kRowGroup, w.rows - rb));
     for (int64_t g = gb; g < std::min<int64_t>(g1, gb + 4); ++g) {
-      __m512i acc[kQ8GroupRows][NV];
-      for (int r = 0; r < kQ8GroupRows; ++r)
+      __m512i acc[kRowGroup][NV];
+      for (int r = 0; r < kRowGroup; ++r)
         for (int u = 0; u < NV; ++u) acc[r][u] = _mm512_setzero_si512();
       group_segments<NV>(w, g, w.blocks + w.group_ptr[g], xp, acc);
-      for (int r = 0; r < kQ8GroupRows; ++r) {
-        const int64_t n = g * kQ8GroupRows + r;
+      for (int r = 0; r < kRowGroup; ++r) {
+        const int64_t n = g * kRowGroup + r;
         if (n >= w.rows) break;
         const __m512i off = _mm512_set1_epi32(w.row_offsets[n]);
         const float ws = w.scales[n], bias = o.bias ? o.bias[n] : 0.0f;

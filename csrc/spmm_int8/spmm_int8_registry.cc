@@ -184,30 +184,39 @@ bool int8_lanes_supported() {
 // tokens, the panel kernel packs once and reads each block once per 16-64 tokens.
 int64_t int8_lanes_max_tokens() { return kInt8LanesMaxTokens; }
 
+// The VNNI-only kernels over a derived layout (lanes, groups): `kernel` is null where this
+// build has no x86 kernels.
+template <typename Matrix>
+using LayoutKernel = void (*)(const Matrix&, const Int8Activations&, const Int8Output&);
+#if SPARSERT_HAVE_X86_KERNELS
+constexpr LayoutKernel<Int8LaneMatrix> kLanesKernel = &avx512vnni::spmm_int8_lanes;
+constexpr LayoutKernel<Int8GroupMatrix> kGroupsKernel = &avx512vnni::spmm_int8_groups;
+#else
+constexpr LayoutKernel<Int8LaneMatrix> kLanesKernel = nullptr;
+constexpr LayoutKernel<Int8GroupMatrix> kGroupsKernel = nullptr;
+#endif
+
+// Quantises x (the AVX2 quantiser: every VNNI CPU has AVX2) and runs a layout kernel.
+template <typename Matrix>
+static void layout_linear(const char* name, LayoutKernel<Matrix> kernel, const Matrix& w, const float* x,
+                          int64_t tokens, int64_t x_row_stride, const Int8Output& out) {
+  if (tokens <= 0 || w.rows <= 0) return;
+  if (kernel == nullptr || !int8_lanes_supported())
+    throw std::runtime_error(std::string("the int8 ") + name + " kernel needs AVX-512 VNNI");
+  const Int8Activations a = quantize_for_kernels(x, tokens, w.cols, x_row_stride, out.num_threads, "avx2");
+  kernel(w, a, out);
+}
+
 void int8_lanes_linear(const Int8LaneMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,
                        const Int8Output& out) {
-  if (tokens <= 0 || w.rows <= 0) return;
-#if SPARSERT_HAVE_X86_KERNELS
-  if (!int8_lanes_supported()) throw std::runtime_error("the int8 lanes kernel needs AVX-512 VNNI");
-  const Int8Activations a = quantize_for_kernels(x, tokens, w.cols, x_row_stride, out.num_threads, "avx2");
-  avx512vnni::spmm_int8_lanes(w, a, out);
-#else
-  throw std::runtime_error("the int8 lanes kernel needs AVX-512 VNNI");
-#endif
+  layout_linear("lanes", kLanesKernel, w, x, tokens, x_row_stride, out);
 }
 
 bool int8_groups_supported() { return int8_lanes_supported(); }
 
 void int8_groups_linear(const Int8GroupMatrix& w, const float* x, int64_t tokens, int64_t x_row_stride,
                         const Int8Output& out) {
-  if (tokens <= 0 || w.rows <= 0) return;
-#if SPARSERT_HAVE_X86_KERNELS
-  if (!int8_groups_supported()) throw std::runtime_error("the int8 groups kernel needs AVX-512 VNNI");
-  const Int8Activations a = quantize_for_kernels(x, tokens, w.cols, x_row_stride, out.num_threads, "avx2");
-  avx512vnni::spmm_int8_groups(w, a, out);
-#else
-  throw std::runtime_error("the int8 groups kernel needs AVX-512 VNNI");
-#endif
+  layout_linear("groups", kGroupsKernel, w, x, tokens, x_row_stride, out);
 }
 
 }  // namespace sparsert

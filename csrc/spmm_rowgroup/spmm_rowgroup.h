@@ -35,6 +35,17 @@ namespace sparsert {
 constexpr int kRowGroup = 4;                             // rows per group
 constexpr int kRowGroupPatterns = (1 << kRowGroup) - 1;  // nonempty row patterns per group
 
+// Rows of a pattern (its popcount): the values (blocks) stored per column of its segment.
+constexpr int pattern_rows(int pattern) {
+  return (pattern & 1) + (pattern >> 1 & 1) + (pattern >> 2 & 1) + (pattern >> 3 & 1);
+}
+
+// The segment loops of the row-group kernels (fp32 here, int8 in spmm_int8) keep `chains` =
+// rows x vectors of tokens accumulator chains; ~8+ hide the multiply-add latency with at most
+// 12 registers: 4, 2 or 1 sets of them (columns go round-robin over the sets). 4, 2, 2, 1 for
+// 1-4 rows at 2 vectors, which RowGroup.from_dense's padding (SEGMENT_MULTIPLES) matches.
+constexpr int segment_sets(int chains) { return chains >= 8 ? 1 : 4 * chains <= 12 ? 4 : 2; }
+
 struct RowGroupMatrix {
   int64_t rows = 0;
   int64_t cols = 0;
@@ -56,7 +67,7 @@ using RowGroupSpmmFn = void (*)(const RowGroupMatrix& w, const SpmmArgs& args);
 
 struct RowGroupKernelInfo {
   std::string name;  // e.g. "f32_spmm_rowgroup4_avx2"
-  std::string isa;   // "reference", "scalar", "avx2"
+  std::string isa;   // "reference", "scalar", "avx2", "avx512"
   std::string kind;  // "spmm" (token panels), "spmv" (per token) or "reference"
   int block_rows = kRowGroup;
   int block_cols = 1;
@@ -65,8 +76,7 @@ struct RowGroupKernelInfo {
 
 const std::vector<RowGroupKernelInfo>& rowgroup_kernel_registry();
 
-// The kernel for this token count on `isa` (AVX-512 CPUs run the AVX2 ones; the
-// reference when none matches).
+// The kernel for this token count on `isa` (the reference when none matches).
 const RowGroupKernelInfo* select_rowgroup_kernel(int64_t tokens, const std::string& isa);
 
 // Values stored before each unit (kb, g) (see RowGroupMatrix::unit): out has

@@ -46,18 +46,14 @@ static inline vf splat(float s) {
   return __builtin_shuffle(first, vi{});
 }
 
-constexpr int popcount4(int p) { return (p & 1) + (p >> 1 & 1) + (p >> 2 & 1) + (p >> 3 & 1); }
-
-// Accumulator sets for `chains` = rows * NV chains: ~8+ chains hide the FMA
-// latency, at most 12 registers; 4, 2 or 1 sets, so that the padding of
-// RowGroup.from_dense (SEGMENT_MULTIPLES: 4, 2, 2, 1 columns for 1-4 rows)
-// is a multiple of the sets for every panel width (NV = 2 on AVX2 and on AVX-512 past 16
-// tokens, 4 portable; AVX-512's 16-token panel takes the remainder loop for 2-4 rows).
+// Accumulator sets: segment_sets (spmm_rowgroup.h). The padding of RowGroup.from_dense
+// (SEGMENT_MULTIPLES: 4, 2, 2, 1 columns for 1-4 rows) is a multiple of the sets for
+// every panel width (NV = 2 on AVX2 and on AVX-512 past 16 tokens, 4 portable; AVX-512's
+// 16-token panel takes the remainder loop for 2-4 rows).
 // Tried on Zen 3 and measured no faster at 128-512 tokens, so not kept: a 24-token
 // AVX2 panel (NV = 3), and two 16-token panels per pass over a segment (each
 // broadcast value feeding 4 x vectors: 1.25 instead of 1.5 loads per FMA for a
 // 1-row column) - the loads are not what limits this kernel once x is in L1.
-constexpr int sets_for(int chains) { return chains >= 8 ? 1 : 4 * chains <= 12 ? 4 : 2; }
 
 // tile[r] += the products of one pattern segment: `count` columns, each
 // followed in v by the values of the pattern's rows. The tile is a value
@@ -68,8 +64,8 @@ __attribute__((always_inline)) static inline void pattern_segment(const int32_t*
                                                                   const float* v, const float* xp,
                                                                   vf (&tile)[kRowGroup][NV]) {
   constexpr int P = NV * VW;
-  constexpr int NR = popcount4(PAT);
-  constexpr int S = sets_for(NR * NV);
+  constexpr int NR = pattern_rows(PAT);
+  constexpr int S = segment_sets(NR * NV);
   if (count == 0) return;
   int rows[NR] = {};
   {
@@ -121,7 +117,7 @@ __attribute__((always_inline)) static inline const float* group_segments(const R
   const int64_t s = unit * kRowGroupPatterns + PAT - 1;
   const int32_t begin = w.seg_ptr[s], count = w.seg_ptr[s + 1] - begin;
   pattern_segment<PAT, NV>(w.columns + begin, count, v, xp, tile);
-  v += static_cast<int64_t>(count) * popcount4(PAT);
+  v += static_cast<int64_t>(count) * pattern_rows(PAT);
   if constexpr (PAT < kRowGroupPatterns) return group_segments<NV, PAT + 1>(w, unit, v, xp, tile);
   return v;
 }
@@ -163,8 +159,8 @@ template <int PAT>
 __attribute__((always_inline)) static inline void pattern_segment_token(const int32_t* col, int32_t count,
                                                                         const float* v, const float* x,
                                                                         float* acc_rows) {
-  constexpr int NR = popcount4(PAT);
-  constexpr int S = sets_for(NR * 2);  // 4, 2, 2, 1: from_dense's padding, so no remainder loop runs
+  constexpr int NR = pattern_rows(PAT);
+  constexpr int S = segment_sets(NR * 2);  // 4, 2, 2, 1: from_dense's padding, so no remainder loop runs
   float acc[S][NR] = {};
   int32_t i = 0;
   for (; i + S <= count; i += S)
@@ -194,7 +190,7 @@ __attribute__((always_inline)) static inline void group_segments_token(const Row
   const int32_t begin = w.seg_ptr[s], count = w.seg_ptr[s + 1] - begin;
   pattern_segment_token<PAT>(w.columns + begin, count, v, x, acc_rows);
   if constexpr (PAT < kRowGroupPatterns)
-    group_segments_token<PAT + 1>(w, unit, v + static_cast<int64_t>(count) * popcount4(PAT), x, acc_rows);
+    group_segments_token<PAT + 1>(w, unit, v + static_cast<int64_t>(count) * pattern_rows(PAT), x, acc_rows);
 }
 
 static void spmv_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {

@@ -83,7 +83,10 @@ def split(code: int) -> tuple:
     """(what a native kernel fuses, what then runs in torch or None) for op code
     ``code``: :func:`kernel_code` and :func:`finish`'s function in one lookup (per call)."""
     parts = _SPLIT.get(code) if type(code) is int else None
-    return parts if parts is not None else (_get(code).kernel, _get(code).after)
+    if parts is None:  # (an int-like code, or an unknown one: _get says which codes exist)
+        e = _get(code)
+        parts = e.kernel, e.after
+    return parts
 
 
 def finish(y: Tensor, code: int) -> Tensor:
