@@ -28,7 +28,7 @@ GROUP_ROWS = 4
 PATTERNS = (1 << GROUP_ROWS) - 1
 #: ``from_dense`` pads every segment of a pattern with this many rows to a multiple of
 #: this many columns (zero values): the AVX2 kernel's accumulator sets for the pattern
-#: (1 row: 4 sets, 2-3 rows: 2, 4 rows: 1; sets_for in spmm_rowgroup_impl.h), so its
+#: (1 row: 4 sets, 2-3 rows: 2, 4 rows: 1; segment_sets in spmm_rowgroup.h), so its
 #: unrolled loop never takes the remainder
 SEGMENT_MULTIPLES = {1: 4, 2: 2, 3: 2, 4: 1}
 #: ``from_dense``'s widest column block (K-block): a 16-token panel of x over this many

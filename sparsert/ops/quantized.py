@@ -20,6 +20,7 @@ from .._ext import native
 from ..formats._common import decode_indices, index_bits
 from ..formats.base import dense_from_blocks
 from ..formats.q8bsr import BLOCK_COLS, MAX_COLS, QMAX
+from ..formats.rowgroup import GROUP_ROWS, PATTERNS, pattern_counts
 from . import epilogue
 from .backends.cpu import Validated, _remembered, _version, eager_cpu_call, run_token_rows_kernel
 from .schema import _activation, _int, _tensor
@@ -174,8 +175,8 @@ def _lanes_arrays(checked: Validated, out_features: int, in_features: int) -> tu
 
 #: the many-token VNNI kernel over the "groups" layout (csrc/spmm_int8/spmm_int8.h, Int8GroupMatrix)
 GROUPS_KERNEL = "s8_groups4_avx512vnni"
-_GROUP_ROWS, _PATTERNS = 4, 15
-_POPCOUNT4 = torch.tensor([bin(p).count("1") for p in range(16)], dtype=torch.int64)
+#: rows of each 4-bit pattern 0..15 (the row-group layout's pattern_counts, with 0 for no rows)
+_PATTERN_ROWS = torch.cat([torch.zeros(1, dtype=torch.int64), pattern_counts()])
 
 
 def groups_layout(row_ptr: Tensor, col_indices: Tensor, lanes: Tensor, out_features: int, in_features: int) -> tuple:
@@ -184,30 +185,30 @@ def groups_layout(row_ptr: Tensor, col_indices: Tensor, lanes: Tensor, out_featu
     hold a block there (the pattern, 1..15), each column followed by those rows' blocks.
     Returns (seg_ptr, columns, blocks, group_ptr, row_offsets), all int32."""
     rows, nbc = out_features, -(-in_features // BLOCK_COLS)
-    groups = -(-rows // _GROUP_ROWS)
+    groups = -(-rows // GROUP_ROWS)
     rp = row_ptr.to(torch.int64)
     row_of = torch.repeat_interleave(torch.arange(rows), rp[1:] - rp[:-1])
     kb = decode_indices(col_indices).to(torch.int64)
-    group, bit = row_of // _GROUP_ROWS, row_of % _GROUP_ROWS
+    group, bit = row_of // GROUP_ROWS, row_of % GROUP_ROWS
     key = group * nbc + kb  # one per (group, block column) a block of the group sits in
     pattern = torch.zeros(groups * nbc, dtype=torch.int64).index_add_(0, key, 1 << bit)  # bits are distinct: a sum is an or
     occupied = pattern.nonzero().squeeze(1)  # ascending: (group, column) order
     occ_group, occ_col, occ_pattern = occupied // nbc, occupied % nbc, pattern[occupied]
-    order = torch.argsort((occ_group * 16 + occ_pattern) * nbc + occ_col)
+    order = torch.argsort((occ_group * (PATTERNS + 1) + occ_pattern) * nbc + occ_col)
     s_group, s_pattern, s_col = occ_group[order], occ_pattern[order], occ_col[order]
-    counts = torch.bincount(s_group * _PATTERNS + s_pattern - 1, minlength=groups * _PATTERNS)
-    seg_ptr = torch.zeros(groups * _PATTERNS + 1, dtype=torch.int64)
+    counts = torch.bincount(s_group * PATTERNS + s_pattern - 1, minlength=groups * PATTERNS)
+    seg_ptr = torch.zeros(groups * PATTERNS + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=seg_ptr[1:])
     # each block's slot: after the blocks of the columns sorted before its own, at its row's rank in the pattern
-    width = _POPCOUNT4[s_pattern]
+    width = _PATTERN_ROWS[s_pattern]
     first_slot = torch.cumsum(width, 0) - width
     sorted_pos = torch.empty_like(order)
     sorted_pos[order] = torch.arange(order.numel())
     pos = sorted_pos[torch.searchsorted(occupied, key)]
-    slot = first_slot[pos] + _POPCOUNT4[pattern[key] & ((1 << bit) - 1)]
+    slot = first_slot[pos] + _PATTERN_ROWS[pattern[key] & ((1 << bit) - 1)]
     blocks = torch.empty_like(lanes)
     blocks[slot] = lanes
-    group_ptr = rp[torch.clamp(torch.arange(groups + 1) * _GROUP_ROWS, max=rows)]
+    group_ptr = rp[torch.clamp(torch.arange(groups + 1) * GROUP_ROWS, max=rows)]
     # 128 * (sum of the row's weights), wrapped to int32 as the kernel's sums wrap
     sums = torch.zeros(rows, dtype=torch.int64).index_add_(0, row_of, lanes.view(torch.int8).view(-1, 4).to(
         torch.int64).sum(1))
