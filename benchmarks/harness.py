@@ -39,7 +39,8 @@ def git_commit() -> str:
 
 def time_methods(methods: dict[str, Callable[[], object]], *, rounds: int = 30, warmup: int = 3,
                  min_sample_s: float = 2e-3, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median seconds per call of each zero-argument callable, timed round-robin.
+    """Median seconds per call of each zero-argument callable, timed round-robin (each round
+    starting one method later).
 
     ``clock=time.thread_time`` counts only the CPU time of the calling
     thread: on a machine shared with other jobs, single-threaded methods
@@ -53,8 +54,12 @@ def time_methods(methods: dict[str, Callable[[], object]], *, rounds: int = 30, 
         one = max(clock() - start, 1e-7)
         calls[name] = max(1, int(min_sample_s / one))
     samples: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(rounds):
-        for name, fn in methods.items():
+    order = list(methods.items())
+    for r in range(rounds):
+        # Each round starts one method later, so every method follows every other one equally
+        # often: a call right after another engine (its weights in the caches, torch's threads
+        # asleep) starts colder than one right after itself.
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:
             n = calls[name]
             start = clock()
             for _ in range(n):
