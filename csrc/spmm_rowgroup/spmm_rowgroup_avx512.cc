@@ -2,6 +2,7 @@
 // to 16 tokens (AVX2's panel at half the instructions), 4 rows x 32 tokens beyond.
 #define SPARSERT_ISA avx512
 #define SPARSERT_VEC_FLOATS 16
+#define SPARSERT_TRANSPOSE_AVX2 1
 #define SPARSERT_TARGET "avx512f,avx2,fma"
 #include "spmm_rowgroup/spmm_rowgroup_impl.h"
 
