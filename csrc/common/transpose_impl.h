@@ -11,8 +11,19 @@
 #error "define SPARSERT_ISA before including common/transpose_impl.h"
 #endif
 
+#ifndef SPARSERT_PRIVATE_PACK_BYTES
+#define SPARSERT_PRIVATE_PACK_BYTES (256 * 1024)
+#endif
+
 namespace sparsert {
 namespace SPARSERT_ISA {
+
+// Packed token panels up to this size: with several threads, each packs every panel for
+// itself inside the one parallel region of the product, instead of the threads packing them
+// together in a region of its own first. Packing twice costs less than the second region's
+// wake-up (an OpenMP worker asleep between calls: 8-20 us measured on Zen 4) and than
+// reading the half of the panels the other core packed a moment before.
+constexpr int64_t kPrivatePackBytes = SPARSERT_PRIVATE_PACK_BYTES;
 
 // Copies an 8 x 8 block: dst[j * dst_stride + i] = src[i * src_stride + j].
 static inline void transpose8x8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {

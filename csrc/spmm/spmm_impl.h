@@ -298,11 +298,6 @@ static void spmm_panel_rows(const BlockSparseMatrix& w, const SpmmArgs& a, const
   }
 }
 
-#ifndef SPARSERT_PRIVATE_PACK_BYTES
-#define SPARSERT_PRIVATE_PACK_BYTES (256 * 1024)
-#endif
-constexpr int64_t kPrivatePackBytes = SPARSERT_PRIVATE_PACK_BYTES;
-
 template <int R, int C, int RT, int NV, int S, typename Idx>
 static void spmm_run(const BlockSparseMatrix& w, const SpmmArgs& a) {
   static_assert(R == 0 || R % RT == 0, "register tile rows must divide the block rows");

@@ -274,16 +274,26 @@ static void spmm_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
   rowgroup_value_offsets(w, offsets);
   group_value_prefix(w, offsets, group_values);
   static thread_local Scratch packed, accumulators;
-  float* xp = packed.get(static_cast<size_t>(panels * w.cols * P));
+  const int64_t packed_floats = panels * w.cols * P;
+  const bool private_pack = threads > 1 && packed_floats * 4 <= kPrivatePackBytes;
+  float* shared = private_pack ? nullptr : packed.get(static_cast<size_t>(packed_floats));
   // Partial sums between K-blocks: [panel][group][row][P] (none with one K-block).
   float* partial = w.kblocks > 1 ? accumulators.get(static_cast<size_t>(panels * groups * T)) : nullptr;
-  parallel_run(threads, [&](int tid, int nt) {
-    const int64_t share = (w.cols + 8 * nt - 1) / (8 * nt) * 8;  // whole 8 x 8 transposes
-    const int64_t k0 = std::min<int64_t>(w.cols, tid * share), k1 = std::min<int64_t>(w.cols, k0 + share);
-    for (int64_t p = 0; p < panels && k0 < k1; ++p) pack_panel<P>(a, p, k0, k1, xp + p * w.cols * P);
-  });
+  if (!private_pack)
+    parallel_run(threads, [&](int tid, int nt) {
+      const int64_t share = (w.cols + 8 * nt - 1) / (8 * nt) * 8;  // whole 8 x 8 transposes
+      const int64_t k0 = std::min<int64_t>(w.cols, tid * share), k1 = std::min<int64_t>(w.cols, k0 + share);
+      for (int64_t p = 0; p < panels && k0 < k1; ++p) pack_panel<P>(a, p, k0, k1, shared + p * w.cols * P);
+    });
   split_groups(group_values, groups, threads, bounds);
   parallel_run(threads, [&](int tid, int) {
+    const float* xp = shared;
+    if (private_pack) {
+      static thread_local Scratch own_panels;
+      float* mine = own_panels.get(static_cast<size_t>(packed_floats));
+      for (int64_t p = 0; p < panels; ++p) pack_panel<P>(a, p, 0, w.cols, mine + p * w.cols * P);
+      xp = mine;
+    }
     const int64_t g_begin = bounds[tid], g_end = bounds[tid + 1];
     const int64_t block_cols = (w.cols + w.kblocks - 1) / w.kblocks;
     const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, block_cols * P * 4));
