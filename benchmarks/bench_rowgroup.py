@@ -59,11 +59,14 @@ def old_call(ext, fmt: RowGroup, threads: int):
     seg, col, val = fmt.seg_ptr, fmt.columns, fmt.values
     rows, cols = fmt.shape
 
+    # builds from 2026-12-01 take the value offsets after the values (0: derived per call)
+    offsets = ((0, 0),) if "value_offsets" in (ext.spmm_rowgroup.__doc__ or "") else ()
+
     def run(x):
         y = torch.empty(x.shape[0], rows)
         ext.spmm_rowgroup(rows, cols, seg.data_ptr(), seg.numel(), col.data_ptr(), col.numel(), val.data_ptr(),
-                          val.numel(), x.data_ptr(), x.shape[0], x.stride(0), y.data_ptr(), y.stride(0), 0, 0,
-                          threads, "")
+                          val.numel(), *(o for pair in offsets for o in pair), x.data_ptr(), x.shape[0],
+                          x.stride(0), y.data_ptr(), y.stride(0), 0, 0, threads, "")
         return y
     return run
 

@@ -361,6 +361,43 @@ def test_kernel_rejects_malformed_arrays():
         linear_rowgroup_cpu(x, fmt.seg_ptr, fmt.columns, fmt.values[:-1].clone(), 8, None, 0, 1)
 
 
+def test_binding_checks_value_offsets_ends_and_checks_in_full_without_them():
+    """The raw binding trusts the contents of the value offsets the validation derived (an
+    O(segments) pass per call is what they save) but checks their length and ends; called
+    without them it walks seg_ptr itself."""
+    from sparsert.formats.rowgroup import value_offsets
+
+    gen = torch.Generator().manual_seed(8)
+    w = random_weight(10, 50, 0.5, gen)
+    fmt = RowGroup.from_dense(w, kblock=16)  # 4 column blocks of 3 groups
+    seg, col, val = fmt.seg_ptr, fmt.columns, fmt.values
+    offsets = value_offsets(seg, 10)
+    assert offsets.numel() == fmt.kblocks * 3 + 1 and int(offsets[-1]) == val.numel()
+    x = torch.randn(5, 50, generator=gen)
+
+    def call(seg_ptr, off, off_len):
+        y = torch.empty(5, 10)
+        native().spmm_rowgroup(10, 50, seg_ptr.data_ptr(), seg_ptr.numel(), col.data_ptr(), col.numel(),
+                               val.data_ptr(), val.numel(), off, off_len, x.data_ptr(), 5, 50, y.data_ptr(), 10,
+                               0, 0, 1, "")
+        return y
+
+    with_offsets = call(seg, offsets.data_ptr(), offsets.numel())
+    assert_close(with_offsets, expected(x, w, None, None), "with offsets")
+    assert torch.equal(call(seg, 0, 0), with_offsets)
+    short = offsets[:-1].clone()
+    with pytest.raises(ValueError, match="value_offsets"):
+        call(seg, short.data_ptr(), short.numel())
+    wrong_end = offsets.clone()
+    wrong_end[-1] += 1
+    with pytest.raises(ValueError, match="value_offsets"):
+        call(seg, wrong_end.data_ptr(), wrong_end.numel())
+    decreasing = seg.clone()
+    decreasing[1], decreasing[2] = seg[2] + 1, seg[1]
+    with pytest.raises(ValueError, match="non-decreasing"):
+        call(decreasing, 0, 0)
+
+
 def test_index_writes_behind_the_validation_do_not_reach_the_kernel():
     # like the other formats: the kernel reads private, validated copies of seg_ptr and columns
     gen = torch.Generator().manual_seed(7)

@@ -129,7 +129,7 @@ __attribute__((always_inline)) static inline const float* group_segments(const R
 }
 
 // Values of each group over all its K-blocks, as a prefix sum (groups + 1 entries).
-static void group_value_prefix(const RowGroupMatrix& w, const std::vector<int64_t>& unit_offsets,
+static void group_value_prefix(const RowGroupMatrix& w, const int64_t* unit_offsets,
                                std::vector<int64_t>& out) {
   const int64_t groups = w.group_count();
   out.assign(groups + 1, 0);
@@ -203,8 +203,8 @@ static void spmv_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
   const int64_t groups = w.group_count();
   const int threads = std::max(1, a.num_threads);
   const bool relu = a.epilogue == Epilogue::kRelu;
-  std::vector<int64_t> offsets, group_values, bounds;
-  rowgroup_value_offsets(w, offsets);
+  std::vector<int64_t> offset_storage, group_values, bounds;
+  const int64_t* offsets = unit_value_offsets(w, offset_storage);
   group_value_prefix(w, offsets, group_values);
   split_groups(group_values, groups, threads, bounds);
   parallel_run(threads, [&](int tid, int) {
@@ -270,8 +270,8 @@ static void spmm_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
   const int64_t panels = (a.tokens + P - 1) / P;
   const int threads = std::max(1, a.num_threads);
   const bool relu = a.epilogue == Epilogue::kRelu;
-  std::vector<int64_t> offsets, group_values, bounds;
-  rowgroup_value_offsets(w, offsets);
+  std::vector<int64_t> offset_storage, group_values, bounds;
+  const int64_t* offsets = unit_value_offsets(w, offset_storage);
   group_value_prefix(w, offsets, group_values);
   static thread_local Scratch packed, accumulators;
   const int64_t packed_floats = panels * w.cols * P;

@@ -55,4 +55,10 @@ void rowgroup_value_offsets(const RowGroupMatrix& w, std::vector<int64_t>& out) 
   out[units] = total;
 }
 
+const int64_t* unit_value_offsets(const RowGroupMatrix& w, std::vector<int64_t>& storage) {
+  if (w.value_offsets != nullptr) return w.value_offsets;
+  rowgroup_value_offsets(w, storage);
+  return storage.data();
+}
+
 }  // namespace sparsert

@@ -44,6 +44,16 @@ def pattern_counts() -> torch.Tensor:
     return ((torch.arange(1, PATTERNS + 1)[:, None] & _ROW_BITS) != 0).sum(1)
 
 
+def value_offsets(seg_ptr: torch.Tensor, rows: int) -> torch.Tensor:
+    """The values stored before each unit (a group in one column block), int64
+    ``(kblocks * ceil(rows / 4) + 1,)`` from 0: what the kernels would otherwise derive
+    from ``seg_ptr`` on every call (``seg_ptr`` must be a valid layout's)."""
+    counts = (seg_ptr[1:] - seg_ptr[:-1]).to(torch.int64).reshape(-1, PATTERNS)
+    out = torch.zeros(counts.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum((counts * pattern_counts()).sum(1), 0, out=out[1:])
+    return out
+
+
 def kblock_count(seg_ptr_numel: int, rows: int) -> int:
     """Column blocks of a ``rows``-row layout whose ``seg_ptr`` has ``seg_ptr_numel`` entries
     (``kblocks * ceil(rows / 4) * 15 + 1``), or 0 when no count fits."""

@@ -35,6 +35,7 @@ from ..._ext import native as _native  # (private: the raw functions take addres
 from ...formats._common import index_bits
 from ...formats.bitmask import GROUP, VALUE_PADDING, masks_to_bits
 from ...formats.rowgroup import check_rowgroup_layout
+from ...formats.rowgroup import value_offsets as rowgroup_value_offsets
 from .. import epilogue
 from .._threads import get_num_threads
 from ..schema import (_int, check_array_contents, check_conv_args, check_linear_args, conv2d_bsr, conv_out_size,
@@ -323,9 +324,11 @@ def check_rowgroup_arrays(seg_ptr: Tensor, columns: Tensor, values: Tensor, out_
         check_rowgroup_layout(private_segments, private_columns, values.numel(), out_features, in_features)
         if not bool(torch.isfinite(values).all()):
             raise ValueError("row-group values must be finite")
-        return Validated((private_segments, private_columns), values,
+        offsets = rowgroup_value_offsets(private_segments, out_features)  # once, not per call
+        return Validated((private_segments, private_columns, offsets), values,
                          (private_segments.data_ptr(), private_segments.numel(), private_columns.data_ptr(),
-                          private_columns.numel(), values.data_ptr(), values.numel()))
+                          private_columns.numel(), values.data_ptr(), values.numel(), offsets.data_ptr(),
+                          offsets.numel()))
 
     return _remembered(seg_ptr, columns, values, ("rowgroup", out_features, in_features), validate)
 
