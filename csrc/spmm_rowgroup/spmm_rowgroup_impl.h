@@ -21,6 +21,7 @@
 
 #include "spmm_rowgroup/spmm_rowgroup.h"
 #include "common/scratch.h"
+#include "common/isa.h"
 #include "common/thread_pool.h"
 
 #if defined(SPARSERT_TRANSPOSE_AVX2)
@@ -61,11 +62,17 @@ static inline vf splat(float s) {
 // broadcast value feeding 4 x vectors: 1.25 instead of 1.5 loads per FMA for a
 // 1-row column) - the loads are not what limits this kernel once x is in L1.
 
+// How far ahead the segment loops of a one-panel product over weights larger than the cache
+// prefetch their values (floats; the column indices half as far): 4096 x 4096 at 70%, 16
+// tokens, 2 threads, Zen 4: 2037 -> 1455 us (50%: 3063 -> 2682); 256 and 1024 did no better.
+// (With several panels the later ones read the weights from L2: the prefetches cost 2-5%.)
+constexpr int kStreamAheadFloats = 512;
+
 // tile[r] += the products of one pattern segment: `count` columns, each
 // followed in v by the values of the pattern's rows. The tile is a value
 // (registers once inlined), and it is the first accumulator set: a segment
 // adds into it without a tile load and store.
-template <int PAT, int NV>
+template <int PAT, int NV, bool STREAM>
 __attribute__((always_inline)) static inline void pattern_segment(const int32_t* col, int32_t count,
                                                                   const float* v, const float* xp,
                                                                   vf (&tile)[kRowGroup][NV]) {
@@ -87,6 +94,10 @@ __attribute__((always_inline)) static inline void pattern_segment(const int32_t*
       for (int u = 0; u < NV; ++u) acc[s][r][u] = vf{};
   int32_t i = 0;
   for (; i + S <= count; i += S) {
+    if constexpr (STREAM) {
+      __builtin_prefetch(v + static_cast<int64_t>(i) * NR + kStreamAheadFloats);
+      __builtin_prefetch(col + i + kStreamAheadFloats / 2);
+    }
     for (int s = 0; s < S; ++s) {
       const float* xr = xp + static_cast<int64_t>(col[i + s]) * P;
       const float* vv = v + static_cast<int64_t>(i + s) * NR;
@@ -116,15 +127,15 @@ __attribute__((always_inline)) static inline void pattern_segment(const int32_t*
 
 // The 15 segments of one unit (a group in one K-block, RowGroupMatrix::unit)
 // over one panel, PAT = 1 .. 15 in order; returns the values consumed.
-template <int NV, int PAT = 1>
+template <int NV, bool STREAM, int PAT = 1>
 __attribute__((always_inline)) static inline const float* group_segments(const RowGroupMatrix& w, int64_t unit,
                                                                          const float* v, const float* xp,
                                                                          vf (&tile)[kRowGroup][NV]) {
   const int64_t s = unit * kRowGroupPatterns + PAT - 1;
   const int32_t begin = w.seg_ptr[s], count = w.seg_ptr[s + 1] - begin;
-  pattern_segment<PAT, NV>(w.columns + begin, count, v, xp, tile);
+  pattern_segment<PAT, NV, STREAM>(w.columns + begin, count, v, xp, tile);
   v += static_cast<int64_t>(count) * pattern_rows(PAT);
-  if constexpr (PAT < kRowGroupPatterns) return group_segments<NV, PAT + 1>(w, unit, v, xp, tile);
+  if constexpr (PAT < kRowGroupPatterns) return group_segments<NV, STREAM, PAT + 1>(w, unit, v, xp, tile);
   return v;
 }
 
@@ -262,7 +273,7 @@ static void pack_panel(const SpmmArgs& a, int64_t p, int64_t k0, int64_t k1, flo
 constexpr int64_t kChunkBytes = 256 << 10;
 constexpr int64_t kBlockWeightBytes = 128 << 10;
 
-template <int NV>
+template <int NV, bool STREAM>
 static void spmm_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
   constexpr int P = NV * VW;
   constexpr int64_t T = kRowGroup * P;  // floats per tile
@@ -316,7 +327,7 @@ static void spmm_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
                 for (int u = 0; u < NV; ++u)
                   acc[r][u] = !first ? load(saved + r * P + u * VW)
                                      : splat(a.bias && row0 + r < w.rows ? a.bias[row0 + r] : 0.0f);
-              group_segments<NV>(w, unit, w.values + offsets[unit], xpp, acc);
+              group_segments<NV, STREAM>(w, unit, w.values + offsets[unit], xpp, acc);
               if (!last) {
                 for (int r = 0; r < kRowGroup; ++r)
                   for (int u = 0; u < NV; ++u) store(saved + r * P + u * VW, acc[r][u]);
@@ -346,9 +357,21 @@ static void spmm_kernel(const RowGroupMatrix& w, const SpmmArgs& a) {
 // (Zen 4) one 16-token vector per panel was 4-19% faster than AVX2's kernel at 16 tokens,
 // two (32 tokens) 6-30% at 128.
 template <int NV_FEW, int NV_MANY>
-static void spmm_panels(const RowGroupMatrix& w, const SpmmArgs& a) {
-  if (NV_FEW == NV_MANY || a.tokens <= NV_FEW * VW) return spmm_kernel<NV_FEW>(w, a);
-  spmm_kernel<NV_MANY>(w, a);
+static void spmm_panels(const RowGroupMatrix& matrix, const SpmmArgs& a) {
+  RowGroupMatrix w = matrix;
+  std::vector<int64_t> offset_storage;
+  w.value_offsets = unit_value_offsets(matrix, offset_storage);  // once, for the kernel too
+  // One panel and weights past half the last-level cache: every weight comes from memory once
+  // per call, and the segment loops prefetch their weight streams (kStreamAheadFloats). Weights
+  // the cache holds lose 2-15% to the prefetches (768 -> 3072 and 1536 -> 384 at 16-32 tokens).
+  const int64_t weight_bytes = 4 * (w.value_offsets[w.kblocks * w.group_count()] + w.seg_ptr[
+      w.kblocks * w.group_count() * kRowGroupPatterns]);
+  const bool stream = 2 * weight_bytes > last_level_cache_bytes();
+  if (a.tokens <= NV_FEW * VW) return stream ? spmm_kernel<NV_FEW, true>(w, a) : spmm_kernel<NV_FEW, false>(w, a);
+  if constexpr (NV_FEW == NV_MANY) return spmm_kernel<NV_FEW, false>(w, a);
+  if (a.tokens <= NV_MANY * VW)
+    return stream ? spmm_kernel<NV_MANY, true>(w, a) : spmm_kernel<NV_MANY, false>(w, a);
+  spmm_kernel<NV_MANY, false>(w, a);
 }
 
 }  // namespace rowgroup
