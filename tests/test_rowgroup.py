@@ -347,6 +347,18 @@ def test_op_default_and_module():
     assert_close(sparse(x), expected(x, w, layer.bias.detach(), None), "SparseLinear")
 
 
+@pytest.mark.parametrize("tokens", [16, 32])
+def test_one_panel_product_over_weights_past_the_cache(tokens):
+    """Weights of ~25 MB (past half of a 32 MB L3) at one token panel take the kernels'
+    prefetching variant (spmm_panels' `stream`): the same answer as the reference."""
+    gen = torch.Generator().manual_seed(11)
+    w = random_weight(4096, 2048, 0.5, gen)
+    fmt = RowGroup.from_dense(w)
+    x = torch.randn(tokens, 2048, generator=gen)
+    assert_close(linear_rowgroup_cpu(x, fmt.seg_ptr, fmt.columns, fmt.values, 4096, None, 0, 2),
+                 expected(x, w, None, None), f"{tokens} tokens")
+
+
 def test_kernel_rejects_malformed_arrays():
     gen = torch.Generator().manual_seed(6)
     fmt = RowGroup.from_dense(random_weight(8, 20, 0.5, gen))
