@@ -20,9 +20,9 @@ namespace SPARSERT_ISA {
 
 // Packed token panels up to this size: with several threads, each packs every panel for
 // itself inside the one parallel region of the product, instead of the threads packing them
-// together in a region of its own first. Packing twice costs less than the second region's
-// wake-up (an OpenMP worker asleep between calls: 8-20 us measured on Zen 4) and than
-// reading the half of the panels the other core packed a moment before.
+// together in a region of its own first. Packing twice costs less than a second fork-join and
+// than reading the half of the panels the other core packed a moment before (row-group
+// kernels, MiniLM shapes at 32 tokens, 2 threads, Zen 4: 1.04-1.09x).
 constexpr int64_t kPrivatePackBytes = SPARSERT_PRIVATE_PACK_BYTES;
 
 // Copies an 8 x 8 block: dst[j * dst_stride + i] = src[i * src_stride + j].
