@@ -575,10 +575,8 @@ __attribute__((always_inline)) static inline void group_segment(const int32_t* c
   constexpr int P = kLanes * NV;
   constexpr int NR = pattern_rows(PAT);
   constexpr int S = segment_sets(NR * NV);
+  constexpr auto rows = pattern_row_list<PAT>();
   if (count == 0) return;
-  int rows[NR] = {};
-  for (int r = 0, ri = 0; r < kRowGroup; ++r)
-    if (PAT >> r & 1) rows[ri++] = r;
   __m512i part[S][NR][NV];
   for (int r = 0; r < NR; ++r)
     for (int u = 0; u < NV; ++u) {

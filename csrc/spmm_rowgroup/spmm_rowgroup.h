@@ -24,6 +24,7 @@
 // gives the same result; the blocking only changes the speed.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -38,6 +39,15 @@ constexpr int kRowGroupPatterns = (1 << kRowGroup) - 1;  // nonempty row pattern
 // Rows of a pattern (its popcount): the values (blocks) stored per column of its segment.
 constexpr int pattern_rows(int pattern) {
   return (pattern & 1) + (pattern >> 1 & 1) + (pattern >> 2 & 1) + (pattern >> 3 & 1);
+}
+
+// The rows (0-3) of a pattern, lowest first: the row of each value a column of its segment stores.
+template <int PATTERN>
+constexpr std::array<int, pattern_rows(PATTERN)> pattern_row_list() {
+  std::array<int, pattern_rows(PATTERN)> rows{};
+  for (int r = 0, i = 0; r < kRowGroup; ++r)
+    if (PATTERN >> r & 1) rows[i++] = r;
+  return rows;
 }
 
 // The segment loops of the row-group kernels (fp32 here, int8 in spmm_int8) keep `chains` =

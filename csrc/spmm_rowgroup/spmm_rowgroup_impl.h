@@ -79,13 +79,8 @@ __attribute__((always_inline)) static inline void pattern_segment(const int32_t*
   constexpr int P = NV * VW;
   constexpr int NR = pattern_rows(PAT);
   constexpr int S = segment_sets(NR * NV);
+  constexpr auto rows = pattern_row_list<PAT>();
   if (count == 0) return;
-  int rows[NR] = {};
-  {
-    int ri = 0;
-    for (int r = 0; r < kRowGroup; ++r)
-      if (PAT >> r & 1) rows[ri++] = r;
-  }
   vf acc[S][NR][NV];
   for (int r = 0; r < NR; ++r)
     for (int u = 0; u < NV; ++u) acc[0][r][u] = tile[rows[r]][u];
@@ -178,6 +173,7 @@ __attribute__((always_inline)) static inline void pattern_segment_token(const in
                                                                         float* acc_rows) {
   constexpr int NR = pattern_rows(PAT);
   constexpr int S = segment_sets(NR * 2);  // 4, 2, 2, 1: from_dense's padding, so no remainder loop runs
+  constexpr auto rows = pattern_row_list<PAT>();
   float acc[S][NR] = {};
   int32_t i = 0;
   for (; i + S <= count; i += S)
@@ -189,13 +185,10 @@ __attribute__((always_inline)) static inline void pattern_segment_token(const in
     const float xk = x[col[i]];
     for (int r = 0; r < NR; ++r) acc[0][r] += v[i * NR + r] * xk;
   }
-  int ri = 0;
-  for (int r = 0; r < kRowGroup; ++r) {
-    if (!(PAT >> r & 1)) continue;
+  for (int r = 0; r < NR; ++r) {
     float sum = 0.0f;
-    for (int s = 0; s < S; ++s) sum += acc[s][ri];
-    acc_rows[r] += sum;
-    ++ri;
+    for (int s = 0; s < S; ++s) sum += acc[s][r];
+    acc_rows[rows[r]] += sum;
   }
 }
 
