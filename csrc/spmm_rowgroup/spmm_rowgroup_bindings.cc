@@ -44,6 +44,7 @@ std::string spmm_rowgroup(int64_t rows, int64_t cols, uintptr_t seg_ptr, int64_t
   w.columns = ptr<const int32_t>(columns);
   w.values = ptr<const float>(values);
   const int64_t units = w.kblocks * w.group_count();
+  std::vector<int64_t> derived_offsets;  // (without the caller's: derived here, once, for the kernel too)
   if (value_offsets != 0) {
     // Derived from seg_ptr by the caller with the arrays it validated (the contents are trusted,
     // as a row pointer's are: an O(segments) pass per call cost 16 us at 3072 x 768 in K-blocks
@@ -55,10 +56,11 @@ std::string spmm_rowgroup(int64_t rows, int64_t cols, uintptr_t seg_ptr, int64_t
   } else {
     for (int64_t s = 0; s + 1 < seg_ptr_len; ++s)
       if (segments[s + 1] < segments[s]) fail("seg_ptr must be non-decreasing");
-    std::vector<int64_t> offsets;
-    sparsert::rowgroup_value_offsets(w, offsets);
-    if (offsets.back() != values_len)
-      fail("values must hold " + std::to_string(offsets.back()) + " entries, got " + std::to_string(values_len));
+    sparsert::rowgroup_value_offsets(w, derived_offsets);
+    if (derived_offsets.back() != values_len)
+      fail("values must hold " + std::to_string(derived_offsets.back()) + " entries, got " +
+           std::to_string(values_len));
+    w.value_offsets = derived_offsets.data();
   }
   if (tokens > 0 && (x_row_stride < cols || y_row_stride < rows)) fail("bad row strides");
   const sparsert::SpmmArgs a =

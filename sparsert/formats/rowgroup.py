@@ -267,6 +267,6 @@ def check_rowgroup_layout(seg_ptr: torch.Tensor, columns: torch.Tensor, values_n
             past = (pattern[group == groups - 1] >> (GROUP_ROWS - tail)) != 0
             if bool(past.any()):
                 raise ValueError(f"the last row group stores values for rows past the last row ({rows - 1})")
-    expected = int((counts.reshape(-1, PATTERNS) * pattern_counts()).sum()) if groups else 0
+    expected = int(value_offsets(sp, rows)[-1])
     if values_numel != expected:
         raise ValueError(f"values must hold one entry per stored row and column ({expected}), got {values_numel}")
