@@ -27,6 +27,7 @@ _LAZY = {
     "SparseLinear": "sparsert.nn",
     "SparseConv2d": "sparsert.nn",
     "sparsify": "sparsert.convert",
+    "streamline": "sparsert.convert",
     "benchmark": "sparsert.bench",
     "save": "sparsert.io",
     "load": "sparsert.io",

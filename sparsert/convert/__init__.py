@@ -19,8 +19,9 @@ on error.
 
 The parts: :mod:`~sparsert.convert.plan` (candidate formats, the per-layer
 decisions), :mod:`~sparsert.convert.timing` (running and timing),
-:mod:`~sparsert.convert.batchnorm` (BatchNorm folding) and
-:mod:`~sparsert.convert.sparsify`; module swaps are :mod:`sparsert.nn.surgery`.
+:mod:`~sparsert.convert.batchnorm` (BatchNorm folding),
+:mod:`~sparsert.convert.sparsify` and :mod:`~sparsert.convert.streamline` (a lean
+inference forward for BERT-style encoders); module swaps are :mod:`sparsert.nn.surgery`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from __future__ import annotations
 from .batchnorm import fold_batchnorm
 from .plan import LayerDecision, SparsityPlan, candidate_formats
 from .sparsify import DEFAULT_TOKENS, int8_dense, sparsify
+from .streamline import StreamlinedEncoder, streamline
 from .timing import call_model
 
 __all__ = ["sparsify", "SparsityPlan", "LayerDecision", "fold_batchnorm", "call_model",
-           "candidate_formats", "DEFAULT_TOKENS", "int8_dense"]
+           "candidate_formats", "DEFAULT_TOKENS", "int8_dense", "streamline", "StreamlinedEncoder"]

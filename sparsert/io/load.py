@@ -289,9 +289,11 @@ def _skeleton(path, ref: dict | None, f: SparseFile | None = None) -> nn.Module:
         try:
             cfg = transformers.AutoConfig.for_model(**config)
             with torch.device("meta"):
-                return cls(cfg)
+                model = cls(cfg)
         except Exception as e:  # config errors come in many types
             raise fail(path, f"cannot build {cls_name} from the stored config ({type(e).__name__}: {e})") from None
+        with torch.device("meta"):
+            return _streamlined(path, model, ref)
     raise fail(path, "unrecognised 'model' description; pass a model skeleton")
 
 
@@ -325,7 +327,20 @@ def _materialize(path, ref: dict) -> nn.Module:
             from .. import models
             return models.skeleton(ref["example"])
         import transformers
-        return getattr(transformers, ref["hf_class"])(transformers.AutoConfig.for_model(**ref["hf_config"]))
+        model = getattr(transformers, ref["hf_class"])(transformers.AutoConfig.for_model(**ref["hf_config"]))
+        return _streamlined(path, model, ref)
+
+
+def _streamlined(path, model: nn.Module, ref: dict) -> nn.Module:
+    """``model`` streamlined as the file records (``sparsert.streamline``), or as is."""
+    if "streamline" not in ref:
+        return model
+    from ..convert.streamline import rebuild
+
+    try:
+        return rebuild(model, ref["streamline"])
+    except (TypeError, ValueError) as e:
+        raise fail(path, f"cannot streamline the stored model as recorded: {e}") from None
 
 
 def _load_into(f: SparseFile, path: str, model: nn.Module, check_only: bool = False) -> nn.Module:

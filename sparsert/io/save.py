@@ -20,7 +20,14 @@ def _model_ref(model: nn.Module) -> dict | None:
     if isinstance(example, str):
         return {"example": example}
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string") and type(model).__module__.startswith("transformers."):
+    if config is None or not hasattr(config, "to_json_string"):
+        return None
+    from ..convert.streamline import StreamlinedEncoder
+
+    if isinstance(model, StreamlinedEncoder):  # the Hugging Face class, then streamlined again on load
+        return {"hf_class": model.hf_class, "hf_config": json.loads(config.to_json_string(use_diff=False)),
+                "streamline": model.recipe()}
+    if type(model).__module__.startswith("transformers."):
         return {"hf_class": type(model).__name__, "hf_config": json.loads(config.to_json_string(use_diff=False))}
     return None
 
