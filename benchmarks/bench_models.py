@@ -254,18 +254,21 @@ def minilm_inputs(tok, batch, seq):
 
 def case_minilm_e2e(args):
     """all-MiniLM-L6-v2 at each sparsity (0 = unpruned: every layer stays dense) and each
-    (batch, tokens): sparsert eager (and under torch.compile with --compile) against the
-    dense model on onnxruntime, oneDNN prepacked and torch eager, all timed interleaved."""
+    (batch, tokens): sparsert eager, streamlined (``sparsert.streamline`` before ``sparsify``) and,
+    with --compile, under torch.compile, against the dense model on onnxruntime, oneDNN prepacked
+    (Hugging Face's forward and the streamlined one) and torch eager, all timed interleaved."""
     from sparsert.models import minilm
 
     if not minilm.available():
         return f"### all-MiniLM-L6-v2 vs onnxruntime\n\nskipped: {minilm.unavailable_reason()}\n"
     original, tok = minilm.load()
     calib = minilm.tokenize(tok, minilm.calibration_sentences(128), batch_size=32)
+    columns = [c for c in E2E_COLUMNS if args.compile or c != "sparsert compiled"]
+    ratios = ["sparsert vs ORT", "streamlined vs ORT", "streamlined vs best dense"] + \
+        (["compiled vs ORT"] if args.compile else [])
     lines = ["### all-MiniLM-L6-v2 end to end vs onnxruntime (wanda one-shot, unstructured, format='auto')", "",
-             "| sparsity | batch x tokens | " + " | ".join(E2E_COLUMNS) + " | sparsert vs ORT | vs best dense |"
-             + (" compiled vs ORT |" if args.compile else ""),
-             "|---|---|" + "---|" * (len(E2E_COLUMNS) + 2 + bool(args.compile))]
+             "| sparsity | batch x tokens | " + " | ".join(columns + ratios) + " |",
+             "|---|---|" + "---|" * (len(columns) + len(ratios))]
     for sparsity in args.sparsities:
         dense = copy.deepcopy(original)
         if sparsity > 0:
@@ -279,37 +282,47 @@ def case_minilm_e2e(args):
             inputs = minilm_inputs(tok, batch, seq)
             sparse = sparsert.sparsify(dense, "auto", example_inputs=inputs, threads=args.threads,
                                        min_time=args.layer_time)
+            lean = sparsert.sparsify(sparsert.streamline(dense), "auto", example_inputs=inputs,
+                                     threads=args.threads, min_time=args.layer_time)
             kept_dense = sum(isinstance(m, sparsert.nn.DenseLinear) for m in sparse.modules())
             best = best_dense_model(dense)
+            best_lean = best_dense_model(sparsert.streamline(dense))
             methods = {"torch eager": lambda: call_model(dense, inputs),
-                       "oneDNN prepacked": lambda: call_model(best, inputs)}
+                       "oneDNN prepacked": lambda: call_model(best, inputs),
+                       "oneDNN streamlined": lambda: call_model(best_lean, inputs)}
             ort_fn = ort_model(dense, inputs, args.threads)
             if ort_fn is not None:
                 methods["onnxruntime"] = ort_fn
             methods["sparsert"] = lambda: call_model(sparse, inputs)
+            methods["sparsert streamlined"] = lambda: call_model(lean, inputs)
             if args.compile:
                 compiled = torch.compile(sparse)
                 methods["sparsert compiled"] = lambda: call_model(compiled, inputs)
             torch.set_num_threads(args.threads)
             with torch.inference_mode():
                 times = time_methods(methods, rounds=args.rounds * 3, warmup=args.warmup)
-            dense_names = [n for n in ("torch eager", "oneDNN prepacked", "onnxruntime") if n in times]
+            dense_names = [n for n in ("torch eager", "oneDNN prepacked", "oneDNN streamlined", "onnxruntime")
+                           if n in times]
             best_name = min(dense_names, key=times.get)
             ort_t = times.get("onnxruntime", float("nan"))
             row = (f"| {sparsity:.0%} ({kept_dense} layers dense) | {batch} x {seq} | "
-                   + " | ".join(f"{times[n] * 1e3:.2f}" if n in times else "" for n in E2E_COLUMNS)
-                   + f" | {ort_t / times['sparsert']:.2f}x | {times[best_name] / times['sparsert']:.2f}x ({best_name})"
+                   + " | ".join(f"{times[n] * 1e3:.2f}" if n in times else "" for n in columns)
+                   + f" | {ort_t / times['sparsert']:.2f}x | {ort_t / times['sparsert streamlined']:.2f}x"
+                   + f" | {times[best_name] / times['sparsert streamlined']:.2f}x ({best_name})"
                    + (f" | {ort_t / times['sparsert compiled']:.2f}x" if args.compile else "") + " |")
             print(row, flush=True)
             lines.append(row)
-    lines += ["", "ms per call, medians of interleaved rounds in one process; 'vs best dense' is the fastest "
-              "of torch eager, oneDNN prepacked (every Linear on sparsert's best-dense path) and "
-              "onnxruntime. At 0% every layer stays dense (DenseLinear), so that row is the "
-              "sparsity-0 check (target >= 0.95x vs oneDNN prepacked).", ""]
+    lines += ["", "ms per call, medians of interleaved rounds in one process. 'streamlined': "
+              "`sparsert.streamline` (a lean forward: Q/K/V fused, matmul attention up to 96 tokens) before "
+              "sparsify; 'oneDNN streamlined' is the dense model through the same forward with every Linear "
+              "on sparsert's best dense path. 'vs best dense' is against the fastest of torch eager, both "
+              "oneDNN columns and onnxruntime. At 0% every layer stays dense (DenseLinear), so that row is "
+              "the sparsity-0 check (target >= 0.95x vs the best dense).", ""]
     return "\n".join(lines)
 
 
-E2E_COLUMNS = ("torch eager", "oneDNN prepacked", "onnxruntime", "sparsert", "sparsert compiled")
+E2E_COLUMNS = ("torch eager", "oneDNN prepacked", "oneDNN streamlined", "onnxruntime", "sparsert",
+               "sparsert streamlined", "sparsert compiled")
 
 
 def main():

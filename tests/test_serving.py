@@ -87,6 +87,19 @@ def test_engine_embeddings_equal_offline_model(files):
     assert answer["usage"]["prompt_tokens"] == sum(len(engine.frontend.tokenizer(t)["input_ids"]) for t in texts)
 
 
+def test_engine_streamlines_encoders_and_answers_as_hugging_face_does(files):
+    from sparsert.convert.streamline import StreamlinedEncoder
+
+    lean, hf = Engine(files["bert"]), Engine(files["bert"], forward="hf")
+    assert isinstance(lean.model, StreamlinedEncoder) and not isinstance(hf.model, StreamlinedEncoder)
+    texts = sentences(6, seed=3)
+    got, want = ([d["embedding"] for d in e.handle("embeddings", {"input": texts})["data"]] for e in (lean, hf))
+    assert (torch.tensor(got) - torch.tensor(want)).abs().max().item() <= 1e-5
+    assert isinstance(Engine(files["mlp"]).model, torch.nn.Module)  # not an encoder: runs as it is
+    with pytest.raises(ValueError, match="forward must be"):
+        Engine(files["bert"], forward="onnx")
+
+
 def test_engine_batches_requests_like_single_ones(files):
     engine = Engine(files["bert"], max_batch_rows=3)
     texts = sentences(5, seed=1)

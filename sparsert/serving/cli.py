@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .engine import DENSE_PATHS, MINILM_TOKENIZER, SMOLLM2_TOKENIZER, TOKENIZER_SUFFIX
+from .engine import DENSE_PATHS, FORWARDS, MINILM_TOKENIZER, SMOLLM2_TOKENIZER, TOKENIZER_SUFFIX
 from .threads import DEFAULT_WORKER_NICE, RULE, usable_cores
 
 __all__ = ["add_serve_parser", "cmd_serve"]
@@ -68,6 +68,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--dense-path", choices=DENSE_PATHS, default="best",
                    help="plain dense Linear layers run on sparsert's best dense path (default: per layer the "
                         "faster of prepacked oneDNN and eager F.linear, timed at start-up) or torch eager")
+    s.add_argument("--forward", choices=FORWARDS, default="streamlined",
+                   help="BERT-style encoders run sparsert.streamline's lean forward (default: the same results "
+                        "without Hugging Face's per-call framework code) or Hugging Face's own ('hf')")
     s.add_argument("--worker-nice", type=int, choices=range(0, 20), default=DEFAULT_WORKER_NICE, metavar="0..19",
                    help=f"lower the model workers' CPU priority by this much (default {DEFAULT_WORKER_NICE}), so the HTTP process "
                         "answers overload (503) and relays answers without waiting behind a running batch; "
@@ -83,7 +86,7 @@ def cmd_serve(args) -> int:
     common = dict(tokenizer=args.tokenizer, max_tokens=args.max_tokens, name=args.name,
                   max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
                   max_queue=args.max_queue, max_completion_tokens=args.max_completion_tokens,
-                  dense_path=args.dense_path)
+                  dense_path=args.dense_path, forward=args.forward)
     if args.ray:
         from .ray_serve import run_ray
 

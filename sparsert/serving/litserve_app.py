@@ -181,7 +181,8 @@ def build_server(model_file: "str | os.PathLike", *, workers: int | None = None,
                  threads_per_worker: int | None = None, max_batch_size: int = 8, batch_timeout_ms: float = 2.0,
                  max_queue: int = 256, max_body_bytes: int = 1 << 20, request_timeout_s: float = 30.0,
                  tokenizer: str | None = None, max_tokens: int | None = None, name: str | None = None,
-                 max_completion_tokens: int = 256, dense_path: str = "best", worker_nice: int = DEFAULT_WORKER_NICE):
+                 max_completion_tokens: int = 256, dense_path: str = "best", worker_nice: int = DEFAULT_WORKER_NICE,
+                 forward: str = "streamlined"):
     """A ready-to-run ``litserve.LitServer`` for ``model_file``.
 
     The file is loaded once here first: a file that fails validation raises the
@@ -194,7 +195,7 @@ def build_server(model_file: "str | os.PathLike", *, workers: int | None = None,
         raise ValueError(f"worker_nice must be in 0..19, got {worker_nice}")
     model_file = str(Path(model_file))
     engine_kwargs = {"tokenizer": tokenizer, "max_tokens": max_tokens, "name": name,
-                     "max_completion_tokens": max_completion_tokens, "dense_path": dense_path}
+                     "max_completion_tokens": max_completion_tokens, "dense_path": dense_path, "forward": forward}
     # the dense path does not change the spec: the check skips packing the dense weights
     probe_kwargs = {**engine_kwargs, "dense_path": "eager"}
     spec: EngineSpec = Engine(model_file, threads=plan.threads_per_worker, **probe_kwargs).spec

@@ -127,7 +127,8 @@ def ray_app(model_file: "str | os.PathLike", *, replicas: int = 1, threads_per_r
             max_batch_size: int = 8, batch_timeout_ms: float = 2.0, max_ongoing_requests: "int | None" = None,
             max_queued_requests: int = 256, autoscale: bool = False, max_body_bytes: int = 1 << 20,
             tokenizer: "str | None" = None, max_tokens: "int | None" = None, name: "str | None" = None,
-            max_queue: "int | None" = None, max_completion_tokens: int = 256, dense_path: str = "best"):
+            max_queue: "int | None" = None, max_completion_tokens: int = 256, dense_path: str = "best",
+            forward: str = "streamlined"):
     """A Ray Serve application serving ``model_file``.
 
     Each replica reserves ``threads_per_replica`` CPUs from Ray (default 1), so Ray never places
@@ -139,7 +140,7 @@ def ray_app(model_file: "str | os.PathLike", *, replicas: int = 1, threads_per_r
     probe = Engine(model_file, threads=None, tokenizer=tokenizer, max_tokens=max_tokens, name=name,
                    max_completion_tokens=max_completion_tokens, dense_path="eager")  # (the spec is the same)
     engine_kwargs = {"tokenizer": probe.spec.tokenizer, "max_tokens": max_tokens, "name": probe.spec.name,
-                     "max_completion_tokens": max_completion_tokens, "dense_path": dense_path}
+                     "max_completion_tokens": max_completion_tokens, "dense_path": dense_path, "forward": forward}
     options: dict[str, Any] = {
         "name": f"sparsert-{probe.spec.name}",
         "max_ongoing_requests": max_ongoing_requests or 2 * max_batch_size,
