@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import sparsert
-from sparsert.convert.streamline import MATH_ATTENTION_MAX_TOKENS, StreamlinedEncoder, rebuild
+from sparsert.convert.streamline import KERNEL_ATTENTION_MAX_TOKENS, StreamlinedEncoder, rebuild
 
 transformers = pytest.importorskip("transformers")
 
@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 def tiny_encoder(kind="bert", layers=2, seed=0, **extra):
     torch.manual_seed(seed)
     common = dict(vocab_size=90, hidden_size=24, num_hidden_layers=layers, num_attention_heads=3,
-                  intermediate_size=40, max_position_embeddings=160, **extra)
+                  intermediate_size=40, max_position_embeddings=300, **extra)
     if kind == "bert":
         model = transformers.BertModel(transformers.BertConfig(**common))
     else:
@@ -43,10 +43,10 @@ def outputs(model, ids, mask, **kw):
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
-@pytest.mark.parametrize("attention", ["auto", "math", "sdpa"])
+@pytest.mark.parametrize("attention", ["auto", "kernel", "math", "sdpa"])
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("rows,tokens,padded", [(1, 1, False), (1, 7, False), (4, 13, True), (3, 9, False),
-                                                 (2, MATH_ATTENTION_MAX_TOKENS + 5, True)])
+                                                 (2, KERNEL_ATTENTION_MAX_TOKENS + 5, True)])
 def test_equals_hugging_face_in_float64(kind, attention, fuse, rows, tokens, padded):
     model = tiny_encoder(kind)
     lean = sparsert.streamline(model, fuse_qkv=fuse, attention=attention)
@@ -57,6 +57,17 @@ def test_equals_hugging_face_in_float64(kind, attention, fuse, rows, tokens, pad
         torch.testing.assert_close(got_h, want_h, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got_p, want_p, rtol=1e-12, atol=1e-12)
     assert lean.fused_qkv is fuse
+
+
+@pytest.mark.parametrize("rows,tokens", [(1, 1), (1, 32), (5, 19), (3, 70)])
+def test_float32_through_the_attention_kernel_matches_hugging_face(rows, tokens):
+    model = tiny_encoder().float()
+    lean = sparsert.streamline(model, attention="kernel")
+    ids, mask = batch(rows, tokens)
+    want_h, want_p = outputs(model, ids, mask)
+    got_h, got_p = outputs(lean, ids, mask)
+    torch.testing.assert_close(got_h, want_h, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got_p, want_p, rtol=2e-5, atol=2e-5)
 
 
 def test_token_types_and_positions_pass_through():

@@ -18,6 +18,7 @@ void bind_conv(py::module_& m);  // conv/conv_bindings.cc
 void bind_spmm_bitmask(py::module_& m);  // spmm/spmm_bitmask_bindings.cc
 void bind_spmm_int8(py::module_& m);  // spmm_int8/spmm_int8_bindings.cc
 void bind_spmm_rowgroup(py::module_& m);  // spmm_rowgroup/spmm_rowgroup_bindings.cc
+void bind_attention(py::module_& m);  // attention/attention_bindings.cc
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sparsert native kernels (torch-free)";
@@ -40,4 +41,5 @@ PYBIND11_MODULE(_C, m) {
   bind_spmm_bitmask(m);
   bind_spmm_int8(m);
   bind_spmm_rowgroup(m);
+  bind_attention(m);
 }

@@ -13,10 +13,12 @@ only the arithmetic, with the same modules and weights:
   when ``fuse_qkv``), attention, output projection + residual + LayerNorm,
   intermediate + activation, output + residual + LayerNorm; then the pooler;
 * the padding mask built once per call, and left out when nothing is padded;
-* attention by matmul + softmax up to :data:`MATH_ATTENTION_MAX_TOKENS`
-  tokens, where it measured 1.4-2.5x faster than torch's CPU
-  ``scaled_dot_product_attention`` kernel (head size 32), and by that kernel
-  beyond;
+* attention by sparsert's kernel (:func:`sparsert.ops.attention`: q, k and v
+  read in place from the fused projection's output, the context written in the
+  layout the output projection reads) up to :data:`KERNEL_ATTENTION_MAX_TOKENS`
+  tokens, where it measured 1.1-1.8x faster than torch's CPU
+  ``scaled_dot_product_attention`` (head size 32, its copies into head-major
+  order included), and by torch's kernel beyond;
 * Q, K and V as one ``nn.Linear`` of three times the width (``fuse_qkv``,
   where all three are plain ``nn.Linear``): one call, and one packing of the
   input for a sparse kernel, instead of three. ``sparsify`` then packs the
@@ -38,16 +40,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["streamline", "rebuild", "StreamlinedEncoder", "MATH_ATTENTION_MAX_TOKENS", "ATTENTION_MODES"]
+from ..ops.attention import attention as _attention
 
-#: Up to this many tokens attention runs as matmul + softmax + matmul; beyond, as
-#: ``F.scaled_dot_product_attention``. Measured with 12 heads of 32 on 2 Zen 4 cores
-#: (2 threads, ms, matmul vs sdpa): 1 x 32 0.044 vs 0.065, 8 x 64 0.52 vs 1.30,
-#: 32 x 64 3.0 vs 5.4, 1 x 128 0.24 vs 0.29, 8 x 128 2.67 vs 2.65, 1 x 256 0.99 vs 0.86.
-MATH_ATTENTION_MAX_TOKENS = 96
+__all__ = ["streamline", "rebuild", "StreamlinedEncoder", "KERNEL_ATTENTION_MAX_TOKENS", "ATTENTION_MODES"]
 
-#: ``attention=`` choices: "auto" (by sequence length, above), "math" or "sdpa".
-ATTENTION_MODES = ("auto", "math", "sdpa")
+#: Up to this many tokens "auto" attention runs sparsert's kernel (:func:`sparsert.ops.attention`);
+#: beyond, ``F.scaled_dot_product_attention``. Measured with 12 heads of 32 on 2 Zen 4 cores
+#: (2 threads, sdpa's time over the kernel's, from a fused Q/K/V output): 1 x 32 1.44-1.66,
+#: 8 x 64 1.62-1.76, 1 x 128 1.26-1.37, 8 x 128 1.04-1.15, 32 x 64 1.12-1.15, 1 x 256 0.95-1.07,
+#: 4 x 256 0.85-1.00, 1 x 512 0.82-0.97.
+KERNEL_ATTENTION_MAX_TOKENS = 256
+
+#: ``attention=`` choices: "auto" (by sequence length, above), "kernel" (sparsert's op at every
+#: length), "math" (matmul + softmax + matmul in torch) or "sdpa" (torch's fused kernel).
+ATTENTION_MODES = ("auto", "kernel", "math", "sdpa")
 
 
 def _is_plain_linear(m) -> bool:
@@ -180,32 +186,37 @@ class StreamlinedEncoder(nn.Module):
         batch, tokens, hidden = h.shape
         heads = self.num_heads
         head = hidden // heads
-        mask = None
+        key_bias = None  # (batch, tokens): 0 for a token, the dtype's lowest for padding
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (batch, tokens):
                 raise ValueError(f"attention_mask must have input_ids' shape {(batch, tokens)}, "
                                  f"got {tuple(attention_mask.shape)}")
             if not bool(attention_mask.all()):  # padding: an additive mask, built once for every layer
-                mask = torch.zeros(batch, 1, 1, tokens, dtype=h.dtype, device=h.device)
-                mask.masked_fill_((attention_mask == 0)[:, None, None, :], torch.finfo(h.dtype).min)
-        math = self.attention == "math" or (self.attention == "auto" and tokens <= MATH_ATTENTION_MAX_TOKENS)
+                key_bias = torch.zeros(batch, tokens, dtype=h.dtype, device=h.device)
+                key_bias.masked_fill_(attention_mask == 0, torch.finfo(h.dtype).min)
+        mode = self.attention
+        if mode == "auto":
+            mode = "kernel" if tokens <= KERNEL_ATTENTION_MAX_TOKENS else "sdpa"
+        mask = None if key_bias is None or mode == "kernel" else key_bias[:, None, None, :]
         scale = head ** -0.5
         split = (batch, tokens, heads, head)
         for qkv, query, key, value, out_dense, out_norm, mid_dense, act, ffn_dense, ffn_norm in self._layer_parts():
             if qkv is not None:
-                q, k, v = qkv(h).view(batch, tokens, 3, heads, head).permute(2, 0, 3, 1, 4)
+                q, k, v = qkv(h).split(hidden, dim=-1)  # (views: the kernel reads them in place)
             else:
-                q = query(h).view(split).transpose(1, 2)
-                k = key(h).view(split).transpose(1, 2)
-                v = value(h).view(split).transpose(1, 2)
-            if math:
-                scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-                if mask is not None:
-                    scores.add_(mask)
-                ctx = torch.matmul(torch.softmax(scores, dim=-1), v)
+                q, k, v = query(h), key(h), value(h)
+            if mode == "kernel":
+                ctx = _attention(q, k, v, key_bias, heads=heads, scale=scale)
             else:
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-            ctx = ctx.transpose(1, 2).reshape(batch, tokens, hidden)
+                q, k, v = (t.view(split).transpose(1, 2) for t in (q, k, v))
+                if mode == "math":
+                    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+                    if mask is not None:
+                        scores.add_(mask)
+                    ctx = torch.matmul(torch.softmax(scores, dim=-1), v)
+                else:
+                    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+                ctx = ctx.transpose(1, 2).reshape(batch, tokens, hidden)
             h = out_norm(out_dense(ctx) + h)
             h = ffn_norm(ffn_dense(act(mid_dense(h))) + h)
         pooled = self.pooler(h) if self.pooler is not None else None
@@ -222,8 +233,8 @@ def streamline(model: nn.Module, *, fuse_qkv: bool = True, attention: str = "aut
 
     ``fuse_qkv``: run each layer's Q, K and V as one Linear where all three are plain
     ``nn.Linear`` (a dense or pruned model before ``sparsify``; layers already packed stay
-    three). ``attention``: "auto" (matmul + softmax up to :data:`MATH_ATTENTION_MAX_TOKENS`
-    tokens, torch's fused kernel beyond), "math" or "sdpa". The model is copied unless
+    three). ``attention``: "auto" (sparsert's kernel up to :data:`KERNEL_ATTENTION_MAX_TOKENS`
+    tokens, torch's fused kernel beyond), "kernel", "math" or "sdpa" (:data:`ATTENTION_MODES`). The model is copied unless
     ``inplace`` (then its layers are fused in place and it should not be called again).
     A streamlined model passed again is returned as is (fused further when asked).
     """
