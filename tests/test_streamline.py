@@ -127,13 +127,35 @@ def test_sparsify_after_streamline_then_save_and_load(tmp_path):
     assert torch.equal(outputs(loaded, ids, mask)[0], got)
 
 
-def test_layers_already_packed_stay_three_calls():
+@pytest.mark.parametrize("kind", ["csr", "rowgroup4", "bitmask16"])
+def test_layers_packed_alike_are_packed_again_as_one(kind, tmp_path):
+    model = tiny_encoder().float()
+    prune_linears(model)
+    ids, mask = batch(2, 6)
+    sparse = sparsert.sparsify(model, kind, example_inputs={"input_ids": ids, "attention_mask": mask})
+    lean = sparsert.streamline(sparse)
+    assert lean.fused_layers == [0, 1]
+    qkv = lean.encoder.layer[0].attention.self.qkv
+    assert isinstance(qkv, sparsert.SparseLinear) and qkv.format == kind and qkv.out_features == 72
+    s = sparse.encoder.layer[0].attention.self
+    assert torch.equal(qkv.to_dense().weight, torch.cat([m.to_dense().weight for m in (s.query, s.key, s.value)]))
+    torch.testing.assert_close(outputs(lean, ids, mask)[0], outputs(sparse, ids, mask)[0], rtol=1e-5, atol=1e-5)
+    path = tmp_path / "fused.sparsert"
+    sparsert.save(lean, path)
+    assert torch.equal(outputs(sparsert.load(path), ids, mask)[0], outputs(lean, ids, mask)[0])
+
+
+def test_layers_packed_differently_stay_three_calls():
+    from sparsert.nn import surgery
+
     model = tiny_encoder().float()
     prune_linears(model)
     ids, mask = batch(2, 6)
     sparse = sparsert.sparsify(model, "csr", example_inputs={"input_ids": ids, "attention_mask": mask})
+    key = sparse.encoder.layer[1].attention.self.key
+    surgery.swap(sparse, "encoder.layer.1.attention.self.key", sparsert.SparseLinear.from_dense(key.to_dense(), "rowgroup4"))
     lean = sparsert.streamline(sparse)
-    assert lean.fused_layers == []
+    assert lean.fused_layers == [0]
     torch.testing.assert_close(outputs(lean, ids, mask)[0], outputs(sparse, ids, mask)[0], rtol=1e-5, atol=1e-5)
 
 
