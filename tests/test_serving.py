@@ -513,7 +513,7 @@ def test_metrics(servers):
     assert status == 200
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert lines['sparsert_model_info{model="tiny-bert"}'] == "1"
-    assert int(lines['sparsert_model_layers{format="csr"}']) == 12  # 2 layers x (Q, K, V, out, FFN in, FFN out)
+    assert int(lines['sparsert_model_layers{format="csr"}']) == 8  # 2 layers x (fused Q/K/V, out, FFN in, FFN out)
     assert lines["sparsert_threads_per_worker"] == "1" and lines["sparsert_workers"] == "1"
     assert int(lines['sparsert_requests_total{route="/v1/embeddings",code="200"}']) >= 1
     assert int(lines['sparsert_requests_total{route="/v1/embeddings",code="400"}']) >= 1
