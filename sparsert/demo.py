@@ -176,6 +176,22 @@ def run(model_name: str = "digits-cnn", *, sparsity=None, pattern=None, importan
 DEMO_RECOVER_MINUTES = 2.5
 
 
+def _streamlined_latency(model_name: str, sparse, inputs, threads: int):
+    """(best dense ms, sparse ms) with both models through ``sparsert.streamline``'s lean forward,
+    timed interleaved; None for models it does not take (not a BERT-style encoder)."""
+    import sparsert
+    from sparsert import models
+    from sparsert.convert.streamline import streamline
+
+    try:
+        lean_sparse = streamline(sparse)
+        lean_dense = streamline(models.build(model_name).model)
+    except (TypeError, ValueError):
+        return None
+    res = sparsert.benchmark(lean_dense, lean_sparse, inputs, threads=threads, per_layer=False, verbose=False)
+    return res.best_dense.median * 1e3, res.sparse.median * 1e3
+
+
 def run_planned(model_name: str = "minilm", target: float = 2.0, *, baseline: str = "best_dense", threads: int = 2,
                 out_dir: str | None = None, shape: str | None = None, reconstruct: bool = False,
                 calib_batches: int = 8, importance: str | None = None,
@@ -248,6 +264,11 @@ def run_planned(model_name: str = "minilm", target: float = 2.0, *, baseline: st
             ("quality kept", qtext),
             ("file size", f"{r['file_bytes'] / 1e6:.1f} MB sparse"
              + f" vs {dense_st.stat().st_size / 1e6:.1f} MB dense safetensors")]
+    lean = _streamlined_latency(model_name, r["sparse_model"], inputs, threads) if wl.family == "hf" else None
+    if lean is not None:  # both sides through the same lean forward (what `sparsert serve` runs)
+        r["streamlined_ms"] = {"best_dense": lean[0], "sparse": lean[1]}
+        rows.insert(3, ("latency, streamlined forward", f"best dense {lean[0]:.2f} ms, sparse {lean[1]:.2f} ms: "
+                                                        f"{lean[0] / lean[1]:.2f}x (sparsert.streamline)"))
     w = max(len(a) for a, _ in rows)
     for a, b in rows:
         print(f"{a:{w}}  {b}")
