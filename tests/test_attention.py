@@ -110,3 +110,19 @@ def test_the_op_traces_under_torch_compile():
 
     compiled = torch.compile(f, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, bias), f(q, k, v, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_the_raw_binding_refuses_inconsistent_sizes_and_strides():
+    from sparsert._ext import native
+
+    q, k, v = fused_qkv(2, 4, 2, 4)
+    out = torch.empty(2, 4, 8)
+    args = dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), batch_stride=4 * 24, row_stride=24,
+                out=out.data_ptr(), out_batch_stride=32, out_row_stride=8, key_bias=0, batch=2, tokens=4, heads=2,
+                head_dim=4, scale=0.5, num_threads=2)
+    assert native().attention(**args).startswith("f32_attention_")
+    for bad, match in (({"tokens": -1}, "non-negative"), ({"row_stride": 7}, "row strides"),
+                       ({"out_row_stride": 7}, "row strides"), ({"batch_stride": 24}, "batch strides"),
+                       ({"out_batch_stride": 8}, "batch strides"), ({"q": 0}, "null")):
+        with pytest.raises(ValueError, match=match):
+            native().attention(**{**args, **bad})
