@@ -1,6 +1,7 @@
 // CPU feature detection, shared by the kernel registries of every op.
 #include "common/isa.h"
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -57,6 +58,11 @@ int64_t last_level_cache_bytes() {
     return reported > 0 ? reported : int64_t{32} << 20;
   }();
   return bytes;
+}
+
+bool same_weights_as_last_product(const void* weights) {
+  static std::atomic<const void*> last{nullptr};
+  return last.exchange(weights, std::memory_order_relaxed) == weights;
 }
 
 }  // namespace sparsert

@@ -19,4 +19,14 @@ std::string best_isa();
 // Bytes of the last-level (L3) cache, as the OS reports it; 32 MiB where it does not say.
 int64_t last_level_cache_bytes();
 
+// True when the previous sparse product of this process (any kernel that asks) ran on the
+// weights at `weights`, which it then records as the last. Weights a product repeats on stay in
+// L2; in a model the layers take turns, and each evicts the others' weights: those come from L3
+// or memory, where software prefetches pay (spmm_rowgroup_impl.h; the CSR kernels' row-ahead
+// prefetch was tried and lost 3-15% at MiniLM's sizes).
+bool same_weights_as_last_product(const void* weights);
+
+// Cold weights below this size are not prefetched: too short a stream to pay.
+constexpr int64_t kPrefetchMinWeightBytes = 64 * 1024;
+
 }  // namespace sparsert

@@ -16,7 +16,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -68,8 +67,6 @@ static inline vf splat(float s) {
 // tokens, 2 threads, Zen 4: 2037 -> 1455 us (50%: 3063 -> 2682); 256 and 1024 did no better.
 // (With several panels the later ones read the weights from L2: the prefetches cost 2-5%.)
 constexpr int kStreamAheadFloats = 512;
-// Weights below this size are not prefetched even when cold: too short a stream to pay.
-constexpr int64_t kStreamMinBytes = 64 * 1024;
 
 // tile[r] += the products of one pattern segment: `count` columns, each
 // followed in v by the values of the pattern's rows. The tile is a value
@@ -366,10 +363,9 @@ static void spmm_panels(const RowGroupMatrix& matrix, const SpmmArgs& a) {
   // A product repeated on the same weights finds them in L2, where the prefetches cost 1-5%.
   const int64_t weight_bytes = 4 * (w.value_offsets[w.kblocks * w.group_count()] + w.seg_ptr[
       w.kblocks * w.group_count() * kRowGroupPatterns]);
-  static std::atomic<const float*> last_weights{nullptr};
-  const bool repeated = last_weights.exchange(w.values, std::memory_order_relaxed) == w.values;
+  const bool repeated = same_weights_as_last_product(w.values);
   const bool stream = 2 * weight_bytes > last_level_cache_bytes() ||
-                      (!repeated && weight_bytes >= kStreamMinBytes);
+                      (!repeated && weight_bytes >= kPrefetchMinWeightBytes);
   if (a.tokens <= NV_FEW * VW) return stream ? spmm_kernel<NV_FEW, true>(w, a) : spmm_kernel<NV_FEW, false>(w, a);
   if constexpr (NV_FEW == NV_MANY) return spmm_kernel<NV_FEW, false>(w, a);
   if (a.tokens <= NV_MANY * VW)
