@@ -313,7 +313,7 @@ def case_minilm_e2e(args):
             print(row, flush=True)
             lines.append(row)
     lines += ["", "ms per call, medians of interleaved rounds in one process. 'streamlined': "
-              "`sparsert.streamline` (a lean forward: Q/K/V fused, matmul attention up to 96 tokens) before "
+              "`sparsert.streamline` (a lean forward: Q/K/V fused, sparsert's attention kernel) before "
               "sparsify; 'oneDNN streamlined' is the dense model through the same forward with every Linear "
               "on sparsert's best dense path. 'vs best dense' is against the fastest of torch eager, both "
               "oneDNN columns and onnxruntime. At 0% every layer stays dense (DenseLinear), so that row is "

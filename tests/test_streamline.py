@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 def tiny_encoder(kind="bert", layers=2, seed=0, **extra):
     torch.manual_seed(seed)
     common = dict(vocab_size=90, hidden_size=24, num_hidden_layers=layers, num_attention_heads=3,
-                  intermediate_size=40, max_position_embeddings=300, **extra)
+                  intermediate_size=40, max_position_embeddings=600, **extra)
     if kind == "bert":
         model = transformers.BertModel(transformers.BertConfig(**common))
     else:

@@ -77,7 +77,7 @@ static inline float hsum(vf v) {
 }
 
 // R query rows of one (sentence, head) at a time: every key vector loaded feeds R FMAs, and R x 4
-// (scores) or R x 2 x 2 (values) independent FMA chains keep both FMA pipes busy (one row alone
+// (scores) or R x 2 x 2 (values) independent FMA chains keep the FMA pipes busy (one row alone
 // ran 2 chains of 64 dependent FMAs per value vector: latency-bound, 3.6x slower at 8 x 64).
 template <int R>
 static inline void query_rows(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, const float* kt, float* p) {
@@ -194,8 +194,9 @@ static inline void query_rows(const AttentionArgs& a, int64_t b, int64_t h, int6
   }
 }
 
-// Query rows per block: 2 rows give 8 FMA chains in both loops.
-constexpr int kRows = 2;
+// Query rows per block: 4 rows give 16 FMA chains in both loops and load each key and value
+// vector once for 4 rows (1.24-1.31x over 2 rows at 32-256 tokens, 12 heads of 32, 2 threads).
+constexpr int kRows = 4;
 
 // One (sentence, head): its keys transposed once into kt[d][token] (zero-padded to whole
 // vectors), then its query rows kRows at a time.
@@ -213,6 +214,7 @@ static void head_task(const AttentionArgs& a, int64_t b, int64_t h) {
   }
   int64_t i = 0;
   for (; i + kRows <= T; i += kRows) query_rows<kRows>(a, b, h, i, kt, p);
+  for (; i + 2 <= T; i += 2) query_rows<2>(a, b, h, i, kt, p);
   for (; i < T; ++i) query_rows<1>(a, b, h, i, kt, p);
 }
 

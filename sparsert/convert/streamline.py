@@ -16,7 +16,7 @@ only the arithmetic, with the same modules and weights:
 * attention by sparsert's kernel (:func:`sparsert.ops.attention`: q, k and v
   read in place from the fused projection's output, the context written in the
   layout the output projection reads) up to :data:`KERNEL_ATTENTION_MAX_TOKENS`
-  tokens, where it measured 1.1-1.8x faster than torch's CPU
+  tokens, where it measured 1.4-2.4x faster than torch's CPU
   ``scaled_dot_product_attention`` (head size 32, its copies into head-major
   order included), and by torch's kernel beyond;
 * Q, K and V as one Linear of three times the width (``fuse_qkv``): one call,
@@ -49,10 +49,10 @@ __all__ = ["streamline", "rebuild", "StreamlinedEncoder", "KERNEL_ATTENTION_MAX_
 
 #: Up to this many tokens "auto" attention runs sparsert's kernel (:func:`sparsert.ops.attention`);
 #: beyond, ``F.scaled_dot_product_attention``. Measured with 12 heads of 32 on 2 Zen 4 cores
-#: (2 threads, sdpa's time over the kernel's, from a fused Q/K/V output): 1 x 32 1.44-1.66,
-#: 8 x 64 1.62-1.76, 1 x 128 1.26-1.37, 8 x 128 1.04-1.15, 32 x 64 1.12-1.15, 1 x 256 0.95-1.07,
-#: 4 x 256 0.85-1.00, 1 x 512 0.82-0.97.
-KERNEL_ATTENTION_MAX_TOKENS = 256
+#: (2 threads, sdpa's time over the kernel's, from a fused Q/K/V output, kernel with 4-row blocks):
+#: 1 x 32 2.02, 8 x 64 2.38, 1 x 128 2.18, 8 x 128 1.78, 32 x 64 1.83, 1 x 256 1.49, 4 x 256 1.37,
+#: 1 x 512 1.46 (BERT-style encoders take at most 512 positions).
+KERNEL_ATTENTION_MAX_TOKENS = 512
 
 #: ``attention=`` choices: "auto" (by sequence length, above), "kernel" (sparsert's op at every
 #: length), "math" (matmul + softmax + matmul in torch) or "sdpa" (torch's fused kernel).
