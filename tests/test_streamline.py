@@ -89,6 +89,13 @@ def test_the_model_passed_in_is_left_as_it_was():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_streamlined_model_passed_again_is_copied_not_changed():
+    lean = sparsert.streamline(tiny_encoder(), fuse_qkv=False, attention="math")
+    again = sparsert.streamline(lean, attention="sdpa")
+    assert again is not lean and again.fused_qkv and again.attention == "sdpa"
+    assert lean.attention == "math" and lean.fused_layers == []
+
+
 def test_fused_qkv_holds_the_three_weights_and_biases():
     model = tiny_encoder()
     lean = sparsert.streamline(model)

@@ -5,9 +5,9 @@
 // One task per (sentence, head). The head's keys are transposed once into kt[d][token] (zero
 // padded to whole vectors), so a query's scores are head_dim broadcast-FMAs per vector of keys;
 // then the row's softmax (a vector exp) and ctx = sum_j p_j v_j, the value rows read in place
-// (head_dim contiguous floats). At 64 tokens and head_dim 32 a query row costs ~256 FMAs and
-// ~290 vector loads: everything a task touches (kt 8 KB, the head's values, the scores) stays
-// in L1.
+// (head_dim contiguous floats), query rows kRows at a time so each key and value vector loaded
+// serves several rows. At 64 tokens and head_dim 32 a query row costs ~256 FMAs: everything a
+// task touches (kt 8 KB, the head's values, the scores) stays in L1.
 #pragma once
 
 #include <algorithm>

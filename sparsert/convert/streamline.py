@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.attention import attention as _attention
+from ..ops.attention import attention_torch
 
 __all__ = ["streamline", "rebuild", "StreamlinedEncoder", "KERNEL_ATTENTION_MAX_TOKENS", "ATTENTION_MODES"]
 
@@ -225,7 +226,7 @@ class StreamlinedEncoder(nn.Module):
         mode = self.attention
         if mode == "auto":
             mode = "kernel" if tokens <= KERNEL_ATTENTION_MAX_TOKENS else "sdpa"
-        mask = None if key_bias is None or mode == "kernel" else key_bias[:, None, None, :]
+        mask = None if key_bias is None or mode != "sdpa" else key_bias[:, None, None, :]
         scale = head ** -0.5
         split = (batch, tokens, heads, head)
         for qkv, query, key, value, out_dense, out_norm, mid_dense, act, ffn_dense, ffn_norm in self._layer_parts():
@@ -235,15 +236,11 @@ class StreamlinedEncoder(nn.Module):
                 q, k, v = query(h), key(h), value(h)
             if mode == "kernel":
                 ctx = _attention(q, k, v, key_bias, heads=heads, scale=scale)
+            elif mode == "math":
+                ctx = attention_torch(q, k, v, key_bias, heads, scale)
             else:
                 q, k, v = (t.view(split).transpose(1, 2) for t in (q, k, v))
-                if mode == "math":
-                    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-                    if mask is not None:
-                        scores.add_(mask)
-                    ctx = torch.matmul(torch.softmax(scores, dim=-1), v)
-                else:
-                    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
                 ctx = ctx.transpose(1, 2).reshape(batch, tokens, hidden)
             h = out_norm(out_dense(ctx) + h)
             h = ffn_norm(ffn_dense(act(mid_dense(h))) + h)
@@ -268,12 +265,11 @@ def streamline(model: nn.Module, *, fuse_qkv: bool = True, attention: str = "aut
     """
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-    if isinstance(model, StreamlinedEncoder):
-        out = model if inplace else copy.deepcopy(model)
-        out.attention = attention
-    else:
-        _check_encoder(model)
-        out = StreamlinedEncoder(model if inplace else copy.deepcopy(model), attention=attention)
+    # (a new wrapper holds the model's own modules: checked once, then copied with them)
+    out = model if isinstance(model, StreamlinedEncoder) else StreamlinedEncoder(model, attention=attention)
+    if not inplace:
+        out = copy.deepcopy(out)
+    out.attention = attention
     if fuse_qkv:
         for layer in out.encoder.layer:
             if not hasattr(layer.attention.self, "qkv"):

@@ -522,7 +522,8 @@ class Engine:
     a prepacked oneDNN weight, or eager where :meth:`warmup` measures that faster for the layer),
     ``"eager"`` leaves them on torch's ``F.linear``. ``forward``: ``"streamlined"`` (default) runs a
     BERT-style encoder through :func:`sparsert.streamline` (the same results without Hugging Face's
-    per-call framework code; Q, K and V fused where they are plain Linears), ``"hf"`` through its own
+    per-call framework code; Q, K and V fused where they are plain Linears or sparse in one fp32
+    format), ``"hf"`` through its own
     forward; other models run as they are either way. One lock serialises
     the forward passes of one engine, so threads sharing it (Ray Serve replicas) interleave by step and never interfere.
     """
