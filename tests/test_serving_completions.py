@@ -67,6 +67,15 @@ def test_greedy_equals_transformers_generate_on_the_loaded_file(engine, llama):
     assert answer["object"] == "text_completion" and answer["id"].startswith("cmpl-")
 
 
+def test_streamlined_and_hugging_face_forwards_answer_alike(engine, llama):
+    from sparsert.convert import StreamlinedDecoder
+
+    hf = Engine(llama, max_completion_tokens=48, forward="hf")
+    assert isinstance(engine.model, StreamlinedDecoder) and not isinstance(hf.model, StreamlinedDecoder)
+    for body in ({"max_tokens": 20, "temperature": 0}, {"max_tokens": 20, "temperature": 0.8, "seed": 7}):
+        assert text_of(engine, **body) == text_of(hf, **body)
+
+
 def test_stream_chunks_join_to_the_whole_answer(engine):
     prepared = engine.frontend.completions({"prompt": PROMPT, "max_tokens": 20, "temperature": 0.8, "seed": 7})
     chunks = list(engine.complete(prepared))

@@ -30,7 +30,9 @@ from .batchnorm import fold_batchnorm
 from .plan import LayerDecision, SparsityPlan, candidate_formats
 from .sparsify import DEFAULT_TOKENS, int8_dense, sparsify
 from .streamline import StreamlinedEncoder, streamline
+from .streamline_decoder import KVCache, StreamlinedDecoder
 from .timing import call_model
 
 __all__ = ["sparsify", "SparsityPlan", "LayerDecision", "fold_batchnorm", "call_model",
-           "candidate_formats", "DEFAULT_TOKENS", "int8_dense", "streamline", "StreamlinedEncoder"]
+           "candidate_formats", "DEFAULT_TOKENS", "int8_dense", "streamline", "StreamlinedEncoder",
+           "StreamlinedDecoder", "KVCache"]

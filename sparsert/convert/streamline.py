@@ -45,8 +45,9 @@ from torch import Tensor, nn
 
 from ..ops.attention import attention as _attention
 from ..ops.attention import attention_torch
+from .streamline_decoder import StreamlinedDecoder, is_llama_style, rebuild_decoder, streamline_decoder
 
-__all__ = ["streamline", "rebuild", "StreamlinedEncoder", "KERNEL_ATTENTION_MAX_TOKENS", "ATTENTION_MODES"]
+__all__ = ["streamline", "rebuild", "fuse_linears", "StreamlinedEncoder", "StreamlinedDecoder", "KERNEL_ATTENTION_MAX_TOKENS", "ATTENTION_MODES"]
 
 #: Up to this many tokens "auto" attention runs sparsert's kernel (:func:`sparsert.ops.attention`);
 #: beyond, ``F.scaled_dot_product_attention``. Measured with 12 heads of 32 on 2 Zen 4 cores
@@ -58,10 +59,6 @@ KERNEL_ATTENTION_MAX_TOKENS = 512
 #: ``attention=`` choices: "auto" (by sequence length, above), "kernel" (sparsert's op at every
 #: length), "math" (matmul + softmax + matmul in torch) or "sdpa" (torch's fused kernel).
 ATTENTION_MODES = ("auto", "kernel", "math", "sdpa")
-
-
-def _is_plain_linear(m) -> bool:
-    return type(m) is nn.Linear
 
 
 def _check_encoder(model: nn.Module) -> None:
@@ -94,49 +91,70 @@ def _check_encoder(model: nn.Module) -> None:
             raise TypeError(f"streamline: layer {i} of this {what} lacks a BERT sub-module")
 
 
-def _fusable_kind(q, k, v) -> str | None:
-    """"linear" for three plain ``nn.Linear``, a format kind for three fp32 ``SparseLinear`` packed
-    alike (no epilogue), None otherwise (they then stay three calls)."""
-    if all(map(_is_plain_linear, (q, k, v))):
-        return "linear"
+def _fusable_kind(mods) -> str | None:
+    """How Linears of one input can run as one: "linear" (plain ``nn.Linear``), "dense" (sparsert's
+    dense-path Linears of one class), a format kind (``SparseLinear`` packed alike, no epilogue), or
+    None (they then stay separate calls)."""
     from ..nn import SparseLinear
+    from ..nn.modules import DenseLinear, Int8DenseLinear
 
-    if not all(type(m) is SparseLinear for m in (q, k, v)):
+    types = {type(m) for m in mods}
+    if len(types) != 1:
         return None
-    kinds = {(m.format, m.precision, m.activation) for m in (q, k, v)}
+    (kind,) = types
+    if kind is nn.Linear:
+        return "linear"
+    if kind in (DenseLinear, Int8DenseLinear):
+        return "dense"
+    if kind is not SparseLinear:
+        return None
+    kinds = {(m.format, m.activation) for m in mods}
     if len(kinds) != 1:
         return None
-    kind, precision, activation = kinds.pop()
-    return kind if precision == "fp32" and activation is None and kind != "dense" else None
+    fmt, activation = kinds.pop()
+    return fmt if activation is None and fmt != "dense" else None
+
+
+def fuse_linears(mods) -> nn.Module | None:
+    """One Linear computing ``cat([m(x) for m in mods], -1)``: the modules' rows stacked, of the
+    same kind (plain ``nn.Linear``; ``DenseLinear``/``Int8DenseLinear``; ``SparseLinear`` packed
+    again in its format, int8 ones quantised again per row, which gives back the same integers and
+    scales); None where they differ in kind, input width, dtype or device. The inputs are left as
+    they are."""
+    kind = _fusable_kind(mods)
+    if kind is None:
+        return None
+    w = tuple(m.weight if kind in ("linear", "dense") else m.to_dense().weight for m in mods)
+    if len({(t.shape[1], t.dtype, t.device) for t in w}) != 1:
+        return None
+    dtype, device = w[0].dtype, w[0].device
+    rows = [t.shape[0] for t in w]
+    with_bias = any(m.bias is not None for m in mods)
+    fused = nn.Linear(w[0].shape[1], sum(rows), bias=with_bias, device=device, dtype=dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([t.detach() for t in w]))
+        if with_bias:
+            fused.bias.copy_(torch.cat([m.bias.detach().to(dtype) if m.bias is not None
+                                        else torch.zeros(r, dtype=dtype, device=device)
+                                        for m, r in zip(mods, rows)]))
+    if kind == "linear":
+        return fused.requires_grad_(mods[0].weight.requires_grad)
+    if kind == "dense":
+        return type(mods[0]).from_linear(fused)
+    from ..nn import SparseLinear
+
+    return SparseLinear.from_dense(fused, kind)
 
 
 def _fuse_qkv(self_attention: nn.Module) -> bool:
-    """Replaces query/key/value (three Linears of one input: plain, or sparse in one fp32 format) by
-    ``qkv``, their rows stacked; False where they cannot be fused."""
-    q, k, v = self_attention.query, self_attention.key, self_attention.value
-    kind = _fusable_kind(q, k, v)
-    if kind is None:
+    """Replaces query/key/value (three Linears of one input and one width, see :func:`fuse_linears`)
+    by ``qkv``, their rows stacked; False where they cannot be fused."""
+    q, k, v = mods = self_attention.query, self_attention.key, self_attention.value
+    if len({getattr(m, "out_features", None) for m in mods}) != 1:
         return False
-    if kind == "linear":
-        w = (q.weight, k.weight, v.weight)
-    else:  # packed layers: their exact weights, stacked and packed again in the same format
-        w = tuple(m.to_dense().weight for m in (q, k, v))
-    if len({(t.shape[1], t.dtype, t.device) for t in w}) != 1 or len({t.shape[0] for t in w}) != 1:
+    fused = fuse_linears(mods)
+    if fused is None:
         return False
-    with_bias = [m.bias is not None for m in (q, k, v)]
-    fused = nn.Linear(w[0].shape[1], 3 * w[0].shape[0], bias=any(with_bias), device=w[0].device, dtype=w[0].dtype)
-    with torch.no_grad():
-        fused.weight.copy_(torch.cat([t.detach() for t in w]))
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([m.bias.detach().to(w[0].dtype) if m.bias is not None
-                                        else torch.zeros(w[0].shape[0], dtype=w[0].dtype, device=w[0].device)
-                                        for m in (q, k, v)]))
-    if kind == "linear":
-        fused.requires_grad_(q.weight.requires_grad)
-    else:
-        from ..nn import SparseLinear
-
-        fused = SparseLinear.from_dense(fused, kind)
     del self_attention.query, self_attention.key, self_attention.value
     self_attention.qkv = fused
     return True
@@ -252,7 +270,7 @@ class StreamlinedEncoder(nn.Module):
 
 
 def streamline(model: nn.Module, *, fuse_qkv: bool = True, attention: str = "auto",
-               inplace: bool = False) -> StreamlinedEncoder:
+               inplace: bool = False) -> "StreamlinedEncoder | StreamlinedDecoder":
     """A :class:`StreamlinedEncoder` over ``model`` (a Hugging Face BERT-style encoder: BertModel,
     RobertaModel, ... with or without sparse layers), for inference.
 
@@ -265,6 +283,10 @@ def streamline(model: nn.Module, *, fuse_qkv: bool = True, attention: str = "aut
     """
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    if isinstance(model, StreamlinedDecoder) or is_llama_style(model):
+        if attention != "auto":
+            raise ValueError("attention= chooses an encoder's attention; a decoder's is fixed (pass 'auto')")
+        return streamline_decoder(model, fuse=fuse_qkv, inplace=inplace)
     # (a new wrapper holds the model's own modules: checked once, then copied with them)
     out = model if isinstance(model, StreamlinedEncoder) else StreamlinedEncoder(model, attention=attention)
     if not inplace:
@@ -278,8 +300,10 @@ def streamline(model: nn.Module, *, fuse_qkv: bool = True, attention: str = "aut
 
 
 def rebuild(model: nn.Module, recipe) -> StreamlinedEncoder:
-    """``model`` (a freshly built Hugging Face encoder, e.g. a file's skeleton) streamlined in
-    place as :meth:`StreamlinedEncoder.recipe` says; ValueError for a recipe that does not fit."""
+    """``model`` (a freshly built Hugging Face encoder or causal LM, e.g. a file's skeleton)
+    streamlined in place as its wrapper's ``recipe()`` says; ValueError for a recipe that does not fit."""
+    if isinstance(recipe, dict) and "decoder" in recipe:
+        return rebuild_decoder(model, recipe)
     if not isinstance(recipe, dict) or set(recipe) != {"attention", "fused_layers"}:
         raise ValueError("a streamline recipe is {'attention': ..., 'fused_layers': [...]}")
     fused, n = recipe["fused_layers"], len(getattr(getattr(model, "encoder", None), "layer", []))

@@ -22,9 +22,9 @@ def _model_ref(model: nn.Module) -> dict | None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         return None
-    from ..convert.streamline import StreamlinedEncoder
+    from ..convert.streamline import StreamlinedDecoder, StreamlinedEncoder
 
-    if isinstance(model, StreamlinedEncoder):  # the Hugging Face class, then streamlined again on load
+    if isinstance(model, (StreamlinedEncoder, StreamlinedDecoder)):  # the HF class, streamlined again on load
         return {"hf_class": model.hf_class, "hf_config": json.loads(config.to_json_string(use_diff=False)),
                 "streamline": model.recipe()}
     if type(model).__module__.startswith("transformers."):

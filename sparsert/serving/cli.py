@@ -69,8 +69,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="plain dense Linear layers run on sparsert's best dense path (default: per layer the "
                         "faster of prepacked oneDNN and eager F.linear, timed at start-up) or torch eager")
     s.add_argument("--forward", choices=FORWARDS, default="streamlined",
-                   help="BERT-style encoders run sparsert.streamline's lean forward (default: the same results "
-                        "without Hugging Face's per-call framework code) or Hugging Face's own ('hf')")
+                   help="BERT-style encoders and LLaMA-style causal LMs run sparsert.streamline's lean forward "
+                        "(default: the same results without Hugging Face's per-call framework code) or Hugging "
+                        "Face's own ('hf')")
     s.add_argument("--worker-nice", type=int, choices=range(0, 20), default=DEFAULT_WORKER_NICE, metavar="0..19",
                    help=f"lower the model workers' CPU priority by this much (default {DEFAULT_WORKER_NICE}), so the HTTP process "
                         "answers overload (503) and relays answers without waiting behind a running batch; "

@@ -64,7 +64,7 @@ MAX_ELEMENTS = 1 << 22    # elements per predict tensor (16 MiB as float32)
 MAX_STOP_STRINGS = 4      # OpenAI's limit on 'stop'
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default 'max_tokens' for /v1/completions
 DENSE_PATHS = ("best", "eager")  # how an Engine runs the plain nn.Linear layers of its model
-#: how an Engine runs a BERT-style encoder: sparsert.streamline's lean forward, or the Hugging Face one
+#: how an Engine runs a BERT-style encoder or a LLaMA-style causal LM: sparsert.streamline's lean forward, or Hugging Face's
 FORWARDS = ("streamlined", "hf")
 #: token counts at which Engine.warmup times the two dense paths of each layer ("best"): a worker's
 #: batches (a few short sentences) and a full one; other counts follow the nearest
@@ -190,11 +190,14 @@ def _is_hf_encoder(model: nn.Module) -> bool:
 
 
 def _streamlined(model: nn.Module) -> nn.Module:
-    """``model`` under :func:`sparsert.streamline` when it is an encoder that takes (a copy: the
-    module passed in is never changed), else ``model`` itself."""
-    from sparsert.convert.streamline import StreamlinedEncoder, streamline
+    """``model`` under :func:`sparsert.streamline` when it is a structure that takes (a BERT-style
+    encoder or a LLaMA-style causal LM; a copy: the module passed in is never changed), else
+    ``model`` itself."""
+    from sparsert.convert.streamline import StreamlinedDecoder, StreamlinedEncoder, streamline
+    from sparsert.convert.streamline_decoder import is_llama_style
 
-    if isinstance(model, StreamlinedEncoder) or not _is_hf_encoder(model) or _is_causal_lm(model):
+    if isinstance(model, (StreamlinedEncoder, StreamlinedDecoder)) or not _is_hf_encoder(model) \
+            or (_is_causal_lm(model) and not is_llama_style(model)):
         return model
     try:
         return streamline(model)
@@ -521,10 +524,10 @@ class Engine:
     file loads as plain Linears) on sparsert's best dense path (:class:`~sparsert.nn.DenseLinear`,
     a prepacked oneDNN weight, or eager where :meth:`warmup` measures that faster for the layer),
     ``"eager"`` leaves them on torch's ``F.linear``. ``forward``: ``"streamlined"`` (default) runs a
-    BERT-style encoder through :func:`sparsert.streamline` (the same results without Hugging Face's
-    per-call framework code; Q, K and V fused where they are plain Linears or sparse in one fp32
-    format), ``"hf"`` through its own
-    forward; other models run as they are either way. One lock serialises
+    BERT-style encoder or a LLaMA-style causal LM through :func:`sparsert.streamline` (the same
+    results without Hugging Face's per-call framework code; Q, K and V, and a decoder's gate and up
+    projections, fused where they are plain Linears or sparse in one format; a decoder's KV cache
+    preallocated), ``"hf"`` through its own forward; other models run as they are either way. One lock serialises
     the forward passes of one engine, so threads sharing it (Ray Serve replicas) interleave by step and never interfere.
     """
 
