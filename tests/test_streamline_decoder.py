@@ -124,6 +124,32 @@ def test_float32_matches_hugging_face():
     torch.testing.assert_close(logits(lean, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])
+def test_float32_decode_steps_match_hugging_face_and_the_torch_path(heads, kv_heads, monkeypatch):
+    # float32 on the CPU runs the native norms, SwiGLU and cached attention: step by step against
+    # Hugging Face's whole-sequence logits, and against the same model on the torch path
+    model = tiny_lm(heads=heads, kv_heads=kv_heads).float()
+    lean = sparsert.streamline(model)
+    ids = token_ids(2, 30)
+
+    def steps():
+        cache = lean.new_cache(2, capacity=4)
+        got = [logits(lean, ids[:, :3], cache=cache, use_cache=True)]
+        got += [logits(lean, ids[:, t:t + 1], cache=cache, use_cache=True) for t in range(3, 30)]
+        return torch.cat(got, 1)
+
+    native = steps()
+    torch.testing.assert_close(native, logits(model, ids), rtol=1e-4, atol=1e-4)
+    import sparsert.convert.streamline_decoder as sd
+
+    monkeypatch.setattr(sd, "native_decoder_ops", lambda t: False)
+    torch.testing.assert_close(native, steps(), rtol=1e-5, atol=1e-5)
+    want = model.generate(ids[:, :5], attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=10,
+                          do_sample=False, pad_token_id=0)
+    monkeypatch.undo()
+    assert torch.equal(lean.generate(ids[:, :5], max_new_tokens=10, eos_token_id=[]), want)
+
+
 def prune(model, fraction=0.6, seed=3):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

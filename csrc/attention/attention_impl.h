@@ -21,6 +21,7 @@
 #include "common/thread_pool.h"
 
 #include "common/isa_target_begin.inc"
+#include "common/vec_impl.h"
 
 #ifndef SPARSERT_ISA
 #error "define SPARSERT_ISA before including attention_impl.h"
@@ -30,51 +31,7 @@ namespace sparsert {
 namespace SPARSERT_ISA {
 namespace attention {
 
-constexpr int VW = SPARSERT_VEC_FLOATS;
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef float vf_unaligned __attribute__((vector_size(VW * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(VW * 4)));
-
-static inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
-static inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
-static inline vf splat(float s) {
-  const vf first = {s};
-  return __builtin_shuffle(first, vi{});
-}
-static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-
-// e^x for x <= 0 (softmax's shifted scores), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a
-// degree-6 polynomial for e^r, then 2^n through the exponent bits; within 2 ulp of std::exp.
-// Below -87.3 the result is clamped to ~1e-38 (a masked score's weight: nothing beside 1).
-static inline vf vexp(vf x) {
-  x = vmax(x, splat(-87.3f));
-  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (x * splat(1.44269504088896341f) + magic) - magic;
-  vf r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  vf y = splat(1.9875691500e-4f);
-  y = y * r + splat(1.3981999507e-3f);
-  y = y * r + splat(8.3334519073e-3f);
-  y = y * r + splat(4.1665795894e-2f);
-  y = y * r + splat(1.6666665459e-1f);
-  y = y * r + splat(5.0000001201e-1f);
-  y = y * (r * r) + r + splat(1.0f);
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return y * two_n;
-}
-
-static inline float hmax(vf v) {
-  float m = v[0];
-  for (int l = 1; l < VW; ++l) m = std::max(m, v[l]);
-  return m;
-}
-static inline float hsum(vf v) {
-  float s = 0;
-  for (int l = 0; l < VW; ++l) s += v[l];
-  return s;
-}
+using namespace vec;  // (VW, vf, load, store, splat, vmax, vexp, hmax, hsum: common/vec_impl.h)
 
 // R query rows of one (sentence, head) at a time: every key vector loaded feeds R FMAs, and R x 4
 // (scores) or R x 2 x 2 (values) independent FMA chains keep the FMA pipes busy (one row alone

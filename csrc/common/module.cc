@@ -19,6 +19,7 @@ void bind_spmm_bitmask(py::module_& m);  // spmm/spmm_bitmask_bindings.cc
 void bind_spmm_int8(py::module_& m);  // spmm_int8/spmm_int8_bindings.cc
 void bind_spmm_rowgroup(py::module_& m);  // spmm_rowgroup/spmm_rowgroup_bindings.cc
 void bind_attention(py::module_& m);  // attention/attention_bindings.cc
+void bind_decoder(py::module_& m);  // decoder/decoder_bindings.cc
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sparsert native kernels (torch-free)";
@@ -42,4 +43,5 @@ PYBIND11_MODULE(_C, m) {
   bind_spmm_int8(m);
   bind_spmm_rowgroup(m);
   bind_attention(m);
+  bind_decoder(m);
 }

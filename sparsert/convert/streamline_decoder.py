@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops._threads import get_num_threads
+from ..ops.decoder import cached_attention, native_decoder_ops, rms_norm, swiglu, swiglu_torch
+
 __all__ = ["StreamlinedDecoder", "KVCache", "streamline_decoder", "rebuild_decoder", "is_llama_style"]
 
 #: Hugging Face model types whose decoder layers this forward reproduces exactly
@@ -209,64 +212,95 @@ class StreamlinedDecoder(nn.Module):
         if cache is not None and cache.batch != batch:
             raise ValueError(f"the cache holds {cache.batch} sequences, input_ids {batch}")
         start = cache.length if cache is not None else 0
-        h = self._layers(input_ids, cache, start)
+        x = self._layers(input_ids, cache, start)  # (after the final norm)
         if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        logits = self.lm_head(self.model.norm(h))
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
         return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
 
     def _layers(self, input_ids: Tensor, cache: KVCache | None, start: int) -> Tensor:
+        """The layers and the final norm: the normed hidden states of every position."""
         batch, tokens = input_ids.shape
         end = start + tokens
         if cache is not None:
             cache.reserve(end)
-        h = self.model.embed_tokens(input_ids)
+        h = self.model.embed_tokens(input_ids)  # (a new tensor: the native path adds into it in place)
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
         group = heads // kv_heads
         positions = torch.arange(start, end, device=h.device).unsqueeze(0)
         cos, sin = self.model.rotary_emb(h, positions)  # (1, tokens, d): the model's own (rope scaling included)
-        sin = sin * _rotate_sign(d, sin.dtype, sin.device)
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        parts = list(self._layer_parts())
+        norms = [p[0] for p in parts] + [self.model.norm]  # every layer's first norm, then the final one
+        # float32 on the CPU with plain RMSNorms: the residual add + norm, SwiGLU and a decode step's
+        # attention run as one native call each (sparsert.ops.decoder); else the same math in torch
+        native = native_decoder_ops(h) and all(type(n).__name__ in _PLAIN_RMS_NORMS for n in norms)
+        store = cache.store if cache is not None else None
+        step = native and tokens == 1 and store is not None
+        if step:
+            cos_row, sin_row = cos[0, 0].contiguous(), sin[0, 0].contiguous()
+        else:
+            sin = sin * _rotate_sign(d, sin.dtype, sin.device)  # rotate_half(x) == x.roll(d/2) * sign
+            cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         q_width, kv_width = heads * d, kv_heads * d
         scale = self.head_dim ** -0.5
         causal = None
         if tokens > 1 and start > 0:  # new queries see the cached positions and the new ones up to their own
             causal = torch.ones(tokens, end, dtype=torch.bool, device=h.device).tril(start)
-        store = cache.store if cache is not None else None
-        for i, (norm1, qkv, q_proj, k_proj, v_proj, o_proj, norm2, gate_up, gate, up, down) in \
-                enumerate(self._layer_parts()):
-            x = _rms_norm(norm1, h)
+        # (native: the norms, SwiGLU and attention write into buffers of this call, each overwritten
+        # once the Linear that read it has run; torch.empty per op costs more than these ops at 1 token)
+        threads = get_num_threads()
+        buffers = (torch.empty_like(h), torch.empty(batch * tokens, q_width), {}) if native else (None, None, {})
+        x = _norm(norms[0], h, None, native, buffers[0], threads)
+        for i, (_, qkv, q_proj, k_proj, v_proj, o_proj, norm2, gate_up, gate, up, down) in enumerate(parts):
             if qkv is not None:
                 projected = qkv(x)
             else:
                 projected = torch.cat([q_proj(x), k_proj(x), v_proj(x)], dim=-1)
-            qk = projected[..., : q_width + kv_width].view(batch, tokens, heads + kv_heads, d)
-            # rotary embedding of q and k in one pass: x * cos + rotate_half(x) * sin
-            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
-            q = qk[:, :, :heads]
-            k = qk[:, :, heads:].transpose(1, 2)  # (batch, kv_heads, tokens, d)
-            v = projected[..., q_width + kv_width:].view(batch, tokens, kv_heads, d).transpose(1, 2)
-            if store is not None:
-                store[i, 0, :, :, start:end] = k
-                store[i, 1, :, :, start:end] = v
-                k, v = store[i, 0, :, :, :end], store[i, 1, :, :, :end]
-            if tokens == 1:  # a decode step: each key/value head serves its group of query heads, no copies
-                scores = torch.matmul(q.reshape(batch, kv_heads, group, d), k.transpose(-1, -2)).mul_(scale)
-                ctx = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(batch, 1, q_width)
+            if step:  # rotary, the cache write and the attention over the cache: one call
+                ctx = cached_attention(projected.view(batch, -1), cos_row, sin_row, store[i, 0], store[i, 1], start,
+                                       heads=heads, kv_heads=kv_heads, scale=scale, out=buffers[1],
+                                       num_threads=threads).view(batch, 1, q_width)
             else:
-                ctx = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=causal, is_causal=causal is None,
-                                                     scale=scale, enable_gqa=group > 1)
-                ctx = ctx.transpose(1, 2).reshape(batch, tokens, q_width)
-            h = h + o_proj(ctx)
-            x = _rms_norm(norm2, h)
+                ctx = self._attention(projected, cos, sin, store, i, start, end, causal, scale)
+            x, h = _norm(norm2, h, o_proj(ctx), native, buffers[0], threads)
             if gate_up is not None:
-                g, u = gate_up(x).chunk(2, dim=-1)
+                up_out = gate_up(x)
+                if native:
+                    width = up_out.shape[-1] // 2
+                    out = buffers[2].get(width)
+                    if out is None:
+                        out = buffers[2][width] = torch.empty(batch, tokens, width)
+                    act = swiglu(up_out, out=out, num_threads=threads)
+                else:
+                    act = swiglu_torch(up_out)
             else:
-                g, u = gate(x), up(x)
-            h = h + down(F.silu(g).mul_(u))
+                act = F.silu(gate(x)).mul_(up(x))
+            x, h = _norm(norms[i + 1], h, down(act), native, buffers[0], threads)
         if cache is not None:
             cache.length = end
-        return h
+        return x
+
+    def _attention(self, projected: Tensor, cos: Tensor, sin: Tensor, store: Tensor | None, layer: int, start: int,
+                   end: int, causal: Tensor | None, scale: float) -> Tensor:
+        """Attention in torch: rotary on q and k at once, the cache written, torch's kernels."""
+        batch, tokens, _ = projected.shape
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        group, q_width, kv_width = heads // kv_heads, heads * d, kv_heads * d
+        qk = projected[..., : q_width + kv_width].view(batch, tokens, heads + kv_heads, d)
+        qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)  # x * cos + rotate_half(x) * sin
+        q = qk[:, :, :heads]
+        k = qk[:, :, heads:].transpose(1, 2)  # (batch, kv_heads, tokens, d)
+        v = projected[..., q_width + kv_width:].view(batch, tokens, kv_heads, d).transpose(1, 2)
+        if store is not None:
+            store[layer, 0, :, :, start:end] = k
+            store[layer, 1, :, :, start:end] = v
+            k, v = store[layer, 0, :, :, :end], store[layer, 1, :, :, :end]
+        if tokens == 1:  # a decode step: each key/value head serves its group of query heads, no copies
+            scores = torch.matmul(q.reshape(batch, kv_heads, group, d), k.transpose(-1, -2)).mul_(scale)
+            return torch.matmul(torch.softmax(scores, dim=-1), v).reshape(batch, 1, q_width)
+        ctx = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=causal, is_causal=causal is None,
+                                             scale=scale, enable_gqa=group > 1)
+        return ctx.transpose(1, 2).reshape(batch, tokens, q_width)
 
     @torch.inference_mode()
     def generate(self, input_ids: Tensor, max_new_tokens: int = 32, *, min_new_tokens: int = 0,
@@ -316,12 +350,18 @@ class StreamlinedDecoder(nn.Module):
                 f"fused_gate_up_layers={self.fused_gate_up_layers}")
 
 
-def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
-    """The layer's RMSNorm: one ``F.rms_norm`` for the plain LLaMA norm in float32, else the module
-    (which computes in float32 whatever the input's dtype, as Hugging Face's does)."""
-    if x.dtype == torch.float32 and type(norm).__name__ in _PLAIN_RMS_NORMS:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-    return norm(x)
+def _norm(norm: nn.Module, h: Tensor, add: Tensor | None, native: bool, out: Tensor | None = None,
+          threads: int = 0):
+    """``norm(h + add)`` and ``h + add`` (just ``norm(h)`` without ``add``): natively into ``out``,
+    ``h`` updated in place, when ``native``; else the module (which computes in float32 whatever the
+    dtype, as Hugging Face's does)."""
+    if native:
+        x = rms_norm(h, norm._parameters["weight"], norm.variance_epsilon, add=add, out=out, num_threads=threads)
+        return x if add is None else (x, h)
+    if add is None:
+        return norm(h)
+    h = h + add
+    return norm(h), h
 
 
 def streamline_decoder(model: nn.Module, *, fuse: bool = True, inplace: bool = False) -> StreamlinedDecoder:
