@@ -403,7 +403,8 @@ def cmd_prune_to_speedup(args) -> int:
                              output=out, plot=args.plot_plan, score_candidates=args.score_candidates,
                              score_batches=args.score_batches, score_metric=args.score_metric,
                              calibrate_groups=args.calibrate_groups, measure_candidates=args.measure_candidates,
-                             progress=_show_progress(args), log=(lambda s: None) if quiet else print)
+                             forward=args.forward, progress=_show_progress(args),
+                             log=(lambda s: None) if quiet else print)
     except ValueError as e:
         raise CliError(str(e)) from None
     base = "best dense" if args.baseline == "best_dense" else "torch eager"
@@ -412,7 +413,8 @@ def cmd_prune_to_speedup(args) -> int:
     text = "\n".join([
         f"speedup vs {base}: predicted {r['predicted_speedup']:.2f}x, measured {r['measured_speedup']:.2f}x "
         f"(asked {args.target_speedup:g}x; torch eager {r['eager_ms']:.2f} ms, best dense {r['best_dense_ms']:.2f} ms, "
-        f"sparse {r['sparse_ms']:.2f} ms, {r['threads']} threads)",
+        f"sparse {r['sparse_ms']:.2f} ms, {r['threads']} threads, "
+        + ("the lean forward, as served)" if r["forward"] == "streamlined" else "the model's own forward)"),
         f"quality kept: {_q(r['quality'])} (dense: {_q(r['quality_dense'])}; pruned with {r['importance']}"
         + (f"; one-shot before recovery: {_q(r['quality_oneshot'])}" if r["quality_oneshot"] else "") + ")",
         *([_recovery_line(_Recovered(**r["recovery"]), args)] if r["recovery"] else []),
@@ -828,6 +830,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --score-candidates: also probe each layer group (the same layer of every block) "
                         "pruned alone, weight the per-layer losses by the output error that left, and score the "
                         "solver's plans on them as two more candidates")
+    s.add_argument("--forward", choices=("streamlined", "hf"), default="streamlined",
+                   help="with --target-speedup: time the model while planning, and measure it at the end, through "
+                        "sparsert.streamline's lean forward as `sparsert serve` runs it (default; BERT-style "
+                        "encoders and LLaMA-style causal LMs) or through its own forward ('hf')")
     s.add_argument("--measure-candidates", action="store_true",
                    help="with --score-candidates: also pack and time each candidate end to end; one measured "
                         "below 90%% of the target does not win (use on an idle machine)")

@@ -732,3 +732,38 @@ def test_plannable_layers_leave_out_a_head_tied_to_the_embedding_and_attention_i
     assert plannable_layers(lm, names) == ["mlp"]
     lm.head.weight = nn.Parameter(lm.embed.weight.detach().clone())  # untied: its own weight, plannable
     assert plannable_layers(lm, names) == ["mlp", "head"]
+
+
+@pytest.mark.parametrize("forward", ["streamlined", "hf"])
+def test_pruner_times_the_forward_that_serves_the_model(cache, monkeypatch, forward):
+    # a BERT-style encoder is timed through sparsert.streamline's lean forward (Q/K/V unfused: the
+    # layers keep the names the plan prunes), unless forward="hf"; other models as they are
+    transformers = pytest.importorskip("transformers")
+    from sparsert.convert.streamline import StreamlinedEncoder
+    from sparsert.planner import pruner as P
+
+    timed = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(model, names, example_inputs, **kw):
+        timed.append((model, list(names)))
+        raise Stop
+
+    monkeypatch.setattr(P, "time_tables", spy)
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=24)).train()
+    ids = {"input_ids": torch.randint(0, 50, (2, 5))}
+    with pytest.raises(Stop):
+        sparsert.Pruner(bert, target_speedup=1.5, example_inputs=ids, threads=1, forward=forward)
+    model, names = timed[-1]
+    assert isinstance(model, StreamlinedEncoder) is (forward == "streamlined")
+    assert "encoder.layer.0.attention.self.query" in names and model.get_submodule(names[0]) is not None
+    assert bert.training and not hasattr(bert, "fused_layers")  # the user's model is left as it was
+    with pytest.raises(Stop):
+        sparsert.Pruner(tiny_mlp(), target_speedup=1.5, example_inputs=torch.randn(4, 32), threads=1, forward=forward)
+    assert isinstance(timed[-1][0], nn.Sequential)
+    with pytest.raises(ValueError, match="forward must be one of"):
+        sparsert.Pruner(tiny_mlp(), target_speedup=1.5, example_inputs=torch.randn(4, 32), forward="onnx")

@@ -47,7 +47,7 @@ from ..ops.attention import attention as _attention
 from ..ops.attention import attention_torch
 from .streamline_decoder import StreamlinedDecoder, is_llama_style, rebuild_decoder, streamline_decoder
 
-__all__ = ["streamline", "rebuild", "fuse_linears", "StreamlinedEncoder", "StreamlinedDecoder", "KERNEL_ATTENTION_MAX_TOKENS", "ATTENTION_MODES"]
+__all__ = ["streamline", "streamlined_or_same", "rebuild", "fuse_linears", "StreamlinedEncoder", "StreamlinedDecoder", "KERNEL_ATTENTION_MAX_TOKENS", "ATTENTION_MODES"]
 
 #: Up to this many tokens "auto" attention runs sparsert's kernel (:func:`sparsert.ops.attention`);
 #: beyond, ``F.scaled_dot_product_attention``. Measured with 12 heads of 32 on 2 Zen 4 cores
@@ -297,6 +297,18 @@ def streamline(model: nn.Module, *, fuse_qkv: bool = True, attention: str = "aut
             if not hasattr(layer.attention.self, "qkv"):
                 _fuse_qkv(layer.attention.self)
     return out.eval()
+
+
+def streamlined_or_same(model: nn.Module, *, fuse_qkv: bool = True) -> nn.Module:
+    """``streamline(model)`` (a copy) where it takes the model (a BERT-style encoder or a LLaMA-style
+    causal LM, not already streamlined), else ``model`` itself: how the Engine and the planner run a
+    model they were given. A streamlined model passed in is returned as is."""
+    if isinstance(model, (StreamlinedEncoder, StreamlinedDecoder)):
+        return model
+    try:
+        return streamline(model, fuse_qkv=fuse_qkv)
+    except (TypeError, ValueError):  # not a structure streamline reproduces: the model's own forward
+        return model
 
 
 def rebuild(model: nn.Module, recipe) -> StreamlinedEncoder:

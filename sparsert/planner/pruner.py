@@ -49,7 +49,7 @@ MEASURED_TOLERANCE = 0.05
 #: ... at most this many times
 MEASURED_CORRECTIONS = 2
 
-__all__ = ["Pruner", "sparsify_planned", "plannable_layers"]
+__all__ = ["Pruner", "sparsify_planned", "plannable_layers", "served_forward", "FORWARDS"]
 
 
 def plannable_layers(model: nn.Module, names: Sequence[str]) -> list:
@@ -124,6 +124,13 @@ class Pruner(_KernelFreePruner):
             solver's plan alone is measured and corrected. Off by default: each measured
             candidate costs a pruning and a timing, and on a loaded machine one short
             measurement says little.
+        forward: how the model is timed: ``"streamlined"`` (default) through
+            :func:`sparsert.streamline`'s lean forward where it takes the model (BERT-style
+            encoders, LLaMA-style causal LMs): what ``sparsert serve`` and the benchmarks run, so
+            the plan's speedup is the one users get (the layer tables are timed with Q/K/V
+            unfused, under the model's own layer names; candidates are measured as served,
+            fused); ``"hf"``: the model's own forward. Models streamline does not take are timed
+            as they are either way.
     """
 
     def __init__(self, model: nn.Module, importance: Any = "magnitude", pattern: Any = "unstructured",
@@ -135,7 +142,8 @@ class Pruner(_KernelFreePruner):
                  sensitivity: Optional[Mapping[str, Any]] = None, score_candidates: int = 4,
                  score_batches: Optional[int] = None, score_data: Optional[Sequence] = None,
                  score_metric: str = "cosine", calibrate_groups: bool = False,
-                 max_groups: int = 12, measure_candidates: bool = False, **kwargs: Any):
+                 max_groups: int = 12, measure_candidates: bool = False, forward: str = "streamlined",
+                 **kwargs: Any):
         self.target_speedup = None
         self._plan: Optional[Plan] = None
         self._applied = False
@@ -157,6 +165,8 @@ class Pruner(_KernelFreePruner):
             raise ValueError("target_speedup plans each layer's sparsity itself: scope='global' does not apply")
         if kwargs.get("allocation", "uniform") != "uniform":
             raise ValueError("target_speedup plans each layer's sparsity itself: leave allocation='uniform'")
+        if forward not in FORWARDS:
+            raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
         if sensitivity_method not in ("wanda", "sparsegpt"):
             raise ValueError("sensitivity_method must be 'wanda' or 'sparsegpt'")
         if isinstance(score_candidates, bool) or not isinstance(score_candidates, int) or score_candidates < 0:
@@ -196,6 +206,7 @@ class Pruner(_KernelFreePruner):
         self.score_data = score_data
         self.calibrate_groups, self.max_groups = calibrate_groups, max_groups
         self.measure_candidates = measure_candidates
+        self.forward = forward
         names = plannable_layers(model, list(self.layers))
         for n in [n for n in self.layers if n not in names]:  # not plannable: left as they are
             del self.layers[n], self.settings[n]
@@ -204,8 +215,10 @@ class Pruner(_KernelFreePruner):
         was_training = model.training
         model.eval()
         try:
-            self.tables = time_tables(model, names, example_inputs, baseline=baseline, patterns=pats,
+            timed = served_forward(model, forward, fuse_qkv=False)  # (unfused: the layers keep their names)
+            self.tables = time_tables(timed, names, example_inputs, baseline=baseline, patterns=pats,
                                       sparsities=self.sparsities, threads=threads, **dict(timing or {}))
+            del timed
         finally:
             model.train(was_training)
         check_reachable(self.tables, target)
@@ -347,8 +360,8 @@ class Pruner(_KernelFreePruner):
         baseline, interleaved (medians)."""
         from ..bench import benchmark
 
-        sparse = sparsify_planned(pruned, plan, check=False)
-        r = benchmark(self.model, sparse, self.example_inputs, threads=self.tables.threads, warmup=2, repeats=15,
+        sparse = served_forward(sparsify_planned(pruned, plan, check=False), self.forward)
+        r = benchmark(served_forward(self.model, self.forward), sparse, self.example_inputs, threads=self.tables.threads, warmup=2, repeats=15,
                       rounds=5, per_layer=False, best_dense=self.baseline == "best_dense", verbose=False)
         base = r.best_dense if self.baseline == "best_dense" else r.dense
         return base.median / r.sparse.median
@@ -385,6 +398,25 @@ class Pruner(_KernelFreePruner):
             raise ValueError("sparsify() follows a plan: use target_speedup=, or sparsert.sparsify(model) otherwise")
         return sparsify_planned(self.model, self.plan, self.example_inputs if example_inputs is None
                                 else example_inputs, check=check)
+
+
+#: ``forward=`` choices of the planner (as the Engine's): sparsert.streamline's lean forward, or the model's own
+FORWARDS = ("streamlined", "hf")
+
+
+def served_forward(model: nn.Module, forward: str = "streamlined", *, fuse_qkv: bool = True) -> nn.Module:
+    """``model`` as it is timed and served: under :func:`sparsert.streamline` (a copy in eval mode)
+    where ``forward`` is "streamlined" and streamline takes it, else ``model`` itself."""
+    from ..convert.streamline import streamlined_or_same
+
+    if forward != "streamlined":
+        return model
+    was = model.training
+    model.eval()
+    try:
+        return streamlined_or_same(model, fuse_qkv=fuse_qkv)
+    finally:
+        model.train(was)
 
 
 @torch.no_grad()

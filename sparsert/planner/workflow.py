@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .pruner import Pruner
+from .pruner import Pruner, served_forward
 from .tables import DEFAULT_PATTERNS, DEFAULT_SPARSITIES
 
 __all__ = ["prune_to_speedup", "calibration_batches", "default_importance", "quality", "reference_embeddings",
@@ -264,7 +264,7 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
                      sensitivity: Optional[dict] = None, score_candidates: int = 4,
                      calibrate_groups: bool = False, sparsities: Optional[Sequence[float]] = None,
                      measure_candidates: bool = False, score_batches: int = 8,
-                     score_metric: Optional[str] = None) -> dict:
+                     score_metric: Optional[str] = None, forward: str = "streamlined") -> dict:
     """Plans, prunes ``wl.model`` (in place), packs per plan, optionally saves and reloads it,
     and measures it against torch eager and the best dense path. Returns the numbers, with
     ``steps``: ``{step: seconds}`` in the order run (each also logged as it ends).
@@ -300,7 +300,10 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     quarter of the calibration batches is held out instead). ``score_metric``: what the
     candidates are chosen by (:data:`~sparsert.planner.scoring.METRICS`; default
     ``"pooled_cosine"`` for a sentence encoder, whose quality is its pooled embedding's,
-    else ``"cosine"``).
+    else ``"cosine"``). ``forward``: how the model is timed while planning and measured at the
+    end (:data:`~sparsert.planner.pruner.FORWARDS`): ``"streamlined"`` (default) through
+    :func:`sparsert.streamline`'s lean forward where it takes the model, as ``sparsert serve``
+    runs it; ``"hf"`` through the model's own.
     """
     from .. import io
     from ..bench import benchmark
@@ -353,7 +356,7 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
                     sensitivity_method=sensitivity_method, sensitivity=sensitivity,
                     score_candidates=score_candidates, score_data=score_data, calibrate_groups=calibrate_groups,
                     score_metric=score_metric or ("pooled_cosine" if _embedder(wl) else "cosine"),
-                    measure_candidates=measure_candidates,
+                    measure_candidates=measure_candidates, forward=forward,
                     sparsities=DEFAULT_SPARSITIES if sparsities is None else sparsities)
     tables = pruner.tables
     table_s = time.perf_counter() - clock[0]
@@ -431,11 +434,13 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
         lap("save + reload")
     q_sparse = quality(wl, loaded, dense, ref_emb)
     lap("quality (eval split)")
-    result = benchmark(dense, loaded, inputs, threads=threads, repeats=repeats, per_layer=False, verbose=False)
+    # (as served: both through the lean forward where it takes the model, Q/K/V fused)
+    result = benchmark(served_forward(dense, forward), served_forward(loaded, forward), inputs, threads=threads,
+                       repeats=repeats, per_layer=False, verbose=False)
     lap("benchmark")
     base = result.best_dense if baseline == "best_dense" else result.dense
     measured = base.median / result.sparse.median
-    return {"model": wl.name, "target": target, "baseline": baseline, "plan": plan,
+    return {"model": wl.name, "target": target, "baseline": baseline, "forward": forward, "plan": plan,
             "predicted_speedup": plan.predicted_speedup, "measured_speedup": measured,
             "eager_ms": result.dense.median * 1e3,
             "best_dense_ms": None if result.best_dense is None else result.best_dense.median * 1e3,

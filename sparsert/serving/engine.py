@@ -189,22 +189,6 @@ def _is_hf_encoder(model: nn.Module) -> bool:
         and hasattr(config, "vocab_size")
 
 
-def _streamlined(model: nn.Module) -> nn.Module:
-    """``model`` under :func:`sparsert.streamline` when it is a structure that takes (a BERT-style
-    encoder or a LLaMA-style causal LM; a copy: the module passed in is never changed), else
-    ``model`` itself."""
-    from sparsert.convert.streamline import StreamlinedDecoder, StreamlinedEncoder, streamline
-    from sparsert.convert.streamline_decoder import is_llama_style
-
-    if isinstance(model, (StreamlinedEncoder, StreamlinedDecoder)) or not _is_hf_encoder(model) \
-            or (_is_causal_lm(model) and not is_llama_style(model)):
-        return model
-    try:
-        return streamline(model)
-    except (TypeError, ValueError):  # not a structure streamline reproduces: Hugging Face's forward it is
-        return model
-
-
 def _is_causal_lm(model: nn.Module) -> bool:
     """A Hugging Face model that generates text (``...ForCausalLM``): ``can_generate()`` is its own answer."""
     can = getattr(model, "can_generate", None)
@@ -550,7 +534,9 @@ class Engine:
             model_file = Path(model)
             model = sparsert.load(model_file)
         if forward == "streamlined":
-            model = _streamlined(model)  # (before the dense path: it packs the fused Q/K/V as one layer)
+            from sparsert.convert.streamline import streamlined_or_same
+
+            model = streamlined_or_same(model)  # (before the dense path: it packs the fused Q/K/V as one layer)
         if dense_path == "best":
             from sparsert.bench import best_dense_model
 
