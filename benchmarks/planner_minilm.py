@@ -35,6 +35,7 @@ from sparsert.models.catalogue import RECOVERY_SENTENCES, recovery_recipe
 from sparsert.bench import benchmark, best_dense_model, thread_settings
 from sparsert.convert.timing import call_model, call_times
 from sparsert.planner import sparsify_planned, time_tables
+from sparsert.planner.pruner import served_forward
 from sparsert.planner.plan import fixed_plan
 from sparsert.planner.workflow import (calibration_batches, prune_to_speedup, quality, recover_pruned,
                                        reference_embeddings)
@@ -65,6 +66,9 @@ ap.add_argument("--measure-candidates", action="store_true",
 ap.add_argument("--sparsities", default=None, help="the planner's grid (default: DEFAULT_SPARSITIES)")
 ap.add_argument("--compare-uniform", default="", help="sparsities of uniform models timed interleaved with the plans")
 ap.add_argument("--compare-patterns", default="unstructured,4x1")
+ap.add_argument("--forward", default="streamlined", choices=["streamlined", "hf"],
+                help="plan and measure through sparsert.streamline's lean forward (as served; default) or Hugging "
+                     "Face's own")
 ap.add_argument("--json", help="write the numbers here")
 args = ap.parse_args()
 targets = [float(t) for t in args.targets.split(",")]
@@ -118,7 +122,8 @@ for tgt in targets:
                              sensitivity_method=args.sensitivity_method, sensitivity=sens, repeats=30,
                              score_candidates=args.score_candidates, score_batches=args.score_batches,
                              calibrate_groups=args.calibrate_groups,
-                             sparsities=grid.get("sparsities"), measure_candidates=args.measure_candidates)
+                             sparsities=grid.get("sparsities"), measure_candidates=args.measure_candidates,
+                             forward=args.forward)
     except ValueError as e:
         print(f"target {tgt}: {e}", flush=True)
         continue
@@ -164,19 +169,22 @@ for tgt in targets:
         rec = {"step": rr.step, "steps": rr.steps, "seconds": rr.elapsed}
     m.eval()
     # each layer packed in the format its option was timed with (the tables come from the cache)
-    tab = time_tables(dense, [lp.name for lp in plan.layers], x, threads=args.threads, **grid)
+    tab = time_tables(served_forward(dense, args.forward, fuse_qkv=False), [lp.name for lp in plan.layers], x,
+                      threads=args.threads, **grid)
     uplan = copy.deepcopy(plan)
     for lp in uplan.layers:
         lp.pattern, lp.sparsity = pat, float(s)
         lp.format = tab.layers[lp.name].options[pat][float(s)][1]
     fast = sparsify_planned(m, uplan, x)
-    b = benchmark(dense, fast, x, threads=args.threads, repeats=30, per_layer=False, verbose=False)
+    b = benchmark(served_forward(dense, args.forward), served_forward(fast, args.forward), x, threads=args.threads,
+                  repeats=30, per_layer=False, verbose=False)
     row(f"uniform {label} (near {tgt:g})", predicted=sp, measured=b.best_dense.median / b.sparse.median,
         best_ms=b.best_dense.median * 1e3, sparse_ms=b.sparse.median * 1e3, oneshot=q_one if rec else None,
         quality=quality(wl, fast, dense, ref_emb), recovery=rec, loss=loss)
 if args.compare_uniform and sens is not None:
     names = [lp.name for lp in plan.layers]
-    tab = time_tables(dense, names, x, threads=args.threads, **grid)  # cached: the formats the plans were timed in
+    tab = time_tables(served_forward(dense, args.forward, fuse_qkv=False), names, x, threads=args.threads,
+                      **grid)  # cached: the formats the plans were timed in
     for pat in args.compare_patterns.split(","):
         for s in [float(v) for v in args.compare_uniform.split(",")]:
             if s not in tab.layers[names[0]].options.get(pat, {}):
@@ -190,7 +198,9 @@ if args.compare_uniform and sens is not None:
             print(f"uniform {pat}@{s:g}: predicted {up.predicted_speedup:.2f}x, {q} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
     # every sparse model and the best dense baseline timed in the same rounds, interleaved
-    runs = {"best dense": best_dense_model(dense).eval(), **{k: v[0] for k, v in sparse_models.items()}}
+    # (as served: through the lean forward unless --forward hf)
+    runs = {"best dense": best_dense_model(served_forward(dense, args.forward)).eval(),
+            **{k: served_forward(v[0], args.forward) for k, v in sparse_models.items()}}
     samples = {k: [] for k in runs}
     with thread_settings(args.threads), torch.inference_mode():
         for m in runs.values():

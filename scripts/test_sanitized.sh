@@ -49,7 +49,7 @@ if [ $# -eq 0 ]; then
   # (they drive no C++, so ASan has nothing to check in them).
   set -- tests/test_native_epilogues.py tests/test_native_hostile.py tests/test_hostile.py \
     tests/test_linear.py tests/test_bitmask.py tests/test_rowgroup.py tests/test_int8.py tests/test_conv.py \
-    tests/test_attention.py tests/test_decoder_ops.py tests/test_streamline_decoder.py \
+    tests/test_attention.py tests/test_decoder_ops.py tests/test_streamline_decoder.py tests/test_gemv.py \
     tests/test_threading.py -q -x \
     -m "not python_only"
 fi

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsert.ops.backends.best_dense import PackedDenseLinear, onednn_available, path_for
+from sparsert.ops.backends.best_dense import PackedDenseLinear, gemv_available, onednn_available, path_for
+
+ONE_TOKEN = "gemv" if gemv_available() else "torch"  # the default path of a 1-token call
 
 BACKENDS = ["torch"] + (["onednn"] if onednn_available() else [])
 
@@ -145,13 +147,13 @@ def test_sparsified_model_with_dense_and_sparse_layers_under_torch_compile():
 # -- tuned paths: the faster of oneDNN prepacked and eager F.linear per token count --------
 
 def test_path_for_follows_the_nearest_measured_token_count():
-    assert (path_for({}, 1), path_for({}, 2), path_for({}, 512)) == ("torch", "onednn", "onednn")  # the default
+    assert (path_for({}, 1), path_for({}, 2), path_for({}, 512)) == (ONE_TOKEN, "onednn", "onednn")  # the default
     tuned = {16: "torch", 256: "onednn"}
     # below the first and above the last measured count: theirs; between: the nearer in ratio
     assert [path_for(tuned, r) for r in (2, 16, 63, 65, 256, 4096)] == ["torch", "torch", "torch", "onednn",
                                                                         "onednn", "onednn"]
     tuned[16] = "onednn"  # measured again: replaced
-    assert (path_for(tuned, 1), path_for(tuned, 2)) == ("torch", "onednn")  # one token: a GEMV, eager unless measured
+    assert (path_for(tuned, 1), path_for(tuned, 2)) == (ONE_TOKEN, "onednn")  # one token: a GEMV unless measured
     tuned[1] = "onednn"
     assert path_for(tuned, 1) == "onednn"
     with pytest.raises(ValueError, match="path"):
@@ -222,7 +224,8 @@ def test_dense_linear_tune_keeps_the_faster_path_and_the_same_answer(tokens):
     with torch.no_grad():
         layer(x)
     assert layer.__dict__["_path_memo"] == {2 * tokens: chosen}
-    assert set(times) == ({"onednn", "torch"} if onednn_available() else {"torch"})
+    assert set(times) == ({"onednn", "torch"} if onednn_available() else {"torch"}) | (
+        {"gemv"} if gemv_available() and 2 * tokens <= 4 else set())
     assert all(t > 0 for t in times.values())
     assert layer.tuned_paths == {2 * tokens: chosen}
     assert "tuned_paths" in repr(layer)
@@ -248,7 +251,7 @@ def test_dense_linear_tune_keeps_the_faster_path_and_the_same_answer(tokens):
     (16, 1.00, 0.97, 0.05, "onednn"),   # eager 3% faster: within the margin, the default (packed) stays
     (16, 1.00, 0.90, 0.05, "torch"),    # eager 10% faster: beyond it
     (16, 1.00, 0.97, 0.0, "torch"),     # no margin: the faster one, however slight
-    (1, 0.97, 1.00, 0.05, "torch"),     # one token's default is eager; packed 3% faster does not move it
+    (1, 0.97, 1.00, 0.05, ONE_TOKEN),   # one token's default is the GEMV; packed 3% faster does not move it
     (1, 0.90, 1.00, 0.05, "onednn"),
 ])
 def test_dense_linear_tune_keeps_the_default_path_unless_the_other_beats_the_margin(
@@ -258,6 +261,8 @@ def test_dense_linear_tune_keeps_the_default_path_unless_the_other_beats_the_mar
     import sparsert.convert.timing as timing
     from sparsert.nn import DenseLinear
     seconds = {"onednn": onednn_s, "torch": torch_s}
+    if tokens <= 4 and gemv_available():
+        seconds["gemv"] = torch_s  # sparsert's GEMV, timed beside them at a few tokens
     last = {}
     real_call = PackedDenseLinear.__call__
 

@@ -20,6 +20,7 @@ void bind_spmm_int8(py::module_& m);  // spmm_int8/spmm_int8_bindings.cc
 void bind_spmm_rowgroup(py::module_& m);  // spmm_rowgroup/spmm_rowgroup_bindings.cc
 void bind_attention(py::module_& m);  // attention/attention_bindings.cc
 void bind_decoder(py::module_& m);  // decoder/decoder_bindings.cc
+void bind_gemv(py::module_& m);  // gemv/gemv_bindings.cc
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sparsert native kernels (torch-free)";
@@ -44,4 +45,5 @@ PYBIND11_MODULE(_C, m) {
   bind_spmm_rowgroup(m);
   bind_attention(m);
   bind_decoder(m);
+  bind_gemv(m);
 }

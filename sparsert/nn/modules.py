@@ -48,7 +48,7 @@ from .. import ops as _ops
 from ..formats import SparseFormat, pack
 from ..formats._common import IdentityCache
 from ..ops import epilogue
-from ..ops.backends.best_dense import PackedDenseLinear, path_for
+from ..ops.backends.best_dense import GEMV_MAX_ROWS, PackedDenseLinear, gemv, gemv_available, path_for
 from ..ops.conv import conv_padding, pair
 
 __all__ = ["SparseLinear", "SparseConv2d", "DenseLinear", "Int8DenseLinear"]
@@ -380,18 +380,19 @@ class DenseLinear(nn.Linear):
 
     @property
     def tuned_paths(self) -> dict:
-        """{token count: ``"onednn"`` or ``"torch"``}: the path measured faster at that count by
+        """{token count: ``"onednn"``, ``"torch"`` or ``"gemv"``}: the path measured faster at that count by
         :meth:`tune` (other counts follow the nearest one); empty = the default rule."""
         return dict(self.__dict__.get("_tuned_paths", {}))
 
     def tune(self, x: Tensor, min_time: float = 0.02, rounds: int = 5, margin: float = 0.05) -> dict:
-        """Times both dense paths (oneDNN prepacked, eager ``F.linear``) on ``x``, interleaved,
+        """Times the dense paths (oneDNN prepacked, eager ``F.linear``, and sparsert's GEMV up to
+        :data:`~sparsert.ops.backends.best_dense.GEMV_MAX_ROWS` tokens) on ``x``, interleaved,
         and keeps one for calls with ``x``'s token count: the default rule's path
         (:func:`~sparsert.ops.backends.best_dense.path_for` with nothing measured) unless the
         other measures more than ``margin`` (a share, 0.05 = 5%) faster. On ~100 us layers the
         two paths often differ by less than their run-to-run spread, and without a margin the
         choice flipped with the noise. Returns the median seconds per call of each path,
-        ``{"onednn": s, "torch": s}`` (only ``"torch"`` where the packed path cannot run); the
+        ``{"onednn": s, "torch": s, "gemv": s}`` (those that can run); the
         choice is in :attr:`tuned_paths`."""
         from ..convert.timing import call_times  # timing lives with the converter
 
@@ -405,6 +406,8 @@ class DenseLinear(nn.Linear):
             raise ValueError(f"margin must be in [0, 1), got {margin}")
         layer = self._packed_layer()
         paths = [p for p in ("onednn", "torch") if p == "torch" or layer.backend == "onednn"]
+        if rows <= GEMV_MAX_ROWS and x.dtype == torch.float32 and x.is_cpu and gemv_available():
+            paths.append("gemv")
         samples: dict = {p: [] for p in paths}
         with torch.no_grad():
             for p in paths:  # warm-up: first calls allocate and page the weights in
@@ -414,7 +417,9 @@ class DenseLinear(nn.Linear):
                     samples[p].extend(call_times(lambda: layer(x, path=p), min_time / max(1, rounds), 3))
         times = {p: statistics.median(v) for p, v in samples.items()}
         best = min(times, key=times.get)
-        default = path_for({}, rows) if layer.backend == "onednn" else "torch"
+        default = path_for({}, rows)
+        if default not in times:  # (no oneDNN in this build: eager is the default from 2 tokens)
+            default = "torch"
         if times[best] > times[default] * (1 - margin):
             best = default
         tuned = self.__dict__.setdefault("_tuned_paths", {})
@@ -440,10 +445,16 @@ class DenseLinear(nn.Linear):
         memo = self.__dict__.setdefault("_path_memo", {})
         path = memo.get(rows)
         if path is None:
-            packed = self._packed_layer().backend == "onednn"
-            path = memo[rows] = path_for(self.__dict__.get("_tuned_paths", {}), rows) if packed else "torch"
+            path = path_for(self.__dict__.get("_tuned_paths", {}), rows)
+            if path == "onednn" and self._packed_layer().backend != "onednn":
+                path = "torch"
+            if path == "gemv" and (rows > GEMV_MAX_ROWS or w.stride(1) != 1):
+                path = "torch"
+            memo[rows] = path
         if path == "torch":
             return F.linear(x, w, b)
+        if path == "gemv":  # (straight to the kernel: the packed layer's checks cost more than a small GEMV)
+            return gemv(x, w, b)
         return self._packed_layer()(x, path=path)
 
     def extra_repr(self) -> str:

@@ -33,22 +33,67 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _ACTIVATIONS = {None: "none", "none": "none", "relu": "relu"}
-#: the two dense paths a call can take
-PATHS = ("onednn", "torch")
+#: the dense paths a call can take: oneDNN's prepacked weight, eager ``F.linear``, sparsert's GEMV (1 token)
+PATHS = ("onednn", "torch", "gemv")
+#: the most tokens the "gemv" path takes (each token reads the weight again, from cache)
+GEMV_MAX_ROWS = 4
+
+
+def gemv_available() -> bool:
+    """True when sparsert's native GEMV kernels (``sparsert._C.gemv``) load."""
+    if not _gemv_module:
+        from ..._ext import available, native
+
+        _gemv_module.append(native() if available() and hasattr(native(), "gemv") else None)
+    return _gemv_module[0] is not None
+
+
+_gemv_module: list = []
+
+
+def gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, num_threads: int = 0, kernel: str = "") -> Tensor:
+    """``x @ weight.T + bias`` by sparsert's GEMV kernel: float32 CPU tensors, ``weight`` (out, in)
+    with unit column stride, x of at most :data:`GEMV_MAX_ROWS` tokens. One token streams the weight
+    from memory on every thread (torch's F.linear at one token streams it at one core's pace here:
+    ~10 GB/s against ~20; ``benchmarks/RESULTS.md``)."""
+    from .._threads import get_num_threads
+
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_f}")
+    if not gemv_available():
+        raise RuntimeError("sparsert's native kernels are not built")
+    if not (x.dtype is weight.dtype is torch.float32 and x.is_cpu and weight.is_cpu) or weight.stride(1) != 1:
+        raise ValueError("gemv takes float32 CPU tensors and a weight with unit column stride")
+    rows = x.numel() // max(in_f, 1)
+    if rows > GEMV_MAX_ROWS:
+        raise ValueError(f"gemv takes at most {GEMV_MAX_ROWS} tokens, got {rows}")
+    x2 = x.reshape(rows, in_f)
+    if x2.stride(-1) != 1 or (rows > 1 and x2.stride(0) < in_f):
+        x2 = x2.contiguous()
+    if bias is not None and (bias.shape != (out_f,) or bias.dtype is not torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().to(torch.float32).contiguous().reshape(out_f)
+    y = torch.empty(*x.shape[:-1], out_f)
+    _gemv_module[0].gemv(weight.data_ptr(), weight.stride(0), x2.data_ptr(), x2.stride(0) if rows > 1 else in_f,
+                         0 if bias is None else bias.data_ptr(), y.data_ptr(), out_f, out_f, in_f, rows,
+                         num_threads or get_num_threads(), kernel)
+    return y
 
 
 def path_for(tuned: Mapping[int, str], rows: int) -> str:
-    """The dense path (``"onednn"`` or ``"torch"``) for a call of ``rows`` tokens, given the
-    measured choices ``tuned`` ({token count: path}): the nearest measured count's (in ratio);
-    with nothing measured the default rule, packed from 2 tokens; one token (a GEMV, where eager
-    measured 1.3-2.8x faster) stays on ``F.linear`` unless one token itself was measured."""
+    """The dense path (:data:`PATHS`) for a call of ``rows`` tokens, given the measured choices
+    ``tuned`` ({token count: path}): the nearest measured count's (in ratio); with nothing
+    measured the default rule, packed from 2 tokens; one token (a GEMV: eager F.linear measured
+    1.3-2.8x faster than the packed weight, sparsert's GEMV 1.8-2.5x faster than F.linear from
+    memory) takes sparsert's GEMV where it is built, else ``F.linear``, unless one token itself was
+    measured."""
     for count, path in tuned.items():
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if int(count) < 1:
             raise ValueError(f"rows must be >= 1, got {count}")
     if not tuned or (rows <= 1 and 1 not in tuned):
-        return "torch" if rows <= 1 else "onednn"
+        return ("gemv" if gemv_available() else "torch") if rows <= 1 else "onednn"
     counts = sorted(tuned)
     i = bisect.bisect_left(counts, rows)
     if i == len(counts):
@@ -113,11 +158,14 @@ class PackedDenseLinear:
         if path is not None and path not in PATHS:
             raise ValueError(f"path must be None or one of {PATHS}, got {path!r}")
         rows = x.numel() // max(x.shape[-1], 1)
-        if (self._packed is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-                and (path or path_for({}, rows)) == "onednn" and x.numel()
-                and not (torch.is_grad_enabled() and x.requires_grad)
-                and not torch.compiler.is_compiling()):
+        path = path or path_for({}, rows)
+        fast = (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel()
+                and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling())
+        if fast and path == "onednn" and self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, _ACTIVATIONS[activation], [], "")
+        if fast and path == "gemv" and rows <= GEMV_MAX_ROWS and self.weight.is_cpu and gemv_available():
+            y = gemv(x, self.weight, self.bias)
+            return torch.relu_(y) if _ACTIVATIONS[activation] == "relu" else y
         w = self.weight.to(x.dtype)
         y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         return torch.relu(y) if _ACTIVATIONS[activation] == "relu" else y
