@@ -35,7 +35,8 @@ from sparsert.bench import random_pruned_weight  # noqa: E402
 from sparsert.formats import pack  # noqa: E402
 from sparsert.formats.rowgroup import KBLOCK  # noqa: E402
 
-from harness import DENSE_METHODS, best_dense, cpu_name, dense_linear_methods, git_commit, time_methods  # noqa: E402
+from harness import (DENSE_METHODS, best_dense, cpu_name, dense_linear_methods, for_tokens, git_commit,  # noqa: E402
+                     time_methods)
 
 SHAPES = [(768, 3072), (3072, 768), (4096, 4096)]  # (in_features, out_features)
 TOKENS = [1, 16, 128]
@@ -72,13 +73,14 @@ def run(quick: bool, threads: int, shapes, tokens_list, cases):
                 x = torch.randn(tokens, in_f, generator=gen)
                 xt = x.t().contiguous()
                 x_np = x.numpy()
-                methods = {name: (lambda f=f: f(x)) for name, f in dense_paths.items()}
+                paths = for_tokens(dense_paths, tokens)
+                methods = {name: (lambda f=f: f(x)) for name, f in paths.items()}
                 methods["torch.sparse csr"] = lambda: torch.sparse.mm(w_torch_csr, xt)
                 methods["scipy csr"] = lambda: w_scipy @ x_np.T
                 for kind, fmt in formats.items():
                     methods[f"sparsert {kind}"] = (lambda f=fmt: ops.linear(x, f))
                 ref = x.double() @ w.double().T
-                for name in dense_paths.keys() | {f"sparsert {k}" for k in formats}:  # same answer first
+                for name in paths.keys() | {f"sparsert {k}" for k in formats}:  # same answer first
                     out = torch.as_tensor(methods[name]()).double()
                     assert torch.allclose(out, ref, rtol=1e-3, atol=1e-3 * max(float(ref.abs().max()), 1.0)), name
                 times = time_methods(methods, rounds=8 if quick else 25, clock=clock)

@@ -70,7 +70,7 @@ def time_methods(methods: dict[str, Callable[[], object]], *, rounds: int = 30, 
 
 # --------------------------------------------------------------------------- dense baselines
 #: the dense Linear paths every benchmark times; "best dense" is the fastest of them
-DENSE_METHODS = ("torch eager", "oneDNN prepacked", "onnxruntime")
+DENSE_METHODS = ("torch eager", "oneDNN prepacked", "sparsert GEMV", "onnxruntime")
 
 
 def ort_linear(w: torch.Tensor, b: Optional[torch.Tensor], threads: int):
@@ -103,16 +103,29 @@ def ort_linear(w: torch.Tensor, b: Optional[torch.Tensor], threads: int):
 
 def dense_linear_methods(w: torch.Tensor, b: Optional[torch.Tensor], threads: int) -> dict:
     """name -> (x -> y) for each dense path of :data:`DENSE_METHODS` this machine has:
-    torch eager ``F.linear``, oneDNN with a prepacked weight (sparsert's best-dense
-    backend) and onnxruntime when installed. Build once per weight, call per input."""
-    from sparsert.ops.backends.best_dense import PackedDenseLinear
+    torch eager ``F.linear``, oneDNN with a prepacked weight and, for up to 4 tokens, sparsert's
+    GEMV (both paths of sparsert's best-dense backend) and onnxruntime when installed. Build once
+    per weight, call per input; :func:`for_tokens` drops the GEMV where the input has more tokens."""
+    from sparsert.ops.backends.best_dense import PackedDenseLinear, gemv, gemv_available
 
     packed = PackedDenseLinear(w, b)
-    methods = {"torch eager": lambda x: F.linear(x, w, b), "oneDNN prepacked": packed}
+    methods = {"torch eager": lambda x: F.linear(x, w, b)}
+    if packed.backend == "onednn":
+        methods["oneDNN prepacked"] = lambda x: packed(x, path="onednn")
+    if gemv_available():
+        wc = w.contiguous()
+        methods["sparsert GEMV"] = lambda x: gemv(x, wc, b)  # (up to GEMV_MAX_ROWS tokens: see gemv_tokens)
     ort = ort_linear(w, b, threads)
     if ort is not None:
         methods["onnxruntime"] = lambda x: ort(x.numpy())
     return methods
+
+
+def for_tokens(methods: dict, tokens: int) -> dict:
+    """``methods`` without the GEMV when ``tokens`` is more than it takes."""
+    from sparsert.ops.backends.best_dense import GEMV_MAX_ROWS
+
+    return {k: v for k, v in methods.items() if k != "sparsert GEMV" or tokens <= GEMV_MAX_ROWS}
 
 
 def best_dense(times: dict) -> tuple:
