@@ -1,5 +1,5 @@
 // GCC/Clang vector helpers over SPARSERT_VEC_FLOATS floats, for the kernels written once and
-// compiled per ISA (attention_impl.h, decoder_impl.h): the vector types, unaligned load/store,
+// compiled per ISA (attention_impl.h, decoder_impl.h, gemv_impl.h, spmm_rowgroup_impl.h): the vector types, unaligned load/store,
 // splat, max, a vector exp and horizontal reductions. Included by an *_impl.h after
 // common/isa_target_begin.inc (so these inline functions get the file's ISA) and after
 // <cstdint>, <cstring> and <algorithm>; it includes nothing itself (see isa_target_begin.inc:
@@ -21,6 +21,7 @@ typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
 static inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
 static inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
+// A broadcast (vf{} + s would cost an add: -0.0 + 0.0 is not -0.0).
 static inline vf splat(float s) {
   const vf first = {s};
   return __builtin_shuffle(first, vi{});

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "spmm_rowgroup/spmm_rowgroup.h"
@@ -35,23 +36,13 @@
 #endif
 
 #include "common/transpose_impl.h"
+#include "common/vec_impl.h"
 
 namespace sparsert {
 namespace SPARSERT_ISA {
 namespace rowgroup {
 
-constexpr int VW = SPARSERT_VEC_FLOATS;
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef float vf_unaligned __attribute__((vector_size(VW * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(VW * 4)));
-
-static inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
-static inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
-// A broadcast (vf{} + s would cost an add: -0.0 + 0.0 is not -0.0).
-static inline vf splat(float s) {
-  const vf first = {s};
-  return __builtin_shuffle(first, vi{});
-}
+using namespace vec;  // (VW, vf, vi, load, store, splat: common/vec_impl.h)
 
 // Accumulator sets: segment_sets (spmm_rowgroup.h). The padding of RowGroup.from_dense
 // (SEGMENT_MULTIPLES: 4, 2, 2, 1 columns for 1-4 rows) is a multiple of the sets for
