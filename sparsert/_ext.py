@@ -76,3 +76,10 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def native_or_none():
+    """``sparsert._C``, or None where it is not built: asked once, for the µs-sized calls that
+    fall back to torch without it (a missing build is not retried on every call)."""
+    return native() if available() else None

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._ext import native as _native
+from .._ext import native_or_none
 from ._threads import get_num_threads
 from .backends.cpu import available as _native_available
 
@@ -31,23 +32,16 @@ __all__ = ["rms_norm", "rms_norm_torch", "swiglu", "swiglu_torch", "cached_atten
            "decoder_kernels", "native_decoder_ops"]
 
 _F32 = torch.float32
-_module = []  # [sparsert._C] or [None], resolved at the first call: these calls are µs-sized
-
-
-def _c():
-    if not _module:
-        _module.append(_native() if _native_available() else None)
-    return _module[0]
-
-
-def native_decoder_ops(t: Tensor) -> bool:
-    """True where the native kernels run these ops for tensors like ``t`` (float32 on the CPU)."""
-    return t.dtype is _F32 and t.is_cpu and _c() is not None
 
 
 def _native_for(*tensors) -> bool:
     # (dtype and is_cpu: ~0.1 µs each; t.device.type costs 0.5)
-    return all(t.dtype is _F32 and t.is_cpu for t in tensors) and _c() is not None
+    return all(t.dtype is _F32 and t.is_cpu for t in tensors) and native_or_none() is not None
+
+
+def native_decoder_ops(t: Tensor) -> bool:
+    """True where the native kernels run these ops for tensors like ``t`` (float32 on the CPU)."""
+    return _native_for(t)
 
 
 def _rows_of(t: Tensor, name: str) -> tuple[int, int]:
@@ -121,7 +115,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, *, add: Optional[Tensor] = N
     if not weight.is_contiguous():
         weight = weight.contiguous()
     out = _output(out, shape, x)
-    _module[0].rms_norm(x.data_ptr(), x_stride, 0 if add is None else add.data_ptr(), add_stride, weight.data_ptr(),
+    native_or_none().rms_norm(x.data_ptr(), x_stride, 0 if add is None else add.data_ptr(), add_stride, weight.data_ptr(),
                         eps, out.data_ptr(), width, rows, width, num_threads or get_num_threads(), kernel)
     return out
 
@@ -143,7 +137,7 @@ def swiglu(gate_up: Tensor, *, out: Optional[Tensor] = None, num_threads: int = 
     rows, stride = _rows_of(gate_up, "gate_up")
     width = shape[-1] // 2
     out = _output(out, (*shape[:-1], width))
-    _module[0].swiglu(gate_up.data_ptr(), stride, out.data_ptr(), width, rows, width, num_threads or get_num_threads(),
+    native_or_none().swiglu(gate_up.data_ptr(), stride, out.data_ptr(), width, rows, width, num_threads or get_num_threads(),
                       kernel)
     return out
 
@@ -203,7 +197,7 @@ def cached_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_c
     if not sin.is_contiguous():
         sin = sin.contiguous()
     out = _output(out, (batch, heads * d))
-    _module[0].cached_attention(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+    native_or_none().cached_attention(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
                                 v_cache.data_ptr(), ks[0], capacity * d, capacity, position, out.data_ptr(), heads * d,
                                 batch, heads, kv_heads, d, scale, num_threads or get_num_threads(), kernel)
     return out

@@ -41,14 +41,10 @@ GEMV_MAX_ROWS = 4
 
 def gemv_available() -> bool:
     """True when sparsert's native GEMV kernels (``sparsert._C.gemv``) load."""
-    if not _gemv_module:
-        from ..._ext import available, native
+    from ..._ext import native_or_none
 
-        _gemv_module.append(native() if available() and hasattr(native(), "gemv") else None)
-    return _gemv_module[0] is not None
-
-
-_gemv_module: list = []
+    module = native_or_none()
+    return module is not None and hasattr(module, "gemv")
 
 
 def gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, num_threads: int = 0, kernel: str = "") -> Tensor:
@@ -56,6 +52,7 @@ def gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, num_thread
     with unit column stride, x of at most :data:`GEMV_MAX_ROWS` tokens. One token streams the weight
     from memory on every thread (torch's F.linear at one token streams it at one core's pace here:
     ~10 GB/s against ~20; ``benchmarks/RESULTS.md``)."""
+    from ..._ext import native_or_none
     from .._threads import get_num_threads
 
     out_f, in_f = weight.shape
@@ -74,7 +71,7 @@ def gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, num_thread
     if bias is not None and (bias.shape != (out_f,) or bias.dtype is not torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous().reshape(out_f)
     y = torch.empty(*x.shape[:-1], out_f)
-    _gemv_module[0].gemv(weight.data_ptr(), weight.stride(0), x2.data_ptr(), x2.stride(0) if rows > 1 else in_f,
+    native_or_none().gemv(weight.data_ptr(), weight.stride(0), x2.data_ptr(), x2.stride(0) if rows > 1 else in_f,
                          0 if bias is None else bias.data_ptr(), y.data_ptr(), out_f, out_f, in_f, rows,
                          num_threads or get_num_threads(), kernel)
     return y
