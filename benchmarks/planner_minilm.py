@@ -35,7 +35,7 @@ from sparsert.models.catalogue import RECOVERY_SENTENCES, recovery_recipe
 from sparsert.bench import benchmark, best_dense_model, thread_settings
 from sparsert.convert.timing import call_model, call_times
 from sparsert.planner import sparsify_planned, time_tables
-from sparsert.planner.pruner import served_forward
+from sparsert.planner.pruner import served_forward, served_sparse
 from sparsert.planner.plan import fixed_plan
 from sparsert.planner.workflow import (calibration_batches, prune_to_speedup, quality, recover_pruned,
                                        reference_embeddings)
@@ -176,7 +176,8 @@ for tgt in targets:
         lp.pattern, lp.sparsity = pat, float(s)
         lp.format = tab.layers[lp.name].options[pat][float(s)][1]
     fast = sparsify_planned(m, uplan, x)
-    b = benchmark(served_forward(dense, args.forward), served_forward(fast, args.forward), x, threads=args.threads,
+    b = benchmark(served_forward(dense, args.forward), served_sparse(fast, args.forward, "best_dense", x), x,
+                  threads=args.threads,
                   repeats=30, per_layer=False, verbose=False)
     row(f"uniform {label} (near {tgt:g})", predicted=sp, measured=b.best_dense.median / b.sparse.median,
         best_ms=b.best_dense.median * 1e3, sparse_ms=b.sparse.median * 1e3, oneshot=q_one if rec else None,
@@ -200,7 +201,7 @@ if args.compare_uniform and sens is not None:
     # every sparse model and the best dense baseline timed in the same rounds, interleaved
     # (as served: through the lean forward unless --forward hf)
     runs = {"best dense": best_dense_model(served_forward(dense, args.forward)).eval(),
-            **{k: served_forward(v[0], args.forward) for k, v in sparse_models.items()}}
+            **{k: served_sparse(v[0], args.forward, "best_dense", x) for k, v in sparse_models.items()}}
     samples = {k: [] for k in runs}
     with thread_settings(args.threads), torch.inference_mode():
         for m in runs.values():

@@ -750,6 +750,7 @@ _nonneg_int = _int_at_least(0, "a non-negative integer")
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .convert.streamline import FORWARDS
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
@@ -830,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --score-candidates: also probe each layer group (the same layer of every block) "
                         "pruned alone, weight the per-layer losses by the output error that left, and score the "
                         "solver's plans on them as two more candidates")
-    s.add_argument("--forward", choices=("streamlined", "hf"), default="streamlined",
+    s.add_argument("--forward", choices=FORWARDS, default="streamlined",
                    help="with --target-speedup: time the model while planning, and measure it at the end, through "
                         "sparsert.streamline's lean forward as `sparsert serve` runs it (default; BERT-style "
                         "encoders and LLaMA-style causal LMs) or through its own forward ('hf')")

@@ -203,6 +203,43 @@ def test_auto_without_example_inputs_times_default_rows():
     assert_outputs_close(sparse(x), model(x))
 
 
+def test_auto_times_layers_cold_when_the_models_weights_exceed_the_cache(monkeypatch):
+    # a decode step reads every weight from memory: "auto" must time the candidates that way, not hot
+    import importlib
+
+    S = importlib.import_module("sparsert.convert.sparsify")  # (the package's `sparsify` is the function)
+
+    model = magnitude_prune(mlp(), 0.5)
+    x = torch.randn(1, 64)
+    hot = sparsert.sparsify(model, example_inputs=x, **FAST)
+    assert not hot.sparsity_plan.cold and "out of the cache" not in str(hot.sparsity_plan)
+
+    asked = []
+    real = S.cold_copies
+
+    def counted(module, cold_bytes, limit=4096):
+        out = real(module, cold_bytes, limit)
+        held = sum(t.numel() * t.element_size() for c in out for t in [*c.parameters(), *c.buffers()])
+        asked.append((cold_bytes, held))
+        return out
+
+    monkeypatch.setattr(S, "last_level_cache_bytes", lambda: 4096)  # the MLP's weights no longer fit
+    monkeypatch.setattr(S, "cold_copies", counted)
+    cold = sparsert.sparsify(model, example_inputs=x, **FAST)
+    plan = cold.sparsity_plan
+    assert plan.cold and "out of the cache" in str(plan)
+    timed = [d for d in plan if d.candidates]
+    assert timed and all(len(d.candidates) >= 2 for d in timed)
+    # every candidate of every timed layer cycled through copies holding (at least) 2 x the cache
+    assert len(asked) == sum(len(d.candidates) for d in timed)
+    assert all(cold_bytes == 2 * 4096 and held >= cold_bytes for cold_bytes, held in asked)
+    assert_outputs_close(cold(x), model(x))
+    # many rows per call: each weight serves them all, timed in cache as before
+    asked.clear()
+    many = sparsert.sparsify(model, example_inputs=torch.randn(64, 64), **FAST)
+    assert not many.sparsity_plan.cold and asked == []
+
+
 def test_inplace_converts_the_model_itself():
     model = magnitude_prune(mlp(), 0.9)
     x = torch.randn(4, 64)

@@ -767,3 +767,25 @@ def test_pruner_times_the_forward_that_serves_the_model(cache, monkeypatch, forw
     assert isinstance(timed[-1][0], nn.Sequential)
     with pytest.raises(ValueError, match="forward must be one of"):
         sparsert.Pruner(tiny_mlp(), target_speedup=1.5, example_inputs=torch.randn(4, 32), forward="onnx")
+
+
+def test_served_sparse_runs_the_linears_left_plain_on_the_best_dense_path_like_its_baseline():
+    # a planned model keeps some Linears plain (an lm_head, unplanned layers); measured against the best
+    # dense path they must run there too, as `sparsert serve` runs them, or the sparse model pays
+    # F.linear's pace for them (SmolLM2's lm_head: 11.4 vs 4.2 ms per token)
+    from sparsert.nn import DenseLinear, SparseLinear
+    from sparsert.planner.pruner import served_sparse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    with torch.no_grad():
+        model[0].weight[:, ::2] = 0
+    model[0] = SparseLinear.from_dense(model[0], "csr")
+    x = torch.randn(3, 32)
+    served = served_sparse(model, "streamlined", "best_dense", x)
+    assert served is not model and type(model[2]) is nn.Linear  # the caller's model is left as it was
+    assert isinstance(served[0], SparseLinear) and type(served[2]) is DenseLinear
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), model(x), rtol=1e-5, atol=1e-5)
+    eager = served_sparse(model, "streamlined", "torch", x)
+    assert type(eager[2]) is nn.Linear

@@ -48,9 +48,11 @@ class SparsityPlan(list):
     """
 
     def __init__(self, decisions: Iterable[LayerDecision] = (), *, format: str = "auto",
-                 min_speedup: float = 1.0, threads: int = 1, folded: Sequence[tuple] = ()):
+                 min_speedup: float = 1.0, threads: int = 1, folded: Sequence[tuple] = (), cold: bool = False):
         super().__init__(decisions)
         self.format = format
+        #: few-token layers were timed with their weights out of the cache (the model's weights exceed it)
+        self.cold = cold
         self.min_speedup = min_speedup
         self.threads = threads
         self.folded = list(folded)   # (conv name, batchnorm name) pairs folded before packing
@@ -90,6 +92,9 @@ class SparsityPlan(list):
         lines.append(f"{len(self.converted)}/{len(self)} layers sparse; their weights {dense_b / 1e6:.2f} MB -> "
                      f"{sparse_b / 1e6:.2f} MB; format={self.format}, min_speedup={self.min_speedup}, "
                      f"threads={self.threads}")
+        if self.cold:
+            lines.append("few-token layers timed with their weights out of the cache: the model's weights exceed the "
+                         "last-level cache, so in a call each layer reads its weights from memory")
         if self.folded:
             lines.append("folded BatchNorm: " + ", ".join(f"{b} -> {c}" for c, b in self.folded))
         return "\n".join(lines)

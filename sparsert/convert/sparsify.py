@@ -4,6 +4,7 @@ formats, swap in the fastest, check the whole model."""
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import sys
 from typing import Optional, Sequence
@@ -20,13 +21,16 @@ from ..nn import DenseLinear, Int8DenseLinear, SparseConv2d, SparseLinear
 from ..nn.surgery import rollback, swap
 from .batchnorm import fold_batchnorm
 from .plan import MAX_SPARSE_DENSITY, LayerDecision, SparsityPlan, candidate_formats
-from .timing import (call_model, call_times, capture_layer_inputs, close, flatten_tensors, max_rel_err,
-                     rms_rel_err)
+from .timing import (call_model, call_times, capture_layer_inputs, close, cold_copies, flatten_tensors,
+                     last_level_cache_bytes, max_rel_err, rms_rel_err, weights_exceed_cache)
 
 __all__ = ["sparsify", "int8_dense", "DEFAULT_TOKENS", "PRECISIONS", "INT8_SPARSE_FORMAT"]
 
 #: Token count used to time Linear layers when no ``example_inputs`` are given.
 DEFAULT_TOKENS = 32
+#: Up to this many rows per call, "auto" times a Linear with its weight out of the cache when the
+#: model's weights exceed the last-level cache (as a decode step finds it)
+COLD_MAX_TOKENS = 16
 
 #: what ``sparsify(precision=...)`` accepts
 PRECISIONS = ("fp32", "int8")
@@ -101,8 +105,10 @@ def _dense_decision(name: str, module: nn.Module, x: Optional[Tensor], reason: s
 
 
 def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, strict: bool,
-            min_time: float, rounds: int, input_note: str, precision: str = "fp32") -> tuple:
-    """Times ``kinds`` for one layer; returns (decision, new module or None)."""
+            min_time: float, rounds: int, input_note: str, precision: str = "fp32", cold_bytes: int = 0) -> tuple:
+    """Times ``kinds`` for one layer; returns (decision, new module or None). ``cold_bytes`` > 0:
+    each candidate cycles through copies of itself holding that many bytes (its weights come from
+    memory, as in a model whose weights exceed the cache)."""
     built: dict = {}
     for kind in kinds:
         if kind == "dense":
@@ -137,12 +143,18 @@ def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, stri
                 raise RuntimeError(f"layer {name!r}: the {kind} kernel's output differs from the dense layer "
                                    f"({error}); not converting")
         samples: dict = {k: [] for k in built}
-        for mod in built.values():  # warm-up (first calls allocate, page in the weights)
+        calls = {}
+        for kind, mod in built.items():
+            copies = cold_copies(mod, cold_bytes) if cold_bytes > 0 else [mod]
+            for c in copies:  # warm-up (first calls allocate, page in the weights)
+                c(x)
             mod(x)
-            mod(x)
+            turn = itertools.cycle(copies)
+            calls[kind] = lambda turn=turn: next(turn)(x)
         for _ in range(rounds):  # interleaved so drifting machine load hits every candidate alike
-            for kind, mod in built.items():
-                samples[kind].extend(call_times(lambda: mod(x), min_time / rounds, 3))
+            for kind, call in calls.items():
+                samples[kind].extend(call_times(call, min_time / rounds, 3))
+        del calls
     decision.candidates = {k: statistics.median(v) for k, v in samples.items()}
     decision.reason = "; ".join(r for r in (input_note, decision.reason) if r)
     return decision, built
@@ -229,7 +241,10 @@ def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_sp
             of kwargs). Each layer is timed on its real input captured from it,
             and the converted model is checked against the original on it. Without
             it, Linear layers are timed on ``DEFAULT_TOKENS`` random rows and
-            Conv2d layers stay dense under ``"auto"``.
+            Conv2d layers stay dense under ``"auto"``. When the model's weights exceed
+            the last-level cache, Linears called on at most ``COLD_MAX_TOKENS`` rows
+            (a decode step) are timed with their weights out of the cache, as they
+            run in the model (``sparsity_plan.cold``).
         min_speedup: ``"auto"`` keeps a layer dense unless the best sparse format is
             at least this much faster. Layers more than 90% nonzero
             (:data:`~sparsert.convert.plan.MAX_SPARSE_DENSITY`) stay dense without timing.
@@ -316,7 +331,7 @@ def _excluded(name: str, exclude: Sequence[str]) -> bool:
 
 
 def _convert_layer(model, name, captured, example_inputs, forced, plan, min_speedup, min_time, rounds, verbose,
-                   undo, precision="fp32") -> None:
+                   undo, precision="fp32", cold_bytes=0) -> None:
     """Times one pruned layer's candidates, swaps in the chosen one and records the decision in ``plan``."""
     module = model.get_submodule(name)
     x = captured.get(name)
@@ -339,8 +354,11 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
     if forced is None and x is None:
         plan.append(_dense_decision(name, module, None, note))
         return
-    decision, built = _decide(name, module, x if (forced is None or example_inputs is not None) else None,
-                              kinds, forced is not None, min_time, rounds, note, "int8" if int8 else "fp32")
+    timed_x = x if (forced is None or example_inputs is not None) else None
+    layer_cold = cold_bytes if timed_x is not None and _streams_its_weight(module, timed_x) else 0
+    decision, built = _decide(name, module, timed_x, kinds, forced is not None, min_time, rounds, note,
+                              "int8" if int8 else "fp32", layer_cold)
+    plan.cold = plan.cold or layer_cold > 0
     new = _choose(decision, built, min_speedup, forced)
     if new is not None:
         swap(model, name, new, undo)
@@ -348,6 +366,13 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
     if verbose:
         print(f"[sparsify] {name}: {decision.chosen}"
               + (f" ({decision.speedup:.2f}x)" if decision.speedup else ""), flush=True)
+
+
+def _streams_its_weight(module: nn.Module, x: Optional[Tensor]) -> bool:
+    """A Linear called on at most :data:`COLD_MAX_TOKENS` rows: its time is mostly reading its weight, so
+    where that comes from (cache or memory) decides which format wins; on more rows each weight
+    serves many and the ranking holds either way (and copies to time cold cost more)."""
+    return isinstance(module, nn.Linear) and x is not None and x.numel() // max(1, x.shape[-1]) <= COLD_MAX_TOKENS
 
 
 def _nearly_dense(model, name, module, x, plan, precision, undo, min_time, rounds) -> bool:
@@ -396,6 +421,12 @@ def _sparsify(model, forced, example_inputs, min_speedup, fold_bn, min_time, rou
     if example_inputs is not None:
         captured, _ = capture_layer_inputs(model, layers, example_inputs)
 
+    # A model whose weights exceed the last-level cache runs each layer with its weights evicted by the
+    # layers before it: its few-token Linears (a decode step) are timed that way too. Hot, SmolLM2's
+    # 1-token layers chose formats that ran 0.92x the dense model in it.
+    llc = last_level_cache_bytes()
+    cold = [m.weight for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    cold_bytes = 2 * llc if weights_exceed_cache(cold, llc) else 0
     plan = SparsityPlan(format="auto" if forced is None else forced, min_speedup=min_speedup,
                         threads=n_threads, folded=folded)
     bar = tqdm(layers, desc="sparsify", unit="layer", file=sys.stderr, leave=False, dynamic_ncols=True,
@@ -404,7 +435,7 @@ def _sparsify(model, forced, example_inputs, min_speedup, fold_bn, min_time, rou
         for name in bar:
             bar.set_postfix_str(name, refresh=False)
             _convert_layer(model, name, captured, example_inputs, forced, plan, min_speedup, min_time, rounds,
-                           verbose, undo, precision)
+                           verbose, undo, precision, cold_bytes)
     finally:
         bar.close()
     if precision == "int8":

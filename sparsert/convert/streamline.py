@@ -47,7 +47,7 @@ from ..ops.attention import attention as _attention
 from ..ops.attention import attention_torch
 from .streamline_decoder import StreamlinedDecoder, is_llama_style, rebuild_decoder, streamline_decoder
 
-__all__ = ["streamline", "streamlined_or_same", "rebuild", "fuse_linears", "StreamlinedEncoder", "StreamlinedDecoder", "KERNEL_ATTENTION_MAX_TOKENS", "ATTENTION_MODES"]
+__all__ = ["FORWARDS", "streamline", "streamlined_or_same", "rebuild", "fuse_linears", "StreamlinedEncoder", "StreamlinedDecoder", "KERNEL_ATTENTION_MAX_TOKENS", "ATTENTION_MODES"]
 
 #: Up to this many tokens "auto" attention runs sparsert's kernel (:func:`sparsert.ops.attention`);
 #: beyond, ``F.scaled_dot_product_attention``. Measured with 12 heads of 32 on 2 Zen 4 cores
@@ -297,6 +297,11 @@ def streamline(model: nn.Module, *, fuse_qkv: bool = True, attention: str = "aut
             if not hasattr(layer.attention.self, "qkv"):
                 _fuse_qkv(layer.attention.self)
     return out.eval()
+
+
+#: how a model is timed and served (the planner's and the serving Engine's ``forward=``):
+#: :func:`streamline`'s lean forward where it takes the model, or the model's own ("hf")
+FORWARDS = ("streamlined", "hf")
 
 
 def streamlined_or_same(model: nn.Module, *, fuse_qkv: bool = True) -> nn.Module:

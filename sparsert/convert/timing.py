@@ -3,13 +3,16 @@ outputs, per-call times."""
 
 from __future__ import annotations
 
+import copy
 import time
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["call_model", "capture_layer_inputs", "flatten_tensors", "close", "max_rel_err", "call_times"]
+__all__ = ["call_model", "capture_layer_inputs", "flatten_tensors", "close", "max_rel_err", "call_times",
+           "last_level_cache_bytes", "weights_exceed_cache", "cold_copies"]
 
 
 def call_model(model: nn.Module, example_inputs) -> Any:
@@ -88,3 +91,35 @@ def call_times(fn: Callable[[], Any], min_time: float, min_calls: int) -> list:
         if len(times) >= 10 * min_calls and time.perf_counter() - start > min_time / 4:
             break
     return times
+
+
+def last_level_cache_bytes() -> int:
+    """The CPU's last-level cache in bytes (Linux sysfs; 32 MiB where it cannot be read)."""
+    units = {"K": 1 << 10, "M": 1 << 20}
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()  # e.g. "32768K"
+            size = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+        except (OSError, ValueError):
+            continue
+        best = max(best, size)
+    return best or 32 << 20
+
+
+def weights_exceed_cache(weights: Iterable[Tensor], cache_bytes: int) -> bool:
+    """True when ``weights`` together exceed ``cache_bytes``: then each layer of a model call finds
+    its weights evicted by the layers before it, and is timed that way (:func:`cold_copies`)."""
+    return sum(w.numel() * w.element_size() for w in weights) > cache_bytes
+
+
+def _module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def cold_copies(module: nn.Module, cold_bytes: int, limit: int = 4096) -> list:
+    """``module`` and enough deep copies that cycling through them streams ``cold_bytes``
+    (at most ``limit`` in all): each call then finds its weights evicted, as in a model whose
+    weights do not fit the cache."""
+    n = min(limit, max(1, -(-cold_bytes // max(1, _module_bytes(module)))))
+    return [module] + [copy.deepcopy(module) for _ in range(n - 1)]

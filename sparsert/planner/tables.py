@@ -56,7 +56,8 @@ from torch import Tensor, nn
 from .. import ops as _ops
 from ..bench import best_dense_model, thread_settings
 from ..convert.plan import candidate_formats
-from ..convert.timing import call_model, call_times, capture_layer_inputs
+from ..convert.timing import (call_model, call_times, capture_layer_inputs, cold_copies,  # noqa: F401
+                              last_level_cache_bytes, weights_exceed_cache)
 from ..nn import DenseLinear, SparseConv2d, SparseLinear
 from ..nn.surgery import swap
 from ..prune.patterns import Pattern, parse_pattern, weight_2d_shape
@@ -218,32 +219,6 @@ def _build(module: nn.Module, kind: str) -> nn.Module:
 
 def _points(pattern: Pattern, sparsities: Sequence[float]) -> list:
     return [round(pattern.fixed_sparsity, 6)] if pattern.kind == "nm" else [float(s) for s in sparsities]
-
-
-def last_level_cache_bytes() -> int:
-    """The CPU's last-level cache in bytes (Linux sysfs; 32 MiB where it cannot be read)."""
-    units = {"K": 1 << 10, "M": 1 << 20}
-    best = 0
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (index / "size").read_text().strip().upper()  # e.g. "32768K"
-            size = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
-        except (OSError, ValueError):
-            continue
-        best = max(best, size)
-    return best or 32 << 20
-
-
-def _module_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
-def cold_copies(module: nn.Module, cold_bytes: int, limit: int = 4096) -> list:
-    """``module`` and enough deep copies that cycling through them streams ``cold_bytes``
-    (at most ``limit`` in all): each call then finds its weights evicted, as in a model whose
-    weights do not fit the cache."""
-    n = min(limit, max(1, -(-cold_bytes // max(1, _module_bytes(module)))))
-    return [module] + [copy.deepcopy(module) for _ in range(n - 1)]
 
 
 @torch.no_grad()
@@ -443,9 +418,8 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
         # evicted by the layers before it: time the layers that way too. Hot isolated timing put
         # SmolLM2's 210 decode Linears at 15.6 ms where the model spent ~60 ms in them (the whole
         # difference was then taken for the remainder, which no pruning shrinks).
-        weights = [model.get_submodule(n).weight for n in names]
         llc = last_level_cache_bytes()
-        cold_bytes = 2 * llc if sum(w.numel() * w.element_size() for w in weights) > llc else 0
+        cold_bytes = 2 * llc if weights_exceed_cache([model.get_submodule(n).weight for n in names], llc) else 0
         hits = misses = 0
         out: dict = {}
         for i, name in enumerate(names):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .pruner import Pruner, served_forward
+from .pruner import Pruner, served_forward, served_sparse
 from .tables import DEFAULT_PATTERNS, DEFAULT_SPARSITIES
 
 __all__ = ["prune_to_speedup", "calibration_batches", "default_importance", "quality", "reference_embeddings",
@@ -301,7 +301,7 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     candidates are chosen by (:data:`~sparsert.planner.scoring.METRICS`; default
     ``"pooled_cosine"`` for a sentence encoder, whose quality is its pooled embedding's,
     else ``"cosine"``). ``forward``: how the model is timed while planning and measured at the
-    end (:data:`~sparsert.planner.pruner.FORWARDS`): ``"streamlined"`` (default) through
+    end (:data:`~sparsert.convert.streamline.FORWARDS`): ``"streamlined"`` (default) through
     :func:`sparsert.streamline`'s lean forward where it takes the model, as ``sparsert serve``
     runs it; ``"hf"`` through the model's own.
     """
@@ -435,8 +435,8 @@ def prune_to_speedup(wl, target: float, *, baseline: str = "best_dense", importa
     q_sparse = quality(wl, loaded, dense, ref_emb)
     lap("quality (eval split)")
     # (as served: both through the lean forward where it takes the model, Q/K/V fused)
-    result = benchmark(served_forward(dense, forward), served_forward(loaded, forward), inputs, threads=threads,
-                       repeats=repeats, per_layer=False, verbose=False)
+    result = benchmark(served_forward(dense, forward), served_sparse(loaded, forward, baseline, inputs), inputs,
+                       threads=threads, repeats=repeats, per_layer=False, verbose=False)
     lap("benchmark")
     base = result.best_dense if baseline == "best_dense" else result.dense
     measured = base.median / result.sparse.median

@@ -45,6 +45,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from sparsert.convert.streamline import FORWARDS
+
 __all__ = ["DENSE_PATHS", "FORWARDS", "RequestError", "TensorSpec", "EngineSpec", "Frontend", "Engine", "load_tokenizer",
            "tokenizer_path_for", "save_tokenizer", "collect_completion", "MINILM_TOKENIZER", "SMOLLM2_TOKENIZER"]
 
@@ -64,8 +66,6 @@ MAX_ELEMENTS = 1 << 22    # elements per predict tensor (16 MiB as float32)
 MAX_STOP_STRINGS = 4      # OpenAI's limit on 'stop'
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default 'max_tokens' for /v1/completions
 DENSE_PATHS = ("best", "eager")  # how an Engine runs the plain nn.Linear layers of its model
-#: how an Engine runs a BERT-style encoder or a LLaMA-style causal LM: sparsert.streamline's lean forward, or Hugging Face's
-FORWARDS = ("streamlined", "hf")
 #: token counts at which Engine.warmup times the two dense paths of each layer ("best"): a worker's
 #: batches (a few short sentences) and a full one; other counts follow the nearest
 DENSE_TUNE_ROWS = (16, 128)
