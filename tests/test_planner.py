@@ -208,6 +208,35 @@ def test_layers_of_a_model_larger_than_the_cache_are_timed_with_their_weights_ev
     assert T.time_tables(model, ["0", "2"], x, **kw).cache_misses == 0
 
 
+def test_streaming_layers_keep_their_isolated_times_beside_the_measured_remainder(cache, monkeypatch):
+    # at many rows the layers are scaled so that layers + remainder add up to the measured model; layers
+    # that stream their weights from memory (few rows, cold) keep their isolated times and the remainder
+    # is the measured one: only an all-dense model ran its layers faster than alone (SmolLM2 decode)
+    model = tiny_mlp()
+
+    def fake_layer(module, x, patterns, sparsities, min_time, rounds, cold_bytes=0):
+        opts = {str(p): {str(s): [1e-3 * (1 - s), "csr"] for s in sparsities} for p in patterns}
+        return {"dense": 1e-3, "torch": 1e-3, "options": opts}
+
+    monkeypatch.setattr(T, "_time_layer", fake_layer)
+    # the model measures its two layers at half their isolated 1 ms each, plus 1 ms of remainder
+    monkeypatch.setattr(T, "_time_model_and_rest", lambda *a, **k: (2e-3, 1e-3))
+    kw = dict(threads=1, patterns=("unstructured",), sparsities=(0.5,), **TINY_TIMING)
+    names = ["0", "2"]
+    for rows, cold, scaled in ((1, False, True), (64, True, True), (1, True, False), (16, True, False)):
+        monkeypatch.setattr(T, "last_level_cache_bytes", (lambda: 4096) if cold else (lambda: 1 << 30))
+        tab = T.time_tables(model, names, torch.randn(rows, 32), **kw)
+        k = 0.5 if scaled else 1.0
+        assert tab.layer_scale == pytest.approx(k) and tab.remainder == pytest.approx(1e-3)
+        assert tab.model_seconds == pytest.approx(2e-3)
+        for lt in tab.layers.values():
+            assert lt.dense == pytest.approx(1e-3 * k)
+            assert lt.options["unstructured"][0.5][0] == pytest.approx(0.5e-3 * k)
+        # an all-dense plan adds up to the model only when scaled; streaming, it predicts what a model of
+        # layers running as fast as alone would take
+        assert (tab.remainder + tab.layer_seconds) == pytest.approx(2e-3 if scaled else 3e-3)
+
+
 def test_cold_copies_hold_the_bytes_asked_in_separate_storage_and_timing_cycles_through_them(monkeypatch):
     lin = nn.Linear(32, 16)  # 2,112 bytes of parameters
     copies = T.cold_copies(lin, 10_000)

@@ -21,8 +21,8 @@ from ..nn import DenseLinear, Int8DenseLinear, SparseConv2d, SparseLinear
 from ..nn.surgery import rollback, swap
 from .batchnorm import fold_batchnorm
 from .plan import MAX_SPARSE_DENSITY, LayerDecision, SparsityPlan, candidate_formats
-from .timing import (call_model, call_times, capture_layer_inputs, close, cold_copies, flatten_tensors,
-                     last_level_cache_bytes, max_rel_err, rms_rel_err, weights_exceed_cache)
+from .timing import (STREAMING_MAX_ROWS, call_model, call_times, capture_layer_inputs, close, cold_copies,
+                     flatten_tensors, last_level_cache_bytes, max_rel_err, rms_rel_err, weights_exceed_cache)
 
 __all__ = ["sparsify", "int8_dense", "DEFAULT_TOKENS", "PRECISIONS", "INT8_SPARSE_FORMAT"]
 
@@ -30,7 +30,7 @@ __all__ = ["sparsify", "int8_dense", "DEFAULT_TOKENS", "PRECISIONS", "INT8_SPARS
 DEFAULT_TOKENS = 32
 #: Up to this many rows per call, "auto" times a Linear with its weight out of the cache when the
 #: model's weights exceed the last-level cache (as a decode step finds it)
-COLD_MAX_TOKENS = 16
+COLD_MAX_TOKENS = STREAMING_MAX_ROWS
 
 #: what ``sparsify(precision=...)`` accepts
 PRECISIONS = ("fp32", "int8")

@@ -12,7 +12,11 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["call_model", "capture_layer_inputs", "flatten_tensors", "close", "max_rel_err", "call_times",
-           "last_level_cache_bytes", "weights_exceed_cache", "cold_copies"]
+           "last_level_cache_bytes", "weights_exceed_cache", "cold_copies", "STREAMING_MAX_ROWS"]
+
+#: Up to this many rows per call a Linear's time is mostly reading its weight (a decode step): where the
+#: weight comes from (cache or memory) decides which format wins, and it is timed where it comes from
+STREAMING_MAX_ROWS = 16
 
 
 def call_model(model: nn.Module, example_inputs) -> Any:
