@@ -495,7 +495,7 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
     # Layers that stream their weights from memory (a decode step: few rows, cold) keep their isolated
     # times, and the remainder is the measured one: in SmolLM2's dense model the 1-token layers ran at
     # ~0.82x their isolated times (each streaming on from the last), but in a pruned model its sparse
-    # layers ran at 0.92-1.08x theirs and the layers it left dense at 1.0-1.15x; scaled to the dense
+    # layers ran at 0.92-1.22x theirs and the layers it left dense at 1.05-1.41x; scaled to the dense
     # model, plans predicted 1.51-1.52x measured 1.25x. At many rows every layer follows the model's
     # scale (MiniLM at 128 tokens: 8.65 ms in the model for 8.70 predicted, against 10.5 alone).
     streaming = cold_bytes > 0 and all(max(1, math.prod(lt.input_shape[:-1])) <= STREAMING_MAX_ROWS
