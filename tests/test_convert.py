@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsert
-from sparsert.convert import SparsityPlan, candidate_formats, fold_batchnorm
+from sparsert.convert import SparsityPlan, candidate_formats, fold_batchnorm, timing
 from sparsert.convert.plan import MAX_SPARSE_DENSITY
 from sparsert.nn import DenseLinear, SparseConv2d, SparseLinear
 
@@ -203,6 +203,17 @@ def test_auto_without_example_inputs_times_default_rows():
     assert_outputs_close(sparse(x), model(x))
 
 
+def test_the_cold_rule_counts_rows_and_bytes(monkeypatch):
+    # rows = every dimension but the last; the cold rule is twice the cache, only when the weights exceed it
+    assert timing.streams_its_weight((576,)) and timing.streams_its_weight((1, 16, 576))
+    assert not timing.streams_its_weight((2, 9, 576)) and not timing.streams_its_weight((17, 8))
+    weights = [torch.zeros(32, 32), torch.zeros(16, 32)]  # 6,144 bytes
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 6144)
+    assert timing.cold_bytes_for(weights) == 0
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 6143)
+    assert timing.cold_bytes_for(iter(weights)) == 2 * 6143
+
+
 def test_auto_times_layers_cold_when_the_models_weights_exceed_the_cache(monkeypatch):
     # a decode step reads every weight from memory: "auto" must time the candidates that way, not hot
     import importlib
@@ -223,7 +234,7 @@ def test_auto_times_layers_cold_when_the_models_weights_exceed_the_cache(monkeyp
         asked.append((cold_bytes, held))
         return out
 
-    monkeypatch.setattr(S, "last_level_cache_bytes", lambda: 4096)  # the MLP's weights no longer fit
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 4096)  # the MLP's weights no longer fit
     monkeypatch.setattr(S, "cold_copies", counted)
     cold = sparsert.sparsify(model, example_inputs=x, **FAST)
     plan = cold.sparsity_plan

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import sparsert
+from sparsert.convert import timing
 from sparsert.planner import tables as T
 from sparsert.planner.plan import build_plan
 from sparsert.planner.solver import Option, solve
@@ -201,7 +202,7 @@ def test_layers_of_a_model_larger_than_the_cache_are_timed_with_their_weights_ev
     kw = dict(threads=1, patterns=("unstructured",), sparsities=(0.5,), **TINY_TIMING)
     T.time_tables(model, ["0", "2"], x, **kw)  # ~25 KB of weights: fits any cache, timed hot
     assert seen == [0, 0]
-    monkeypatch.setattr(T, "last_level_cache_bytes", lambda: 4096)  # now the weights do not fit
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 4096)  # now the weights do not fit
     cold = T.time_tables(model, ["0", "2"], x, **kw)
     assert seen[2:] == [8192, 8192] and cold.cache_misses > 0  # hot entries are not reused for cold ones
     assert all(t > 0 for lt in cold.layers.values() for t, _ in lt.options["unstructured"].values())
@@ -224,7 +225,7 @@ def test_streaming_layers_keep_their_isolated_times_beside_the_measured_remainde
     kw = dict(threads=1, patterns=("unstructured",), sparsities=(0.5,), **TINY_TIMING)
     names = ["0", "2"]
     for rows, cold, scaled in ((1, False, True), (64, True, True), (1, True, False), (16, True, False)):
-        monkeypatch.setattr(T, "last_level_cache_bytes", (lambda: 4096) if cold else (lambda: 1 << 30))
+        monkeypatch.setattr(timing, "last_level_cache_bytes", (lambda: 4096) if cold else (lambda: 1 << 30))
         tab = T.time_tables(model, names, torch.randn(rows, 32), **kw)
         k = 0.5 if scaled else 1.0
         assert tab.layer_scale == pytest.approx(k) and tab.remainder == pytest.approx(1e-3)

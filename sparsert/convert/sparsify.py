@@ -21,8 +21,8 @@ from ..nn import DenseLinear, Int8DenseLinear, SparseConv2d, SparseLinear
 from ..nn.surgery import rollback, swap
 from .batchnorm import fold_batchnorm
 from .plan import MAX_SPARSE_DENSITY, LayerDecision, SparsityPlan, candidate_formats
-from .timing import (STREAMING_MAX_ROWS, call_model, call_times, capture_layer_inputs, close, cold_copies,
-                     flatten_tensors, last_level_cache_bytes, max_rel_err, rms_rel_err, weights_exceed_cache)
+from .timing import (call_model, call_times, capture_layer_inputs, close, cold_bytes_for,
+                     cold_copies, flatten_tensors, max_rel_err, rms_rel_err, streams_its_weight)
 
 __all__ = ["sparsify", "int8_dense", "DEFAULT_TOKENS", "PRECISIONS", "INT8_SPARSE_FORMAT"]
 
@@ -30,7 +30,6 @@ __all__ = ["sparsify", "int8_dense", "DEFAULT_TOKENS", "PRECISIONS", "INT8_SPARS
 DEFAULT_TOKENS = 32
 #: Up to this many rows per call, "auto" times a Linear with its weight out of the cache when the
 #: model's weights exceed the last-level cache (as a decode step finds it)
-COLD_MAX_TOKENS = STREAMING_MAX_ROWS
 
 #: what ``sparsify(precision=...)`` accepts
 PRECISIONS = ("fp32", "int8")
@@ -242,7 +241,7 @@ def sparsify(model: nn.Module, format: str = "auto", example_inputs=None, min_sp
             and the converted model is checked against the original on it. Without
             it, Linear layers are timed on ``DEFAULT_TOKENS`` random rows and
             Conv2d layers stay dense under ``"auto"``. When the model's weights exceed
-            the last-level cache, Linears called on at most ``COLD_MAX_TOKENS`` rows
+            the last-level cache, Linears called on at most ``STREAMING_MAX_ROWS`` rows
             (a decode step) are timed with their weights out of the cache, as they
             run in the model (``sparsity_plan.cold``).
         min_speedup: ``"auto"`` keeps a layer dense unless the best sparse format is
@@ -355,7 +354,8 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
         plan.append(_dense_decision(name, module, None, note))
         return
     timed_x = x if (forced is None or example_inputs is not None) else None
-    layer_cold = cold_bytes if timed_x is not None and _streams_its_weight(module, timed_x) else 0
+    streams = isinstance(module, nn.Linear) and timed_x is not None and streams_its_weight(timed_x.shape)
+    layer_cold = cold_bytes if streams else 0
     decision, built = _decide(name, module, timed_x, kinds, forced is not None, min_time, rounds, note,
                               "int8" if int8 else "fp32", layer_cold)
     plan.cold = plan.cold or layer_cold > 0
@@ -366,13 +366,6 @@ def _convert_layer(model, name, captured, example_inputs, forced, plan, min_spee
     if verbose:
         print(f"[sparsify] {name}: {decision.chosen}"
               + (f" ({decision.speedup:.2f}x)" if decision.speedup else ""), flush=True)
-
-
-def _streams_its_weight(module: nn.Module, x: Optional[Tensor]) -> bool:
-    """A Linear called on at most :data:`COLD_MAX_TOKENS` rows: its time is mostly reading its weight, so
-    where that comes from (cache or memory) decides which format wins; on more rows each weight
-    serves many and the ranking holds either way (and copies to time cold cost more)."""
-    return isinstance(module, nn.Linear) and x is not None and x.numel() // max(1, x.shape[-1]) <= COLD_MAX_TOKENS
 
 
 def _nearly_dense(model, name, module, x, plan, precision, undo, min_time, rounds) -> bool:
@@ -424,9 +417,7 @@ def _sparsify(model, forced, example_inputs, min_speedup, fold_bn, min_time, rou
     # A model whose weights exceed the last-level cache runs each layer with its weights evicted by the
     # layers before it: its few-token Linears (a decode step) are timed that way too. Hot, SmolLM2's
     # 1-token layers chose formats that ran 0.92x the dense model in it.
-    llc = last_level_cache_bytes()
-    cold = [m.weight for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    cold_bytes = 2 * llc if weights_exceed_cache(cold, llc) else 0
+    cold_bytes = cold_bytes_for(m.weight for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
     plan = SparsityPlan(format="auto" if forced is None else forced, min_speedup=min_speedup,
                         threads=n_threads, folded=folded)
     bar = tqdm(layers, desc="sparsify", unit="layer", file=sys.stderr, leave=False, dynamic_ncols=True,

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["call_model", "capture_layer_inputs", "flatten_tensors", "close", "max_rel_err", "call_times",
-           "last_level_cache_bytes", "weights_exceed_cache", "cold_copies", "STREAMING_MAX_ROWS"]
+           "last_level_cache_bytes", "weights_exceed_cache", "cold_bytes_for", "streams_its_weight", "cold_copies",
+           "STREAMING_MAX_ROWS"]
 
 #: Up to this many rows per call a Linear's time is mostly reading its weight (a decode step): where the
 #: weight comes from (cache or memory) decides which format wins, and it is timed where it comes from
@@ -115,6 +116,24 @@ def weights_exceed_cache(weights: Iterable[Tensor], cache_bytes: int) -> bool:
     """True when ``weights`` together exceed ``cache_bytes``: then each layer of a model call finds
     its weights evicted by the layers before it, and is timed that way (:func:`cold_copies`)."""
     return sum(w.numel() * w.element_size() for w in weights) > cache_bytes
+
+
+def cold_bytes_for(weights: Iterable[Tensor]) -> int:
+    """How many bytes of copies a layer of a model holding ``weights`` cycles through when timed
+    (:func:`cold_copies`): twice the last-level cache when the weights exceed it, else 0 (timed hot)."""
+    llc = last_level_cache_bytes()
+    return 2 * llc if weights_exceed_cache(weights, llc) else 0
+
+
+def streams_its_weight(input_shape: Iterable[int]) -> bool:
+    """A Linear called on inputs of ``input_shape`` (at most :data:`STREAMING_MAX_ROWS` rows) spends its
+    time reading its weight: where that comes from (cache or memory) decides which format wins. On
+    more rows each weight serves many and the ranking holds either way."""
+    shape = list(input_shape)
+    rows = 1
+    for d in shape[:-1]:
+        rows *= int(d)
+    return rows <= STREAMING_MAX_ROWS
 
 
 def _module_bytes(module: nn.Module) -> int:

@@ -47,7 +47,6 @@ import functools
 import hashlib
 import itertools
 import json
-import math
 import os
 import platform
 import statistics
@@ -61,8 +60,8 @@ from torch import Tensor, nn
 from .. import ops as _ops
 from ..bench import best_dense_model, thread_settings
 from ..convert.plan import candidate_formats
-from ..convert.timing import (STREAMING_MAX_ROWS, call_model, call_times, capture_layer_inputs,  # noqa: F401
-                              cold_copies, last_level_cache_bytes, weights_exceed_cache)
+from ..convert.timing import (call_model, call_times, capture_layer_inputs, cold_bytes_for,  # noqa: F401
+                              cold_copies, last_level_cache_bytes, streams_its_weight)
 from ..nn import DenseLinear, SparseConv2d, SparseLinear
 from ..nn.surgery import swap
 from ..prune.patterns import Pattern, parse_pattern, weight_2d_shape
@@ -428,8 +427,7 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
         # evicted by the layers before it: time the layers that way too. Hot isolated timing put
         # SmolLM2's 210 decode Linears at 15.6 ms where the model spent ~60 ms in them (the whole
         # difference was then taken for the remainder, which no pruning shrinks).
-        llc = last_level_cache_bytes()
-        cold_bytes = 2 * llc if weights_exceed_cache([model.get_submodule(n).weight for n in names], llc) else 0
+        cold_bytes = cold_bytes_for(model.get_submodule(n).weight for n in names)
         hits = misses = 0
         out: dict = {}
         for i, name in enumerate(names):
@@ -498,8 +496,7 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
     # layers ran at 0.92-1.22x theirs and the layers it left dense at 1.05-1.41x; scaled to the dense
     # model, plans predicted 1.51-1.52x measured 1.25x. At many rows every layer follows the model's
     # scale (MiniLM at 128 tokens: 8.65 ms in the model for 8.70 predicted, against 10.5 alone).
-    streaming = cold_bytes > 0 and all(max(1, math.prod(lt.input_shape[:-1])) <= STREAMING_MAX_ROWS
-                                       for lt in out.values())
+    streaming = cold_bytes > 0 and all(streams_its_weight(lt.input_shape) for lt in out.values())
     scale = 1.0
     if isolated > 0 and not streaming:
         scale = min(max((model_s - rest_s) / isolated, _SCALE_BOUNDS[0]), _SCALE_BOUNDS[1])
