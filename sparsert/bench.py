@@ -274,15 +274,16 @@ def _timed_calls(fn: Callable[[], Any], calls: int) -> list:
 
 
 def best_dense_model(model: nn.Module, example_inputs=None, *, min_time: float = 0.02,
-                     rounds: int = 5) -> nn.Module:
+                     rounds: int = 5, inplace: bool = False) -> nn.Module:
     """A copy of ``model`` with every plain ``nn.Linear`` on the best dense path
     (:class:`~sparsert.nn.DenseLinear`, sharing the weights): the baseline the
     benchmarks report beside torch eager.
 
     With ``example_inputs`` each of those layers is tuned on the input it gets from them
     (:meth:`~sparsert.nn.DenseLinear.tune`: oneDNN prepacked or eager ``F.linear``,
-    whichever measures faster at that token count); without, the default rule."""
-    out = copy.deepcopy(model)  # shares nothing with the caller's modules
+    whichever measures faster at that token count); without, the default rule.
+    ``inplace``: swap the layers of ``model`` itself (a copy the caller made) instead."""
+    out = model if inplace else copy.deepcopy(model)  # a copy shares nothing with the caller's modules
     names = [n for n, m in out.named_modules() if type(m) is nn.Linear]
     skip = [n + "." for n, m in out.named_modules() if isinstance(m, nn.MultiheadAttention)]
     swapped = []

@@ -819,3 +819,14 @@ def test_served_sparse_runs_the_linears_left_plain_on_the_best_dense_path_like_i
         torch.testing.assert_close(served(x), model(x), rtol=1e-5, atol=1e-5)
     eager = served_sparse(model, "streamlined", "torch", x)
     assert type(eager[2]) is nn.Linear
+    # a model streamline takes is copied once (streamlined), and the caller's is left as it was
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=24)).eval()
+    ids = {"input_ids": torch.randint(0, 50, (2, 5))}
+    lean = served_sparse(bert, "streamlined", "best_dense", ids)
+    assert type(lean.encoder.layer[0].attention.self.qkv) is DenseLinear
+    assert type(bert.encoder.layer[0].attention.self.query) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(lean(**ids).last_hidden_state, bert(**ids).last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
