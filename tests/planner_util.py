@@ -49,13 +49,22 @@ def synthetic_timing(monkeypatch):
         dense = layer_seconds(rows, cols, tokens)
         return {"dense": dense, "torch": 1.2 * dense, "options": options}
 
-    def fake_time_model_and_rest(model, names, example_inputs, min_time, baseline, rounds=5):
+    def fake_time_model_and_rest(model, names, example_inputs, min_time, baseline, rounds=5, served=None):
+        from sparsert.convert.streamline import fusion_groups
         from sparsert.convert.timing import capture_layer_inputs
 
         captured, _ = capture_layer_inputs(model, names, example_inputs)
+        # the model as served runs each fused group (all in names) as one call of the stacked rows
+        calls = [(n,) for n in names]
+        if served is not None:
+            groups = [g for g in fusion_groups(model) if all(n in names for n in g)]
+            grouped = {n for g in groups for n in g}
+            calls = [c for c in calls if c[0] not in grouped] + groups
         layers = 0.0
-        for name, x in captured.items():
-            rows, cols = weight_2d_shape(model.get_submodule(name).weight)
+        for call in calls:
+            x = captured[call[0]]
+            rows = sum(weight_2d_shape(model.get_submodule(n).weight)[0] for n in call)
+            cols = weight_2d_shape(model.get_submodule(call[0]).weight)[1]
             layers += layer_seconds(rows, cols, x.numel() // x.shape[-1]) * (1.2 if baseline == "torch" else 1.0)
         rest = 10 * per_call
         return layers + rest, rest

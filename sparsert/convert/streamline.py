@@ -47,7 +47,7 @@ from ..ops.attention import attention as _attention
 from ..ops.attention import attention_torch
 from .streamline_decoder import StreamlinedDecoder, is_llama_style, rebuild_decoder, streamline_decoder
 
-__all__ = ["FORWARDS", "streamline", "streamlined_or_same", "rebuild", "fuse_linears", "StreamlinedEncoder", "StreamlinedDecoder", "KERNEL_ATTENTION_MAX_TOKENS", "ATTENTION_MODES"]
+__all__ = ["FORWARDS", "streamline", "streamlined_or_same", "rebuild", "fuse_linears", "fusion_groups", "StreamlinedEncoder", "StreamlinedDecoder", "KERNEL_ATTENTION_MAX_TOKENS", "ATTENTION_MODES"]
 
 #: Up to this many tokens "auto" attention runs sparsert's kernel (:func:`sparsert.ops.attention`);
 #: beyond, ``F.scaled_dot_product_attention``. Measured with 12 heads of 32 on 2 Zen 4 cores
@@ -144,6 +144,36 @@ def fuse_linears(mods) -> nn.Module | None:
     from ..nn import SparseLinear
 
     return SparseLinear.from_dense(fused, kind)
+
+
+def fusion_groups(model: nn.Module) -> list[tuple[str, ...]]:
+    """The Linears of a streamlined model (built with ``fuse_qkv=False``) that its fused twin runs as
+    one call when they are of one kind (:func:`fuse_linears`): per layer Q/K/V (encoders, decoders)
+    and gate/up (decoders), as module names of ``model``. Empty for any other model."""
+    groups: list[tuple[str, ...]] = []
+    if isinstance(model, StreamlinedEncoder):
+        for i, layer in enumerate(model.encoder.layer):
+            sa = layer.attention.self
+            mods = [getattr(sa, n, None) for n in ("query", "key", "value")]
+            if all(m is not None for m in mods) and len({getattr(m, "out_features", None) for m in mods}) == 1:
+                groups.append(tuple(f"encoder.layer.{i}.attention.self.{n}" for n in ("query", "key", "value")))
+    elif isinstance(model, StreamlinedDecoder):
+        for i, layer in enumerate(model.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            if all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
+                groups.append(tuple(f"model.layers.{i}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")))
+            if (hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj")
+                    and getattr(mlp.gate_proj, "out_features", None) == getattr(mlp.up_proj, "out_features", None)):
+                groups.append((f"model.layers.{i}.mlp.gate_proj", f"model.layers.{i}.mlp.up_proj"))
+    return [g for g in groups if all(_has_module(model, n) for n in g)]
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _fuse_qkv(self_attention: nn.Module) -> bool:

@@ -4,6 +4,7 @@ with the least estimated loss, in a table a person reads, and its frontier plot.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from typing import Mapping, Optional, Sequence
@@ -32,6 +33,9 @@ class LayerPlan:
     seconds: float              # predicted (measured table) time of the layer as planned
     baseline_seconds: float     # the layer on the baseline path
     error: float                # estimated relative output error (sensitivity table; 0 when dense)
+    #: the group this layer runs in as one call ("q+k+v" names joined by "+"; "" alone): its ``seconds``
+    #: is its share of the group's time, in proportion to the members' own times
+    fused: str = ""
 
     @property
     def speedup(self) -> float:
@@ -104,13 +108,18 @@ class Plan:
 
         base = "best dense" if self.baseline == "best_dense" else "torch"
         head = ["layer", "pattern", "sparsity", "format", "ms", f"{base} ms", "speedup", "sensitivity"]
-        rows = [[l.name, l.pattern or "dense", f"{l.sparsity:.2f}", l.format, f"{l.seconds * 1e3:.3f}",
+        rows = [[l.name, l.pattern or "dense", f"{l.sparsity:.2f}", l.format + ("*" if l.fused else ""),
+                 f"{l.seconds * 1e3:.3f}",
                  f"{l.baseline_seconds * 1e3:.3f}", f"{l.speedup:.2f}x", f"{l.error:.3f}"] for l in self.layers]
         lines = _format_table(head, rows)
         layer_base = sum(l.baseline_seconds for l in self.layers)
         lines.append(f"{len(self.pruned)}/{len(self.layers)} layers pruned; layers {layer_base * 1e3:.2f} -> "
                      f"{sum(l.seconds for l in self.layers) * 1e3:.2f} ms, rest of the model "
                      f"{self.remainder * 1e3:.2f} ms (measured, unchanged)")
+        groups = {l.fused for l in self.layers if l.fused}
+        if groups:
+            lines.append(f"* run as one call with the other layers of its group ({len(groups)} groups: Q/K/V, "
+                         f"gate/up of one format): the group's time, shared in proportion to the layers' own")
         lines.append(f"predicted end to end: {self.model_seconds * 1e3:.2f} -> {self.predicted_seconds * 1e3:.2f} ms "
                      f"= {self.predicted_speedup:.2f}x vs {base} (asked {self.target:g}x; best reachable "
                      f"{self.best_speedup:.2f}x); summed squared error {self.loss:.4f}"
@@ -158,8 +167,13 @@ class Plan:
 def best_speedup(tables: TimeTables, options: Optional[list] = None) -> float:
     """The predicted speedup with every layer at its fastest timed option (or ``options``)."""
     if options is None:
-        fastest = sum(min([lt.dense] + [t for pts in lt.options.values() for t, _ in pts.values()])
-                      for lt in tables.layers.values())
+        def quickest(lt) -> float:
+            return min([lt.dense] + [t for pts in lt.options.values() for t, _ in pts.values()])
+
+        grouped = {n for g in tables.fused for n in g}
+        fastest = (sum(quickest(lt) for n, lt in tables.layers.items() if n not in grouped)
+                   + sum(min(sum(quickest(tables.layers[n]) for n in g), quickest(lt))
+                         for g, lt in tables.fused.items()))
     else:
         fastest = sum(min(o.seconds for o in opts) for opts in options)
     return tables.model_seconds / (tables.remainder + fastest)
@@ -218,11 +232,124 @@ def layer_options(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable
 def _layer_plans(tables: TimeTables, names: Sequence[str], chosen: Sequence[Option]) -> list:
     layers = []
     for name, o in zip(names, chosen):
-        pattern, s, kind = o.label
+        pattern, s, kind = o.label[:3]
         lt = tables.layers[name]
         layers.append(LayerPlan(name, pattern, float(s), kind, o.seconds, lt.baseline(tables.baseline),
-                                0.0 if pattern is None else math.sqrt(o.loss)))
+                                0.0 if pattern is None else math.sqrt(o.loss), o.label[3] if len(o.label) > 3 else ""))
     return layers
+
+
+# ---------------------------------------------------------------- fused groups
+# The served model runs each group of tables.fused (Q/K/V, gate/up) as one call when its layers share a
+# format (sparsert.convert.streamline.fuse_linears): then the group costs its fused time, not the sum of
+# its layers' times. Options that leave the group in one format are therefore the group at one point
+# (or all dense) in the fused Linear's fastest format; every other combination runs as separate calls.
+
+def _fused_parts(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], group: tuple,
+                 point: tuple) -> Optional[list]:
+    """The group's layers at ``point`` (``(pattern, sparsity)``, or ``(None, 0.0)``: dense) run as
+    one call: one Option per layer, each holding its share of the fused time (in proportion to the
+    layers' own times at that point), labelled ``(pattern, sparsity, fused format, group)``.
+    None where the fused Linear or a layer was not timed (or scored) there."""
+    fused = tables.fused[group]
+    pattern, s = point
+    tag = "+".join(group)
+    if pattern is None:
+        own = [tables.layers[n].dense for n in group]
+        total, kind, losses = fused.dense, "dense", [0.0] * len(group)
+    else:
+        pt = fused.options.get(pattern, {}).get(s)
+        if pt is None:
+            return None
+        total, kind = pt
+        own, losses = [], []
+        for n in group:
+            mine = tables.layers[n].options.get(pattern, {}).get(s)
+            loss = _loss(sensitivity.get(pattern), n, s)
+            if mine is None or loss is None:
+                return None
+            own.append(mine[0])
+            losses.append(loss)
+    share = sum(own)
+    return [Option(total * (o / share if share > 0 else 1 / len(group)), l, (pattern, s, kind, tag))
+            for o, l in zip(own, losses)]
+
+
+def _one_call(parts: Sequence[Option]) -> bool:
+    """The layers' own options leave them in one format at one point: the served model fuses them."""
+    return len({o.label[:3] for o in parts}) == 1
+
+
+def _pareto(opts: list) -> list:
+    """The options no other is both faster (or as fast) and less lossy than."""
+    out, least = [], math.inf
+    for o in sorted(opts, key=lambda o: (o.seconds, o.loss)):
+        if o.loss < least - 1e-15:
+            out.append(o)
+            least = o.loss
+    return out
+
+
+def _items(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], names: Sequence[str],
+           options: list, allowed=None) -> tuple:
+    """The solver's items: each layer alone, and each fused group of ``tables.fused`` as one item whose
+    options are its layers' own combinations that run as separate calls plus the group as one call at
+    every point its layers were all timed at (``allowed(pattern, sparsity)``; also where a layer alone is no faster
+    than dense: SmolLM2's 192-row k_proj may not pay alone, but in one call with q and v). Each
+    option's label is the list of its layers' Options. Returns ``(layers per item, [[Option]] per item)``."""
+    index = {n: i for i, n in enumerate(names)}
+    groups = [g for g in tables.fused if all(n in index for n in g)]
+    grouped = {n for g in groups for n in g}
+    members = [(n,) for n in names if n not in grouped]
+    items = [[Option(o.seconds, o.loss, [o]) for o in options[index[n]]] for (n,) in members]
+    for g in groups:
+        own = [options[index[n]] for n in g]
+        opts = []
+        timed = [{(p, x) for p, pts in tables.layers[n].options.items() for x in pts
+                  if allowed is None or allowed(p, x)} for n in g]
+        if all(any(o.label[0] is None for o in opts_n) for opts_n in own):  # dense is a choice here
+            timed = [t | {(None, 0.0)} for t in timed]
+        fused = {point: _fused_parts(tables, sensitivity, g, point) for point in set.intersection(*timed)}
+        for parts in itertools.product(*own):
+            if not _one_call(parts) or fused.get(parts[0].label[:2]) is None:
+                opts.append(Option(sum(o.seconds for o in parts), sum(o.loss for o in parts), list(parts)))
+        for parts in fused.values():
+            if parts is not None:
+                opts.append(Option(sum(o.seconds for o in parts), sum(o.loss for o in parts), parts))
+        members.append(g)
+        items.append(_pareto(opts))
+    return members, items
+
+
+def _solve_items(members: list, items: list, names: Sequence[str], budget: float, bins: int) -> tuple:
+    """Solves over :func:`_items`' output: ``(Solution, the chosen Option per layer of names)``."""
+    sol = solve(items, budget, bins=bins)
+    picked = {}
+    for m, opts, j in zip(members, items, sol.choice):
+        picked.update(zip(m, opts[j].label))
+    return sol, [picked[n] for n in names]
+
+
+def _as_served(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], names: Sequence[str],
+               chosen: list) -> list:
+    """``chosen`` (one Option per layer) as the served model runs it: a fused group whose layers share
+    one format at one point runs as one call (its fused time); whose layers share one point in
+    different formats runs the faster way. Everything else as chosen."""
+    index = {n: i for i, n in enumerate(names)}
+    out = list(chosen)
+    for g in tables.fused:
+        if not all(n in index for n in g):
+            continue
+        parts = [out[index[n]] for n in g]
+        if len({o.label[:2] for o in parts}) != 1:
+            continue
+        fused = _fused_parts(tables, sensitivity, g, parts[0].label[:2])
+        if fused is None:
+            continue
+        if _one_call(parts) or sum(o.seconds for o in fused) < sum(o.seconds for o in parts):
+            for n, o in zip(g, fused):
+                out[index[n]] = o
+    return out
 
 
 def uniform_points(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable]) -> list:
@@ -232,17 +359,17 @@ def uniform_points(tables: TimeTables, sensitivity: Mapping[str, SensitivityTabl
     out = []
     for pattern in sorted({p for lt in tables.layers.values() for p in lt.options}):
         for s in sorted({s for lt in tables.layers.values() for s in lt.options.get(pattern, {})}):
-            t, loss, ok = tables.remainder, 0.0, True
+            chosen = []
             for name in names:
                 pt = tables.layers[name].options.get(pattern, {}).get(s)
                 l = _loss(sensitivity.get(pattern), name, s)
                 if pt is None or l is None:
-                    ok = False
                     break
-                t += pt[0]
-                loss += l
-            if ok:
-                out.append((pattern, float(s), tables.model_seconds / t, loss))
+                chosen.append(Option(pt[0], l, (pattern, s, pt[1])))
+            else:
+                chosen = _as_served(tables, sensitivity, names, chosen)
+                t = tables.remainder + sum(o.seconds for o in chosen)
+                out.append((pattern, float(s), tables.model_seconds / t, sum(o.loss for o in chosen)))
     return out
 
 
@@ -260,7 +387,7 @@ def _point_option(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable
 def fixed_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], target: float,
                choice: Mapping[str, Optional[tuple]], *, sensitivity_note: str = "") -> Plan:
     """Each layer of the tables at the timed ``(pattern, sparsity)`` that ``choice`` gives it, or
-    dense (``None`` or absent), as a Plan (the solver's frontier left empty); ``KeyError`` if a
+    dense (``None``, ``(None, 0.0)`` or absent), as a Plan (the solver's frontier left empty); ``KeyError`` if a
     chosen point was not timed or scored for that layer."""
     names = list(tables.layers)
     unknown = [n for n in choice if n not in tables.layers]
@@ -270,10 +397,11 @@ def fixed_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], 
     for name in names:
         lt = tables.layers[name]
         point = choice.get(name)
-        if point is None:
+        if point is None or point[0] is None:
             chosen.append(Option(lt.dense, 0.0, (None, 0.0, "dense")))
             continue
         chosen.append(_point_option(tables, sensitivity, name, *point))
+    chosen = _as_served(tables, sensitivity, names, chosen)
     return Plan(_layer_plans(tables, names, chosen), float(target), tables.baseline, tables.model_seconds,
                 tables.remainder, best_speedup(tables), sum(o.loss for o in chosen), [],
                 [(f"{p}@{s:g}", sp, l) for p, s, sp, l in uniform_points(tables, sensitivity)], sensitivity_note)
@@ -297,9 +425,9 @@ def two_level_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTabl
     target = check_target(target)
     names = list(tables.layers)
     options = [[_point_option(tables, sensitivity, n, pattern, s) for s in (low, high)] for n in names]
-    sol = solve(options, tables.model_seconds / target - tables.remainder, bins=bins)
-    return fixed_plan(tables, sensitivity, target,
-                      {n: opts[j].label[:2] for n, opts, j in zip(names, options, sol.choice)},
+    members, items = _items(tables, sensitivity, names, options, lambda p, x: p == pattern and x in (low, high))
+    _, chosen = _solve_items(members, items, names, tables.model_seconds / target - tables.remainder, bins)
+    return fixed_plan(tables, sensitivity, target, {n: o.label[:2] for n, o in zip(names, chosen)},
                       sensitivity_note=sensitivity_note)
 
 
@@ -335,7 +463,9 @@ def build_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], 
     limits the patterns the solver may give a layer (default: every timed one); ``groups``
     (``{name: [layer, ...]}``) makes the layers of each group share one pattern and sparsity
     (or stay dense together): the solver then chooses per group, e.g. per kind of layer of a
-    transformer block (:func:`sparsert.planner.scoring.layer_groups`).
+    transformer block (:func:`sparsert.planner.scoring.layer_groups`). Layers the served model runs
+    as one call (``tables.fused``) are solved as one item (see :func:`_items`); with ``groups`` they
+    are solved apart and then timed as served.
 
     Raises ``ValueError`` for a target <= 1 or beyond the best reachable speedup (saying it).
     """
@@ -349,16 +479,17 @@ def build_plan(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], 
         picked = {}
         for m, opts, j in zip(members, group_opts, sol.choice):
             picked.update(zip(m, opts[j].label[1]))
-        layers = _layer_plans(tables, names, [picked[n] for n in names])
+        layers = _layer_plans(tables, names, _as_served(tables, sensitivity, names, [picked[n] for n in names]))
         frontier = [(total / (remainder + t), loss) for t, loss in sol.frontier if remainder + t > 0]
         uniform = [(f"{p}@{s:g}", sp, l) for p, s, sp, l in uniform_points(tables, sensitivity)]
         return Plan(layers, target, tables.baseline, total, remainder, best_speedup(tables, group_opts), sol.loss,
                     frontier, uniform, sensitivity_note)
-    check_reachable(tables, target, best_speedup(tables, options))
-    budget = total / target - remainder
-    sol = solve(options, budget, bins=bins)
-    layers = _layer_plans(tables, names, [opts[j] for opts, j in zip(options, sol.choice)])
+    members, items = _items(tables, sensitivity, names, options,
+                            None if patterns is None else (lambda p, _: p in patterns))
+    check_reachable(tables, target, best_speedup(tables, items))
+    sol, chosen = _solve_items(members, items, names, total / target - remainder, bins)
+    layers = _layer_plans(tables, names, chosen)
     frontier = [(total / (remainder + t), loss) for t, loss in sol.frontier if remainder + t > 0]
     uniform = [(f"{p}@{s:g}", sp, l) for p, s, sp, l in uniform_points(tables, sensitivity)]
-    return Plan(layers, target, tables.baseline, total, remainder, best_speedup(tables, options), sol.loss, frontier,
+    return Plan(layers, target, tables.baseline, total, remainder, best_speedup(tables, items), sol.loss, frontier,
                 uniform, sensitivity_note)

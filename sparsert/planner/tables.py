@@ -27,6 +27,13 @@ step): those keep their isolated times beside the measured remainder, since
 in a pruned model the sparse layers and the layers left dense ran as fast as
 alone while only an all-dense model ran its layers faster.
 
+Layers the served model runs as one call when they share a format (Q/K/V,
+gate/up: ``fused=``, :func:`sparsert.convert.streamline.fusion_groups`) are
+timed that way too, as one Linear of their stacked rows (:attr:`TimeTables.fused`),
+and the whole model is timed as served (``served=``, those groups fused): the
+plan then counts a group in one format as one call (a uniform 4x1 plan for
+SmolLM2's decode predicted 1.52x from separate calls and measured 1.80x fused).
+
 A model whose prunable weights exceed the last-level cache runs each layer
 with its weights evicted by the layers before it; its layers are timed that
 way too, each candidate cycling through copies of itself that hold twice the
@@ -163,11 +170,16 @@ class TimeTables:
     #: the remainder as measured, where the layers keep their isolated times (layers that stream their
     #: weights from memory: a few rows each, cold); None: the model minus the scaled layers
     rest_seconds: Optional[float] = None
+    #: {(layer, ...): LayerTimes}: groups of layers the served model runs as one call when they share a
+    #: format (Q/K/V, gate/up), timed as that one Linear; layers left dense are always of one kind
+    fused: dict = dataclasses.field(default_factory=dict)
 
     @property
     def layer_seconds(self) -> float:
-        """The prunable layers' summed baseline time."""
-        return sum(t.baseline(self.baseline) for t in self.layers.values())
+        """The prunable layers' summed baseline time (a fused group's as its one call)."""
+        grouped = {n for g in self.fused for n in g}
+        return (sum(t.baseline(self.baseline) for n, t in self.layers.items() if n not in grouped)
+                + sum(t.baseline(self.baseline) for t in self.fused.values()))
 
     @property
     def remainder(self) -> float:
@@ -318,12 +330,12 @@ class _Cache:
         self.dirty = False
 
 
-def _model_key(model: nn.Module, names: Sequence[str], example_inputs, baseline: str) -> str:
+def _model_key(model: nn.Module, names: Sequence[str], example_inputs, baseline: str, served: bool = False) -> str:
     shapes = [(n, list(p.shape)) for n, p in model.named_parameters()]
     flat = example_inputs.values() if isinstance(example_inputs, dict) else (
         [example_inputs] if isinstance(example_inputs, Tensor) else example_inputs)
     ins = [[list(t.shape), str(t.dtype)] for t in flat if isinstance(t, Tensor)]
-    text = json.dumps([type(model).__name__, shapes, sorted(names), ins, baseline])
+    text = json.dumps([type(model).__name__, shapes, sorted(names), ins, baseline] + (["served"] if served else []))
     return "model:" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -342,10 +354,10 @@ class _ZerosLike(nn.Module):
 
 @torch.no_grad()
 def _time_model_and_rest(model: nn.Module, names: Sequence[str], example_inputs, min_time: float,
-                         baseline: str, rounds: int = 5) -> tuple:
-    """Median seconds of ``model`` on the ``baseline`` path and of a copy whose layers ``names``
-    return zeros of their output's shape (the remainder, measured directly), interleaved over
-    ``rounds``."""
+                         baseline: str, rounds: int = 5, served: Optional[nn.Module] = None) -> tuple:
+    """Median seconds of ``model`` (``served`` where given: the same model as it runs) on the
+    ``baseline`` path and of a copy of ``model`` whose layers ``names`` return zeros of their output's
+    shape (the remainder, measured directly), interleaved over ``rounds``."""
     outputs: dict = {}
     handles = [model.get_submodule(n).register_forward_hook(
         lambda mod, args, out, _n=n: outputs.setdefault(_n, out)) for n in names]
@@ -363,7 +375,7 @@ def _time_model_and_rest(model: nn.Module, names: Sequence[str], example_inputs,
     # stubbed before the baseline conversion: prepacked oneDNN weights cannot be deep-copied
     on_baseline = ((lambda m: best_dense_model(m, example_inputs)) if baseline == "best_dense"
                    else copy.deepcopy)
-    model, rest = on_baseline(model).eval(), on_baseline(rest).eval()
+    model, rest = on_baseline(model if served is None else served).eval(), on_baseline(rest).eval()
     for _ in range(3):
         call_model(model, example_inputs)
         call_model(rest, example_inputs)
@@ -388,12 +400,18 @@ _SCALE_BOUNDS = (0.5, 1.5)
 def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, baseline: str = "best_dense",
                 patterns: Sequence[str] = DEFAULT_PATTERNS, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
                 threads: Optional[int] = None, min_time: float = 0.1, rounds: int = 5,
-                model_min_time: float = 1.0, cache: bool = True, progress: bool = False) -> TimeTables:
+                model_min_time: float = 1.0, cache: bool = True, progress: bool = False,
+                fused: Iterable[Sequence[str]] = (), served: Optional[nn.Module] = None) -> TimeTables:
     """Measures (or reads from the cache) the time tables of ``layers`` (module names of
     ``model``, Linear or Conv2d) on their inputs from ``example_inputs``.
 
     ``min_time``: seconds spent timing each candidate of a layer shape (over ``rounds``
     interleaved rounds); ``model_min_time``: seconds timing the whole model.
+    ``fused``: groups of Linears of one input (names in ``layers``) that the served model runs as one
+    call when they share a format (:func:`sparsert.convert.streamline.fusion_groups`): each group is
+    timed as one Linear of their stacked rows too (:attr:`TimeTables.fused`). ``served``: the model
+    as it runs (those groups fused), timed whole in place of ``model``; the remainder is timed on
+    ``model`` with its layers stubbed.
     """
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
@@ -406,7 +424,7 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
     with thread_settings(threads) as n_threads:
         machine = machine_key(n_threads)
         store = _Cache(machine, cache)
-        mkey = _model_key(model, names, example_inputs, baseline)
+        mkey = _model_key(model, names, example_inputs, baseline, served is not None)
         # the layers' input shapes for these inputs, remembered so a cached run needs no forward pass
         shapes = store.get("inputs:" + mkey)
         captured: dict = {}
@@ -429,13 +447,14 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
         # difference was then taken for the remainder, which no pruning shrinks).
         cold_bytes = cold_bytes_for(model.get_submodule(n).weight for n in names)
         hits = misses = 0
-        out: dict = {}
-        for i, name in enumerate(names):
-            module = model.get_submodule(name)
+
+        def layer_times(name: str, module: nn.Module, input_of: str) -> LayerTimes:
+            """``module``'s entry (from the cache or timed) on the input ``input_of`` receives."""
+            nonlocal hits, misses
             if captured:
-                x = captured[name]
+                x = captured[input_of]
             else:  # a stand-in with the remembered shape and dtype (only its shape is read unless timed)
-                shape, dtype = shapes[name]
+                shape, dtype = shapes[input_of]
                 x = torch.empty(shape, dtype=getattr(torch, dtype.replace("torch.", "")), device="meta")
             sig = _signature(name, module, x)
             sig["cold"] = bool(cold_bytes)
@@ -445,7 +464,7 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
             base = store.get(base_key)
             if base is None:
                 misses += 1
-                x = capture()[name]
+                x = capture()[input_of]
                 timed = _time_layer(module, x, pats, grid, min_time, rounds, cold_bytes)
                 base = {"dense": timed["dense"], "torch": timed["torch"]}
                 store.put(base_key, base)
@@ -467,7 +486,7 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
                     # new points by the dense time's change does not fix that: contention slows oneDNN's
                     # threads far more than the sparse kernels)
                     misses += 1
-                    x = capture()[name]
+                    x = capture()[input_of]
                     timed = _time_layer(module, x, [pat], grid, min_time, rounds, cold_bytes)
                     pts = {**(pts or {}), **timed["options"].get(str(pat), {})}
                     store.put(pkey, pts)
@@ -475,21 +494,30 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
                     store.put(base_key, base)
                 entry[str(pat)] = {float(s): (float(pts[s][0]), str(pts[s][1])) for s in want if s in pts}
             # a layer left dense runs on the faster of the two dense paths (DenseLinear.tune)
-            out[name] = LayerTimes(name, sig["type"], (rows, cols), tuple(x.shape),
-                                   min(float(base["dense"]), float(base["torch"])), float(base["torch"]), entry)
+            return LayerTimes(name, sig["type"], (rows, cols), tuple(x.shape),
+                              min(float(base["dense"]), float(base["torch"])), float(base["torch"]), entry)
+
+        out: dict = {}
+        for i, name in enumerate(names):
+            out[name] = layer_times(name, model.get_submodule(name), name)
             if progress:
                 print(f"[planner] timed {i + 1}/{len(names)} {name}", flush=True)
+        # a group the served model runs as one call, timed as one Linear of the members' stacked rows
+        fused_out: dict = {}
+        for group in _fusable(model, names, fused):
+            fused_out[group] = layer_times("+".join(group), _stacked(model, group), group[0])
         whole = store.get(mkey)
         if whole is None:
             misses += 1
-            model_s, rest_s = _time_model_and_rest(model, names, example_inputs, model_min_time, baseline)
+            model_s, rest_s = _time_model_and_rest(model, names, example_inputs, model_min_time, baseline, served=served)
             whole = {"model": model_s, "rest": rest_s}
             store.put(mkey, whole)
         else:
             hits += 1
         store.save()
     model_s, rest_s = float(whole["model"]), float(whole["rest"])
-    isolated = sum(lt.baseline(baseline) for lt in out.values())
+    tables = TimeTables(out, baseline, model_s, n_threads, machine, fused=fused_out)
+    isolated = tables.layer_seconds  # (a group the served model fuses counts as its one call)
     # Layers that stream their weights from memory (a decode step: few rows, cold) keep their isolated
     # times, and the remainder is the measured one: in SmolLM2's dense model the 1-token layers ran at
     # ~0.82x their isolated times (each streaming on from the last), but in a pruned model its sparse
@@ -501,5 +529,33 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
     if isolated > 0 and not streaming:
         scale = min(max((model_s - rest_s) / isolated, _SCALE_BOUNDS[0]), _SCALE_BOUNDS[1])
         out = {n: _scaled(lt, scale) for n, lt in out.items()}
+        fused_out = {g: _scaled(lt, scale) for g, lt in fused_out.items()}
     return TimeTables(out, baseline, model_s, n_threads, machine, time.perf_counter() - start, hits, misses,
-                      layer_scale=scale, rest_seconds=rest_s if streaming else None)
+                      layer_scale=scale, rest_seconds=rest_s if streaming else None, fused=fused_out)
+
+
+def _fusable(model: nn.Module, names: Sequence[str], groups: Iterable[Sequence[str]]) -> list:
+    """The groups (as tuples) whose members are all timed Linears of one input width and dtype;
+    a layer in two groups is an error."""
+    out, seen, known = [], set(), set(names)
+    for group in groups:
+        group = tuple(group)
+        if len(group) < 2:
+            continue
+        if any(n in seen for n in group):
+            raise ValueError(f"a layer is in more than one fused group: {group}")
+        mods = [model.get_submodule(n) if n in known else None for n in group]
+        if any(not isinstance(m, nn.Linear) for m in mods):
+            continue  # not all timed Linears: the group is not planned as one
+        if len({(m.in_features, m.weight.dtype) for m in mods}) != 1:
+            continue
+        seen.update(group)
+        out.append(group)
+    return out
+
+
+def _stacked(model: nn.Module, group: Sequence[str]) -> nn.Linear:
+    """A stand-in for the group's fused Linear (only its shape and bias are read: timed weights are random)."""
+    mods = [model.get_submodule(n) for n in group]
+    return nn.Linear(mods[0].in_features, sum(m.out_features for m in mods),
+                     bias=any(m.bias is not None for m in mods), device="meta")
