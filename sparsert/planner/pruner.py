@@ -81,6 +81,9 @@ class Pruner(_KernelFreePruner):
         sparsities: the sparsity grid timed and scored per pattern.
         threads: threads for the timing (default: the current setting; the plan holds for it).
         sensitivity_method: ``"wanda"`` or ``"sparsegpt"`` (see ``sensitivity_tables``).
+        sensitivity_per_token: measure each layer's error as the root mean square of each token's
+            relative error (default), not the relative error of all its outputs together, which
+            a few tokens with massive outputs dominate (see ``sensitivity_tables``).
         timing: options for :func:`~sparsert.planner.tables.time_tables` (``min_time``,
             ``rounds``, ``model_min_time``, ``cache``).
         bins: time grid of the solver.
@@ -139,7 +142,7 @@ class Pruner(_KernelFreePruner):
                  baseline: str = "best_dense", example_inputs: Any = None,
                  patterns: Sequence[str] = DEFAULT_PATTERNS, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
                  threads: Optional[int] = None, sensitivity_method: str = "wanda",
-                 timing: Optional[Mapping[str, Any]] = None, bins: int = 4000,
+                 sensitivity_per_token: bool = True, timing: Optional[Mapping[str, Any]] = None, bins: int = 4000,
                  sensitivity: Optional[Mapping[str, Any]] = None, score_candidates: int = 4,
                  score_batches: Optional[int] = None, score_data: Optional[Sequence] = None,
                  score_metric: str = "cosine", calibrate_groups: bool = False,
@@ -202,6 +205,7 @@ class Pruner(_KernelFreePruner):
         self.patterns = pats
         self.sparsities = tuple(sorted({float(s) for s in sparsities}))
         self.sensitivity_method = sensitivity_method
+        self.sensitivity_per_token = bool(sensitivity_per_token)
         self.bins = bins
         self.score_candidates, self.score_batches, self.score_metric = score_candidates, score_batches, score_metric
         self.score_data = score_data
@@ -246,7 +250,7 @@ class Pruner(_KernelFreePruner):
             if tables is None:
                 tables = sensitivity_tables(self.model, {n: self.layers[n] for n in names}, self._data,
                                             self.sparsities, patterns=self.patterns, method=self.sensitivity_method,
-                                            progress=self.progress)
+                                            progress=self.progress, per_token=self.sensitivity_per_token)
                 self.sensitivity_tables = tables
             note = ("" if self._data is not None or sensitivity_given
                     else "no calibration data: sensitivity = relative weight error")

@@ -285,13 +285,17 @@ def sequential_grams(model: nn.Module, layers: dict[str, nn.Module], batches: It
 
 @torch.no_grad()
 def input_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
-                progress: bool | None = None) -> dict[str, torch.Tensor]:
+                progress: bool | None = None, *, per_token: bool = False):
     """``{name: X^T X in float64}`` of every layer's inputs on the *unmodified* model, in one
     forward pass per batch (padding positions masked as in :func:`sequential_grams`).
 
     For measurements that never change a weight (e.g. sensitivity tables), this replaces the
     group-by-group passes of :func:`sequential_grams`, which re-run the model per group.
     Layers fed the same tensor (q/k/v) share one Gram.
+
+    ``per_token``: also return, as a second dict, ``sum_t x_t x_t^T / ||W x_t||^2`` per layer (W its
+    weight): with it, ``tr(dW G dW^T) / tokens`` is the mean over tokens of each token's squared
+    relative output error, which a few tokens with massive outputs cannot dominate.
     """
     batches = list(batches)
     if not batches:
@@ -300,6 +304,7 @@ def input_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Iterabl
     if bad:
         raise ValueError(f"layer-wise statistics support Linear and Conv2d (groups=1, zero padding) only: {bad}")
     grams: dict[str, torch.Tensor] = {}
+    weighted: dict[str, torch.Tensor] = {}
     state: dict = {"mask": None, "seen": {}}
 
     def hook_for(name):
@@ -310,13 +315,20 @@ def input_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Iterabl
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), conv)
             hit = state["seen"].get(key)
             if hit is not None and hit[0] is x:
-                g = hit[1]
+                g, rows = hit[1], hit[2]
             else:
                 rows = _input_rows(mod, x.detach(), state["mask"], _NO_LIMIT, 0)
                 g = rows.T @ rows
                 # holding x keeps its memory from being reused by a later tensor with the same key
-                state["seen"][key] = (x, g)
+                state["seen"][key] = (x, g, rows if per_token else None)
             grams[name] = g if name not in grams else grams[name] + g
+            if per_token:
+                w = mod.weight.detach().reshape(mod.weight.shape[0], -1).to(rows.dtype)
+                out2 = (rows @ w.T).square().sum(1)
+                # (a token the layer maps to ~0 would weigh without bound: floor at 1e-6 of the mean)
+                scale = 1.0 / out2.clamp_min(1e-6 * float(out2.mean()) + 1e-30)
+                gw = (rows * scale[:, None]).T @ rows
+                weighted[name] = gw if name not in weighted else weighted[name] + gw
         return hook
 
     handles = [layers[n].register_forward_pre_hook(hook_for(n)) for n in layers]
@@ -331,4 +343,4 @@ def input_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Iterabl
     missing = [n for n in layers if n not in grams]
     if missing:
         raise ValueError(f"layers {missing} were never called on the calibration data")
-    return grams
+    return (grams, weighted) if per_token else grams
