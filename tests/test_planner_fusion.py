@@ -65,16 +65,27 @@ def test_fixed_and_uniform_plans_run_a_group_at_one_point_as_one_call():
     slow = uniform_plan(_tables(fused_at={0.5: (2.5, "csr"), 0.9: (0.45, "csr")}), SENS, 1.2, "unstructured", 0.5)
     assert slow["q"].format == "bitmask16" and not slow["q"].fused
     assert slow.predicted_seconds == pytest.approx(7.0 + 1.6 + 0.6)
-    # layers at different points run as separate calls
+    # dense and sparse layers of one group run as separate calls
     mixed = fixed_plan(tab, SENS, 1.2, {"q": ("unstructured", 0.5), "k": ("unstructured", 0.9)})
     assert not any(l.fused for l in mixed.layers)
     assert mixed.predicted_seconds == pytest.approx(7.0 + 0.5 + 0.25 + 1.0 + 1.0)
+    # sparse layers at different points run as one call when the fused Linear has one format at both:
+    # each its rows' share of the fused time at its own point
+    apart = fixed_plan(tab, SENS, 1.2, {"q": ("unstructured", 0.5), "k": ("unstructured", 0.9),
+                                        "v": ("unstructured", 0.9)})
+    assert {apart[n].format for n in GROUP} == {"csr"} and {apart[n].fused for n in GROUP} == {"q+k+v"}
+    assert [apart[n].seconds for n in GROUP] == pytest.approx([1.0 * 0.5 / 1.6, 0.45 * 0.25 / 0.7, 0.45 * 0.25 / 0.7])
+    two_kinds = _tables(fused_at={0.5: (1.0, "bitmask16"), 0.9: (0.45, "csr")})
+    apart = fixed_plan(two_kinds, SENS, 1.2, {"q": ("unstructured", 0.5), "k": ("unstructured", 0.9),
+                                              "v": ("unstructured", 0.9)})
+    assert not any(l.fused for l in apart.layers)  # no one format for the fused Linear: separate calls
     assert "run as one call" not in mixed.table()
     assert "run as one call" in plan.table() and "csr*" in plan.table()
 
 
 @pytest.mark.parametrize("fused_at, k_half", [(None, 0.55), ({0.5: (2.5, "csr"), 0.9: (0.45, "csr")}, 0.55),
-                                              ({0.9: (0.8, "csr")}, 0.55), (None, 1.2)])
+                                              ({0.9: (0.8, "csr")}, 0.55), (None, 1.2),
+                                              ({0.5: (1.0, "bitmask16"), 0.9: (0.45, "csr")}, 0.55)])
 @pytest.mark.parametrize("saved", [0.5, 1.2, 1.85, 2.4, 3.1])
 def test_the_solver_is_the_exact_optimum_over_every_choice_as_served(fused_at, k_half, saved):
     # brute force: every layer dense, 0.5 or 0.9; each choice timed as served (fixed_plan). The solver,

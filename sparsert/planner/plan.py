@@ -241,43 +241,64 @@ def _layer_plans(tables: TimeTables, names: Sequence[str], chosen: Sequence[Opti
 
 # ---------------------------------------------------------------- fused groups
 # The served model runs each group of tables.fused (Q/K/V, gate/up) as one call when its layers share a
-# format (sparsert.convert.streamline.fuse_linears): then the group costs its fused time, not the sum of
-# its layers' times. Options that leave the group in one format are therefore the group at one point
-# (or all dense) in the fused Linear's fastest format; every other combination runs as separate calls.
+# format (sparsert.convert.streamline.fuse_linears), whatever their sparsities: then each layer costs its
+# rows' share of the fused Linear's time at its own point (its own time there over the group's), in the
+# fused Linear's format, which must be one format at every point the layers are at. Layers of one format
+# that the fused tables cannot price (that format is not the fused Linear's fastest at their points) are
+# still fused when served but predicted as separate calls: a conservative estimate.
 
-def _fused_parts(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], group: tuple,
-                 point: tuple) -> Optional[list]:
-    """The group's layers at ``point`` (``(pattern, sparsity)``, or ``(None, 0.0)``: dense) run as
-    one call: one Option per layer, each holding its share of the fused time (in proportion to the
-    layers' own times at that point), labelled ``(pattern, sparsity, fused format, group)``.
-    None where the fused Linear or a layer was not timed (or scored) there."""
+def _one_call(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], group: tuple,
+              parts: Sequence[Option]) -> Optional[list]:
+    """The group's layers at their points in ``parts`` (their own Options, labelled ``(pattern,
+    sparsity, format)``) run as one call: one Option per layer, its share of the fused Linear's time
+    at its point, labelled ``(pattern, sparsity, fused format, group)`` (losses kept). None where
+    that cannot be priced: dense and sparse layers mixed, a point the fused Linear or a layer was
+    not timed at, or fused formats that differ between the points."""
     fused = tables.fused[group]
-    pattern, s = point
     tag = "+".join(group)
-    if pattern is None:
+    if all(o.label[0] is None for o in parts):
         own = [tables.layers[n].dense for n in group]
-        total, kind, losses = fused.dense, "dense", [0.0] * len(group)
-    else:
+        share = sum(own)
+        return [Option(fused.dense * (t / share if share > 0 else 1 / len(group)), 0.0, (None, 0.0, "dense", tag))
+                for t in own]
+    if any(o.label[0] is None for o in parts):
+        return None
+    kinds, out = set(), []
+    for n, o in zip(group, parts):
+        pattern, s = o.label[:2]
         pt = fused.options.get(pattern, {}).get(s)
-        if pt is None:
+        own = [tables.layers[m].options.get(pattern, {}).get(s) for m in group]
+        if pt is None or any(t is None for t in own):
             return None
-        total, kind = pt
-        own, losses = [], []
-        for n in group:
-            mine = tables.layers[n].options.get(pattern, {}).get(s)
-            loss = _loss(sensitivity.get(pattern), n, s)
-            if mine is None or loss is None:
-                return None
-            own.append(mine[0])
-            losses.append(loss)
-    share = sum(own)
-    return [Option(total * (o / share if share > 0 else 1 / len(group)), l, (pattern, s, kind, tag))
-            for o, l in zip(own, losses)]
+        kinds.add(pt[1])
+        share = sum(t[0] for t in own)
+        mine = tables.layers[n].options[pattern][s][0]
+        out.append(Option(pt[0] * (mine / share if share > 0 else 1 / len(group)), o.loss, (pattern, s, pt[1], tag)))
+    return out if len(kinds) == 1 else None
 
 
-def _one_call(parts: Sequence[Option]) -> bool:
-    """The layers' own options leave them in one format at one point: the served model fuses them."""
-    return len({o.label[:3] for o in parts}) == 1
+def _fused_anyway(parts: Sequence[Option], one_call: Optional[list]) -> bool:
+    """The layers' own formats are one format, which the served model fuses, and ``one_call`` prices
+    that call (in that format): separate calls are not an option then."""
+    kinds = {o.label[2] for o in parts}
+    return one_call is not None and len(kinds) == 1 and one_call[0].label[2] in kinds
+
+
+def _at_point(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], group: tuple,
+              point: tuple) -> Optional[list]:
+    """The group's layers all at ``point`` (``(None, 0.0)``: dense) as their own Options, from the
+    tables (also where a layer alone is no faster than dense); None where one was not timed or scored."""
+    pattern, s = point
+    if pattern is None:
+        return [Option(tables.layers[n].dense, 0.0, (None, 0.0, "dense")) for n in group]
+    out = []
+    for n in group:
+        pt = tables.layers[n].options.get(pattern, {}).get(s)
+        loss = _loss(sensitivity.get(pattern), n, s)
+        if pt is None or loss is None:
+            return None
+        out.append(Option(pt[0], loss, (pattern, s, pt[1])))
+    return out
 
 
 def _pareto(opts: list) -> list:
@@ -293,29 +314,40 @@ def _pareto(opts: list) -> list:
 def _items(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], names: Sequence[str],
            options: list, allowed=None) -> tuple:
     """The solver's items: each layer alone, and each fused group of ``tables.fused`` as one item whose
-    options are its layers' own combinations that run as separate calls plus the group as one call at
-    every point its layers were all timed at (``allowed(pattern, sparsity)``; also where a layer alone is no faster
-    than dense: SmolLM2's 192-row k_proj may not pay alone, but in one call with q and v). Each
-    option's label is the list of its layers' Options. Returns ``(layers per item, [[Option]] per item)``."""
+    options are its layers' own combinations, as separate calls and (where :func:`_one_call` prices it)
+    as one call, plus the group in one call at every point its layers were all timed at
+    (``allowed(pattern, sparsity)``), also where a layer alone is no faster than dense (SmolLM2's 192-row
+    k_proj may not pay alone, but in one call with q and v). Each option's label is the list of its
+    layers' Options. Returns ``(layers per item, [[Option]] per item)``."""
     index = {n: i for i, n in enumerate(names)}
     groups = [g for g in tables.fused if all(n in index for n in g)]
     grouped = {n for g in groups for n in g}
     members = [(n,) for n in names if n not in grouped]
     items = [[Option(o.seconds, o.loss, [o]) for o in options[index[n]]] for (n,) in members]
+
+    def add(opts: list, parts: Sequence[Option]) -> None:
+        opts.append(Option(sum(o.seconds for o in parts), sum(o.loss for o in parts), list(parts)))
+
     for g in groups:
         own = [options[index[n]] for n in g]
-        opts = []
+        opts: list = []
+        combos = [(parts, True) for parts in itertools.product(*own)]  # (parts, offered alone too)
         timed = [{(p, x) for p, pts in tables.layers[n].options.items() for x in pts
                   if allowed is None or allowed(p, x)} for n in g]
         if all(any(o.label[0] is None for o in opts_n) for opts_n in own):  # dense is a choice here
             timed = [t | {(None, 0.0)} for t in timed]
-        fused = {point: _fused_parts(tables, sensitivity, g, point) for point in set.intersection(*timed)}
-        for parts in itertools.product(*own):
-            if not _one_call(parts) or fused.get(parts[0].label[:2]) is None:
-                opts.append(Option(sum(o.seconds for o in parts), sum(o.loss for o in parts), list(parts)))
-        for parts in fused.values():
-            if parts is not None:
-                opts.append(Option(sum(o.seconds for o in parts), sum(o.loss for o in parts), parts))
+        have = {tuple(o.label[:2] for o in parts) for parts, _ in combos}
+        for point in set.intersection(*timed):
+            if (point,) * len(g) not in have:  # a point some layer alone was not offered at
+                parts = _at_point(tables, sensitivity, g, point)
+                if parts is not None:
+                    combos.append((tuple(parts), False))
+        for parts, offered in combos:
+            one = _one_call(tables, sensitivity, g, parts)
+            if one is not None:
+                add(opts, one)
+            if offered and not _fused_anyway(parts, one):
+                add(opts, parts)
         members.append(g)
         items.append(_pareto(opts))
     return members, items
@@ -333,21 +365,19 @@ def _solve_items(members: list, items: list, names: Sequence[str], budget: float
 def _as_served(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], names: Sequence[str],
                chosen: list) -> list:
     """``chosen`` (one Option per layer) as the served model runs it: a fused group whose layers share
-    one format at one point runs as one call (its fused time); whose layers share one point in
-    different formats runs the faster way. Everything else as chosen."""
+    one format runs as one call where :func:`_one_call` prices it; whose layers are in different
+    formats runs as one call (each in the fused format) where that is faster. Everything else as chosen."""
     index = {n: i for i, n in enumerate(names)}
     out = list(chosen)
     for g in tables.fused:
         if not all(n in index for n in g):
             continue
         parts = [out[index[n]] for n in g]
-        if len({o.label[:2] for o in parts}) != 1:
+        one = _one_call(tables, sensitivity, g, parts)
+        if one is None:
             continue
-        fused = _fused_parts(tables, sensitivity, g, parts[0].label[:2])
-        if fused is None:
-            continue
-        if _one_call(parts) or sum(o.seconds for o in fused) < sum(o.seconds for o in parts):
-            for n, o in zip(g, fused):
+        if _fused_anyway(parts, one) or sum(o.seconds for o in one) < sum(o.seconds for o in parts):
+            for n, o in zip(g, one):
                 out[index[n]] = o
     return out
 
