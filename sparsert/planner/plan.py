@@ -247,8 +247,7 @@ def _layer_plans(tables: TimeTables, names: Sequence[str], chosen: Sequence[Opti
 # that the fused tables cannot price (that format is not the fused Linear's fastest at their points) are
 # still fused when served but predicted as separate calls: a conservative estimate.
 
-def _one_call(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], group: tuple,
-              parts: Sequence[Option]) -> Optional[list]:
+def _one_call(tables: TimeTables, group: tuple, parts: Sequence[Option]) -> Optional[list]:
     """The group's layers at their points in ``parts`` (their own Options, labelled ``(pattern,
     sparsity, format)``) run as one call: one Option per layer, its share of the fused Linear's time
     at its point, labelled ``(pattern, sparsity, fused format, group)`` (losses kept). None where
@@ -291,14 +290,10 @@ def _at_point(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], g
     pattern, s = point
     if pattern is None:
         return [Option(tables.layers[n].dense, 0.0, (None, 0.0, "dense")) for n in group]
-    out = []
-    for n in group:
-        pt = tables.layers[n].options.get(pattern, {}).get(s)
-        loss = _loss(sensitivity.get(pattern), n, s)
-        if pt is None or loss is None:
-            return None
-        out.append(Option(pt[0], loss, (pattern, s, pt[1])))
-    return out
+    try:
+        return [_point_option(tables, sensitivity, n, pattern, s) for n in group]
+    except KeyError:
+        return None
 
 
 def _pareto(opts: list) -> list:
@@ -343,7 +338,7 @@ def _items(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], name
                 if parts is not None:
                     combos.append((tuple(parts), False))
         for parts, offered in combos:
-            one = _one_call(tables, sensitivity, g, parts)
+            one = _one_call(tables, g, parts)
             if one is not None:
                 add(opts, one)
             if offered and not _fused_anyway(parts, one):
@@ -373,7 +368,7 @@ def _as_served(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], 
         if not all(n in index for n in g):
             continue
         parts = [out[index[n]] for n in g]
-        one = _one_call(tables, sensitivity, g, parts)
+        one = _one_call(tables, g, parts)
         if one is None:
             continue
         if _fused_anyway(parts, one) or sum(o.seconds for o in one) < sum(o.seconds for o in parts):
