@@ -214,19 +214,46 @@ def test_the_cold_rule_counts_rows_and_bytes(monkeypatch):
     assert timing.cold_bytes_for(iter(weights)) == 2 * 6143
 
 
+def test_in_model_call_cycles_weights_inputs_and_outputs_out_of_the_cores_caches(monkeypatch):
+    # a layer in a model finds neither its weights, nor its input, nor its output buffer in the core's
+    # own caches: the timed call cycles copies of all three, each spread over twice the private caches
+    monkeypatch.setattr(timing, "private_cache_bytes", lambda: 20_000)  # 2 threads: 80,000 bytes
+    asked = []
+    real = timing.cold_copies
+    monkeypatch.setattr(timing, "cold_copies", lambda m, b, limit=4096: asked.append((b, limit)) or real(m, b, limit))
+    lin = nn.Linear(32, 16)  # 2,112 bytes of parameters: 38 copies hold 80,000
+    layers, inputs, outputs = [], [], []
+
+    def seen(m, a):
+        layers.append(id(m))
+        inputs.append(a[0].data_ptr())
+
+    lin.register_forward_pre_hook(seen)
+    lin.register_forward_hook(lambda m, a, o: outputs.append(o.data_ptr()))
+    x = torch.randn(8, 32)  # 1,024 bytes: 79 copies would hold 80,000, capped at 64; outputs 512 bytes
+    n = timing.IN_MODEL_COPIES
+    with torch.no_grad():
+        call = timing.in_model_call(lin, x, threads=2)
+        assert asked == [(80_000, n)]
+        layers.clear(), inputs.clear(), outputs.clear()
+        for _ in range(3 * n):
+            call()
+    assert len(set(layers)) == 38 and len(set(inputs)) == n
+    assert len(set(outputs[-n:])) == n  # the last 64 outputs are alive: each call wrote new memory
+    with torch.no_grad():  # cold: the copies hold the bytes asked, beyond IN_MODEL_COPIES
+        timing.in_model_call(lin, x, cold_bytes=500_000)
+    assert asked[-1] == (500_000, 4096)
+
+
 def test_auto_times_layers_cold_when_the_models_weights_exceed_the_cache(monkeypatch):
     # a decode step reads every weight from memory: "auto" must time the candidates that way, not hot
-    import importlib
-
-    S = importlib.import_module("sparsert.convert.sparsify")  # (the package's `sparsify` is the function)
-
     model = magnitude_prune(mlp(), 0.5)
     x = torch.randn(1, 64)
     hot = sparsert.sparsify(model, example_inputs=x, **FAST)
     assert not hot.sparsity_plan.cold and "out of the cache" not in str(hot.sparsity_plan)
 
     asked = []
-    real = S.cold_copies
+    real = timing.cold_copies
 
     def counted(module, cold_bytes, limit=4096):
         out = real(module, cold_bytes, limit)
@@ -235,20 +262,21 @@ def test_auto_times_layers_cold_when_the_models_weights_exceed_the_cache(monkeyp
         return out
 
     monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 4096)  # the MLP's weights no longer fit
-    monkeypatch.setattr(S, "cold_copies", counted)
+    monkeypatch.setattr(timing, "cold_copies", counted)  # (in_model_call's, which times every candidate)
     cold = sparsert.sparsify(model, example_inputs=x, **FAST)
     plan = cold.sparsity_plan
     assert plan.cold and "out of the cache" in str(plan)
     timed = [d for d in plan if d.candidates]
     assert timed and all(len(d.candidates) >= 2 for d in timed)
     # every candidate of every timed layer cycled through copies holding (at least) 2 x the cache
-    assert len(asked) == sum(len(d.candidates) for d in timed)
-    assert all(cold_bytes == 2 * 4096 and held >= cold_bytes for cold_bytes, held in asked)
+    cold_asked = [(b, held) for b, held in asked if b == 2 * 4096]
+    assert len(cold_asked) == sum(len(d.candidates) for d in timed)
+    assert all(held >= cold_bytes for cold_bytes, held in cold_asked)
     assert_outputs_close(cold(x), model(x))
-    # many rows per call: each weight serves them all, timed in cache as before
+    # many rows per call: each weight serves them all, timed in the cache (the last level) as before
     asked.clear()
     many = sparsert.sparsify(model, example_inputs=torch.randn(64, 64), **FAST)
-    assert not many.sparsity_plan.cold and asked == []
+    assert not many.sparsity_plan.cold and asked and all(b != 2 * 4096 for b, _ in asked)
 
 
 def test_inplace_converts_the_model_itself():

@@ -4,7 +4,6 @@ formats, swap in the fastest, check the whole model."""
 from __future__ import annotations
 
 import copy
-import itertools
 import statistics
 import sys
 from typing import Optional, Sequence
@@ -22,7 +21,7 @@ from ..nn.surgery import rollback, swap
 from .batchnorm import fold_batchnorm
 from .plan import MAX_SPARSE_DENSITY, LayerDecision, SparsityPlan, candidate_formats
 from .timing import (call_model, call_times, capture_layer_inputs, close, cold_bytes_for,
-                     cold_copies, flatten_tensors, max_rel_err, rms_rel_err, streams_its_weight)
+                     flatten_tensors, in_model_call, max_rel_err, rms_rel_err, streams_its_weight)
 
 __all__ = ["sparsify", "int8_dense", "DEFAULT_TOKENS", "PRECISIONS", "INT8_SPARSE_FORMAT"]
 
@@ -143,13 +142,8 @@ def _decide(name: str, module: nn.Module, x: Optional[Tensor], kinds: list, stri
                                    f"({error}); not converting")
         samples: dict = {k: [] for k in built}
         calls = {}
-        for kind, mod in built.items():
-            copies = cold_copies(mod, cold_bytes) if cold_bytes > 0 else [mod]
-            for c in copies:  # warm-up (first calls allocate, page in the weights)
-                c(x)
-            mod(x)
-            turn = itertools.cycle(copies)
-            calls[kind] = lambda turn=turn: next(turn)(x)
+        for kind, mod in built.items():  # called as in a model: weights, input, output out of the core's caches
+            calls[kind] = in_model_call(mod, x, cold_bytes, torch.get_num_threads())
         for _ in range(rounds):  # interleaved so drifting machine load hits every candidate alike
             for kind, call in calls.items():
                 samples[kind].extend(call_times(call, min_time / rounds, 3))
