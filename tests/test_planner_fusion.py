@@ -17,17 +17,19 @@ from planner_util import cache, synthetic_timing  # noqa: F401  (fixtures)
 GROUP = ("q", "k", "v")
 
 
-def _tables(fused_dense=2.0, fused_at=None, k_half=0.55):
+def _tables(fused_dense=2.0, fused_at=None, k_half=0.55, fused_formats=None):
     """q, k, v (one group) and o, 1 s each dense, in a 10 s model. At 0.5 q's fastest format is
     bitmask16 and k's and v's csr; at 0.9 all csr. The group as one call: ``fused_dense`` dense, and
-    ``fused_at`` ({sparsity: (seconds, kind)}) sparse. ``k_half``: k's time at 0.5."""
+    ``fused_at`` ({sparsity: (seconds, kind)}) sparse, the fastest format; ``fused_formats``
+    ({sparsity: {kind: seconds}}): every format timed there. ``k_half``: k's time at 0.5."""
     own = {"q": {0.5: (0.5, "bitmask16"), 0.9: (0.2, "csr")}, "k": {0.5: (k_half, "csr"), 0.9: (0.25, "csr")},
            "v": {0.5: (0.55, "csr"), 0.9: (0.25, "csr")}, "o": {0.5: (0.6, "csr"), 0.9: (0.3, "csr")}}
     layers = {n: T.LayerTimes(n, "Linear", (8, 8), (1, 8), 1.0, 1.5, {"unstructured": dict(pts)})
               for n, pts in own.items()}
     fused_at = {0.5: (1.0, "csr"), 0.9: (0.45, "csr")} if fused_at is None else fused_at
     fused = {GROUP: T.LayerTimes("q+k+v", "Linear", (24, 8), (1, 8), fused_dense, 1.5 * fused_dense,
-                                 {"unstructured": dict(fused_at)})}
+                                 {"unstructured": dict(fused_at)},
+                                 {"unstructured": dict(fused_formats)} if fused_formats else {})}
     return T.TimeTables(layers, "best_dense", 10.0, 1, {}, fused=fused)
 
 
@@ -79,19 +81,40 @@ def test_fixed_and_uniform_plans_run_a_group_at_one_point_as_one_call():
     apart = fixed_plan(two_kinds, SENS, 1.2, {"q": ("unstructured", 0.5), "k": ("unstructured", 0.9),
                                               "v": ("unstructured", 0.9)})
     assert not any(l.fused for l in apart.layers)  # no one format for the fused Linear: separate calls
+    # ... unless the fused Linear was timed in one format at both points too (not the fastest at 0.5):
+    # then q, k and v are repacked in it and run as one call, each its share at its own point
+    both = _tables(fused_at={0.5: (1.0, "bitmask16"), 0.9: (0.45, "csr")},
+                   fused_formats={0.5: {"bitmask16": 1.0, "csr": 1.1}, 0.9: {"csr": 0.45, "bitmask16": 0.6}})
+    apart = fixed_plan(both, SENS, 1.2, {"q": ("unstructured", 0.5), "k": ("unstructured", 0.9),
+                                         "v": ("unstructured", 0.9)})
+    assert {apart[n].format for n in GROUP} == {"csr"} and {apart[n].fused for n in GROUP} == {"q+k+v"}
+    assert [apart[n].seconds for n in GROUP] == pytest.approx([1.1 * 0.5 / 1.6, 0.45 * 0.25 / 0.7, 0.45 * 0.25 / 0.7])
+    # layers sharing a format run as one call in it when served, or repacked in a quicker one
+    for fast_09, kind in ((0.9, "csr"), (0.3, "bitmask16")):
+        tab = _tables(fused_at={0.5: (0.9, "bitmask16"), 0.9: (0.45, "csr")},
+                      fused_formats={0.5: {"bitmask16": 0.9, "csr": 1.0}, 0.9: {"csr": 0.45, "bitmask16": fast_09}})
+        same = fixed_plan(tab, SENS, 1.2, {n: ("unstructured", 0.5) for n in "kv"} | {"q": ("unstructured", 0.9)})
+        assert {same[n].format for n in GROUP} == {kind} and {same[n].fused for n in GROUP} == {"q+k+v"}
+        t = {"csr": (0.45, 1.0), "bitmask16": (0.3, 0.9)}[kind]
+        assert sum(same[n].seconds for n in GROUP) == pytest.approx(t[0] * 0.2 / 0.7 + t[1] * (0.55 + 0.55) / 1.6)
     assert "run as one call" not in mixed.table()
     assert "run as one call" in plan.table() and "csr*" in plan.table()
 
 
 @pytest.mark.parametrize("fused_at, k_half", [(None, 0.55), ({0.5: (2.5, "csr"), 0.9: (0.45, "csr")}, 0.55),
                                               ({0.9: (0.8, "csr")}, 0.55), (None, 1.2),
-                                              ({0.5: (1.0, "bitmask16"), 0.9: (0.45, "csr")}, 0.55)])
+                                              ({0.5: (1.0, "bitmask16"), 0.9: (0.45, "csr")}, 0.55),
+                                              ({0.5: (1.0, "bitmask16"), 0.9: (0.45, "csr"),
+                                                "formats": {0.5: {"bitmask16": 1.0, "csr": 1.3},
+                                                            0.9: {"csr": 0.45, "bitmask16": 0.5}}}, 0.55)])
 @pytest.mark.parametrize("saved", [0.5, 1.2, 1.85, 2.4, 3.1])
 def test_the_solver_is_the_exact_optimum_over_every_choice_as_served(fused_at, k_half, saved):
     # brute force: every layer dense, 0.5 or 0.9; each choice timed as served (fixed_plan). The solver,
     # which sees the group as one item, must find the least loss that fits, and predict it alike (with
     # k_half=1.2, k alone at 0.5 is slower than dense, but the group at 0.5 in one call is not)
-    tab = _tables(fused_at=fused_at, k_half=k_half)
+    fused_at = dict(fused_at) if fused_at else None
+    formats = fused_at.pop("formats", None) if fused_at else None
+    tab = _tables(fused_at=fused_at, k_half=k_half, fused_formats=formats)
     target = 10.0 / (10.0 - saved)
     best = None
     for choice in itertools.product([None, 0.5, 0.9], repeat=4):

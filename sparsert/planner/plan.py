@@ -11,7 +11,7 @@ from typing import Mapping, Optional, Sequence
 
 from ..prune.allocation import SensitivityTable
 from .solver import Option, solve
-from .tables import TimeTables
+from .tables import LayerTimes, TimeTables
 
 __all__ = ["LayerPlan", "Plan", "build_plan", "uniform_plan", "two_level_plan", "fixed_plan", "uniform_points",
            "layer_options", "check_target", "check_reachable", "best_speedup", "TargetUnreachable"]
@@ -242,17 +242,28 @@ def _layer_plans(tables: TimeTables, names: Sequence[str], chosen: Sequence[Opti
 # ---------------------------------------------------------------- fused groups
 # The served model runs each group of tables.fused (Q/K/V, gate/up) as one call when its layers share a
 # format (sparsert.convert.streamline.fuse_linears), whatever their sparsities: then each layer costs its
-# rows' share of the fused Linear's time at its own point (its own time there over the group's), in the
-# fused Linear's format, which must be one format at every point the layers are at. Layers of one format
-# that the fused tables cannot price (that format is not the fused Linear's fastest at their points) are
-# still fused when served but predicted as separate calls: a conservative estimate.
+# rows' share of the fused Linear's time at its own point (its own time there over the group's), in that
+# format, which the fused Linear must have been timed in at every point the layers are at. Layers of one
+# format that the fused tables cannot price are still fused when served but predicted as separate calls:
+# a conservative estimate.
 
-def _one_call(tables: TimeTables, group: tuple, parts: Sequence[Option]) -> Optional[list]:
+def _fused_formats(fused: LayerTimes, pattern: str, sparsity: float) -> dict:
+    """``{format: seconds}`` of the fused Linear at a point (tables without every format's times:
+    the fastest one's)."""
+    kinds = fused.formats.get(pattern, {}).get(sparsity)
+    if kinds:
+        return kinds
+    pt = fused.options.get(pattern, {}).get(sparsity)
+    return {} if pt is None else {pt[1]: pt[0]}
+
+
+def _one_call(tables: TimeTables, group: tuple, parts: Sequence[Option], kind: Optional[str] = None) -> Optional[list]:
     """The group's layers at their points in ``parts`` (their own Options, labelled ``(pattern,
-    sparsity, format)``) run as one call: one Option per layer, its share of the fused Linear's time
-    at its point, labelled ``(pattern, sparsity, fused format, group)`` (losses kept). None where
-    that cannot be priced: dense and sparse layers mixed, a point the fused Linear or a layer was
-    not timed at, or fused formats that differ between the points."""
+    sparsity, format)``) run as one call in format ``kind`` (None: the format timed at all their
+    points whose call is quickest): one Option per layer, its share of the fused Linear's time at
+    its point, labelled ``(pattern, sparsity, fused format, group)`` (losses kept). None where that
+    cannot be priced: dense and sparse layers mixed, a point the fused Linear or a layer was not
+    timed at, or no such format."""
     fused = tables.fused[group]
     tag = "+".join(group)
     if all(o.label[0] is None for o in parts):
@@ -262,25 +273,34 @@ def _one_call(tables: TimeTables, group: tuple, parts: Sequence[Option]) -> Opti
                 for t in own]
     if any(o.label[0] is None for o in parts):
         return None
-    kinds, out = set(), []
-    for n, o in zip(group, parts):
-        pattern, s = o.label[:2]
-        pt = fused.options.get(pattern, {}).get(s)
+    points = [o.label[:2] for o in parts]
+    shares, timed = [], []
+    for n, (pattern, s) in zip(group, points):
         own = [tables.layers[m].options.get(pattern, {}).get(s) for m in group]
-        if pt is None or any(t is None for t in own):
+        kinds = _fused_formats(fused, pattern, s)
+        if not kinds or any(t is None for t in own):
             return None
-        kinds.add(pt[1])
-        share = sum(t[0] for t in own)
-        mine = tables.layers[n].options[pattern][s][0]
-        out.append(Option(pt[0] * (mine / share if share > 0 else 1 / len(group)), o.loss, (pattern, s, pt[1], tag)))
-    return out if len(kinds) == 1 else None
+        total = sum(t[0] for t in own)
+        shares.append(tables.layers[n].options[pattern][s][0] / total if total > 0 else 1 / len(group))
+        timed.append(kinds)
+    common = set.intersection(*(set(t) for t in timed))
+    if kind is not None:
+        common &= {kind}
+    if not common:
+        return None
+    best = min(sorted(common), key=lambda k: sum(t[k] * sh for t, sh in zip(timed, shares)))
+    return [Option(t[best] * sh, o.loss, (pattern, s, best, tag))
+            for t, sh, o, (pattern, s) in zip(timed, shares, parts, points)]
 
 
-def _fused_anyway(parts: Sequence[Option], one_call: Optional[list]) -> bool:
-    """The layers' own formats are one format, which the served model fuses, and ``one_call`` prices
-    that call (in that format): separate calls are not an option then."""
+def _served_as_is(tables: TimeTables, group: tuple, parts: Sequence[Option]) -> Optional[list]:
+    """Layers of one format (dense too) run as one call in it when served: that call, where the fused
+    tables price it; None for layers of different formats, or a call that cannot be priced."""
     kinds = {o.label[2] for o in parts}
-    return one_call is not None and len(kinds) == 1 and one_call[0].label[2] in kinds
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    return _one_call(tables, group, parts, None if kind == "dense" else kind)
 
 
 def _at_point(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], group: tuple,
@@ -338,11 +358,11 @@ def _items(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], name
                 if parts is not None:
                     combos.append((tuple(parts), False))
         for parts, offered in combos:
-            one = _one_call(tables, g, parts)
+            one = _one_call(tables, g, parts)  # repacked in the quickest format the fused Linear has there
             if one is not None:
                 add(opts, one)
-            if offered and not _fused_anyway(parts, one):
-                add(opts, parts)
+            if offered:  # as chosen: one call where they share a format, else separate calls
+                add(opts, _served_as_is(tables, g, parts) or parts)
         members.append(g)
         items.append(_pareto(opts))
     return members, items
@@ -360,20 +380,22 @@ def _solve_items(members: list, items: list, names: Sequence[str], budget: float
 def _as_served(tables: TimeTables, sensitivity: Mapping[str, SensitivityTable], names: Sequence[str],
                chosen: list) -> list:
     """``chosen`` (one Option per layer) as the served model runs it: a fused group whose layers share
-    one format runs as one call where :func:`_one_call` prices it; whose layers are in different
-    formats runs as one call (each in the fused format) where that is faster. Everything else as chosen."""
+    one format runs as one call in it where the fused tables price it (:func:`_served_as_is`), and
+    is repacked into the fused Linear's quickest format at their points where that call is quicker
+    still (or quicker than the separate calls of layers in different formats). Everything else as
+    chosen."""
     index = {n: i for i, n in enumerate(names)}
     out = list(chosen)
     for g in tables.fused:
         if not all(n in index for n in g):
             continue
         parts = [out[index[n]] for n in g]
-        one = _one_call(tables, g, parts)
-        if one is None:
-            continue
-        if _fused_anyway(parts, one) or sum(o.seconds for o in one) < sum(o.seconds for o in parts):
-            for n, o in zip(g, one):
-                out[index[n]] = o
+        served = _served_as_is(tables, g, parts) or parts
+        quickest = _one_call(tables, g, parts)  # repacked in the quickest format the fused Linear has
+        if quickest is not None and sum(o.seconds for o in quickest) < sum(o.seconds for o in served):
+            served = quickest
+        for n, o in zip(g, served):
+            out[index[n]] = o
     return out
 
 

@@ -88,9 +88,10 @@ DEFAULT_PATTERNS = ("unstructured", "4x1", "2:4")
 #: uniform sparsity reaching 1.5x or 2x overshot the target by up to 12%
 DEFAULT_SPARSITIES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 BASELINES = ("best_dense", "torch")
-_CACHE_VERSION = 5  # 2: the whole-model entry holds the measured remainder too; 3: the baseline model tuned per layer;
+_CACHE_VERSION = 6  # 2: the whole-model entry holds the measured remainder too; 3: the baseline model tuned per layer;
 # 4: layers of models whose weights exceed the last-level cache timed with their weights out of the cache;
-# 5: every layer timed as a model calls it (weights, input and output out of the core's caches)
+# 5: every layer timed as a model calls it (weights, input and output out of the core's caches);
+# 6: every format's time kept per point, not only the fastest's
 
 
 def cache_dir() -> Path:
@@ -154,6 +155,9 @@ class LayerTimes:
     torch: float                 # torch eager
     #: {pattern: {sparsity: (seconds, format kind)}} for the fastest format at that point
     options: dict = dataclasses.field(default_factory=dict)
+    #: {pattern: {sparsity: {format kind: seconds}}}: every format timed there (a fused group can run in
+    #: one format that is not the fastest at each of its layers' points)
+    formats: dict = dataclasses.field(default_factory=dict)
 
     def baseline(self, baseline: str) -> float:
         return self.dense if baseline == "best_dense" else self.torch
@@ -284,14 +288,15 @@ def _time_layer(module: nn.Module, x: Tensor, patterns: Sequence[Pattern], spars
         for key, call in calls.items():
             samples[key].extend(call_times(call, min_time / rounds, 3))
     med = {k: statistics.median(v) for k, v in samples.items()}
-    options: dict = {}
+    options: dict = {}  # {pattern: {sparsity: [seconds, fastest kind, {kind: seconds}]}}
     for key, t in med.items():
         if len(key) != 3:
             continue
         pat, s, kind = key
-        best = options.setdefault(pat, {}).get(str(s))
-        if best is None or t < best[0]:
-            options[pat][str(s)] = [t, kind]
+        point = options.setdefault(pat, {}).setdefault(str(s), [t, kind, {}])
+        point[2][kind] = t
+        if t < point[0]:
+            point[:2] = [t, kind]
     return {"dense": med[("dense",)], "torch": med[("torch",)], "options": options}
 
 
@@ -391,7 +396,9 @@ def _time_model_and_rest(model: nn.Module, names: Sequence[str], example_inputs,
 def _scaled(lt: LayerTimes, k: float) -> LayerTimes:
     return dataclasses.replace(lt, dense=lt.dense * k, torch=lt.torch * k,
                                options={p: {s: (t * k, kind) for s, (t, kind) in pts.items()}
-                                        for p, pts in lt.options.items()})
+                                        for p, pts in lt.options.items()},
+                               formats={p: {s: {kind: t * k for kind, t in kinds.items()} for s, kinds in pts.items()}
+                                        for p, pts in lt.formats.items()})
 
 
 #: bounds of the isolated -> in-model layer time scale (outside them a measurement went wrong:
@@ -461,7 +468,7 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
             sig = _signature(name, module, x)
             sig["cold"] = bool(cold_bytes)
             rows, cols = sig["shape"]
-            entry = {}
+            entry, kinds = {}, {}
             base_key = json.dumps({"layer": sig}, sort_keys=True)
             base = store.get(base_key)
             if base is None:
@@ -495,9 +502,12 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
                     base = {"dense": timed["dense"], "torch": timed["torch"]}
                     store.put(base_key, base)
                 entry[str(pat)] = {float(s): (float(pts[s][0]), str(pts[s][1])) for s in want if s in pts}
+                kinds[str(pat)] = {float(s): {str(k): float(t) for k, t in
+                                              (pts[s][2] if len(pts[s]) > 2 else {pts[s][1]: pts[s][0]}).items()}
+                                   for s in want if s in pts}
             # a layer left dense runs on the faster of the two dense paths (DenseLinear.tune)
             return LayerTimes(name, sig["type"], (rows, cols), tuple(x.shape),
-                              min(float(base["dense"]), float(base["torch"])), float(base["torch"]), entry)
+                              min(float(base["dense"]), float(base["torch"])), float(base["torch"]), entry, kinds)
 
         out: dict = {}
         for i, name in enumerate(names):
