@@ -9,7 +9,8 @@ layer's real input shape (captured with forward hooks from
 * for each pattern and each sparsity of a grid, a random weight with a random
   mask of that pattern at that sparsity, packed in every format
   :func:`sparsert.convert.candidate_formats` would try for it (the modules
-  ``sparsify`` would build); the fastest format and its time are kept.
+  ``sparsify`` would build); every format's time is kept, the fastest one's
+  as the point's option (a fused group may run in another, :mod:`.plan`).
 
 Each candidate is called as a model calls it (:func:`sparsert.convert.timing.in_model_call`):
 cycling through copies of its weights, of its input and of its output buffers that do not
