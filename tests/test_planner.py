@@ -283,6 +283,71 @@ def test_tables_hold_every_pattern_and_sparsity_with_a_format(cache):
     assert tab.model_seconds > 0 and tab.remainder >= 0
 
 
+def test_smoothing_pools_pattern_free_formats_and_makes_each_row_non_increasing():
+    raw = {"unstructured": {0.5: {"csr": 96.0, "bitmask16": 96.0, "rowgroup4": 70.0},
+                            0.7: {"csr": 60.0, "bitmask16": 80.0, "rowgroup4": 55.0},
+                            0.8: {"csr": 62.0}, 0.9: {"csr": 59.0}},
+           "4x1": {0.5: {"csr": 90.0, "bitmask16": 85.0, "bsr4x1": 88.0},
+                   0.7: {"csr": 58.0, "bitmask16": 78.0, "bsr4x1": 50.0},
+                   0.8: {"csr": 40.0, "bsr4x1": 45.0}, 0.9: {"csr": 38.0, "bsr4x1": 30.0}},
+           "2:4": {0.5: {"csr": 93.0, "bitmask16": 87.0, "nm2:4": 60.0}}}
+    apart = T.smooth_formats(raw)  # many rows: each pattern keeps its own times, made non-increasing
+    assert [apart["unstructured"][s]["csr"] for s in (0.5, 0.7, 0.8, 0.9)] == [96.0, 61.0, 61.0, 59.0]
+    assert [apart["4x1"][s]["csr"] for s in (0.5, 0.7, 0.8, 0.9)] == [90.0, 58.0, 40.0, 38.0]
+    assert apart["4x1"][0.5]["bitmask16"] == 85.0 and apart["2:4"][0.5]["csr"] == 93.0
+    smooth = T.smooth_formats(raw, pool_patterns=True)  # a layer that streams its weight
+    assert raw["unstructured"][0.5]["csr"] == 96.0  # the input is left as it was
+    # csr and bitmask16: one cost at one sparsity whatever the pattern (the median of the patterns' times)
+    for s in (0.5, 0.7, 0.8, 0.9):
+        assert smooth["unstructured"][s]["csr"] == smooth["4x1"][s]["csr"]
+    assert smooth["2:4"][0.5]["bitmask16"] == smooth["4x1"][0.5]["bitmask16"] == 87.0
+    assert smooth["2:4"][0.5]["csr"] == 93.0 and smooth["unstructured"][0.7]["bitmask16"] == 79.0
+    # pooled csr row 93, 59, 51, 48.5: already non-increasing
+    assert [smooth["4x1"][s]["csr"] for s in (0.5, 0.7, 0.8, 0.9)] == [93.0, 59.0, 51.0, 48.5]
+    # formats tied to a pattern keep their own times (this row is already non-increasing)
+    assert [smooth["4x1"][s]["bsr4x1"] for s in (0.5, 0.7, 0.8, 0.9)] == [88.0, 50.0, 45.0, 30.0]
+    assert smooth["unstructured"][0.5]["rowgroup4"] == 70.0 and smooth["2:4"][0.5]["nm2:4"] == 60.0
+    for pts in smooth.values():
+        for kind in {k for kinds in pts.values() for k in kinds}:
+            row = [pts[s][kind] for s in sorted(pts) if kind in pts[s]]
+            assert row == sorted(row, reverse=True)
+    # a point slower than the sparser points after it is averaged with them (least squares)
+    assert T._non_increasing([10.0, 6.0, 7.0, 8.0, 2.0]) == [10.0, 7.0, 7.0, 7.0, 2.0]
+    assert T._non_increasing([1.0, 2.0, 3.0]) == [2.0, 2.0, 2.0] and T._non_increasing([]) == []
+    fastest = T.fastest_formats(smooth)
+    assert fastest["2:4"][0.5] == (60.0, "nm2:4") and fastest["4x1"][0.9] == (30.0, "bsr4x1")
+    assert fastest["unstructured"][0.8] == (51.0, "csr")
+
+
+def test_the_planner_reads_smoothed_tables_and_the_cache_keeps_the_raw_ones(cache, monkeypatch):
+    model, x = tiny_mlp(), torch.randn(4, 32)
+
+    def lucky(module, x, patterns, sparsities, min_time, rounds, cold_bytes=0):  # 4x1 at 0.5 measured lucky
+        times = {"unstructured": {0.5: 9e-4, 0.7: 5e-4}, "4x1": {0.5: 6e-4, 0.7: 7e-4}}
+        opts = {str(p): {str(s): [times[str(p)][s], "csr", {"csr": times[str(p)][s]}] for s in sparsities}
+                for p in patterns}
+        return {"dense": 1e-3, "torch": 1e-3, "options": opts}
+
+    monkeypatch.setattr(T, "_time_layer", lucky)
+    monkeypatch.setattr(T, "_time_model_and_rest", lambda *a, **k: (2e-3, 0.0))
+    kw = dict(threads=1, patterns=("unstructured", "4x1"), sparsities=(0.5, 0.7), **TINY_TIMING)
+    tab = T.time_tables(model, ["0", "2"], x, **kw)
+    k = tab.layer_scale
+    for p in ("unstructured", "4x1"):  # csr pooled (7.5e-4 at 0.5, 6e-4 at 0.7), then non-increasing
+        assert tab.layers["2"].options[p][0.5] == (pytest.approx(7.5e-4 * k), "csr")
+        assert tab.layers["2"].options[p][0.7][0] == pytest.approx(6e-4 * k)
+        assert tab.layers["2"].formats[p][0.7]["csr"] == pytest.approx(6e-4 * k)
+    raw = T.time_tables(model, ["0", "2"], x, smooth=False, **kw)
+    assert raw.cache_misses == 0  # read from the cache, as measured
+    assert raw.layers["2"].options["4x1"][0.5][0] == pytest.approx(6e-4 * raw.layer_scale)
+    assert raw.layers["2"].options["4x1"][0.7][0] == pytest.approx(7e-4 * raw.layer_scale)
+    many = T.time_tables(model, ["0", "2"], torch.randn(64, 32), **kw)  # 64 rows: patterns not pooled
+    k = many.layer_scale
+    assert many.layers["2"].options["unstructured"][0.5][0] == pytest.approx(9e-4 * k)
+    assert many.layers["2"].options["4x1"][0.5][0] == pytest.approx(6.5e-4 * k)  # 6, 7: averaged
+    assert many.layers["2"].options["4x1"][0.7][0] == pytest.approx(6.5e-4 * k)
+
+
 def test_remainder_is_timed_directly_and_the_layers_add_up_to_the_model(cache):
     model, x = tiny_mlp(), torch.randn(4, 32)
     tab = T.time_tables(model, ["0", "2"], x, threads=1, patterns=("unstructured",), sparsities=(0.5,),

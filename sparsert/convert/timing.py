@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import itertools
 import time
 from pathlib import Path
@@ -100,8 +101,10 @@ def call_times(fn: Callable[[], Any], min_time: float, min_calls: int) -> list:
     return times
 
 
+@functools.lru_cache(maxsize=None)
 def _cache_sizes() -> dict:
-    """``{level: bytes}`` of cpu0's data/unified caches (Linux sysfs; empty where it cannot be read)."""
+    """``{level: bytes}`` of cpu0's data/unified caches (Linux sysfs; empty where it cannot be read).
+    Read once per process: every timed candidate asks for them. Callers must not modify the dict."""
     units = {"K": 1 << 10, "M": 1 << 20}
     out: dict = {}
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):

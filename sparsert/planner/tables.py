@@ -19,7 +19,10 @@ MiniLM's sparse layers at 128 tokens ran there at 0.5-0.85x the time they took i
 scaling every layer by the dense layers' ratio did not fix that (the dense layers, compute
 bound, moved less): a 2x plan predicted from such times measured 1.49-1.85x.
 
-All candidates of one layer shape are timed interleaved (rounds), medians.
+All candidates of one layer shape are timed interleaved (rounds), medians. The cache keeps those
+medians; the planner reads them smoothed (:func:`smooth_formats`): no format gets slower as it gets
+sparser, and on a layer that streams its weight CSR and bitmask16 cost the same at one sparsity
+whatever the pattern.
 Layers of the same shape, bias and input shape share one entry (MiniLM's 36
 Linears are 3 shapes). The whole model is timed on the baseline path too: what
 it spends outside the prunable layers (attention, norms, embeddings) is the
@@ -81,7 +84,8 @@ from ..nn.surgery import swap
 from ..prune.patterns import Pattern, parse_pattern, weight_2d_shape
 
 __all__ = ["DEFAULT_PATTERNS", "DEFAULT_SPARSITIES", "BASELINES", "LayerTimes", "TimeTables", "time_tables",
-           "cache_dir", "machine_key", "random_pattern_weight", "cold_copies", "last_level_cache_bytes"]
+           "cache_dir", "machine_key", "random_pattern_weight", "cold_copies", "last_level_cache_bytes",
+           "PATTERN_FREE_FORMATS", "smooth_formats", "fastest_formats"]
 
 DEFAULT_PATTERNS = ("unstructured", "4x1", "2:4")
 #: sparsities timed per pattern (N:M patterns have their one sparsity); 0.75 and 0.85 because
@@ -254,6 +258,61 @@ def _points(pattern: Pattern, sparsities: Sequence[float]) -> list:
     return [round(pattern.fixed_sparsity, 6)] if pattern.kind == "nm" else [float(s) for s in sparsities]
 
 
+#: formats whose time, on a layer that streams its weight (a few rows: a decode step), depends on how
+#: many weights are kept, not on where: CSR and bitmask16 read a value (and an index or a mask bit) per
+#: kept weight whatever the pattern (1 token, 1536x576, hot, 2 threads: within 1-3% across unstructured,
+#: 4x1 and 2:4). At many rows they do not: consecutive rows sharing columns (4x1) reuse the input rows
+#: they gather, and CSR ran 4x1 weights 5-15% faster than unstructured ones at 128 tokens.
+PATTERN_FREE_FORMATS = ("csr", "bitmask16")
+
+
+def _non_increasing(values: Sequence[float]) -> list:
+    """The least-squares non-increasing fit of ``values`` (pool adjacent violators): a point that
+    measured slower than the sparser point after it is averaged with it."""
+    blocks: list = []  # [sum, count] of runs averaged together
+    for v in values:
+        blocks.append([float(v), 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(count)]
+
+
+def smooth_formats(formats: dict, pool_patterns: bool = False) -> dict:
+    """``{pattern: {sparsity: {format kind: seconds}}}`` with what cannot be true of the kernels taken out
+    of the measurements, so the solver does not chase points that measured lucky (one point of a table
+    moved by 20-40% between hours on a shared host; SmolLM2's plan went from perplexity x12.4 to x93.8
+    on such a table, where 4x1 at 50% had measured 85 us in bitmask16 and unstructured 96):
+
+    * in one pattern and format, time does not grow with sparsity (fewer weights to read and multiply):
+      each row is replaced by its non-increasing least-squares fit;
+    * ``pool_patterns`` (a layer that streams its weight): a format of :data:`PATTERN_FREE_FORMATS`
+      costs the same at one sparsity under every pattern, and its times there are replaced by their
+      median first.
+    """
+    out = {p: {s: dict(kinds) for s, kinds in pts.items()} for p, pts in formats.items()}
+    for kind in PATTERN_FREE_FORMATS if pool_patterns else ():
+        for s in {s for pts in out.values() for s in pts}:
+            holders = [out[p][s] for p in out if kind in out[p].get(s, {})]
+            if len(holders) > 1:
+                pooled = statistics.median(h[kind] for h in holders)
+                for h in holders:
+                    h[kind] = pooled
+    for pts in out.values():
+        for kind in {k for kinds in pts.values() for k in kinds}:
+            row = sorted(s for s in pts if kind in pts[s])
+            for s, t in zip(row, _non_increasing([pts[s][kind] for s in row])):
+                pts[s][kind] = t
+    return out
+
+
+def fastest_formats(formats: dict) -> dict:
+    """``{pattern: {sparsity: (seconds, kind)}}``: the fastest format at each point of ``formats``."""
+    return {p: {s: min(((t, k) for k, t in kinds.items()), key=lambda tk: tk[0]) for s, kinds in pts.items() if kinds}
+            for p, pts in formats.items()}
+
+
 @torch.no_grad()
 def _time_layer(module: nn.Module, x: Tensor, patterns: Sequence[Pattern], sparsities: Sequence[float],
                 min_time: float, rounds: int, cold_bytes: int = 0) -> dict:
@@ -411,7 +470,8 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
                 patterns: Sequence[str] = DEFAULT_PATTERNS, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
                 threads: Optional[int] = None, min_time: float = 0.1, rounds: int = 5,
                 model_min_time: float = 1.0, cache: bool = True, progress: bool = False,
-                fused: Iterable[Sequence[str]] = (), served: Optional[nn.Module] = None) -> TimeTables:
+                fused: Iterable[Sequence[str]] = (), served: Optional[nn.Module] = None,
+                smooth: bool = True) -> TimeTables:
     """Measures (or reads from the cache) the time tables of ``layers`` (module names of
     ``model``, Linear or Conv2d) on their inputs from ``example_inputs``.
 
@@ -421,7 +481,8 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
     call when they share a format (:func:`sparsert.convert.streamline.fusion_groups`): each group is
     timed as one Linear of their stacked rows too (:attr:`TimeTables.fused`). ``served``: the model
     as it runs (those groups fused), timed whole in place of ``model``; the remainder is timed on
-    ``model`` with its layers stubbed.
+    ``model`` with its layers stubbed. ``smooth``: each layer's times as :func:`smooth_formats` makes
+    them (the default; False: the raw medians, as cached).
     """
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
@@ -469,7 +530,7 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
             sig = _signature(name, module, x)
             sig["cold"] = bool(cold_bytes)
             rows, cols = sig["shape"]
-            entry, kinds = {}, {}
+            kinds: dict = {}
             base_key = json.dumps({"layer": sig}, sort_keys=True)
             base = store.get(base_key)
             if base is None:
@@ -502,10 +563,12 @@ def time_tables(model: nn.Module, layers: Iterable[str], example_inputs, *, base
                     store.put(pkey, pts)
                     base = {"dense": timed["dense"], "torch": timed["torch"]}
                     store.put(base_key, base)
-                entry[str(pat)] = {float(s): (float(pts[s][0]), str(pts[s][1])) for s in want if s in pts}
                 kinds[str(pat)] = {float(s): {str(k): float(t) for k, t in
                                               (pts[s][2] if len(pts[s]) > 2 else {pts[s][1]: pts[s][0]}).items()}
                                    for s in want if s in pts}
+            if smooth:  # the cache keeps the raw medians; what the planner reads is smoothed
+                kinds = smooth_formats(kinds, pool_patterns=streams_its_weight(x.shape))
+            entry = fastest_formats(kinds)
             # a layer left dense runs on the faster of the two dense paths (DenseLinear.tune)
             return LayerTimes(name, sig["type"], (rows, cols), tuple(x.shape),
                               min(float(base["dense"]), float(base["torch"])), float(base["torch"]), entry, kinds)
