@@ -33,6 +33,7 @@ import copy
 import csv
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -189,13 +190,18 @@ def locust_run(url: str, users: int, seconds: int, sentences: Path, out: Path) -
     cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "serve_locustfile.py"), "--headless", "-u", str(users),
            "-r", str(users), "-t", f"{seconds}s", "--host", url, "--csv", str(prefix), "--only-summary",
            "--stop-timeout", "10", "--loglevel", "WARNING"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # (the server is a child not yet waited for)
+    start = time.perf_counter()
     subprocess.run(cmd, env={**os.environ, "SERVE_LOAD_SENTENCES": str(sentences)}, check=False,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=seconds + 120)
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - start
+    # the load generator shares the server's cores: what it took is reported beside the server's numbers
+    client_cores = ((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)) / wall
     with open(f"{prefix}_stats.csv", newline="") as f:
         row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
     return {"requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
             "rps": float(row["Requests/s"]), "p50_ms": float(row["50%"]), "p95_ms": float(row["95%"]),
-            "p99_ms": float(row["99%"])}
+            "p99_ms": float(row["99%"]), "client_cores": round(client_cores, 3)}
 
 
 def overload_probe(server, requests: int, sentences: Path) -> dict:
@@ -311,7 +317,8 @@ def main() -> None:
                     rows.append({"model": name, "round": rnd, "concurrency": users, **r})
                     print(f"{name:6s} c={users:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:6.0f} ms  "
                           f"p95 {r['p95_ms']:6.0f} ms  p99 {r['p99_ms']:6.0f} ms  "
-                          f"requests {r['requests']}  failures {r['failures']}", flush=True)
+                          f"requests {r['requests']}  failures {r['failures']}  "
+                          f"load generator {r['client_cores']:.2f} cores", flush=True)
             finally:
                 server.stop()
     overload = None
