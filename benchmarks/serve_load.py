@@ -2,8 +2,8 @@
 
 Builds (once, into --workdir) the dense MiniLM and a pruned, sparsified one as sparsert files
 (default: SparseGPT one-shot, 70% unstructured, which keeps quality; `format="auto"` times each
-layer on --example-batch of the test's short sentences with one worker's threads: the server's
-shape; `--target-speedup X` instead lets the planner prune to X times the best dense path at that
+layer on --example-batch of the test's short sentences with one worker's threads: the shape the
+server's workers run, as the mean batch printed for each run shows; `--target-speedup X` instead lets the planner prune to X times the best dense path at that
 shape), serves each with `sparsert serve` on a free loopback port (127.0.0.1 only; one server at a
 time) and drives it with locust headless (closed loop, short sentences, POST /v1/embeddings) at each
 concurrency, alternating dense and pruned rounds. Reports the pruned model's embedding
@@ -16,7 +16,7 @@ is benchmarks/serve_soak.py.
 
     python benchmarks/serve_load.py [--seconds 20] [--concurrency 1 8 32] [--sparsity 0.7] [--reconstruct]
                                     [--target-speedup 2 [--recover-minutes 4]]
-                                    [--importance sparsegpt] [--pattern unstructured] [--example-batch 8]
+                                    [--importance sparsegpt] [--pattern unstructured] [--example-batch 2]
                                     [--rounds 1] [--ray [--replicas 2]] [--overload N]
                                     [--models dense eager pruned] [--json out.json]
 
@@ -74,7 +74,7 @@ def _heldout_cosine(model, dense, tokenizer) -> dict:
 
 
 def build_files(workdir: Path, sparsity: float, pattern: str, fmt: str, refit: bool,
-                importance: str = "sparsegpt", example_batch: int = 8, threads: int = 1) -> tuple[Path, Path, dict]:
+                importance: str = "sparsegpt", example_batch: int = 2, threads: int = 1) -> tuple[Path, Path, dict]:
     """The dense and the pruned MiniLM files, and the quality the pruning cost (embedding cosine to the
     dense model on held-out sentences, disjoint from the calibration ones).
 
@@ -116,7 +116,7 @@ def build_files(workdir: Path, sparsity: float, pattern: str, fmt: str, refit: b
     return dense_file, pruned_file, quality
 
 
-def build_planned_files(workdir: Path, target: float, importance: str = "sparsegpt", example_batch: int = 8,
+def build_planned_files(workdir: Path, target: float, importance: str = "sparsegpt", example_batch: int = 2,
                         threads: int = 1, recover_minutes: float = 0.0) -> tuple[Path, Path, dict]:
     """The dense MiniLM file and one pruned by the planner to ``target`` x the best dense path,
     planned and timed at the server's shape (``example_batch`` of the load test's short sentences,
@@ -204,6 +204,19 @@ def locust_run(url: str, users: int, seconds: int, sentences: Path, out: Path) -
             "p99_ms": float(row["99%"]), "client_cores": round(client_cores, 3)}
 
 
+def batch_totals(url: str) -> tuple:
+    """(requests batched, batches run) so far, from the server's /metrics (Prometheus text)."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode("utf-8")
+    except OSError:  # (a server without /metrics: no batch sizes reported)
+        return 0.0, 0.0
+    values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith(("sparsert_batch_size_sum", "sparsert_batch_size_count"))}
+    return values.get("sparsert_batch_size_sum", 0.0), values.get("sparsert_batch_size_count", 0.0)
+
+
 def overload_probe(server, requests: int, sentences: Path) -> dict:
     """Fires `requests` at once at a server with a small --max-queue: how fast do the refusals come?
 
@@ -263,8 +276,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--recover-minutes", type=float, default=0.0,
                     help="with --target-speedup: distil the dense model into the pruned one for this long")
     ap.add_argument("--importance", default="sparsegpt", help="pruning criterion (default sparsegpt; wanda, ...)")
-    ap.add_argument("--example-batch", type=int, default=8,
-                    help="format='auto' times layers on this many short sentences in one batch (default 8)")
+    ap.add_argument("--example-batch", type=int, default=2,
+                    help="format='auto' and the planner time layers on this many short sentences in one batch "
+                         "(default 2: at concurrency 8 the two workers ran batches of 2.5 sentences on average, "
+                         "and a model planned for 2.5x at 8 sentences ran 2.0-2.35x at 1-2; each run prints its "
+                         "mean batch)")
     ap.add_argument("--pattern", default="unstructured", help="unstructured, 4x1, 2:4, ...")
     ap.add_argument("--reconstruct", action="store_true", help="refit the kept weights after pruning (quality)")
     ap.add_argument("--format", default="auto", help="sparsify format: auto (timed per layer) or csr, bsr4x1, ...")
@@ -313,12 +329,17 @@ def main() -> None:
             try:
                 server.wait_ready(600)
                 for users in args.concurrency:
+                    before = batch_totals(server.url)
                     r = locust_run(server.url, users, args.seconds, sentences, workdir)
+                    after = batch_totals(server.url)
+                    # the batches the workers really ran: the shape to plan for (--example-batch)
+                    batches = after[1] - before[1]
+                    r["mean_batch"] = round((after[0] - before[0]) / batches, 2) if batches else None
                     rows.append({"model": name, "round": rnd, "concurrency": users, **r})
                     print(f"{name:6s} c={users:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:6.0f} ms  "
                           f"p95 {r['p95_ms']:6.0f} ms  p99 {r['p99_ms']:6.0f} ms  "
                           f"requests {r['requests']}  failures {r['failures']}  "
-                          f"load generator {r['client_cores']:.2f} cores", flush=True)
+                          f"load generator {r['client_cores']:.2f} cores  mean batch {r['mean_batch']}", flush=True)
             finally:
                 server.stop()
     overload = None
