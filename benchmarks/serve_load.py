@@ -3,8 +3,8 @@
 Builds (once, into --workdir) the dense MiniLM and a pruned, sparsified one as sparsert files
 (default: SparseGPT one-shot, 70% unstructured, which keeps quality; `format="auto"` times each
 layer on --example-batch of the test's short sentences with one worker's threads: the shape the
-server's workers run, as the mean batch printed for each run shows; `--target-speedup X` instead lets the planner prune to X times the best dense path at that
-shape), serves each with `sparsert serve` on a free loopback port (127.0.0.1 only; one server at a
+server's workers run, as the mean batch printed for each run shows; `--target-speedup X` instead
+lets the planner prune to X times the best dense path at that shape), serves each with `sparsert serve` on a free loopback port (127.0.0.1 only; one server at a
 time) and drives it with locust headless (closed loop, short sentences, POST /v1/embeddings) at each
 concurrency, alternating dense and pruned rounds. Reports the pruned model's embedding
 cosine to the dense one on held-out sentences (what the speed costs), requests/s, p50/p95/p99

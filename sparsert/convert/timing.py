@@ -8,6 +8,7 @@ import copy
 import functools
 import itertools
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -102,9 +103,9 @@ def call_times(fn: Callable[[], Any], min_time: float, min_calls: int) -> list:
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_sizes() -> dict:
+def _cache_sizes() -> Mapping[int, int]:
     """``{level: bytes}`` of cpu0's data/unified caches (Linux sysfs; empty where it cannot be read).
-    Read once per process: every timed candidate asks for them. Callers must not modify the dict."""
+    Read once per process (every timed candidate asks), and read-only since every caller shares it."""
     units = {"K": 1 << 10, "M": 1 << 20}
     out: dict = {}
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
@@ -117,7 +118,7 @@ def _cache_sizes() -> dict:
         except (OSError, ValueError):
             continue
         out[level] = max(out.get(level, 0), size)
-    return out
+    return types.MappingProxyType(out)
 
 
 def last_level_cache_bytes() -> int:
