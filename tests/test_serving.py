@@ -357,6 +357,111 @@ def test_blocking_batch_loop_idles_separates_stale_requests_and_stops_on_the_sen
         loop.get_batch_requests(api, q, _Transport())
 
 
+def test_answer_pipe_transport_delivers_every_answer_in_order_without_a_pool_job_each():
+    import asyncio
+    import multiprocessing
+
+    from litserve.transport.process_transport import MPQueueTransport
+
+    from sparsert.serving.litserve_app import AnswerPipeTransport
+
+    queues = [multiprocessing.get_context("spawn").Queue() for _ in range(2)]
+    transport = AnswerPipeTransport(queues)
+    sent = [("u%d" % i, ("answer", i)) for i in range(300)]
+
+    async def receive_all():
+        first = await transport.areceive(1)  # starts the reader; the rest arrive while it is busy
+        got = [first] + [await transport.areceive(1) for _ in range(len(sent) - 1)]
+        assert await transport.areceive(1, timeout=0.05) is None  # nothing more: a timeout is an empty answer
+        return got
+
+    def send_later():
+        time.sleep(0.05)
+        for item in sent:
+            queues[1].put(item)
+
+    threading.Thread(target=send_later).start()
+    assert asyncio.run(receive_all()) == sent
+    assert queues[0].empty()
+    transport.close(send_sentinel=True)  # the reader takes the sentinel and ends
+    # what a spawned worker unpickles (queues pickle only while spawning): LitServe's own, for sending
+    rebuild, args = transport.__reduce__()
+    worker_side = rebuild(*args)
+    assert type(worker_side) is MPQueueTransport and worker_side._queues is queues
+
+
+def test_worker_failures_keep_their_status_and_reason():
+    import pickle
+
+    from fastapi import HTTPException
+
+    from sparsert.serving.litserve_app import _worker_failure
+
+    assert _worker_failure(HTTPException(504, "Request timed out")) == (504, b"Request timed out")
+    assert _worker_failure(pickle.dumps(HTTPException(422, "bad shape"))) == (422, b"bad shape")
+    assert _worker_failure(RuntimeError("boom")) == (500, b"server error")
+    assert _worker_failure(b"not a pickle") == (500, b"server error")
+
+
+def test_run_prepared_puts_the_request_on_the_workers_queue_and_returns_its_answer():
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastapi import HTTPException
+    from litserve.utils import LitAPIStatus
+
+    from sparsert.serving.litserve_app import INNER_PATH, PlainQueueLitServer
+
+    answers = {"ok": [b'{"data":[]}', LitAPIStatus.OK],
+               "late": [HTTPException(504, "Request timed out"), LitAPIStatus.ERROR]}
+    put = []
+
+    class FakeQueue:  # answers as LitServe's answer task would: into response_buffer, then the event
+        def put(self, item):
+            put.append(item)
+            queue_id, uid, _, prepared = item
+            buffered = fake.response_buffer[uid]
+            buffered.response = answers[prepared["op"]]
+            asyncio.get_running_loop().call_soon(buffered.event.set)
+
+    fake = SimpleNamespace(response_buffer={}, _request_ids=iter(range(10)), app=SimpleNamespace(response_queue_id=3),
+                           _get_request_queue=lambda path: FakeQueue() if path == INNER_PATH else None)
+
+    async def run(op):
+        return await PlainQueueLitServer.run_prepared(fake, {"op": op})
+
+    assert asyncio.run(run("ok")) == (200, b'{"data":[]}')
+    assert asyncio.run(run("late")) == (504, b"Request timed out")
+    assert [item[0] for item in put] == [3, 3] and len({item[1] for item in put}) == 2  # its answer queue; fresh ids
+    assert fake.response_buffer == {}  # nothing left behind
+
+
+def test_gzip_is_level_one_and_answers_decompress_to_the_plain_ones(servers, files):
+    import gzip
+    import http.client
+
+    from starlette.middleware.gzip import GZipMiddleware
+
+    from sparsert.serving.litserve_app import build_server
+
+    server = build_server(files["bert"], workers=1, threads_per_worker=1)
+    levels = [m.kwargs.get("compresslevel") for m in server.app.user_middleware if m.cls is GZipMiddleware]
+    assert levels == [1], server.app.user_middleware
+
+    body = json.dumps({"input": sentences(4, seed=9)}).encode()
+    answers = {}
+    for encoding in ("gzip", "identity"):
+        conn = http.client.HTTPConnection("127.0.0.1", servers["bert"].port, timeout=30)
+        conn.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json", "Accept-Encoding": encoding})
+        r = conn.getresponse()
+        raw = r.read()
+        conn.close()
+        assert r.status == 200
+        assert r.getheader("Content-Encoding") == ("gzip" if encoding == "gzip" else None)
+        answers[encoding] = json.loads(gzip.decompress(raw) if encoding == "gzip" else raw)
+    assert answers["gzip"] == answers["identity"]
+
+
 def test_worker_answers_are_the_bytes_fastapi_would_send():
     from fastapi.responses import JSONResponse
 

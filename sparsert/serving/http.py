@@ -8,9 +8,11 @@ For ``POST /v1/embeddings``, ``POST /v1/completions`` and ``POST /predict`` it
 2. reads the body up to ``max_body_bytes`` (413 beyond it);
 3. parses the JSON (400 with the parser's position on malformed JSON);
 4. validates it with :class:`~sparsert.serving.engine.Frontend` (4xx with a
-   one-line reason) and forwards the *prepared* request to ``inner_path``, the
-   one route where the model workers listen; so a bad request never joins a
-   batch and cannot fail the good requests batched with it.
+   one-line reason) and hands the *prepared* request to the model workers:
+   through ``submit`` where the server gives one (LitServe's batched workers:
+   straight onto their queue), else as a call to ``inner_path``, the one route
+   where the workers listen; so a bad request never joins a batch and cannot
+   fail the good requests batched with it.
 
 Completions come back from the worker as one JSON chunk per line
 (:meth:`~sparsert.serving.engine.Engine.complete`); the middleware relays them
@@ -57,8 +59,11 @@ async def _send_json(send, status: int, body: bytes, headers: list | None = None
 
 class ServingMiddleware:
     def __init__(self, app, *, spec: EngineSpec, metrics: Metrics, inner_path: str,
-                 max_body_bytes: int, max_queue: int):
+                 max_body_bytes: int, max_queue: int, submit=None):
+        """``submit``: an async callable that runs a prepared request on the workers and returns
+        ``(status, JSON body)``; without it, requests go to ``inner_path`` through ``app``."""
         self.app = app
+        self.submit = submit
         self.frontend = Frontend(spec)
         if spec.embeddings:
             self.frontend.tokenizer  # noqa: B018  (load it at start-up, not in the first request)
@@ -130,6 +135,8 @@ class ServingMiddleware:
                 return await fail(e.status, e.message)
             if prepared["op"] == "completions":
                 return await self._forward_completion(scope, receive, send, prepared)
+            if self.submit is not None:
+                return await self._answer(send, *await self.submit(prepared))
             return await self._forward(scope, receive, send, json.dumps(prepared).encode())
         finally:
             self.metrics.in_flight -= 1
@@ -167,15 +174,23 @@ class ServingMiddleware:
         await self.app(inner, replay, capture)
         body = b"".join(parts)
         status = int(start.get("status", 500))
-        if status == 200 and body.startswith(WORKER_ERROR_PREFIX):
-            err = json.loads(body)["error"]
-            status, body = int(err["status"]), error_body(int(err["status"]), err["message"])
-        elif status >= 400:
+        if status >= 400:
             try:
                 detail = json.loads(body).get("detail", "")
             except (ValueError, AttributeError):
                 detail = ""
-            body = error_body(status, str(detail) or "server error")
+            body = str(detail).encode()
+        return await self._answer(send, status, body)
+
+    @staticmethod
+    async def _answer(send, status: int, body: bytes) -> int:
+        """Sends a worker's answer: its JSON on 200, unless it is an engine error (-> its 4xx); on any
+        other status ``body`` is the reason, sent in the OpenAI error form."""
+        if status == 200 and body.startswith(WORKER_ERROR_PREFIX):
+            err = json.loads(body)["error"]
+            status, body = int(err["status"]), err["message"].encode()
+        if status != 200:
+            body = error_body(status, body.decode("utf-8", "replace") or "server error")
         await _send_json(send, status, body)
         return status
 
