@@ -204,6 +204,16 @@ def locust_run(url: str, users: int, seconds: int, sentences: Path, out: Path) -
             "p99_ms": float(row["99%"]), "client_cores": round(client_cores, 3)}
 
 
+def server_cpu(server, args) -> dict | None:
+    """CPU seconds so far of a LitServe server's model workers and of its HTTP side (Linux /proc);
+    ``None`` behind Ray Serve, whose replicas are not the server's own processes, or off Linux."""
+    from serving_util import server_cpu_seconds
+
+    if args.ray or not sys.platform.startswith("linux"):
+        return None
+    return server_cpu_seconds(server.proc.pid)
+
+
 def batch_totals(url: str) -> tuple:
     """(requests batched, batches run) so far, from the server's /metrics (Prometheus text)."""
     import urllib.request
@@ -329,17 +339,24 @@ def main() -> None:
             try:
                 server.wait_ready(600)
                 for users in args.concurrency:
-                    before = batch_totals(server.url)
+                    before, cpu_before = batch_totals(server.url), server_cpu(server, args)
                     r = locust_run(server.url, users, args.seconds, sentences, workdir)
-                    after = batch_totals(server.url)
+                    after, cpu_after = batch_totals(server.url), server_cpu(server, args)
                     # the batches the workers really ran: the shape to plan for (--example-batch)
                     batches = after[1] - before[1]
                     r["mean_batch"] = round((after[0] - before[0]) / batches, 2) if batches else None
+                    # where the cores went: the model workers against the HTTP side, per request
+                    r["cpu_ms_per_request"] = {
+                        role: round((cpu_after[role] - cpu_before[role]) / r["requests"] * 1e3, 3)
+                        for role in cpu_after} if cpu_after and r["requests"] else None
                     rows.append({"model": name, "round": rnd, "concurrency": users, **r})
+                    cpu = r["cpu_ms_per_request"]
                     print(f"{name:6s} c={users:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:6.0f} ms  "
                           f"p95 {r['p95_ms']:6.0f} ms  p99 {r['p99_ms']:6.0f} ms  "
                           f"requests {r['requests']}  failures {r['failures']}  "
-                          f"load generator {r['client_cores']:.2f} cores  mean batch {r['mean_batch']}", flush=True)
+                          f"load generator {r['client_cores']:.2f} cores  mean batch {r['mean_batch']}"
+                          + (f"  CPU per request: workers {cpu['workers']:.2f} ms, HTTP {cpu['http']:.2f} ms"
+                             if cpu else ""), flush=True)
             finally:
                 server.stop()
     overload = None

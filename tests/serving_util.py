@@ -96,6 +96,52 @@ def tiny_llama_file(folder: Path, sparsity: float = 0.8) -> Path:
     return path
 
 
+def process_tree_stats(root_pid: int) -> tuple[list[str], dict[int, list[str]]]:
+    """The /proc/PID/stat fields (after the command name) of ``root_pid``, and of each of its
+    descendants by pid (Linux)."""
+    parent, stats = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parent[int(entry)], stats[int(entry)] = int(fields[1]), fields
+    seen, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == pid]
+        seen += kids
+        todo += kids
+    return stats[root_pid], {p: stats[p] for p in seen}
+
+
+def server_processes(root_pid: int) -> dict[str, dict[int, list[str]]]:
+    """A ``sparsert serve`` process tree's /proc stat fields by pid, split into ``workers`` (the model
+    processes, which LitServe starts with multiprocessing's spawn) and ``http`` (the rest: the HTTP
+    process that parses, tokenises and relays, LitServe's main process and its idle helpers)."""
+    root, tree = process_tree_stats(root_pid)
+    split = {"workers": {}, "http": {root_pid: root}}
+    for pid, fields in tree.items():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                spawned = b"spawn_main" in f.read()
+        except OSError:
+            spawned = False
+        split["workers" if spawned else "http"][pid] = fields
+    return split
+
+
+def server_cpu_seconds(root_pid: int) -> dict[str, float]:
+    """User + system CPU seconds so far of a ``sparsert serve`` process tree: ``workers`` and ``http``
+    as :func:`server_processes` splits them (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return {role: sum(int(f[11]) + int(f[12]) for f in procs.values()) / tick
+            for role, procs in server_processes(root_pid).items()}
+
+
 def sentences(n: int, words: int = 6, seed: int = 0) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     return [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (words + k % 4,), generator=g))

@@ -19,7 +19,8 @@ import torch
 
 import sparsert
 from sparsert.serving import Engine, RequestError, plan_threads
-from serving_util import Server, sentences, tiny_bert_file
+from serving_util import (Server, process_tree_stats, sentences, server_cpu_seconds, server_processes,
+                          tiny_bert_file)
 
 litserve = pytest.importorskip("litserve", reason="LitServe is not installed: pip install 'sparsert[serve]'")
 pytest.importorskip("transformers", reason="the serving tests' BERT needs transformers")
@@ -230,33 +231,10 @@ def test_serve_refuses_bad_worker_options(files, args, message):
     assert r.returncode == 2 and message in r.stderr and "invalid choice" in r.stderr
 
 
-def _process_tree_stats(root_pid: int) -> tuple[list[str], list[list[str]]]:
-    """The /proc/PID/stat fields (after the command name) of ``root_pid`` and of all its descendants."""
-    import os
-
-    parent, stats = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        parent[int(entry)], stats[int(entry)] = int(fields[1]), fields
-    seen, todo = [], [root_pid]
-    while todo:
-        pid = todo.pop()
-        kids = [p for p, pp in parent.items() if pp == pid]
-        seen += kids
-        todo += kids
-    return stats[root_pid], [stats[p] for p in seen]
-
-
 def _process_tree_nice(root_pid: int) -> tuple[int, list[int]]:
     """The nice value of ``root_pid`` and those of all its descendants (Linux /proc)."""
-    root, tree = _process_tree_stats(root_pid)
-    return int(root[16]), [int(fields[16]) for fields in tree]
+    root, tree = process_tree_stats(root_pid)
+    return int(root[16]), [int(fields[16]) for fields in tree.values()]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process priorities from /proc")
@@ -270,12 +248,19 @@ def test_model_workers_run_niced_below_the_http_process(servers):
     assert tree and all(n == root for n in tree), (root, tree)  # --worker-nice 0
 
 
-def _process_tree_cpu_seconds(root_pid: int) -> float:
-    """User + system CPU seconds of ``root_pid`` and all its descendants so far (Linux /proc)."""
-    import os
-
-    root, tree = _process_tree_stats(root_pid)
-    return sum(int(fields[11]) + int(fields[12]) for fields in [root, *tree]) / os.sysconf("SC_CLK_TCK")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_cpu_split_finds_the_model_workers(servers):
+    # serve_load reports CPU per request of the workers and of the HTTP side from this split: the
+    # workers it finds must be the niced model processes, as many as --workers
+    split = server_processes(servers["mlp"].proc.pid)
+    root_nice = int(split["http"][servers["mlp"].proc.pid][16])
+    if root_nice > 14:
+        pytest.skip(f"the tests run at nice {root_nice}: the workers cannot be told apart by priority")
+    assert [int(f[16]) for f in split["workers"].values()] == [min(root_nice + 5, 19)] * 2, split
+    assert all(int(f[16]) == root_nice for f in split["http"].values()), split
+    assert len(server_processes(servers["bert"].proc.pid)["workers"]) == 1
+    seconds = server_cpu_seconds(servers["mlp"].proc.pid)
+    assert set(seconds) == {"workers", "http"} and seconds["workers"] > 0  # (each worker warmed its model up)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads CPU times from /proc")
@@ -283,9 +268,9 @@ def test_an_idle_server_leaves_the_cores_idle(servers):
     # LitServe's own batched loop polled its (Manager) request queue every millisecond: an idle
     # 2-worker server burnt ~0.6 of 2 cores. The blocking loop waits instead.
     time.sleep(0.5)  # let start-up work settle
-    before = _process_tree_cpu_seconds(servers["mlp"].proc.pid)
+    before = sum(server_cpu_seconds(servers["mlp"].proc.pid).values())
     time.sleep(2.0)
-    used = _process_tree_cpu_seconds(servers["mlp"].proc.pid) - before
+    used = sum(server_cpu_seconds(servers["mlp"].proc.pid).values()) - before
     assert used < 0.2, f"an idle server used {used:.2f} CPU seconds in 2 s"
 
 
