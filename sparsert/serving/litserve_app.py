@@ -147,7 +147,7 @@ class AnswerPipeTransport(MPQueueTransport):
     async def areceive(self, consumer_id: int, timeout: float | None = None, block: bool = True):
         if self._closed:
             raise asyncio.CancelledError("Transport closed")
-        inbox = self._inboxes.get(consumer_id) or self._start_reader(consumer_id)
+        inbox = self._inboxes[consumer_id] if consumer_id in self._inboxes else self._start_reader(consumer_id)
         if timeout is None:
             return await inbox.get()  # LitServe's answer task waits here; shutdown cancels it
         try:
