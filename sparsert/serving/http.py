@@ -61,7 +61,8 @@ class ServingMiddleware:
     def __init__(self, app, *, spec: EngineSpec, metrics: Metrics, inner_path: str,
                  max_body_bytes: int, max_queue: int, submit=None):
         """``submit``: an async callable that runs a prepared request on the workers and returns
-        ``(status, JSON body)``; without it, requests go to ``inner_path`` through ``app``."""
+        ``(status, body)`` as :meth:`_answer` takes them (the answer's JSON on 200, else the reason);
+        without it, requests go to ``inner_path`` through ``app``."""
         self.app = app
         self.submit = submit
         self.frontend = Frontend(spec)

@@ -195,7 +195,8 @@ class PlainQueueLitServer(ls.LitServer):
         return manager
 
     async def run_prepared(self, prepared: dict) -> tuple[int, bytes]:
-        """Runs one validated request on the model workers: ``(status, JSON body)``.
+        """Runs one validated request on the model workers: ``(200, the answer's JSON)``, or a worker
+        failure's ``(status, reason)`` (:func:`_worker_failure`).
 
         What LitServe's route handler does for a request, in the HTTP process that received it: the
         answer comes back through LitServe's answer task into ``response_buffer``."""
