@@ -4,6 +4,9 @@
 #define SPARSERT_VEC_FLOATS 16
 #define SPARSERT_TRANSPOSE_AVX2 1
 #define SPARSERT_TARGET "avx512f,avx2,fma"
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC's own _mm512_extractf32x4_ps
+#endif
 #include "spmm_rowgroup/spmm_rowgroup_impl.h"
 
 namespace sparsert {
