@@ -12,6 +12,14 @@
 
 namespace sparsert {
 
+bool fast_expand_load() {
+#if SPARSERT_HAVE_X86_KERNELS
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
 bool isa_supported(const std::string& isa) {
   if (isa == "reference" || isa == "scalar") return true;
 #if SPARSERT_HAVE_X86_KERNELS

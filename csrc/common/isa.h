@@ -16,6 +16,10 @@ bool isa_supported(const std::string& isa);
 // variable (scalar | avx2 | avx512), if supported.
 std::string best_isa();
 
+// True where AVX-512's expand load (vexpandps from memory) is cheap: Intel cores (2 uops). On
+// Zen 4 it measured 1.8x slower than an 8-lane permute (bitmask spmv, spmm_bitmask_impl.h).
+bool fast_expand_load();
+
 // Bytes of the last-level (L3) cache, as the OS reports it; 32 MiB where it does not say.
 int64_t last_level_cache_bytes();
 

@@ -7,10 +7,11 @@
 //   spmv  Few tokens (decode). Per row and group of 16 columns, the packed
 //         values are expanded into a 16-lane weight vector in registers (zero
 //         where the mask bit is clear) and multiplied with 16 contiguous x:
-//         AVX2 and AVX-512 (spmv_avx2_kernel) with a permute from a 256-entry
-//         index table and a blend that zeroes the clear lanes: 7
-//         instructions per 8 weights (vexpandps, one instruction per 16,
-//         measured 1.8x slower on Zen 4). Four rows share each x load.
+//         AVX2 (spmv_avx2_kernel) with a permute from a 256-entry index
+//         table and a blend that zeroes the clear lanes: 7 instructions per
+//         8 weights; AVX-512 with one vexpandps load per 16 (spmv_expand_kernel)
+//         on Intel cores, the permute kernel on Zen 4, where vexpandps measured
+//         1.8x slower. Four rows share each x load.
 //         The FMAs include the zeros (dense work): the format pays where the
 //         layer is bound by the bytes it reads (at 50%: 2.125 instead of 4
 //         per weight); on AVX2 the 7 instructions per 8 weights against
@@ -324,6 +325,87 @@ static void spmv_avx2_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
 }
 #endif  // SPARSERT_BITMASK_AVX2 || SPARSERT_BITMASK_AVX512
 
+#if defined(SPARSERT_BITMASK_AVX512)
+// ---------------------------------------------------------------------------
+// spmv on AVX-512 with vexpandps: one expand load per row and 16 weights
+// ---------------------------------------------------------------------------
+// Per 16 weights of a row: a 16-bit mask load into a mask register, the
+// expand load (popcount(mask) floats into the set lanes, zeros elsewhere),
+// the FMA, popcnt and the pointer add - ~5 instructions against the permute
+// kernel's 14 (two 8-lane halves). Where the expand load is cheap (Intel
+// cores: 2 uops) this is the faster decode; Zen 4 runs it at 1.8 ns per row
+// and group against the permute's 1.0, so it is registered after the permute
+// kernel there (fast_expand_load, common/isa.h). Same row blocks, x loads
+// shared by RT rows and L2 prefetch of the block ~AHEAD_KB on as spmv_avx2_rows.
+template <int RT>
+static inline void spmv_expand_group(const uint16_t* m0, int64_t stride, const float** p, __m512* acc,
+                                     const float* x16) {
+  const __m512 x = _mm512_loadu_ps(x16);
+  for (int r = 0; r < RT; ++r) {
+    const unsigned m = m0[r * stride];
+    acc[r] = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(static_cast<__mmask16>(m), p[r]), x, acc[r]);
+    p[r] += __builtin_popcount(m);
+  }
+}
+
+template <int RT, int AHEAD_KB>
+static void spmv_expand_rows(const BitmaskMatrix& w, const float* x, float* y, int64_t r0, int64_t r1,
+                             const float* bias, bool relu) {
+  const int64_t groups = w.group_count();
+  const int64_t stride = groups;  // 16-bit masks per row
+  const auto* masks = reinterpret_cast<const uint16_t*>(w.masks);
+  const auto* mask_bytes = reinterpret_cast<const uint8_t*>(w.masks);
+  int64_t ahead = 1;
+  if constexpr (AHEAD_KB > 0) {
+    const int64_t block_bytes = r1 > r0 ? RT * 4 * (w.row_offsets[r1] - w.row_offsets[r0]) / (r1 - r0) : 0;
+    ahead = std::clamp<int64_t>((AHEAD_KB * 1024 + block_bytes - 1) / std::max<int64_t>(block_bytes, 1), 1, 16);
+  }
+  int64_t n = r0;
+  for (; n + RT <= r1; n += RT) {
+    const float* p[RT];
+    __m512 acc[RT];
+    for (int r = 0; r < RT; ++r) {
+      p[r] = w.values + w.row_offsets[n + r];
+      acc[r] = _mm512_setzero_ps();
+    }
+    const uint16_t* m0 = masks + n * stride;
+    if constexpr (AHEAD_KB > 0) {
+      const int64_t next_begin = std::min(n + ahead * RT, r1);
+      const int64_t next_end = std::min(next_begin + RT, r1);
+      const char* next = reinterpret_cast<const char*>(w.values + w.row_offsets[next_begin]);
+      const int64_t next_bytes = (w.row_offsets[next_end] - w.row_offsets[next_begin]) * 4;
+      const int64_t step = (next_bytes + groups - 1) / groups;
+      for (int64_t off = 0; off < (next_end - next_begin) * stride * 2; off += 64)
+        __builtin_prefetch(mask_bytes + next_begin * stride * 2 + off, 0, 2);
+      int64_t done = 0, target = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        target += step;
+        for (; done < target; done += 64) __builtin_prefetch(next + done, 0, 2);
+        spmv_expand_group<RT>(m0 + g, stride, p, acc, x + g * kBitmaskGroup);
+      }
+    } else {
+      for (int64_t g = 0; g < groups; ++g) spmv_expand_group<RT>(m0 + g, stride, p, acc, x + g * kBitmaskGroup);
+    }
+    for (int r = 0; r < RT; ++r)
+      y[n + r] = activate(_mm512_reduce_add_ps(acc[r]) + (bias ? bias[n + r] : 0.0f), relu);
+  }
+  for (; n < r1; ++n) {  // the last < RT rows, one at a time
+    const float* p[1] = {w.values + w.row_offsets[n]};
+    __m512 acc[1] = {_mm512_setzero_ps()};
+    for (int64_t g = 0; g < groups; ++g) spmv_expand_group<1>(masks + n * stride + g, stride, p, acc, x + g * kBitmaskGroup);
+    y[n] = activate(_mm512_reduce_add_ps(acc[0]) + (bias ? bias[n] : 0.0f), relu);
+  }
+}
+
+template <int RT, int AHEAD_KB>
+static void spmv_expand_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
+  const bool relu = a.epilogue == Epilogue::kRelu;
+  spmv_per_token(w, a, [&](const float* x, float* y, int64_t r0, int64_t r1) {
+    spmv_expand_rows<RT, AHEAD_KB>(w, x, y, r0, r1, a.bias, relu);
+  });
+}
+#endif  // SPARSERT_BITMASK_AVX512
+
 // ---------------------------------------------------------------------------
 // spmm: token panels, one broadcast FMA per stored value and vector of tokens
 // ---------------------------------------------------------------------------
@@ -555,10 +637,20 @@ template <int RT, int NVMAX>
 void add_bitmask_kernels(std::vector<BitmaskKernelInfo>& out) {
   const std::string isa = SPARSERT_BITMASK_STR(SPARSERT_ISA);
 #if defined(SPARSERT_BITMASK_AVX2) || defined(SPARSERT_BITMASK_AVX512)
-  // 4 rows per x load, the row block ~16 KB ahead prefetched into L2. AVX-512 runs the
-  // same 8-lane permute-table kernel: on Zen 4 it measured 1.0 ns per row and 16 weights
-  // against 1.8 for vexpandps (memory or register form) and 1.3 for a 16-lane vpermt2ps.
+  // 4 rows per x load, the row block ~16 KB ahead prefetched into L2. AVX-512 has the same
+  // 8-lane permute-table kernel too: on Zen 4 it measured 1.0 ns per row and 16 weights against
+  // 1.8 for vexpandps (memory or register form) and 1.3 for a 16-lane vpermt2ps; on an Intel
+  // Xeon the expand load was 1.35-1.59x faster (1 token, 2 threads, 50% and 70%).
+#if defined(SPARSERT_BITMASK_AVX512)
+  // The expand-load kernel: first (selected) where the expand load is cheap, else second.
+  const BitmaskKernelInfo expand{"f32_spmv_bitmask16_expand_" + isa, isa, "spmv", 1, kBitmaskGroup,
+                                 &bitmask::spmv_expand_kernel<4, 16>};
+  if (fast_expand_load()) out.push_back(expand);
+#endif
   out.push_back({"f32_spmv_bitmask16_" + isa, isa, "spmv", 1, kBitmaskGroup, &bitmask::spmv_avx2_kernel<4, 16>});
+#if defined(SPARSERT_BITMASK_AVX512)
+  if (!fast_expand_load()) out.push_back(expand);
+#endif
 #else
   out.push_back({"f32_spmv_bitmask16_" + isa, isa, "spmv", 1, kBitmaskGroup, &bitmask::spmv_kernel<RT>});
 #endif
