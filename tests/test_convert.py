@@ -204,14 +204,17 @@ def test_auto_without_example_inputs_times_default_rows():
 
 
 def test_the_cold_rule_counts_rows_and_bytes(monkeypatch):
-    # rows = every dimension but the last; the cold rule is twice the cache, only when the weights exceed it
+    # rows = every dimension but the last; the cold rule, only when the weights exceed the cache: twice
+    # the cache, or the weights' own bytes where those are less (what the model streams between calls)
     assert timing.streams_its_weight((576,)) and timing.streams_its_weight((1, 16, 576))
     assert not timing.streams_its_weight((2, 9, 576)) and not timing.streams_its_weight((17, 8))
     weights = [torch.zeros(32, 32), torch.zeros(16, 32)]  # 6,144 bytes
     monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 6144)
     assert timing.cold_bytes_for(weights) == 0
     monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 6143)
-    assert timing.cold_bytes_for(iter(weights)) == 2 * 6143
+    assert timing.cold_bytes_for(iter(weights)) == 6144
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 2000)
+    assert timing.cold_bytes_for(iter(weights)) == 2 * 2000
 
 
 def test_in_model_call_cycles_weights_inputs_and_outputs_out_of_the_cores_caches(monkeypatch):
