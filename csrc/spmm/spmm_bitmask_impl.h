@@ -258,6 +258,36 @@ static inline __m128 fold4_rows(const __m256* a) {
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
+// The decode kernels' look-ahead: while one block of RT rows is summed, the block ~AHEAD_KB
+// further on (in blocks of this row range's mean size) is prefetched into L2 - its masks at
+// once (start), its values spread evenly over the block's groups (one group() per group).
+template <int RT, int AHEAD_KB>
+struct RowBlockPrefetch {
+  const BitmaskMatrix& w;
+  int64_t r1, ahead = 1;
+  const char* next = nullptr;
+  int64_t step = 0, done = 0, target = 0;
+  RowBlockPrefetch(const BitmaskMatrix& matrix, int64_t r0, int64_t end) : w(matrix), r1(end) {
+    const int64_t block_bytes = r1 > r0 ? RT * 4 * (w.row_offsets[r1] - w.row_offsets[r0]) / (r1 - r0) : 0;
+    ahead = std::clamp<int64_t>((AHEAD_KB * 1024 + block_bytes - 1) / std::max<int64_t>(block_bytes, 1), 1, 16);
+  }
+  // Before summing the block of rows [n, n + RT).
+  void start(int64_t n) {
+    const int64_t groups = w.group_count(), mask_bytes_per_row = 2 * groups;
+    const int64_t next_begin = std::min(n + ahead * RT, r1), next_end = std::min(next_begin + RT, r1);
+    const auto* masks = reinterpret_cast<const char*>(w.masks) + next_begin * mask_bytes_per_row;
+    for (int64_t off = 0; off < (next_end - next_begin) * mask_bytes_per_row; off += 64)
+      __builtin_prefetch(masks + off, 0, 2);
+    next = reinterpret_cast<const char*>(w.values + w.row_offsets[next_begin]);
+    step = ((w.row_offsets[next_end] - w.row_offsets[next_begin]) * 4 + groups - 1) / groups;
+    done = target = 0;
+  }
+  void group() {
+    target += step;
+    for (; done < target; done += 64) __builtin_prefetch(next + done, 0, 2);
+  }
+};
+
 // Rows [r0, r1) for one token; x holds group_count() * 16 floats (zero padded).
 template <int RT, int AHEAD_KB>
 static void spmv_avx2_rows(const BitmaskMatrix& w, const float* x, float* y, int64_t r0, int64_t r1,
@@ -268,12 +298,7 @@ static void spmv_avx2_rows(const BitmaskMatrix& w, const float* x, float* y, int
   const int8_t (*table)[8] = expand_table_i8().idx;
   // The masks as bytes: byte 2g holds columns 16g..16g+7 (little-endian).
   const auto* mask_bytes = reinterpret_cast<const uint8_t*>(w.masks);
-  // The prefetch distance in row blocks of this range's mean size: the block at least AHEAD_KB on.
-  int64_t ahead = 1;
-  if constexpr (AHEAD_KB > 0) {
-    const int64_t block_bytes = r1 > r0 ? RT * 4 * (w.row_offsets[r1] - w.row_offsets[r0]) / (r1 - r0) : 0;
-    ahead = std::clamp<int64_t>((AHEAD_KB * 1024 + block_bytes - 1) / std::max<int64_t>(block_bytes, 1), 1, 16);
-  }
+  RowBlockPrefetch<RT, AHEAD_KB> prefetch(w, r0, r1);
   int64_t n = r0;
   for (; n + RT <= r1; n += RT) {
     const float* p[RT];
@@ -284,17 +309,9 @@ static void spmv_avx2_rows(const BitmaskMatrix& w, const float* x, float* y, int
     }
     const uint8_t* m0 = mask_bytes + n * stride;
     if constexpr (AHEAD_KB > 0) {
-      const int64_t next_begin = std::min(n + ahead * RT, r1);
-      const int64_t next_end = std::min(next_begin + RT, r1);
-      const char* next = reinterpret_cast<const char*>(w.values + w.row_offsets[next_begin]);
-      const int64_t next_bytes = (w.row_offsets[next_end] - w.row_offsets[next_begin]) * 4;
-      const int64_t step = (next_bytes + groups - 1) / groups;
-      for (int64_t off = 0; off < (next_end - next_begin) * stride; off += 64)
-        __builtin_prefetch(mask_bytes + next_begin * stride + off, 0, 2);
-      int64_t done = 0, target = 0;
+      prefetch.start(n);
       for (int64_t g = 0; g < groups; ++g) {
-        target += step;
-        for (; done < target; done += 64) __builtin_prefetch(next + done, 0, 2);
+        prefetch.group();
         spmv_avx2_group<RT>(table, m0 + 2 * g, stride, p, acc, x + g * kBitmaskGroup);
       }
     } else {
@@ -336,7 +353,7 @@ static void spmv_avx2_kernel(const BitmaskMatrix& w, const SpmmArgs& a) {
 // cores: 2 uops) this is the faster decode; Zen 4 runs it at 1.8 ns per row
 // and group against the permute's 1.0, so it is registered after the permute
 // kernel there (fast_expand_load, common/isa.h). Same row blocks, x loads
-// shared by RT rows and L2 prefetch of the block ~AHEAD_KB on as spmv_avx2_rows.
+// shared by RT rows and look-ahead (RowBlockPrefetch) as spmv_avx2_rows.
 template <int RT>
 static inline void spmv_expand_group(const uint16_t* m0, int64_t stride, const float** p, __m512* acc,
                                      const float* x16) {
@@ -354,12 +371,7 @@ static void spmv_expand_rows(const BitmaskMatrix& w, const float* x, float* y, i
   const int64_t groups = w.group_count();
   const int64_t stride = groups;  // 16-bit masks per row
   const auto* masks = reinterpret_cast<const uint16_t*>(w.masks);
-  const auto* mask_bytes = reinterpret_cast<const uint8_t*>(w.masks);
-  int64_t ahead = 1;
-  if constexpr (AHEAD_KB > 0) {
-    const int64_t block_bytes = r1 > r0 ? RT * 4 * (w.row_offsets[r1] - w.row_offsets[r0]) / (r1 - r0) : 0;
-    ahead = std::clamp<int64_t>((AHEAD_KB * 1024 + block_bytes - 1) / std::max<int64_t>(block_bytes, 1), 1, 16);
-  }
+  RowBlockPrefetch<RT, AHEAD_KB> prefetch(w, r0, r1);
   int64_t n = r0;
   for (; n + RT <= r1; n += RT) {
     const float* p[RT];
@@ -370,17 +382,9 @@ static void spmv_expand_rows(const BitmaskMatrix& w, const float* x, float* y, i
     }
     const uint16_t* m0 = masks + n * stride;
     if constexpr (AHEAD_KB > 0) {
-      const int64_t next_begin = std::min(n + ahead * RT, r1);
-      const int64_t next_end = std::min(next_begin + RT, r1);
-      const char* next = reinterpret_cast<const char*>(w.values + w.row_offsets[next_begin]);
-      const int64_t next_bytes = (w.row_offsets[next_end] - w.row_offsets[next_begin]) * 4;
-      const int64_t step = (next_bytes + groups - 1) / groups;
-      for (int64_t off = 0; off < (next_end - next_begin) * stride * 2; off += 64)
-        __builtin_prefetch(mask_bytes + next_begin * stride * 2 + off, 0, 2);
-      int64_t done = 0, target = 0;
+      prefetch.start(n);
       for (int64_t g = 0; g < groups; ++g) {
-        target += step;
-        for (; done < target; done += 64) __builtin_prefetch(next + done, 0, 2);
+        prefetch.group();
         spmv_expand_group<RT>(m0 + g, stride, p, acc, x + g * kBitmaskGroup);
       }
     } else {
