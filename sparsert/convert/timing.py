@@ -137,7 +137,11 @@ def private_cache_bytes() -> int:
 def weights_exceed_cache(weights: Iterable[Tensor], cache_bytes: int) -> bool:
     """True when ``weights`` together exceed ``cache_bytes``: then each layer of a model call finds
     its weights evicted by the layers before it, and is timed that way (:func:`cold_copies`)."""
-    return sum(w.numel() * w.element_size() for w in weights) > cache_bytes
+    return _weight_bytes(weights) > cache_bytes
+
+
+def _weight_bytes(weights: Iterable[Tensor]) -> int:
+    return sum(w.numel() * w.element_size() for w in weights)
 
 
 def cold_bytes_for(weights: Iterable[Tensor]) -> int:
@@ -147,7 +151,7 @@ def cold_bytes_for(weights: Iterable[Tensor]) -> int:
     weights, no more: on a 480 MiB last level, twice the cache made `auto` cycle 960 MB of copies
     per layer of SmolLM2, whose weights are 540 MB, ~20 minutes for the model); else 0 (timed hot)."""
     llc = last_level_cache_bytes()
-    total = sum(w.numel() * w.element_size() for w in weights)
+    total = _weight_bytes(weights)
     return min(2 * llc, total) if total > llc else 0
 
 
